@@ -1,0 +1,807 @@
+//! The device state machine.
+
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use flotilla_proto::{
+    Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceId, Heartbeat, LedState,
+    SensorKind, Status, Telemetry, Topic, decode, encode,
+};
+use serde_json::{Value, json};
+
+use crate::backoff::{Backoff, BackoffConfig};
+use crate::commands::{CommandQueue, Refusal};
+use crate::provisioning::{ProvisionError, ProvisionRequest, Provisioning};
+use crate::rng::Rng;
+
+/// Milliseconds on a monotonic clock chosen by the shell.
+pub type Millis = u64;
+
+/// The provisioning and connection states of seed 004, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Init,
+    CheckProvisioning,
+    ApMode,
+    WifiConnecting,
+    WifiConnected,
+    CheckCertificates,
+    SubmitCsr,
+    MqttConnecting,
+    MqttConnected,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Init => "INIT",
+            State::CheckProvisioning => "CHECK_PROVISIONING",
+            State::ApMode => "AP_MODE",
+            State::WifiConnecting => "WIFI_CONNECTING",
+            State::WifiConnected => "WIFI_CONNECTED",
+            State::CheckCertificates => "CHECK_CERTIFICATES",
+            State::SubmitCsr => "SUBMIT_CSR",
+            State::MqttConnecting => "MQTT_CONNECTING",
+            State::MqttConnected => "MQTT_CONNECTED",
+        }
+    }
+}
+
+/// Tunables, fixed at construction.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub firmware_version: String,
+    pub heartbeat_ms: Millis,
+    pub telemetry_ms: Millis,
+    pub backoff: BackoffConfig,
+    pub command_queue: usize,
+    /// How many telemetry sequence numbers to reserve per NVS write.
+    pub seq_reservation: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            firmware_version: "0.1.0".to_string(),
+            heartbeat_ms: 30_000,
+            telemetry_ms: 10_000,
+            backoff: BackoffConfig::default(),
+            command_queue: 8,
+            seq_reservation: 1000,
+        }
+    }
+}
+
+/// What the shell read from non-volatile storage at boot.
+#[derive(Debug, Clone, Default)]
+pub struct Stored {
+    pub provisioning: Option<Provisioning>,
+    pub has_certificate: bool,
+    /// Boots since the last one that reached a stable connection.
+    pub unstable_boots: u32,
+    /// Telemetry sequence numbers below this were possibly used before the reboot.
+    pub seq_high_water: u64,
+    pub led: Option<LedState>,
+    pub brightness: Option<u8>,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// A value to write to non-volatile storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persist {
+    Provisioning(Provisioning),
+    /// Forget the provisioning data and certificate: the token was refused.
+    ClearProvisioning,
+    UnstableBoots(u32),
+    SeqHighWater(u64),
+    Led {
+        state: LedState,
+        brightness: u8,
+    },
+}
+
+/// Platform effects the shell performs, in the order they are polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    StartAccessPoint,
+    ConnectWifi {
+        ssid: String,
+        password: String,
+    },
+    /// Make (or reuse) the device key, send a CSR to `/sign-csr` with the token, store the
+    /// certificate and CA, then report with [`Device::handle_csr_result`].
+    SubmitCsr {
+        device_id: DeviceId,
+        token: String,
+    },
+    /// Connect with the stored certificate; `client_id` must equal its CN.
+    ConnectMqtt {
+        client_id: DeviceId,
+        will: Publish,
+    },
+    Subscribe(String),
+    Publish(Publish),
+    SetLed {
+        state: LedState,
+        brightness: u8,
+    },
+    Persist(Persist),
+    Reboot,
+}
+
+/// Why the CSR step failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrFailure {
+    /// The server refused the token (used, expired, unknown): provisioning must start over.
+    Refused,
+    /// Network or server trouble: retry later.
+    Transient,
+}
+
+/// Latest sensor values, written by the shell's drivers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SensorValues {
+    pub pot: Option<u16>,
+    pub switch: Option<bool>,
+    pub temp: Option<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Timers {
+    retry: Option<Millis>,
+    heartbeat: Option<Millis>,
+    telemetry: Option<Millis>,
+    stable: Option<Millis>,
+    execute: Option<Millis>,
+}
+
+/// The sans-IO device brain.
+///
+/// # Driving it
+/// Feed inputs with the `handle_*` methods, then drain [`Device::poll_action`] until it
+/// returns `None`, perform each action in order, and call [`Device::handle_timeout`] no
+/// later than [`Device::poll_timeout`]. The core reads no clock and draws no randomness of
+/// its own: `now` comes with every input and the jitter RNG is seeded at construction.
+#[derive(Debug)]
+pub struct Device {
+    config: Config,
+    state: State,
+    rng: Rng,
+    provisioning: Option<Provisioning>,
+    has_certificate: bool,
+    unstable_boots: u32,
+    seq: u64,
+    seq_reserved_until: u64,
+    led: LedState,
+    brightness: u8,
+    enabled: [bool; 3],
+    sensors: SensorValues,
+    heap: u32,
+    rssi: Option<i16>,
+    booted_at: Millis,
+    unix_offset_ms: Option<i64>,
+    backoff: Backoff,
+    connected_at: Option<Millis>,
+    timers: Timers,
+    commands: CommandQueue,
+    actions: VecDeque<Action>,
+    transitions: VecDeque<State>,
+}
+
+const RECENT_COMMAND_IDS: usize = 32;
+
+impl Device {
+    pub fn new(config: Config, rng_seed: u64) -> Self {
+        Device {
+            backoff: Backoff::new(config.backoff),
+            commands: CommandQueue::new(config.command_queue, RECENT_COMMAND_IDS),
+            config,
+            state: State::Init,
+            rng: Rng::new(rng_seed),
+            provisioning: None,
+            has_certificate: false,
+            unstable_boots: 0,
+            seq: 0,
+            seq_reserved_until: 0,
+            led: LedState::Off,
+            brightness: 100,
+            enabled: [true; 3],
+            sensors: SensorValues::default(),
+            heap: 0,
+            rssi: None,
+            booted_at: 0,
+            unix_offset_ms: None,
+            connected_at: None,
+            timers: Timers {
+                retry: None,
+                heartbeat: None,
+                telemetry: None,
+                stable: None,
+                execute: None,
+            },
+            actions: VecDeque::new(),
+            transitions: VecDeque::new(),
+        }
+    }
+
+    // ----- queries -----
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn device_id(&self) -> Option<&DeviceId> {
+        self.provisioning.as_ref().map(|p| &p.device_id)
+    }
+
+    pub fn led(&self) -> (LedState, u8) {
+        (self.led, self.brightness)
+    }
+
+    pub fn is_enabled(&self, sensor: SensorKind) -> bool {
+        self.enabled[sensor_index(sensor)]
+    }
+
+    /// Boots that did not reach a stable connection before this one.
+    pub fn unstable_boots(&self) -> u32 {
+        self.unstable_boots
+    }
+
+    pub fn queued_commands(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// The seed 004 `GET /status` word.
+    pub fn status_word(&self) -> &'static str {
+        match self.state {
+            State::Init | State::CheckProvisioning | State::ApMode => "provisioning",
+            State::MqttConnected => "connected",
+            _ => "disconnected",
+        }
+    }
+
+    // ----- inputs -----
+
+    /// First input after power-on: what non-volatile storage holds.
+    pub fn handle_boot(&mut self, now: Millis, stored: Stored) {
+        self.booted_at = now;
+        self.unstable_boots = stored.unstable_boots;
+        self.persist(Persist::UnstableBoots(
+            stored.unstable_boots.saturating_add(1),
+        ));
+        self.seq = stored.seq_high_water;
+        self.seq_reserved_until = stored.seq_high_water;
+        self.led = stored.led.unwrap_or(LedState::Off);
+        self.brightness = stored.brightness.unwrap_or(100).min(100);
+        self.actions.push_back(Action::SetLed {
+            state: self.led,
+            brightness: self.brightness,
+        });
+        self.has_certificate = stored.has_certificate;
+        self.provisioning = stored.provisioning;
+        self.enter(State::CheckProvisioning);
+        self.after_provisioning_check();
+    }
+
+    /// `POST /provision` on the SoftAP.
+    pub fn handle_provision(
+        &mut self,
+        _now: Millis,
+        request: ProvisionRequest,
+        bearer_token: Option<String>,
+    ) -> Result<(), ProvisionError> {
+        if self.state != State::ApMode {
+            return Err(ProvisionError::NotInApMode);
+        }
+        let provisioning = request.validate(bearer_token)?;
+        self.persist(Persist::Provisioning(provisioning.clone()));
+        self.has_certificate = false;
+        self.provisioning = Some(provisioning);
+        self.backoff.reset();
+        self.connect_wifi();
+        Ok(())
+    }
+
+    pub fn handle_wifi_connected(&mut self, _now: Millis) {
+        if self.state != State::WifiConnecting {
+            return;
+        }
+        self.enter(State::WifiConnected);
+        self.backoff.reset();
+        self.enter(State::CheckCertificates);
+        if self.has_certificate {
+            self.connect_mqtt();
+        } else {
+            self.submit_csr();
+        }
+    }
+
+    /// The station failed to join, or lost, the network.
+    pub fn handle_wifi_lost(&mut self, now: Millis) {
+        if self.provisioning.is_none() || self.state == State::ApMode {
+            return;
+        }
+        self.stop_session_timers();
+        self.enter(State::WifiConnecting);
+        self.schedule_retry(now);
+    }
+
+    pub fn handle_csr_result(&mut self, now: Millis, result: Result<(), CsrFailure>) {
+        if self.state != State::SubmitCsr {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.has_certificate = true;
+                self.backoff.reset();
+                self.connect_mqtt();
+            }
+            Err(CsrFailure::Refused) => {
+                self.provisioning = None;
+                self.persist(Persist::ClearProvisioning);
+                self.enter(State::ApMode);
+                self.actions.push_back(Action::StartAccessPoint);
+            }
+            Err(CsrFailure::Transient) => self.schedule_retry(now),
+        }
+    }
+
+    pub fn handle_mqtt_connected(&mut self, now: Millis) {
+        if self.state != State::MqttConnecting {
+            return;
+        }
+        let Some(id) = self.device_id().cloned() else {
+            return;
+        };
+        self.enter(State::MqttConnected);
+        self.connected_at = Some(now);
+        for channel in [Channel::Command, Channel::Config, Channel::Ota] {
+            self.actions.push_back(Action::Subscribe(
+                Topic::new(&id, channel).as_str().to_string(),
+            ));
+        }
+        self.publish_status(true);
+        self.publish_heartbeat();
+        self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
+        self.timers.telemetry = Some(now + self.config.telemetry_ms);
+        self.timers.stable = Some(now + self.backoff.stable_ms());
+    }
+
+    /// The broker connection dropped or was refused.
+    pub fn handle_mqtt_disconnected(&mut self, now: Millis) {
+        if !matches!(self.state, State::MqttConnected | State::MqttConnecting) {
+            return;
+        }
+        if self
+            .connected_at
+            .is_some_and(|at| now.saturating_sub(at) >= self.backoff.stable_ms())
+        {
+            self.backoff.reset();
+        }
+        self.stop_session_timers();
+        self.enter(State::MqttConnecting);
+        self.schedule_retry(now);
+    }
+
+    /// A message arrived on a subscribed topic. Untrusted: malformed input is dropped.
+    pub fn handle_message(&mut self, now: Millis, topic: &str, payload: &[u8]) {
+        let Some(own) = self.device_id() else { return };
+        let Ok((id, channel)) = Topic::parse(topic) else {
+            return;
+        };
+        if &id != own {
+            return;
+        }
+        match channel {
+            Channel::Command => match decode::<Command>(payload) {
+                Ok(command) => self.offer_command(now, command),
+                Err(_) => {
+                    // A command we cannot parse may still carry an id worth answering.
+                    if let Some(id) = command_id_of(payload) {
+                        self.reply(CommandReply {
+                            id,
+                            status: CommandStatus::Failed,
+                            result: None,
+                            error: Some("malformed command".to_string()),
+                        });
+                    }
+                }
+            },
+            Channel::Config => {
+                if let Ok(config) = decode::<DesiredConfig>(payload) {
+                    self.apply_config(now, &config);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn handle_sensor_values(&mut self, values: SensorValues) {
+        self.sensors = values;
+    }
+
+    pub fn handle_platform_stats(&mut self, heap: u32, rssi: Option<i16>) {
+        self.heap = heap;
+        self.rssi = rssi;
+    }
+
+    /// The shell learned the wall-clock time (SNTP on the chip, the system clock on Linux).
+    pub fn handle_wall_clock(&mut self, now: Millis, unix_ms: u64) {
+        self.unix_offset_ms = Some(unix_ms as i64 - now as i64);
+    }
+
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if take_due(&mut self.timers.retry, now) {
+            match self.state {
+                State::WifiConnecting => self.connect_wifi(),
+                State::SubmitCsr => self.submit_csr(),
+                State::MqttConnecting => self.connect_mqtt(),
+                _ => {}
+            }
+        }
+        if take_due(&mut self.timers.stable, now) {
+            self.unstable_boots = 0;
+            self.persist(Persist::UnstableBoots(0));
+        }
+        if take_due(&mut self.timers.heartbeat, now) {
+            self.publish_heartbeat();
+            self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
+        }
+        if take_due(&mut self.timers.telemetry, now) {
+            self.publish_telemetry(now);
+            self.timers.telemetry = Some(now + self.config.telemetry_ms);
+        }
+        if take_due(&mut self.timers.execute, now) {
+            self.execute_next(now);
+        }
+    }
+
+    // ----- outputs -----
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// State changes since the last call, oldest first (for logs and the SoftAP status page).
+    pub fn poll_transition(&mut self) -> Option<State> {
+        self.transitions.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let t = self.timers;
+        [t.retry, t.heartbeat, t.telemetry, t.stable, t.execute]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    // ----- internals -----
+
+    fn enter(&mut self, state: State) {
+        if self.state != state {
+            self.state = state;
+            self.transitions.push_back(state);
+        }
+    }
+
+    fn persist(&mut self, p: Persist) {
+        self.actions.push_back(Action::Persist(p));
+    }
+
+    fn after_provisioning_check(&mut self) {
+        if self.provisioning.is_some() {
+            self.connect_wifi();
+        } else {
+            self.enter(State::ApMode);
+            self.actions.push_back(Action::StartAccessPoint);
+        }
+    }
+
+    fn connect_wifi(&mut self) {
+        let Some(p) = &self.provisioning else { return };
+        let action = Action::ConnectWifi {
+            ssid: p.ssid.clone(),
+            password: p.password.clone(),
+        };
+        self.enter(State::WifiConnecting);
+        self.actions.push_back(action);
+    }
+
+    fn submit_csr(&mut self) {
+        let Some(p) = &self.provisioning else { return };
+        let action = Action::SubmitCsr {
+            device_id: p.device_id.clone(),
+            token: p.provisioning_token.clone(),
+        };
+        self.enter(State::SubmitCsr);
+        self.actions.push_back(action);
+    }
+
+    fn connect_mqtt(&mut self) {
+        let Some(id) = self.device_id().cloned() else {
+            return;
+        };
+        let will = Publish {
+            topic: Topic::new(&id, Channel::Status).as_str().to_string(),
+            payload: encode(&Status {
+                online: false,
+                led: None,
+                brightness: None,
+                fw: None,
+                reason: Some("connection lost".to_string()),
+            }),
+            retain: true,
+        };
+        self.enter(State::MqttConnecting);
+        self.actions.push_back(Action::ConnectMqtt {
+            client_id: id,
+            will,
+        });
+    }
+
+    fn schedule_retry(&mut self, now: Millis) {
+        let delay = self.backoff.next_delay_ms(&mut self.rng);
+        self.timers.retry = Some(now + delay);
+    }
+
+    fn stop_session_timers(&mut self) {
+        self.connected_at = None;
+        self.timers.heartbeat = None;
+        self.timers.telemetry = None;
+        self.timers.stable = None;
+    }
+
+    fn publish(&mut self, channel: Channel, payload: Vec<u8>, retain: bool) {
+        let Some(id) = self.device_id() else { return };
+        let topic = Topic::new(id, channel).as_str().to_string();
+        self.actions.push_back(Action::Publish(Publish {
+            topic,
+            payload,
+            retain,
+        }));
+    }
+
+    fn publish_status(&mut self, online: bool) {
+        let status = Status {
+            online,
+            led: Some(self.led),
+            brightness: Some(self.brightness),
+            fw: Some(self.config.firmware_version.clone()),
+            reason: None,
+        };
+        self.publish(Channel::Status, encode(&status), true);
+    }
+
+    fn publish_heartbeat(&mut self) {
+        let hb = Heartbeat {
+            heap: self.heap,
+            uptime: None,
+            fw: self.config.firmware_version.clone(),
+            rssi: self.rssi,
+            crashes: Some(self.unstable_boots),
+        };
+        self.publish(Channel::Health, encode(&hb), false);
+    }
+
+    fn publish_telemetry(&mut self, now: Millis) {
+        let [pot_on, switch_on, temp_on] = self.enabled;
+        let t = Telemetry {
+            seq: self.seq,
+            ts: self.unix_ms(now),
+            pot: self.sensors.pot.filter(|_| pot_on),
+            switch: self.sensors.switch.filter(|_| switch_on),
+            temp: self.sensors.temp.filter(|_| temp_on),
+        };
+        if t.pot.is_none() && t.switch.is_none() && t.temp.is_none() {
+            return;
+        }
+        // Reserve sequence numbers in blocks so flash sees one write per block, not per reading.
+        if self.seq >= self.seq_reserved_until {
+            self.seq_reserved_until = self.seq + self.config.seq_reservation.max(1);
+            self.persist(Persist::SeqHighWater(self.seq_reserved_until));
+        }
+        self.seq += 1;
+        self.publish(Channel::Telemetry, encode(&t), false);
+    }
+
+    fn unix_ms(&self, now: Millis) -> Option<u64> {
+        self.unix_offset_ms
+            .map(|off| (now as i64 + off).max(0) as u64)
+    }
+
+    fn offer_command(&mut self, now: Millis, command: Command) {
+        let id = command.id.clone();
+        let unix_now = self.unix_ms(now).map(|ms| ms / 1000);
+        match self.commands.offer(command, unix_now) {
+            Ok(()) => {
+                self.reply(CommandReply {
+                    id,
+                    status: CommandStatus::Accepted,
+                    result: None,
+                    error: None,
+                });
+                self.timers.execute.get_or_insert(now);
+            }
+            Err(Refusal::Duplicate(Some(previous))) => self.reply(previous),
+            Err(Refusal::Duplicate(None)) => {}
+            Err(Refusal::Expired) => self.fail(id, "expired"),
+            Err(Refusal::QueueFull) => self.fail(id, "command queue full"),
+        }
+    }
+
+    fn fail(&mut self, id: String, error: &str) {
+        self.reply(CommandReply {
+            id,
+            status: CommandStatus::Failed,
+            result: None,
+            error: Some(error.to_string()),
+        });
+    }
+
+    fn reply(&mut self, reply: CommandReply) {
+        if reply.status != CommandStatus::Accepted {
+            self.commands.record_reply(&reply);
+        }
+        self.publish(Channel::Reply, encode(&reply), false);
+    }
+
+    /// Runs one queued command; the next runs on a later timeout so a long queue never
+    /// starves the heartbeat.
+    fn execute_next(&mut self, now: Millis) {
+        let Some(command) = self.commands.pop() else {
+            return;
+        };
+        if self
+            .unix_ms(now)
+            .is_some_and(|ms| ms / 1000 >= command.expires_at)
+        {
+            self.fail(command.id, "expired");
+        } else {
+            let outcome = self.run(&command);
+            let reply = match outcome {
+                Ok(result) => CommandReply {
+                    id: command.id,
+                    status: CommandStatus::Succeeded,
+                    result: Some(result),
+                    error: None,
+                },
+                Err(error) => CommandReply {
+                    id: command.id,
+                    status: CommandStatus::Failed,
+                    result: None,
+                    error: Some(error),
+                },
+            };
+            let reboot = reply.status == CommandStatus::Succeeded && command.name == "reboot";
+            self.reply(reply);
+            if reboot {
+                self.actions.push_back(Action::Reboot);
+            }
+        }
+        if !self.commands.is_empty() {
+            self.timers.execute = Some(now);
+        }
+    }
+
+    fn run(&mut self, command: &Command) -> Result<Value, String> {
+        match command.name.as_str() {
+            "led" => {
+                let state = command
+                    .args
+                    .get("state")
+                    .cloned()
+                    .ok_or("args.state is required")?;
+                let state: LedState = serde_json::from_value(state)
+                    .map_err(|_| "args.state must be \"ON\" or \"OFF\"")?;
+                self.set_led(state, self.brightness);
+                Ok(json!({ "state": state.as_str() }))
+            }
+            "led_brightness" => {
+                let value = command
+                    .args
+                    .get("value")
+                    .and_then(Value::as_u64)
+                    .filter(|v| *v <= 100);
+                let value = value.ok_or("args.value must be an integer 0-100")? as u8;
+                self.set_led(self.led, value);
+                Ok(json!({ "brightness": value }))
+            }
+            "sensor" => {
+                let sensor = command
+                    .args
+                    .get("sensor")
+                    .cloned()
+                    .ok_or("args.sensor is required")?;
+                let sensor: SensorKind = serde_json::from_value(sensor)
+                    .map_err(|_| "args.sensor must be pot, switch or temp")?;
+                let enabled = command
+                    .args
+                    .get("enabled")
+                    .and_then(Value::as_bool)
+                    .ok_or("args.enabled must be a boolean")?;
+                self.enabled[sensor_index(sensor)] = enabled;
+                Ok(json!({ "sensor": sensor, "enabled": enabled }))
+            }
+            "reboot" => Ok(json!({ "rebooting": true })),
+            "ping" => Ok(json!({ "pong": true })),
+            other => Err(format!("unknown command '{}'", truncate(other, 32))),
+        }
+    }
+
+    fn set_led(&mut self, state: LedState, brightness: u8) {
+        self.led = state;
+        self.brightness = brightness;
+        self.actions.push_back(Action::SetLed { state, brightness });
+        self.persist(Persist::Led { state, brightness });
+        self.publish_status(true);
+    }
+
+    fn apply_config(&mut self, now: Millis, config: &DesiredConfig) {
+        for (sensor, wanted) in [
+            (SensorKind::Pot, config.pot),
+            (SensorKind::Switch, config.switch),
+            (SensorKind::Temp, config.temp),
+        ] {
+            if let Some(on) = wanted {
+                self.enabled[sensor_index(sensor)] = on;
+            }
+        }
+        // Intervals below one second would flood the broker; clamp rather than obey.
+        if let Some(s) = config.telemetry_interval_s {
+            self.config.telemetry_ms = u64::from(s.max(1)) * 1000;
+            if self.timers.telemetry.is_some() {
+                self.timers.telemetry = Some(now + self.config.telemetry_ms);
+            }
+        }
+        if let Some(s) = config.heartbeat_interval_s {
+            self.config.heartbeat_ms = u64::from(s.max(1)) * 1000;
+            if self.timers.heartbeat.is_some() {
+                self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
+            }
+        }
+    }
+}
+
+fn take_due(timer: &mut Option<Millis>, now: Millis) -> bool {
+    if timer.is_some_and(|t| t <= now) {
+        *timer = None;
+        true
+    } else {
+        false
+    }
+}
+
+fn sensor_index(s: SensorKind) -> usize {
+    match s {
+        SensorKind::Pot => 0,
+        SensorKind::Switch => 1,
+        SensorKind::Temp => 2,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn command_id_of(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    decode::<IdOnly>(payload)
+        .ok()
+        .map(|x| x.id)
+        .filter(|id| id.len() <= 64)
+}

@@ -1,0 +1,36 @@
+//! The sans-IO brain of a Flotilla device, shared by the ESP32-C3 firmware and the Linux agent.
+//!
+//! It runs seed 004's provisioning state machine (INIT -> CHECK_PROVISIONING -> AP_MODE ->
+//! WIFI_CONNECTING -> WIFI_CONNECTED -> CHECK_CERTIFICATES -> SUBMIT_CSR -> MQTT_CONNECTING ->
+//! MQTT_CONNECTED), reconnects with capped exponential backoff and full jitter, publishes
+//! heartbeats and telemetry, and executes commands from a bounded queue at most once each.
+//!
+//! What it does not do: any I/O. It never touches a socket, flash, a clock or an RNG; the
+//! shell performs the [`Action`]s it asks for and reports back through `handle_*` calls.
+//!
+//! ```
+//! use flotilla_device_core::{Action, Config, Device, State, Stored};
+//!
+//! let mut device = Device::new(Config::default(), 42);
+//! device.handle_boot(0, Stored::default());
+//! assert_eq!(device.state(), State::ApMode);
+//! let actions: Vec<Action> = std::iter::from_fn(|| device.poll_action()).collect();
+//! assert!(actions.contains(&Action::StartAccessPoint));
+//! ```
+#![no_std]
+
+extern crate alloc;
+
+mod backoff;
+mod commands;
+mod device;
+mod provisioning;
+mod rng;
+
+pub use backoff::{Backoff, BackoffConfig};
+pub use commands::{CommandQueue, Refusal};
+pub use device::{
+    Action, Config, CsrFailure, Device, Millis, Persist, Publish, SensorValues, State, Stored,
+};
+pub use provisioning::{ProvisionError, ProvisionRequest, Provisioning};
+pub use rng::Rng;
