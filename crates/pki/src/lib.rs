@@ -1,1 +1,307 @@
+//! Flotilla's certificate authority.
+//!
+//! One ECDSA P-256 CA per installation, created on first start. It signs three kinds of
+//! certificate: the server's TLS certificate (serverAuth), the server's own service clients
+//! (clientAuth, CN `svc:<name>`, a name no device id can take), and device certificates from
+//! CSRs made on the device, whose key never leaves it.
+//!
+//! What it does not do: store anything but its own key and certificate, or decide who may
+//! get a certificate — the server checks the provisioning token before calling
+//! [`CertificateAuthority::sign_device_csr`].
+//!
+//! ```no_run
+//! # fn main() -> Result<(), flotilla_pki::PkiError> {
+//! let ca = flotilla_pki::CertificateAuthority::load_or_create(std::path::Path::new("./data"))?;
+//! let server = ca.issue_server_certificate(&["localhost".to_string()])?;
+//! assert!(server.certificate_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+//! # Ok(()) }
+//! ```
 
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+/// Why a PKI operation failed, by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// The CSR is not PEM/DER, its signature does not verify, or it carries unsupported content.
+    #[error("invalid CSR: {0}")]
+    BadCsr(String),
+    /// The CSR's key is not ECDSA P-256.
+    #[error("CSR key must be ECDSA P-256")]
+    WrongKeyType,
+    #[error("CA files in {dir}: {source}")]
+    Storage { dir: PathBuf, source: std::io::Error },
+    #[error("CA files are corrupt: {0}")]
+    CorruptCa(String),
+    #[error("certificate generation failed: {0}")]
+    Generation(#[from] rcgen::Error),
+}
+
+/// A certificate with its serial number, as issued.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    pub certificate_pem: String,
+    /// Lower-case hex of the serial number, for revocation checks.
+    pub serial_hex: String,
+    pub not_after_unix: i64,
+}
+
+/// A key pair and certificate made here for one of our own endpoints.
+pub struct KeyedCertificate {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for KeyedCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedCertificate").finish_non_exhaustive()
+    }
+}
+
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    certificate_pem: String,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+    }
+}
+
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// Prefix of service identities; `:` is not allowed in device ids.
+pub const SERVICE_PREFIX: &str = "svc:";
+
+/// Device certificates live this long; re-provisioning or renewal replaces them.
+pub const DEVICE_VALIDITY_DAYS: i64 = 397;
+
+impl CertificateAuthority {
+    /// Loads the CA from `dir`, or creates it there (key file mode 0600) on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
+        let storage = |source| PkiError::Storage { dir: dir.to_path_buf(), source };
+        let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        if key_path.exists() {
+            let key_pem = fs::read_to_string(&key_path).map_err(storage)?;
+            let certificate_pem = fs::read_to_string(&cert_path).map_err(storage)?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::CorruptCa(e.to_string()))?;
+            let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key)
+                .map_err(|e| PkiError::CorruptCa(e.to_string()))?;
+            return Ok(CertificateAuthority { issuer, certificate_pem });
+        }
+        fs::create_dir_all(dir).map_err(storage)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("Flotilla Device CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(random_serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(365 * 20);
+        let certificate_pem = params.self_signed(&key)?.pem();
+        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(storage)?;
+        fs::write(&cert_path, &certificate_pem).map_err(storage)?;
+        Ok(CertificateAuthority { issuer: Issuer::new(params, key), certificate_pem })
+    }
+
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// A TLS server certificate for `hosts` (DNS names or IP addresses), with a fresh key.
+    pub fn issue_server_certificate(&self, hosts: &[String]) -> Result<KeyedCertificate, PkiError> {
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        params.distinguished_name = name("flotilla-server");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue_keyed(params, Duration::days(365))
+    }
+
+    /// A client certificate for one of the server's own MQTT clients, CN `svc:<name>`.
+    pub fn issue_service_certificate(&self, service: &str) -> Result<KeyedCertificate, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&format!("{SERVICE_PREFIX}{service}"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue_keyed(params, Duration::days(30))
+    }
+
+    /// Signs a device's CSR. The CSR's own subject and extensions are ignored: the certificate
+    /// says CN = `device_id`, clientAuth only, not a CA, valid [`DEVICE_VALIDITY_DAYS`].
+    pub fn sign_device_csr(&self, csr_pem: &str, device_id: &str) -> Result<IssuedCertificate, PkiError> {
+        // from_pem verifies the CSR's self-signature: proof the requester holds the key.
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(PkiError::WrongKeyType);
+        }
+        let serial = random_serial();
+        let serial_hex = hex_lower(&serial.to_bytes());
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(device_id);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(serial);
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(DEVICE_VALIDITY_DAYS);
+        params.use_authority_key_identifier_extension = true;
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok(IssuedCertificate {
+            certificate_pem: cert.pem(),
+            serial_hex,
+            not_after_unix: (now + Duration::days(DEVICE_VALIDITY_DAYS)).unix_timestamp(),
+        })
+    }
+
+    fn issue_keyed(&self, mut params: CertificateParams, validity: Duration) -> Result<KeyedCertificate, PkiError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = OffsetDateTime::now_utc();
+        params.serial_number = Some(random_serial());
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + validity;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(KeyedCertificate { certificate_pem: cert.pem(), private_key_pem: key.serialize_pem() })
+    }
+}
+
+/// Makes a device key pair and a CSR for it, as a device does on first boot. The subject is
+/// informational only; the CA overrides it.
+pub fn device_key_and_csr(device_id: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let csr = csr_for_key(&key, device_id)?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// A CSR for an existing PEM key (a device keeps its key across re-provisioning).
+pub fn csr_for_key_pem(key_pem: &str, device_id: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    csr_for_key(&key, device_id)
+}
+
+fn csr_for_key(key: &KeyPair, device_id: &str) -> Result<String, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(device_id);
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// The serial number and CN of a PEM certificate.
+pub fn certificate_identity(cert_pem: &str) -> Option<(String, String)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some((hex_lower(cert.raw_serial()), cn))
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn.push(DnType::OrganizationName, "Flotilla");
+    dn
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive INTEGER without a leading zero byte
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents)
+}
+
+/// Writes a secret file readable only by its owner (0600 on Unix), replacing any old one.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let _ = fs::remove_file(path);
+    write_private(path, contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::*;
+
+    #[test]
+    fn ca_is_created_once_with_a_private_key_file_and_reloaded_after() {
+        let dir = tempfile_dir();
+        let ca = CertificateAuthority::load_or_create(&dir).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        let again = CertificateAuthority::load_or_create(&dir).unwrap();
+        assert_eq!(ca.certificate_pem(), again.certificate_pem());
+    }
+
+    #[test]
+    fn device_certificate_ignores_csr_subject_and_is_client_only() {
+        let ca = CertificateAuthority::load_or_create(&tempfile_dir()).unwrap();
+        let (_key, csr) = device_key_and_csr("evil-admin").unwrap();
+        let issued = ca.sign_device_csr(&csr, "dev-7").unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.certificate_pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap();
+        assert_eq!(cn, "dev-7");
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        let bc = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(!bc.ca);
+        assert_eq!(certificate_identity(&issued.certificate_pem).unwrap(), (issued.serial_hex.clone(), "dev-7".into()));
+    }
+
+    #[test]
+    fn tampered_csr_is_refused() {
+        let ca = CertificateAuthority::load_or_create(&tempfile_dir()).unwrap();
+        let (_key, csr) = device_key_and_csr("dev").unwrap();
+        let der = x509_parser::pem::parse_x509_pem(csr.as_bytes()).unwrap().1.contents;
+        let mut bad = der.clone();
+        let n = bad.len();
+        bad[n - 5] ^= 0x55;
+        let bad_pem = format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", b64(&bad));
+        assert!(matches!(ca.sign_device_csr(&bad_pem, "dev"), Err(PkiError::BadCsr(_))));
+        assert!(matches!(ca.sign_device_csr("not a csr", "dev"), Err(PkiError::BadCsr(_))));
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flotilla-pki-test-{}", rand::random::<u64>()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
