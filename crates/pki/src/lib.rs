@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -38,7 +38,10 @@ pub enum PkiError {
     #[error("CSR key must be ECDSA P-256")]
     WrongKeyType,
     #[error("CA files in {dir}: {source}")]
-    Storage { dir: PathBuf, source: std::io::Error },
+    Storage {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("CA files are corrupt: {0}")]
     CorruptCa(String),
     #[error("certificate generation failed: {0}")]
@@ -73,7 +76,8 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,22 +93,33 @@ pub const DEVICE_VALIDITY_DAYS: i64 = 397;
 impl CertificateAuthority {
     /// Loads the CA from `dir`, or creates it there (key file mode 0600) on first start.
     pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
-        let storage = |source| PkiError::Storage { dir: dir.to_path_buf(), source };
+        let storage = |source| PkiError::Storage {
+            dir: dir.to_path_buf(),
+            source,
+        };
         let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
         if key_path.exists() {
             let key_pem = fs::read_to_string(&key_path).map_err(storage)?;
             let certificate_pem = fs::read_to_string(&cert_path).map_err(storage)?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::CorruptCa(e.to_string()))?;
+            let key =
+                KeyPair::from_pem(&key_pem).map_err(|e| PkiError::CorruptCa(e.to_string()))?;
             let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key)
                 .map_err(|e| PkiError::CorruptCa(e.to_string()))?;
-            return Ok(CertificateAuthority { issuer, certificate_pem });
+            return Ok(CertificateAuthority {
+                issuer,
+                certificate_pem,
+            });
         }
         fs::create_dir_all(dir).map_err(storage)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name("Flotilla Device CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.serial_number = Some(random_serial());
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
@@ -112,7 +127,10 @@ impl CertificateAuthority {
         let certificate_pem = params.self_signed(&key)?.pem();
         write_private(&key_path, key.serialize_pem().as_bytes()).map_err(storage)?;
         fs::write(&cert_path, &certificate_pem).map_err(storage)?;
-        Ok(CertificateAuthority { issuer: Issuer::new(params, key), certificate_pem })
+        Ok(CertificateAuthority {
+            issuer: Issuer::new(params, key),
+            certificate_pem,
+        })
     }
 
     pub fn certificate_pem(&self) -> &str {
@@ -139,9 +157,14 @@ impl CertificateAuthority {
 
     /// Signs a device's CSR. The CSR's own subject and extensions are ignored: the certificate
     /// says CN = `device_id`, clientAuth only, not a CA, valid [`DEVICE_VALIDITY_DAYS`].
-    pub fn sign_device_csr(&self, csr_pem: &str, device_id: &str) -> Result<IssuedCertificate, PkiError> {
+    pub fn sign_device_csr(
+        &self,
+        csr_pem: &str,
+        device_id: &str,
+    ) -> Result<IssuedCertificate, PkiError> {
         // from_pem verifies the CSR's self-signature: proof the requester holds the key.
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(PkiError::WrongKeyType);
         }
@@ -166,7 +189,11 @@ impl CertificateAuthority {
         })
     }
 
-    fn issue_keyed(&self, mut params: CertificateParams, validity: Duration) -> Result<KeyedCertificate, PkiError> {
+    fn issue_keyed(
+        &self,
+        mut params: CertificateParams,
+        validity: Duration,
+    ) -> Result<KeyedCertificate, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let now = OffsetDateTime::now_utc();
         params.serial_number = Some(random_serial());
@@ -174,7 +201,10 @@ impl CertificateAuthority {
         params.not_after = now + validity;
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(KeyedCertificate { certificate_pem: cert.pem(), private_key_pem: key.serialize_pem() })
+        Ok(KeyedCertificate {
+            certificate_pem: cert.pem(),
+            private_key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -202,7 +232,13 @@ fn csr_for_key(key: &KeyPair, device_id: &str) -> Result<String, PkiError> {
 pub fn certificate_identity(cert_pem: &str) -> Option<(String, String)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     let cert = pem.parse_x509().ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     Some((hex_lower(cert.raw_serial()), cn))
 }
 
@@ -220,8 +256,25 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// Serial numbers as brokers print them: lower-case hex without leading zeros.
 fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    normalize_serial(&hex)
+}
+
+/// Normalises a hex serial (any case, optional leading zeros or colons) for comparison.
+pub fn normalize_serial(hex: &str) -> String {
+    let s: String = hex
+        .chars()
+        .filter(|c| *c != ':')
+        .flat_map(char::to_lowercase)
+        .collect();
+    let trimmed = s.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -247,7 +300,9 @@ mod tests {
     fn ca_is_created_once_with_a_private_key_file_and_reloaded_after() {
         let dir = tempfile_dir();
         let ca = CertificateAuthority::load_or_create(&dir).unwrap();
-        let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(dir.join(CA_KEY_FILE)).unwrap().permissions(),
+        );
         assert_eq!(mode & 0o777, 0o600);
         let again = CertificateAuthority::load_or_create(&dir).unwrap();
         assert_eq!(ca.certificate_pem(), again.certificate_pem());
@@ -260,26 +315,47 @@ mod tests {
         let issued = ca.sign_device_csr(&csr, "dev-7").unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(issued.certificate_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
-        let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
         assert_eq!(cn, "dev-7");
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.client_auth && !eku.server_auth);
         let bc = cert.basic_constraints().unwrap().unwrap().value;
         assert!(!bc.ca);
-        assert_eq!(certificate_identity(&issued.certificate_pem).unwrap(), (issued.serial_hex.clone(), "dev-7".into()));
+        assert_eq!(
+            certificate_identity(&issued.certificate_pem).unwrap(),
+            (issued.serial_hex.clone(), "dev-7".into())
+        );
     }
 
     #[test]
     fn tampered_csr_is_refused() {
         let ca = CertificateAuthority::load_or_create(&tempfile_dir()).unwrap();
         let (_key, csr) = device_key_and_csr("dev").unwrap();
-        let der = x509_parser::pem::parse_x509_pem(csr.as_bytes()).unwrap().1.contents;
+        let der = x509_parser::pem::parse_x509_pem(csr.as_bytes())
+            .unwrap()
+            .1
+            .contents;
         let mut bad = der.clone();
         let n = bad.len();
         bad[n - 5] ^= 0x55;
-        let bad_pem = format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", b64(&bad));
-        assert!(matches!(ca.sign_device_csr(&bad_pem, "dev"), Err(PkiError::BadCsr(_))));
-        assert!(matches!(ca.sign_device_csr("not a csr", "dev"), Err(PkiError::BadCsr(_))));
+        let bad_pem = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            b64(&bad)
+        );
+        assert!(matches!(
+            ca.sign_device_csr(&bad_pem, "dev"),
+            Err(PkiError::BadCsr(_))
+        ));
+        assert!(matches!(
+            ca.sign_device_csr("not a csr", "dev"),
+            Err(PkiError::BadCsr(_))
+        ));
     }
 
     fn tempfile_dir() -> PathBuf {
@@ -292,7 +368,11 @@ mod tests {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
             for i in 0..4 {
                 if i <= chunk.len() {

@@ -1,1 +1,107 @@
-fn main() {}
+//! flotilla-server: one process with embedded defaults — HTTP API, HTTPS device listener,
+//! MQTT broker with mutual TLS, PKI, ingest, commands and audit.
+
+mod app;
+mod auth;
+mod broker;
+mod commands;
+mod config;
+mod device_listener;
+mod error;
+mod ingest;
+mod openapi;
+mod routes;
+mod server;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flotilla-server", version, about = "Flotilla fleet server")]
+struct Cli {
+    #[command(flatten)]
+    config: config::ServerConfig,
+    /// Print the effective configuration as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Offline administration of the data dir.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Create an admin account.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        password: String,
+        #[arg(long, default_value = "admin")]
+        username: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_config {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&cli.config).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rmqtt=warn,rumqttc=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => server::run(cli.config).await,
+            Some(Command::Admin {
+                action:
+                    AdminAction::Create {
+                        email,
+                        password,
+                        username,
+                    },
+            }) => {
+                let id = server::create_admin(&cli.config.data_dir, &email, &password, &username)
+                    .await?;
+                println!("created admin {email} (id {id})");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Shared state and the user-facing router.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use flotilla_pki::CertificateAuthority;
+
+use crate::auth::{JwtKeys, LoginLimiter};
+use crate::broker::BrokerControl;
+use crate::broker::gate::DeviceGate;
+use crate::commands::Dispatcher;
+use crate::config::ServerConfig;
+use crate::routes;
+use crate::store::Store;
+
+/// Largest request body the user API reads.
+pub const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub jwt: Arc<JwtKeys>,
+    pub limiter: Arc<LoginLimiter>,
+    pub ca: Arc<CertificateAuthority>,
+    pub gate: Arc<DeviceGate>,
+    pub broker: Arc<dyn BrokerControl>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// The user API (`--http-addr`).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(routes::auth::router())
+        .merge(routes::devices::router())
+        .merge(routes::commands::router())
+        .merge(routes::admin::router())
+        .merge(routes::provisioning::router())
+        .merge(routes::meta::router())
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}

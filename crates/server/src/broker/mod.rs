@@ -1,0 +1,219 @@
+//! The embedded MQTT broker: rmqtt inside our tokio runtime, with mutual TLS against our CA
+//! and hooks that enforce identity (certificate CN = client id), the device gate (blocked,
+//! revoked) and the topic ACL.
+//!
+//! Gotchas handled here (see shared/reference): anonymous access is on by default and skips
+//! the auth hook; certificate info is only collected when asked; `$share` needs a
+//! `SharedSubscription` that says it is supported; the publish hook runs before the ACL, so
+//! nothing is ingested from hooks — ingest is an ordinary MQTT client (`crate::ingest`).
+
+pub mod acl;
+pub mod gate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use rmqtt::codec::v5::SubscribeAckReason;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::types::{AuthResult, Id, PublishAclResult, SubscribeAclResult};
+
+use acl::Identity;
+use gate::DeviceGate;
+
+/// Largest MQTT packet accepted from any client.
+const MAX_PACKET: u32 = 16 * 1024;
+
+/// Disconnects a client from whichever broker the server uses.
+#[async_trait]
+pub trait BrokerControl: Send + Sync {
+    async fn kick(&self, client_id: &str);
+}
+
+/// Control over the embedded broker.
+pub struct Embedded {
+    scx: ServerContext,
+}
+
+#[async_trait]
+impl BrokerControl for Embedded {
+    async fn kick(&self, client_id: &str) {
+        let id = Id::from(self.scx.node.id(), client_id.into());
+        let entry = self.scx.extends.shared().await.entry(id);
+        if let Some(tx) = entry.tx() {
+            let _ = tx.unbounded_send(rmqtt::types::Message::Closed(
+                rmqtt::types::Reason::from_static("blocked"),
+            ));
+            tracing::info!(client_id, "disconnected client");
+        }
+    }
+}
+
+/// Files the TLS listener reads (rmqtt takes paths only).
+#[derive(Debug)]
+pub struct TlsFiles<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// Binds the MQTT/TLS listener and starts the broker. Returns its control handle and the
+/// bound address (the configured port may be 0).
+pub async fn start(
+    addr: SocketAddr,
+    tls: TlsFiles<'_>,
+    gate: Arc<DeviceGate>,
+) -> anyhow::Result<(Arc<Embedded>, SocketAddr)> {
+    let scx = ServerContext::new().build().await;
+    *scx.extends.shared_subscription_mut().await = Box::new(RoundRobinShared::default());
+    let register = scx.extends.hook_mgr().register();
+    for t in [
+        Type::ClientAuthenticate,
+        Type::ClientSubscribeCheckAcl,
+        Type::MessagePublishCheckAcl,
+    ] {
+        register
+            .add(t, Box::new(Hooks { gate: gate.clone() }))
+            .await;
+    }
+    register.start().await;
+
+    let path = |p: &Path| p.to_string_lossy().to_string();
+    let listener = Builder::new()
+        .name("mqtt/tls")
+        .laddr(addr)
+        .allow_anonymous(false)
+        .reuseaddr(Some(true))
+        .max_packet_size(MAX_PACKET)
+        .max_handshaking_limit(4096)
+        .tls_cross_certificate(true)
+        .tls_client_ca_certs(Some(path(tls.ca)))
+        .tls_cert(Some(path(tls.cert)))
+        .tls_key(Some(path(tls.key)))
+        .collect_cert_info(true)
+        .bind()
+        .with_context(|| format!("binding MQTT listener on {addr}"))?;
+    let bound = listener.local_addr().context("MQTT listener address")?;
+    let listener = listener.tls().context("configuring MQTT TLS")?;
+    // An explicit listener id: the port may be ephemeral, and rmqtt keys listeners by id.
+    let server = MqttServer::new(scx.clone())
+        .listener_by_id(listener, 1)
+        .build();
+    tokio::spawn(async move {
+        if let Err(e) = server.run().await {
+            tracing::error!(error = %e, "MQTT broker stopped");
+        }
+    });
+    Ok((Arc::new(Embedded { scx }), bound))
+}
+
+struct Hooks {
+    gate: Arc<DeviceGate>,
+}
+
+#[async_trait]
+impl Handler for Hooks {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::ClientAuthenticate(info) => {
+                let client_id = info.client_id().to_string();
+                let cert = info.cert();
+                let cn = cert.and_then(|c| c.common_name.as_deref());
+                let serial = cert.and_then(|c| c.serial.as_deref());
+                let verdict = match cn.and_then(|cn| Identity::from_certificate(cn, &client_id)) {
+                    None => Err("certificate CN missing or different from client id"),
+                    Some(Identity::Service(_)) => Ok(()),
+                    Some(Identity::Device(id)) => {
+                        self.gate.check(id.as_str(), serial).map_err(|r| match r {
+                            gate::Refusal::UnknownDevice => "unknown device",
+                            gate::Refusal::Blocked => "device is blocked",
+                            gate::Refusal::RevokedCertificate => "certificate revoked",
+                        })
+                    }
+                };
+                let result = match verdict {
+                    Ok(()) => AuthResult::Allow(false, None),
+                    Err(why) => {
+                        tracing::warn!(client_id = %truncate(&client_id, 80), why, "MQTT connect refused");
+                        AuthResult::NotAuthorized
+                    }
+                };
+                (false, Some(HookResult::AuthResult(result)))
+            }
+            Parameter::ClientSubscribeCheckAcl(session, sub) => {
+                let who = Identity::from_client_id(&session.id.client_id);
+                let ok = acl::may_subscribe(&who, &sub.topic_filter, sub.is_shared());
+                let result = if ok {
+                    SubscribeAclResult::new_success(sub.opts.qos(), None)
+                } else {
+                    tracing::warn!(client_id = %session.id.client_id, filter = %truncate(&sub.topic_filter, 120), "subscribe refused");
+                    SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized)
+                };
+                (false, Some(HookResult::SubscribeAclResult(result)))
+            }
+            Parameter::MessagePublishCheckAcl(session, publish) => {
+                let who = Identity::from_client_id(&session.id.client_id);
+                let result = if acl::may_publish(&who, &publish.topic) {
+                    PublishAclResult::allow()
+                } else {
+                    tracing::warn!(client_id = %session.id.client_id, topic = %truncate(&publish.topic, 120), "publish refused");
+                    PublishAclResult::rejected(false, None)
+                };
+                (false, Some(HookResult::PublishAclResult(result)))
+            }
+            _ => (true, acc),
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Spreads shared-subscription deliveries over the group's online members in turn.
+#[derive(Default)]
+struct RoundRobinShared {
+    next: AtomicUsize,
+}
+
+#[async_trait]
+impl rmqtt::subscribe::SharedSubscription for RoundRobinShared {
+    fn is_supported(&self) -> bool {
+        true
+    }
+
+    async fn choice(
+        &self,
+        _scx: &ServerContext,
+        _group: &rmqtt::types::SharedGroup,
+        _publisher: &rmqtt::types::Id,
+        _topic: &rmqtt::types::TopicName,
+        candidates: &[(
+            rmqtt::types::NodeId,
+            rmqtt::types::ClientId,
+            rmqtt::types::SubscriptionOptions,
+            Option<Vec<rmqtt::types::SubscriptionIdentifier>>,
+            Option<rmqtt::types::IsOnline>,
+        )],
+    ) -> Option<(usize, rmqtt::types::IsOnline)> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Prefer an online member so a message is not parked on a disconnected one.
+        (0..candidates.len())
+            .map(|k| (start + k) % candidates.len())
+            .find(|&i| candidates[i].4.unwrap_or(true))
+            .or(Some(start % candidates.len()))
+            .map(|i| (i, candidates[i].4.unwrap_or(true)))
+    }
+}

@@ -1,0 +1,163 @@
+//! Commands: validation of what the API accepts, delivery on `devices/{id}/command`, and
+//! redelivery of commands that waited while the device was offline.
+//!
+//! A command is stored before it is published, so it survives a restart; it is published
+//! when created and again whenever its device comes back online, until the device accepts it
+//! or it expires. The device executes each id at most once, so redelivery is harmless.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use flotilla_proto::{Channel, Command, DeviceId, LedState, SensorKind, Topic, encode};
+use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::Value;
+
+use crate::store::{CommandRow, Store};
+
+pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
+pub const DEFAULT_TTL_SECS: u64 = 3600;
+
+/// Checks a command's name and arguments against what devices understand, so a mistake is
+/// reported to the caller now rather than by the device later.
+pub fn validate(name: &str, args: &Value) -> Result<(), String> {
+    let obj = match args {
+        Value::Null => None,
+        Value::Object(m) => Some(m),
+        _ => return Err("args must be a JSON object".into()),
+    };
+    if args.to_string().len() > 1024 {
+        return Err("args must be at most 1024 bytes of JSON".into());
+    }
+    let field = |k: &str| obj.and_then(|m| m.get(k));
+    match name {
+        "led" => serde_json::from_value::<LedState>(field("state").cloned().unwrap_or(Value::Null))
+            .map(|_| ())
+            .map_err(|_| "led needs args.state \"ON\" or \"OFF\"".into()),
+        "led_brightness" => match field("value").and_then(Value::as_u64) {
+            Some(v) if v <= 100 => Ok(()),
+            _ => Err("led_brightness needs args.value, an integer 0-100".into()),
+        },
+        "sensor" => {
+            serde_json::from_value::<SensorKind>(field("sensor").cloned().unwrap_or(Value::Null))
+                .map_err(|_| "sensor needs args.sensor: pot, switch or temp".to_string())?;
+            field("enabled")
+                .and_then(Value::as_bool)
+                .map(|_| ())
+                .ok_or_else(|| "sensor needs args.enabled, a boolean".into())
+        }
+        "reboot" | "ping" => Ok(()),
+        _ => Err(format!(
+            "unknown command '{}'; known: led, led_brightness, sensor, reboot, ping",
+            name.chars().take(32).collect::<String>()
+        )),
+    }
+}
+
+#[derive(Debug)]
+pub struct Dispatcher {
+    store: Store,
+    client: OnceLock<AsyncClient>,
+}
+
+impl Dispatcher {
+    pub fn new(store: Store) -> Self {
+        Dispatcher {
+            store,
+            client: OnceLock::new(),
+        }
+    }
+
+    pub fn attach(&self, client: AsyncClient) {
+        let _ = self.client.set(client);
+    }
+
+    /// Publishes a command to its device (QoS 1). If the device is offline the broker drops
+    /// it and [`Dispatcher::flush_pending`] sends it again when the device returns.
+    pub async fn send(&self, command: &CommandRow) {
+        let Some(client) = self.client.get() else {
+            return;
+        };
+        let Ok(device) = DeviceId::parse(&command.device_id) else {
+            return;
+        };
+        let wire = Command {
+            id: command.id.clone(),
+            name: command.name.clone(),
+            args: command.args.clone(),
+            expires_at: (command.expires_at / 1000) as u64,
+        };
+        let topic = Topic::new(&device, Channel::Command);
+        match client
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, encode(&wire))
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = self.store.mark_command_sent(&command.id).await {
+                    tracing::warn!(error = %e, "recording command send failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, command = %command.id, "command publish failed; will retry when the device reconnects")
+            }
+        }
+    }
+
+    /// Sends every command still queued for a device that just came online.
+    pub async fn flush_pending(&self, device_id: &str) {
+        match self.store.pending_commands(device_id).await {
+            Ok(commands) => {
+                for c in &commands {
+                    self.send(c).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, device_id, "loading pending commands failed"),
+        }
+    }
+}
+
+/// Background upkeep: expire commands past their deadline and mark silent devices offline.
+pub fn spawn_sweepers(store: Store, heartbeat_timeout: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.expire_commands().await {
+                tracing::warn!(error = %e, "expiring commands failed");
+            }
+            let cutoff = crate::store::now_ms() - heartbeat_timeout.as_millis() as i64;
+            match store.expire_silent_devices(cutoff).await {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::info!(device_id = %id, "device offline: heartbeat timeout");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validates_known_commands_and_refuses_the_rest_with_a_hint() {
+        assert!(validate("led", &json!({"state":"ON"})).is_ok());
+        assert!(validate("led", &json!({"state":"on"})).is_err());
+        assert!(validate("led_brightness", &json!({"value":100})).is_ok());
+        assert!(validate("led_brightness", &json!({"value":101})).is_err());
+        assert!(validate("sensor", &json!({"sensor":"temp","enabled":false})).is_ok());
+        assert!(validate("sensor", &json!({"sensor":"gps","enabled":false})).is_err());
+        assert!(validate("reboot", &Value::Null).is_ok());
+        assert!(validate("led", &json!([1])).is_err());
+        assert!(
+            validate("selfdestruct", &json!({}))
+                .unwrap_err()
+                .contains("known:")
+        );
+        assert!(validate("ping", &json!({"pad": "x".repeat(2000)})).is_err());
+    }
+}

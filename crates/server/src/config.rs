@@ -1,0 +1,74 @@
+//! Server configuration: flags, each also settable as a `FLOTILLA_*` environment variable.
+//! Parsing never fails on defaults; [`ServerConfig::resolve`] validates and derives the rest.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ServerConfig {
+    /// Directory for the database, the CA and the server's keys.
+    #[arg(
+        long,
+        env = "FLOTILLA_DATA_DIR",
+        default_value = "./flotilla-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// User API and dashboard (plain HTTP; put it behind TLS termination when exposed).
+    #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// HTTPS listener for devices: /sign-csr, /ca.pem, firmware downloads.
+    #[arg(long, env = "FLOTILLA_DEVICE_ADDR", default_value = "0.0.0.0:8443")]
+    pub device_addr: SocketAddr,
+    /// MQTT over mutual TLS.
+    #[arg(long, env = "FLOTILLA_MQTT_ADDR", default_value = "0.0.0.0:8883")]
+    pub mqtt_addr: SocketAddr,
+    /// Extra names for the server certificate (DNS names or IPs); localhost and 127.0.0.1
+    /// are always included.
+    #[arg(long, env = "FLOTILLA_PUBLIC_HOST", value_delimiter = ',')]
+    pub public_host: Vec<String>,
+    /// A device with no heartbeat for this many seconds is marked offline.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_TIMEOUT", default_value_t = 90)]
+    pub heartbeat_timeout_secs: u64,
+    /// Lifetime of login tokens, in seconds.
+    #[arg(long, env = "FLOTILLA_JWT_TTL", default_value_t = 12 * 3600)]
+    pub jwt_ttl_secs: u64,
+    /// Default and maximum lifetime of provisioning tokens, in seconds.
+    #[arg(long, env = "FLOTILLA_PROVISIONING_TTL", default_value_t = 3600)]
+    pub provisioning_ttl_secs: u64,
+    /// Maximum telemetry rows per database transaction (group commit).
+    #[arg(long, env = "FLOTILLA_INGEST_BATCH", default_value_t = 512)]
+    pub ingest_batch: usize,
+}
+
+impl ServerConfig {
+    /// Host names for the server certificate, defaults first, without duplicates.
+    pub fn certificate_hosts(&self) -> Vec<String> {
+        let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        for h in &self.public_host {
+            let h = h.trim();
+            if !h.is_empty() && !hosts.iter().any(|x| x == h) {
+                hosts.push(h.to_string());
+            }
+        }
+        for addr in [self.mqtt_addr, self.device_addr, self.http_addr] {
+            let ip = addr.ip();
+            if !ip.is_unspecified() && !hosts.contains(&ip.to_string()) {
+                hosts.push(ip.to_string());
+            }
+        }
+        hosts
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_timeout_secs.max(1))
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("flotilla.db")
+    }
+}

@@ -1,0 +1,150 @@
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::store::{AuditEntry, AuditRecord, DeviceRow, Role, UserRow};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/admin/users", get(users))
+        .route("/api/admin/devices", get(devices))
+        .route("/api/admin/user/{user_id}/block", post(block_user))
+        .route("/api/admin/user/{user_id}/role", post(set_role))
+        .route("/api/admin/device/{device_id}/block", post(block_device))
+        .route("/api/admin/audit", get(audit))
+}
+
+async fn users(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Vec<UserRow>>> {
+    user.require_admin()?;
+    Ok(Json(state.store.users().await?))
+}
+
+async fn devices(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Vec<DeviceRow>>> {
+    user.require_admin()?;
+    Ok(Json(state.store.devices_of(None).await?))
+}
+
+async fn block_user(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(user_id): Path<i64>,
+) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    if user_id == user.id {
+        return Err(ApiError::bad("an admin cannot block their own account"));
+    }
+    let blocked = state
+        .store
+        .toggle_user_block(user_id)
+        .await?
+        .ok_or(ApiError::NotFound("no such user"))?;
+    let (actor, target) = (user.actor(), format!("user:{user_id}"));
+    let action = if blocked {
+        "admin.user.block"
+    } else {
+        "admin.user.unblock"
+    };
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action,
+            target: Some(&target),
+            result: "success",
+            detail: None,
+        })
+        .await;
+    Ok(Json(json!({ "userId": user_id, "blocked": blocked })))
+}
+
+#[derive(Deserialize)]
+struct SetRole {
+    role: Role,
+}
+
+async fn set_role(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(user_id): Path<i64>,
+    JsonBody(body): JsonBody<SetRole>,
+) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    if !state.store.set_user_role(user_id, body.role).await? {
+        return Err(ApiError::NotFound("no such user"));
+    }
+    let (actor, target) = (user.actor(), format!("user:{user_id}"));
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action: "admin.user.role",
+            target: Some(&target),
+            result: "success",
+            detail: Some(body.role.as_str().into()),
+        })
+        .await;
+    Ok(Json(json!({ "userId": user_id, "role": body.role })))
+}
+
+/// Toggles a device's block (seed 003). A blocked device is refused at connect and a
+/// connected one is disconnected at once.
+async fn block_device(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    let blocked = state
+        .store
+        .toggle_device_block(&device_id)
+        .await?
+        .ok_or(ApiError::NotFound("no such device"))?;
+    state.gate.set_blocked(&device_id, blocked);
+    if blocked {
+        state.broker.kick(&device_id).await;
+        let _ = state.store.mark_offline(&device_id, "blocked").await;
+    }
+    let actor = user.actor();
+    let action = if blocked {
+        "admin.device.block"
+    } else {
+        "admin.device.unblock"
+    };
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action,
+            target: Some(&device_id),
+            result: "success",
+            detail: None,
+        })
+        .await;
+    Ok(Json(json!({ "deviceId": device_id, "blocked": blocked })))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<i64>,
+    action: Option<String>,
+}
+
+async fn audit(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Vec<AuditEntry>>> {
+    user.require_admin()?;
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    Ok(Json(
+        state
+            .store
+            .audit_entries(limit, q.action.as_deref())
+            .await?,
+    ))
+}

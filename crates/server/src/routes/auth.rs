@@ -1,0 +1,138 @@
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router, extract::State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::auth::{dummy_hash, hash_password, verify_password};
+use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::store::{AuditRecord, Role};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/auth/register", post(register))
+        .route("/api/auth/login", post(login))
+}
+
+#[derive(Deserialize)]
+struct Register {
+    username: String,
+    email: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+struct Login {
+    email: String,
+    password: String,
+}
+
+pub(crate) fn validate_credentials(
+    username: &str,
+    email: &str,
+    password: &str,
+) -> Result<(), ApiError> {
+    if username.trim().is_empty() || username.len() > 64 {
+        return Err(ApiError::bad("username must be 1 to 64 characters"));
+    }
+    let at = email.find('@');
+    if email.len() > 254
+        || at.is_none_or(|i| i == 0 || i == email.len() - 1)
+        || email.chars().any(char::is_whitespace)
+    {
+        return Err(ApiError::bad("email must look like name@example.com"));
+    }
+    if password.len() < 6 || password.len() > 128 {
+        return Err(ApiError::bad("password must be 6 to 128 characters"));
+    }
+    Ok(())
+}
+
+async fn register(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Register>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let email = body.email.trim().to_lowercase();
+    validate_credentials(&body.username, &email, &body.password)?;
+    let hash = hash_password(&body.password)?;
+    let id = match state
+        .store
+        .create_user(body.username.trim(), &email, &hash, Role::Operator)
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            let e = ApiError::from(e);
+            return Err(if matches!(e, ApiError::Conflict(_)) {
+                ApiError::Conflict("email is already registered".into())
+            } else {
+                e
+            });
+        }
+    };
+    let actor = format!("user:{email}");
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action: "user.register",
+            target: Some(&actor),
+            result: "success",
+            detail: None,
+        })
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({ "id": id, "username": body.username.trim(), "email": email, "role": "operator" }),
+        ),
+    ))
+}
+
+async fn login(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<Login>,
+) -> ApiResult<Json<Value>> {
+    let email = body.email.trim().to_lowercase();
+    let actor = format!("user:{}", email.chars().take(254).collect::<String>());
+    let fail = |detail: &'static str| AuditRecord {
+        actor: &actor,
+        action: "auth.login",
+        target: None,
+        result: "failure",
+        detail: Some(detail.into()),
+    };
+    if state.limiter.is_locked(&email) {
+        state.store.audit(fail("locked: too many failures")).await;
+        return Err(ApiError::TooManyRequests);
+    }
+    let user = state.store.user_by_email(&email).await?;
+    let ok = verify_password(
+        &body.password,
+        user.as_ref()
+            .map_or(dummy_hash(), |u| u.password_hash.as_str()),
+    );
+    let Some(user) = user.filter(|_| ok) else {
+        state.limiter.record_failure(&email);
+        state.store.audit(fail("bad credentials")).await;
+        return Err(ApiError::Unauthorized);
+    };
+    if user.blocked {
+        state.store.audit(fail("account blocked")).await;
+        return Err(ApiError::Forbidden("account is blocked"));
+    }
+    state.limiter.record_success(&email);
+    let token = state.jwt.issue(user.id, user.role)?;
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action: "auth.login",
+            target: None,
+            result: "success",
+            detail: None,
+        })
+        .await;
+    Ok(Json(json!({ "token": token })))
+}

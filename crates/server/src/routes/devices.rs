@@ -1,0 +1,153 @@
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_proto::{DeviceId, LedState};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::visible_device;
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::store::{AuditRecord, DeviceRow, TelemetryRow};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/device/register", post(register))
+        .route("/api/device", get(list))
+        .route("/api/device/{device_id}", get(show))
+        .route("/api/device/{device_id}/telemetry", get(telemetry))
+        .route("/api/device/{device_id}/led", post(led))
+        .route("/api/dashboard", get(dashboard))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisterDevice {
+    device_id: String,
+    name: String,
+}
+
+async fn register(
+    State(state): State<AppState>,
+    user: AuthUser,
+    JsonBody(body): JsonBody<RegisterDevice>,
+) -> ApiResult<(StatusCode, Json<DeviceRow>)> {
+    user.require_operator()?;
+    let id =
+        DeviceId::parse(&body.device_id).map_err(|e| ApiError::bad(format!("deviceId: {e}")))?;
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return Err(ApiError::bad("name must be 1 to 100 characters"));
+    }
+    let actor = user.actor();
+    let ok = state
+        .store
+        .register_device(id.as_str(), name, user.id)
+        .await?;
+    let result = if ok { "success" } else { "failure" };
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action: "device.register",
+            target: Some(id.as_str()),
+            result,
+            detail: None,
+        })
+        .await;
+    if !ok {
+        return Err(ApiError::Conflict(
+            "device id is registered to another account".into(),
+        ));
+    }
+    let device = state
+        .store
+        .device(id.as_str())
+        .await?
+        .ok_or(ApiError::NotFound("no such device"))?;
+    Ok((StatusCode::CREATED, Json(device)))
+}
+
+async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Vec<DeviceRow>>> {
+    Ok(Json(state.store.devices_of(Some(user.id)).await?))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+) -> ApiResult<Json<DeviceRow>> {
+    Ok(Json(visible_device(&state, &user, &device_id).await?))
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<i64>,
+}
+
+async fn telemetry(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+    Query(q): Query<Limit>,
+) -> ApiResult<Json<Vec<TelemetryRow>>> {
+    let device = visible_device(&state, &user, &device_id).await?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    Ok(Json(state.store.telemetry(&device.device_id, limit).await?))
+}
+
+#[derive(Deserialize)]
+struct Led {
+    state: String,
+}
+
+/// Seed 003's LED endpoint: a `led` command under the hood, so it waits for an offline
+/// device and its outcome is readable like any other command.
+async fn led(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+    JsonBody(body): JsonBody<Led>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let led: LedState = serde_json::from_value(json!(body.state))
+        .map_err(|_| ApiError::bad("state must be \"ON\" or \"OFF\""))?;
+    let command = super::commands::create(
+        &state,
+        &user,
+        &device_id,
+        "led",
+        json!({ "state": led.as_str() }),
+        None,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "commandId": command.id, "state": command.state, "led": led.as_str() })),
+    ))
+}
+
+async fn dashboard(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {
+    let devices = state.store.devices_of(user.owner_filter()).await?;
+    let online = devices.iter().filter(|d| d.online).count();
+    let mut versions: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &devices {
+        *versions
+            .entry(
+                d.firmware_version
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into()),
+            )
+            .or_default() += 1;
+    }
+    Ok(Json(json!({
+        "total": devices.len(),
+        "online": online,
+        "offline": devices.len() - online,
+        "firmwareVersions": versions,
+        "devices": devices,
+    })))
+}

@@ -1,0 +1,28 @@
+//! HTTP handlers, one module per resource, each with its own `router()`.
+
+pub mod admin;
+pub mod auth;
+pub mod commands;
+pub mod devices;
+pub mod meta;
+pub mod provisioning;
+pub mod sign_csr;
+
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::store::DeviceRow;
+
+/// The device if the caller may see it; otherwise 404, so another user's device ids are not
+/// even confirmed to exist.
+pub(crate) async fn visible_device(
+    state: &AppState,
+    user: &AuthUser,
+    device_id: &str,
+) -> Result<DeviceRow, ApiError> {
+    state
+        .store
+        .device_visible_to(device_id, user.owner_filter())
+        .await?
+        .ok_or(ApiError::NotFound("no such device"))
+}

@@ -1,0 +1,188 @@
+//! Start-up: storage, PKI, broker, ingest, background jobs and both HTTP listeners, in the
+//! order each depends on the last.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use flotilla_pki::{CertificateAuthority, write_secret_file};
+use serde::Serialize;
+
+use crate::app::{AppState, app};
+use crate::auth::{JwtKeys, LoginLimiter};
+use crate::broker::gate::DeviceGate;
+use crate::broker::{self, TlsFiles};
+use crate::commands::{Dispatcher, spawn_sweepers};
+use crate::config::ServerConfig;
+use crate::device_listener;
+use crate::ingest::{self, ServiceLink};
+use crate::store::Store;
+
+/// Where the running server listens, written to `DATA_DIR/endpoints.json` once all are bound
+/// (ports may be 0 in the configuration).
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoints {
+    pub http: SocketAddr,
+    pub device: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let data = config.data_dir.clone();
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("creating data dir {}", data.display()))?;
+    let store = Store::open(&config.database_path()).await?;
+    let ca = Arc::new(CertificateAuthority::load_or_create(&data)?);
+    let server_cert = ca.issue_server_certificate(&config.certificate_hosts())?;
+    let (cert_path, key_path) = (data.join("server.pem"), data.join("server.key"));
+    std::fs::write(&cert_path, &server_cert.certificate_pem)?;
+    write_secret_file(&key_path, server_cert.private_key_pem.as_bytes())?;
+    let jwt = Arc::new(JwtKeys::new(
+        &load_or_create_secret(&data.join("jwt.secret"))?,
+        std::time::Duration::from_secs(config.jwt_ttl_secs),
+    ));
+
+    let gate = Arc::new(DeviceGate::load(store.gate_snapshot().await?));
+    let tls = TlsFiles {
+        ca: &data.join(flotilla_pki::CA_CERT_FILE),
+        cert: &cert_path,
+        key: &key_path,
+    };
+    let (embedded, mqtt) = broker::start(config.mqtt_addr, tls, gate.clone()).await?;
+
+    let dispatcher = Arc::new(Dispatcher::new(store.clone()));
+    let service = ca.issue_service_certificate("ingest")?;
+    let link = ServiceLink {
+        host: connect_host(mqtt),
+        port: mqtt.port(),
+        ca_pem: ca.certificate_pem().to_string(),
+        cert_pem: service.certificate_pem,
+        key_pem: service.private_key_pem,
+    };
+    let client_id = format!(
+        "{}ingest-{}",
+        flotilla_pki::SERVICE_PREFIX,
+        hex::encode(rand::random::<[u8; 4]>())
+    );
+    let client = ingest::start(
+        &link,
+        &client_id,
+        store.clone(),
+        dispatcher.clone(),
+        config.ingest_batch,
+    );
+    dispatcher.attach(client);
+    spawn_sweepers(store.clone(), config.heartbeat_timeout());
+
+    let state = AppState {
+        store,
+        jwt,
+        limiter: Arc::new(LoginLimiter::default()),
+        ca: ca.clone(),
+        gate,
+        broker: embedded,
+        dispatcher,
+        config: config.clone(),
+    };
+    let acceptor = device_listener::tls_acceptor(
+        ca.certificate_pem(),
+        &std::fs::read_to_string(&cert_path)?,
+        &server_cert.private_key_pem,
+    )?;
+    let device = device_listener::serve(
+        config.device_addr,
+        acceptor,
+        device_listener::router(state.clone()),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP API on {}", config.http_addr))?;
+    let http = listener.local_addr()?;
+
+    let endpoints = Endpoints { http, device, mqtt };
+    std::fs::write(
+        data.join("endpoints.json"),
+        serde_json::to_vec_pretty(&endpoints)?,
+    )?;
+    tracing::info!(%http, %device, %mqtt, data_dir = %data.display(), "flotilla-server ready");
+
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// Loopback name for a wildcard bind, so the certificate's `localhost` matches.
+fn connect_host(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() || addr.ip().is_loopback() {
+        "localhost".into()
+    } else {
+        addr.ip().to_string()
+    }
+}
+
+fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if let Ok(bytes) = std::fs::read(path)
+        && bytes.len() >= 32
+    {
+        return Ok(bytes);
+    }
+    let secret: [u8; 32] = rand::random();
+    write_secret_file(path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret.to_vec())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}
+
+/// `flotilla-server admin create`: an admin account, written offline to the data dir.
+pub async fn create_admin(
+    data_dir: &Path,
+    email: &str,
+    password: &str,
+    username: &str,
+) -> anyhow::Result<i64> {
+    crate::routes::auth::validate_credentials(username, email, password)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    std::fs::create_dir_all(data_dir)?;
+    let store = Store::open(&data_dir.join("flotilla.db")).await?;
+    let hash = crate::auth::hash_password(password)?;
+    let id = store
+        .create_user(
+            username,
+            &email.trim().to_lowercase(),
+            &hash,
+            crate::store::Role::Admin,
+        )
+        .await
+        .context("creating admin (is the email taken?)")?;
+    store
+        .audit(crate::store::AuditRecord {
+            actor: "cli:admin-create",
+            action: "admin.user.create",
+            target: Some(email),
+            result: "success",
+            detail: None,
+        })
+        .await;
+    Ok(id)
+}

@@ -1,0 +1,71 @@
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Store, now_ms};
+
+/// A security-relevant event to record: who did what to what, and how it ended.
+#[derive(Debug, Clone)]
+pub struct AuditRecord<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: Option<&'a str>,
+    pub result: &'a str,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub result: String,
+    pub detail: Option<String>,
+}
+
+impl Store {
+    pub async fn audit(&self, rec: AuditRecord<'_>) {
+        let r = sqlx::query("INSERT INTO audit (at, actor, action, target, result, detail) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(now_ms())
+            .bind(rec.actor)
+            .bind(rec.action)
+            .bind(rec.target)
+            .bind(rec.result)
+            .bind(rec.detail.as_deref())
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = r {
+            // Losing an audit line must be loud: it is the record of who did what.
+            tracing::error!(error = %e, action = rec.action, actor = rec.actor, "failed to write audit record");
+        }
+    }
+
+    pub async fn audit_entries(
+        &self,
+        limit: i64,
+        action: Option<&str>,
+    ) -> sqlx::Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT * FROM audit WHERE (? IS NULL OR action = ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(action)
+        .bind(action)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    result: r.try_get("result")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}

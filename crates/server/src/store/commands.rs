@@ -1,0 +1,180 @@
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::Row;
+
+use super::{Store, now_ms};
+
+/// Lifecycle of a command: queued -> delivered -> succeeded | failed, or expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    Queued,
+    Delivered,
+    Succeeded,
+    Failed,
+    Expired,
+}
+
+impl CommandState {
+    fn parse(s: &str) -> CommandState {
+        match s {
+            "delivered" => CommandState::Delivered,
+            "succeeded" => CommandState::Succeeded,
+            "failed" => CommandState::Failed,
+            "expired" => CommandState::Expired,
+            _ => CommandState::Queued,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandRow {
+    pub id: String,
+    pub device_id: String,
+    pub name: String,
+    pub args: Value,
+    pub state: CommandState,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub delivered_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+}
+
+fn command_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<CommandRow> {
+    let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    Ok(CommandRow {
+        id: r.try_get("id")?,
+        device_id: r.try_get("device_id")?,
+        name: r.try_get("name")?,
+        args: json(r.try_get("args")?).unwrap_or(Value::Null),
+        state: CommandState::parse(&r.try_get::<String, _>("state")?),
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        delivered_at: r.try_get("delivered_at")?,
+        completed_at: r.try_get("completed_at")?,
+        result: json(r.try_get("result")?),
+        error: r.try_get("error")?,
+    })
+}
+
+impl Store {
+    pub async fn create_command(
+        &self,
+        id: &str,
+        device_id: &str,
+        name: &str,
+        args: &Value,
+        created_by: i64,
+        expires_at: i64,
+    ) -> sqlx::Result<CommandRow> {
+        let row = sqlx::query(
+            "INSERT INTO commands (id, device_id, name, args, state, created_by, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, 'queued', ?, ?, ?) RETURNING *",
+        )
+        .bind(id)
+        .bind(device_id)
+        .bind(name)
+        .bind(args.to_string())
+        .bind(created_by)
+        .bind(now_ms())
+        .bind(expires_at)
+        .fetch_one(&self.pool)
+        .await?;
+        command_from(&row)
+    }
+
+    pub async fn command(&self, id: &str) -> sqlx::Result<Option<CommandRow>> {
+        let row = sqlx::query("SELECT * FROM commands WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(command_from).transpose()
+    }
+
+    pub async fn commands_of(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<CommandRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM commands WHERE device_id = ? ORDER BY created_at DESC LIMIT ?",
+        )
+        .bind(device_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from).collect()
+    }
+
+    /// Commands still waiting for the device, oldest first.
+    pub async fn pending_commands(&self, device_id: &str) -> sqlx::Result<Vec<CommandRow>> {
+        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = ? AND state = 'queued' AND expires_at > ? ORDER BY created_at")
+            .bind(device_id)
+            .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(command_from).collect()
+    }
+
+    pub async fn mark_command_sent(&self, id: &str) -> sqlx::Result<()> {
+        sqlx::query("UPDATE commands SET sent_at = ? WHERE id = ?")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a device's reply. Only the device the command was for can move it, and final
+    /// states never change again. Returns whether anything changed.
+    pub(crate) async fn apply_reply(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        device_id: &str,
+        reply: &flotilla_proto::CommandReply,
+        now: i64,
+    ) -> sqlx::Result<bool> {
+        use flotilla_proto::CommandStatus;
+        let r = match reply.status {
+            CommandStatus::Accepted => {
+                sqlx::query("UPDATE commands SET state = 'delivered', delivered_at = ? WHERE id = ? AND device_id = ? AND state = 'queued'")
+                    .bind(now)
+                    .bind(&reply.id)
+                    .bind(device_id)
+                    .execute(&mut **tx)
+                    .await?
+            }
+            CommandStatus::Succeeded | CommandStatus::Failed => {
+                let state = if reply.status == CommandStatus::Succeeded { "succeeded" } else { "failed" };
+                sqlx::query(
+                    "UPDATE commands SET state = ?, completed_at = ?, delivered_at = COALESCE(delivered_at, ?), result = ?, error = ? \
+                     WHERE id = ? AND device_id = ? AND state IN ('queued', 'delivered')",
+                )
+                .bind(state)
+                .bind(now)
+                .bind(now)
+                .bind(reply.result.as_ref().map(|v| v.to_string()))
+                .bind(reply.error.as_deref().map(|e| truncate(e, 500)))
+                .bind(&reply.id)
+                .bind(device_id)
+                .execute(&mut **tx)
+                .await?
+            }
+        };
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn expire_commands(&self) -> sqlx::Result<u64> {
+        let r = sqlx::query("UPDATE commands SET state = 'expired', completed_at = ? WHERE state IN ('queued', 'delivered') AND expires_at <= ?")
+            .bind(now_ms())
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

@@ -1,0 +1,289 @@
+use flotilla_proto::{Heartbeat, Status, Telemetry};
+use serde::Serialize;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{Store, now_ms};
+
+/// A device as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRow {
+    pub device_id: String,
+    pub name: String,
+    pub owner_id: i64,
+    pub blocked: bool,
+    pub online: bool,
+    pub last_seen: Option<i64>,
+    pub disconnect_reason: Option<String>,
+    pub firmware_version: Option<String>,
+    pub led: Option<String>,
+    pub brightness: Option<i64>,
+    pub heap: Option<i64>,
+    pub rssi: Option<i64>,
+    pub crashes: Option<i64>,
+    pub provisioned: bool,
+    pub created_at: i64,
+}
+
+fn device_from(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<DeviceRow> {
+    let cert_serial: Option<String> = row.try_get("cert_serial")?;
+    Ok(DeviceRow {
+        device_id: row.try_get("device_id")?,
+        name: row.try_get("name")?,
+        owner_id: row.try_get("owner_id")?,
+        blocked: row.try_get::<i64, _>("blocked")? != 0,
+        online: row.try_get::<i64, _>("online")? != 0,
+        last_seen: row.try_get("last_seen")?,
+        disconnect_reason: row.try_get("disconnect_reason")?,
+        firmware_version: row.try_get("fw_version")?,
+        led: row.try_get("led_state")?,
+        brightness: row.try_get("led_brightness")?,
+        heap: row.try_get("heap")?,
+        rssi: row.try_get("rssi")?,
+        crashes: row.try_get("crashes")?,
+        provisioned: cert_serial.is_some(),
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryRow {
+    pub seq: i64,
+    pub device_ts: Option<i64>,
+    pub received_at: i64,
+    pub pot: Option<i64>,
+    pub switch: Option<bool>,
+    pub temp: Option<f64>,
+}
+
+/// A change to a device's live state, decoded from one device message.
+#[derive(Debug, Clone)]
+pub enum DeviceUpdate {
+    Heartbeat(Heartbeat),
+    Status(Status),
+    Telemetry(Telemetry),
+}
+
+impl Store {
+    /// Registers a device to `owner`. Ok(false) if it exists and belongs to someone else.
+    pub async fn register_device(
+        &self,
+        device_id: &str,
+        name: &str,
+        owner: i64,
+    ) -> sqlx::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let ok = register_in(&mut tx, device_id, name, owner).await?;
+        tx.commit().await?;
+        Ok(ok)
+    }
+
+    pub async fn device(&self, device_id: &str) -> sqlx::Result<Option<DeviceRow>> {
+        let row = sqlx::query("SELECT * FROM devices WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(device_from).transpose()
+    }
+
+    /// The device if `owner` may see it (None for admins means any owner).
+    pub async fn device_visible_to(
+        &self,
+        device_id: &str,
+        owner: Option<i64>,
+    ) -> sqlx::Result<Option<DeviceRow>> {
+        Ok(self
+            .device(device_id)
+            .await?
+            .filter(|d| owner.is_none_or(|o| d.owner_id == o)))
+    }
+
+    pub async fn devices_of(&self, owner: Option<i64>) -> sqlx::Result<Vec<DeviceRow>> {
+        let rows = match owner {
+            Some(o) => {
+                sqlx::query("SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id")
+                    .bind(o)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM devices ORDER BY device_id")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(device_from).collect()
+    }
+
+    pub async fn toggle_device_block(&self, device_id: &str) -> sqlx::Result<Option<bool>> {
+        sqlx::query_scalar(
+            "UPDATE devices SET blocked = 1 - blocked WHERE device_id = ? RETURNING blocked",
+        )
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map(|v: Option<i64>| v.map(|b| b != 0))
+    }
+
+    /// Ids of blocked devices and the current certificate serial of every device, for the broker gate.
+    pub async fn gate_snapshot(&self) -> sqlx::Result<Vec<(String, bool, Option<String>)>> {
+        let rows = sqlx::query("SELECT device_id, blocked, cert_serial FROM devices")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("device_id")?,
+                    r.try_get::<i64, _>("blocked")? != 0,
+                    r.try_get("cert_serial")?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn mark_offline(&self, device_id: &str, reason: &str) -> sqlx::Result<bool> {
+        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = ? WHERE device_id = ? AND online = 1")
+            .bind(reason)
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Marks devices whose last message is older than `cutoff` offline; returns their ids.
+    pub async fn expire_silent_devices(&self, cutoff: i64) -> sqlx::Result<Vec<String>> {
+        sqlx::query_scalar(
+            "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
+             WHERE online = 1 AND (last_seen IS NULL OR last_seen < ?) RETURNING device_id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn telemetry(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<TelemetryRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM telemetry WHERE device_id = ? ORDER BY seq DESC LIMIT ?")
+                .bind(device_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TelemetryRow {
+                    seq: r.try_get("seq")?,
+                    device_ts: r.try_get("device_ts")?,
+                    received_at: r.try_get("received_at")?,
+                    pot: r.try_get("pot")?,
+                    switch: r.try_get::<Option<i64>, _>("switch")?.map(|v| v != 0),
+                    temp: r.try_get("temp")?,
+                })
+            })
+            .collect()
+    }
+}
+
+pub(super) async fn register_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    device_id: &str,
+    name: &str,
+    owner: i64,
+) -> sqlx::Result<bool> {
+    let existing: Option<i64> =
+        sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    match existing {
+        Some(o) => Ok(o == owner),
+        None => {
+            sqlx::query(
+                "INSERT INTO devices (device_id, owner_id, name, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(device_id)
+            .bind(owner)
+            .bind(name)
+            .bind(now_ms())
+            .execute(&mut **tx)
+            .await?;
+            Ok(true)
+        }
+    }
+}
+
+/// Applies one device message inside the ingest transaction. Returns true when the message
+/// brought the device from offline to online.
+pub(crate) async fn apply_update(
+    tx: &mut Transaction<'_, Sqlite>,
+    device_id: &str,
+    update: &DeviceUpdate,
+    now: i64,
+) -> sqlx::Result<bool> {
+    let was_online: Option<i64> =
+        sqlx::query_scalar("SELECT online FROM devices WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(was_online) = was_online else {
+        return Ok(false);
+    };
+    let mut online_now = true;
+    match update {
+        DeviceUpdate::Heartbeat(hb) => {
+            sqlx::query(
+                "UPDATE devices SET online = 1, last_seen = ?, disconnect_reason = NULL, fw_version = ?, heap = ?, \
+                 rssi = COALESCE(?, rssi), crashes = COALESCE(?, crashes) WHERE device_id = ?",
+            )
+            .bind(now)
+            .bind(&hb.fw)
+            .bind(i64::from(hb.heap))
+            .bind(hb.rssi.map(i64::from))
+            .bind(hb.crashes.map(i64::from))
+            .bind(device_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        DeviceUpdate::Status(st) => {
+            online_now = st.online;
+            sqlx::query(
+                "UPDATE devices SET online = ?, last_seen = CASE WHEN ? THEN ? ELSE last_seen END, \
+                 disconnect_reason = CASE WHEN ? THEN NULL ELSE COALESCE(?, 'offline') END, \
+                 led_state = COALESCE(?, led_state), led_brightness = COALESCE(?, led_brightness), \
+                 fw_version = COALESCE(?, fw_version) WHERE device_id = ?",
+            )
+            .bind(st.online)
+            .bind(st.online)
+            .bind(now)
+            .bind(st.online)
+            .bind(st.reason.as_deref())
+            .bind(st.led.map(|l| l.as_str()))
+            .bind(st.brightness.map(i64::from))
+            .bind(st.fw.as_deref())
+            .bind(device_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        DeviceUpdate::Telemetry(t) => {
+            // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
+            sqlx::query(
+                "INSERT OR IGNORE INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(device_id)
+            .bind(t.seq as i64)
+            .bind(t.ts.map(|v| v as i64))
+            .bind(now)
+            .bind(t.pot.map(i64::from))
+            .bind(t.switch)
+            .bind(t.temp.map(f64::from))
+            .execute(&mut **tx)
+            .await?;
+            sqlx::query("UPDATE devices SET online = 1, last_seen = ?, disconnect_reason = NULL WHERE device_id = ?")
+                .bind(now)
+                .bind(device_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    Ok(was_online == 0 && online_now)
+}

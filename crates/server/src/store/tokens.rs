@@ -1,0 +1,81 @@
+//! One-time provisioning tokens. Only a SHA-256 of each token is stored.
+
+use flotilla_pki::IssuedCertificate;
+use sqlx::Row;
+
+use super::devices::register_in;
+use super::{Store, now_ms};
+
+/// Why a token could not be redeemed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenClaim {
+    /// Redeemed now, by this call alone.
+    Claimed { owner_id: i64 },
+    /// Unknown, already used or expired (one answer: a caller learns nothing more).
+    Invalid,
+    /// The token is bound to another device id.
+    WrongDevice,
+    /// The device id belongs to another user.
+    DeviceTaken,
+}
+
+impl Store {
+    pub async fn create_token(
+        &self,
+        token_hash: &str,
+        owner: i64,
+        device_id: Option<&str>,
+        expires_at: i64,
+    ) -> sqlx::Result<()> {
+        sqlx::query("INSERT INTO provisioning_tokens (token_hash, owner_id, device_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(token_hash)
+            .bind(owner)
+            .bind(device_id)
+            .bind(expires_at)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Redeems a token for `device_id` and records the serial of the certificate issued for it,
+    /// in one transaction: the conditional UPDATE lets exactly one of any number of concurrent
+    /// callers win. On any refusal nothing changes and the token stays usable.
+    pub async fn redeem_token(
+        &self,
+        token_hash: &str,
+        device_id: &str,
+        issued: &IssuedCertificate,
+    ) -> sqlx::Result<TokenClaim> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE provisioning_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? \
+             RETURNING owner_id, device_id",
+        )
+        .bind(now)
+        .bind(token_hash)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(TokenClaim::Invalid);
+        };
+        let owner_id: i64 = row.try_get("owner_id")?;
+        let bound: Option<String> = row.try_get("device_id")?;
+        if bound.is_some_and(|b| b != device_id) {
+            return Ok(TokenClaim::WrongDevice);
+        }
+        if !register_in(&mut tx, device_id, device_id, owner_id).await? {
+            return Ok(TokenClaim::DeviceTaken);
+        }
+        sqlx::query("UPDATE devices SET cert_serial = ?, cert_not_after = ? WHERE device_id = ?")
+            .bind(&issued.serial_hex)
+            .bind(issued.not_after_unix * 1000)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(TokenClaim::Claimed { owner_id })
+    }
+}
