@@ -1,1 +1,256 @@
-fn main() {}
+//! flotilla-agent: a Linux device that behaves like a Flotilla ESP32 — SoftAP provisioning,
+//! on-device key and CSR, mTLS MQTT, heartbeats, telemetry, commands — and `sim`, a fleet of
+//! such devices in one process.
+
+mod csr;
+mod nvs;
+mod runner;
+mod sensors;
+mod sim;
+mod softap;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flotilla_device_core::{BackoffConfig, Config};
+
+use runner::{DeviceEnv, Exit, Network, Runner};
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla-agent",
+    version,
+    about = "A virtual ESP32 for Flotilla, and a fleet simulator"
+)]
+struct Cli {
+    #[command(flatten)]
+    device: DeviceFlags,
+    /// The SoftAP provisioning server (seed 004's 192.168.4.1:80).
+    #[arg(
+        long,
+        env = "FLOTILLA_PROVISION_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    provision_addr: SocketAddr,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run many virtual devices in one process, provisioned in bulk through the API.
+    Sim(sim::SimFlags),
+}
+
+/// What a device is built with: where its flash lives, the servers and CA baked in.
+#[derive(Args, Clone, Debug)]
+pub struct DeviceFlags {
+    /// The device's NVS and flash, as files.
+    #[arg(
+        long,
+        env = "FLOTILLA_AGENT_DATA_DIR",
+        default_value = "./agent-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// Base URL of the server's device listener (for /sign-csr).
+    #[arg(
+        long,
+        env = "FLOTILLA_BACKEND_URL",
+        default_value = "https://localhost:8443",
+        global = true
+    )]
+    backend_url: String,
+    /// The MQTT broker, mqtts://host:port.
+    #[arg(
+        long,
+        env = "FLOTILLA_BROKER_URL",
+        default_value = "mqtts://localhost:8883",
+        global = true
+    )]
+    broker_url: String,
+    /// The CA certificate baked into the device (the server's ca.pem).
+    #[arg(
+        long,
+        env = "FLOTILLA_SERVER_CA",
+        default_value = "./flotilla-data/ca.pem",
+        global = true
+    )]
+    server_ca: PathBuf,
+    /// Firmware version this build reports.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"), global = true)]
+    fw_version: String,
+    #[arg(long, default_value_t = 30, global = true)]
+    heartbeat_secs: u64,
+    #[arg(long, default_value_t = 10, global = true)]
+    telemetry_secs: u64,
+    /// Simulated Wi-Fi networks in range, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "flotilla-lab,HomeNet,Statsnapp",
+        global = true
+    )]
+    wifi: Vec<String>,
+}
+
+impl DeviceFlags {
+    fn env(&self) -> anyhow::Result<DeviceEnv> {
+        let server_ca_pem = std::fs::read_to_string(&self.server_ca)
+            .with_context(|| format!("reading server CA {}", self.server_ca.display()))?;
+        let (broker_host, broker_port) = parse_broker_url(&self.broker_url)?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(server_ca_pem.as_bytes())
+                    .context("server CA is not PEM")?,
+            )
+            .timeout(Duration::from_secs(20))
+            .build()?;
+        let networks = self
+            .wifi
+            .iter()
+            .enumerate()
+            .map(|(i, ssid)| Network {
+                ssid: ssid.clone(),
+                rssi: -42 - 7 * i as i16,
+                channel: [1, 6, 11][i % 3],
+                secure: true,
+            })
+            .collect();
+        let config = Config {
+            firmware_version: self.fw_version.clone(),
+            heartbeat_ms: self.heartbeat_secs.max(1) * 1000,
+            telemetry_ms: self.telemetry_secs.max(1) * 1000,
+            backoff: BackoffConfig::default(),
+            ..Config::default()
+        };
+        Ok(DeviceEnv {
+            backend_url: self.backend_url.clone(),
+            broker_host,
+            broker_port,
+            server_ca_pem,
+            networks,
+            config,
+            http,
+        })
+    }
+}
+
+fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtts://")
+        .context("broker URL must start with mqtts:// (TLS is mandatory)")?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = rest
+        .rsplit_once(':')
+        .map_or((rest, Ok(8883)), |(h, p)| (h, p.parse::<u16>()));
+    Ok((
+        host.trim_matches(['[', ']']).to_string(),
+        port.context("broker URL port")?,
+    ))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttc=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Sim(flags)) => sim::run(cli.device, flags).await,
+            None => run_device(cli.device, cli.provision_addr).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_device(flags: DeviceFlags, provision_addr: SocketAddr) -> anyhow::Result<()> {
+    let env = flags.env()?;
+    let nvs = nvs::Nvs::open(&flags.data_dir)?;
+    let (runner, handle) = Runner::new(env.clone(), nvs, "agent".into());
+    let listener = tokio::net::TcpListener::bind(provision_addr)
+        .await
+        .with_context(|| format!("binding SoftAP server on {provision_addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "SoftAP provisioning server listening");
+    let app = softap::router(handle.clone(), env.networks.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stopper.shutdown().await;
+    });
+    match runner.run().await {
+        Exit::Shutdown => Ok(()),
+        Exit::Reboot => reexec(),
+    }
+}
+
+/// A reboot replaces the process with a fresh copy of itself, as a chip restarts from flash.
+fn reexec() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    tracing::info!("rebooting");
+    let exe = std::env::current_exe()?;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(anyhow::anyhow!("re-exec failed: {err}"))
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_must_be_tls_and_parse() {
+        assert_eq!(
+            parse_broker_url("mqtts://localhost:8883").unwrap(),
+            ("localhost".into(), 8883)
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://broker.example").unwrap(),
+            ("broker.example".into(), 8883)
+        );
+        assert!(parse_broker_url("mqtt://localhost:1883").is_err());
+        assert!(parse_broker_url("mqtts://h:notaport").is_err());
+    }
+}

@@ -32,13 +32,21 @@ pub struct ServerConfig {
     #[arg(long, env = "FLOTILLA_PUBLIC_HOST", value_delimiter = ',')]
     pub public_host: Vec<String>,
     /// A device with no heartbeat for this many seconds is marked offline.
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_TIMEOUT", default_value_t = 90)]
+    #[arg(
+        long = "heartbeat-timeout",
+        env = "FLOTILLA_HEARTBEAT_TIMEOUT",
+        default_value_t = 90
+    )]
     pub heartbeat_timeout_secs: u64,
     /// Lifetime of login tokens, in seconds.
-    #[arg(long, env = "FLOTILLA_JWT_TTL", default_value_t = 12 * 3600)]
+    #[arg(long = "jwt-ttl", env = "FLOTILLA_JWT_TTL", default_value_t = 12 * 3600)]
     pub jwt_ttl_secs: u64,
     /// Default and maximum lifetime of provisioning tokens, in seconds.
-    #[arg(long, env = "FLOTILLA_PROVISIONING_TTL", default_value_t = 3600)]
+    #[arg(
+        long = "provisioning-ttl",
+        env = "FLOTILLA_PROVISIONING_TTL",
+        default_value_t = 3600
+    )]
     pub provisioning_ttl_secs: u64,
     /// Maximum telemetry rows per database transaction (group commit).
     #[arg(long, env = "FLOTILLA_INGEST_BATCH", default_value_t = 512)]

@@ -72,6 +72,7 @@ pub async fn start(
 ) -> anyhow::Result<(Arc<Embedded>, SocketAddr)> {
     let scx = ServerContext::new().build().await;
     *scx.extends.shared_subscription_mut().await = Box::new(RoundRobinShared::default());
+    *scx.extends.retain_mut().await = Box::new(MemoryRetain::default());
     let register = scx.extends.hook_mgr().register();
     for t in [
         Type::ClientAuthenticate,
@@ -215,5 +216,42 @@ impl rmqtt::subscribe::SharedSubscription for RoundRobinShared {
             .find(|&i| candidates[i].4.unwrap_or(true))
             .or(Some(start % candidates.len()))
             .map(|i| (i, candidates[i].4.unwrap_or(true)))
+    }
+}
+
+/// Retained messages in memory. rmqtt's default store refuses them (and with them every will
+/// with the retain flag), yet its trie works; this enables it. Retained topics are bounded by
+/// the ACL: at most the status and config topic of each device.
+#[derive(Default)]
+struct MemoryRetain(rmqtt::retain::DefaultRetainStorage);
+
+#[async_trait]
+impl rmqtt::retain::RetainStorage for MemoryRetain {
+    fn enable(&self) -> bool {
+        true
+    }
+
+    async fn set(
+        &self,
+        topic: &rmqtt::types::TopicName,
+        retain: rmqtt::types::Retain,
+        expiry: Option<std::time::Duration>,
+    ) -> rmqtt::Result<()> {
+        self.0.set_with_timeout(topic, retain, expiry).await
+    }
+
+    async fn get(
+        &self,
+        filter: &rmqtt::types::TopicFilter,
+    ) -> rmqtt::Result<Vec<(rmqtt::types::TopicName, rmqtt::types::Retain)>> {
+        self.0.get_message(filter).await
+    }
+
+    async fn count(&self) -> isize {
+        rmqtt::retain::RetainStorage::count(&self.0).await
+    }
+
+    async fn max(&self) -> isize {
+        rmqtt::retain::RetainStorage::max(&self.0).await
     }
 }

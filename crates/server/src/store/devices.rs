@@ -275,7 +275,7 @@ pub(crate) async fn apply_update(
             .bind(now)
             .bind(t.pot.map(i64::from))
             .bind(t.switch)
-            .bind(t.temp.map(f64::from))
+            .bind(t.temp.map(f32_to_f64_shortest))
             .execute(&mut **tx)
             .await?;
             sqlx::query("UPDATE devices SET online = 1, last_seen = ?, disconnect_reason = NULL WHERE device_id = ?")
@@ -286,4 +286,10 @@ pub(crate) async fn apply_update(
         }
     }
     Ok(was_online == 0 && online_now)
+}
+
+/// Widens an f32 through its shortest decimal form, so 18.7f32 is stored as 18.7, not
+/// 18.700000762939453.
+fn f32_to_f64_shortest(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
 }

@@ -1,0 +1,438 @@
+//! The tokio shell around the device brain: one task owns the [`Device`], performs the actions
+//! it asks for, and feeds back what happened. [`DeviceHandle`]s (the SoftAP server, the
+//! simulator) talk to it through a channel.
+
+use std::time::Duration;
+
+use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State};
+use flotilla_device_core::{ProvisionRequest, SensorValues};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, LastWill, Packet};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::csr;
+use crate::nvs::{CA_FILE, CERT_FILE, KEY_FILE, Nvs};
+use crate::sensors::SimulatedBoard;
+
+/// A simulated Wi-Fi network visible to the device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Network {
+    pub ssid: String,
+    pub rssi: i16,
+    pub channel: u8,
+    pub secure: bool,
+}
+
+/// Everything about the device's surroundings that does not change while it runs.
+#[derive(Debug, Clone)]
+pub struct DeviceEnv {
+    pub backend_url: String,
+    pub broker_host: String,
+    pub broker_port: u16,
+    /// The CA baked into the firmware: trusted for /sign-csr and the broker.
+    pub server_ca_pem: String,
+    pub networks: Vec<Network>,
+    pub config: Config,
+    pub http: reqwest::Client,
+}
+
+/// How a run of the device ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Reboot,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusSnapshot {
+    pub status: &'static str,
+    pub state: &'static str,
+    pub ip: Option<String>,
+    pub device_id: Option<String>,
+}
+
+enum Input {
+    Provision {
+        request: ProvisionRequest,
+        bearer: Option<String>,
+        reply: oneshot::Sender<Result<(), ProvisionRefusal>>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusSnapshot>,
+    },
+    Wifi {
+        connected: bool,
+    },
+    Csr(Result<(), CsrFailure>),
+    Mqtt {
+        generation: u64,
+        event: MqttEvent,
+    },
+    Shutdown,
+}
+
+enum MqttEvent {
+    Connected,
+    Disconnected,
+    Message { topic: String, payload: Vec<u8> },
+}
+
+/// Why `/provision` was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionRefusal {
+    AlreadyProvisioned,
+    Invalid(String),
+    DeviceGone,
+}
+
+/// A cheap, cloneable way to talk to a running device.
+#[derive(Debug, Clone)]
+pub struct DeviceHandle {
+    tx: mpsc::Sender<Input>,
+}
+
+impl DeviceHandle {
+    pub async fn provision(
+        &self,
+        request: ProvisionRequest,
+        bearer: Option<String>,
+    ) -> Result<(), ProvisionRefusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Provision {
+                request,
+                bearer,
+                reply,
+            })
+            .await
+            .map_err(|_| ProvisionRefusal::DeviceGone)?;
+        rx.await.map_err(|_| ProvisionRefusal::DeviceGone)?
+    }
+
+    pub async fn status(&self) -> Option<StatusSnapshot> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Input::Status { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Input::Shutdown).await;
+    }
+}
+
+pub struct Runner {
+    device: Device,
+    env: DeviceEnv,
+    nvs: Nvs,
+    board: SimulatedBoard,
+    epoch: Instant,
+    rx: mpsc::Receiver<Input>,
+    tx: mpsc::Sender<Input>,
+    mqtt: Option<AsyncClient>,
+    generation: u64,
+    rssi: Option<i16>,
+    label: String,
+}
+
+impl Runner {
+    pub fn new(env: DeviceEnv, nvs: Nvs, label: String) -> (Runner, DeviceHandle) {
+        let (tx, rx) = mpsc::channel(64);
+        let device = Device::new(env.config.clone(), rand::random());
+        let runner = Runner {
+            device,
+            env,
+            nvs,
+            board: SimulatedBoard::new(),
+            epoch: Instant::now(),
+            rx,
+            tx: tx.clone(),
+            mqtt: None,
+            generation: 0,
+            rssi: None,
+            label,
+        };
+        (runner, DeviceHandle { tx })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Boots the device and runs it until it reboots or is shut down.
+    pub async fn run(mut self) -> Exit {
+        let now = self.now();
+        self.device.handle_boot(now, self.nvs.load());
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.device.handle_wall_clock(now, unix_ms);
+        loop {
+            if let Some(exit) = self.perform_actions().await {
+                self.disconnect(None).await;
+                return exit;
+            }
+            let deadline = self
+                .device
+                .poll_timeout()
+                .map(|t| self.epoch + Duration::from_millis(t));
+            tokio::select! {
+                input = self.rx.recv() => match input {
+                    Some(Input::Shutdown) | None => {
+                        self.disconnect(Some("shutdown")).await;
+                        return Exit::Shutdown;
+                    }
+                    Some(input) => self.handle(input),
+                },
+                _ = sleep_until(deadline) => {
+                    let values: SensorValues = self.board.sample();
+                    self.device.handle_sensor_values(values);
+                    self.device.handle_platform_stats(simulated_heap(), self.rssi);
+                    let now = self.now();
+                    self.device.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = self.now();
+        match input {
+            Input::Provision {
+                request,
+                bearer,
+                reply,
+            } => {
+                let result =
+                    self.device
+                        .handle_provision(now, request, bearer)
+                        .map_err(|e| match e {
+                            flotilla_device_core::ProvisionError::NotInApMode => {
+                                ProvisionRefusal::AlreadyProvisioned
+                            }
+                            other => ProvisionRefusal::Invalid(other.to_string()),
+                        });
+                let _ = reply.send(result);
+            }
+            Input::Status { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Input::Wifi { connected: true } => self.device.handle_wifi_connected(now),
+            Input::Wifi { connected: false } => self.device.handle_wifi_lost(now),
+            Input::Csr(result) => self.device.handle_csr_result(now, result),
+            Input::Mqtt { generation, event } if generation == self.generation => match event {
+                MqttEvent::Connected => self.device.handle_mqtt_connected(now),
+                MqttEvent::Disconnected => {
+                    self.mqtt = None;
+                    self.device.handle_mqtt_disconnected(now);
+                }
+                MqttEvent::Message { topic, payload } => {
+                    self.device.handle_message(now, &topic, &payload)
+                }
+            },
+            Input::Mqtt { .. } => {} // from a connection we already dropped
+            Input::Shutdown => {}
+        }
+    }
+
+    fn snapshot(&self) -> StatusSnapshot {
+        let connected = matches!(
+            self.device.state(),
+            State::WifiConnected
+                | State::CheckCertificates
+                | State::SubmitCsr
+                | State::MqttConnecting
+                | State::MqttConnected
+        );
+        StatusSnapshot {
+            status: self.device.status_word(),
+            state: self.device.state().name(),
+            ip: connected.then(|| "192.168.1.100".to_string()),
+            device_id: self.device.device_id().map(|d| d.to_string()),
+        }
+    }
+
+    async fn perform_actions(&mut self) -> Option<Exit> {
+        while let Some(action) = self.device.poll_action() {
+            match action {
+                Action::StartAccessPoint => {
+                    tracing::info!(device = %self.label, "AP mode: waiting for POST /provision")
+                }
+                Action::ConnectWifi { ssid, .. } => {
+                    let network = self.env.networks.iter().find(|n| n.ssid == ssid);
+                    self.rssi = network.map(|n| n.rssi);
+                    let known = network.is_some();
+                    if !known {
+                        tracing::warn!(device = %self.label, %ssid, "Wi-Fi network not found");
+                    }
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = tx.send(Input::Wifi { connected: known }).await;
+                    });
+                }
+                Action::SubmitCsr { device_id, token } => {
+                    let (env, nvs, tx) = (self.env.clone(), self.nvs.clone(), self.tx.clone());
+                    tokio::spawn(async move {
+                        let result = csr::submit(&env, &nvs, device_id.as_str(), &token).await;
+                        let _ = tx.send(Input::Csr(result)).await;
+                    });
+                }
+                Action::ConnectMqtt { client_id, will } => {
+                    self.connect(client_id.as_str(), will).await
+                }
+                Action::Subscribe(topic) => {
+                    if let Some(c) = &self.mqtt {
+                        let _ = c.subscribe(topic, QoS::AtLeastOnce).await;
+                    }
+                }
+                Action::Publish(p) => {
+                    if let Some(c) = &self.mqtt {
+                        let _ = c
+                            .publish(p.topic, QoS::AtLeastOnce, p.retain, p.payload)
+                            .await;
+                    }
+                }
+                Action::SetLed { state, brightness } => {
+                    tracing::debug!(device = %self.label, led = state.as_str(), brightness, "LED")
+                }
+                Action::Persist(p) => {
+                    if let Err(e) = self.nvs.apply(&p) {
+                        tracing::error!(device = %self.label, error = %e, "NVS write failed");
+                    }
+                }
+                Action::Reboot => return Some(Exit::Reboot),
+            }
+        }
+        None
+    }
+
+    async fn connect(&mut self, client_id: &str, will: Publish) {
+        self.disconnect(None).await;
+        self.generation += 1;
+        let (Some(cert), Some(key), Some(ca)) = (
+            self.nvs.read_string(CERT_FILE),
+            self.nvs.read_string(KEY_FILE),
+            self.nvs.read_string(CA_FILE),
+        ) else {
+            tracing::error!(device = %self.label, "certificate files missing");
+            let _ = self
+                .tx
+                .send(Input::Mqtt {
+                    generation: self.generation,
+                    event: MqttEvent::Disconnected,
+                })
+                .await;
+            return;
+        };
+        let mut options = MqttOptions::new(client_id, &self.env.broker_host, self.env.broker_port);
+        options.set_keep_alive(Duration::from_secs(15));
+        options.set_clean_start(true);
+        options.set_connection_timeout(10);
+        options.set_last_will(LastWill::new(
+            will.topic,
+            will.payload,
+            QoS::AtLeastOnce,
+            will.retain,
+            None,
+        ));
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: ca.into_bytes(),
+            alpn: None,
+            client_auth: Some((cert.into_bytes(), key.into_bytes())),
+        }));
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        self.mqtt = Some(client);
+        tokio::spawn(pump(self.generation, eventloop, self.tx.clone()));
+    }
+
+    /// Closes the broker connection; with a reason, first says goodbye on the status topic so
+    /// the server marks the device offline at once instead of waiting for a timeout.
+    async fn disconnect(&mut self, reason: Option<&str>) {
+        let Some(client) = self.mqtt.take() else {
+            return;
+        };
+        if let (Some(reason), Some(id)) = (reason, self.device.device_id()) {
+            let status = flotilla_proto::Status {
+                online: false,
+                led: None,
+                brightness: None,
+                fw: None,
+                reason: Some(reason.into()),
+            };
+            let topic = flotilla_proto::Topic::new(id, flotilla_proto::Channel::Status);
+            let _ = client
+                .publish(
+                    topic.as_str(),
+                    QoS::AtLeastOnce,
+                    true,
+                    flotilla_proto::encode(&status),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = client.disconnect().await;
+    }
+}
+
+/// Drives one MQTT connection until it ends, reporting to the runner. It never reconnects by
+/// itself: the device core decides when, with backoff.
+async fn pump(generation: u64, mut eventloop: EventLoop, tx: mpsc::Sender<Input>) {
+    let send = |event| {
+        let tx = tx.clone();
+        async move { tx.send(Input::Mqtt { generation, event }).await.is_ok() }
+    };
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                if ack.code != ConnectReturnCode::Success {
+                    tracing::warn!(code = ?ack.code, "broker refused the connection");
+                    send(MqttEvent::Disconnected).await;
+                    return;
+                }
+                if !send(MqttEvent::Connected).await {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if !send(MqttEvent::Message {
+                    topic,
+                    payload: p.payload.to_vec(),
+                })
+                .await
+                {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                tracing::warn!(reason = ?d.reason_code, "broker closed the connection");
+                send(MqttEvent::Disconnected).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT connection lost");
+                send(MqttEvent::Disconnected).await;
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A heap reading in the range an ESP32-C3 application shows.
+fn simulated_heap() -> u32 {
+    use rand::Rng;
+    rand::rng().random_range(150_000..190_000)
+}
