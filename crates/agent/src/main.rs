@@ -198,7 +198,10 @@ async fn run_device(flags: DeviceFlags, provision_addr: SocketAddr) -> anyhow::R
     let listener = tokio::net::TcpListener::bind(provision_addr)
         .await
         .with_context(|| format!("binding SoftAP server on {provision_addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "SoftAP provisioning server listening");
+    let bound = listener.local_addr()?;
+    // Tests and tools bind port 0 and read the real address here.
+    std::fs::write(flags.data_dir.join("softap.addr"), bound.to_string())?;
+    tracing::info!(addr = %bound, "SoftAP provisioning server listening");
     let app = softap::router(handle.clone(), env.networks.clone());
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

@@ -1,1 +1,266 @@
-fn main() {}
+//! flotilla: the operator CLI over the Flotilla HTTP API.
+//!
+//! Human-readable tables by default, `--json` for scripts. Exit codes: 0 success, 1 error,
+//! 2 bad usage, 3 not authenticated or not allowed, 4 not found.
+
+mod api;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use api::{Api, ApiFailure, Session};
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "Operate a Flotilla fleet")]
+struct Cli {
+    /// Server URL (the user API).
+    #[arg(long, env = "FLOTILLA_URL", global = true)]
+    url: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Log in and remember the session.
+    Login {
+        #[arg(long)]
+        email: String,
+        #[arg(long, env = "FLOTILLA_PASSWORD")]
+        password: String,
+    },
+    /// Devices.
+    Device {
+        #[command(subcommand)]
+        action: DeviceCmd,
+    },
+    /// Provisioning tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenCmd,
+    },
+    /// Switch a device's LED.
+    Led {
+        device: String,
+        #[arg(value_parser = ["on", "off", "ON", "OFF"])]
+        state: String,
+    },
+    /// Send a command: led, led_brightness, sensor, reboot, ping.
+    Command {
+        device: String,
+        name: String,
+        /// Arguments as a JSON object, e.g. '{"value":40}'.
+        args: Option<String>,
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// The audit log (admins).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    Register {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    /// Block or unblock (toggle) a device (admins).
+    Block {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    Create {
+        /// Bind the token to one device id.
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.exit_code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), ApiFailure> {
+    let json_out = cli.json;
+    if let Cmd::Login { email, password } = &cli.command {
+        let url = cli
+            .url
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let api = Api::new(&url, None)?;
+        let body = api
+            .post(
+                "/api/auth/login",
+                &json!({ "email": email, "password": password }),
+            )
+            .await?;
+        let token = body["token"]
+            .as_str()
+            .ok_or_else(|| ApiFailure::other("server returned no token"))?;
+        Session {
+            url: url.clone(),
+            token: token.into(),
+        }
+        .save()?;
+        print_out(json_out, &json!({ "loggedIn": email, "url": url }), |_| {
+            println!("logged in to {url} as {email}")
+        });
+        return Ok(());
+    }
+    let api = Api::from_session(cli.url.as_deref())?;
+    match cli.command {
+        Cmd::Login { .. } => Ok(()),
+        Cmd::Device { action } => match action {
+            DeviceCmd::Register { id, name } => {
+                let name = name.unwrap_or_else(|| id.clone());
+                let d = api
+                    .post(
+                        "/api/device/register",
+                        &json!({ "deviceId": id, "name": name }),
+                    )
+                    .await?;
+                print_out(json_out, &d, |d| {
+                    println!("registered {}", d["deviceId"].as_str().unwrap_or_default())
+                });
+                Ok(())
+            }
+            DeviceCmd::List => {
+                let list = api.get("/api/device").await?;
+                print_out(json_out, &list, |l| table::devices(l));
+                Ok(())
+            }
+            DeviceCmd::Show { id } => {
+                let d = api
+                    .get(&format!("/api/device/{}", api::segment(&id)))
+                    .await?;
+                print_out(json_out, &d, table::key_values);
+                Ok(())
+            }
+            DeviceCmd::Block { id } => {
+                let r = api
+                    .post(
+                        &format!("/api/admin/device/{}/block", api::segment(&id)),
+                        &Value::Null,
+                    )
+                    .await?;
+                print_out(json_out, &r, |r| println!("{id} blocked: {}", r["blocked"]));
+                Ok(())
+            }
+        },
+        Cmd::Token {
+            action: TokenCmd::Create { device, ttl },
+        } => {
+            let mut body = json!({});
+            if let Some(d) = device {
+                body["deviceId"] = json!(d);
+            }
+            if let Some(t) = ttl {
+                body["ttlSeconds"] = json!(t);
+            }
+            let r = api.post("/api/provisioning/tokens", &body).await?;
+            print_out(json_out, &r, |r| {
+                println!("{}", r["token"].as_str().unwrap_or_default())
+            });
+            Ok(())
+        }
+        Cmd::Led { device, state } => {
+            let r = api
+                .post(
+                    &format!("/api/device/{}/led", api::segment(&device)),
+                    &json!({ "state": state.to_uppercase() }),
+                )
+                .await?;
+            print_out(json_out, &r, |r| {
+                println!(
+                    "command {} {}",
+                    r["commandId"].as_str().unwrap_or_default(),
+                    r["state"].as_str().unwrap_or_default()
+                )
+            });
+            Ok(())
+        }
+        Cmd::Command {
+            device,
+            name,
+            args,
+            ttl,
+        } => {
+            let args: Value = match args {
+                Some(a) => serde_json::from_str(&a)
+                    .map_err(|e| ApiFailure::usage(format!("ARGS is not JSON: {e}")))?,
+                None => json!({}),
+            };
+            let mut body = json!({ "name": name, "args": args });
+            if let Some(t) = ttl {
+                body["ttlSeconds"] = json!(t);
+            }
+            let r = api
+                .post(
+                    &format!("/api/device/{}/commands", api::segment(&device)),
+                    &body,
+                )
+                .await?;
+            print_out(json_out, &r, |r| {
+                println!(
+                    "command {} {}",
+                    r["id"].as_str().unwrap_or_default(),
+                    r["state"].as_str().unwrap_or_default()
+                )
+            });
+            Ok(())
+        }
+        Cmd::Audit { limit } => {
+            let r = api.get(&format!("/api/admin/audit?limit={limit}")).await?;
+            print_out(json_out, &r, |r| table::audit(r));
+            Ok(())
+        }
+    }
+}
+
+fn print_out(json_out: bool, value: &Value, human: impl FnOnce(&Value)) {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        human(value);
+    }
+}

@@ -1,1 +1,394 @@
+//! Test support for end-to-end tests: starts the real `flotilla-server` and `flotilla-agent`
+//! binaries on ephemeral ports in temporary directories, and talks to them over real HTTP,
+//! HTTPS and MQTT with mutual TLS. Every wait is a condition polled until a deadline.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); `.ci/run` does that.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// Directory holding the workspace's binaries (next to the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// Installs the process-wide rustls provider once (both aws-lc-rs and ring are linked).
+pub fn init_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Polls `check` until it yields `Some` or the deadline passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn kill_hard(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+/// A running flotilla-server.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub proc: Proc,
+    pub http: String,
+    pub device_port: u16,
+    pub mqtt_port: u16,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    pub async fn start(extra: &[&str]) -> Result<Server> {
+        init_crypto();
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("server");
+        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let child = Command::new(bin("flotilla-server"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--device-addr",
+                "127.0.0.1:0",
+                "--mqtt-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning flotilla-server")?;
+        let mut proc = Proc(child);
+        let endpoints = data.join("endpoints.json");
+        let ep: Value = wait_for("server endpoints", Duration::from_secs(30), || {
+            let running = proc.is_running();
+            let ep = std::fs::read(&endpoints)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            async move {
+                assert!(running, "flotilla-server exited during start-up");
+                ep
+            }
+        })
+        .await?;
+        let port = |k: &str| -> Result<u16> {
+            let addr: std::net::SocketAddr = ep[k].as_str().context("endpoint")?.parse()?;
+            Ok(addr.port())
+        };
+        let server = Server {
+            http: format!("http://{}", ep["http"].as_str().context("http")?),
+            device_port: port("device")?,
+            mqtt_port: port("mqtt")?,
+            dir,
+            proc,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+        };
+        let ingest_ready = server.dir.path().join("server.log");
+        wait_for("ingest connected", Duration::from_secs(20), || {
+            let ready = std::fs::read_to_string(&ingest_ready)
+                .is_ok_and(|l| l.contains("ingest connected"));
+            async move { ready.then_some(()) }
+        })
+        .await?;
+        Ok(server)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("ca.pem")).expect("ca.pem")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn backend_url(&self) -> String {
+        format!("https://localhost:{}", self.device_port)
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtts://localhost:{}", self.mqtt_port)
+    }
+
+    /// A raw request; returns status and JSON body (Null when the body is not JSON).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let url = format!("{}{path}", self.http);
+        let mut req = match method {
+            "GET" => self.client.get(url),
+            "POST" => self.client.post(url),
+            other => bail!("method {other}"),
+        };
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// Registers a user and returns a login token.
+    pub async fn user(&self, email: &str) -> Result<String> {
+        let (s, b) = self
+            .call(
+                "POST",
+                "/api/auth/register",
+                None,
+                Some(json!({"username": email, "email": email, "password": "secret-pass"})),
+            )
+            .await?;
+        anyhow::ensure!(s == 201, "register {email}: {s} {b}");
+        self.login(email, "secret-pass").await
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> Result<String> {
+        let (s, b) = self
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"email": email, "password": password})),
+            )
+            .await?;
+        anyhow::ensure!(s == 200, "login {email}: {s} {b}");
+        Ok(b["token"].as_str().context("token")?.to_string())
+    }
+
+    /// Creates an admin offline, as an operator would, and logs in.
+    pub async fn admin(&self, email: &str) -> Result<String> {
+        let status = Command::new(bin("flotilla-server"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args([
+                "admin",
+                "create",
+                "--email",
+                email,
+                "--password",
+                "admin-pass",
+            ])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "admin create failed");
+        self.login(email, "admin-pass").await
+    }
+
+    pub async fn token(&self, jwt: &str, device_id: Option<&str>) -> Result<String> {
+        let body = match device_id {
+            Some(d) => json!({ "deviceId": d }),
+            None => json!({}),
+        };
+        let (s, b) = self
+            .call("POST", "/api/provisioning/tokens", Some(jwt), Some(body))
+            .await?;
+        anyhow::ensure!(s == 201, "token: {s} {b}");
+        Ok(b["token"].as_str().context("token")?.to_string())
+    }
+
+    pub fn device_http(&self) -> Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem().as_bytes())?)
+            .timeout(Duration::from_secs(30))
+            .build()?)
+    }
+
+    /// `POST /sign-csr` as a device would; returns status and body.
+    pub async fn sign_csr(&self, token: &str, device_id: &str, csr: &str) -> Result<(u16, Value)> {
+        let resp = self
+            .device_http()?
+            .post(format!("{}/sign-csr", self.backend_url()))
+            .bearer_auth(token)
+            .json(&json!({ "device_id": device_id, "csr": csr }))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Provisions a device identity directly (key + CSR made here, as on a device).
+    pub async fn enroll(&self, jwt: &str, device_id: &str) -> Result<DeviceIdentity> {
+        let token = self.token(jwt, Some(device_id)).await?;
+        let (key_pem, csr) = flotilla_pki::device_key_and_csr(device_id)?;
+        let (s, b) = self.sign_csr(&token, device_id, &csr).await?;
+        anyhow::ensure!(s == 200, "sign-csr: {s} {b}");
+        Ok(DeviceIdentity {
+            device_id: device_id.to_string(),
+            cert_pem: b["certificate"]["content"]
+                .as_str()
+                .context("cert")?
+                .to_string(),
+            key_pem,
+            ca_pem: b["ca_certificate"]["content"]
+                .as_str()
+                .context("ca")?
+                .to_string(),
+        })
+    }
+
+    pub async fn device(&self, jwt: &str, device_id: &str) -> Result<Value> {
+        let (s, b) = self
+            .call("GET", &format!("/api/device/{device_id}"), Some(jwt), None)
+            .await?;
+        anyhow::ensure!(s == 200, "device {device_id}: {s} {b}");
+        Ok(b)
+    }
+}
+
+/// A device's certificate material.
+#[derive(Clone)]
+pub struct DeviceIdentity {
+    pub device_id: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl DeviceIdentity {
+    /// Writes cert, key and CA to files, for stock tools such as mosquitto_pub.
+    pub fn write_files(&self, dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let (c, k, a) = (
+            dir.join(format!("{}.pem", self.device_id)),
+            dir.join(format!("{}.key", self.device_id)),
+            dir.join("ca.pem"),
+        );
+        std::fs::write(&c, &self.cert_pem)?;
+        std::fs::write(&k, &self.key_pem)?;
+        std::fs::write(&a, &self.ca_pem)?;
+        Ok((c, k, a))
+    }
+}
+
+/// A running flotilla-agent.
+pub struct Agent {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    pub softap: String,
+}
+
+impl Agent {
+    pub async fn start(server: &Server, data_dir: &Path, extra: &[&str]) -> Result<Agent> {
+        std::fs::create_dir_all(data_dir)?;
+        let addr_file = data_dir.join("softap.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("agent.log"))?;
+        let child = Command::new(bin("flotilla-agent"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--server-ca")
+            .arg(server.data_dir().join("ca.pem"))
+            .args([
+                "--backend-url",
+                &server.backend_url(),
+                "--broker-url",
+                &server.broker_url(),
+                "--provision-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let proc = Proc(child);
+        let softap = wait_for("agent SoftAP address", Duration::from_secs(20), || {
+            let a = std::fs::read_to_string(&addr_file).ok();
+            async move { a }
+        })
+        .await?;
+        Ok(Agent {
+            proc,
+            data_dir: data_dir.to_path_buf(),
+            softap: format!("http://{softap}"),
+        })
+    }
+
+    pub async fn status(&self) -> Result<Value> {
+        Ok(reqwest::get(format!("{}/status", self.softap))
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+pub mod mqtt;

@@ -1,0 +1,145 @@
+//! A small MQTT v5 test client over TLS that reports each packet the broker sends.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+
+/// How a connection attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Connected(Session),
+    Refused(String),
+}
+
+pub struct Session {
+    pub client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Session")
+    }
+}
+
+/// Connects to `localhost:port` with `client_id`, trusting `ca_pem` and presenting
+/// `client_auth` (cert, key) if given.
+pub async fn connect(
+    port: u16,
+    ca_pem: &str,
+    client_auth: Option<(&str, &str)>,
+    client_id: &str,
+) -> Outcome {
+    let mut o = MqttOptions::new(client_id, "localhost", port);
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_connection_timeout(5);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca: ca_pem.as_bytes().to_vec(),
+        alpn: None,
+        client_auth: client_auth.map(|(c, k)| (c.as_bytes().to_vec(), k.as_bytes().to_vec())),
+    }));
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+        Ok(Some(Ok(Packet::ConnAck(ack)))) if ack.code == ConnectReturnCode::Success => {
+            Outcome::Connected(Session { client, events: rx })
+        }
+        Ok(Some(Ok(Packet::ConnAck(ack)))) => Outcome::Refused(format!("{:?}", ack.code)),
+        Ok(Some(Ok(other))) => Outcome::Refused(format!("unexpected {other:?}")),
+        Ok(Some(Err(e))) => Outcome::Refused(e),
+        Ok(None) => Outcome::Refused("closed".into()),
+        Err(_) => Outcome::Refused("timeout".into()),
+    }
+}
+
+impl Session {
+    /// Waits for the next packet matching `pick`, skipping others.
+    async fn next<T>(
+        &mut self,
+        timeout: Duration,
+        mut pick: impl FnMut(&Packet) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Ok(p))) => {
+                    if let Some(v) = pick(&p) {
+                        return Ok(v);
+                    }
+                }
+                Ok(Some(Err(e))) => bail!("connection ended: {e}"),
+                Ok(None) => bail!("connection ended"),
+                Err(_) => bail!("timed out"),
+            }
+        }
+    }
+
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<PubAckReason> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await?;
+        self.next(Duration::from_secs(5), |p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await
+    }
+
+    pub async fn subscribe(&mut self, filter: &str) -> Result<SubscribeReasonCode> {
+        self.client.subscribe(filter, QoS::AtLeastOnce).await?;
+        self.next(Duration::from_secs(5), |p| match p {
+            Packet::SubAck(a) => a.return_codes.first().copied(),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next message delivered to this client.
+    pub async fn message(&mut self, timeout: Duration) -> Result<(String, Vec<u8>)> {
+        self.next(timeout, |p| match p {
+            Packet::Publish(m) => Some((
+                String::from_utf8_lossy(&m.topic).into_owned(),
+                m.payload.to_vec(),
+            )),
+            _ => None,
+        })
+        .await
+    }
+
+    /// True once the broker has closed the connection, false if it is still open at the deadline.
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Ok(Packet::Disconnect(_)))) | Ok(Some(Err(_))) | Ok(None) => return true,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
