@@ -16,7 +16,7 @@ impl SimulatedBoard {
         SimulatedBoard {
             pot: rand::rng().random_range(0.0..4095.0),
             switch: false,
-            phase: rand::rng().random_range(0.0..6.28),
+            phase: rand::rng().random_range(0.0..std::f64::consts::TAU),
         }
     }
 

@@ -163,7 +163,7 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
             }
             DeviceCmd::List => {
                 let list = api.get("/api/device").await?;
-                print_out(json_out, &list, |l| table::devices(l));
+                print_out(json_out, &list, table::devices);
                 Ok(())
             }
             DeviceCmd::Show { id } => {
@@ -248,7 +248,7 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
         }
         Cmd::Audit { limit } => {
             let r = api.get(&format!("/api/admin/audit?limit={limit}")).await?;
-            print_out(json_out, &r, |r| table::audit(r));
+            print_out(json_out, &r, table::audit);
             Ok(())
         }
     }

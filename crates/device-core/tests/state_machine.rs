@@ -1,6 +1,8 @@
 //! Deterministic simulated-time tests of the device brain: no sleeps, no sockets, no clock.
 
-use flotilla_device_core::*;
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use flotilla_device_core::{Action, Backoff, BackoffConfig, Config, CsrFailure, Device, Millis, Persist, ProvisionError, ProvisionRequest, Provisioning, Rng, SensorValues, State, Stored};
 use flotilla_proto::{Command, CommandReply, CommandStatus, DeviceId, LedState, decode, encode};
 use proptest::prelude::*;
 use serde_json::json;
@@ -267,7 +269,7 @@ fn telemetry_sequence_survives_reboot_without_reuse() {
         .collect();
     assert_eq!(seqs, (0..25).collect::<Vec<_>>());
     assert!(
-        persisted_high_water >= 25 && persisted_high_water <= 30,
+        (25..=30).contains(&persisted_high_water),
         "one write per 10 readings"
     );
     // Power cut; the next boot starts at the persisted high-water mark.

@@ -1,6 +1,8 @@
 //! Malformed and oversized input on every device topic and every endpoint: a clear error or a
 //! logged drop, the server keeps running, and nothing wrong is stored.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Duration;
 
 use flotilla_e2e::mqtt::{Outcome, connect};

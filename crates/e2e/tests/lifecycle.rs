@@ -2,6 +2,8 @@
 //! online, obey the LED, send telemetry, drop offline when killed, and return after a restart
 //! without provisioning again.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Duration;
 
 use flotilla_e2e::{Agent, Server, wait_for};

@@ -1,5 +1,7 @@
 //! Security properties, each against the real server, broker and TLS stack.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Duration;
 
 use base64::Engine;

@@ -2,6 +2,8 @@
 //! to Flotilla as seed 003's test steps do: a heartbeat shows in the API and the LED command
 //! arrives on `devices/{id}/command`.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -294,7 +294,6 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use x509_parser::prelude::*;
 
     #[test]
     fn ca_is_created_once_with_a_private_key_file_and_reloaded_after() {

@@ -1,5 +1,7 @@
 //! Every payload type survives encode -> decode, and the seeds' example payloads parse.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use flotilla_proto::*;
 use proptest::prelude::*;
 use serde_json::json;
