@@ -2,7 +2,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use flotilla_device_core::{Action, Backoff, BackoffConfig, Config, CsrFailure, Device, Millis, Persist, ProvisionError, ProvisionRequest, Provisioning, Rng, SensorValues, State, Stored};
+use flotilla_device_core::{
+    Action, Backoff, BackoffConfig, Config, CsrFailure, Device, Millis, Persist, ProvisionError,
+    ProvisionRequest, Provisioning, Rng, SensorValues, State, Stored,
+};
 use flotilla_proto::{Command, CommandReply, CommandStatus, DeviceId, LedState, decode, encode};
 use proptest::prelude::*;
 use serde_json::json;
