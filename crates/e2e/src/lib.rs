@@ -91,14 +91,59 @@ pub struct Server {
     pub device_port: u16,
     pub mqtt_port: u16,
     pub client: reqwest::Client,
+    extra: Vec<String>,
 }
 
 impl Server {
     pub async fn start(extra: &[&str]) -> Result<Server> {
         init_crypto();
         let dir = tempfile::tempdir()?;
-        let data = dir.path().join("server");
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let (proc, ep) = Self::spawn(dir.path(), extra).await?;
+        let mut server = Server {
+            http: String::new(),
+            device_port: 0,
+            mqtt_port: 0,
+            dir,
+            proc,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+        };
+        server.adopt(&ep)?;
+        Ok(server)
+    }
+
+    /// Stops the server and starts it again on the same data dir (new ephemeral ports).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.terminate();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (proc, ep) = Self::spawn(self.dir.path(), &extra).await?;
+        self.proc = proc;
+        self.adopt(&ep)
+    }
+
+    fn adopt(&mut self, ep: &Value) -> Result<()> {
+        let port = |k: &str| -> Result<u16> {
+            let addr: std::net::SocketAddr = ep[k].as_str().context("endpoint")?.parse()?;
+            Ok(addr.port())
+        };
+        self.http = format!("http://{}", ep["http"].as_str().context("http")?);
+        self.device_port = port("device")?;
+        self.mqtt_port = port("mqtt")?;
+        Ok(())
+    }
+
+    async fn spawn(dir: &Path, extra: &[&str]) -> Result<(Proc, Value)> {
+        let data = dir.join("server");
+        let endpoints = data.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let log_path = dir.join("server.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let start_len = log.metadata()?.len() as usize;
         let child = Command::new(bin("flotilla-server"))
             .arg("--data-dir")
             .arg(&data)
@@ -116,7 +161,6 @@ impl Server {
             .spawn()
             .context("spawning flotilla-server")?;
         let mut proc = Proc(child);
-        let endpoints = data.join("endpoints.json");
         let ep: Value = wait_for("server endpoints", Duration::from_secs(30), || {
             let running = proc.is_running();
             let ep = std::fs::read(&endpoints)
@@ -128,28 +172,15 @@ impl Server {
             }
         })
         .await?;
-        let port = |k: &str| -> Result<u16> {
-            let addr: std::net::SocketAddr = ep[k].as_str().context("endpoint")?.parse()?;
-            Ok(addr.port())
-        };
-        let server = Server {
-            http: format!("http://{}", ep["http"].as_str().context("http")?),
-            device_port: port("device")?,
-            mqtt_port: port("mqtt")?,
-            dir,
-            proc,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
-        };
-        let ingest_ready = server.dir.path().join("server.log");
         wait_for("ingest connected", Duration::from_secs(20), || {
-            let ready = std::fs::read_to_string(&ingest_ready)
-                .is_ok_and(|l| l.contains("ingest connected"));
+            let ready = std::fs::read_to_string(&log_path).is_ok_and(|l| {
+                l.get(start_len..)
+                    .is_some_and(|new| new.contains("ingest connected"))
+            });
             async move { ready.then_some(()) }
         })
         .await?;
-        Ok(server)
+        Ok((proc, ep))
     }
 
     pub fn data_dir(&self) -> PathBuf {

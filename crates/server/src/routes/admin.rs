@@ -17,6 +17,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/user/{user_id}/role", post(set_role))
         .route("/api/admin/device/{device_id}/block", post(block_device))
         .route("/api/admin/audit", get(audit))
+        .route("/api/admin/stats", get(stats))
 }
 
 async fn users(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Vec<UserRow>>> {
@@ -147,4 +148,9 @@ async fn audit(
             .audit_entries(limit, q.action.as_deref())
             .await?,
     ))
+}
+
+async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    Ok(Json(state.store.stats().await?))
 }

@@ -56,4 +56,20 @@ impl Store {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+
+    /// Fleet-wide counts for operators and benchmarks.
+    pub async fn stats(&self) -> sqlx::Result<serde_json::Value> {
+        let count = |sql: &'static str| async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&self.pool)
+                .await
+        };
+        Ok(serde_json::json!({
+            "users": count("SELECT COUNT(*) FROM users").await?,
+            "devices": count("SELECT COUNT(*) FROM devices").await?,
+            "online": count("SELECT COUNT(*) FROM devices WHERE online = 1").await?,
+            "telemetryRows": count("SELECT COUNT(*) FROM telemetry").await?,
+            "commands": count("SELECT COUNT(*) FROM commands").await?,
+        }))
+    }
 }

@@ -1,0 +1,128 @@
+//! The `flotilla` CLI against a real server: tables for people, JSON for scripts, exit codes.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::{Command, Output};
+
+use flotilla_e2e::{Server, bin};
+use serde_json::Value;
+
+struct Cli<'a> {
+    server: &'a Server,
+    session: std::path::PathBuf,
+}
+
+impl Cli<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin("flotilla"))
+            .env("FLOTILLA_SESSION", &self.session)
+            .env_remove("FLOTILLA_TOKEN")
+            .env("FLOTILLA_URL", &self.server.http)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_drives_the_api_with_tables_json_and_exit_codes() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    server.user("cli@example.com").await?;
+    let cli = Cli {
+        server: &server,
+        session: server.dir.path().join("session.json"),
+    };
+
+    // Not logged in: exit code 3 and a hint.
+    let out = cli.run(&["device", "list"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flotilla login"));
+
+    // Wrong password: 3; right password: the session file is owner-only.
+    assert_eq!(
+        cli.run(&["login", "--email", "cli@example.com", "--password", "nope"])
+            .status
+            .code(),
+        Some(3)
+    );
+    assert!(
+        cli.run(&[
+            "login",
+            "--email",
+            "cli@example.com",
+            "--password",
+            "secret-pass"
+        ])
+        .status
+        .success()
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cli.session)?.permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    let d = cli.json(&["device", "register", "cli-1", "--name", "Desk lamp"]);
+    assert_eq!(d["deviceId"], "cli-1");
+    let table = String::from_utf8(cli.run(&["device", "list"]).stdout)?;
+    assert!(
+        table.starts_with("DEVICE")
+            && table.contains("cli-1")
+            && table.contains("Desk lamp")
+            && table.contains("offline"),
+        "{table}"
+    );
+    assert_eq!(cli.json(&["device", "show", "cli-1"])["name"], "Desk lamp");
+    assert_eq!(cli.run(&["device", "show", "nope"]).status.code(), Some(4));
+
+    let token = cli.json(&["token", "create", "--device", "cli-1", "--ttl", "60"]);
+    assert!(token["token"].as_str().unwrap().starts_with("fpt_"));
+
+    let led = cli.json(&["led", "cli-1", "on"]);
+    assert_eq!(led["led"], "ON");
+    let cmd = cli.json(&["command", "cli-1", "led_brightness", r#"{"value":40}"#]);
+    assert_eq!(cmd["state"], "queued");
+    let bad = cli.run(&["command", "cli-1", "led_brightness", r#"{"value":400}"#]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("0-100"));
+    assert_eq!(
+        cli.run(&["command", "cli-1", "ping", "{not json"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(cli.run(&["led", "cli-1", "purple"]).status.code(), Some(2));
+
+    // Audit is for admins: 3 for an operator, a table for an admin.
+    assert_eq!(cli.run(&["audit"]).status.code(), Some(3));
+    server.admin("cli-admin@example.com").await?;
+    assert!(
+        cli.run(&[
+            "login",
+            "--email",
+            "cli-admin@example.com",
+            "--password",
+            "admin-pass"
+        ])
+        .status
+        .success()
+    );
+    let audit = String::from_utf8(cli.run(&["audit", "--limit", "100"]).stdout)?;
+    assert!(
+        audit.contains("command.create") && audit.contains("device.register"),
+        "{audit}"
+    );
+    let blocked = cli.json(&["device", "block", "cli-1"]);
+    assert_eq!(blocked["blocked"], true);
+    Ok(())
+}

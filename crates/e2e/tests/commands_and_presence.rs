@@ -1,0 +1,216 @@
+//! Commands wait for offline devices and expire; presence follows heartbeats.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use flotilla_e2e::mqtt::{Outcome, connect};
+use flotilla_e2e::{Server, wait_for};
+use serde_json::{Value, json};
+
+async fn command_state(server: &Server, jwt: &str, device: &str, id: &str) -> Option<Value> {
+    let (_, c) = server
+        .call(
+            "GET",
+            &format!("/api/device/{device}/commands/{id}"),
+            Some(jwt),
+            None,
+        )
+        .await
+        .ok()?;
+    Some(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_for_an_offline_device_waits_and_is_delivered_when_it_returns() -> anyhow::Result<()>
+{
+    let mut server = Server::start(&[]).await?;
+    let jwt = server.user("cmd@example.com").await?;
+    let id = server.enroll(&jwt, "late-dev").await?;
+
+    // The device is offline: the command is stored and stays queued.
+    let (s, cmd) = server
+        .call(
+            "POST",
+            "/api/device/late-dev/commands",
+            Some(&jwt),
+            Some(json!({"name":"led_brightness","args":{"value":40},"ttlSeconds":600})),
+        )
+        .await?;
+    assert_eq!(s, 202, "{cmd}");
+    let cmd_id = cmd["id"].as_str().unwrap().to_string();
+    assert_eq!(cmd["state"], "queued");
+
+    // A server restart in between loses nothing: the command, the user and the device persist.
+    server.restart().await?;
+    let jwt = server.login("cmd@example.com", "secret-pass").await?;
+    assert_eq!(
+        command_state(&server, &jwt, "late-dev", &cmd_id)
+            .await
+            .unwrap()["state"],
+        "queued"
+    );
+    let Outcome::Connected(mut dev) = connect(
+        server.mqtt_port,
+        &id.ca_pem,
+        Some((&id.cert_pem, &id.key_pem)),
+        "late-dev",
+    )
+    .await
+    else {
+        panic!("connect");
+    };
+    assert!(matches!(
+        dev.subscribe("devices/late-dev/command").await?,
+        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+    ));
+    dev.publish("devices/late-dev/status", br#"{"online":true}"#.to_vec())
+        .await?;
+    let (topic, payload) = dev.message(Duration::from_secs(10)).await?;
+    assert_eq!(topic, "devices/late-dev/command");
+    let wire: Value = serde_json::from_slice(&payload)?;
+    assert_eq!(
+        (wire["id"].as_str(), wire["name"].as_str()),
+        (Some(cmd_id.as_str()), Some("led_brightness"))
+    );
+
+    dev.publish(
+        "devices/late-dev/reply",
+        serde_json::to_vec(&json!({"id": cmd_id, "status": "accepted"}))?,
+    )
+    .await?;
+    wait_for("delivered", Duration::from_secs(10), || async {
+        (command_state(&server, &jwt, "late-dev", &cmd_id).await?["state"] == "delivered")
+            .then_some(())
+    })
+    .await?;
+    dev.publish(
+        "devices/late-dev/reply",
+        serde_json::to_vec(
+            &json!({"id": cmd_id, "status": "succeeded", "result": {"brightness": 40}}),
+        )?,
+    )
+    .await?;
+    let done = wait_for("succeeded", Duration::from_secs(10), || async {
+        let c = command_state(&server, &jwt, "late-dev", &cmd_id).await?;
+        (c["state"] == "succeeded").then_some(c)
+    })
+    .await?;
+    assert_eq!(done["result"], json!({"brightness": 40}));
+
+    // A final state never changes again, and another device cannot touch this command.
+    dev.publish(
+        "devices/late-dev/reply",
+        serde_json::to_vec(&json!({"id": cmd_id, "status": "failed", "error": "late"}))?,
+    )
+    .await?;
+    let other = server.enroll(&jwt, "other-dev").await?;
+    let Outcome::Connected(mut o) = connect(
+        server.mqtt_port,
+        &other.ca_pem,
+        Some((&other.cert_pem, &other.key_pem)),
+        "other-dev",
+    )
+    .await
+    else {
+        panic!("connect other");
+    };
+    o.publish(
+        "devices/other-dev/reply",
+        serde_json::to_vec(&json!({"id": cmd_id, "status": "failed"}))?,
+    )
+    .await?;
+    // Wait until a later message from this device is stored, so the replies above were processed.
+    dev.publish(
+        "devices/late-dev/health",
+        br#"{"heap":7,"fw":"9.9.9"}"#.to_vec(),
+    )
+    .await?;
+    wait_for(
+        "later heartbeat stored",
+        Duration::from_secs(10),
+        || async { (server.device(&jwt, "late-dev").await.ok()?["heap"] == 7).then_some(()) },
+    )
+    .await?;
+    assert_eq!(
+        command_state(&server, &jwt, "late-dev", &cmd_id)
+            .await
+            .unwrap()["state"],
+        "succeeded"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_commands_expire() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("exp@example.com").await?;
+    server
+        .call(
+            "POST",
+            "/api/device/register",
+            Some(&jwt),
+            Some(json!({"deviceId":"sleepy","name":"s"})),
+        )
+        .await?;
+    let (_, cmd) = server
+        .call(
+            "POST",
+            "/api/device/sleepy/commands",
+            Some(&jwt),
+            Some(json!({"name":"ping","ttlSeconds":1})),
+        )
+        .await?;
+    let cmd_id = cmd["id"].as_str().unwrap().to_string();
+    let expired = wait_for("expired", Duration::from_secs(5), || async {
+        let c = command_state(&server, &jwt, "sleepy", &cmd_id).await?;
+        (c["state"] == "expired").then_some(c)
+    })
+    .await?;
+    assert!(expired["completedAt"].is_number());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_goes_offline_after_the_heartbeat_timeout() -> anyhow::Result<()> {
+    let server = Server::start(&["--heartbeat-timeout", "2"]).await?;
+    let jwt = server.user("quiet@example.com").await?;
+    let id = server.enroll(&jwt, "quiet-1").await?;
+    let Outcome::Connected(mut dev) = connect(
+        server.mqtt_port,
+        &id.ca_pem,
+        Some((&id.cert_pem, &id.key_pem)),
+        "quiet-1",
+    )
+    .await
+    else {
+        panic!("connect");
+    };
+    dev.publish(
+        "devices/quiet-1/health",
+        br#"{"heap":1000,"fw":"1.0.0"}"#.to_vec(),
+    )
+    .await?;
+    wait_for("online", Duration::from_secs(5), || async {
+        (server.device(&jwt, "quiet-1").await.ok()?["online"] == true).then_some(())
+    })
+    .await?;
+    // Still connected, but silent: no LWT fires, only the timeout can notice.
+    let d = wait_for("offline by timeout", Duration::from_secs(6), || async {
+        let d = server.device(&jwt, "quiet-1").await.ok()?;
+        (d["online"] == false).then_some(d)
+    })
+    .await?;
+    assert_eq!(d["disconnectReason"], "heartbeat timeout");
+    // The next heartbeat brings it back.
+    dev.publish(
+        "devices/quiet-1/health",
+        br#"{"heap":1000,"fw":"1.0.0"}"#.to_vec(),
+    )
+    .await?;
+    wait_for("online again", Duration::from_secs(5), || async {
+        (server.device(&jwt, "quiet-1").await.ok()?["online"] == true).then_some(())
+    })
+    .await?;
+    Ok(())
+}
