@@ -38,6 +38,10 @@ pub async fn connect(
     let mut o = MqttOptions::new(client_id, "localhost", port);
     o.set_keep_alive(Duration::from_secs(10));
     o.set_connection_timeout(5);
+    let mut net = o.network_options();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
+    o.set_outgoing_inflight_upper_limit(16);
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
         ca: ca_pem.as_bytes().to_vec(),
         alpn: None,

@@ -50,6 +50,14 @@ impl ServiceLink {
         o.set_manual_acks(true);
         o.set_clean_start(true);
         o.set_max_packet_size(Some(64 * 1024));
+        // Without TCP_NODELAY, Nagle and delayed ACKs stall small MQTT packets by ~40 ms.
+        let mut net = o.network_options();
+        net.set_tcp_nodelay(true);
+        o.set_network_options(net);
+        // rumqttc otherwise sizes its in-flight table for 65,535 publishes (~10 MB).
+        o.set_outgoing_inflight_upper_limit(256);
+        // A wide receive window lets one commit cover hundreds of messages (acks are manual).
+        o.set_receive_maximum(Some(4096));
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
             ca: self.ca_pem.clone().into_bytes(),
             alpn: None,

@@ -50,13 +50,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         cert: &cert_path,
         key: &key_path,
     };
-    let (embedded, mqtt) = broker::start(config.mqtt_addr, tls, gate.clone()).await?;
+    let (embedded, broker_addrs) = broker::start(config.mqtt_addr, tls, gate.clone()).await?;
+    let mqtt = broker_addrs.devices;
 
     let dispatcher = Arc::new(Dispatcher::new(store.clone()));
     let service = ca.issue_service_certificate("ingest")?;
     let link = ServiceLink {
-        host: connect_host(mqtt),
-        port: mqtt.port(),
+        host: connect_host(broker_addrs.internal),
+        port: broker_addrs.internal.port(),
         ca_pem: ca.certificate_pem().to_string(),
         cert_pem: service.certificate_pem,
         key_pem: service.private_key_pem,

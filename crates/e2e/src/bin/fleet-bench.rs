@@ -77,6 +77,11 @@ async fn connect_one(port: u16, id: &DeviceIdentity) -> Result<Conn> {
     let mut o = MqttOptions::new(&id.device_id, "localhost", port);
     o.set_keep_alive(Duration::from_secs(120));
     o.set_connection_timeout(60);
+    let mut net = o.network_options();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
+    // rumqttc otherwise sizes its in-flight table for 65,535 publishes: ~10 MB per client.
+    o.set_outgoing_inflight_upper_limit(100);
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
         ca: id.ca_pem.as_bytes().to_vec(),
         alpn: None,
@@ -118,7 +123,7 @@ async fn connect_all(
     let started = Instant::now();
     let results: Vec<Result<Conn>> =
         futures::stream::iter(ids.iter().map(|id| connect_one(port, id)))
-            .buffer_unordered(concurrency)
+            .buffered(concurrency) // ordered: conns[i] belongs to ids[i]
             .collect()
             .await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -152,11 +157,18 @@ async fn publish_burst_ids(
         anyhow::Ok(())
     });
     futures::future::try_join_all(sends).await?;
-    wait_for("every PUBACK", Duration::from_secs(600), || {
-        let done = conns
+    eprintln!(
+        "published {} messages in {:.2}s",
+        conns.len() * per_device,
+        started.elapsed().as_secs_f64()
+    );
+    wait_for("every PUBACK", Duration::from_secs(120), || {
+        let acked: u64 = conns
             .iter()
             .zip(&before)
-            .all(|(c, b)| c.acks.load(Ordering::Relaxed) >= b + per_device as u64);
+            .map(|(c, b)| c.acks.load(Ordering::Relaxed) - b)
+            .sum();
+        let done = acked >= (conns.len() * per_device) as u64;
         async move { done.then_some(()) }
     })
     .await?;
@@ -240,15 +252,25 @@ async fn main() -> Result<()> {
         .unwrap_or(0);
     let started = Instant::now();
     let publish_s = publish_burst_ids(&conns[..m], &ids[..m], per, 0).await?;
-    let stored = wait_for("all telemetry stored", Duration::from_secs(600), || async {
+    let stored = wait_for("all telemetry stored", Duration::from_secs(120), || async {
         let (_, s) = server
             .call("GET", "/api/admin/stats", Some(&admin), None)
             .await
             .ok()?;
-        (s["telemetryRows"].as_i64()? - stats_before >= total).then_some(())
+        let stored = s["telemetryRows"].as_i64()? - stats_before;
+        eprintln!("stored {stored}/{total}");
+        (stored >= total).then_some(())
     })
     .await;
     let stored_s = started.elapsed().as_secs_f64();
+    if stored.is_err() {
+        let log = server.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        eprintln!(
+            "telemetry not all stored; server log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     report["flotilla"]["telemetry"] = json!({
         "devices": m, "messages": total,
         "published_and_acked_per_s": (total as f64 / publish_s).round(),

@@ -63,13 +63,28 @@ pub struct TlsFiles<'a> {
     pub key: &'a Path,
 }
 
-/// Binds the MQTT/TLS listener and starts the broker. Returns its control handle and the
-/// bound address (the configured port may be 0).
+/// Listener ids: devices connect to one, the server's own clients to the other.
+const DEVICE_LISTENER: u16 = 1;
+const INTERNAL_LISTENER: u16 = 2;
+
+/// Where the broker listens.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerAddrs {
+    /// Devices (`--mqtt-addr`).
+    pub devices: SocketAddr,
+    /// The server's service clients: loopback only, with a deep queue and a wide in-flight
+    /// window so ingest can batch hundreds of messages per commit and nothing acknowledged to
+    /// a device is dropped for want of queue space.
+    pub internal: SocketAddr,
+}
+
+/// Binds both MQTT/TLS listeners and starts the broker. Returns its control handle and the
+/// bound addresses (the configured port may be 0).
 pub async fn start(
     addr: SocketAddr,
     tls: TlsFiles<'_>,
     gate: Arc<DeviceGate>,
-) -> anyhow::Result<(Arc<Embedded>, SocketAddr)> {
+) -> anyhow::Result<(Arc<Embedded>, BrokerAddrs)> {
     let scx = ServerContext::new().build().await;
     *scx.extends.shared_subscription_mut().await = Box::new(RoundRobinShared::default());
     *scx.extends.retain_mut().await = Box::new(MemoryRetain::default());
@@ -86,32 +101,52 @@ pub async fn start(
     register.start().await;
 
     let path = |p: &Path| p.to_string_lossy().to_string();
-    let listener = Builder::new()
-        .name("mqtt/tls")
-        .laddr(addr)
-        .allow_anonymous(false)
-        .reuseaddr(Some(true))
+    let tls_listener = |name: &str, laddr: SocketAddr| {
+        Builder::new()
+            .name(name)
+            .laddr(laddr)
+            .allow_anonymous(false)
+            .reuseaddr(Some(true))
+            // Nagle plus delayed ACKs would add ~40 ms to every CONNECT/CONNACK exchange.
+            .nodelay(true)
+            .tls_cross_certificate(true)
+            .tls_client_ca_certs(Some(path(tls.ca)))
+            .tls_cert(Some(path(tls.cert)))
+            .tls_key(Some(path(tls.key)))
+            .collect_cert_info(true)
+    };
+    let devices = tls_listener("mqtt/devices", addr)
         .max_packet_size(MAX_PACKET)
         .max_handshaking_limit(4096)
-        .tls_cross_certificate(true)
-        .tls_client_ca_certs(Some(path(tls.ca)))
-        .tls_cert(Some(path(tls.cert)))
-        .tls_key(Some(path(tls.key)))
-        .collect_cert_info(true)
         .bind()
         .with_context(|| format!("binding MQTT listener on {addr}"))?;
-    let bound = listener.local_addr().context("MQTT listener address")?;
-    let listener = listener.tls().context("configuring MQTT TLS")?;
-    // An explicit listener id: the port may be ephemeral, and rmqtt keys listeners by id.
+    let internal = tls_listener("mqtt/internal", SocketAddr::from(([127, 0, 0, 1], 0)))
+        .max_packet_size(64 * 1024)
+        .max_inflight(std::num::NonZeroU16::new(4096).unwrap_or(std::num::NonZeroU16::MIN))
+        .max_mqueue_len(1_000_000)
+        .bind()
+        .context("binding internal MQTT listener")?;
+    let addrs = BrokerAddrs {
+        devices: devices.local_addr()?,
+        internal: internal.local_addr()?,
+    };
+    // Explicit listener ids: the ports may be ephemeral, and rmqtt keys listeners by id.
     let server = MqttServer::new(scx.clone())
-        .listener_by_id(listener, 1)
+        .listener_by_id(
+            devices.tls().context("configuring MQTT TLS")?,
+            DEVICE_LISTENER,
+        )
+        .listener_by_id(
+            internal.tls().context("configuring internal MQTT TLS")?,
+            INTERNAL_LISTENER,
+        )
         .build();
     tokio::spawn(async move {
         if let Err(e) = server.run().await {
             tracing::error!(error = %e, "MQTT broker stopped");
         }
     });
-    Ok((Arc::new(Embedded { scx }), bound))
+    Ok((Arc::new(Embedded { scx }), addrs))
 }
 
 struct Hooks {
