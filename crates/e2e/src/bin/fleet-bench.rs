@@ -71,6 +71,14 @@ fn rss_kib(pid: u32) -> Result<u64> {
 struct Conn {
     client: AsyncClient,
     acks: Arc<AtomicU64>,
+    /// The task polling the connection; aborting it closes the socket.
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
 }
 
 async fn connect_one(port: u16, id: &DeviceIdentity) -> Result<Conn> {
@@ -103,14 +111,14 @@ async fn connect_one(port: u16, id: &DeviceIdentity) -> Result<Conn> {
     }
     let acks = Arc::new(AtomicU64::new(0));
     let counter = acks.clone();
-    tokio::spawn(async move {
+    let pump = tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {
             if let Event::Incoming(Packet::PubAck(_)) = event {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         }
     });
-    Ok(Conn { client, acks })
+    Ok(Conn { client, acks, pump })
 }
 
 /// Connects every identity with `concurrency` handshakes in flight; returns the connections and
@@ -195,10 +203,11 @@ fn start_mosquitto(dir: &Path, server: &Server) -> Result<(Proc, u16)> {
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\nmax_connections -1\npersistence false\nlog_type error\n",
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\nmax_connections -1\npersistence false\nlog_type error\n# Read the 0600 server key as its owner instead of dropping to the mosquitto user.\nuser {}\n",
             data.join("ca.pem").display(),
             data.join("server.pem").display(),
-            data.join("server.key").display()
+            data.join("server.key").display(),
+            std::env::var("USER").unwrap_or_else(|_| "root".into()),
         ),
     )?;
     let child = Command::new("mosquitto")
@@ -278,6 +287,8 @@ async fn main() -> Result<()> {
     });
     eprintln!("flotilla telemetry: {}", report["flotilla"]["telemetry"]);
     drop(conns);
+    // Let the aborted tasks release their sockets: one process holds at most ~20,000.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // --- Mosquitto, same certificates, same load ---
     if args.mosquitto {
