@@ -1,0 +1,83 @@
+//! `flotilla-agent sim`: several virtual devices in one process, provisioned in bulk.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flotilla_e2e::{Proc, Server, bin, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_provisions_a_fleet_in_bulk_and_connects_it() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("fleet@example.com").await?;
+    let fleet_dir = server.dir.path().join("fleet");
+    let child = Command::new(bin("flotilla-agent"))
+        .arg("--data-dir")
+        .arg(&fleet_dir)
+        .arg("--server-ca")
+        .arg(server.data_dir().join("ca.pem"))
+        .args([
+            "--backend-url",
+            &server.backend_url(),
+            "--broker-url",
+            &server.broker_url(),
+            "--heartbeat-secs",
+            "1",
+            "--telemetry-secs",
+            "1",
+        ])
+        .args([
+            "sim",
+            "--count",
+            "5",
+            "--prefix",
+            "lab",
+            "--api-url",
+            &server.http,
+            "--email",
+            "fleet@example.com",
+            "--password",
+            "secret-pass",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let _sim = Proc(child);
+    let devices = wait_for(
+        "five simulated devices online",
+        Duration::from_secs(60),
+        || async {
+            let (_, list) = server
+                .call("GET", "/api/device", Some(&jwt), None)
+                .await
+                .ok()?;
+            let list = list.as_array()?.clone();
+            (list.len() == 5 && list.iter().all(|d| d["online"] == true)).then_some(list)
+        },
+    )
+    .await?;
+    let ids: Vec<&str> = devices
+        .iter()
+        .filter_map(|d| d["deviceId"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "lab-00000",
+            "lab-00001",
+            "lab-00002",
+            "lab-00003",
+            "lab-00004"
+        ]
+    );
+    // Each has its own key and certificate in its own flash directory.
+    for id in ids {
+        let dir = fleet_dir.join(id);
+        assert!(
+            dir.join("device.key").exists() && dir.join("device.pem").exists(),
+            "{id}"
+        );
+    }
+    Ok(())
+}
