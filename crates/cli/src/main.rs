@@ -4,6 +4,7 @@
 //! 2 bad usage, 3 not authenticated or not allowed, 4 not found.
 
 mod api;
+mod release;
 mod table;
 
 use std::process::ExitCode;
@@ -60,6 +61,11 @@ enum Cmd {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// Release signing, offline: the key never leaves this machine.
+    Release {
+        #[command(subcommand)]
+        action: ReleaseCmd,
+    },
     /// The audit log (admins).
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -81,6 +87,39 @@ enum DeviceCmd {
     /// Block or unblock (toggle) a device (admins).
     Block {
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Make a P-256 release signing key: OUT.key (0600) and OUT.pub.
+    Keygen {
+        #[arg(long, default_value = "release")]
+        out: std::path::PathBuf,
+    },
+    /// Print a firmware image's SHA-256.
+    Hash { firmware: std::path::PathBuf },
+    /// Sign a release: writes FIRMWARE.manifest.json.
+    Sign {
+        firmware: std::path::PathBuf,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        hardware: String,
+        #[arg(long, default_value = "release.key")]
+        key: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        security_counter: u32,
+        /// Unix seconds after which devices refuse the release.
+        #[arg(long)]
+        expires: Option<u64>,
+    },
+    /// Check an image and its manifest against a public key, as a device would.
+    Verify {
+        firmware: std::path::PathBuf,
+        manifest: std::path::PathBuf,
+        #[arg(long, default_value = "release.pub")]
+        public_key: std::path::PathBuf,
     },
 }
 
@@ -144,9 +183,12 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
         });
         return Ok(());
     }
+    if let Cmd::Release { action } = &cli.command {
+        return run_release(action, json_out);
+    }
     let api = Api::from_session(cli.url.as_deref())?;
     match cli.command {
-        Cmd::Login { .. } => Ok(()),
+        Cmd::Login { .. } | Cmd::Release { .. } => Ok(()),
         Cmd::Device { action } => match action {
             DeviceCmd::Register { id, name } => {
                 let name = name.unwrap_or_else(|| id.clone());
@@ -252,6 +294,68 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
             Ok(())
         }
     }
+}
+
+fn run_release(action: &ReleaseCmd, json_out: bool) -> Result<(), ApiFailure> {
+    match action {
+        ReleaseCmd::Keygen { out } => {
+            let (key, public) = release::keygen(out)?;
+            print_out(
+                json_out,
+                &json!({ "key": key, "publicKey": public }),
+                |_| {
+                    println!(
+                        "private key {} (keep it offline), public key {}",
+                        key.display(),
+                        public.display()
+                    )
+                },
+            );
+        }
+        ReleaseCmd::Hash { firmware } => {
+            let (sha256, size) = release::hash(firmware)?;
+            print_out(json_out, &json!({ "sha256": sha256, "size": size }), |_| {
+                println!("{sha256}")
+            });
+        }
+        ReleaseCmd::Sign {
+            firmware,
+            version,
+            hardware,
+            key,
+            security_counter,
+            expires,
+        } => {
+            let req = release::SignRequest {
+                firmware,
+                key,
+                version,
+                hardware,
+                security_counter: *security_counter,
+                expires_at: *expires,
+            };
+            let out = release::sign(&req)?;
+            print_out(json_out, &json!({ "manifest": out }), |_| {
+                println!("signed {}", out.display())
+            });
+        }
+        ReleaseCmd::Verify {
+            firmware,
+            manifest,
+            public_key,
+        } => {
+            let m = release::verify(firmware, manifest, public_key)?;
+            print_out(json_out, &json!(m), |_| {
+                println!(
+                    "ok: {} {} for {}",
+                    firmware.display(),
+                    m.version,
+                    m.hardware
+                )
+            });
+        }
+    }
+    Ok(())
 }
 
 fn print_out(json_out: bool, value: &Value, human: impl FnOnce(&Value)) {

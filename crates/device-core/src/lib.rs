@@ -24,6 +24,7 @@ extern crate alloc;
 mod backoff;
 mod commands;
 mod device;
+pub mod ota;
 mod provisioning;
 mod rng;
 

@@ -126,3 +126,113 @@ async fn cli_drives_the_api_with_tables_json_and_exit_codes() -> anyhow::Result<
     assert_eq!(blocked["blocked"], true);
     Ok(())
 }
+
+#[test]
+fn release_keys_sign_and_verify_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin("flotilla"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        run(&["release", "keygen", "--out", "release"])
+            .status
+            .success()
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("release.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // A second keygen never overwrites the key.
+    assert!(
+        !run(&["release", "keygen", "--out", "release"])
+            .status
+            .success()
+    );
+
+    let firmware = dir.path().join("fw.bin");
+    std::fs::write(&firmware, vec![0xA5u8; 150_000]).unwrap();
+    let hash = String::from_utf8(run(&["release", "hash", "fw.bin"]).stdout).unwrap();
+    assert_eq!(hash.trim().len(), 64);
+    let signed = run(&[
+        "release",
+        "sign",
+        "fw.bin",
+        "--version",
+        "1.3.0",
+        "--hardware",
+        "esp32c3",
+        "--security-counter",
+        "2",
+    ]);
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("fw.bin.manifest.json")).unwrap())
+            .unwrap();
+    let inner: Value = serde_json::from_str(manifest["manifest"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (
+            inner["version"].as_str(),
+            inner["sha256"].as_str(),
+            inner["size"].as_u64()
+        ),
+        (Some("1.3.0"), Some(hash.trim()), Some(150_000))
+    );
+    assert!(
+        run(&["release", "verify", "fw.bin", "fw.bin.manifest.json"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        run(&[
+            "release",
+            "sign",
+            "fw.bin",
+            "--version",
+            "1.3",
+            "--hardware",
+            "esp32c3"
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
+
+    // One flipped bit in the image, or a key that did not sign it: refused.
+    let mut bytes = std::fs::read(&firmware).unwrap();
+    bytes[777] ^= 1;
+    std::fs::write(&firmware, &bytes).unwrap();
+    assert!(
+        !run(&["release", "verify", "fw.bin", "fw.bin.manifest.json"])
+            .status
+            .success()
+    );
+    bytes[777] ^= 1;
+    std::fs::write(&firmware, &bytes).unwrap();
+    assert!(
+        run(&["release", "keygen", "--out", "other"])
+            .status
+            .success()
+    );
+    assert!(
+        !run(&[
+            "release",
+            "verify",
+            "fw.bin",
+            "fw.bin.manifest.json",
+            "--public-key",
+            "other.pub"
+        ])
+        .status
+        .success()
+    );
+}

@@ -22,11 +22,13 @@
 extern crate alloc;
 
 mod device_id;
+mod manifest;
 mod messages;
 mod topic;
 mod version;
 
 pub use device_id::{DeviceId, DeviceIdError};
+pub use manifest::{FirmwareManifest, SignedManifest};
 pub use messages::{
     Command, CommandReply, CommandStatus, DesiredConfig, Heartbeat, LedState, OtaPhase, OtaStatus,
     SensorKind, Status, Telemetry,

@@ -1,0 +1,138 @@
+//! Offline release tooling: the signing key is made and kept here, never sent to the server.
+
+use std::path::{Path, PathBuf};
+
+use flotilla_device_core::ota::{ImageCheck, Running, to_hex, verify_offer};
+use flotilla_proto::{FirmwareManifest, SignedManifest};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use p256::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
+};
+use sha2::{Digest, Sha256};
+
+use crate::api::ApiFailure;
+
+fn fail(what: &str, e: impl std::fmt::Display) -> ApiFailure {
+    ApiFailure::other(format!("{what}: {e}"))
+}
+
+/// Writes `<out>.key` (PKCS#8, mode 0600) and `<out>.pub` (SPKI); refuses to overwrite a key.
+pub fn keygen(out: &Path) -> Result<(PathBuf, PathBuf), ApiFailure> {
+    let key_path = out.with_extension("key");
+    let pub_path = out.with_extension("pub");
+    let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>().into())
+        .map_err(|e| fail("generating key", e))?;
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| fail("encoding key", e))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(&key_path)
+        .map_err(|e| fail(&format!("creating {}", key_path.display()), e))?;
+    std::io::Write::write_all(&mut f, pem.as_bytes()).map_err(|e| fail("writing key", e))?;
+    let public = key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| fail("encoding public key", e))?;
+    std::fs::write(&pub_path, public).map_err(|e| fail("writing public key", e))?;
+    Ok((key_path, pub_path))
+}
+
+/// SHA-256 of a file, lower-case hex (seed 001's generate_firmware_hash).
+pub fn hash(path: &Path) -> Result<(String, u64), ApiFailure> {
+    let bytes = std::fs::read(path).map_err(|e| fail(&format!("reading {}", path.display()), e))?;
+    Ok((to_hex(&Sha256::digest(&bytes)), bytes.len() as u64))
+}
+
+pub struct SignRequest<'a> {
+    pub firmware: &'a Path,
+    pub key: &'a Path,
+    pub version: &'a str,
+    pub hardware: &'a str,
+    pub security_counter: u32,
+    pub expires_at: Option<u64>,
+}
+
+/// Signs a release; writes `<firmware>.manifest.json` and returns its path.
+pub fn sign(req: &SignRequest<'_>) -> Result<PathBuf, ApiFailure> {
+    req.version
+        .parse::<flotilla_proto::FirmwareVersion>()
+        .map_err(|e| ApiFailure::usage(format!("--version: {e}")))?;
+    if req.hardware.is_empty() {
+        return Err(ApiFailure::usage("--hardware must not be empty"));
+    }
+    let pem = std::fs::read_to_string(req.key)
+        .map_err(|e| fail(&format!("reading {}", req.key.display()), e))?;
+    let key = SigningKey::from_pkcs8_pem(&pem)
+        .map_err(|e| fail("release key is not a P-256 PKCS#8 key", e))?;
+    let (sha256, size) = hash(req.firmware)?;
+    let issued_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = FirmwareManifest {
+        version: req.version.into(),
+        hardware: req.hardware.into(),
+        size,
+        sha256,
+        security_counter: req.security_counter,
+        issued_at,
+        expires_at: req.expires_at,
+    };
+    let text = serde_json::to_string(&manifest).map_err(|e| fail("encoding manifest", e))?;
+    let signature: Signature = key.sign(text.as_bytes());
+    let signed = SignedManifest {
+        manifest: text,
+        signature: to_hex(&signature.to_bytes()),
+    };
+    let out = PathBuf::from(format!("{}.manifest.json", req.firmware.display()));
+    std::fs::write(
+        &out,
+        serde_json::to_vec_pretty(&signed).map_err(|e| fail("encoding", e))?,
+    )
+    .map_err(|e| fail("writing manifest", e))?;
+    Ok(out)
+}
+
+/// Verifies an image and its manifest as a device would, against one public key.
+pub fn verify(
+    firmware: &Path,
+    manifest: &Path,
+    public_key: &Path,
+) -> Result<FirmwareManifest, ApiFailure> {
+    let key_pem = std::fs::read_to_string(public_key).map_err(|e| fail("reading public key", e))?;
+    let key = VerifyingKey::from_public_key_pem(&key_pem).map_err(|e| fail("public key", e))?;
+    let signed: SignedManifest =
+        serde_json::from_slice(&std::fs::read(manifest).map_err(|e| fail("reading manifest", e))?)
+            .map_err(|e| fail("manifest file", e))?;
+    // Structural checks only: version and counter policy belong to the device receiving it.
+    let text: FirmwareManifest =
+        serde_json::from_str(&signed.manifest).map_err(|e| fail("manifest", e))?;
+    let running = Running {
+        hardware: &text.hardware,
+        version: flotilla_proto::FirmwareVersion {
+            major: 0,
+            minor: 0,
+            patch: 0,
+        },
+        security_counter: 0,
+        now: None,
+    };
+    let m = verify_offer(&signed, &[key], &running, true)
+        .map_err(|e| ApiFailure::other(format!("manifest refused: {e:?}")))?;
+    let mut check = ImageCheck::new(&m).map_err(|e| ApiFailure::other(format!("{e:?}")))?;
+    let image = std::fs::read(firmware).map_err(|e| fail("reading firmware", e))?;
+    for chunk in image.chunks(64 * 1024) {
+        check
+            .update(chunk)
+            .map_err(|e| ApiFailure::other(format!("image refused: {e:?}")))?;
+    }
+    check
+        .finish()
+        .map_err(|e| ApiFailure::other(format!("image refused: {e:?}")))?;
+    Ok(m)
+}
