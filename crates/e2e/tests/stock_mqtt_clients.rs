@@ -57,6 +57,22 @@ async fn mosquitto_clients_publish_heartbeat_and_receive_led_command() -> anyhow
     })
     .await?;
     assert!(device["lastSeen"].is_number());
+    // mosquitto_pub disconnected cleanly, which sends no will: the broker's disconnect marks it offline.
+    let gone = wait_for(
+        "offline after a clean disconnect",
+        Duration::from_secs(10),
+        || async {
+            let d = server.device(&jwt, "ABC123").await.ok()?;
+            (d["online"] == false).then_some(d)
+        },
+    )
+    .await?;
+    assert!(
+        gone["disconnectReason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{gone}"
+    );
 
     // Seed 003 step 5: mosquitto_sub on the command topic, then POST the LED endpoint.
     // stdbuf: mosquitto_sub block-buffers a pipe, and we read its lines as they come.

@@ -50,7 +50,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         cert: &cert_path,
         key: &key_path,
     };
-    let (embedded, broker_addrs) = broker::start(config.mqtt_addr, tls, gate.clone()).await?;
+    let (disconnects, disconnected) = tokio::sync::mpsc::unbounded_channel();
+    let (embedded, broker_addrs) =
+        broker::start(config.mqtt_addr, tls, gate.clone(), disconnects).await?;
+    spawn_presence(store.clone(), embedded.clone(), disconnected);
     let mqtt = broker_addrs.devices;
 
     let dispatcher = Arc::new(Dispatcher::new(store.clone()));
@@ -114,6 +117,39 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
+}
+
+/// How long a closed connection waits before it counts: messages the device sent just before
+/// closing are still in the ingest pipeline, and a device that reconnects at once stays online.
+const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Marks a device offline when its connection closed and it did not come back.
+fn spawn_presence(
+    store: Store,
+    broker: Arc<broker::Embedded>,
+    mut disconnected: tokio::sync::mpsc::UnboundedReceiver<broker::Disconnected>,
+) {
+    use crate::broker::BrokerControl;
+    tokio::spawn(async move {
+        while let Some(d) = disconnected.recv().await {
+            let (store, broker) = (store.clone(), broker.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(DISCONNECT_GRACE).await;
+                if broker.is_connected(&d.device_id).await {
+                    return;
+                }
+                match store.mark_offline(&d.device_id, &d.reason).await {
+                    Ok(true) => {
+                        tracing::info!(device_id = %d.device_id, reason = %d.reason, "device offline: disconnected")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, device_id = %d.device_id, "recording disconnect failed")
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Loopback name for a wildcard bind, so the certificate's `localhost` matches.

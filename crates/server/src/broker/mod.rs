@@ -26,6 +26,7 @@ use rmqtt::types::{AuthResult, Id, PublishAclResult, SubscribeAclResult};
 
 use acl::Identity;
 use gate::DeviceGate;
+use tokio::sync::mpsc;
 
 /// Largest MQTT packet accepted from any client.
 const MAX_PACKET: u32 = 16 * 1024;
@@ -34,6 +35,8 @@ const MAX_PACKET: u32 = 16 * 1024;
 #[async_trait]
 pub trait BrokerControl: Send + Sync {
     async fn kick(&self, client_id: &str);
+    /// Whether a client with this id holds a live connection now.
+    async fn is_connected(&self, client_id: &str) -> bool;
 }
 
 /// Control over the embedded broker.
@@ -52,6 +55,12 @@ impl BrokerControl for Embedded {
             ));
             tracing::info!(client_id, "disconnected client");
         }
+    }
+
+    async fn is_connected(&self, client_id: &str) -> bool {
+        let id = Id::from(self.scx.node.id(), client_id.into());
+        let entry = self.scx.extends.shared().await.entry(id);
+        entry.is_connected().await
     }
 }
 
@@ -84,6 +93,7 @@ pub async fn start(
     addr: SocketAddr,
     tls: TlsFiles<'_>,
     gate: Arc<DeviceGate>,
+    disconnects: mpsc::UnboundedSender<Disconnected>,
 ) -> anyhow::Result<(Arc<Embedded>, BrokerAddrs)> {
     let scx = ServerContext::new().build().await;
     *scx.extends.shared_subscription_mut().await = Box::new(RoundRobinShared::default());
@@ -93,10 +103,13 @@ pub async fn start(
         Type::ClientAuthenticate,
         Type::ClientSubscribeCheckAcl,
         Type::MessagePublishCheckAcl,
+        Type::ClientDisconnected,
     ] {
-        register
-            .add(t, Box::new(Hooks { gate: gate.clone() }))
-            .await;
+        let hooks = Hooks {
+            gate: gate.clone(),
+            disconnects: disconnects.clone(),
+        };
+        register.add(t, Box::new(hooks)).await;
     }
     register.start().await;
 
@@ -149,8 +162,16 @@ pub async fn start(
     Ok((Arc::new(Embedded { scx }), addrs))
 }
 
+/// A device's connection closed. A clean DISCONNECT sends no will, so this is the only sign.
+#[derive(Debug)]
+pub struct Disconnected {
+    pub device_id: String,
+    pub reason: String,
+}
+
 struct Hooks {
     gate: Arc<DeviceGate>,
+    disconnects: mpsc::UnboundedSender<Disconnected>,
 }
 
 #[async_trait]
@@ -202,6 +223,17 @@ impl Handler for Hooks {
                     PublishAclResult::rejected(false, None)
                 };
                 (false, Some(HookResult::PublishAclResult(result)))
+            }
+            Parameter::ClientDisconnected(session, reason) => {
+                if let Identity::Device(id) = Identity::from_client_id(&session.id.client_id) {
+                    let reason = reason.to_string();
+                    let reason = truncate(&reason, 120).to_string();
+                    let _ = self.disconnects.send(Disconnected {
+                        device_id: id.to_string(),
+                        reason,
+                    });
+                }
+                (true, acc)
             }
             _ => (true, acc),
         }
