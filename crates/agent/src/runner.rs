@@ -265,6 +265,9 @@ impl Runner {
                 Action::ConnectWifi { ssid, .. } => {
                     let network = self.env.networks.iter().find(|n| n.ssid == ssid);
                     self.rssi = network.map(|n| n.rssi);
+                    // The first heartbeat goes out on connect, before any timer: give it real values.
+                    self.device
+                        .handle_platform_stats(simulated_heap(), self.rssi);
                     let known = network.is_some();
                     if !known {
                         tracing::warn!(device = %self.label, %ssid, "Wi-Fi network not found");

@@ -370,7 +370,7 @@ impl Device {
             ));
         }
         self.publish_status(true);
-        self.publish_heartbeat();
+        self.publish_heartbeat(now);
         self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
         self.timers.telemetry = Some(now + self.config.telemetry_ms);
         self.timers.stable = Some(now + self.backoff.stable_ms());
@@ -453,7 +453,7 @@ impl Device {
             self.persist(Persist::UnstableBoots(0));
         }
         if take_due(&mut self.timers.heartbeat, now) {
-            self.publish_heartbeat();
+            self.publish_heartbeat(now);
             self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
         }
         if take_due(&mut self.timers.telemetry, now) {
@@ -581,10 +581,10 @@ impl Device {
         self.publish(Channel::Status, encode(&status), true);
     }
 
-    fn publish_heartbeat(&mut self) {
+    fn publish_heartbeat(&mut self, now: Millis) {
         let hb = Heartbeat {
             heap: self.heap,
-            uptime: None,
+            uptime: Some(now.saturating_sub(self.booted_at) / 1000),
             fw: self.config.firmware_version.clone(),
             rssi: self.rssi,
             crashes: Some(self.unstable_boots),

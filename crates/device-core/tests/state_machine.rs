@@ -240,6 +240,9 @@ fn heartbeats_follow_the_interval_and_carry_version_and_crashes() {
         (hb.heap, hb.fw.as_str(), hb.rssi, hb.crashes),
         (18000, "1.2.3", Some(-40), Some(0))
     );
+    // Uptime counts from boot in seconds: the fifth beat, at 5 s, says 5.
+    let last: flotilla_proto::Heartbeat = decode(&beats[4]).unwrap();
+    assert_eq!(last.uptime, Some(5));
 }
 
 #[test]

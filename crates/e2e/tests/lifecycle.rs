@@ -62,6 +62,10 @@ async fn device_lifecycle_end_to_end() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(online["provisioned"], true);
+    assert!(
+        online["uptime"].is_number() && online["heap"].is_number() && online["rssi"].is_number(),
+        "{online}"
+    );
     assert_eq!(agent.status().await?["status"], "connected");
     let (_, list) = server.call("GET", "/api/device", Some(&jwt), None).await?;
     assert_eq!(list.as_array().map(Vec::len), Some(1));

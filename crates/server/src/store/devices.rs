@@ -20,6 +20,8 @@ pub struct DeviceRow {
     pub brightness: Option<i64>,
     pub heap: Option<i64>,
     pub rssi: Option<i64>,
+    /// Seconds since the device booted, as of its last heartbeat.
+    pub uptime: Option<i64>,
     pub crashes: Option<i64>,
     pub provisioned: bool,
     pub created_at: i64,
@@ -40,6 +42,7 @@ fn device_from(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<DeviceRow> {
         brightness: row.try_get("led_brightness")?,
         heap: row.try_get("heap")?,
         rssi: row.try_get("rssi")?,
+        uptime: row.try_get("uptime")?,
         crashes: row.try_get("crashes")?,
         provisioned: cert_serial.is_some(),
         created_at: row.try_get("created_at")?,
@@ -233,12 +236,13 @@ pub(crate) async fn apply_update(
         DeviceUpdate::Heartbeat(hb) => {
             sqlx::query(
                 "UPDATE devices SET online = 1, last_seen = ?, disconnect_reason = NULL, fw_version = ?, heap = ?, \
-                 rssi = COALESCE(?, rssi), crashes = COALESCE(?, crashes) WHERE device_id = ?",
+                 rssi = COALESCE(?, rssi), uptime = ?, crashes = COALESCE(?, crashes) WHERE device_id = ?",
             )
             .bind(now)
             .bind(&hb.fw)
             .bind(i64::from(hb.heap))
             .bind(hb.rssi.map(i64::from))
+            .bind(hb.uptime.map(|u| u.min(i64::MAX as u64) as i64))
             .bind(hb.crashes.map(i64::from))
             .bind(device_id)
             .execute(&mut **tx)

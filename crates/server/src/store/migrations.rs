@@ -2,9 +2,10 @@
 
 use sqlx::SqlitePool;
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE users (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     username TEXT NOT NULL,
@@ -77,7 +78,9 @@ CREATE TABLE audit (
     detail TEXT
 );
 "#,
-)];
+    ),
+    (2, "ALTER TABLE devices ADD COLUMN uptime INTEGER;"),
+];
 
 pub async fn run(pool: &SqlitePool) -> sqlx::Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
