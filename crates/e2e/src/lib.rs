@@ -61,7 +61,17 @@ where
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
+    /// Asks politely first (SIGTERM), so a server can stop what it started (the demo fleet),
+    /// then kills whatever is still running after 3 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

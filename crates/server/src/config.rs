@@ -51,6 +51,10 @@ pub struct ServerConfig {
     /// Maximum telemetry rows per database transaction (group commit).
     #[arg(long, env = "FLOTILLA_INGEST_BATCH", default_value_t = 512)]
     pub ingest_batch: usize,
+    /// Also run a demo fleet of N virtual devices (`flotilla-agent sim`, found next to this
+    /// binary) owned by a demo account whose credentials go to `DATA_DIR/demo-credentials.json`.
+    #[arg(long, env = "FLOTILLA_DEMO", default_value_t = 0)]
+    pub demo: usize,
 }
 
 impl ServerConfig {

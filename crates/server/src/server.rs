@@ -112,6 +112,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         serde_json::to_vec_pretty(&endpoints)?,
     )?;
     tracing::info!(%http, %device, %mqtt, data_dir = %data.display(), "flotilla-server ready");
+    // Held until the server stops; dropping it stops the fleet.
+    let _demo = match config.demo {
+        0 => None,
+        n => Some(crate::demo::start(&state.store, &data, &endpoints, n).await?),
+    };
 
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
