@@ -27,6 +27,7 @@ mod device;
 pub mod ota;
 mod provisioning;
 mod rng;
+pub mod slots;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use commands::{CommandQueue, Refusal};

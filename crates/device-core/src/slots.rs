@@ -1,0 +1,230 @@
+//! A/B firmware slots with ESP-IDF's otadata semantics, over any NOR-like flash.
+//!
+//! Layout: two image slots (`ota_0`, `ota_1`) and an otadata area of two erase blocks, each
+//! holding one select entry `{seq, state, crc}`. The entry with the highest valid sequence
+//! number wins and selects slot `(seq - 1) % 2`. Every change (switch slot, or change state)
+//! erases the block *not* holding the winning entry and writes a strictly higher sequence
+//! number there (+2 keeps the slot, an odd step switches it), so a power cut at any point leaves
+//! the old entry or the new one valid — never neither. Image states follow ESP-IDF: NEW ->
+//! PENDING_VERIFY -> VALID; a rolled-back image is superseded by a newer entry selecting the
+//! previous slot.
+//!
+//! Not here: what the image contains or how it was verified (see [`crate::ota`]).
+
+/// NOR flash as the chip has it: erase sets a block to 0xFF; a write may only clear bits of
+/// erased bytes, at aligned offsets.
+pub trait Flash {
+    const ERASE_BLOCK: usize;
+    const WRITE_ALIGN: usize;
+    fn read(&self, offset: usize, buf: &mut [u8]);
+    fn erase(&mut self, offset: usize) -> Result<(), FlashError>;
+    fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashError {
+    /// Offset or length not aligned, or outside the device.
+    Misaligned,
+    /// A write to bytes that were not erased.
+    NotErased,
+    /// The power went out (simulations only).
+    PowerLost,
+}
+
+/// ESP-IDF's `esp_ota_img_states_t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageState {
+    New,
+    PendingVerify,
+    Valid,
+    Invalid,
+    Aborted,
+    Undefined,
+}
+
+impl ImageState {
+    fn code(self) -> u32 {
+        match self {
+            ImageState::New => 0,
+            ImageState::PendingVerify => 1,
+            ImageState::Valid => 2,
+            ImageState::Invalid => 3,
+            ImageState::Aborted => 4,
+            ImageState::Undefined => u32::MAX,
+        }
+    }
+
+    fn from_code(c: u32) -> ImageState {
+        match c {
+            0 => ImageState::New,
+            1 => ImageState::PendingVerify,
+            2 => ImageState::Valid,
+            3 => ImageState::Invalid,
+            4 => ImageState::Aborted,
+            _ => ImageState::Undefined,
+        }
+    }
+}
+
+/// Where things live on the flash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Start of the two otadata blocks (each `ERASE_BLOCK` long).
+    pub otadata: usize,
+    /// Start of each image slot.
+    pub slots: [usize; 2],
+    /// Length of each image slot, a multiple of `ERASE_BLOCK`.
+    pub slot_len: usize,
+}
+
+/// The selected slot and its state, as read from otadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    pub slot: usize,
+    pub seq: u32,
+    pub state: ImageState,
+}
+
+const ENTRY_LEN: usize = 12;
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn encode_entry(seq: u32, state: ImageState) -> [u8; ENTRY_LEN] {
+    let mut e = [0u8; ENTRY_LEN];
+    e[0..4].copy_from_slice(&seq.to_le_bytes());
+    e[4..8].copy_from_slice(&state.code().to_le_bytes());
+    let crc = crc32(&e[0..8]);
+    e[8..12].copy_from_slice(&crc.to_le_bytes());
+    e
+}
+
+fn decode_entry(e: &[u8; ENTRY_LEN]) -> Option<(u32, ImageState)> {
+    let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
+    let (seq, state, crc) = (word(0), word(4), word(8));
+    (seq != 0 && seq != u32::MAX && crc32(&e[0..8]) == crc)
+        .then(|| (seq, ImageState::from_code(state)))
+}
+
+impl Layout {
+    fn block(&self, i: usize, block: usize) -> usize {
+        self.otadata + i * block
+    }
+
+    /// Both otadata entries that are valid: `(block index, seq, state)`.
+    fn entries<F: Flash>(&self, flash: &F) -> [Option<(usize, u32, ImageState)>; 2] {
+        let read = |i: usize| {
+            let mut e = [0u8; ENTRY_LEN];
+            flash.read(self.block(i, F::ERASE_BLOCK), &mut e);
+            decode_entry(&e).map(|(seq, st)| (i, seq, st))
+        };
+        [read(0), read(1)]
+    }
+
+    /// The entry the bootloader would follow; `None` on a factory-fresh chip (boot slot 0).
+    pub fn selection<F: Flash>(&self, flash: &F) -> Option<Selection> {
+        let [a, b] = self.entries(flash);
+        let best = match (a, b) {
+            (Some(x), Some(y)) => Some(if y.1 > x.1 { y } else { x }),
+            (x, y) => x.or(y),
+        }?;
+        Some(Selection {
+            slot: ((best.1 - 1) % 2) as usize,
+            seq: best.1,
+            state: best.2,
+        })
+    }
+
+    /// Writes a new selection into the block that does not hold the current one.
+    fn select<F: Flash>(
+        &self,
+        flash: &mut F,
+        seq: u32,
+        state: ImageState,
+    ) -> Result<(), FlashError> {
+        let [a, b] = self.entries(flash);
+        let current_block = match (a, b) {
+            (Some(x), Some(y)) => Some(if y.1 > x.1 { 1 } else { 0 }),
+            (Some(_), None) => Some(0),
+            (None, Some(_)) => Some(1),
+            (None, None) => None,
+        };
+        let target = match current_block {
+            Some(i) => 1 - i,
+            None => 0,
+        };
+        let offset = self.block(target, F::ERASE_BLOCK);
+        flash.erase(offset)?;
+        let mut padded = [0xFFu8; 16];
+        padded[..ENTRY_LEN].copy_from_slice(&encode_entry(seq, state));
+        let len = ENTRY_LEN.div_ceil(F::WRITE_ALIGN) * F::WRITE_ALIGN;
+        flash.write(offset, &padded[..len.min(padded.len())])
+    }
+
+    /// The slot a new image goes to: the one not running.
+    pub fn inactive_slot<F: Flash>(&self, flash: &F) -> usize {
+        self.selection(flash).map_or(1, |s| 1 - s.slot)
+    }
+
+    /// Erases the inactive slot, block by block, before an image is written there.
+    pub fn erase_slot<F: Flash>(&self, flash: &mut F, slot: usize) -> Result<(), FlashError> {
+        (0..self.slot_len / F::ERASE_BLOCK)
+            .try_for_each(|i| flash.erase(self.slots[slot] + i * F::ERASE_BLOCK))
+    }
+
+    /// Marks `slot` to boot next as NEW (after its image has been written and verified).
+    pub fn activate<F: Flash>(&self, flash: &mut F, slot: usize) -> Result<(), FlashError> {
+        let seq = self.selection(flash).map_or(0, |s| s.seq);
+        // The next sequence number that selects `slot`.
+        let mut next = seq + 1;
+        if ((next - 1) % 2) as usize != slot {
+            next += 1;
+        }
+        self.select(flash, next, ImageState::New)
+    }
+
+    /// What the bootloader does at power-on: a NEW image becomes PENDING_VERIFY and boots.
+    /// Returns the slot to boot.
+    pub fn boot<F: Flash>(&self, flash: &mut F) -> Result<usize, FlashError> {
+        match self.selection(flash) {
+            None => Ok(0),
+            Some(s) if s.state == ImageState::New => {
+                self.select(flash, s.seq + 2, ImageState::PendingVerify)?;
+                Ok(s.slot)
+            }
+            Some(s) => Ok(s.slot),
+        }
+    }
+
+    /// The running image passed its health check: keep it.
+    pub fn confirm<F: Flash>(&self, flash: &mut F) -> Result<(), FlashError> {
+        match self.selection(flash) {
+            Some(s) if s.state == ImageState::PendingVerify => {
+                self.select(flash, s.seq + 2, ImageState::Valid)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The running image failed (crashed too often, never connected): go back to the other
+    /// slot. The caller reboots afterwards and reports ROLLED_BACK.
+    pub fn roll_back<F: Flash>(&self, flash: &mut F) -> Result<(), FlashError> {
+        let Some(s) = self.selection(flash) else {
+            return Ok(());
+        };
+        // A higher sequence number selecting the other slot, already VALID: it ran before.
+        self.select(flash, s.seq + 1, ImageState::Valid)
+    }
+}
