@@ -157,7 +157,17 @@ impl Server {
             .append(true)
             .open(&log_path)?;
         let start_len = log.metadata()?.len() as usize;
-        let child = Command::new(bin("flotilla-server"))
+        // FLOTILLA_SERVER_WRAPPER runs the server under a tool, e.g. "valgrind --tool=massif".
+        let mut command = match std::env::var("FLOTILLA_SERVER_WRAPPER") {
+            Ok(wrapper) if !wrapper.trim().is_empty() => {
+                let mut words = wrapper.split_whitespace();
+                let mut c = Command::new(words.next().unwrap_or_default());
+                c.args(words).arg(bin("flotilla-server"));
+                c
+            }
+            _ => Command::new(bin("flotilla-server")),
+        };
+        let child = command
             .arg("--data-dir")
             .arg(&data)
             .args([
