@@ -53,11 +53,35 @@ async fn mosquitto_clients_publish_heartbeat_and_receive_led_command() -> anyhow
     assert!(status.success(), "mosquitto_pub failed");
     let device = wait_for("heartbeat in the API", Duration::from_secs(10), || async {
         let d = server.device(&jwt, "ABC123").await.ok()?;
-        (d["heap"] == 18000 && d["firmwareVersion"] == "1.0.0" && d["online"] == true).then_some(d)
+        (d["heap"] == 18000 && d["firmwareVersion"] == "1.0.0").then_some(d)
     })
     .await?;
     assert!(device["lastSeen"].is_number());
-    // mosquitto_pub disconnected cleanly, which sends no will: the broker's disconnect marks it offline.
+    // A connection held open (-l: one message per stdin line) shows the device online; closing it
+    // is a clean DISCONNECT, which sends no will: the broker's disconnect marks it offline.
+    let mut session = Command::new("mosquitto_pub");
+    tls(&mut session);
+    let mut held = session
+        .args(["-t", "devices/ABC123/health", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    let mut stdin = held
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+    std::io::Write::write_all(&mut stdin, b"{\"heap\":19000,\"fw\":\"1.0.1\"}\n")?;
+    std::io::Write::flush(&mut stdin)?;
+    wait_for(
+        "online while connected",
+        Duration::from_secs(10),
+        || async {
+            let d = server.device(&jwt, "ABC123").await.ok()?;
+            (d["heap"] == 19000 && d["online"] == true).then_some(())
+        },
+    )
+    .await?;
+    drop(stdin);
+    assert!(held.wait()?.success());
     let gone = wait_for(
         "offline after a clean disconnect",
         Duration::from_secs(10),
