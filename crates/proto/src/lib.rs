@@ -28,7 +28,7 @@ mod topic;
 mod version;
 
 pub use device_id::{DeviceId, DeviceIdError};
-pub use manifest::{FirmwareManifest, SignedManifest};
+pub use manifest::{FirmwareManifest, OtaOffer, SignedManifest};
 pub use messages::{
     Command, CommandReply, CommandStatus, DesiredConfig, Heartbeat, LedState, OtaPhase, OtaStatus,
     SensorKind, Status, Telemetry,

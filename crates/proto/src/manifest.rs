@@ -33,3 +33,17 @@ pub struct SignedManifest {
     /// The signature over `manifest`'s bytes (SHA-256, ECDSA P-256), as 64 bytes `r || s` in hex.
     pub signature: String,
 }
+
+/// `devices/{id}/ota`: an offer to update. The device checks `manifest` itself before it
+/// downloads a byte; the server cannot forge it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaOffer {
+    /// Identifies this offer in `ota/status` reports and the server's history.
+    pub id: String,
+    pub manifest: SignedManifest,
+    /// HTTPS URL of the image on the device listener (client certificate required, Range supported).
+    pub url: String,
+    /// Allows an older version (never a lower security counter).
+    #[serde(default)]
+    pub force: bool,
+}

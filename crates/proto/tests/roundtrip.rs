@@ -82,6 +82,15 @@ proptest! {
     }
 
     #[test]
+    fn firmware_manifests_and_offers(version in text(), hardware in text(), size in any::<u64>(), counter in any::<u32>(),
+                                     issued in any::<u64>(), expires in opt(any::<u64>()), sig in "[0-9a-f]{128}", url in text(), force in any::<bool>()) {
+        let m = FirmwareManifest { version, hardware, size, sha256: "ab".repeat(32), security_counter: counter, issued_at: issued, expires_at: expires };
+        round_trip(&m);
+        let signed = SignedManifest { manifest: serde_json::to_string(&m).unwrap(), signature: sig };
+        round_trip(&OtaOffer { id: "ota-1".into(), manifest: signed, url, force });
+    }
+
+    #[test]
     fn versions(major in any::<u32>(), minor in any::<u32>(), patch in any::<u32>()) {
         let v = FirmwareVersion { major, minor, patch };
         prop_assert_eq!(v.to_string().parse::<FirmwareVersion>(), Ok(v));
@@ -96,6 +105,8 @@ proptest! {
         let _ = decode::<CommandReply>(&bytes);
         let _ = decode::<OtaStatus>(&bytes);
         let _ = decode::<DesiredConfig>(&bytes);
+        let _ = decode::<OtaOffer>(&bytes);
+        let _ = decode::<FirmwareManifest>(&bytes);
     }
 }
 
