@@ -40,7 +40,7 @@ pub async fn submit(
     let status = response.status();
     if status.is_client_error() {
         let body = response.text().await.unwrap_or_default();
-        tracing::warn!(device_id, %status, body = %body.chars().take(200).collect::<String>(), "CSR refused");
+        tracing::warn!(device_id, %status, body = %flotilla_proto::truncate_chars(&body, 200), "CSR refused");
         return Err(CsrFailure::Refused);
     }
     if !status.is_success() {

@@ -383,6 +383,8 @@ impl Runner {
                     flotilla_proto::encode(&status),
                 )
                 .await;
+            // Best effort: give the connection task a moment to write the goodbye before the
+            // process exits; a lost goodbye only delays offline until the will or the timeout.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = client.disconnect().await;

@@ -4,6 +4,7 @@ use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use flotilla_proto::truncate_chars as truncate;
 
 use flotilla_proto::{
     Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceId, Heartbeat, LedState,
@@ -785,13 +786,6 @@ fn sensor_index(s: SensorKind) -> usize {
         SensorKind::Pot => 0,
         SensorKind::Switch => 1,
         SensorKind::Temp => 2,
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

@@ -61,19 +61,8 @@ where
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
-    /// Asks politely first (SIGTERM), so a server can stop what it started (the demo fleet),
-    /// then kills whatever is still running after 3 s.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.terminate();
     }
 }
 
@@ -83,12 +72,18 @@ impl Proc {
         let _ = self.0.wait();
     }
 
+    /// Asks politely first (SIGTERM), so a server can stop what it started (the demo fleet),
+    /// then kills whatever is still running after 3 s.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.0.id().to_string())
             .status();
-        let _ = self.0.wait();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && self.is_running() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_hard();
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -218,6 +213,23 @@ impl Server {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// A `flotilla-agent` command whose flash is `data_dir` and whose baked-in CA, backend and
+    /// broker are this server's.
+    pub fn agent_command(&self, data_dir: &Path) -> Command {
+        let mut c = Command::new(bin("flotilla-agent"));
+        c.arg("--data-dir")
+            .arg(data_dir)
+            .arg("--server-ca")
+            .arg(self.data_dir().join("ca.pem"))
+            .args([
+                "--backend-url",
+                &self.backend_url(),
+                "--broker-url",
+                &self.broker_url(),
+            ]);
+        c
+    }
+
     pub fn backend_url(&self) -> String {
         format!("https://localhost:{}", self.device_port)
     }
@@ -250,6 +262,17 @@ impl Server {
         let status = resp.status().as_u16();
         let text = resp.text().await?;
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// Just the status code of a request.
+    pub async fn status(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<u16> {
+        Ok(self.call(method, path, token, body).await?.0)
     }
 
     /// Registers a user and returns a login token.
@@ -401,19 +424,9 @@ impl Agent {
             .create(true)
             .append(true)
             .open(data_dir.join("agent.log"))?;
-        let child = Command::new(bin("flotilla-agent"))
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--server-ca")
-            .arg(server.data_dir().join("ca.pem"))
-            .args([
-                "--backend-url",
-                &server.backend_url(),
-                "--broker-url",
-                &server.broker_url(),
-                "--provision-addr",
-                "127.0.0.1:0",
-            ])
+        let child = server
+            .agent_command(data_dir)
+            .args(["--provision-addr", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)

@@ -77,6 +77,21 @@ pub async fn connect(
     }
 }
 
+/// Connects as a device with its own identity (client id = its CN); an error if refused.
+pub async fn connect_device(port: u16, id: &crate::DeviceIdentity) -> Result<Session> {
+    match connect(
+        port,
+        &id.ca_pem,
+        Some((&id.cert_pem, &id.key_pem)),
+        &id.device_id,
+    )
+    .await
+    {
+        Outcome::Connected(s) => Ok(s),
+        Outcome::Refused(why) => bail!("{} refused: {why}", id.device_id),
+    }
+}
+
 impl Session {
     /// Waits for the next packet matching `pick`, skipping others.
     async fn next<T>(

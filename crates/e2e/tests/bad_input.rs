@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use flotilla_e2e::mqtt::{Outcome, connect};
+use flotilla_e2e::mqtt::connect_device;
 use flotilla_e2e::{Server, wait_for};
 use serde_json::{Value, json};
 
@@ -14,16 +14,7 @@ async fn malformed_device_messages_are_dropped_and_logged() -> anyhow::Result<()
     let server = Server::start(&[]).await?;
     let jwt = server.user("bad@example.com").await?;
     let id = server.enroll(&jwt, "bad-1").await?;
-    let Outcome::Connected(mut s) = connect(
-        server.mqtt_port,
-        &id.ca_pem,
-        Some((&id.cert_pem, &id.key_pem)),
-        "bad-1",
-    )
-    .await
-    else {
-        panic!("connect");
-    };
+    let mut s = connect_device(server.mqtt_port, &id).await?;
     let garbage: Vec<Vec<u8>> = vec![
         b"".to_vec(),
         b"not json".to_vec(),
@@ -50,16 +41,7 @@ async fn malformed_device_messages_are_dropped_and_logged() -> anyhow::Result<()
     let _ = s
         .publish("devices/bad-1/telemetry", vec![b'a'; 64 * 1024])
         .await;
-    let Outcome::Connected(mut s) = connect(
-        server.mqtt_port,
-        &id.ca_pem,
-        Some((&id.cert_pem, &id.key_pem)),
-        "bad-1",
-    )
-    .await
-    else {
-        panic!("reconnect after bad input");
-    };
+    let mut s = connect_device(server.mqtt_port, &id).await?;
     s.publish(
         "devices/bad-1/telemetry",
         br#"{"seq":7,"temp":20.5}"#.to_vec(),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotilla_e2e::mqtt::{Outcome, connect};
+use flotilla_e2e::mqtt::connect_device;
 use flotilla_e2e::{Server, wait_for};
 use serde_json::{Value, json};
 
@@ -50,16 +50,7 @@ async fn command_for_an_offline_device_waits_and_is_delivered_when_it_returns() 
             .unwrap()["state"],
         "queued"
     );
-    let Outcome::Connected(mut dev) = connect(
-        server.mqtt_port,
-        &id.ca_pem,
-        Some((&id.cert_pem, &id.key_pem)),
-        "late-dev",
-    )
-    .await
-    else {
-        panic!("connect");
-    };
+    let mut dev = connect_device(server.mqtt_port, &id).await?;
     assert!(matches!(
         dev.subscribe("devices/late-dev/command").await?,
         rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
@@ -105,16 +96,7 @@ async fn command_for_an_offline_device_waits_and_is_delivered_when_it_returns() 
     )
     .await?;
     let other = server.enroll(&jwt, "other-dev").await?;
-    let Outcome::Connected(mut o) = connect(
-        server.mqtt_port,
-        &other.ca_pem,
-        Some((&other.cert_pem, &other.key_pem)),
-        "other-dev",
-    )
-    .await
-    else {
-        panic!("connect other");
-    };
+    let mut o = connect_device(server.mqtt_port, &other).await?;
     o.publish(
         "devices/other-dev/reply",
         serde_json::to_vec(&json!({"id": cmd_id, "status": "failed"}))?,
@@ -176,16 +158,7 @@ async fn a_silent_device_goes_offline_after_the_heartbeat_timeout() -> anyhow::R
     let server = Server::start(&["--heartbeat-timeout", "2"]).await?;
     let jwt = server.user("quiet@example.com").await?;
     let id = server.enroll(&jwt, "quiet-1").await?;
-    let Outcome::Connected(mut dev) = connect(
-        server.mqtt_port,
-        &id.ca_pem,
-        Some((&id.cert_pem, &id.key_pem)),
-        "quiet-1",
-    )
-    .await
-    else {
-        panic!("connect");
-    };
+    let mut dev = connect_device(server.mqtt_port, &id).await?;
     dev.publish(
         "devices/quiet-1/health",
         br#"{"heap":1000,"fw":"1.0.0"}"#.to_vec(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use flotilla_e2e::mqtt::{Outcome, connect};
+use flotilla_e2e::mqtt::{Outcome, connect, connect_device};
 use flotilla_e2e::{Server, wait_for};
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
 use serde_json::json;
@@ -120,11 +120,7 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
     let b = server.enroll(&jwt, "dev-b").await?;
     let port = server.mqtt_port;
 
-    let Outcome::Connected(mut sa) =
-        connect(port, &a.ca_pem, Some((&a.cert_pem, &a.key_pem)), "dev-a").await
-    else {
-        panic!("dev-a must connect");
-    };
+    let mut sa = connect_device(port, &a).await?;
     // Publishing: own upward channels only.
     assert_eq!(
         sa.publish("devices/dev-a/health", r#"{"heap":1,"fw":"1.0.0"}"#)
@@ -197,11 +193,7 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
     ));
 
     // A blocked device is kicked within 5 s and refused afterwards; unblocked, it returns.
-    let Outcome::Connected(mut sb) =
-        connect(port, &b.ca_pem, Some((&b.cert_pem, &b.key_pem)), "dev-b").await
-    else {
-        panic!("dev-b must connect");
-    };
+    let mut sb = connect_device(port, &b).await?;
     let admin = server.admin("broker-admin@example.com").await?;
     let (s, r) = server
         .call("POST", "/api/admin/device/dev-b/block", Some(&admin), None)
@@ -247,14 +239,13 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
     let bob = server.user("bob@example.com").await?;
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/device/register",
                 Some(&alice),
                 Some(json!({"deviceId":"alice-1","name":"A"}))
             )
-            .await?
-            .0,
+            .await?,
         201
     );
 
@@ -287,76 +278,69 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
     ] {
         assert_eq!(
             server
-                .call("GET", "/api/device", Some(token), None)
-                .await?
-                .0,
+                .status("GET", "/api/device", Some(token), None)
+                .await?,
             401,
             "{what}"
         );
     }
-    assert_eq!(server.call("GET", "/api/device", None, None).await?.0, 401);
+    assert_eq!(server.status("GET", "/api/device", None, None).await?, 401);
 
     // User B can neither see nor control user A's device, and cannot claim its id.
     assert_eq!(
         server
-            .call("GET", "/api/device/alice-1", Some(&bob), None)
-            .await?
-            .0,
+            .status("GET", "/api/device/alice-1", Some(&bob), None)
+            .await?,
         404
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/device/alice-1/led",
                 Some(&bob),
                 Some(json!({"state":"ON"}))
             )
-            .await?
-            .0,
+            .await?,
         404
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/device/alice-1/commands",
                 Some(&bob),
                 Some(json!({"name":"reboot"}))
             )
-            .await?
-            .0,
+            .await?,
         404
     );
     assert_eq!(
         server
-            .call("GET", "/api/device/alice-1/telemetry", Some(&bob), None)
-            .await?
-            .0,
+            .status("GET", "/api/device/alice-1/telemetry", Some(&bob), None)
+            .await?,
         404
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/device/register",
                 Some(&bob),
                 Some(json!({"deviceId":"alice-1","name":"mine"}))
             )
-            .await?
-            .0,
+            .await?,
         409
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/provisioning/tokens",
                 Some(&bob),
                 Some(json!({"deviceId":"alice-1"}))
             )
-            .await?
-            .0,
+            .await?,
         409
     );
     let (_, bobs) = server.call("GET", "/api/device", Some(&bob), None).await?;
@@ -365,16 +349,15 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
     // Non-admins cannot use admin endpoints.
     for path in ["/api/admin/users", "/api/admin/devices", "/api/admin/audit"] {
         assert_eq!(
-            server.call("GET", path, Some(&alice), None).await?.0,
+            server.status("GET", path, Some(&alice), None).await?,
             403,
             "{path}"
         );
     }
     assert_eq!(
         server
-            .call("POST", "/api/admin/device/alice-1/block", Some(&bob), None)
-            .await?
-            .0,
+            .status("POST", "/api/admin/device/alice-1/block", Some(&bob), None)
+            .await?,
         403
     );
 
@@ -401,45 +384,41 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
     assert_eq!(s, 200);
     assert_eq!(
         server
-            .call("GET", "/api/device/alice-1", Some(&alice), None)
-            .await?
-            .0,
+            .status("GET", "/api/device/alice-1", Some(&alice), None)
+            .await?,
         200
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/device/alice-1/commands",
                 Some(&alice),
                 Some(json!({"name":"ping"}))
             )
-            .await?
-            .0,
+            .await?,
         403
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/device/alice-1/led",
                 Some(&alice),
                 Some(json!({"state":"ON"}))
             )
-            .await?
-            .0,
+            .await?,
         403
     );
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/provisioning/tokens",
                 Some(&alice),
                 Some(json!({}))
             )
-            .await?
-            .0,
+            .await?,
         403
     );
 
@@ -453,18 +432,19 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
         .unwrap_or(0);
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 &format!("/api/admin/user/{bob_id}/block"),
                 Some(&admin),
                 None
             )
-            .await?
-            .0,
+            .await?,
         200
     );
     assert_eq!(
-        server.call("GET", "/api/device", Some(&bob), None).await?.0,
+        server
+            .status("GET", "/api/device", Some(&bob), None)
+            .await?,
         403
     );
 
@@ -472,14 +452,13 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
     for _ in 0..5 {
         assert_eq!(
             server
-                .call(
+                .status(
                     "POST",
                     "/api/auth/login",
                     None,
                     Some(json!({"email":"carol@example.com","password":"wrong"}))
                 )
-                .await?
-                .0,
+                .await?,
             401
         );
     }
@@ -493,14 +472,13 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
         .await?;
     assert_eq!(
         server
-            .call(
+            .status(
                 "POST",
                 "/api/auth/login",
                 None,
                 Some(json!({"email":"carol@example.com","password":"right-pass"}))
             )
-            .await?
-            .0,
+            .await?,
         429
     );
     let (_, audit) = server

@@ -2,31 +2,19 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use flotilla_e2e::{Proc, Server, bin, wait_for};
+use flotilla_e2e::{Proc, Server, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sim_provisions_a_fleet_in_bulk_and_connects_it() -> anyhow::Result<()> {
     let server = Server::start(&[]).await?;
     let jwt = server.user("fleet@example.com").await?;
     let fleet_dir = server.dir.path().join("fleet");
-    let child = Command::new(bin("flotilla-agent"))
-        .arg("--data-dir")
-        .arg(&fleet_dir)
-        .arg("--server-ca")
-        .arg(server.data_dir().join("ca.pem"))
-        .args([
-            "--backend-url",
-            &server.backend_url(),
-            "--broker-url",
-            &server.broker_url(),
-            "--heartbeat-secs",
-            "1",
-            "--telemetry-secs",
-            "1",
-        ])
+    let child = server
+        .agent_command(&fleet_dir)
+        .args(["--heartbeat-secs", "1", "--telemetry-secs", "1"])
         .args([
             "sim",
             "--count",

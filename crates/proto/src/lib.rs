@@ -70,6 +70,14 @@ pub fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Dec
     serde_json::from_slice(payload).map_err(|_| DecodeError::Invalid)
 }
 
+/// The first `max` characters of `s`, for log lines and error texts that quote untrusted input.
+pub fn truncate_chars(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 /// Encodes a message as compact JSON.
 pub fn encode<T: serde::Serialize>(message: &T) -> alloc::vec::Vec<u8> {
     // INVARIANT: every message type here is plain data with string keys; serde_json cannot fail on it.

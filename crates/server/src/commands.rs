@@ -49,7 +49,7 @@ pub fn validate(name: &str, args: &Value) -> Result<(), String> {
         "reboot" | "ping" => Ok(()),
         _ => Err(format!(
             "unknown command '{}'; known: led, led_brightness, sensor, reboot, ping",
-            name.chars().take(32).collect::<String>()
+            flotilla_proto::truncate_chars(name, 32)
         )),
     }
 }

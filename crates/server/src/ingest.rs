@@ -200,7 +200,7 @@ async fn commit_batch(store: &Store, batch: &[Publish]) -> sqlx::Result<Vec<Stri
         let item = match decode_item(&topic, &p.payload) {
             Ok(item) => item,
             Err(why) => {
-                tracing::warn!(topic = %topic.chars().take(120).collect::<String>(), bytes = p.payload.len(), why, "dropped malformed device message");
+                tracing::warn!(topic = %flotilla_proto::truncate_chars(&topic, 120), bytes = p.payload.len(), why, "dropped malformed device message");
                 continue;
             }
         };

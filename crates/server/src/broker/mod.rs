@@ -10,6 +10,7 @@
 pub mod acl;
 pub mod gate;
 
+use flotilla_proto::truncate_chars as truncate;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -237,13 +238,6 @@ impl Handler for Hooks {
             }
             _ => (true, acc),
         }
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

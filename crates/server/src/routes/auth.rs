@@ -95,7 +95,7 @@ async fn login(
     JsonBody(body): JsonBody<Login>,
 ) -> ApiResult<Json<Value>> {
     let email = body.email.trim().to_lowercase();
-    let actor = format!("user:{}", email.chars().take(254).collect::<String>());
+    let actor = format!("user:{}", flotilla_proto::truncate_chars(&email, 254));
     let fail = |detail: &'static str| AuditRecord {
         actor: &actor,
         action: "auth.login",

@@ -35,7 +35,7 @@ async fn sign_csr(
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty() && t.len() <= 512);
-    let device_label: String = body.device_id.chars().take(64).collect();
+    let device_label = flotilla_proto::truncate_chars(&body.device_id, 64).to_string();
     let actor = format!("device:{device_label}");
     let audit = |result: &'static str, detail: String| {
         let state = state.clone();

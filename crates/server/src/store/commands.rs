@@ -1,3 +1,4 @@
+use flotilla_proto::truncate_chars as truncate;
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
@@ -169,12 +170,5 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
-    }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
