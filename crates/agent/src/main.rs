@@ -2,7 +2,11 @@
 //! on-device key and CSR, mTLS MQTT, heartbeats, telemetry, commands — and `sim`, a fleet of
 //! such devices in one process.
 
+mod boot;
 mod csr;
+mod download;
+mod flash;
+mod image;
 mod nvs;
 mod runner;
 mod sensors;
@@ -44,6 +48,27 @@ struct Cli {
 enum Command {
     /// Run many virtual devices in one process, provisioned in bulk through the API.
     Sim(sim::SimFlags),
+    /// Build a firmware image for this agent (what a release contains when the chip is an agent).
+    Image(ImageFlags),
+}
+
+#[derive(Args, Debug)]
+struct ImageFlags {
+    #[arg(long)]
+    version: String,
+    #[arg(long, default_value = "esp32c3")]
+    hardware: String,
+    #[arg(long, default_value_t = 0)]
+    security_counter: u32,
+    /// How the build behaves once booted (to exercise rollback with real images).
+    #[arg(long, value_enum, default_value = "normal")]
+    behaviour: image::Behaviour,
+    /// Image size in bytes (filler after the header).
+    #[arg(long, default_value_t = 1536 * 1024)]
+    size: usize,
+    /// Where to write the image.
+    #[arg(long, short)]
+    out: PathBuf,
 }
 
 /// What a device is built with: where its flash lives, the servers and CA baked in.
@@ -88,6 +113,29 @@ pub struct DeviceFlags {
     heartbeat_secs: u64,
     #[arg(long, default_value_t = 10, global = true)]
     telemetry_secs: u64,
+    /// Hardware/product of the factory image.
+    #[arg(long, default_value = "esp32c3", global = true)]
+    hardware: String,
+    /// Anti-rollback counter of the factory image.
+    #[arg(long, default_value_t = 0, global = true)]
+    security_counter: u32,
+    /// Release public keys (PEM) the firmware trusts; several during a key rotation.
+    #[arg(
+        long = "release-key",
+        env = "FLOTILLA_RELEASE_KEYS",
+        value_delimiter = ',',
+        global = true
+    )]
+    release_keys: Vec<PathBuf>,
+    /// Size of each of the two firmware slots.
+    #[arg(long, default_value_t = 1_920 * 1024, global = true)]
+    slot_size: usize,
+    /// A new image is confirmed after staying connected this long.
+    #[arg(long, default_value_t = 30, global = true)]
+    ota_confirm_secs: u64,
+    /// A new image not confirmed this long after boot restarts (and counts as a crash).
+    #[arg(long, default_value_t = 300, global = true)]
+    ota_deadline_secs: u64,
     /// Simulated Wi-Fi networks in range, comma-separated.
     #[arg(
         long,
@@ -123,12 +171,32 @@ impl DeviceFlags {
                 secure: true,
             })
             .collect();
+        let trusted_keys = self
+            .release_keys
+            .iter()
+            .map(|path| {
+                use p256::pkcs8::DecodePublicKey;
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading release key {}", path.display()))?;
+                p256::ecdsa::VerifyingKey::from_public_key_pem(&pem)
+                    .with_context(|| format!("{} is not a P-256 public key", path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let config = Config {
             firmware_version: self.fw_version.clone(),
             heartbeat_ms: self.heartbeat_secs.max(1) * 1000,
             telemetry_ms: self.telemetry_secs.max(1) * 1000,
             backoff: BackoffConfig::default(),
+            trusted_keys,
+            ota_confirm_ms: self.ota_confirm_secs.max(1) * 1000,
+            ota_verify_deadline_ms: self.ota_deadline_secs.max(1) * 1000,
             ..Config::default()
+        };
+        let factory = image::ImageHeader {
+            version: self.fw_version.clone(),
+            hardware: self.hardware.clone(),
+            security_counter: self.security_counter,
+            behaviour: image::Behaviour::Normal,
         };
         Ok(DeviceEnv {
             backend_url: self.backend_url.clone(),
@@ -138,6 +206,8 @@ impl DeviceFlags {
             networks,
             config,
             http,
+            slot_len: self.slot_size,
+            factory,
         })
     }
 }
@@ -179,6 +249,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Sim(flags)) => sim::run(cli.device, flags).await,
+            Some(Command::Image(flags)) => write_image(&flags),
             None => run_device(cli.device, cli.provision_addr).await,
         }
     });
@@ -194,7 +265,7 @@ fn main() -> ExitCode {
 async fn run_device(flags: DeviceFlags, provision_addr: SocketAddr) -> anyhow::Result<()> {
     let env = flags.env()?;
     let nvs = nvs::Nvs::open(&flags.data_dir)?;
-    let (runner, handle) = Runner::new(env.clone(), nvs, "agent".into());
+    let (runner, handle) = Runner::new(env.clone(), nvs, "agent".into())?;
     let listener = tokio::net::TcpListener::bind(provision_addr)
         .await
         .with_context(|| format!("binding SoftAP server on {provision_addr}"))?;
@@ -215,6 +286,24 @@ async fn run_device(flags: DeviceFlags, provision_addr: SocketAddr) -> anyhow::R
         Exit::Shutdown => Ok(()),
         Exit::Reboot => reexec(),
     }
+}
+
+fn write_image(flags: &ImageFlags) -> anyhow::Result<()> {
+    let header = image::ImageHeader {
+        version: flags.version.clone(),
+        hardware: flags.hardware.clone(),
+        security_counter: flags.security_counter,
+        behaviour: flags.behaviour,
+    };
+    flags
+        .version
+        .parse::<flotilla_proto::FirmwareVersion>()
+        .map_err(|e| anyhow::anyhow!("--version: {e}"))?;
+    let bytes = image::build(&header, flags.size)?;
+    std::fs::write(&flags.out, &bytes)
+        .with_context(|| format!("writing {}", flags.out.display()))?;
+    println!("{} ({} bytes)", flags.out.display(), bytes.len());
+    Ok(())
 }
 
 /// A reboot replaces the process with a fresh copy of itself, as a chip restarts from flash.

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use flotilla_device_core::{Persist, Provisioning, Stored};
-use flotilla_proto::LedState;
+use flotilla_device_core::{Awaiting, BootedImage, Persist, Provisioning, Stored};
+use flotilla_proto::{LedState, OtaOffer};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -18,6 +18,10 @@ struct Record {
     seq_high_water: u64,
     led: Option<LedState>,
     brightness: Option<u8>,
+    #[serde(default)]
+    ota_job: Option<OtaOffer>,
+    #[serde(default)]
+    ota_awaiting: Option<Awaiting>,
 }
 
 #[derive(Debug, Clone)]
@@ -29,6 +33,9 @@ pub const KEY_FILE: &str = "device.key";
 pub const CERT_FILE: &str = "device.pem";
 pub const CA_FILE: &str = "ca.pem";
 const RECORD_FILE: &str = "nvs.json";
+/// The download's resume offset: its own file, written by the download task while the
+/// device task writes the record.
+const OTA_OFFSET_FILE: &str = "ota.offset";
 
 impl Nvs {
     pub fn open(dir: &Path) -> anyhow::Result<Nvs> {
@@ -61,7 +68,20 @@ impl Nvs {
             seq_high_water: r.seq_high_water,
             led: r.led,
             brightness: r.brightness,
+            ota_job: r.ota_job,
+            ota_awaiting: r.ota_awaiting,
+            booted: BootedImage::Valid,
         }
+    }
+
+    pub fn ota_offset(&self) -> u64 {
+        self.read_string(OTA_OFFSET_FILE)
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn set_ota_offset(&self, offset: u64) -> anyhow::Result<()> {
+        self.write_atomic(OTA_OFFSET_FILE, offset.to_string().as_bytes(), false)
     }
 
     pub fn apply(&self, p: &Persist) -> anyhow::Result<()> {
@@ -78,6 +98,12 @@ impl Nvs {
                 r.led = Some(*state);
                 r.brightness = Some(*brightness);
             }
+            Persist::OtaJob(job) => r.ota_job = job.clone(),
+            Persist::OtaInstalled(awaiting) => {
+                r.ota_job = None;
+                r.ota_awaiting = Some(awaiting.clone());
+            }
+            Persist::OtaReported => r.ota_awaiting = None,
         }
         self.write_atomic(RECORD_FILE, &serde_json::to_vec_pretty(&r)?, false)
     }

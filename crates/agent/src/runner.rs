@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State};
+use flotilla_device_core::slots::Layout;
+use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State, Stored};
 use flotilla_device_core::{ProvisionRequest, SensorValues};
+use flotilla_proto::{FirmwareManifest, OtaOffer};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, LastWill, Packet};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -14,9 +16,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::csr;
+use crate::download::{self, Retry, Start};
+use crate::flash::{self, FLASH_FILE, FileFlash};
+use crate::image::{Behaviour, ImageHeader};
 use crate::nvs::{CA_FILE, CERT_FILE, KEY_FILE, Nvs};
 use crate::sensors::SimulatedBoard;
+use crate::{boot, csr};
 
 /// A simulated Wi-Fi network visible to the device.
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +43,10 @@ pub struct DeviceEnv {
     pub networks: Vec<Network>,
     pub config: Config,
     pub http: reqwest::Client,
+    /// Size of each firmware slot in the flash file.
+    pub slot_len: usize,
+    /// The image this build was flashed with at the factory (slot 0 before any update).
+    pub factory: ImageHeader,
 }
 
 /// How a run of the device ended.
@@ -68,6 +77,8 @@ enum Input {
         connected: bool,
     },
     Csr(Result<(), CsrFailure>),
+    OtaProgress(u64),
+    OtaFinished(Result<(), String>),
     Mqtt {
         generation: u64,
         event: MqttEvent,
@@ -136,12 +147,28 @@ pub struct Runner {
     generation: u64,
     rssi: Option<i16>,
     label: String,
+    stored: Option<Stored>,
+    layout: Layout,
+    behaviour: Behaviour,
+    download: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Runner {
-    pub fn new(env: DeviceEnv, nvs: Nvs, label: String) -> (Runner, DeviceHandle) {
+    /// Powers the device on: the bootloader picks the image, whose header sets what runs.
+    pub fn new(env: DeviceEnv, nvs: Nvs, label: String) -> anyhow::Result<(Runner, DeviceHandle)> {
         let (tx, rx) = mpsc::channel(64);
-        let device = Device::new(env.config.clone(), rand::random());
+        let layout = flash::layout(env.slot_len);
+        let booted = boot::power_on(&nvs, &layout, &env.factory)?;
+        let header = booted.header;
+        tracing::info!(device = %label, slot = booted.slot, version = %header.version, behaviour = ?header.behaviour, "booted");
+        let config = Config {
+            firmware_version: header.version.clone(),
+            hardware: header.hardware.clone(),
+            security_counter: header.security_counter,
+            slot_size: layout.slot_len as u64,
+            ..env.config.clone()
+        };
+        let device = Device::new(config, rand::random());
         let runner = Runner {
             device,
             env,
@@ -154,8 +181,12 @@ impl Runner {
             generation: 0,
             rssi: None,
             label,
+            stored: Some(booted.stored),
+            layout,
+            behaviour: header.behaviour,
+            download: None,
         };
-        (runner, DeviceHandle { tx })
+        Ok((runner, DeviceHandle { tx }))
     }
 
     fn now(&self) -> u64 {
@@ -164,13 +195,29 @@ impl Runner {
 
     /// Boots the device and runs it until it reboots or is shut down.
     pub async fn run(mut self) -> Exit {
+        let exit = self.run_until_exit().await;
+        if let Some(task) = self.download.take() {
+            task.abort();
+        }
+        exit
+    }
+
+    async fn run_until_exit(&mut self) -> Exit {
         let now = self.now();
-        self.device.handle_boot(now, self.nvs.load());
+        let stored = self.stored.take().unwrap_or_else(|| self.nvs.load());
+        self.device.handle_boot(now, stored);
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         self.device.handle_wall_clock(now, unix_ms);
+        if self.behaviour == Behaviour::CrashAtBoot {
+            // Let the boot's NVS writes (the crash counter) land, then "crash".
+            let _ = self.perform_actions().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tracing::error!(device = %self.label, "simulated crash at boot");
+            return Exit::Reboot;
+        }
         loop {
             if let Some(exit) = self.perform_actions().await {
                 self.disconnect(None).await;
@@ -224,6 +271,14 @@ impl Runner {
             Input::Wifi { connected: true } => self.device.handle_wifi_connected(now),
             Input::Wifi { connected: false } => self.device.handle_wifi_lost(now),
             Input::Csr(result) => self.device.handle_csr_result(now, result),
+            Input::OtaProgress(received) => self.device.handle_ota_progress(now, received),
+            Input::OtaFinished(result) => {
+                self.download = None;
+                if let Err(e) = &result {
+                    tracing::warn!(device = %self.label, error = %e, "update failed");
+                }
+                self.device.handle_ota_finished(now, result)
+            }
             Input::Mqtt { generation, event } if generation == self.generation => match event {
                 MqttEvent::Connected => self.device.handle_mqtt_connected(now),
                 MqttEvent::Disconnected => {
@@ -308,6 +363,43 @@ impl Runner {
                         tracing::error!(device = %self.label, error = %e, "NVS write failed");
                     }
                 }
+                Action::Download {
+                    offer,
+                    manifest,
+                    resume,
+                } => self.start_download(offer, manifest, resume),
+                Action::ActivateImage => {
+                    let result = self.open_flash().and_then(|mut f| {
+                        let slot = self.layout.inactive_slot(&f);
+                        self.layout
+                            .activate(&mut f, slot)
+                            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        f.sync()?;
+                        Ok(slot)
+                    });
+                    match result {
+                        Ok(slot) => {
+                            tracing::info!(device = %self.label, slot, "new image activated")
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %self.label, error = %e, "activation failed")
+                        }
+                    }
+                }
+                Action::ConfirmImage => {
+                    let result = self.open_flash().and_then(|mut f| {
+                        self.layout
+                            .confirm(&mut f)
+                            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        Ok(f.sync()?)
+                    });
+                    match result {
+                        Ok(()) => tracing::info!(device = %self.label, "image confirmed"),
+                        Err(e) => {
+                            tracing::error!(device = %self.label, error = %e, "confirm failed")
+                        }
+                    }
+                }
                 Action::Reboot => return Some(Exit::Reboot),
             }
         }
@@ -332,7 +424,13 @@ impl Runner {
                 .await;
             return;
         };
-        let mut options = MqttOptions::new(client_id, &self.env.broker_host, self.env.broker_port);
+        // A build that "never connects" dials a port where nothing listens.
+        let port = if self.behaviour == Behaviour::NeverConnects {
+            1
+        } else {
+            self.env.broker_port
+        };
+        let mut options = MqttOptions::new(client_id, &self.env.broker_host, port);
         options.set_keep_alive(Duration::from_secs(15));
         options.set_clean_start(true);
         options.set_connection_timeout(10);
@@ -372,6 +470,7 @@ impl Runner {
                 led: None,
                 brightness: None,
                 fw: None,
+                hw: None,
                 reason: Some(reason.into()),
             };
             let topic = flotilla_proto::Topic::new(id, flotilla_proto::Channel::Status);
@@ -388,6 +487,107 @@ impl Runner {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = client.disconnect().await;
+    }
+}
+
+impl Runner {
+    fn open_flash(&self) -> anyhow::Result<FileFlash> {
+        FileFlash::open(&self.nvs.path(FLASH_FILE), &self.layout)
+    }
+
+    /// Streams the image into the inactive slot in the background; the device hears back
+    /// through `OtaProgress` and `OtaFinished`.
+    fn start_download(&mut self, offer: OtaOffer, manifest: FirmwareManifest, resume: bool) {
+        let (nvs, layout, tx) = (self.nvs.clone(), self.layout, self.tx.clone());
+        let url = resolve_url(&self.env.backend_url, &offer.url);
+        let client = self.download_client();
+        let label = self.label.clone();
+        tracing::info!(device = %label, %url, version = %manifest.version, resume, "downloading update");
+        self.download = Some(tokio::spawn(async move {
+            let result = async {
+                let client = client.map_err(|e| format!("TLS client: {e:#}"))?;
+                let mut flash = FileFlash::open(&nvs.path(FLASH_FILE), &layout)
+                    .map_err(|e| format!("{e:#}"))?;
+                let slot = layout.inactive_slot(&flash);
+                let start = if resume {
+                    Start::Resume(nvs.ota_offset())
+                } else {
+                    Start::Fresh
+                };
+                let mut progress = AgentProgress {
+                    nvs: nvs.clone(),
+                    sync: flash.sync_handle().map_err(|e| e.to_string())?,
+                    tx: tx.clone(),
+                };
+                let retry = Retry {
+                    attempts: 20,
+                    delay: Duration::from_millis(500),
+                };
+                let mut source = download::Https { client, url };
+                let plan = download::Plan {
+                    layout: &layout,
+                    slot,
+                    manifest: &manifest,
+                    start,
+                    retry,
+                };
+                download::install(&mut source, &mut flash, plan, &mut progress).await?;
+                flash.sync().map_err(|e| e.to_string())
+            }
+            .await;
+            let _ = tx.send(Input::OtaFinished(result)).await;
+        }));
+    }
+
+    /// HTTPS with the device certificate, trusting only the baked-in CA.
+    fn download_client(&self) -> anyhow::Result<reqwest::Client> {
+        let (Some(cert), Some(key)) = (
+            self.nvs.read_string(CERT_FILE),
+            self.nvs.read_string(KEY_FILE),
+        ) else {
+            anyhow::bail!("no device certificate");
+        };
+        let identity = reqwest::Identity::from_pem(format!("{cert}\n{key}").as_bytes())?;
+        Ok(reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(
+                self.env.server_ca_pem.as_bytes(),
+            )?)
+            .identity(identity)
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(30))
+            .build()?)
+    }
+}
+
+/// An offer's URL is usually a path on the device listener the device already trusts.
+fn resolve_url(backend: &str, url: &str) -> String {
+    if url.starts_with('/') {
+        format!("{}{url}", backend.trim_end_matches('/'))
+    } else {
+        url.to_string()
+    }
+}
+
+struct AgentProgress {
+    nvs: Nvs,
+    sync: std::fs::File,
+    tx: mpsc::Sender<Input>,
+}
+
+impl download::Progress for AgentProgress {
+    fn flushed(&mut self, offset: u64) {
+        // The offset may only claim bytes that are on disk.
+        if self.sync.sync_data().is_ok()
+            && let Err(e) = self.nvs.set_ota_offset(offset)
+        {
+            tracing::warn!(error = %e, "could not persist the download offset");
+        }
+    }
+
+    fn received(&mut self, received: u64) {
+        let _ = self.tx.try_send(Input::OtaProgress(received));
     }
 }
 

@@ -65,7 +65,7 @@ pub async fn run(device: DeviceFlags, flags: SimFlags) -> anyhow::Result<()> {
         let id = format!("{}-{i:05}", flags.prefix);
         let nvs = Nvs::open(&device.data_dir.join(&id))?;
         let fresh = nvs.load().provisioning.is_none();
-        let (runner, handle) = Runner::new(env.clone(), nvs, id.clone());
+        let (runner, handle) = Runner::new(env.clone(), nvs, id.clone())?;
         spawn_forever(runner, env.clone(), device.data_dir.join(&id), id.clone());
         if fresh {
             let token: serde_json::Value = api
@@ -135,7 +135,13 @@ fn spawn_forever(
         let mut exit = first.run().await;
         while exit == Exit::Reboot {
             let Ok(nvs) = Nvs::open(&dir) else { return };
-            let (runner, _handle) = Runner::new(env.clone(), nvs, label.clone());
+            let (runner, _handle) = match Runner::new(env.clone(), nvs, label.clone()) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(device = %label, error = %e, "boot failed");
+                    return;
+                }
+            };
             exit = runner.run().await;
         }
     });

@@ -17,6 +17,12 @@ use crate::commands::{CommandQueue, Refusal};
 use crate::provisioning::{ProvisionError, ProvisionRequest, Provisioning};
 use crate::rng::Rng;
 
+mod ota_flow;
+use flotilla_proto::{FirmwareManifest, OtaOffer};
+use ota_flow::OtaFlow;
+pub use ota_flow::{Awaiting, BootedImage};
+use p256::ecdsa::VerifyingKey;
+
 /// Milliseconds on a monotonic clock chosen by the shell.
 pub type Millis = u64;
 
@@ -60,6 +66,18 @@ pub struct Config {
     pub command_queue: usize,
     /// How many telemetry sequence numbers to reserve per NVS write.
     pub seq_reservation: u64,
+    /// Hardware/product this build runs on; release manifests must name it.
+    pub hardware: String,
+    /// Anti-rollback counter of the running image.
+    pub security_counter: u32,
+    /// Release public keys baked into the firmware (several during a key rotation).
+    pub trusted_keys: Vec<VerifyingKey>,
+    /// Size of an image slot: larger images are refused before download.
+    pub slot_size: u64,
+    /// How long a new image must stay connected before it is confirmed.
+    pub ota_confirm_ms: Millis,
+    /// A new image not confirmed this long after boot reboots (and counts as unstable).
+    pub ota_verify_deadline_ms: Millis,
 }
 
 impl Default for Config {
@@ -71,6 +89,12 @@ impl Default for Config {
             backoff: BackoffConfig::default(),
             command_queue: 8,
             seq_reservation: 1000,
+            hardware: "esp32c3".to_string(),
+            security_counter: 0,
+            trusted_keys: Vec::new(),
+            slot_size: 1_920 * 1024,
+            ota_confirm_ms: 30_000,
+            ota_verify_deadline_ms: 300_000,
         }
     }
 }
@@ -86,6 +110,12 @@ pub struct Stored {
     pub seq_high_water: u64,
     pub led: Option<LedState>,
     pub brightness: Option<u8>,
+    /// An accepted offer whose download had not finished.
+    pub ota_job: Option<OtaOffer>,
+    /// An installed update whose outcome is not reported yet.
+    pub ota_awaiting: Option<Awaiting>,
+    /// What the bootloader made of the running image.
+    pub booted: BootedImage,
 }
 
 /// A message to publish.
@@ -108,6 +138,13 @@ pub enum Persist {
         state: LedState,
         brightness: u8,
     },
+    /// The offer being downloaded (`None` once it finished or failed).
+    OtaJob(Option<OtaOffer>),
+    /// The image is written and verified: forget the job, remember what to report after the
+    /// reboot. One write, so a power cut leaves one or the other.
+    OtaInstalled(Awaiting),
+    /// The outcome of the update was reported.
+    OtaReported,
 }
 
 /// Platform effects the shell performs, in the order they are polled.
@@ -136,6 +173,18 @@ pub enum Action {
         brightness: u8,
     },
     Persist(Persist),
+    /// Stream the image at `offer.url` (client certificate, HTTP Range) into the inactive slot,
+    /// checking it against `manifest`; report with [`Device::handle_ota_progress`] and
+    /// [`Device::handle_ota_finished`]. `resume` continues from the persisted offset.
+    Download {
+        offer: OtaOffer,
+        manifest: FirmwareManifest,
+        resume: bool,
+    },
+    /// Mark the freshly written inactive slot to boot next (otadata NEW).
+    ActivateImage,
+    /// The running image passed its health check: mark it VALID.
+    ConfirmImage,
     Reboot,
 }
 
@@ -163,6 +212,8 @@ struct Timers {
     telemetry: Option<Millis>,
     stable: Option<Millis>,
     execute: Option<Millis>,
+    ota_confirm: Option<Millis>,
+    ota_deadline: Option<Millis>,
 }
 
 /// The sans-IO device brain.
@@ -194,6 +245,7 @@ pub struct Device {
     connected_at: Option<Millis>,
     timers: Timers,
     commands: CommandQueue,
+    ota: OtaFlow,
     actions: VecDeque<Action>,
     transitions: VecDeque<State>,
 }
@@ -228,7 +280,10 @@ impl Device {
                 telemetry: None,
                 stable: None,
                 execute: None,
+                ota_confirm: None,
+                ota_deadline: None,
             },
+            ota: OtaFlow::default(),
             actions: VecDeque::new(),
             transitions: VecDeque::new(),
         }
@@ -289,6 +344,7 @@ impl Device {
         });
         self.has_certificate = stored.has_certificate;
         self.provisioning = stored.provisioning;
+        self.ota_boot(now, stored.ota_job, stored.ota_awaiting, stored.booted);
         self.enter(State::CheckProvisioning);
         self.after_provisioning_check();
     }
@@ -375,6 +431,7 @@ impl Device {
         self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
         self.timers.telemetry = Some(now + self.config.telemetry_ms);
         self.timers.stable = Some(now + self.backoff.stable_ms());
+        self.ota_connected(now);
     }
 
     /// The broker connection dropped or was refused.
@@ -422,6 +479,11 @@ impl Device {
                     self.apply_config(now, &config);
                 }
             }
+            Channel::Ota => {
+                if let Ok(offer) = decode::<OtaOffer>(payload) {
+                    self.ota_offer(now, offer);
+                }
+            }
             _ => {}
         }
     }
@@ -464,6 +526,12 @@ impl Device {
         if take_due(&mut self.timers.execute, now) {
             self.execute_next(now);
         }
+        if take_due(&mut self.timers.ota_confirm, now) {
+            self.ota_confirm();
+        }
+        if take_due(&mut self.timers.ota_deadline, now) {
+            self.ota_deadline_passed();
+        }
     }
 
     // ----- outputs -----
@@ -479,10 +547,18 @@ impl Device {
 
     pub fn poll_timeout(&self) -> Option<Millis> {
         let t = self.timers;
-        [t.retry, t.heartbeat, t.telemetry, t.stable, t.execute]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            t.retry,
+            t.heartbeat,
+            t.telemetry,
+            t.stable,
+            t.execute,
+            t.ota_confirm,
+            t.ota_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ----- internals -----
@@ -538,6 +614,7 @@ impl Device {
                 led: None,
                 brightness: None,
                 fw: None,
+                hw: None,
                 reason: Some("connection lost".to_string()),
             }),
             retain: true,
@@ -559,6 +636,8 @@ impl Device {
         self.timers.heartbeat = None;
         self.timers.telemetry = None;
         self.timers.stable = None;
+        // The health check wants an unbroken connection.
+        self.timers.ota_confirm = None;
     }
 
     fn publish(&mut self, channel: Channel, payload: Vec<u8>, retain: bool) {
@@ -577,6 +656,7 @@ impl Device {
             led: Some(self.led),
             brightness: Some(self.brightness),
             fw: Some(self.config.firmware_version.clone()),
+            hw: Some(self.config.hardware.clone()),
             reason: None,
         };
         self.publish(Channel::Status, encode(&status), true);

@@ -24,6 +24,7 @@ extern crate alloc;
 mod backoff;
 mod commands;
 mod device;
+pub mod install;
 pub mod ota;
 mod provisioning;
 mod rng;
@@ -32,7 +33,8 @@ pub mod slots;
 pub use backoff::{Backoff, BackoffConfig};
 pub use commands::{CommandQueue, Refusal};
 pub use device::{
-    Action, Config, CsrFailure, Device, Millis, Persist, Publish, SensorValues, State, Stored,
+    Action, Awaiting, BootedImage, Config, CsrFailure, Device, Millis, Persist, Publish,
+    SensorValues, State, Stored,
 };
 pub use provisioning::{ProvisionError, ProvisionRequest, Provisioning};
 pub use rng::Rng;

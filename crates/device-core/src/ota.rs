@@ -2,8 +2,7 @@
 //! the signature against the release keys baked into the firmware (several, so a new key can
 //! be trusted before the old one retires), the hardware, the version and the anti-rollback
 //! counter, the expiry; then, while the image streams in, its size and SHA-256.
-//!
-//! Not here yet: slots, otadata states, the download itself (issue 3).
+//! Writing the image to its slot is [`crate::install`]; the A/B slots are [`crate::slots`].
 
 use alloc::string::String;
 
@@ -30,6 +29,26 @@ pub enum OtaRejection {
     /// Fewer bytes than declared.
     Truncated,
     HashMismatch,
+    /// The declared size does not fit the inactive slot.
+    TooLargeForSlot,
+}
+
+impl OtaRejection {
+    /// The reason as reported on `ota/status`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OtaRejection::BadSignature => "signature not valid for any trusted release key",
+            OtaRejection::MalformedManifest => "malformed manifest",
+            OtaRejection::WrongHardware => "built for other hardware",
+            OtaRejection::NotNewer => "version is not newer than the running one",
+            OtaRejection::CounterRollback => "security counter lower than the running image's",
+            OtaRejection::Expired => "manifest expired",
+            OtaRejection::TooLarge => "image larger than declared",
+            OtaRejection::Truncated => "image shorter than declared",
+            OtaRejection::HashMismatch => "image SHA-256 does not match the manifest",
+            OtaRejection::TooLargeForSlot => "image larger than the slot",
+        }
+    }
 }
 
 /// What the device is running, for comparison with an offer.

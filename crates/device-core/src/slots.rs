@@ -228,3 +228,42 @@ impl Layout {
         self.select(flash, s.seq + 1, ImageState::Valid)
     }
 }
+
+/// Boots an unconfirmed image may take before the bootloader rolls it back.
+pub const MAX_UNCONFIRMED_BOOTS: u32 = 3;
+
+/// What the bootloader decided at power-on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootOutcome {
+    pub slot: usize,
+    /// The image runs on probation: the app must confirm it after its health check.
+    pub pending_verify: bool,
+    /// An unconfirmed image was given up and the previous slot booted instead.
+    pub rolled_back: bool,
+}
+
+impl Layout {
+    /// Power-on as the bootloader runs it: an image still PENDING_VERIFY after
+    /// `max_unconfirmed_boots` boots that never became stable (the crash counter the app keeps
+    /// in NVS) is rolled back before anything else runs.
+    pub fn power_on<F: Flash>(
+        &self,
+        flash: &mut F,
+        unstable_boots: u32,
+        max_unconfirmed_boots: u32,
+    ) -> Result<BootOutcome, FlashError> {
+        let probation = self.selection(flash).map(|s| s.state) == Some(ImageState::PendingVerify);
+        let rolled_back = probation && unstable_boots >= max_unconfirmed_boots;
+        if rolled_back {
+            self.roll_back(flash)?;
+        }
+        let slot = self.boot(flash)?;
+        let pending_verify =
+            self.selection(flash).map(|s| s.state) == Some(ImageState::PendingVerify);
+        Ok(BootOutcome {
+            slot,
+            pending_verify,
+            rolled_back,
+        })
+    }
+}

@@ -2,36 +2,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use flotilla_device_core::ota::{ImageCheck, OtaRejection, Running, to_hex, verify_offer};
-use flotilla_proto::{FirmwareManifest, SignedManifest};
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
+use flotilla_device_core::ota::{ImageCheck, OtaRejection, Running, verify_offer};
+use flotilla_proto::SignedManifest;
+use p256::ecdsa::VerifyingKey;
 
-fn key(seed: u8) -> SigningKey {
-    SigningKey::from_bytes(&[seed; 32].into()).unwrap()
-}
-
-fn manifest(version: &str, image: &[u8]) -> FirmwareManifest {
-    FirmwareManifest {
-        version: version.into(),
-        hardware: "esp32c3".into(),
-        size: image.len() as u64,
-        sha256: to_hex(&Sha256::digest(image)),
-        security_counter: 3,
-        issued_at: 1_800_000_000,
-        expires_at: Some(1_900_000_000),
-    }
-}
-
-fn sign(key: &SigningKey, m: &FirmwareManifest) -> SignedManifest {
-    let text = serde_json::to_string(m).unwrap();
-    let sig: Signature = key.sign(text.as_bytes());
-    SignedManifest {
-        manifest: text,
-        signature: to_hex(&sig.to_bytes()),
-    }
-}
+mod common;
+use common::{key, manifest, sign};
 
 fn running() -> Running<'static> {
     Running {

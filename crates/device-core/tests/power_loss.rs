@@ -3,7 +3,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use flotilla_device_core::install::{InstallError, SlotWriter};
 use flotilla_device_core::slots::{Flash, FlashError, ImageState, Layout};
+use flotilla_proto::FirmwareManifest;
+
+mod common;
+
+const POWER_LOST: InstallError = InstallError::Flash(FlashError::PowerLost);
 
 const BLOCK: usize = 4096;
 const SLOT_LEN: usize = 4 * BLOCK;
@@ -103,17 +109,21 @@ fn factory() -> SimFlash {
     f
 }
 
-/// The whole update, as the device runs it: erase the inactive slot, write the image in
-/// aligned chunks, activate, reboot, confirm after the health check.
-fn update(f: &mut SimFlash, img: &[u8]) -> Result<usize, FlashError> {
+fn manifest_of(img: &[u8]) -> FirmwareManifest {
+    common::manifest("2.0.0", img)
+}
+
+/// The whole update, as the device runs it: stream the image into the erased inactive slot
+/// in odd-sized chunks (as the network delivers them), check size and hash, activate, reboot,
+/// confirm after the health check.
+fn update(f: &mut SimFlash, img: &[u8]) -> Result<usize, InstallError> {
     let l = layout();
     let slot = l.inactive_slot(f);
-    l.erase_slot(f, slot)?;
-    for (i, chunk) in img.chunks(1024).enumerate() {
-        let mut c = chunk.to_vec();
-        c.resize(chunk.len().div_ceil(4) * 4, 0xFF);
-        f.write(l.slots[slot] + i * 1024, &c)?;
+    let mut w = SlotWriter::begin(&l, f, slot, &manifest_of(img))?;
+    for chunk in img.chunks(1001) {
+        w.write(f, chunk)?;
     }
+    w.finish(f)?;
     l.activate(f, slot)?;
     let booted = l.boot(f)?;
     assert_eq!(booted, slot);
@@ -139,8 +149,8 @@ fn every_power_cut_during_an_update_leaves_a_bootable_complete_image() {
         let mut f = factory();
         f.cut_at = Some(cut);
         assert_eq!(
-            update(&mut f, &image(2)),
-            Err(FlashError::PowerLost),
+            update(&mut f, &image(2)).unwrap_err(),
+            POWER_LOST,
             "cut before op {cut}"
         );
         // Power returns; the bootloader picks a slot.
@@ -183,4 +193,101 @@ fn an_image_that_never_confirms_is_rolled_back_to_the_previous_slot() {
     assert_eq!(l.boot(&mut f).unwrap(), 1);
     assert!(slot_holds(&f, 1, &image(2)));
     assert_eq!(l.selection(&f).unwrap().state, ImageState::Valid);
+}
+
+#[test]
+fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
+    let l = layout();
+    let img = image(2);
+    let m = manifest_of(&img);
+    let chunks: Vec<&[u8]> = img.chunks(777).collect();
+    // Operations of the writing phase only (erase first, then writes).
+    let mut clean = factory();
+    let mut w = SlotWriter::begin(&l, &mut clean, 1, &m).unwrap();
+    chunks.iter().for_each(|c| w.write(&mut clean, c).unwrap());
+    w.finish(&mut clean).unwrap();
+    let total = clean.ops;
+    let mut resumed_mid_image = 0;
+    for cut in 0..total {
+        let mut f = factory();
+        f.cut_at = Some(cut);
+        // The offset the agent persists after each chunk: only bytes already flushed.
+        let mut persisted: Option<u64> = None;
+        let result = (|| {
+            let mut w = SlotWriter::begin(&l, &mut f, 1, &m)?;
+            persisted = Some(0);
+            for c in &chunks {
+                w.write(&mut f, c)?;
+                persisted = Some(w.flushed());
+            }
+            w.finish(&mut f)
+        })();
+        assert_eq!(result.unwrap_err(), POWER_LOST, "cut before op {cut}");
+        f.cut_at = None;
+        // Reboot: still the old image.
+        assert_eq!(l.boot(&mut f).unwrap(), 0);
+        assert!(slot_holds(&f, 0, &image(1)));
+        let (mut w, from) = match persisted {
+            Some(offset) => SlotWriter::resume(&l, &mut f, 1, &m, offset).unwrap(),
+            None => (SlotWriter::begin(&l, &mut f, 1, &m).unwrap(), 0),
+        };
+        if from > 0 {
+            resumed_mid_image += 1;
+        }
+        for c in img[from as usize..].chunks(777) {
+            w.write(&mut f, c).unwrap();
+        }
+        w.finish(&mut f).unwrap();
+        l.activate(&mut f, 1).unwrap();
+        assert_eq!(l.boot(&mut f).unwrap(), 1);
+        assert!(slot_holds(&f, 1, &img), "cut before op {cut}");
+    }
+    assert!(resumed_mid_image > 0);
+    println!(
+        "download resumed after a power cut before each of {total} operations ({resumed_mid_image} mid-image)"
+    );
+}
+
+#[test]
+fn bad_images_never_reach_activation_and_leave_the_running_slot_untouched() {
+    let l = layout();
+    let img = image(2);
+    let m = manifest_of(&img);
+    let mut flipped = img.clone();
+    flipped[1234] ^= 0x01;
+    let mut longer = img.clone();
+    longer.push(0);
+    let other = image(7);
+    let cases: [(&str, &[u8], &FirmwareManifest); 4] = [
+        ("bit flip", &flipped, &m),
+        ("truncated", &img[..img.len() - 1], &m),
+        ("longer than declared", &longer, &m),
+        ("another release's image", &other, &m),
+    ];
+    for (name, bytes, manifest) in cases {
+        let mut f = factory();
+        let before = f.mem.clone();
+        let result = (|| {
+            let mut w = SlotWriter::begin(&l, &mut f, 1, manifest)?;
+            for c in bytes.chunks(1000) {
+                w.write(&mut f, c)?;
+            }
+            w.finish(&mut f)
+        })();
+        assert!(matches!(result, Err(InstallError::Rejected(_))), "{name}");
+        assert_eq!(l.selection(&f), None, "{name}: otadata changed");
+        assert_eq!(
+            f.mem[..2 * BLOCK + SLOT_LEN],
+            before[..2 * BLOCK + SLOT_LEN],
+            "{name}"
+        );
+        assert_eq!(l.boot(&mut f).unwrap(), 0);
+    }
+    // Larger than the slot: refused before the slot is even erased.
+    let mut f = factory();
+    let mut huge = m.clone();
+    huge.size = SLOT_LEN as u64 + 1;
+    let before = f.mem.clone();
+    assert!(SlotWriter::begin(&l, &mut f, 1, &huge).is_err());
+    assert_eq!(f.mem, before);
 }

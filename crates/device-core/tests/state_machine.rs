@@ -3,115 +3,15 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use flotilla_device_core::{
-    Action, Backoff, BackoffConfig, Config, CsrFailure, Device, Millis, Persist, ProvisionError,
-    ProvisionRequest, Provisioning, Rng, SensorValues, State, Stored,
+    Action, Backoff, BackoffConfig, Config, CsrFailure, Persist, ProvisionError, ProvisionRequest,
+    Rng, SensorValues, State, Stored,
 };
-use flotilla_proto::{Command, CommandReply, CommandStatus, DeviceId, LedState, decode, encode};
+use flotilla_proto::{Command, CommandStatus, LedState, decode, encode};
 use proptest::prelude::*;
 use serde_json::json;
 
-/// A simulated shell: records what the device asked for and lets the test answer.
-struct Sim {
-    device: Device,
-    now: Millis,
-    log: Vec<Action>,
-    transitions: Vec<State>,
-}
-
-impl Sim {
-    fn boot(config: Config, stored: Stored) -> Sim {
-        let mut sim = Sim {
-            device: Device::new(config, 7),
-            now: 0,
-            log: Vec::new(),
-            transitions: Vec::new(),
-        };
-        sim.device.handle_boot(0, stored);
-        sim.drain();
-        sim
-    }
-
-    fn drain(&mut self) {
-        while let Some(a) = self.device.poll_action() {
-            self.log.push(a);
-        }
-        while let Some(s) = self.device.poll_transition() {
-            self.transitions.push(s);
-        }
-    }
-
-    /// Advances simulated time to `until`, firing every timeout on the way.
-    fn run_until(&mut self, until: Millis) {
-        while let Some(t) = self.device.poll_timeout() {
-            if t > until {
-                break;
-            }
-            self.now = self.now.max(t);
-            self.device.handle_timeout(self.now);
-            self.drain();
-        }
-        self.now = until;
-    }
-
-    fn take_log(&mut self) -> Vec<Action> {
-        std::mem::take(&mut self.log)
-    }
-
-    fn published(&mut self, suffix: &str) -> Vec<Vec<u8>> {
-        self.log
-            .iter()
-            .filter_map(|a| match a {
-                Action::Publish(p) if p.topic.ends_with(suffix) => Some(p.payload.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn replies(&mut self) -> Vec<CommandReply> {
-        self.published("/reply")
-            .iter()
-            .map(|p| decode(p).unwrap())
-            .collect()
-    }
-
-    fn connected(config: Config) -> Sim {
-        let stored = Stored {
-            provisioning: Some(provisioning()),
-            has_certificate: true,
-            ..Stored::default()
-        };
-        let mut sim = Sim::boot(config, stored);
-        sim.device.handle_wifi_connected(0);
-        sim.drain();
-        sim.device.handle_mqtt_connected(0);
-        sim.drain();
-        sim.device.handle_wall_clock(0, 1_000_000_000_000);
-        sim.take_log();
-        sim
-    }
-
-    fn command(&mut self, id: &str, name: &str, args: serde_json::Value) {
-        let c = Command {
-            id: id.into(),
-            name: name.into(),
-            args,
-            expires_at: 2_000_000_000,
-        };
-        self.device
-            .handle_message(self.now, "devices/dev-1/command", &encode(&c));
-        self.drain();
-    }
-}
-
-fn provisioning() -> Provisioning {
-    Provisioning {
-        ssid: "HomeNet".into(),
-        password: "secret123".into(),
-        device_id: DeviceId::parse("dev-1").unwrap(),
-        provisioning_token: "tok".into(),
-        bearer_token: None,
-    }
-}
+mod common;
+use common::{Sim, provisioning};
 
 fn request() -> ProvisionRequest {
     serde_json::from_value(json!({"ssid":"HomeNet","password":"secret123","device_id":"dev-1","provisioning_token":"tok"})).unwrap()

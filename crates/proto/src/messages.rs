@@ -53,6 +53,9 @@ pub struct Status {
     pub brightness: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fw: Option<String>,
+    /// Hardware/product the running image was built for (matches release manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hw: Option<String>,
     /// Why the device went offline, when it knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -141,6 +144,9 @@ pub enum OtaPhase {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OtaStatus {
     pub status: OtaPhase,
+    /// The offer this report is about (`OtaOffer::id`); absent from seed-era devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Download progress in percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<u8>,

@@ -51,7 +51,7 @@ proptest! {
 
     #[test]
     fn status(online in any::<bool>(), led in opt(led()), brightness in opt(0u8..=100), fw in opt(text()), reason in opt(text())) {
-        round_trip(&Status { online, led, brightness, fw, reason });
+        round_trip(&Status { online, led, brightness, fw, hw: None, reason });
     }
 
     #[test]
@@ -73,7 +73,7 @@ proptest! {
     #[test]
     fn ota_status(status in prop_oneof![Just(OtaPhase::Started), Just(OtaPhase::InProgress), Just(OtaPhase::Success), Just(OtaPhase::Failed), Just(OtaPhase::RolledBack)],
                   progress in opt(0u8..=100), version in opt(text()), error in opt(text())) {
-        round_trip(&OtaStatus { status, progress, version, error });
+        round_trip(&OtaStatus { status, id: None, progress, version, error });
     }
 
     #[test]

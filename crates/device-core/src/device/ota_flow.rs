@@ -1,0 +1,310 @@
+//! The device's side of an OTA update, as a part of the state machine:
+//!
+//! offer -> checks ([`crate::ota::verify_offer`]) -> STARTED -> download (the shell streams into
+//! the inactive slot, resuming after a dropped link or a reboot) -> IN_PROGRESS(progress) ->
+//! activate + reboot -> the new image boots on probation -> connected and stable for
+//! `ota_confirm_ms` -> confirm -> SUCCESS. An image that never gets there reboots at
+//! `ota_verify_deadline_ms`; the bootloader rolls it back once the crash counter reaches its
+//! limit, and the previous image reports ROLLED_BACK.
+
+use alloc::string::{String, ToString};
+
+use flotilla_proto::{
+    Channel, FirmwareVersion, OtaOffer, OtaPhase, OtaStatus, encode, truncate_chars,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Action, Device, Millis, Persist};
+use crate::ota::{Running, verify_offer};
+use crate::slots::MAX_UNCONFIRMED_BOOTS;
+
+/// An installed update whose outcome is still to be reported (kept in NVS across the reboot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Awaiting {
+    pub id: String,
+    pub version: String,
+}
+
+/// What the bootloader made of the running image at this boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BootedImage {
+    /// A confirmed image (or the factory one).
+    #[default]
+    Valid,
+    /// A new image on probation: confirm it after the health check.
+    PendingVerify,
+    /// A new image was given up; the previous one is running again.
+    RolledBack,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct OtaFlow {
+    job: Option<OtaOffer>,
+    /// Size of the job's image, for progress.
+    size: u64,
+    downloading: bool,
+    last_progress: u8,
+    awaiting: Option<Awaiting>,
+    booted: BootedImage,
+}
+
+impl Device {
+    /// Whether an update is being downloaded or waits for confirmation.
+    pub fn ota_busy(&self) -> bool {
+        self.ota.job.is_some() || self.ota.booted == BootedImage::PendingVerify
+    }
+
+    /// Bytes of the image received so far (the shell counts; this only reports).
+    pub fn handle_ota_progress(&mut self, _now: Millis, received: u64) {
+        let Some(job) = &self.ota.job else { return };
+        let percent = (received.saturating_mul(100) / self.ota.size.max(1)).min(99) as u8;
+        // One report per 10%: enough for a progress bar, little enough for a fleet.
+        if percent / 10 > self.ota.last_progress / 10 {
+            self.ota.last_progress = percent;
+            let status = in_progress(job, percent);
+            self.publish_ota(status);
+        }
+    }
+
+    /// The shell finished streaming: `Ok` once size and hash matched, or why it failed.
+    pub fn handle_ota_finished(&mut self, _now: Millis, result: Result<(), String>) {
+        let Some(job) = self.ota.job.take() else {
+            return;
+        };
+        self.ota.downloading = false;
+        let version = offered_version(&job);
+        match result {
+            Ok(()) => {
+                self.publish_ota(in_progress(&job, 100));
+                let awaiting = Awaiting {
+                    id: job.id,
+                    version,
+                };
+                self.persist(Persist::OtaInstalled(awaiting));
+                // The new image starts with a clean crash counter.
+                self.persist(Persist::UnstableBoots(0));
+                self.actions.push_back(Action::ActivateImage);
+                self.actions.push_back(Action::Reboot);
+            }
+            Err(error) => {
+                self.persist(Persist::OtaJob(None));
+                self.publish_ota(OtaStatus {
+                    status: OtaPhase::Failed,
+                    id: Some(job.id),
+                    progress: None,
+                    version: Some(version),
+                    error: Some(truncate_chars(&error, 200).to_string()),
+                });
+            }
+        }
+    }
+
+    pub(super) fn ota_boot(
+        &mut self,
+        now: Millis,
+        job: Option<OtaOffer>,
+        awaiting: Option<Awaiting>,
+        booted: BootedImage,
+    ) {
+        self.ota.job = job;
+        self.ota.awaiting = awaiting;
+        self.ota.booted = booted;
+        if booted == BootedImage::PendingVerify {
+            self.timers.ota_deadline = Some(now + self.config.ota_verify_deadline_ms);
+        }
+    }
+
+    pub(super) fn ota_connected(&mut self, now: Millis) {
+        match self.ota.booted {
+            BootedImage::PendingVerify => {
+                self.timers.ota_confirm = Some(now + self.config.ota_confirm_ms);
+            }
+            BootedImage::RolledBack => {
+                if let Some(a) = self.ota.awaiting.take() {
+                    self.persist(Persist::OtaReported);
+                    self.publish_ota(OtaStatus {
+                        status: OtaPhase::RolledBack,
+                        id: Some(a.id),
+                        progress: None,
+                        version: Some(a.version),
+                        error: Some(alloc::format!(
+                            "image not confirmed after {MAX_UNCONFIRMED_BOOTS} boots; previous image restored"
+                        )),
+                    });
+                }
+                self.ota.booted = BootedImage::Valid;
+            }
+            BootedImage::Valid => {
+                // A power cut between install and activation, or between confirmation and
+                // its report: the running version tells which.
+                if let Some(a) = self.ota.awaiting.take() {
+                    self.persist(Persist::OtaReported);
+                    let done = a.version == self.config.firmware_version;
+                    self.publish_ota(OtaStatus {
+                        status: if done {
+                            OtaPhase::Success
+                        } else {
+                            OtaPhase::Failed
+                        },
+                        id: Some(a.id),
+                        progress: None,
+                        version: Some(a.version),
+                        error: (!done).then(|| "interrupted before activation".to_string()),
+                    });
+                }
+            }
+        }
+        if let Some(job) = self.ota.job.clone()
+            && !self.ota.downloading
+        {
+            // Re-check after the reboot: the running image or the clock may have changed.
+            self.ota.job = None;
+            self.start_job(now, job, true);
+        }
+    }
+
+    pub(super) fn ota_offer(&mut self, now: Millis, offer: OtaOffer) {
+        if self.ota.job.as_ref().is_some_and(|j| j.id == offer.id) {
+            return; // a redelivery of the offer in progress
+        }
+        let busy = if self.ota.booted == BootedImage::PendingVerify {
+            Some("the running update is not confirmed yet")
+        } else if self.ota.job.is_some() {
+            Some("another update is in progress")
+        } else {
+            None
+        };
+        if let Some(reason) = busy {
+            let version = offered_version(&offer);
+            self.publish_ota(OtaStatus {
+                status: OtaPhase::Failed,
+                id: Some(offer.id),
+                progress: None,
+                version: Some(version),
+                error: Some(reason.to_string()),
+            });
+            return;
+        }
+        self.start_job(now, offer, false);
+    }
+
+    fn start_job(&mut self, now: Millis, offer: OtaOffer, resume: bool) {
+        let version: FirmwareVersion =
+            self.config
+                .firmware_version
+                .parse()
+                .unwrap_or(FirmwareVersion {
+                    major: 0,
+                    minor: 0,
+                    patch: 0,
+                });
+        let running = Running {
+            hardware: &self.config.hardware,
+            version,
+            security_counter: self.config.security_counter,
+            now: self.unix_ms(now).map(|ms| ms / 1000),
+        };
+        let checked = verify_offer(
+            &offer.manifest,
+            &self.config.trusted_keys,
+            &running,
+            offer.force,
+        )
+        .and_then(|m| {
+            if m.size > self.config.slot_size {
+                Err(crate::ota::OtaRejection::TooLargeForSlot)
+            } else {
+                Ok(m)
+            }
+        });
+        let manifest = match checked {
+            Ok(m) => m,
+            Err(rejection) => {
+                if resume {
+                    self.persist(Persist::OtaJob(None));
+                }
+                let version = offered_version(&offer);
+                self.publish_ota(OtaStatus {
+                    status: OtaPhase::Failed,
+                    id: Some(offer.id),
+                    progress: None,
+                    version: Some(version),
+                    error: Some(rejection.reason().to_string()),
+                });
+                return;
+            }
+        };
+        if !resume {
+            self.persist(Persist::OtaJob(Some(offer.clone())));
+            self.publish_ota(OtaStatus {
+                status: OtaPhase::Started,
+                id: Some(offer.id.clone()),
+                progress: None,
+                version: Some(manifest.version.clone()),
+                error: None,
+            });
+        }
+        self.ota.size = manifest.size;
+        self.ota.last_progress = 0;
+        self.ota.downloading = true;
+        self.ota.job = Some(offer.clone());
+        self.actions.push_back(Action::Download {
+            offer,
+            manifest,
+            resume,
+        });
+    }
+
+    pub(super) fn ota_confirm(&mut self) {
+        if self.ota.booted != BootedImage::PendingVerify {
+            return;
+        }
+        self.ota.booted = BootedImage::Valid;
+        self.timers.ota_deadline = None;
+        self.actions.push_back(Action::ConfirmImage);
+        let awaiting = self.ota.awaiting.take();
+        if awaiting.is_some() {
+            self.persist(Persist::OtaReported);
+        }
+        self.publish_ota(OtaStatus {
+            status: OtaPhase::Success,
+            id: awaiting.map(|a| a.id),
+            progress: None,
+            version: Some(self.config.firmware_version.clone()),
+            error: None,
+        });
+    }
+
+    /// The new image never passed its health check in time: restart it. The crash counter
+    /// grows with every such boot until the bootloader rolls back.
+    pub(super) fn ota_deadline_passed(&mut self) {
+        if self.ota.booted == BootedImage::PendingVerify {
+            self.actions.push_back(Action::Reboot);
+        }
+    }
+
+    fn publish_ota(&mut self, status: OtaStatus) {
+        self.publish(Channel::OtaStatus, encode(&status), false);
+    }
+}
+
+fn in_progress(job: &OtaOffer, percent: u8) -> OtaStatus {
+    OtaStatus {
+        status: OtaPhase::InProgress,
+        id: Some(job.id.clone()),
+        progress: Some(percent),
+        version: Some(offered_version(job)),
+        error: None,
+    }
+}
+
+/// The version an offer claims, for reports (read without trusting it).
+fn offered_version(offer: &OtaOffer) -> String {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        version: String,
+    }
+    serde_json::from_str::<VersionOnly>(&offer.manifest.manifest)
+        .map(|v| truncate_chars(&v.version, 32).to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,175 @@
+//! Streams an image into the inactive slot in bounded memory: erases the slot, writes chunks at
+//! the flash's write alignment, checks size and SHA-256 as bytes arrive, and can resume after a
+//! dropped link or a reboot from the last offset it reported as flushed.
+//!
+//! The caller persists [`SlotWriter::flushed`] (never more) as its resume offset. On resume the
+//! bytes already in flash are hashed again — the hasher's state does not survive a reboot — and
+//! the erase block holding the offset is erased again, since a torn write may have touched it.
+
+use flotilla_proto::FirmwareManifest;
+
+use crate::ota::{ImageCheck, OtaRejection};
+use crate::slots::{Flash, FlashError, Layout};
+
+/// Why writing an image stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallError {
+    Rejected(OtaRejection),
+    Flash(FlashError),
+}
+
+impl From<OtaRejection> for InstallError {
+    fn from(r: OtaRejection) -> Self {
+        InstallError::Rejected(r)
+    }
+}
+
+impl From<FlashError> for InstallError {
+    fn from(e: FlashError) -> Self {
+        InstallError::Flash(e)
+    }
+}
+
+/// Bytes held back until a whole write-aligned unit is available.
+const TAIL: usize = 16;
+
+/// An image being written to one slot.
+#[derive(Debug, Clone)]
+pub struct SlotWriter {
+    base: usize,
+    flushed: usize,
+    tail: [u8; TAIL],
+    tail_len: usize,
+    check: ImageCheck,
+}
+
+impl SlotWriter {
+    /// Starts a fresh install into `slot`: erases it whole.
+    pub fn begin<F: Flash>(
+        layout: &Layout,
+        flash: &mut F,
+        slot: usize,
+        manifest: &FirmwareManifest,
+    ) -> Result<SlotWriter, InstallError> {
+        let writer = Self::new(layout, slot, manifest)?;
+        layout.erase_slot(flash, slot)?;
+        Ok(writer)
+    }
+
+    /// Continues an install whose first `offset` bytes were flushed earlier. Returns the writer
+    /// and the offset it really resumes from (rounded down to an erase block), which is where
+    /// the download must continue.
+    pub fn resume<F: Flash>(
+        layout: &Layout,
+        flash: &mut F,
+        slot: usize,
+        manifest: &FirmwareManifest,
+        offset: u64,
+    ) -> Result<(SlotWriter, u64), InstallError> {
+        let mut writer = Self::new(layout, slot, manifest)?;
+        let offset = usize::try_from(offset.min(manifest.size))
+            .unwrap_or(0)
+            .min(layout.slot_len);
+        let start = offset - offset % F::ERASE_BLOCK;
+        let mut buf = [0u8; 256];
+        let mut at = 0;
+        while at < start {
+            let n = buf.len().min(start - at);
+            flash.read(writer.base + at, &mut buf[..n]);
+            writer.check.update(&buf[..n])?;
+            at += n;
+        }
+        // Blocks from `start` on may hold a torn write: erase any that are not blank.
+        let mut block = start;
+        while block < layout.slot_len {
+            if !is_blank(flash, writer.base + block, F::ERASE_BLOCK) {
+                flash.erase(writer.base + block)?;
+            }
+            block += F::ERASE_BLOCK;
+        }
+        writer.flushed = start;
+        Ok((writer, start as u64))
+    }
+
+    fn new(
+        layout: &Layout,
+        slot: usize,
+        manifest: &FirmwareManifest,
+    ) -> Result<SlotWriter, InstallError> {
+        if manifest.size > layout.slot_len as u64 {
+            return Err(OtaRejection::TooLargeForSlot.into());
+        }
+        Ok(SlotWriter {
+            base: layout.slots[slot & 1],
+            flushed: 0,
+            tail: [0xFF; TAIL],
+            tail_len: 0,
+            check: ImageCheck::new(manifest)?,
+        })
+    }
+
+    /// Bytes durably written: the offset to persist for a resume.
+    pub fn flushed(&self) -> u64 {
+        self.flushed as u64
+    }
+
+    /// Bytes accepted so far (flushed plus held back).
+    pub fn received(&self) -> u64 {
+        self.check.received()
+    }
+
+    /// Writes the next chunk; refuses it whole if it would exceed the declared size.
+    pub fn write<F: Flash>(&mut self, flash: &mut F, mut chunk: &[u8]) -> Result<(), InstallError> {
+        self.check.update(chunk)?;
+        let align = F::WRITE_ALIGN.min(TAIL);
+        // Complete a held-back unit first.
+        if self.tail_len > 0 {
+            let take = (align - self.tail_len).min(chunk.len());
+            self.tail[self.tail_len..self.tail_len + take].copy_from_slice(&chunk[..take]);
+            self.tail_len += take;
+            chunk = &chunk[take..];
+            if self.tail_len < align {
+                return Ok(());
+            }
+            flash.write(self.base + self.flushed, &self.tail[..align])?;
+            self.flushed += align;
+            self.tail_len = 0;
+        }
+        let whole = chunk.len() - chunk.len() % align;
+        if whole > 0 {
+            flash.write(self.base + self.flushed, &chunk[..whole])?;
+            self.flushed += whole;
+        }
+        let rest = &chunk[whole..];
+        self.tail[..rest.len()].copy_from_slice(rest);
+        self.tail_len = rest.len();
+        Ok(())
+    }
+
+    /// Writes the held-back bytes (padded with 0xFF) and checks size and hash. Only after this
+    /// succeeds may the slot be activated.
+    pub fn finish<F: Flash>(mut self, flash: &mut F) -> Result<(), InstallError> {
+        if self.tail_len > 0 {
+            let align = F::WRITE_ALIGN.min(TAIL);
+            self.tail[self.tail_len..].fill(0xFF);
+            flash.write(self.base + self.flushed, &self.tail[..align])?;
+            self.flushed += align;
+        }
+        self.check.finish()?;
+        Ok(())
+    }
+}
+
+fn is_blank<F: Flash>(flash: &F, offset: usize, len: usize) -> bool {
+    let mut buf = [0u8; 256];
+    let mut at = 0;
+    while at < len {
+        let n = buf.len().min(len - at);
+        flash.read(offset + at, &mut buf[..n]);
+        if buf[..n].iter().any(|b| *b != 0xFF) {
+            return false;
+        }
+        at += n;
+    }
+    true
+}

@@ -1,0 +1,177 @@
+//! The simulated shell shared by the device-core tests: records what the device asked for and
+//! lets the test answer, in simulated time.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use flotilla_device_core::ota::to_hex;
+use flotilla_device_core::{Action, Config, Device, Millis, Provisioning, State, Stored};
+use flotilla_proto::{
+    Command, CommandReply, DeviceId, FirmwareManifest, SignedManifest, decode, encode,
+};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use sha2::{Digest, Sha256};
+
+/// A simulated shell: records what the device asked for and lets the test answer.
+pub struct Sim {
+    pub device: Device,
+    pub now: Millis,
+    pub log: Vec<Action>,
+    pub transitions: Vec<State>,
+}
+
+impl Sim {
+    pub fn boot(config: Config, stored: Stored) -> Sim {
+        let mut sim = Sim {
+            device: Device::new(config, 7),
+            now: 0,
+            log: Vec::new(),
+            transitions: Vec::new(),
+        };
+        sim.device.handle_boot(0, stored);
+        sim.drain();
+        sim
+    }
+
+    pub fn drain(&mut self) {
+        while let Some(a) = self.device.poll_action() {
+            self.log.push(a);
+        }
+        while let Some(s) = self.device.poll_transition() {
+            self.transitions.push(s);
+        }
+    }
+
+    /// Advances simulated time to `until`, firing every timeout on the way.
+    pub fn run_until(&mut self, until: Millis) {
+        while let Some(t) = self.device.poll_timeout() {
+            if t > until {
+                break;
+            }
+            self.now = self.now.max(t);
+            self.device.handle_timeout(self.now);
+            self.drain();
+        }
+        self.now = until;
+    }
+
+    pub fn take_log(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.log)
+    }
+
+    pub fn published(&mut self, suffix: &str) -> Vec<Vec<u8>> {
+        self.log
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish(p) if p.topic.ends_with(suffix) => Some(p.payload.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn replies(&mut self) -> Vec<CommandReply> {
+        self.published("/reply")
+            .iter()
+            .map(|p| decode(p).unwrap())
+            .collect()
+    }
+
+    pub fn connected(config: Config) -> Sim {
+        let stored = Stored {
+            provisioning: Some(provisioning()),
+            has_certificate: true,
+            ..Stored::default()
+        };
+        let mut sim = Sim::boot(config, stored);
+        sim.device.handle_wifi_connected(0);
+        sim.drain();
+        sim.device.handle_mqtt_connected(0);
+        sim.drain();
+        sim.device.handle_wall_clock(0, 1_000_000_000_000);
+        sim.take_log();
+        sim
+    }
+
+    pub fn command(&mut self, id: &str, name: &str, args: serde_json::Value) {
+        let c = Command {
+            id: id.into(),
+            name: name.into(),
+            args,
+            expires_at: 2_000_000_000,
+        };
+        self.device
+            .handle_message(self.now, "devices/dev-1/command", &encode(&c));
+        self.drain();
+    }
+}
+
+pub fn provisioning() -> Provisioning {
+    Provisioning {
+        ssid: "HomeNet".into(),
+        password: "secret123".into(),
+        device_id: DeviceId::parse("dev-1").unwrap(),
+        provisioning_token: "tok".into(),
+        bearer_token: None,
+    }
+}
+
+// ----- releases -----
+
+pub fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32].into()).unwrap()
+}
+
+pub fn manifest(version: &str, image: &[u8]) -> FirmwareManifest {
+    FirmwareManifest {
+        version: version.into(),
+        hardware: "esp32c3".into(),
+        size: image.len() as u64,
+        sha256: to_hex(&Sha256::digest(image)),
+        security_counter: 3,
+        issued_at: 1_800_000_000,
+        expires_at: Some(1_900_000_000),
+    }
+}
+
+pub fn sign(key: &SigningKey, m: &FirmwareManifest) -> SignedManifest {
+    let text = serde_json::to_string(m).unwrap();
+    let sig: Signature = key.sign(text.as_bytes());
+    SignedManifest {
+        manifest: text,
+        signature: to_hex(&sig.to_bytes()),
+    }
+}
+
+// ----- flash -----
+
+/// Plain NOR flash in RAM (4 KiB erase blocks, 4-byte writes), without power cuts.
+pub struct RamFlash(pub Vec<u8>);
+
+impl RamFlash {
+    pub fn new(len: usize) -> Self {
+        RamFlash(vec![0xFF; len])
+    }
+}
+
+impl flotilla_device_core::slots::Flash for RamFlash {
+    const ERASE_BLOCK: usize = 4096;
+    const WRITE_ALIGN: usize = 4;
+
+    fn read(&self, offset: usize, buf: &mut [u8]) {
+        buf.copy_from_slice(&self.0[offset..offset + buf.len()]);
+    }
+
+    fn erase(&mut self, offset: usize) -> Result<(), flotilla_device_core::slots::FlashError> {
+        self.0[offset..offset + 4096].fill(0xFF);
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), flotilla_device_core::slots::FlashError> {
+        self.0[offset..offset + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
