@@ -69,24 +69,7 @@ pub fn verify_offer(
     running: &Running<'_>,
     force: bool,
 ) -> Result<FirmwareManifest, OtaRejection> {
-    let sig_bytes = decode_hex::<64>(&offer.signature).ok_or(OtaRejection::BadSignature)?;
-    let signature = Signature::from_slice(&sig_bytes).map_err(|_| OtaRejection::BadSignature)?;
-    let message = offer.manifest.as_bytes();
-    if !trusted
-        .iter()
-        .any(|k| k.verify(message, &signature).is_ok())
-    {
-        return Err(OtaRejection::BadSignature);
-    }
-    let manifest: FirmwareManifest =
-        serde_json::from_slice(message).map_err(|_| OtaRejection::MalformedManifest)?;
-    let version: FirmwareVersion = manifest
-        .version
-        .parse()
-        .map_err(|_| OtaRejection::MalformedManifest)?;
-    if decode_hex::<32>(&manifest.sha256).is_none() {
-        return Err(OtaRejection::MalformedManifest);
-    }
+    let (manifest, version) = verify_signature(offer, trusted)?;
     if manifest.hardware != running.hardware {
         return Err(OtaRejection::WrongHardware);
     }
@@ -102,6 +85,33 @@ pub fn verify_offer(
         return Err(OtaRejection::Expired);
     }
     Ok(manifest)
+}
+
+/// Checks the signature against the trusted keys and that the signed bytes are a well-formed
+/// manifest; returns it with its parsed version. The server runs this too, at publish time.
+pub fn verify_signature(
+    offer: &SignedManifest,
+    trusted: &[VerifyingKey],
+) -> Result<(FirmwareManifest, FirmwareVersion), OtaRejection> {
+    let sig_bytes = decode_hex::<64>(&offer.signature).ok_or(OtaRejection::BadSignature)?;
+    let signature = Signature::from_slice(&sig_bytes).map_err(|_| OtaRejection::BadSignature)?;
+    let message = offer.manifest.as_bytes();
+    if !trusted
+        .iter()
+        .any(|k| k.verify(message, &signature).is_ok())
+    {
+        return Err(OtaRejection::BadSignature);
+    }
+    let manifest: FirmwareManifest =
+        serde_json::from_slice(message).map_err(|_| OtaRejection::MalformedManifest)?;
+    let version: FirmwareVersion = manifest
+        .version
+        .parse()
+        .map_err(|_| OtaRejection::MalformedManifest)?;
+    if decode_hex::<32>(&manifest.sha256).is_none() || manifest.hardware.is_empty() {
+        return Err(OtaRejection::MalformedManifest);
+    }
+    Ok((manifest, version))
 }
 
 /// Checks an image as it streams in, in bounded memory.

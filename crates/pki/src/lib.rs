@@ -231,7 +231,12 @@ fn csr_for_key(key: &KeyPair, device_id: &str) -> Result<String, PkiError> {
 /// The serial number and CN of a PEM certificate.
 pub fn certificate_identity(cert_pem: &str) -> Option<(String, String)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
-    let cert = pem.parse_x509().ok()?;
+    certificate_identity_der(&pem.contents)
+}
+
+/// The serial number and CN of a DER certificate (as a TLS peer presents it).
+pub fn certificate_identity_der(der: &[u8]) -> Option<(String, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert
         .subject()
         .iter_common_name()

@@ -11,6 +11,7 @@ use crate::broker::BrokerControl;
 use crate::broker::gate::DeviceGate;
 use crate::commands::Dispatcher;
 use crate::config::ServerConfig;
+use crate::ota::OtaService;
 use crate::routes;
 use crate::store::Store;
 
@@ -26,6 +27,7 @@ pub struct AppState {
     pub gate: Arc<DeviceGate>,
     pub broker: Arc<dyn BrokerControl>,
     pub dispatcher: Arc<Dispatcher>,
+    pub ota: Arc<OtaService>,
     pub config: Arc<ServerConfig>,
 }
 
@@ -43,6 +45,9 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::commands::router())
         .merge(routes::admin::router())
         .merge(routes::provisioning::router())
+        .merge(routes::releases::router())
+        .merge(routes::ota::router())
+        .merge(routes::rollouts::router())
         .merge(routes::meta::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)

@@ -55,6 +55,17 @@ pub struct ServerConfig {
     /// binary) owned by a demo account whose credentials go to `DATA_DIR/demo-credentials.json`.
     #[arg(long, env = "FLOTILLA_DEMO", default_value_t = 0)]
     pub demo: usize,
+    /// Release public keys (PEM, from `flotilla release keygen`) releases must be signed by.
+    /// Several may be trusted at once, for key rotation.
+    #[arg(
+        long = "release-key",
+        env = "FLOTILLA_RELEASE_KEYS",
+        value_delimiter = ','
+    )]
+    pub release_keys: Vec<PathBuf>,
+    /// Where release images are stored (default: DATA_DIR/artifacts).
+    #[arg(long, env = "FLOTILLA_ARTIFACTS_DIR")]
+    pub artifacts_dir: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -78,6 +89,12 @@ impl ServerConfig {
 
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_secs(self.heartbeat_timeout_secs.max(1))
+    }
+
+    pub fn artifacts_path(&self) -> PathBuf {
+        self.artifacts_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("artifacts"))
     }
 
     pub fn database_path(&self) -> PathBuf {

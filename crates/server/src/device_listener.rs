@@ -1,5 +1,5 @@
-//! The HTTPS listener devices talk to (`--device-addr`): `/sign-csr`, `/ca.pem`, and later
-//! firmware downloads. Client certificates are requested and verified against our CA when
+//! The HTTPS listener devices talk to (`--device-addr`): `/sign-csr`, `/ca.pem` and firmware
+//! downloads. Client certificates are requested and verified against our CA when
 //! offered, but not required, because a device has none before `/sign-csr`.
 
 use std::net::SocketAddr;
@@ -23,10 +23,16 @@ use crate::routes;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::sign_csr::router())
+        .merge(routes::firmware::router())
         .route("/ca.pem", axum::routing::get(routes::meta::ca_pem))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .with_state(state)
 }
+
+/// The verified client certificate of a connection, `(serial, CN)`, if one was presented;
+/// added to every request on that connection.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Option<(String, String)>);
 
 pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<TlsAcceptor> {
     let mut roots = RootCertStore::empty();
@@ -76,6 +82,15 @@ pub async fn serve(
                 )
                 .await;
                 let Ok(Ok(tls)) = handshake else { return };
+                // rustls verified the chain against our CA; this is who the peer is.
+                let peer = PeerIdentity(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|der| flotilla_pki::certificate_identity_der(der)),
+                );
+                let app = app.layer(axum::Extension(peer));
                 let service = TowerToHyperService::new(app);
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)

@@ -12,6 +12,7 @@ pub enum ApiError {
     Unauthorized,
     Forbidden(&'static str),
     NotFound(&'static str),
+    Gone(&'static str),
     Conflict(String),
     TooManyRequests,
     PayloadTooLarge,
@@ -36,6 +37,7 @@ impl IntoResponse for ApiError {
             ),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m.into()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m.into()),
+            ApiError::Gone(m) => (StatusCode::GONE, m.into()),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::TooManyRequests => (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -19,7 +19,8 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
 use crate::commands::Dispatcher;
-use crate::store::{DeviceUpdate, Store, now_ms};
+use crate::ota::OtaService;
+use crate::store::{DeviceUpdate, Finished, Store, now_ms};
 
 /// Shared-subscription group of all Flotilla server replicas.
 pub const GROUP: &str = "flotilla";
@@ -116,6 +117,7 @@ pub fn start(
     client_id: &str,
     store: Store,
     dispatcher: Arc<Dispatcher>,
+    ota: Arc<OtaService>,
     batch: usize,
 ) -> AsyncClient {
     let (client, eventloop) = AsyncClient::new(link.options(client_id), 4096);
@@ -126,6 +128,7 @@ pub fn start(
         rx,
         store,
         dispatcher,
+        ota,
         batch.max(1),
     ));
     client
@@ -165,11 +168,15 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Publish>,
     store: Store,
     dispatcher: Arc<Dispatcher>,
+    ota: Arc<OtaService>,
     batch: usize,
 ) {
     let mut buf = Vec::with_capacity(batch);
     while rx.recv_many(&mut buf, batch).await > 0 {
-        let came_online = loop {
+        let Committed {
+            came_online,
+            finished,
+        } = loop {
             match commit_batch(&store, &buf).await {
                 Ok(online) => break online,
                 Err(e) => {
@@ -186,15 +193,26 @@ async fn write_loop(
         }
         for device in came_online {
             dispatcher.flush_pending(&device).await;
+            ota.device_online(&device).await;
+        }
+        for f in finished {
+            ota.finished(f).await;
         }
     }
 }
 
-/// Stores one batch in one transaction; returns the devices that came online.
-async fn commit_batch(store: &Store, batch: &[Publish]) -> sqlx::Result<Vec<String>> {
+/// What a committed batch changed that others must hear about.
+#[derive(Default)]
+struct Committed {
+    came_online: Vec<String>,
+    finished: Vec<Finished>,
+}
+
+/// Stores one batch in one transaction.
+async fn commit_batch(store: &Store, batch: &[Publish]) -> sqlx::Result<Committed> {
     let now = now_ms();
     let mut tx = store.pool().begin().await?;
-    let mut came_online = Vec::new();
+    let mut out = Committed::default();
     for p in batch {
         let topic = String::from_utf8_lossy(&p.topic);
         let item = match decode_item(&topic, &p.payload) {
@@ -207,19 +225,24 @@ async fn commit_batch(store: &Store, batch: &[Publish]) -> sqlx::Result<Vec<Stri
         match item {
             Item::Update(device, update) => {
                 if crate::store::apply_update(&mut tx, device.as_str(), &update, now).await? {
-                    came_online.push(device.as_str().to_string());
+                    out.came_online.push(device.as_str().to_string());
                 }
             }
             Item::Reply(device, reply) => {
                 Store::apply_reply(&mut tx, device.as_str(), &reply, now).await?;
             }
             Item::Ota(device, status) => {
-                tracing::info!(device = %device, status = ?status.status, "OTA status");
+                tracing::info!(device = %device, status = ?status.status, id = ?status.id, "OTA status");
+                if let Some(f) =
+                    crate::store::apply_ota_status(&mut tx, device.as_str(), &status, now).await?
+                {
+                    out.finished.push(f);
+                }
             }
         }
     }
     tx.commit().await?;
-    Ok(came_online)
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ mod device_listener;
 mod error;
 mod ingest;
 mod openapi;
+mod ota;
+mod rollouts;
 mod routes;
 mod server;
 mod store;

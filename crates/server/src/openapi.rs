@@ -19,6 +19,7 @@ pub enum Auth {
     User,
     Admin,
     ProvisioningToken,
+    DeviceCertificate,
 }
 
 fn s(t: &str) -> Value {
@@ -244,6 +245,145 @@ pub const OPERATIONS: &[Operation] = &[
                 &["device_id", "csr"],
             )
         }),
+        200,
+    ),
+    (
+        "post",
+        "/api/releases",
+        "Publish a release: its signed manifest, verified against the trusted release keys",
+        Auth::Admin,
+        Some(|| {
+            object(
+                &[("manifest", s("string")), ("signature", s("string"))],
+                &["manifest", "signature"],
+            )
+        }),
+        201,
+    ),
+    (
+        "get",
+        "/api/releases",
+        "Releases, newest version first",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/releases/blocked",
+        "Blocked versions (seed's blocked_versions.json)",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/releases/{version}",
+        "One release",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "put",
+        "/api/releases/{version}/image",
+        "Upload a release's image (application/octet-stream); checked against the manifest",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/releases/{version}/block",
+        "Block (never offered; rollouts of it abort) or unblock a release",
+        Auth::Admin,
+        Some(|| {
+            object(
+                &[("blocked", s("boolean")), ("reason", s("string"))],
+                &["blocked"],
+            )
+        }),
+        200,
+    ),
+    (
+        "get",
+        "/api/ota/{deviceId}/check",
+        "{\"updateAvailable\", \"latestVersion\", \"currentVersion\"}",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/ota/{deviceId}/start",
+        "Offer a release to a device (default: the latest); optional {version, force}",
+        Auth::User,
+        None,
+        202,
+    ),
+    (
+        "get",
+        "/api/ota/{deviceId}/history",
+        "A device's updates with every status it reported",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/firmware/distribution",
+        "Devices per running firmware version",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/rollouts",
+        "Create a staged rollout: {version, target: {hardware|devices|all}, phases, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, maxConcurrent, startAt}",
+        Auth::User,
+        Some(|| {
+            object(
+                &[
+                    ("version", s("string")),
+                    ("target", s("object")),
+                    ("phases", json!({"type": "array", "items": s("number")})),
+                ],
+                &["version", "target"],
+            )
+        }),
+        201,
+    ),
+    (
+        "get",
+        "/api/rollouts",
+        "Rollouts with progress",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/rollouts/{id}",
+        "A rollout: state, phase, counts per state",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/rollouts/{id}/{action}",
+        "pause, resume or abort a rollout",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/firmware/{version}",
+        "Device listener (HTTPS, client certificate): a release image; HTTP Range supported",
+        Auth::DeviceCertificate,
+        None,
         200,
     ),
 ];

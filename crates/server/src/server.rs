@@ -70,14 +70,23 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         flotilla_pki::SERVICE_PREFIX,
         hex::encode(rand::random::<[u8; 4]>())
     );
+    let keys = crate::ota::TrustedKeys::load(&config.release_keys)?;
+    if keys.is_empty() {
+        tracing::warn!("no --release-key configured: releases cannot be published");
+    }
+    let artifacts = crate::ota::Artifacts::open(&config.artifacts_path())
+        .with_context(|| format!("artifact store {}", config.artifacts_path().display()))?;
+    let ota = crate::ota::OtaService::new(store.clone(), keys, artifacts);
     let client = ingest::start(
         &link,
         &client_id,
         store.clone(),
         dispatcher.clone(),
+        ota.clone(),
         config.ingest_batch,
     );
-    dispatcher.attach(client);
+    dispatcher.attach(client.clone());
+    ota.attach(client, crate::rollouts::spawn(store.clone(), ota.clone()));
     spawn_sweepers(store.clone(), config.heartbeat_timeout());
 
     let state = AppState {
@@ -88,6 +97,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         gate,
         broker: embedded,
         dispatcher,
+        ota,
         config: config.clone(),
     };
     let acceptor = device_listener::tls_acceptor(

@@ -4,8 +4,12 @@ pub mod admin;
 pub mod auth;
 pub mod commands;
 pub mod devices;
+pub mod firmware;
 pub mod meta;
+pub mod ota;
 pub mod provisioning;
+pub mod releases;
+pub mod rollouts;
 pub mod sign_csr;
 
 use crate::app::AppState;

@@ -16,6 +16,7 @@ pub struct DeviceRow {
     pub last_seen: Option<i64>,
     pub disconnect_reason: Option<String>,
     pub firmware_version: Option<String>,
+    pub hardware: Option<String>,
     pub led: Option<String>,
     pub brightness: Option<i64>,
     pub heap: Option<i64>,
@@ -38,6 +39,7 @@ fn device_from(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<DeviceRow> {
         last_seen: row.try_get("last_seen")?,
         disconnect_reason: row.try_get("disconnect_reason")?,
         firmware_version: row.try_get("fw_version")?,
+        hardware: row.try_get("hardware")?,
         led: row.try_get("led_state")?,
         brightness: row.try_get("led_brightness")?,
         heap: row.try_get("heap")?,
@@ -254,7 +256,7 @@ pub(crate) async fn apply_update(
                 "UPDATE devices SET online = ?, last_seen = CASE WHEN ? THEN ? ELSE last_seen END, \
                  disconnect_reason = CASE WHEN ? THEN NULL ELSE COALESCE(?, 'offline') END, \
                  led_state = COALESCE(?, led_state), led_brightness = COALESCE(?, led_brightness), \
-                 fw_version = COALESCE(?, fw_version) WHERE device_id = ?",
+                 fw_version = COALESCE(?, fw_version), hardware = COALESCE(?, hardware) WHERE device_id = ?",
             )
             .bind(st.online)
             .bind(st.online)
@@ -264,6 +266,7 @@ pub(crate) async fn apply_update(
             .bind(st.led.map(|l| l.as_str()))
             .bind(st.brightness.map(i64::from))
             .bind(st.fw.as_deref())
+            .bind(st.hw.as_deref().map(|h| flotilla_proto::truncate_chars(h, 32)))
             .bind(device_id)
             .execute(&mut **tx)
             .await?;

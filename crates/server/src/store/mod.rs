@@ -5,6 +5,9 @@ mod audit;
 mod commands;
 mod devices;
 mod migrations;
+mod ota;
+mod releases;
+mod rollouts;
 mod tokens;
 mod users;
 
@@ -20,6 +23,10 @@ pub use audit::{AuditEntry, AuditRecord};
 pub use commands::CommandRow;
 pub(crate) use devices::apply_update;
 pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
+pub(crate) use ota::apply_ota_status;
+pub use ota::{Finished, UpdateRow, UpdateState};
+pub use releases::{NewRelease, ReleaseRow};
+pub use rollouts::RolloutRow;
 pub use tokens::TokenClaim;
 pub use users::{Role, UserRow};
 

@@ -1,0 +1,132 @@
+//! Firmware updates on the server: releases (verified against the operator's public keys),
+//! their images, offers on `devices/{id}/ota`, and what devices report back.
+//!
+//! An offer is stored before it is published and published again when its device comes back
+//! online, until the device starts it; the device ignores a redelivered offer it is working on.
+
+pub mod artifacts;
+pub mod keys;
+
+use std::sync::{Arc, OnceLock};
+
+use flotilla_proto::{Channel, DeviceId, OtaOffer, SignedManifest, Topic, encode};
+use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
+use tokio::sync::mpsc;
+
+use crate::rollouts;
+use crate::store::{Finished, ReleaseRow, Store, UpdateRow};
+
+pub use artifacts::Artifacts;
+pub use keys::TrustedKeys;
+
+/// Path of a release image on the device listener; devices resolve it against the backend
+/// URL they already trust.
+pub fn firmware_path(version: &str) -> String {
+    format!("/firmware/{version}")
+}
+
+#[derive(Debug)]
+pub struct OtaService {
+    pub store: Store,
+    pub keys: TrustedKeys,
+    pub artifacts: Artifacts,
+    client: OnceLock<AsyncClient>,
+    rollouts: OnceLock<mpsc::Sender<rollouts::Event>>,
+}
+
+impl OtaService {
+    pub fn new(store: Store, keys: TrustedKeys, artifacts: Artifacts) -> Arc<OtaService> {
+        Arc::new(OtaService {
+            store,
+            keys,
+            artifacts,
+            client: OnceLock::new(),
+            rollouts: OnceLock::new(),
+        })
+    }
+
+    pub fn attach(&self, client: AsyncClient, rollouts: mpsc::Sender<rollouts::Event>) {
+        let _ = self.client.set(client);
+        let _ = self.rollouts.set(rollouts);
+    }
+
+    /// Records and sends an offer of `release` to a device.
+    pub async fn offer(
+        &self,
+        device_id: &str,
+        release: &ReleaseRow,
+        force: bool,
+        rollout_id: Option<&str>,
+        created_by: Option<i64>,
+    ) -> sqlx::Result<UpdateRow> {
+        let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
+        let update = self
+            .store
+            .create_update(
+                &id,
+                device_id,
+                &release.version,
+                force,
+                rollout_id,
+                created_by,
+            )
+            .await?;
+        self.publish(&update, release).await;
+        Ok(update)
+    }
+
+    async fn publish(&self, update: &UpdateRow, release: &ReleaseRow) {
+        let (Some(client), Ok(device)) = (self.client.get(), DeviceId::parse(&update.device_id))
+        else {
+            return;
+        };
+        let offer = OtaOffer {
+            id: update.id.clone(),
+            manifest: SignedManifest {
+                manifest: release.manifest.clone(),
+                signature: release.signature.clone(),
+            },
+            url: firmware_path(&release.version),
+            force: update.force,
+        };
+        let topic = Topic::new(&device, Channel::Ota);
+        if let Err(e) = client
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, encode(&offer))
+            .await
+        {
+            tracing::warn!(error = %e, update = %update.id, "OTA offer publish failed; will retry when the device reconnects");
+        }
+    }
+
+    /// A device came online: re-send offers it has not started, and tell the rollouts.
+    pub async fn device_online(&self, device_id: &str) {
+        match self.store.unstarted_updates(device_id).await {
+            Ok(updates) => {
+                for u in &updates {
+                    match self.store.release(&u.version).await {
+                        Ok(Some(r)) if r.ready && !r.blocked => self.publish(u, &r).await,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "loading release failed"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, device_id, "loading pending offers failed"),
+        }
+        self.notify(rollouts::Event::DeviceOnline(device_id.to_string()))
+            .await;
+    }
+
+    /// A device's report ended one of its updates.
+    pub async fn finished(&self, f: Finished) {
+        if f.rollout_id.is_some() {
+            self.notify(rollouts::Event::Finished(f)).await;
+        }
+    }
+
+    pub async fn notify(&self, event: rollouts::Event) {
+        if let Some(tx) = self.rollouts.get() {
+            let _ = tx.send(event).await;
+        }
+    }
+}

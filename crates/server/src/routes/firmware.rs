@@ -1,0 +1,139 @@
+//! `GET /firmware/{version}` on the device listener: the image, only to a device presenting
+//! its current certificate and holding an open offer for that version; HTTP Range for resumes.
+//! The file is streamed in small reads, so a download holds a few tens of KiB of server memory.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::app::AppState;
+use crate::device_listener::PeerIdentity;
+use crate::error::ApiError;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/firmware/{version}", get(download))
+}
+
+/// Bytes read from disk per chunk.
+const CHUNK: usize = 16 * 1024;
+
+async fn download(
+    State(state): State<AppState>,
+    Extension(peer): Extension<PeerIdentity>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some((serial, device_id)) = peer.0 else {
+        return Err(ApiError::Unauthorized);
+    };
+    // The same gate the broker applies: not blocked, and only the newest certificate.
+    if state.gate.check(&device_id, Some(&serial)).is_err() {
+        return Err(ApiError::Forbidden("device certificate not accepted"));
+    }
+    let release = super::releases::find(&state, &version).await?;
+    if release.blocked {
+        return Err(ApiError::Gone("release is blocked"));
+    }
+    if !release.ready
+        || !state
+            .store
+            .has_open_update(&device_id, &release.version)
+            .await?
+    {
+        return Err(ApiError::Forbidden("no open update for this release"));
+    }
+    let size = release.size as u64;
+    let range = match headers.get(header::RANGE) {
+        None => None,
+        Some(v) => match parse_range(v.to_str().unwrap_or(""), size) {
+            Some(r) => Some(r),
+            None => {
+                let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+                resp.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{size}"))
+                        .unwrap_or(HeaderValue::from_static("bytes */0")),
+                );
+                return Ok(resp);
+            }
+        },
+    };
+    let mut file = tokio::fs::File::open(state.ota.artifacts.path(&release.version))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), CHUNK));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", release.sha256)) {
+        h.insert(header::ETAG, etag);
+    }
+    if range.is_some() {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`; `None` if unsatisfiable or
+/// not understood (multiple ranges are not served).
+fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return None;
+        }
+        (size.saturating_sub(n), size - 1)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            size - 1
+        } else {
+            b.parse::<u64>().ok()?.min(size - 1)
+        };
+        (start, end)
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_are_parsed_and_clamped_or_refused() {
+        assert_eq!(parse_range("bytes=0-", 100), Some((0, 99)));
+        assert_eq!(parse_range("bytes=10-19", 100), Some((10, 19)));
+        assert_eq!(parse_range("bytes=90-500", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=20-10", 100), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=x-", 100), None);
+        assert_eq!(parse_range("bytes=-0", 100), None);
+    }
+}

@@ -1,0 +1,314 @@
+//! Per-device OTA updates and their history: every offer, and every status the device reported.
+
+use flotilla_proto::{OtaPhase, OtaStatus, truncate_chars};
+use serde::Serialize;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{Store, now_ms};
+
+/// offered -> started -> in_progress -> succeeded | failed | rolled_back; or cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    Offered,
+    Started,
+    InProgress,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Cancelled,
+}
+
+impl UpdateState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::Offered => "offered",
+            UpdateState::Started => "started",
+            UpdateState::InProgress => "in_progress",
+            UpdateState::Succeeded => "succeeded",
+            UpdateState::Failed => "failed",
+            UpdateState::RolledBack => "rolled_back",
+            UpdateState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> UpdateState {
+        match s {
+            "started" => UpdateState::Started,
+            "in_progress" => UpdateState::InProgress,
+            "succeeded" => UpdateState::Succeeded,
+            "failed" => UpdateState::Failed,
+            "rolled_back" => UpdateState::RolledBack,
+            "cancelled" => UpdateState::Cancelled,
+            _ => UpdateState::Offered,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            UpdateState::Succeeded
+                | UpdateState::Failed
+                | UpdateState::RolledBack
+                | UpdateState::Cancelled
+        )
+    }
+}
+
+/// States an update is still open in (SQL list).
+const OPEN: &str = "('offered', 'started', 'in_progress')";
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateRow {
+    pub id: String,
+    pub device_id: String,
+    pub version: String,
+    pub force: bool,
+    pub rollout_id: Option<String>,
+    pub state: UpdateState,
+    pub progress: Option<i64>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+fn update_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<UpdateRow> {
+    Ok(UpdateRow {
+        id: r.try_get("id")?,
+        device_id: r.try_get("device_id")?,
+        version: r.try_get("version")?,
+        force: r.try_get::<i64, _>("force")? != 0,
+        rollout_id: r.try_get("rollout_id")?,
+        state: UpdateState::parse(&r.try_get::<String, _>("state")?),
+        progress: r.try_get("progress")?,
+        error: r.try_get("error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateEvent {
+    pub at: i64,
+    pub status: String,
+    pub progress: Option<i64>,
+    pub version: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A device's report that ended (or moved) an update, for the rollout planner.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub device_id: String,
+    pub rollout_id: Option<String>,
+    pub state: UpdateState,
+}
+
+impl Store {
+    /// Records a new offer, replacing (cancelling) any open one for the device.
+    pub async fn create_update(
+        &self,
+        id: &str,
+        device_id: &str,
+        version: &str,
+        force: bool,
+        rollout_id: Option<&str>,
+        created_by: Option<i64>,
+    ) -> sqlx::Result<UpdateRow> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = ? \
+             WHERE device_id = ? AND state IN {OPEN}"
+        ))
+        .bind(now)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, created_by, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, 'offered', ?, ?, ?) RETURNING *",
+        )
+        .bind(id)
+        .bind(device_id)
+        .bind(version)
+        .bind(force)
+        .bind(rollout_id)
+        .bind(created_by)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        update_from(&row)
+    }
+
+    /// Offers the device has not acted on yet: re-sent when it comes back online.
+    pub async fn unstarted_updates(&self, device_id: &str) -> sqlx::Result<Vec<UpdateRow>> {
+        sqlx::query("SELECT * FROM ota_updates WHERE device_id = ? AND state = 'offered'")
+            .bind(device_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(update_from)
+            .collect()
+    }
+
+    /// Whether the device holds an open offer for `version` (what entitles it to download).
+    pub async fn has_open_update(&self, device_id: &str, version: &str) -> sqlx::Result<bool> {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM ota_updates WHERE device_id = ? AND version = ? AND state IN {OPEN}"
+        ))
+        .bind(device_id)
+        .bind(version)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    /// A device's updates, newest first, each with its reported events.
+    pub async fn update_history(
+        &self,
+        device_id: &str,
+        limit: i64,
+    ) -> sqlx::Result<Vec<(UpdateRow, Vec<UpdateEvent>)>> {
+        let updates = sqlx::query(
+            "SELECT * FROM ota_updates WHERE device_id = ? ORDER BY created_at DESC, id LIMIT ?",
+        )
+        .bind(device_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(updates.len());
+        for u in &updates {
+            let update = update_from(u)?;
+            let events = sqlx::query("SELECT * FROM ota_events WHERE update_id = ? ORDER BY id")
+                .bind(&update.id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(UpdateEvent {
+                        at: r.try_get("at")?,
+                        status: r.try_get("status")?,
+                        progress: r.try_get("progress")?,
+                        version: r.try_get("version")?,
+                        error: r.try_get("error")?,
+                    })
+                })
+                .collect::<sqlx::Result<Vec<_>>>()?;
+            out.push((update, events));
+        }
+        Ok(out)
+    }
+
+    /// Cancels the open offers of a rollout (after abort or a stop), so none is re-sent.
+    pub async fn cancel_rollout_updates(&self, rollout_id: &str, why: &str) -> sqlx::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE ota_updates SET state = 'cancelled', error = ?, updated_at = ? \
+             WHERE rollout_id = ? AND state = 'offered'",
+        )
+        .bind(why)
+        .bind(now_ms())
+        .bind(rollout_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Running firmware versions and how many devices run each.
+    pub async fn version_distribution(
+        &self,
+        owner: Option<i64>,
+    ) -> sqlx::Result<Vec<(Option<String>, i64)>> {
+        let rows = sqlx::query(
+            "SELECT fw_version, COUNT(*) AS n FROM devices WHERE (? IS NULL OR owner_id = ?) \
+             GROUP BY fw_version ORDER BY n DESC, fw_version",
+        )
+        .bind(owner)
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("fw_version")?, r.try_get("n")?)))
+            .collect()
+    }
+}
+
+/// Applies a device's `ota/status` report inside the ingest transaction. Reports name their
+/// offer by id; one that names no open offer of this device changes nothing. Returns the
+/// update when the report finished it.
+pub(crate) async fn apply_ota_status(
+    tx: &mut Transaction<'_, Sqlite>,
+    device_id: &str,
+    status: &OtaStatus,
+    now: i64,
+) -> sqlx::Result<Option<Finished>> {
+    let Some(id) = status.id.as_deref() else {
+        return Ok(None);
+    };
+    let row = sqlx::query("SELECT * FROM ota_updates WHERE id = ? AND device_id = ?")
+        .bind(id)
+        .bind(device_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(update) = row.as_ref().map(update_from).transpose()? else {
+        return Ok(None);
+    };
+    let error = status.error.as_deref().map(|e| truncate_chars(e, 200));
+    let version = status.version.as_deref().map(|v| truncate_chars(v, 32));
+    sqlx::query("INSERT INTO ota_events (update_id, at, status, progress, version, error) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(id)
+        .bind(now)
+        .bind(phase_name(status.status))
+        .bind(status.progress.map(i64::from))
+        .bind(version)
+        .bind(error)
+        .execute(&mut **tx)
+        .await?;
+    if update.state.is_final() {
+        return Ok(None);
+    }
+    let mut next = match status.status {
+        OtaPhase::Started => UpdateState::Started,
+        OtaPhase::InProgress => UpdateState::InProgress,
+        OtaPhase::Success => UpdateState::Succeeded,
+        OtaPhase::Failed => UpdateState::Failed,
+        OtaPhase::RolledBack => UpdateState::RolledBack,
+    };
+    let mut error = error.map(str::to_string);
+    // Success means the new version booted, confirmed and reconnected: it must be the one offered.
+    if next == UpdateState::Succeeded && version != Some(update.version.as_str()) {
+        next = UpdateState::Failed;
+        error = Some(format!(
+            "device reports version {} instead of {}",
+            version.unwrap_or("none"),
+            update.version
+        ));
+    }
+    sqlx::query("UPDATE ota_updates SET state = ?, progress = COALESCE(?, progress), error = COALESCE(?, error), updated_at = ? WHERE id = ?")
+        .bind(next.as_str())
+        .bind(status.progress.map(i64::from))
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(next.is_final().then(|| Finished {
+        device_id: device_id.to_string(),
+        rollout_id: update.rollout_id,
+        state: next,
+    }))
+}
+
+fn phase_name(p: OtaPhase) -> &'static str {
+    match p {
+        OtaPhase::Started => "STARTED",
+        OtaPhase::InProgress => "IN_PROGRESS",
+        OtaPhase::Success => "SUCCESS",
+        OtaPhase::Failed => "FAILED",
+        OtaPhase::RolledBack => "ROLLED_BACK",
+    }
+}
