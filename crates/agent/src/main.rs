@@ -28,7 +28,8 @@ use runner::{DeviceEnv, Exit, Network, Runner};
 #[command(
     name = "flotilla-agent",
     version,
-    about = "A virtual ESP32 for Flotilla, and a fleet simulator"
+    about = "A virtual ESP32 for Flotilla, and a fleet simulator",
+    args_override_self = true
 )]
 struct Cli {
     #[command(flatten)]

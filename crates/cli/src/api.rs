@@ -133,6 +133,17 @@ impl Api {
         self.send(req).await
     }
 
+    /// Uploads raw bytes (a firmware image).
+    pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Value, ApiFailure> {
+        let req = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .timeout(std::time::Duration::from_secs(600))
+            .body(bytes);
+        self.send(req).await
+    }
+
     async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<Value, ApiFailure> {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);

@@ -4,6 +4,7 @@
 //! 2 bad usage, 3 not authenticated or not allowed, 4 not found.
 
 mod api;
+mod fleet_ota;
 mod release;
 mod table;
 
@@ -61,10 +62,20 @@ enum Cmd {
         #[arg(long)]
         ttl: Option<u64>,
     },
-    /// Release signing, offline: the key never leaves this machine.
+    /// Releases: signing offline (the key never leaves this machine), publishing, blocking.
     Release {
         #[command(subcommand)]
         action: ReleaseCmd,
+    },
+    /// Firmware updates of single devices.
+    Ota {
+        #[command(subcommand)]
+        action: fleet_ota::OtaCmd,
+    },
+    /// Staged rollouts.
+    Rollout {
+        #[command(subcommand)]
+        action: fleet_ota::RolloutCmd,
     },
     /// The audit log (admins).
     Audit {
@@ -98,7 +109,9 @@ enum ReleaseCmd {
         out: std::path::PathBuf,
     },
     /// Print a firmware image's SHA-256.
-    Hash { firmware: std::path::PathBuf },
+    Hash {
+        firmware: std::path::PathBuf,
+    },
     /// Sign a release: writes FIRMWARE.manifest.json.
     Sign {
         firmware: std::path::PathBuf,
@@ -120,6 +133,23 @@ enum ReleaseCmd {
         manifest: std::path::PathBuf,
         #[arg(long, default_value = "release.pub")]
         public_key: std::path::PathBuf,
+    },
+    /// Upload a signed release (FIRMWARE and FIRMWARE.manifest.json) to the server.
+    Publish {
+        firmware: std::path::PathBuf,
+        #[arg(long)]
+        manifest: Option<std::path::PathBuf>,
+    },
+    /// Releases on the server.
+    List,
+    /// Never offer this release again; rollouts of it abort (admins).
+    Block {
+        version: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Unblock {
+        version: String,
     },
 }
 
@@ -183,12 +213,17 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
         });
         return Ok(());
     }
-    if let Cmd::Release { action } = &cli.command {
+    if let Cmd::Release { action } = &cli.command
+        && action.is_offline()
+    {
         return run_release(action, json_out);
     }
     let api = Api::from_session(cli.url.as_deref())?;
     match cli.command {
-        Cmd::Login { .. } | Cmd::Release { .. } => Ok(()),
+        Cmd::Login { .. } => Ok(()),
+        Cmd::Release { action } => run_release_online(&api, action, json_out).await,
+        Cmd::Ota { action } => fleet_ota::run_ota(&api, action, json_out).await,
+        Cmd::Rollout { action } => fleet_ota::run_rollout(&api, action, json_out).await,
         Cmd::Device { action } => match action {
             DeviceCmd::Register { id, name } => {
                 let name = name.unwrap_or_else(|| id.clone());
@@ -296,6 +331,77 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
     }
 }
 
+impl ReleaseCmd {
+    fn is_offline(&self) -> bool {
+        matches!(
+            self,
+            ReleaseCmd::Keygen { .. }
+                | ReleaseCmd::Hash { .. }
+                | ReleaseCmd::Sign { .. }
+                | ReleaseCmd::Verify { .. }
+        )
+    }
+}
+
+async fn run_release_online(
+    api: &Api,
+    action: ReleaseCmd,
+    json_out: bool,
+) -> Result<(), ApiFailure> {
+    match action {
+        ReleaseCmd::Publish { firmware, manifest } => {
+            fleet_ota::publish(api, &firmware, manifest.as_ref(), json_out).await
+        }
+        ReleaseCmd::List => {
+            let r = api.get("/api/releases").await?;
+            print_out(json_out, &r, |r| {
+                for rel in r.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<10} {:<10} {:>9} bytes  {}{}",
+                        rel["version"].as_str().unwrap_or_default(),
+                        rel["hardware"].as_str().unwrap_or_default(),
+                        rel["size"],
+                        if rel["ready"] == json!(true) {
+                            "ready"
+                        } else {
+                            "awaiting image"
+                        },
+                        if rel["blocked"] == json!(true) {
+                            "  BLOCKED"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            });
+            Ok(())
+        }
+        ReleaseCmd::Block { version, reason } => block(api, &version, true, reason, json_out).await,
+        ReleaseCmd::Unblock { version } => block(api, &version, false, None, json_out).await,
+        // Offline commands never get here (see `is_offline`).
+        _ => run_release(&action, json_out),
+    }
+}
+
+async fn block(
+    api: &Api,
+    version: &str,
+    blocked: bool,
+    reason: Option<String>,
+    json_out: bool,
+) -> Result<(), ApiFailure> {
+    let r = api
+        .post(
+            &format!("/api/releases/{}/block", api::segment(version)),
+            &json!({ "blocked": blocked, "reason": reason }),
+        )
+        .await?;
+    print_out(json_out, &r, |r| {
+        println!("{version} blocked: {}", r["blocked"])
+    });
+    Ok(())
+}
+
 fn run_release(action: &ReleaseCmd, json_out: bool) -> Result<(), ApiFailure> {
     match action {
         ReleaseCmd::Keygen { out } => {
@@ -353,6 +459,12 @@ fn run_release(action: &ReleaseCmd, json_out: bool) -> Result<(), ApiFailure> {
                     m.hardware
                 )
             });
+        }
+        ReleaseCmd::Publish { .. }
+        | ReleaseCmd::List
+        | ReleaseCmd::Block { .. }
+        | ReleaseCmd::Unblock { .. } => {
+            return Err(ApiFailure::other("this release command needs the server"));
         }
     }
     Ok(())

@@ -250,6 +250,7 @@ impl Server {
         let mut req = match method {
             "GET" => self.client.get(url),
             "POST" => self.client.post(url),
+            "PUT" => self.client.put(url),
             other => bail!("method {other}"),
         };
         if let Some(t) = token {
@@ -457,3 +458,62 @@ impl Agent {
 }
 
 pub mod mqtt;
+
+pub mod proxy;
+
+/// The `flotilla` CLI with its own session file, pointed at a server.
+pub struct Cli {
+    http: String,
+    pub session: PathBuf,
+}
+
+impl Cli {
+    pub fn new(server: &Server, session: &Path) -> Cli {
+        Cli {
+            http: server.http.clone(),
+            session: session.to_path_buf(),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("flotilla"))
+            .env("FLOTILLA_SESSION", &self.session)
+            .env_remove("FLOTILLA_TOKEN")
+            .env("FLOTILLA_URL", &self.http)
+            .args(args)
+            .output()
+            .expect("running flotilla")
+    }
+
+    /// Runs with `--json`; panics with stderr unless it succeeds.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("CLI printed JSON")
+    }
+}
+
+impl Agent {
+    /// Provisions the agent through its SoftAP as seed 004 does, with a fresh token.
+    pub async fn provision(&self, server: &Server, jwt: &str, device_id: &str) -> Result<()> {
+        let token = server.token(jwt, None).await?;
+        let resp = reqwest::Client::new()
+            .post(format!("{}/provision", self.softap))
+            .bearer_auth(jwt)
+            .json(&json!({ "ssid": "flotilla-lab", "password": "1q2w3e4r", "device_id": device_id, "provisioning_token": token }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 200,
+            "provision {device_id}: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+}

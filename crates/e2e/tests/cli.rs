@@ -2,48 +2,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use flotilla_e2e::{Server, bin};
+use flotilla_e2e::{Cli, Server, bin};
 use serde_json::Value;
-
-struct Cli<'a> {
-    server: &'a Server,
-    session: std::path::PathBuf,
-}
-
-impl Cli<'_> {
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("flotilla"))
-            .env("FLOTILLA_SESSION", &self.session)
-            .env_remove("FLOTILLA_TOKEN")
-            .env("FLOTILLA_URL", &self.server.http)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.run(&all);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_drives_the_api_with_tables_json_and_exit_codes() -> anyhow::Result<()> {
     let server = Server::start(&[]).await?;
     server.user("cli@example.com").await?;
-    let cli = Cli {
-        server: &server,
-        session: server.dir.path().join("session.json"),
-    };
+    let cli = Cli::new(&server, &server.dir.path().join("session.json"));
 
     // Not logged in: exit code 3 and a hint.
     let out = cli.run(&["device", "list"]);

@@ -432,7 +432,11 @@ impl Manager {
 
     async fn transition(&mut self, rollout: &str, state: State) {
         let name = state_name(state);
-        if let Err(e) = self.store.set_rollout_state(rollout, name).await {
+        if let Err(e) = self
+            .store
+            .set_rollout_state(rollout, name, phase_of(state))
+            .await
+        {
             tracing::error!(error = %e, rollout, "saving rollout state failed");
         }
         let counts = self.active.get(rollout).map(|a| a.planner.counts());

@@ -169,6 +169,7 @@ async fn view(state: &AppState, row: RolloutRow) -> ApiResult<Value> {
             let count = |s: UpdateState| per_state.get(s.as_str()).copied().unwrap_or(0);
             json!({
                 "state": row.state,
+                "phase": row.phase,
                 "waiting": row.targets.len().saturating_sub(offered),
                 "inFlight": count(UpdateState::Offered) + count(UpdateState::Started) + count(UpdateState::InProgress),
                 "succeeded": count(UpdateState::Succeeded),

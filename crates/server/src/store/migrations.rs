@@ -129,6 +129,7 @@ CREATE TABLE rollouts (
     config TEXT NOT NULL,
     targets TEXT NOT NULL,
     state TEXT NOT NULL,
+    phase INTEGER,
     created_by INTEGER,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL

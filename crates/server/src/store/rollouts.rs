@@ -15,6 +15,8 @@ pub struct RolloutRow {
     pub config: Value,
     pub targets: Vec<String>,
     pub state: String,
+    /// Zero-based phase the rollout was in at its last transition.
+    pub phase: Option<i64>,
     pub created_by: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
@@ -28,6 +30,7 @@ fn rollout_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<RolloutRow> {
         config: serde_json::from_str(&text("config")?).unwrap_or(Value::Null),
         targets: serde_json::from_str(&text("targets")?).unwrap_or_default(),
         state: text("state")?,
+        phase: r.try_get("phase")?,
         created_by: r.try_get("created_by")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
@@ -79,9 +82,15 @@ impl Store {
             .collect()
     }
 
-    pub async fn set_rollout_state(&self, id: &str, state: &str) -> sqlx::Result<()> {
-        sqlx::query("UPDATE rollouts SET state = ?, updated_at = ? WHERE id = ?")
+    pub async fn set_rollout_state(
+        &self,
+        id: &str,
+        state: &str,
+        phase: Option<usize>,
+    ) -> sqlx::Result<()> {
+        sqlx::query("UPDATE rollouts SET state = ?, phase = COALESCE(?, phase), updated_at = ? WHERE id = ?")
             .bind(state)
+            .bind(phase.map(|p| p as i64))
             .bind(now_ms())
             .bind(id)
             .execute(&self.pool)

@@ -1,0 +1,452 @@
+//! Signed OTA end to end with the real binaries: releases signed offline with the CLI and
+//! published to a server that checks them; agents that boot real images from their A/B slots;
+//! a staged rollout that completes; a release that crashes at boot rolled back by every device
+//! it reached while the rollout stops itself; a release that cannot reach the broker rolled
+//! back; a download through a link that keeps dropping, resumed with Range until it completes.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_e2e::proxy::CuttingProxy;
+use flotilla_e2e::{Agent, Cli, Server, bin, wait_for};
+use serde_json::{Value, json};
+
+/// The operator's offline release kit: a key pair made by the CLI.
+struct Kit {
+    dir: PathBuf,
+}
+
+impl Kit {
+    fn new(dir: &Path) -> Kit {
+        let out = Command::new(bin("flotilla"))
+            .args(["release", "keygen", "--out"])
+            .arg(dir.join("release"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Kit {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn public_key(&self) -> String {
+        self.dir.join("release.pub").display().to_string()
+    }
+
+    /// Builds an agent image and signs it; returns the image path (manifest beside it).
+    fn release(&self, version: &str, behaviour: &str) -> PathBuf {
+        let image = self.dir.join(format!("fw-{version}.bin"));
+        let out = Command::new(bin("flotilla-agent"))
+            .args([
+                "image",
+                "--version",
+                version,
+                "--behaviour",
+                behaviour,
+                "--out",
+            ])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(bin("flotilla"))
+            .args(["release", "sign"])
+            .arg(&image)
+            .args(["--version", version, "--hardware", "esp32c3", "--key"])
+            .arg(self.dir.join("release.key"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        image
+    }
+}
+
+fn agent_args(kit: &Kit) -> Vec<String> {
+    [
+        "--fw-version",
+        "1.0.0",
+        "--release-key",
+        &kit.public_key(),
+        "--ota-confirm-secs",
+        "2",
+        "--ota-deadline-secs",
+        "6",
+        "--heartbeat-secs",
+        "1",
+        "--telemetry-secs",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+async fn start_fleet(server: &Server, jwt: &str, kit: &Kit, ids: &[&str]) -> Vec<Agent> {
+    let args = agent_args(kit);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agents = Vec::new();
+    for id in ids {
+        let agent = Agent::start(server, &server.dir.path().join(id), &args)
+            .await
+            .unwrap();
+        agent.provision(server, jwt, id).await.unwrap();
+        agents.push(agent);
+    }
+    for id in ids {
+        wait_for_version(server, jwt, id, "1.0.0").await;
+    }
+    agents
+}
+
+async fn wait_for_version(server: &Server, jwt: &str, id: &str, version: &str) -> Value {
+    wait_for(
+        &format!("{id} online on {version}"),
+        Duration::from_secs(60),
+        || async {
+            let d = server.device(jwt, id).await.ok()?;
+            (d["online"] == true && d["firmwareVersion"] == version).then_some(d)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn wait_rollout(server: &Server, jwt: &str, id: &str, state: &str) -> Value {
+    wait_for(
+        &format!("rollout {id} {state}"),
+        Duration::from_secs(120),
+        || async {
+            let (_, r) = server
+                .call("GET", &format!("/api/rollouts/{id}"), Some(jwt), None)
+                .await
+                .ok()?;
+            (r["progress"]["state"] == state).then_some(r)
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn history(server: &Server, jwt: &str, id: &str) -> Vec<Value> {
+    let (s, h) = server
+        .call("GET", &format!("/api/ota/{id}/history"), Some(jwt), None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{h}");
+    h["updates"].as_array().cloned().unwrap_or_default()
+}
+
+fn statuses(update: &Value) -> Vec<String> {
+    update["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["status"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_release_rolls_out_and_a_crashing_one_rolls_back_and_stops_the_rollout()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let kit = Kit::new(tmp.path());
+    let server = Server::start(&["--release-key", &kit.public_key()]).await?;
+    let jwt = server.admin("admin@example.com").await?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    let login = cli.run(&[
+        "login",
+        "--email",
+        "admin@example.com",
+        "--password",
+        "admin-pass",
+    ]);
+    assert!(login.status.success());
+    let ids = ["ota-a", "ota-b", "ota-c"];
+    let _agents = start_fleet(&server, &jwt, &kit, &ids).await;
+
+    // A release signed by a key the server does not trust is refused, and nothing is stored.
+    let rogue = Kit::new(&tmp.path().join("rogue").tap_mkdir());
+    let forged = rogue.release("1.1.0", "normal");
+    let out = cli.run(&["release", "publish", forged.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("release refused"));
+    assert_eq!(cli.json(&["release", "list"]), json!([]));
+
+    // The real release, with an image that does not match its manifest first.
+    let good = kit.release("1.1.0", "normal");
+    let wrong = kit.dir.join("wrong.bin");
+    let mut bytes = std::fs::read(&good)?;
+    bytes[1000] ^= 1;
+    std::fs::write(&wrong, &bytes)?;
+    let manifest = format!("{}.manifest.json", good.display());
+    let out = cli.run(&[
+        "release",
+        "publish",
+        wrong.to_str().unwrap(),
+        "--manifest",
+        &manifest,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHA-256"));
+    assert_eq!(cli.json(&["release", "list"])[0]["ready"], false);
+    // Uploading the right image completes the release (the manifest is already stored).
+    let (s, _) = put_image(&server, &jwt, "1.1.0", std::fs::read(&good)?).await;
+    assert_eq!(s, 200);
+    assert_eq!(cli.json(&["release", "list"])[0]["ready"], true);
+
+    let (_, check) = server
+        .call("GET", "/api/ota/ota-a/check", Some(&jwt), None)
+        .await?;
+    assert_eq!(check["updateAvailable"], true, "{check}");
+    assert_eq!(check["latestVersion"], "1.1.0");
+
+    // Staged: one device first, then the rest.
+    let rollout = cli.json(&[
+        "rollout",
+        "create",
+        "1.1.0",
+        "--hardware",
+        "esp32c3",
+        "--phases",
+        "1,100",
+        "--device-timeout",
+        "90",
+    ]);
+    let rollout_id = rollout["id"].as_str().unwrap().to_string();
+    assert_eq!(rollout["targetCount"], 3);
+    let done = wait_rollout(&server, &jwt, &rollout_id, "completed").await;
+    assert_eq!(done["progress"]["succeeded"], 3, "{done}");
+    for id in ids {
+        wait_for_version(&server, &jwt, id, "1.1.0").await;
+        let h = history(&server, &jwt, id).await;
+        assert_eq!(h[0]["state"], "succeeded", "{id}: {h:?}");
+        let st = statuses(&h[0]);
+        assert_eq!(st.first().map(String::as_str), Some("STARTED"), "{st:?}");
+        assert!(st.iter().any(|s| s == "IN_PROGRESS"), "{st:?}");
+        assert_eq!(st.last().map(String::as_str), Some("SUCCESS"), "{st:?}");
+    }
+    let dist = cli.json(&["ota", "distribution"]);
+    assert_eq!(
+        dist["versions"],
+        json!([{ "version": "1.1.0", "devices": 3 }])
+    );
+
+    // A release that crashes at boot: phase 1 is two of three devices.
+    let bad = kit.release("1.2.0", "crash-at-boot");
+    cli.json(&["release", "publish", bad.to_str().unwrap()]);
+    let rollout = cli.json(&[
+        "rollout",
+        "create",
+        "1.2.0",
+        "--all",
+        "--phases",
+        "50,100",
+        "--device-timeout",
+        "90",
+    ]);
+    let bad_id = rollout["id"].as_str().unwrap().to_string();
+    let stopped = wait_rollout(&server, &jwt, &bad_id, "stopped").await;
+    assert_eq!(stopped["progress"]["phase"], 0, "{stopped}");
+    // Every device it reached rolled back by itself and runs the previous image again.
+    let reached: Vec<String> = wait_for(
+        "reached devices report",
+        Duration::from_secs(90),
+        || async {
+            let mut reached = Vec::new();
+            for id in ids {
+                let h = history(&server, &jwt, id).await;
+                match h.first() {
+                    Some(u) if u["version"] == "1.2.0" && u["state"] == "rolled_back" => {
+                        reached.push(id.to_string())
+                    }
+                    Some(u) if u["version"] == "1.2.0" => return None,
+                    _ => {}
+                }
+            }
+            Some(reached)
+        },
+    )
+    .await?;
+    assert_eq!(reached.len(), 2, "{reached:?}");
+    for id in ids {
+        wait_for_version(&server, &jwt, id, "1.1.0").await;
+    }
+    let untouched: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !reached.iter().any(|r| r == id))
+        .collect();
+    assert_eq!(untouched.len(), 1);
+    assert_eq!(
+        history(&server, &jwt, untouched[0]).await[0]["version"],
+        "1.1.0"
+    );
+    let rolled = &history(&server, &jwt, &reached[0]).await[0];
+    assert!(statuses(rolled).contains(&"ROLLED_BACK".to_string()));
+    assert!(
+        rolled["error"].as_str().unwrap().contains("3 boots"),
+        "{rolled}"
+    );
+
+    // Every transition is audited; the stop says why.
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=rollout.transition&limit=50",
+            Some(&jwt),
+            None,
+        )
+        .await?;
+    let details: Vec<String> = audit
+        .as_array()
+        .or(audit["entries"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|e| format!("{} {}", e["result"], e["detail"]))
+        .collect();
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains("stopped itself in phase 1")),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.contains("completed")),
+        "{details:?}"
+    );
+
+    // Blocking the bad release: listed like seed 003's blocked_versions.json, never offered.
+    cli.json(&["release", "block", "1.2.0", "--reason", "crashes at boot"]);
+    let (_, blocked) = server
+        .call("GET", "/api/releases/blocked", Some(&jwt), None)
+        .await?;
+    assert_eq!(blocked["blockedVersions"], json!(["1.2.0"]));
+    let out = cli.run(&["ota", "send", untouched[0], "1.2.0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("blocked"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_over_a_dropping_link_resumes_and_an_unreachable_release_rolls_back()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let kit = Kit::new(tmp.path());
+    let server = Server::start(&["--release-key", &kit.public_key()]).await?;
+    let jwt = server.admin("admin@example.com").await?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    assert!(
+        cli.run(&[
+            "login",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin-pass"
+        ])
+        .status
+        .success()
+    );
+
+    // The device reaches the server's HTTPS listener through a link that drops every
+    // connection after 150-450 KB; the 1.5 MiB image needs several resumed requests.
+    let target = format!("127.0.0.1:{}", server.device_port).parse()?;
+    let proxy = CuttingProxy::start(target, |n| 150_000 + (n * 97_003) % 300_000).await?;
+    let args = agent_args(&kit);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let backend = format!("https://localhost:{}", proxy.addr.port());
+    args.extend(["--backend-url", &backend]);
+    let agent = Agent::start(&server, &tmp.path().join("ota-link"), &args).await?;
+    agent.provision(&server, &jwt, "ota-link").await?;
+    wait_for_version(&server, &jwt, "ota-link", "1.0.0").await;
+
+    let good = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", good.to_str().unwrap()]);
+    let update = cli.json(&["ota", "send", "ota-link", "1.1.0"]);
+    assert_eq!(update["state"], "offered");
+    wait_for_version(&server, &jwt, "ota-link", "1.1.0").await;
+    let h = wait_for("update succeeded", Duration::from_secs(30), || async {
+        let h = history(&server, &jwt, "ota-link").await;
+        (h[0]["state"] == "succeeded").then_some(h)
+    })
+    .await?;
+    let cuts = proxy.cuts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(cuts >= 3, "the link was cut only {cuts} times");
+    assert!(agent.log().contains("download interrupted"));
+    assert_eq!(statuses(&h[0]).last().map(String::as_str), Some("SUCCESS"));
+
+    // A release that boots but never reaches the broker: not confirmed, restarted at its
+    // deadline, rolled back after three boots, and the old image reports ROLLED_BACK.
+    let lost = kit.release("1.2.0", "never-connects");
+    cli.json(&["release", "publish", lost.to_str().unwrap()]);
+    cli.json(&["ota", "send", "ota-link", "1.2.0"]);
+    let h = wait_for("rolled back", Duration::from_secs(120), || async {
+        let h = history(&server, &jwt, "ota-link").await;
+        (h[0]["state"] == "rolled_back").then_some(h)
+    })
+    .await?;
+    assert_eq!(h[0]["version"], "1.2.0");
+    wait_for_version(&server, &jwt, "ota-link", "1.1.0").await;
+
+    // The device listener serves images only to devices holding an open offer.
+    let (cert, key, _) = server
+        .enroll(&jwt, "ota-other")
+        .await?
+        .write_files(tmp.path())?;
+    let identity = reqwest::Identity::from_pem(
+        format!(
+            "{}\n{}",
+            std::fs::read_to_string(cert)?,
+            std::fs::read_to_string(key)?
+        )
+        .as_bytes(),
+    )?;
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem().as_bytes())?)
+        .identity(identity)
+        .build()?;
+    let url = format!("{}/firmware/1.1.0", server.backend_url());
+    assert_eq!(client.get(&url).send().await?.status(), 403);
+    let anonymous = server.device_http()?.get(&url).send().await?;
+    assert_eq!(anonymous.status(), 401);
+    Ok(())
+}
+
+async fn put_image(server: &Server, jwt: &str, version: &str, bytes: Vec<u8>) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .put(format!("{}/api/releases/{version}/image", server.http))
+        .bearer_auth(jwt)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+trait MkDir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl MkDir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
