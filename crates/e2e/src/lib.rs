@@ -100,13 +100,23 @@ pub struct Server {
     pub mqtt_port: u16,
     pub client: reqwest::Client,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
     pub async fn start(extra: &[&str]) -> Result<Server> {
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// Starts with extra environment variables (for secrets that do not belong in argv).
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Result<Server> {
         init_crypto();
         let dir = tempfile::tempdir()?;
-        let (proc, ep) = Self::spawn(dir.path(), extra).await?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (proc, ep) = Self::spawn(dir.path(), extra, &env).await?;
         let mut server = Server {
             http: String::new(),
             device_port: 0,
@@ -114,6 +124,7 @@ impl Server {
             dir,
             proc,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -126,7 +137,7 @@ impl Server {
     pub async fn restart(&mut self) -> Result<()> {
         self.proc.terminate();
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let (proc, ep) = Self::spawn(self.dir.path(), &extra).await?;
+        let (proc, ep) = Self::spawn(self.dir.path(), &extra, &self.env).await?;
         self.proc = proc;
         self.adopt(&ep)
     }
@@ -142,7 +153,7 @@ impl Server {
         Ok(())
     }
 
-    async fn spawn(dir: &Path, extra: &[&str]) -> Result<(Proc, Value)> {
+    async fn spawn(dir: &Path, extra: &[&str], env: &[(String, String)]) -> Result<(Proc, Value)> {
         let data = dir.join("server");
         let endpoints = data.join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints);
@@ -174,6 +185,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -515,5 +527,55 @@ impl Agent {
             resp.status()
         );
         Ok(())
+    }
+}
+
+/// moto's S3 server (installed by `scripts/setup`), on an ephemeral port, with one bucket.
+pub struct Moto {
+    _proc: Proc,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub async fn start(bucket: &str) -> Result<Moto> {
+        init_crypto();
+        let venv = std::env::var("FLOTILLA_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/flotilla/venv")
+            });
+        let exe = venv.join("bin/moto_server");
+        anyhow::ensure!(
+            exe.exists(),
+            "{} missing: run scripts/setup (installs moto[server] from PyPI)",
+            exe.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let proc = Proc(
+            Command::new(exe)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_for("moto S3 server", Duration::from_secs(30), || {
+            let req = http.put(format!("{endpoint}/{bucket}")).send();
+            async move {
+                req.await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await?;
+        Ok(Moto {
+            _proc: proc,
+            endpoint,
+        })
     }
 }

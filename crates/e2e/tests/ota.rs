@@ -450,3 +450,68 @@ impl MkDir for PathBuf {
         self
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_in_an_s3_bucket_are_presigned_and_served_to_devices() -> anyhow::Result<()> {
+    let moto = flotilla_e2e::Moto::start("flotilla-firmware").await?;
+    let tmp = tempfile::tempdir()?;
+    let kit = Kit::new(tmp.path());
+    let server = Server::start_with_env(
+        &[
+            "--release-key",
+            &kit.public_key(),
+            "--s3-bucket",
+            "flotilla-firmware",
+            "--s3-endpoint",
+            &moto.endpoint,
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ],
+    )
+    .await?;
+    let jwt = server.admin("admin@example.com").await?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    assert!(
+        cli.run(&[
+            "login",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin-pass"
+        ])
+        .status
+        .success()
+    );
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+
+    // Stored in the bucket as seed 003 lays it out, and reachable by a presigned URL alone.
+    let (s, presigned) = server
+        .call("GET", "/api/releases/1.1.0/download", Some(&jwt), None)
+        .await?;
+    assert_eq!(s, 200, "{presigned}");
+    let url = presigned["url"].as_str().unwrap();
+    assert!(
+        url.contains("esp32c3/releases/v1.1.0/firmware.bin"),
+        "{url}"
+    );
+    assert!(url.contains("X-Amz-Signature"), "{url}");
+    let fetched = reqwest::get(url).await?.bytes().await?;
+    assert_eq!(&fetched[..], &std::fs::read(&image)?[..]);
+    // Without the signature the bucket does not serve it.
+    let unsigned = url.split('?').next().unwrap();
+    let status = reqwest::get(unsigned).await?.status();
+    assert!(status.is_client_error(), "unsigned GET answered {status}");
+
+    // A device updates from it through the device listener, with Range.
+    let args = agent_args(&kit);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&server, &tmp.path().join("ota-s3"), &args).await?;
+    agent.provision(&server, &jwt, "ota-s3").await?;
+    wait_for_version(&server, &jwt, "ota-s3", "1.0.0").await;
+    cli.json(&["ota", "send", "ota-s3", "1.1.0"]);
+    wait_for_version(&server, &jwt, "ota-s3", "1.1.0").await;
+    Ok(())
+}

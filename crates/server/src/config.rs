@@ -66,6 +66,15 @@ pub struct ServerConfig {
     /// Where release images are stored (default: DATA_DIR/artifacts).
     #[arg(long, env = "FLOTILLA_ARTIFACTS_DIR")]
     pub artifacts_dir: Option<PathBuf>,
+    /// Store release images in this S3 bucket instead (credentials from AWS_ACCESS_KEY_ID /
+    /// AWS_SECRET_ACCESS_KEY); the artifacts dir then only stages uploads.
+    #[arg(long, env = "FLOTILLA_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible service (MinIO, moto, ...); AWS when absent.
+    #[arg(long, env = "FLOTILLA_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "FLOTILLA_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
 }
 
 impl ServerConfig {

@@ -74,8 +74,19 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if keys.is_empty() {
         tracing::warn!("no --release-key configured: releases cannot be published");
     }
-    let artifacts = crate::ota::Artifacts::open(&config.artifacts_path())
-        .with_context(|| format!("artifact store {}", config.artifacts_path().display()))?;
+    let artifacts = match &config.s3_bucket {
+        None => crate::ota::Artifacts::local(&config.artifacts_path())
+            .with_context(|| format!("artifact store {}", config.artifacts_path().display()))?,
+        Some(bucket) => crate::ota::Artifacts::s3(
+            &config.artifacts_path(),
+            &crate::ota::artifacts::S3Settings {
+                bucket: bucket.clone(),
+                endpoint: config.s3_endpoint.clone(),
+                region: config.s3_region.clone(),
+            },
+        )
+        .context("S3 artifact store")?,
+    };
     let ota = crate::ota::OtaService::new(store.clone(), keys, artifacts);
     let client = ingest::start(
         &link,

@@ -1,18 +1,49 @@
-//! Where release images live: a local directory by default. An image is written to a
-//! temporary file while its size and SHA-256 are checked against the signed manifest, and only
-//! renamed into place when both match, so a stored image is always the one the manifest names.
+//! Where release images live: a local directory by default, or an S3-compatible bucket laid
+//! out as seed 003 shows (`{hardware}/releases/v{version}/firmware.bin` + `metadata.json`).
+//!
+//! An upload is written to a local staging file while its size and SHA-256 are checked
+//! against the signed manifest, and only then moved into the store, so a stored image is
+//! always the one its manifest names.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::signer::Signer;
+use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
 
 use flotilla_proto::FirmwareManifest;
 
+/// Bytes read per chunk when serving from local disk.
+const CHUNK: usize = 16 * 1024;
+
+/// How to reach an S3-compatible bucket.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// For S3-compatible services (MinIO, moto, ...); AWS when absent.
+    pub endpoint: Option<String>,
+    pub region: String,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Local,
+    S3(Arc<AmazonS3>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Artifacts {
+    /// Local images, and staging for uploads in either mode.
     dir: PathBuf,
+    backend: Backend,
 }
 
 /// Why an upload was refused.
@@ -20,76 +51,179 @@ pub struct Artifacts {
 pub enum UploadError {
     /// The bytes do not match the manifest.
     Mismatch(String),
-    Io(std::io::Error),
+    Io(anyhow::Error),
 }
 
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
 impl Artifacts {
-    pub fn open(dir: &Path) -> std::io::Result<Artifacts> {
+    pub fn local(dir: &Path) -> std::io::Result<Artifacts> {
         std::fs::create_dir_all(dir)?;
         Ok(Artifacts {
             dir: dir.to_path_buf(),
+            backend: Backend::Local,
         })
     }
 
-    /// The image file of a release (versions are validated `MAJOR.MINOR.PATCH`, path-safe).
-    pub fn path(&self, version: &str) -> PathBuf {
+    /// An S3 store; credentials come from the standard `AWS_*` environment variables.
+    pub fn s3(staging: &Path, s: &S3Settings) -> anyhow::Result<Artifacts> {
+        std::fs::create_dir_all(staging)?;
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&s.bucket)
+            .with_region(&s.region);
+        if let Some(endpoint) = &s.endpoint {
+            b = b
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        Ok(Artifacts {
+            dir: staging.to_path_buf(),
+            backend: Backend::S3(Arc::new(b.build()?)),
+        })
+    }
+
+    /// Local file of a release (versions are validated `MAJOR.MINOR.PATCH`, path-safe).
+    fn local_path(&self, version: &str) -> PathBuf {
         self.dir.join(format!("{version}.bin"))
     }
 
-    /// Streams an upload to disk, checking it against `manifest` on the way.
-    pub async fn store<S, E>(
-        &self,
-        version: &str,
-        manifest: &FirmwareManifest,
-        mut body: S,
-    ) -> Result<(), UploadError>
+    fn key(hardware: &str, version: &str, file: &str) -> object_store::path::Path {
+        object_store::path::Path::from(format!("{hardware}/releases/v{version}/{file}"))
+    }
+
+    /// Streams an upload to staging, checks it against `manifest`, then stores it.
+    pub async fn store<S, E>(&self, manifest: &FirmwareManifest, body: S) -> Result<(), UploadError>
     where
-        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let tmp = self.dir.join(format!(
-            ".{version}.{}.part",
+            ".{}.{}.part",
+            manifest.version,
             hex::encode(rand::random::<[u8; 6]>())
         ));
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp)
-                .await
-                .map_err(UploadError::Io)?;
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk =
-                    chunk.map_err(|e| UploadError::Mismatch(format!("upload broken: {e}")))?;
-                size += chunk.len() as u64;
-                if size > manifest.size {
-                    return Err(UploadError::Mismatch(format!(
-                        "image is larger than the {} bytes the manifest declares",
-                        manifest.size
-                    )));
+            stage(&tmp, manifest, body).await?;
+            match &self.backend {
+                Backend::Local => tokio::fs::rename(&tmp, self.local_path(&manifest.version))
+                    .await
+                    .map_err(|e| UploadError::Io(e.into())),
+                Backend::S3(s3) => {
+                    let bytes = tokio::fs::read(&tmp)
+                        .await
+                        .map_err(|e| UploadError::Io(e.into()))?;
+                    let image = Self::key(&manifest.hardware, &manifest.version, "firmware.bin");
+                    s3.put(&image, PutPayload::from(bytes))
+                        .await
+                        .map_err(|e| UploadError::Io(e.into()))?;
+                    let meta = serde_json::to_vec_pretty(manifest)
+                        .map_err(|e| UploadError::Io(e.into()))?;
+                    let meta_key =
+                        Self::key(&manifest.hardware, &manifest.version, "metadata.json");
+                    s3.put(&meta_key, PutPayload::from(meta))
+                        .await
+                        .map_err(|e| UploadError::Io(e.into()))?;
+                    Ok(())
                 }
-                hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(UploadError::Io)?;
             }
-            if size != manifest.size {
-                return Err(UploadError::Mismatch(format!(
-                    "image is {size} bytes; the manifest declares {}",
-                    manifest.size
-                )));
-            }
-            if hex::encode(hasher.finalize()) != manifest.sha256.to_ascii_lowercase() {
-                return Err(UploadError::Mismatch(
-                    "image SHA-256 does not match the manifest".into(),
-                ));
-            }
-            file.sync_all().await.map_err(UploadError::Io)?;
-            tokio::fs::rename(&tmp, self.path(version))
-                .await
-                .map_err(UploadError::Io)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
+        let _ = tokio::fs::remove_file(&tmp).await;
         result
     }
+
+    /// `len` bytes of a stored image from `start`, as a stream of chunks.
+    pub async fn range(
+        &self,
+        hardware: &str,
+        version: &str,
+        start: u64,
+        len: u64,
+    ) -> anyhow::Result<ByteStream> {
+        match &self.backend {
+            Backend::Local => {
+                let mut file = tokio::fs::File::open(self.local_path(version)).await?;
+                file.seek(std::io::SeekFrom::Start(start)).await?;
+                Ok(ReaderStream::with_capacity(file.take(len), CHUNK).boxed())
+            }
+            Backend::S3(_) if len == 0 => Ok(futures::stream::empty().boxed()),
+            Backend::S3(s3) => {
+                let options = GetOptions {
+                    range: Some(GetRange::Bounded(start..start + len)),
+                    ..GetOptions::default()
+                };
+                let result = s3
+                    .get_opts(&Self::key(hardware, version, "firmware.bin"), options)
+                    .await?;
+                Ok(result.into_stream().map_err(std::io::Error::other).boxed())
+            }
+        }
+    }
+
+    /// A time-limited URL anyone can fetch the image from (S3 only).
+    pub async fn presigned_url(
+        &self,
+        hardware: &str,
+        version: &str,
+        valid_for: Duration,
+    ) -> anyhow::Result<Option<String>> {
+        match &self.backend {
+            Backend::Local => Ok(None),
+            Backend::S3(s3) => {
+                let url = s3
+                    .signed_url(
+                        axum::http::Method::GET,
+                        &Self::key(hardware, version, "firmware.bin"),
+                        valid_for,
+                    )
+                    .await?;
+                Ok(Some(url.to_string()))
+            }
+        }
+    }
+}
+
+/// Writes the upload to `tmp`, refusing it as soon as it outgrows the manifest, and checks
+/// size and hash at the end.
+async fn stage<S, E>(
+    tmp: &Path,
+    manifest: &FirmwareManifest,
+    mut body: S,
+) -> Result<(), UploadError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut file = tokio::fs::File::create(tmp)
+        .await
+        .map_err(|e| UploadError::Io(e.into()))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| UploadError::Mismatch(format!("upload broken: {e}")))?;
+        size += chunk.len() as u64;
+        if size > manifest.size {
+            return Err(UploadError::Mismatch(format!(
+                "image is larger than the {} bytes the manifest declares",
+                manifest.size
+            )));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| UploadError::Io(e.into()))?;
+    }
+    if size != manifest.size {
+        return Err(UploadError::Mismatch(format!(
+            "image is {size} bytes; the manifest declares {}",
+            manifest.size
+        )));
+    }
+    if hex::encode(hasher.finalize()) != manifest.sha256.to_ascii_lowercase() {
+        return Err(UploadError::Mismatch(
+            "image SHA-256 does not match the manifest".into(),
+        ));
+    }
+    file.sync_all().await.map_err(|e| UploadError::Io(e.into()))
 }

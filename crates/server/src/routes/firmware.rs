@@ -1,6 +1,7 @@
 //! `GET /firmware/{version}` on the device listener: the image, only to a device presenting
 //! its current certificate and holding an open offer for that version; HTTP Range for resumes.
-//! The file is streamed in small reads, so a download holds a few tens of KiB of server memory.
+//! The image is streamed in small chunks (local disk or S3), so a download holds a few tens of
+//! KiB of server memory.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -8,8 +9,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use crate::app::AppState;
 use crate::device_listener::PeerIdentity;
@@ -18,9 +17,6 @@ use crate::error::ApiError;
 pub fn router() -> Router<AppState> {
     Router::new().route("/firmware/{version}", get(download))
 }
-
-/// Bytes read from disk per chunk.
-const CHUNK: usize = 16 * 1024;
 
 async fn download(
     State(state): State<AppState>,
@@ -63,15 +59,14 @@ async fn download(
             }
         },
     };
-    let mut file = tokio::fs::File::open(state.ota.artifacts.path(&release.version))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
     let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end - start + 1 };
-    file.seek(std::io::SeekFrom::Start(start))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), CHUNK));
+    let stream = state
+        .ota
+        .artifacts
+        .range(&release.hardware, &release.version, start, len)
+        .await?;
+    let body = Body::from_stream(stream);
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(

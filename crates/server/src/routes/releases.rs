@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/releases/{version}", get(show))
         .route("/api/releases/{version}/image", put(upload))
         .route("/api/releases/{version}/block", post(block))
+        .route("/api/releases/{version}/download", get(download_url))
 }
 
 async fn audit(
@@ -128,7 +129,7 @@ async fn upload(
     match state
         .ota
         .artifacts
-        .store(&release.version, &manifest, body.into_data_stream())
+        .store(&manifest, body.into_data_stream())
         .await
     {
         Ok(()) => {}
@@ -144,7 +145,7 @@ async fn upload(
             .await;
             return Err(ApiError::bad(why));
         }
-        Err(UploadError::Io(e)) => return Err(ApiError::Internal(e.into())),
+        Err(UploadError::Io(e)) => return Err(ApiError::Internal(e)),
     }
     state.store.mark_release_ready(&release.version).await?;
     audit(
@@ -169,6 +170,36 @@ async fn show(
     Path(version): Path<String>,
 ) -> ApiResult<Json<ReleaseRow>> {
     Ok(Json(find(&state, &version).await?))
+}
+
+/// How long a presigned download URL stays valid.
+const PRESIGNED_VALIDITY: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// A presigned URL of the image in the S3 store (seed 003's signed URLs), for operators and
+/// tools; devices download through the device listener with their certificate instead.
+async fn download_url(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(version): Path<String>,
+) -> ApiResult<Json<Value>> {
+    user.require_operator()?;
+    let release = find(&state, &version).await?;
+    if !release.ready {
+        return Err(ApiError::Conflict(
+            "the release's image is not uploaded yet".into(),
+        ));
+    }
+    let url = state
+        .ota
+        .artifacts
+        .presigned_url(&release.hardware, &release.version, PRESIGNED_VALIDITY)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict("presigned URLs need the S3 artifact store (--s3-bucket)".into())
+        })?;
+    Ok(Json(
+        json!({ "url": url, "expiresInSecs": PRESIGNED_VALIDITY.as_secs(), "sha256": release.sha256 }),
+    ))
 }
 
 /// Seed 003's `rollback/blocked_versions.json`.
