@@ -471,6 +471,7 @@ impl Agent {
 
 pub mod mqtt;
 
+pub mod bench;
 pub mod proxy;
 
 /// The `flotilla` CLI with its own session file, pointed at a server.

@@ -28,7 +28,7 @@
 //! r.handle_outcome(10, &offered[0], Outcome::Succeeded);
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Rollout parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +127,14 @@ pub struct Rollout {
     /// Targets `[0, admitted)` belong to phases started so far.
     admitted: usize,
     in_flight: usize,
+    /// Finished devices (all admitted): the thresholds read these instead of rescanning.
+    succeeded: usize,
+    failed: usize,
+    /// Admitted, waiting and online: who may be offered next, lowest index first.
+    ready: BTreeSet<usize>,
+    /// `(offered at, index)` in offer order, for timeouts; entries of devices that have
+    /// finished since are dropped lazily.
+    deadlines: VecDeque<(u64, usize)>,
     actions: VecDeque<Action>,
 }
 
@@ -147,6 +155,10 @@ impl Rollout {
             state: State::Scheduled,
             admitted: 0,
             in_flight: 0,
+            succeeded: 0,
+            failed: 0,
+            ready: BTreeSet::new(),
+            deadlines: VecDeque::new(),
             actions: VecDeque::new(),
         };
         r.handle_timeout(now);
@@ -184,6 +196,9 @@ impl Rollout {
     pub fn handle_online(&mut self, now: u64, id: &str) {
         if let Some(&i) = self.index.get(id) {
             self.online[i] = true;
+            if i < self.admitted && self.devices[i] == DeviceState::Waiting {
+                self.ready.insert(i);
+            }
             self.dispatch(now);
         }
     }
@@ -191,6 +206,7 @@ impl Rollout {
     pub fn handle_offline(&mut self, id: &str) {
         if let Some(&i) = self.index.get(id) {
             self.online[i] = false;
+            self.ready.remove(&i);
         }
     }
 
@@ -202,11 +218,14 @@ impl Rollout {
             return;
         }
         self.in_flight -= 1;
-        self.devices[i] = if outcome == Outcome::Succeeded {
-            DeviceState::Succeeded
+        if outcome == Outcome::Succeeded {
+            self.devices[i] = DeviceState::Succeeded;
+            self.succeeded += 1;
         } else {
-            DeviceState::Failed
-        };
+            self.devices[i] = DeviceState::Failed;
+            self.failed += 1;
+        }
+        self.trim_deadlines();
         self.evaluate(now);
     }
 
@@ -234,14 +253,18 @@ impl Rollout {
             self.start_phase(0);
         }
         let timeout = self.config.device_timeout_ms;
-        for d in self.devices.iter_mut() {
-            if let DeviceState::InFlight { since } = *d
-                && now.saturating_sub(since) >= timeout
-            {
-                *d = DeviceState::TimedOut;
+        while let Some(&(since, i)) = self.deadlines.front() {
+            if now.saturating_sub(since) < timeout {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self.devices[i] == (DeviceState::InFlight { since }) {
+                self.devices[i] = DeviceState::TimedOut;
                 self.in_flight -= 1;
+                self.failed += 1;
             }
         }
+        self.trim_deadlines();
         self.evaluate(now);
     }
 
@@ -255,13 +278,11 @@ impl Rollout {
         if self.state == State::Scheduled {
             return Some(self.config.start_at_ms);
         }
-        self.devices
+        // Offers are made in time order, so the oldest live entry is the next deadline.
+        self.deadlines
             .iter()
-            .filter_map(|d| match d {
-                DeviceState::InFlight { since } => Some(since + self.config.device_timeout_ms),
-                _ => None,
-            })
-            .min()
+            .find(|(since, i)| self.devices[*i] == (DeviceState::InFlight { since: *since }))
+            .map(|(since, _)| since + self.config.device_timeout_ms)
     }
 
     // ----- internals -----
@@ -286,8 +307,24 @@ impl Rollout {
     }
 
     fn start_phase(&mut self, phase: usize) {
-        self.admitted = self.admitted.max(self.phase_end(phase));
+        let end = self.admitted.max(self.phase_end(phase));
+        for i in self.admitted..end {
+            if self.online[i] && self.devices[i] == DeviceState::Waiting {
+                self.ready.insert(i);
+            }
+        }
+        self.admitted = end;
         self.enter(State::Running { phase });
+    }
+
+    /// Drops deadline entries of devices that are no longer in flight from the front.
+    fn trim_deadlines(&mut self) {
+        while let Some(&(since, i)) = self.deadlines.front() {
+            if self.devices[i] == (DeviceState::InFlight { since }) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
     }
 
     /// Applies the stop and advance rules, then offers the release to whom it may.
@@ -295,15 +332,7 @@ impl Rollout {
         let State::Running { phase } = self.state else {
             return;
         };
-        let admitted = &self.devices[..self.admitted];
-        let failed = admitted
-            .iter()
-            .filter(|d| matches!(d, DeviceState::Failed | DeviceState::TimedOut))
-            .count();
-        let succeeded = admitted
-            .iter()
-            .filter(|d| **d == DeviceState::Succeeded)
-            .count();
+        let (failed, succeeded) = (self.failed, self.succeeded);
         let finished = failed + succeeded;
         if failed >= self.config.min_failures.max(1)
             && failed as f64 >= self.config.failure_threshold * finished as f64
@@ -329,16 +358,15 @@ impl Rollout {
         if !matches!(self.state, State::Running { .. }) {
             return;
         }
-        for i in 0..self.admitted {
-            if self.in_flight >= self.config.max_concurrent {
+        while self.in_flight < self.config.max_concurrent {
+            let Some(i) = self.ready.pop_first() else {
                 break;
-            }
-            if self.devices[i] == DeviceState::Waiting && self.online[i] {
-                self.devices[i] = DeviceState::InFlight { since: now };
-                self.in_flight += 1;
-                self.actions
-                    .push_back(Action::Notify(self.targets[i].clone()));
-            }
+            };
+            self.devices[i] = DeviceState::InFlight { since: now };
+            self.in_flight += 1;
+            self.deadlines.push_back((now, i));
+            self.actions
+                .push_back(Action::Notify(self.targets[i].clone()));
         }
     }
 }

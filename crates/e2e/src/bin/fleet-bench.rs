@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use flotilla_e2e::bench::{enroll_all, rss_kib};
 use flotilla_e2e::{DeviceIdentity, Proc, Server, wait_for};
 use futures::StreamExt;
 use rumqttc::v5::mqttbytes::QoS;
@@ -52,19 +53,6 @@ fn parse_args() -> Result<Args> {
     }
     a.telemetry_devices = a.telemetry_devices.min(a.devices);
     Ok(a)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
 }
 
 /// One connected device: its client, plus a counter of PUBACKs received.
@@ -183,17 +171,6 @@ async fn publish_burst_ids(
     Ok(started.elapsed().as_secs_f64())
 }
 
-async fn enroll_all(server: &Server, jwt: &str, n: usize) -> Result<Vec<DeviceIdentity>> {
-    let ids: Vec<Result<DeviceIdentity>> = futures::stream::iter((0..n).map(|i| {
-        let id = format!("bench-{i:05}");
-        async move { server.enroll(jwt, &id).await }
-    }))
-    .buffer_unordered(16)
-    .collect()
-    .await;
-    ids.into_iter().collect()
-}
-
 fn start_mosquitto(dir: &Path, server: &Server) -> Result<(Proc, u16)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -226,7 +203,7 @@ async fn main() -> Result<()> {
     let server = Server::start(&["--heartbeat-timeout", "600"]).await?;
     let admin = server.admin("bench@example.com").await?;
     let t = Instant::now();
-    let ids = enroll_all(&server, &admin, args.devices).await?;
+    let ids = enroll_all(&server, &admin, "bench", args.devices).await?;
     eprintln!(
         "enrolled {} devices in {:.1}s",
         ids.len(),
