@@ -133,6 +133,11 @@ impl Api {
         self.send(req).await
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> Result<Value, ApiFailure> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
     /// Uploads raw bytes (a firmware image).
     pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Value, ApiFailure> {
         let req = self

@@ -29,7 +29,7 @@ pub enum OtaCmd {
 #[derive(Subcommand)]
 pub enum RolloutCmd {
     /// Roll a release out in phases that stop by themselves when devices fail.
-    Create(NewRollout),
+    Create(Box<NewRollout>),
     List,
     Show {
         id: String,
@@ -49,8 +49,11 @@ pub enum RolloutCmd {
 pub struct NewRollout {
     version: String,
     /// Every device of this hardware type.
-    #[arg(long, conflicts_with_all = ["devices", "all"])]
+    #[arg(long, conflicts_with_all = ["tag", "devices", "all"])]
     hardware: Option<String>,
+    /// Every device with this tag.
+    #[arg(long, conflicts_with_all = ["devices", "all"])]
+    tag: Option<String>,
     /// These devices (comma-separated).
     #[arg(long, value_delimiter = ',', conflicts_with = "all")]
     devices: Option<Vec<String>>,
@@ -60,6 +63,12 @@ pub struct NewRollout {
     /// Cumulative percentages per phase.
     #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
     phases: Vec<f64>,
+    /// Instead of --phases: START,FACTOR, e.g. 1,2 for 1%, 2%, 4%, ... 100%.
+    #[arg(long, value_delimiter = ',')]
+    exponential: Option<Vec<f64>>,
+    /// Daily UTC maintenance window START-END, e.g. 23:00-01:00.
+    #[arg(long)]
+    window: Option<String>,
     #[arg(long, default_value_t = 0.95)]
     success_threshold: f64,
     #[arg(long, default_value_t = 0.2)]
@@ -178,13 +187,14 @@ pub async fn run_ota(api: &Api, cmd: OtaCmd, json_out: bool) -> Result<(), ApiFa
 pub async fn run_rollout(api: &Api, cmd: RolloutCmd, json_out: bool) -> Result<(), ApiFailure> {
     let (path, body) = match cmd {
         RolloutCmd::Create(n) => {
-            let target = match (n.hardware, n.devices, n.all) {
-                (Some(h), None, false) => json!({ "hardware": h }),
-                (None, Some(d), false) => json!({ "devices": d }),
-                (None, None, true) => json!({ "all": true }),
+            let target = match (n.hardware, n.tag, n.devices, n.all) {
+                (Some(h), None, None, false) => json!({ "hardware": h }),
+                (None, Some(t), None, false) => json!({ "tag": t }),
+                (None, None, Some(d), false) => json!({ "devices": d }),
+                (None, None, None, true) => json!({ "all": true }),
                 _ => {
                     return Err(ApiFailure::usage(
-                        "name the target: --hardware, --devices or --all",
+                        "name the target: --hardware, --tag, --devices or --all",
                     ));
                 }
             };
@@ -200,6 +210,21 @@ pub async fn run_rollout(api: &Api, cmd: RolloutCmd, json_out: bool) -> Result<(
             });
             if let Some(t) = n.start_at {
                 body["startAt"] = json!(t);
+            }
+            if let Some(e) = n.exponential {
+                if e.len() != 2 {
+                    return Err(ApiFailure::usage("--exponential is START,FACTOR, e.g. 1,2"));
+                }
+                body["exponential"] = json!({ "startPercent": e[0], "factor": e[1] });
+                if let Some(obj) = body.as_object_mut() {
+                    obj.remove("phases");
+                }
+            }
+            if let Some(w) = n.window {
+                let (start, end) = w
+                    .split_once('-')
+                    .ok_or_else(|| ApiFailure::usage("--window is START-END, e.g. 23:00-01:00"))?;
+                body["maintenanceWindow"] = json!({ "start": start, "end": end });
             }
             ("/api/rollouts".to_string(), Some(body))
         }

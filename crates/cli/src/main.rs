@@ -99,6 +99,12 @@ enum DeviceCmd {
     Block {
         id: String,
     },
+    /// Replace a device's tags (comma-separated; empty to clear).
+    Tag {
+        id: String,
+        #[arg(value_delimiter = ',')]
+        tags: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +254,16 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
                     .get(&format!("/api/device/{}", api::segment(&id)))
                     .await?;
                 print_out(json_out, &d, table::key_values);
+                Ok(())
+            }
+            DeviceCmd::Tag { id, tags } => {
+                let d = api
+                    .put_json(
+                        &format!("/api/device/{}/tags", api::segment(&id)),
+                        &json!({ "tags": tags }),
+                    )
+                    .await?;
+                print_out(json_out, &d, |d| println!("{id} tags: {}", d["tags"]));
                 Ok(())
             }
             DeviceCmd::Block { id } => {

@@ -515,3 +515,104 @@ async fn releases_in_an_s3_bucket_are_presigned_and_served_to_devices() -> anyho
     wait_for_version(&server, &jwt, "ota-s3", "1.1.0").await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_target_tags_take_exponential_phases_and_refuse_bad_settings() -> anyhow::Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let kit = Kit::new(tmp.path());
+    let server = Server::start(&["--release-key", &kit.public_key()]).await?;
+    let jwt = server.admin("admin@example.com").await?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    assert!(
+        cli.run(&[
+            "login",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin-pass"
+        ])
+        .status
+        .success()
+    );
+    for id in ["tag-a", "tag-b", "tag-c"] {
+        cli.json(&["device", "register", id]);
+    }
+    let tagged = cli.json(&["device", "tag", "tag-b", "site:north,canary"]);
+    assert_eq!(tagged["tags"], json!(["canary", "site:north"]));
+    let (s, _) = server
+        .call(
+            "POST",
+            "/api/device/tag-a/tags",
+            Some(&jwt),
+            Some(json!({"tags": ["x"]})),
+        )
+        .await?;
+    assert_eq!(s, 405, "tags are replaced with PUT");
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+
+    let r = cli.json(&[
+        "rollout",
+        "create",
+        "1.1.0",
+        "--tag",
+        "canary",
+        "--exponential",
+        "1,2",
+        "--window",
+        "23:00-01:00",
+    ]);
+    assert_eq!(r["targetCount"], 1, "{r}");
+    assert_eq!(
+        r["config"]["phases"],
+        json!([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0])
+    );
+    assert_eq!(
+        r["config"]["maintenanceWindow"],
+        json!({"start": "23:00", "end": "01:00"})
+    );
+    let r = cli.json(&["rollout", "create", "1.1.0", "--all"]);
+    assert_eq!(r["targetCount"], 3);
+    let paused = cli.json(&["rollout", "pause", r["id"].as_str().unwrap()]);
+    assert_eq!(paused["progress"]["state"], "paused", "{paused}");
+
+    for (body, hint) in [
+        (
+            json!({"version": "1.1.0", "target": {"all": true, "tag": "x"}}),
+            "exactly one",
+        ),
+        (
+            json!({"version": "1.1.0", "target": {"all": true}, "phases": [50, 10, 100]}),
+            "phases",
+        ),
+        (
+            json!({"version": "1.1.0", "target": {"all": true}, "maintenanceWindow": {"start": "25:00", "end": "01:00"}}),
+            "maintenanceWindow",
+        ),
+        (
+            json!({"version": "1.1.0", "target": {"devices": ["nope"]}}),
+            "no such device",
+        ),
+        (
+            json!({"version": "1.1.0", "target": {"all": true}, "speed": "ludicrous"}),
+            "unknown field",
+        ),
+    ] {
+        let (s, b) = server
+            .call("POST", "/api/rollouts", Some(&jwt), Some(body))
+            .await?;
+        assert_eq!(s, 400, "{b}");
+        assert!(b["error"].as_str().unwrap().contains(hint), "{b}");
+    }
+    let (s, _) = server
+        .call(
+            "POST",
+            "/api/rollouts",
+            Some(&jwt),
+            Some(json!({"version": "9.9.9", "target": {"all": true}})),
+        )
+        .await?;
+    assert_eq!(s, 404);
+    Ok(())
+}

@@ -46,6 +46,38 @@ pub struct Config {
     pub max_concurrent: usize,
     /// Nothing is offered before this time.
     pub start_at_ms: u64,
+    /// Offers are made only inside this daily window (devices already updating finish).
+    pub window: Option<Window>,
+}
+
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// A daily maintenance window in UTC, as milliseconds since midnight; it may wrap past
+/// midnight (22:00-04:00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+impl Window {
+    pub fn contains(&self, now: u64) -> bool {
+        let t = now % DAY_MS;
+        if self.start_ms <= self.end_ms {
+            (self.start_ms..self.end_ms).contains(&t)
+        } else {
+            t >= self.start_ms || t < self.end_ms
+        }
+    }
+
+    /// The first instant at or after `now` inside the window.
+    pub fn next_open(&self, now: u64) -> u64 {
+        if self.contains(now) {
+            now
+        } else {
+            now + (self.start_ms % DAY_MS + DAY_MS - now % DAY_MS) % DAY_MS
+        }
+    }
 }
 
 impl Default for Config {
@@ -58,6 +90,7 @@ impl Default for Config {
             device_timeout_ms: 30 * 60 * 1000,
             max_concurrent: 100,
             start_at_ms: 0,
+            window: None,
         }
     }
 }
@@ -135,6 +168,8 @@ pub struct Rollout {
     /// `(offered at, index)` in offer order, for timeouts; entries of devices that have
     /// finished since are dropped lazily.
     deadlines: VecDeque<(u64, usize)>,
+    /// The latest time an input carried, to tell when a closed window opens.
+    last_now: u64,
     actions: VecDeque<Action>,
 }
 
@@ -159,6 +194,7 @@ impl Rollout {
             failed: 0,
             ready: BTreeSet::new(),
             deadlines: VecDeque::new(),
+            last_now: now,
             actions: VecDeque::new(),
         };
         r.handle_timeout(now);
@@ -279,10 +315,23 @@ impl Rollout {
             return Some(self.config.start_at_ms);
         }
         // Offers are made in time order, so the oldest live entry is the next deadline.
-        self.deadlines
+        let deadline = self
+            .deadlines
             .iter()
             .find(|(since, i)| self.devices[*i] == (DeviceState::InFlight { since: *since }))
-            .map(|(since, _)| since + self.config.device_timeout_ms)
+            .map(|(since, _)| since + self.config.device_timeout_ms);
+        // Devices waiting for the maintenance window: wake up when it opens.
+        let opens = match self.config.window {
+            Some(w)
+                if matches!(self.state, State::Running { .. })
+                    && !self.ready.is_empty()
+                    && self.in_flight < self.config.max_concurrent =>
+            {
+                Some(w.next_open(self.last_now))
+            }
+            _ => None,
+        };
+        [deadline, opens].into_iter().flatten().min()
     }
 
     // ----- internals -----
@@ -355,7 +404,10 @@ impl Rollout {
     }
 
     fn dispatch(&mut self, now: u64) {
-        if !matches!(self.state, State::Running { .. }) {
+        self.last_now = self.last_now.max(now);
+        if !matches!(self.state, State::Running { .. })
+            || self.config.window.is_some_and(|w| !w.contains(now))
+        {
             return;
         }
         while self.in_flight < self.config.max_concurrent {

@@ -51,6 +51,7 @@ proptest! {
             device_timeout_ms: 3_000,
             max_concurrent,
             start_at_ms: 1_000,
+            window: None,
         };
         let targets: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
         let mut a = Rollout::new(config.clone(), targets.clone(), 0);

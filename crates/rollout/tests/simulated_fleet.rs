@@ -186,3 +186,71 @@ fn a_scheduled_rollout_waits_for_its_start_time() {
     assert_eq!(r.state(), State::Running { phase: 0 });
     assert!(std::iter::from_fn(|| r.poll_action()).any(|a| matches!(a, Action::Notify(_))));
 }
+
+#[test]
+fn offers_are_made_only_inside_the_maintenance_window() {
+    use flotilla_rollout::Window;
+    const HOUR: u64 = 3_600_000;
+    // 23:00-01:00 UTC, wrapping past midnight; the rollout is created at 12:00.
+    let window = Window {
+        start_ms: 23 * HOUR,
+        end_ms: HOUR,
+    };
+    let config = Config {
+        phases: vec![100.0],
+        max_concurrent: 50,
+        device_timeout_ms: 10 * HOUR,
+        window: Some(window),
+        ..Config::default()
+    };
+    let start = 12 * HOUR;
+    let mut r = Rollout::new(config, fleet()[..200].to_vec(), start);
+    for id in r.targets().to_vec() {
+        r.handle_online(start, &id);
+    }
+    assert_eq!(r.poll_timeout(), Some(start + 11 * HOUR));
+    let mut now = start;
+    let mut offers = Vec::new();
+    while !matches!(r.state(), State::Completed) {
+        while let Some(a) = r.poll_action() {
+            if let Action::Notify(id) = a {
+                offers.push((now, id));
+            }
+        }
+        let batch: Vec<String> = offers
+            .iter()
+            .filter(|(t, _)| *t == now)
+            .map(|(_, id)| id.clone())
+            .collect();
+        if batch.is_empty() {
+            // Nothing in flight: sleep until the planner's next wake-up (the window opening).
+            now = r.poll_timeout().expect("a wake-up while devices wait");
+            r.handle_timeout(now);
+            continue;
+        }
+        // Each batch finishes 20 minutes after it was offered.
+        now += 20 * 60_000;
+        for id in batch {
+            r.handle_outcome(now, &id, Outcome::Succeeded);
+        }
+        assert!(
+            now < start + 3 * 24 * HOUR,
+            "rollout never finished: {:?} {:?} offers {} at {}",
+            r.state(),
+            r.counts(),
+            offers.len(),
+            now % (24 * HOUR) / 60_000
+        );
+    }
+    assert_eq!(offers.len(), 200);
+    for (t, id) in &offers {
+        assert!(
+            window.contains(*t),
+            "{id} offered at {} ms into the day",
+            t % (24 * HOUR)
+        );
+    }
+    // 50 at a time, 20 minutes each, two hours a night: 300 a night, so 200 fit in one.
+    let first = offers.iter().map(|(t, _)| *t).min().unwrap();
+    assert_eq!(first, start + 11 * HOUR);
+}

@@ -248,6 +248,19 @@ pub const OPERATIONS: &[Operation] = &[
         200,
     ),
     (
+        "put",
+        "/api/device/{deviceId}/tags",
+        "Replace a device's tags (rollouts can target a tag)",
+        Auth::User,
+        Some(|| {
+            object(
+                &[("tags", json!({"type": "array", "items": s("string")}))],
+                &["tags"],
+            )
+        }),
+        200,
+    ),
+    (
         "post",
         "/api/releases",
         "Publish a release: its signed manifest, verified against the trusted release keys",
@@ -340,7 +353,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "post",
         "/api/rollouts",
-        "Create a staged rollout: {version, target: {hardware|devices|all}, phases, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, maxConcurrent, startAt}",
+        "Create a staged rollout: {version, target: {hardware|tag|devices|all}, phases or exponential {startPercent, factor}, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, maxConcurrent, startAt, maintenanceWindow {start, end}}",
         Auth::User,
         Some(|| {
             object(

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_rollout::{Action, Config, Outcome, Rollout, State};
+use flotilla_rollout::{Action, Config, Outcome, Rollout, State, Window};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,6 +38,70 @@ pub struct Settings {
     /// Unix milliseconds; nothing is offered before.
     #[serde(default)]
     pub start_at: Option<u64>,
+    /// Instead of `phases`: start at `startPercent` and multiply by `factor` each phase.
+    #[serde(default)]
+    pub exponential: Option<Exponential>,
+    /// Offer only inside this daily UTC window, e.g. `{"start":"23:00","end":"01:00"}`.
+    #[serde(default)]
+    pub maintenance_window: Option<MaintenanceWindow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Exponential {
+    pub start_percent: f64,
+    pub factor: f64,
+}
+
+impl Exponential {
+    /// 1, 2, 4, ... capped at 100 (at most 20 phases).
+    fn phases(&self) -> Result<Vec<f64>, String> {
+        let valid = self.start_percent > 0.0 && self.start_percent <= 100.0 && self.factor > 1.0;
+        if !valid {
+            return Err("exponential needs startPercent in (0, 100] and factor > 1".into());
+        }
+        let mut p = vec![self.start_percent];
+        while p.len() < 19 && p[p.len() - 1] * self.factor < 100.0 {
+            p.push(p[p.len() - 1] * self.factor);
+        }
+        if p[p.len() - 1] < 100.0 {
+            p.push(100.0);
+        }
+        Ok(p)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceWindow {
+    /// `HH:MM`, UTC.
+    pub start: String,
+    pub end: String,
+}
+
+impl MaintenanceWindow {
+    fn window(&self) -> Result<Window, String> {
+        let parse = |s: &str| -> Result<u64, String> {
+            let (h, m) = s
+                .split_once(':')
+                .ok_or_else(|| format!("maintenanceWindow: '{s}' is not HH:MM"))?;
+            let (h, m): (u64, u64) = (
+                h.parse()
+                    .map_err(|_| format!("maintenanceWindow: bad hour in '{s}'"))?,
+                m.parse()
+                    .map_err(|_| format!("maintenanceWindow: bad minute in '{s}'"))?,
+            );
+            if h > 23 || m > 59 {
+                return Err(format!("maintenanceWindow: '{s}' is not a time of day"));
+            }
+            Ok((h * 60 + m) * 60_000)
+        };
+        let (start_ms, end_ms) = (parse(&self.start)?, parse(&self.end)?);
+        if start_ms == end_ms {
+            return Err("maintenanceWindow: start and end must differ".into());
+        }
+        Ok(Window { start_ms, end_ms })
+    }
 }
 
 fn default_phases() -> Vec<f64> {
@@ -61,7 +125,13 @@ fn default_concurrency() -> usize {
 
 impl Settings {
     /// Refuses parameters that would make a rollout that never finishes or never stops.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&mut self) -> Result<(), String> {
+        if let Some(e) = &self.exponential {
+            self.phases = e.phases()?;
+        }
+        if let Some(w) = &self.maintenance_window {
+            w.window()?;
+        }
         let p = &self.phases;
         if p.is_empty() || p.len() > 20 {
             return Err("phases must list 1 to 20 cumulative percentages".into());
@@ -98,6 +168,10 @@ impl Settings {
             device_timeout_ms: self.device_timeout_secs * 1000,
             max_concurrent: self.max_concurrent,
             start_at_ms: self.start_at.unwrap_or(0),
+            window: self
+                .maintenance_window
+                .as_ref()
+                .and_then(|w| w.window().ok()),
         }
     }
 }
@@ -480,5 +554,51 @@ fn outcome_of(state: UpdateState) -> Option<Outcome> {
         UpdateState::Failed => Some(Outcome::Failed),
         UpdateState::RolledBack => Some(Outcome::RolledBack),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(json: serde_json::Value) -> Result<Settings, String> {
+        let mut s: Settings = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    #[test]
+    fn exponential_phases_double_up_to_everything() {
+        let s =
+            settings(serde_json::json!({"exponential": {"startPercent": 1, "factor": 2}})).unwrap();
+        assert_eq!(s.phases, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0]);
+        assert!(
+            settings(serde_json::json!({"exponential": {"startPercent": 1, "factor": 1}})).is_err()
+        );
+    }
+
+    #[test]
+    fn windows_and_phases_are_validated() {
+        let s =
+            settings(serde_json::json!({"maintenanceWindow": {"start": "23:00", "end": "01:30"}}))
+                .unwrap();
+        assert_eq!(
+            s.planner_config().window,
+            Some(Window {
+                start_ms: 23 * 3_600_000,
+                end_ms: 90 * 60_000
+            })
+        );
+        for bad in [
+            serde_json::json!({"maintenanceWindow": {"start": "24:00", "end": "01:00"}}),
+            serde_json::json!({"maintenanceWindow": {"start": "1am", "end": "01:00"}}),
+            serde_json::json!({"phases": [10, 5, 100]}),
+            serde_json::json!({"phases": [10, 50]}),
+            serde_json::json!({"successThreshold": 1.5}),
+            serde_json::json!({"maxConcurrent": 0}),
+            serde_json::json!({"surprise": true}),
+        ] {
+            assert!(settings(bad.clone()).is_err(), "{bad}");
+        }
     }
 }

@@ -118,10 +118,10 @@ async fn download_all(clients: &[reqwest::Client], url: &str) -> Result<(f64, u6
     Ok((started.elapsed().as_secs_f64(), bytes))
 }
 
-/// Every client starts a download and holds it open after its first chunk; returns the
-/// server's RSS growth per open download, then lets them all finish.
+/// From a server with no device connected, every client connects and starts a download, and
+/// holds it open after its first chunk; returns the server's RSS growth per open download
+/// (its TLS connection included), then lets them all finish.
 async fn memory_per_download(clients: &[reqwest::Client], url: &str, pid: u32) -> Result<f64> {
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_kib(pid)?;
     let all_open = Arc::new(Barrier::new(clients.len() + 1));
     let release = Arc::new(Barrier::new(clients.len() + 1));
@@ -161,7 +161,11 @@ async fn plain_tcp(n: usize) -> Result<f64> {
         while let Ok((mut s, _)) = listener.accept().await {
             let image = image.clone();
             tokio::spawn(async move {
-                let _ = s.write_all(&image).await;
+                // Like an HTTP server: nothing is sent before the request.
+                let mut request = [0u8; 1];
+                if s.read_exact(&mut request).await.is_ok() {
+                    let _ = s.write_all(&image).await;
+                }
             });
         }
     });
@@ -172,6 +176,7 @@ async fn plain_tcp(n: usize) -> Result<f64> {
         tasks.push(tokio::spawn(async move {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
             barrier.wait().await;
+            s.write_all(b"G").await?;
             let mut buf = vec![0u8; 64 * 1024];
             let mut got = 0;
             loop {
@@ -224,6 +229,7 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     // Devices may download only what they were offered.
+    let t = Instant::now();
     let offers: Vec<Result<u16>> = futures::stream::iter(ids.iter().map(|id| {
         let path = format!("/api/ota/{}/start", id.device_id);
         let admin = admin.clone();
@@ -246,19 +252,26 @@ async fn main() -> Result<()> {
     for s in offers {
         anyhow::ensure!(s? == 202, "offer refused");
     }
+    let offers_per_s = ids.len() as f64 / t.elapsed().as_secs_f64();
+    eprintln!(
+        "offered the release to {} devices ({offers_per_s:.0}/s)",
+        ids.len()
+    );
     let clients = ids
         .iter()
         .map(|id| device_client(&server, id))
         .collect::<Result<Vec<_>>>()?;
     let url = format!("{}/firmware/2.0.0", server.backend_url());
 
+    let pid = server.proc.0.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let kib = memory_per_download(&clients, &url, pid).await?;
+    eprintln!("flotilla: {kib:.1} KiB per active download");
     let ceiling = plain_tcp(args.devices).await?;
     eprintln!("plain TCP ceiling: {:.2} GB/s", ceiling / 1e9);
-    let pid = server.proc.0.id();
     let (secs, bytes) = download_all(&clients, &url).await?;
     let throughput = bytes as f64 / secs;
     eprintln!("flotilla: {:.2} GB/s", throughput / 1e9);
-    let kib = memory_per_download(&clients, &url, pid).await?;
     let report = json!({
         "devices": args.devices,
         "image_bytes": IMAGE_SIZE,
@@ -268,6 +281,7 @@ async fn main() -> Result<()> {
             "seconds": (secs * 1000.0).round() / 1000.0,
             "aggregate_gb_per_s": (throughput / 1e7).round() / 100.0,
             "server_kib_per_active_download": (kib * 10.0).round() / 10.0,
+            "api_offers_per_s": offers_per_s.round(),
         },
         "plain_tcp_ceiling_gb_per_s": (ceiling / 1e7).round() / 100.0,
         "share_of_ceiling": ((throughput / ceiling) * 100.0).round() / 100.0,

@@ -11,18 +11,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::signer::Signer;
-use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
+use object_store::{ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio_util::io::ReaderStream;
+use tokio::io::AsyncWriteExt;
 
 use flotilla_proto::FirmwareManifest;
 
-/// Bytes read per chunk when serving from local disk.
-const CHUNK: usize = 16 * 1024;
+/// Size of the body frames a download is served in.
+const CHUNK: usize = 64 * 1024;
+/// Images kept in memory for serving: a rollout sends one image to many devices, and one
+/// shared copy costs far less than a read buffer per download.
+const CACHED_IMAGES: usize = 4;
 
 /// How to reach an S3-compatible bucket.
 #[derive(Debug, Clone)]
@@ -44,6 +46,8 @@ pub struct Artifacts {
     /// Local images, and staging for uploads in either mode.
     dir: PathBuf,
     backend: Backend,
+    /// Recently served images, newest last.
+    cache: Arc<std::sync::Mutex<Vec<(String, Bytes)>>>,
 }
 
 /// Why an upload was refused.
@@ -62,6 +66,7 @@ impl Artifacts {
         Ok(Artifacts {
             dir: dir.to_path_buf(),
             backend: Backend::Local,
+            cache: Arc::default(),
         })
     }
 
@@ -80,6 +85,7 @@ impl Artifacts {
         Ok(Artifacts {
             dir: staging.to_path_buf(),
             backend: Backend::S3(Arc::new(b.build()?)),
+            cache: Arc::default(),
         })
     }
 
@@ -133,7 +139,8 @@ impl Artifacts {
         result
     }
 
-    /// `len` bytes of a stored image from `start`, as a stream of chunks.
+    /// `len` bytes of a stored image from `start`, as a stream of chunks that share one
+    /// in-memory copy of the image.
     pub async fn range(
         &self,
         hardware: &str,
@@ -141,24 +148,47 @@ impl Artifacts {
         start: u64,
         len: u64,
     ) -> anyhow::Result<ByteStream> {
-        match &self.backend {
-            Backend::Local => {
-                let mut file = tokio::fs::File::open(self.local_path(version)).await?;
-                file.seek(std::io::SeekFrom::Start(start)).await?;
-                Ok(ReaderStream::with_capacity(file.take(len), CHUNK).boxed())
-            }
-            Backend::S3(_) if len == 0 => Ok(futures::stream::empty().boxed()),
-            Backend::S3(s3) => {
-                let options = GetOptions {
-                    range: Some(GetRange::Bounded(start..start + len)),
-                    ..GetOptions::default()
-                };
-                let result = s3
-                    .get_opts(&Self::key(hardware, version, "firmware.bin"), options)
-                    .await?;
-                Ok(result.into_stream().map_err(std::io::Error::other).boxed())
-            }
+        let image = self.image(hardware, version).await?;
+        let start = usize::try_from(start)?.min(image.len());
+        let end = start.saturating_add(usize::try_from(len)?).min(image.len());
+        let part = image.slice(start..end);
+        let chunks = (0..part.len())
+            .step_by(CHUNK)
+            .map(move |at| Ok(part.slice(at..(at + CHUNK).min(part.len()))));
+        Ok(futures::stream::iter(chunks).boxed())
+    }
+
+    /// The whole image, from the cache or the store.
+    async fn image(&self, hardware: &str, version: &str) -> anyhow::Result<Bytes> {
+        let key = format!("{hardware}/{version}");
+        if let Some(bytes) = self.cached(&key) {
+            return Ok(bytes);
         }
+        let bytes = match &self.backend {
+            Backend::Local => Bytes::from(tokio::fs::read(self.local_path(version)).await?),
+            Backend::S3(s3) => {
+                s3.get(&Self::key(hardware, version, "firmware.bin"))
+                    .await?
+                    .bytes()
+                    .await?
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|(k, _)| *k != key);
+        cache.push((key, bytes.clone()));
+        if cache.len() > CACHED_IMAGES {
+            cache.remove(0);
+        }
+        Ok(bytes)
+    }
+
+    fn cached(&self, key: &str) -> Option<Bytes> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let i = cache.iter().position(|(k, _)| k == key)?;
+        let entry = cache.remove(i);
+        let bytes = entry.1.clone();
+        cache.push(entry);
+        Some(bytes)
     }
 
     /// A time-limited URL anyone can fetch the image from (S3 only).

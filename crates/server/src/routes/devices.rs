@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use flotilla_proto::{DeviceId, LedState};
 use serde::Deserialize;
@@ -21,6 +21,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/device/{device_id}", get(show))
         .route("/api/device/{device_id}/telemetry", get(telemetry))
         .route("/api/device/{device_id}/led", post(led))
+        .route("/api/device/{device_id}/tags", put(set_tags))
         .route("/api/dashboard", get(dashboard))
 }
 
@@ -150,4 +151,53 @@ async fn dashboard(State(state): State<AppState>, user: AuthUser) -> ApiResult<J
         "firmwareVersions": versions,
         "devices": devices,
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tags {
+    tags: Vec<String>,
+}
+
+/// Replaces a device's tags (labels that rollouts can target).
+async fn set_tags(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+    JsonBody(body): JsonBody<Tags>,
+) -> ApiResult<Json<DeviceRow>> {
+    user.require_operator()?;
+    let device = visible_device(&state, &user, &device_id).await?;
+    if body.tags.len() > 32
+        || body.tags.iter().any(|t| {
+            t.is_empty()
+                || t.len() > 64
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:=".contains(&b))
+        })
+    {
+        return Err(ApiError::bad(
+            "tags: at most 32, each 1-64 characters of letters, digits and - _ . : =",
+        ));
+    }
+    let mut tags = body.tags;
+    tags.sort();
+    tags.dedup();
+    state
+        .store
+        .set_device_tags(&device.device_id, &tags)
+        .await?;
+    let actor = user.actor();
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action: "device.tags",
+            target: Some(&device.device_id),
+            result: "success",
+            detail: Some(tags.join(",")),
+        })
+        .await;
+    Ok(Json(visible_device(&state, &user, &device_id).await?))
 }

@@ -32,6 +32,8 @@ pub fn router() -> Router<AppState> {
 struct Target {
     /// Every device of this hardware type.
     hardware: Option<String>,
+    /// Every device carrying this tag.
+    tag: Option<String>,
     /// These devices.
     devices: Option<Vec<String>>,
     /// Every visible device.
@@ -54,7 +56,7 @@ async fn create(
     JsonBody(body): JsonBody<NewRollout>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     user.require_operator()?;
-    let settings: Settings = serde_json::from_value(body.settings)
+    let mut settings: Settings = serde_json::from_value(body.settings)
         .map_err(|e| ApiError::bad(format!("rollout settings: {e}")))?;
     settings.validate().map_err(ApiError::BadRequest)?;
     let release = find(&state, &body.version).await?;
@@ -70,13 +72,18 @@ async fn create(
         )));
     }
     let t = &body.target;
-    let chosen = [t.hardware.is_some(), t.devices.is_some(), t.all]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let chosen = [
+        t.hardware.is_some(),
+        t.tag.is_some(),
+        t.devices.is_some(),
+        t.all,
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if chosen != 1 {
         return Err(ApiError::bad(
-            "target must name exactly one of hardware, devices or all",
+            "target must name exactly one of hardware, tag, devices or all",
         ));
     }
     let visible = state.store.devices_of(user.owner_filter()).await?;
@@ -102,9 +109,10 @@ async fn create(
     // Devices that already run this version or newer, or other hardware, are not targets.
     let targets: Vec<String> = visible
         .iter()
-        .filter(|d| match (&t.hardware, &t.devices) {
-            (Some(h), _) => d.hardware.as_deref() == Some(h.as_str()),
-            (_, Some(ids)) => ids.contains(&d.device_id),
+        .filter(|d| match (&t.hardware, &t.tag, &t.devices) {
+            (Some(h), _, _) => d.hardware.as_deref() == Some(h.as_str()),
+            (_, Some(tag), _) => d.tags.contains(tag),
+            (_, _, Some(ids)) => ids.contains(&d.device_id),
             _ => true,
         })
         .filter(|d| !d.blocked)

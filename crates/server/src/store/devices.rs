@@ -17,6 +17,8 @@ pub struct DeviceRow {
     pub disconnect_reason: Option<String>,
     pub firmware_version: Option<String>,
     pub hardware: Option<String>,
+    /// Operator-assigned labels, for rollout targets.
+    pub tags: Vec<String>,
     pub led: Option<String>,
     pub brightness: Option<i64>,
     pub heap: Option<i64>,
@@ -40,6 +42,7 @@ fn device_from(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<DeviceRow> {
         disconnect_reason: row.try_get("disconnect_reason")?,
         firmware_version: row.try_get("fw_version")?,
         hardware: row.try_get("hardware")?,
+        tags: serde_json::from_str(&row.try_get::<String, _>("tags")?).unwrap_or_default(),
         led: row.try_get("led_state")?,
         brightness: row.try_get("led_brightness")?,
         heap: row.try_get("heap")?,
@@ -119,6 +122,15 @@ impl Store {
             }
         };
         rows.iter().map(device_from).collect()
+    }
+
+    pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> sqlx::Result<()> {
+        sqlx::query("UPDATE devices SET tags = ? WHERE device_id = ?")
+            .bind(serde_json::to_string(tags).unwrap_or_else(|_| "[]".into()))
+            .bind(device_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn toggle_device_block(&self, device_id: &str) -> sqlx::Result<Option<bool>> {

@@ -84,6 +84,7 @@ CREATE TABLE audit (
         3,
         r#"
 ALTER TABLE devices ADD COLUMN hardware TEXT;
+ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
 CREATE TABLE releases (
     version TEXT PRIMARY KEY,
     hardware TEXT NOT NULL,
