@@ -574,7 +574,8 @@ async fn rollouts_target_tags_take_exponential_phases_and_refuse_bad_settings() 
     );
     let r = cli.json(&["rollout", "create", "1.1.0", "--all"]);
     assert_eq!(r["targetCount"], 3);
-    let paused = cli.json(&["rollout", "pause", r["id"].as_str().unwrap()]);
+    let rollout_id = r["id"].as_str().unwrap().to_string();
+    let paused = cli.json(&["rollout", "pause", &rollout_id]);
     assert_eq!(paused["progress"]["state"], "paused", "{paused}");
 
     for (body, hint) in [
@@ -614,5 +615,73 @@ async fn rollouts_target_tags_take_exponential_phases_and_refuse_bad_settings() 
         )
         .await?;
     assert_eq!(s, 404);
+
+    // Blocking its release aborts it; an ended rollout takes no more controls.
+    cli.json(&["release", "block", "1.1.0", "--reason", "bad batch"]);
+    let aborted = wait_rollout(&server, &jwt, &rollout_id, "aborted").await;
+    assert_eq!(aborted["state"], "aborted");
+    let out = cli.run(&["rollout", "resume", &rollout_id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not active"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_a_server_restart_and_catches_up_a_device_that_was_offline()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let kit = Kit::new(tmp.path());
+    let mut server = Server::start(&["--release-key", &kit.public_key()]).await?;
+    let jwt = server.admin("admin@example.com").await?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    assert!(
+        cli.run(&[
+            "login",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin-pass"
+        ])
+        .status
+        .success()
+    );
+    // rs-a runs; rs-b is registered but its agent is not started yet.
+    let _a = start_fleet(&server, &jwt, &kit, &["rs-a"]).await;
+    cli.json(&["device", "register", "rs-b"]);
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let r = cli.json(&["rollout", "create", "1.1.0", "--all", "--phases", "50,100"]);
+    let id = r["id"].as_str().unwrap().to_string();
+    assert_eq!(r["targetCount"], 2);
+    // Phase 1 (rs-a) succeeds; phase 2 waits for rs-b, which is away.
+    wait_for_version(&server, &jwt, "rs-a", "1.1.0").await;
+    wait_for("phase 2", Duration::from_secs(30), || async {
+        let (_, r) = server
+            .call("GET", &format!("/api/rollouts/{id}"), Some(&jwt), None)
+            .await
+            .ok()?;
+        (r["progress"]["phase"] == 1).then_some(())
+    })
+    .await?;
+
+    server.restart().await?;
+    let jwt = server.login("admin@example.com", "admin-pass").await?;
+    let after = wait_rollout(&server, &jwt, &id, "running").await;
+    assert_eq!(
+        after["progress"]["phase"], 1,
+        "rebuilt in the phase it was in: {after}"
+    );
+    assert_eq!(after["progress"]["succeeded"], 1, "{after}");
+
+    // rs-b arrives (provisioned against the restarted server) and is caught up.
+    let args = agent_args(&kit);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = Agent::start(&server, &tmp.path().join("rs-b"), &args).await?;
+    b.provision(&server, &jwt, "rs-b").await?;
+    wait_for_version(&server, &jwt, "rs-b", "1.1.0").await;
+    let done = wait_rollout(&server, &jwt, &id, "completed").await;
+    assert_eq!(done["progress"]["succeeded"], 2, "{done}");
+    // The restart did not make the server offer rs-a the release a second time.
+    assert_eq!(history(&server, &jwt, "rs-a").await.len(), 1);
     Ok(())
 }
