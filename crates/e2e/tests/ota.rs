@@ -76,6 +76,30 @@ impl Kit {
     }
 }
 
+/// A server trusting a fresh release key, its admin, and the CLI logged in as that admin.
+async fn rig(
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(tempfile::TempDir, Kit, Server, String, Cli)> {
+    let tmp = tempfile::tempdir()?;
+    let kit = Kit::new(tmp.path());
+    let public_key = kit.public_key();
+    let mut args = vec!["--release-key", &public_key];
+    args.extend_from_slice(extra);
+    let server = Server::start_with_env(&args, env).await?;
+    let jwt = server.admin("admin@example.com").await?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    let login = cli.run(&[
+        "login",
+        "--email",
+        "admin@example.com",
+        "--password",
+        "admin-pass",
+    ]);
+    anyhow::ensure!(login.status.success(), "CLI login failed");
+    Ok((tmp, kit, server, jwt, cli))
+}
+
 fn agent_args(kit: &Kit) -> Vec<String> {
     [
         "--fw-version",
@@ -163,19 +187,7 @@ fn statuses(update: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_release_rolls_out_and_a_crashing_one_rolls_back_and_stops_the_rollout()
 -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let kit = Kit::new(tmp.path());
-    let server = Server::start(&["--release-key", &kit.public_key()]).await?;
-    let jwt = server.admin("admin@example.com").await?;
-    let cli = Cli::new(&server, &tmp.path().join("session.json"));
-    let login = cli.run(&[
-        "login",
-        "--email",
-        "admin@example.com",
-        "--password",
-        "admin-pass",
-    ]);
-    assert!(login.status.success());
+    let (tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
     let ids = ["ota-a", "ota-b", "ota-c"];
     let _agents = start_fleet(&server, &jwt, &kit, &ids).await;
 
@@ -345,22 +357,7 @@ async fn a_signed_release_rolls_out_and_a_crashing_one_rolls_back_and_stops_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_over_a_dropping_link_resumes_and_an_unreachable_release_rolls_back()
 -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let kit = Kit::new(tmp.path());
-    let server = Server::start(&["--release-key", &kit.public_key()]).await?;
-    let jwt = server.admin("admin@example.com").await?;
-    let cli = Cli::new(&server, &tmp.path().join("session.json"));
-    assert!(
-        cli.run(&[
-            "login",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin-pass"
-        ])
-        .status
-        .success()
-    );
+    let (tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
 
     // The device reaches the server's HTTPS listener through a link that drops every
     // connection after 150-450 KB; the 1.5 MiB image needs several resumed requests.
@@ -454,12 +451,8 @@ impl MkDir for PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_in_an_s3_bucket_are_presigned_and_served_to_devices() -> anyhow::Result<()> {
     let moto = flotilla_e2e::Moto::start("flotilla-firmware").await?;
-    let tmp = tempfile::tempdir()?;
-    let kit = Kit::new(tmp.path());
-    let server = Server::start_with_env(
+    let (tmp, kit, server, jwt, cli) = rig(
         &[
-            "--release-key",
-            &kit.public_key(),
             "--s3-bucket",
             "flotilla-firmware",
             "--s3-endpoint",
@@ -471,19 +464,6 @@ async fn releases_in_an_s3_bucket_are_presigned_and_served_to_devices() -> anyho
         ],
     )
     .await?;
-    let jwt = server.admin("admin@example.com").await?;
-    let cli = Cli::new(&server, &tmp.path().join("session.json"));
-    assert!(
-        cli.run(&[
-            "login",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin-pass"
-        ])
-        .status
-        .success()
-    );
     let image = kit.release("1.1.0", "normal");
     cli.json(&["release", "publish", image.to_str().unwrap()]);
 
@@ -519,22 +499,7 @@ async fn releases_in_an_s3_bucket_are_presigned_and_served_to_devices() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollouts_target_tags_take_exponential_phases_and_refuse_bad_settings() -> anyhow::Result<()>
 {
-    let tmp = tempfile::tempdir()?;
-    let kit = Kit::new(tmp.path());
-    let server = Server::start(&["--release-key", &kit.public_key()]).await?;
-    let jwt = server.admin("admin@example.com").await?;
-    let cli = Cli::new(&server, &tmp.path().join("session.json"));
-    assert!(
-        cli.run(&[
-            "login",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin-pass"
-        ])
-        .status
-        .success()
-    );
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
     for id in ["tag-a", "tag-b", "tag-c"] {
         cli.json(&["device", "register", id]);
     }
@@ -629,22 +594,7 @@ async fn rollouts_target_tags_take_exponential_phases_and_refuse_bad_settings() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_survives_a_server_restart_and_catches_up_a_device_that_was_offline()
 -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let kit = Kit::new(tmp.path());
-    let mut server = Server::start(&["--release-key", &kit.public_key()]).await?;
-    let jwt = server.admin("admin@example.com").await?;
-    let cli = Cli::new(&server, &tmp.path().join("session.json"));
-    assert!(
-        cli.run(&[
-            "login",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin-pass"
-        ])
-        .status
-        .success()
-    );
+    let (tmp, kit, mut server, jwt, cli) = rig(&[], &[]).await?;
     // rs-a runs; rs-b is registered but its agent is not started yet.
     let _a = start_fleet(&server, &jwt, &kit, &["rs-a"]).await;
     cli.json(&["device", "register", "rs-b"]);

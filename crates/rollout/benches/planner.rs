@@ -20,35 +20,28 @@ trait Planner {
     fn state(&self) -> State;
 }
 
-impl Planner for Rollout {
-    fn online(&mut self, now: u64, id: &str) {
-        self.handle_online(now, id)
-    }
-    fn outcome(&mut self, now: u64, id: &str) {
-        self.handle_outcome(now, id, Outcome::Succeeded)
-    }
-    fn action(&mut self) -> Option<Action> {
-        self.poll_action()
-    }
-    fn state(&self) -> State {
-        Rollout::state(self)
-    }
+/// Both planners have the same inherent methods; forward the trait to them.
+macro_rules! planner {
+    ($t:ty) => {
+        impl Planner for $t {
+            fn online(&mut self, now: u64, id: &str) {
+                self.handle_online(now, id)
+            }
+            fn outcome(&mut self, now: u64, id: &str) {
+                self.handle_outcome(now, id, Outcome::Succeeded)
+            }
+            fn action(&mut self) -> Option<Action> {
+                self.poll_action()
+            }
+            fn state(&self) -> State {
+                <$t>::state(self)
+            }
+        }
+    };
 }
 
-impl Planner for Reference {
-    fn online(&mut self, now: u64, id: &str) {
-        self.handle_online(now, id)
-    }
-    fn outcome(&mut self, now: u64, id: &str) {
-        self.handle_outcome(now, id, Outcome::Succeeded)
-    }
-    fn action(&mut self) -> Option<Action> {
-        self.poll_action()
-    }
-    fn state(&self) -> State {
-        Reference::state(self)
-    }
-}
+planner!(Rollout);
+planner!(Reference);
 
 fn config() -> Config {
     Config {

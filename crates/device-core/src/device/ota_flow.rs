@@ -88,13 +88,7 @@ impl Device {
             }
             Err(error) => {
                 self.persist(Persist::OtaJob(None));
-                self.publish_ota(OtaStatus {
-                    status: OtaPhase::Failed,
-                    id: Some(job.id),
-                    progress: None,
-                    version: Some(version),
-                    error: Some(truncate_chars(&error, 200).to_string()),
-                });
+                self.report_failed(&job, &error);
             }
         }
     }
@@ -175,14 +169,7 @@ impl Device {
             None
         };
         if let Some(reason) = busy {
-            let version = offered_version(&offer);
-            self.publish_ota(OtaStatus {
-                status: OtaPhase::Failed,
-                id: Some(offer.id),
-                progress: None,
-                version: Some(version),
-                error: Some(reason.to_string()),
-            });
+            self.report_failed(&offer, reason);
             return;
         }
         self.start_job(now, offer, false);
@@ -223,14 +210,7 @@ impl Device {
                 if resume {
                     self.persist(Persist::OtaJob(None));
                 }
-                let version = offered_version(&offer);
-                self.publish_ota(OtaStatus {
-                    status: OtaPhase::Failed,
-                    id: Some(offer.id),
-                    progress: None,
-                    version: Some(version),
-                    error: Some(rejection.reason().to_string()),
-                });
+                self.report_failed(&offer, rejection.reason());
                 return;
             }
         };
@@ -281,6 +261,17 @@ impl Device {
         if self.ota.booted == BootedImage::PendingVerify {
             self.actions.push_back(Action::Reboot);
         }
+    }
+
+    /// FAILED for an offer, with why; the running image is untouched.
+    fn report_failed(&mut self, offer: &OtaOffer, error: &str) {
+        self.publish_ota(OtaStatus {
+            status: OtaPhase::Failed,
+            id: Some(offer.id.clone()),
+            progress: None,
+            version: Some(offered_version(offer)),
+            error: Some(truncate_chars(error, 200).to_string()),
+        });
     }
 
     fn publish_ota(&mut self, status: OtaStatus) {
