@@ -10,7 +10,7 @@ use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::commands::{DEFAULT_TTL_SECS, MAX_TTL_SECS, validate};
 use crate::error::{ApiError, ApiResult, JsonBody};
-use crate::store::{AuditRecord, CommandRow, now_ms};
+use crate::store::{CommandRow, now_ms};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -54,17 +54,15 @@ pub(crate) async fn create(
         .store
         .create_command(&id, &device.device_id, name, &args, user.id, expires_at)
         .await?;
-    let actor = user.actor();
-    state
-        .store
-        .audit(AuditRecord {
-            actor: &actor,
-            action: "command.create",
-            target: Some(&device.device_id),
-            result: "success",
-            detail: Some(format!("{id} {name}")),
-        })
-        .await;
+    super::audit(
+        state,
+        user,
+        "command.create",
+        &device.device_id,
+        "success",
+        Some(format!("{id} {name}")),
+    )
+    .await;
     state.dispatcher.send(&command).await;
     Ok(command)
 }

@@ -188,16 +188,14 @@ async fn set_tags(
         .store
         .set_device_tags(&device.device_id, &tags)
         .await?;
-    let actor = user.actor();
-    state
-        .store
-        .audit(AuditRecord {
-            actor: &actor,
-            action: "device.tags",
-            target: Some(&device.device_id),
-            result: "success",
-            detail: Some(tags.join(",")),
-        })
-        .await;
+    super::audit(
+        &state,
+        &user,
+        "device.tags",
+        &device.device_id,
+        "success",
+        Some(tags.join(",")),
+    )
+    .await;
     Ok(Json(visible_device(&state, &user, &device_id).await?))
 }

@@ -15,7 +15,7 @@ pub mod sign_csr;
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::store::DeviceRow;
+use crate::store::{AuditRecord, DeviceRow};
 
 /// The device if the caller may see it; otherwise 404, so another user's device ids are not
 /// even confirmed to exist.
@@ -29,4 +29,26 @@ pub(crate) async fn visible_device(
         .device_visible_to(device_id, user.owner_filter())
         .await?
         .ok_or(ApiError::NotFound("no such device"))
+}
+
+/// Records what a user did, in the audit log.
+pub(crate) async fn audit(
+    state: &AppState,
+    user: &AuthUser,
+    action: &str,
+    target: &str,
+    result: &str,
+    detail: Option<String>,
+) {
+    let actor = user.actor();
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action,
+            target: Some(target),
+            result,
+            detail,
+        })
+        .await;
 }

@@ -13,7 +13,7 @@ use super::visible_device;
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{AuditRecord, ReleaseRow, UpdateRow};
+use crate::store::{ReleaseRow, UpdateRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -125,22 +125,20 @@ async fn start(
         .ota
         .offer(&device.device_id, &release, body.force, None, Some(user.id))
         .await?;
-    let actor = user.actor();
-    state
-        .store
-        .audit(AuditRecord {
-            actor: &actor,
-            action: "ota.start",
-            target: Some(&device.device_id),
-            result: "success",
-            detail: Some(format!(
-                "{} {}{}",
-                update.id,
-                release.version,
-                if body.force { " (forced)" } else { "" }
-            )),
-        })
-        .await;
+    super::audit(
+        &state,
+        &user,
+        "ota.start",
+        &device.device_id,
+        "success",
+        Some(format!(
+            "{} {}{}",
+            update.id,
+            release.version,
+            if body.force { " (forced)" } else { "" }
+        )),
+    )
+    .await;
     Ok((StatusCode::ACCEPTED, Json(update)))
 }
 

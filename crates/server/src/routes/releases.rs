@@ -15,7 +15,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::ota::artifacts::UploadError;
 use crate::rollouts;
-use crate::store::{AuditRecord, NewRelease, ReleaseRow};
+use crate::store::{NewRelease, ReleaseRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -25,27 +25,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/releases/{version}/image", put(upload))
         .route("/api/releases/{version}/block", post(block))
         .route("/api/releases/{version}/download", get(download_url))
-}
-
-async fn audit(
-    state: &AppState,
-    user: &AuthUser,
-    action: &str,
-    target: &str,
-    result: &str,
-    detail: Option<String>,
-) {
-    let actor = user.actor();
-    state
-        .store
-        .audit(AuditRecord {
-            actor: &actor,
-            action,
-            target: Some(target),
-            result,
-            detail,
-        })
-        .await;
 }
 
 async fn publish(
@@ -62,7 +41,7 @@ async fn publish(
     let manifest = match state.ota.keys.verify(&body) {
         Ok(m) => m,
         Err(why) => {
-            audit(
+            super::audit(
                 &state,
                 &user,
                 "release.publish",
@@ -93,7 +72,7 @@ async fn publish(
             }
             other => other,
         })?;
-    audit(
+    super::audit(
         &state,
         &user,
         "release.publish",
@@ -134,7 +113,7 @@ async fn upload(
     {
         Ok(()) => {}
         Err(UploadError::Mismatch(why)) => {
-            audit(
+            super::audit(
                 &state,
                 &user,
                 "release.upload",
@@ -148,7 +127,7 @@ async fn upload(
         Err(UploadError::Io(e)) => return Err(ApiError::Internal(e)),
     }
     state.store.mark_release_ready(&release.version).await?;
-    audit(
+    super::audit(
         &state,
         &user,
         "release.upload",
@@ -247,7 +226,7 @@ async fn block(
     } else {
         "release.unblock"
     };
-    audit(
+    super::audit(
         &state,
         &user,
         action,

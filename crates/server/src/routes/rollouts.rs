@@ -17,7 +17,7 @@ use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::rollouts::{Control, Event, Settings};
-use crate::store::{AuditRecord, RolloutRow, UpdateState};
+use crate::store::{RolloutRow, UpdateState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -136,17 +136,15 @@ async fn create(
         .store
         .create_rollout(&id, &release.version, &config, &targets, user.id)
         .await?;
-    let actor = user.actor();
-    state
-        .store
-        .audit(AuditRecord {
-            actor: &actor,
-            action: "rollout.create",
-            target: Some(&id),
-            result: "success",
-            detail: Some(format!("{} to {} devices", release.version, targets.len())),
-        })
-        .await;
+    super::audit(
+        &state,
+        &user,
+        "rollout.create",
+        &id,
+        "success",
+        Some(format!("{} to {} devices", release.version, targets.len())),
+    )
+    .await;
     state.ota.notify(Event::Start(id)).await;
     Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
 }
