@@ -635,3 +635,42 @@ async fn a_rollout_survives_a_server_restart_and_catches_up_a_device_that_was_of
     assert_eq!(history(&server, &jwt, "rs-a").await.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_answers_an_offer_times_out_as_a_failure() -> anyhow::Result<()> {
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    // A device that is online (it says so) but ignores the offer it is sent.
+    let id = server.enroll(&jwt, "mute-dev").await?;
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    dev.subscribe("devices/mute-dev/ota").await?;
+    dev.publish(
+        "devices/mute-dev/status",
+        br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
+    )
+    .await?;
+    wait_for_version(&server, &jwt, "mute-dev", "1.0.0").await;
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let r = cli.json(&[
+        "rollout",
+        "create",
+        "1.1.0",
+        "--hardware",
+        "esp32c3",
+        "--device-timeout",
+        "2",
+    ]);
+    let rollout = r["id"].as_str().unwrap().to_string();
+    // The offer arrives, signed, naming the release's image on the device listener.
+    let (topic, payload) = dev.message(Duration::from_secs(10)).await?;
+    assert_eq!(topic, "devices/mute-dev/ota");
+    let offer: Value = serde_json::from_slice(&payload)?;
+    assert_eq!(offer["url"], "/firmware/1.1.0");
+    assert_eq!(offer["manifest"]["signature"].as_str().unwrap().len(), 128);
+    let stopped = wait_rollout(&server, &jwt, &rollout, "stopped").await;
+    assert_eq!(stopped["progress"]["failed"], 1, "{stopped}");
+    let h = history(&server, &jwt, "mute-dev").await;
+    assert_eq!(h[0]["state"], "failed");
+    assert_eq!(h[0]["error"], "timed out");
+    Ok(())
+}

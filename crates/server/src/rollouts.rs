@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_rollout::{Action, Config, Outcome, Rollout, State, Window};
+use flotilla_rollout::{Action, Config, DeviceState, Outcome, Rollout, State, Window};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -244,6 +244,26 @@ struct Active {
     known: HashMap<String, UpdateState>,
 }
 
+impl Active {
+    /// Devices the planner timed out that the database still has in flight; from now on they
+    /// are known as failed.
+    fn take_timed_out(&mut self) -> Vec<String> {
+        let planner = &self.planner;
+        let ids: Vec<String> = self
+            .known
+            .iter()
+            .filter(|(id, state)| {
+                !state.is_final() && planner.device(id) == Some(DeviceState::TimedOut)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.known.insert(id.clone(), UpdateState::Failed);
+        }
+        ids
+    }
+}
+
 struct Manager {
     store: Store,
     ota: Arc<OtaService>,
@@ -286,9 +306,16 @@ impl Manager {
                 _ = tick.tick() => {
                     ticks += 1;
                     let now = now_ms() as u64;
-                    for a in self.active.values_mut() {
+                    let mut timed_out = Vec::new();
+                    for (id, a) in self.active.iter_mut() {
                         if a.planner.poll_timeout().is_some_and(|t| t <= now) {
                             a.planner.handle_timeout(now);
+                            timed_out.extend(a.take_timed_out().into_iter().map(|d| (id.clone(), d)));
+                        }
+                    }
+                    for (rollout, device) in timed_out {
+                        if let Err(e) = self.store.time_out_update(&rollout, &device).await {
+                            tracing::error!(error = %e, rollout, device, "recording a timeout failed");
                         }
                     }
                     // Presence changes arrive as events; a periodic look at who is online

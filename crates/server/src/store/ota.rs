@@ -218,6 +218,20 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// The rollout gave up waiting for this device: its open offer counts as failed.
+    pub async fn time_out_update(&self, rollout_id: &str, device_id: &str) -> sqlx::Result<()> {
+        sqlx::query(&format!(
+            "UPDATE ota_updates SET state = 'failed', error = 'timed out', updated_at = ? \
+             WHERE rollout_id = ? AND device_id = ? AND state IN {OPEN}"
+        ))
+        .bind(now_ms())
+        .bind(rollout_id)
+        .bind(device_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Running firmware versions and how many devices run each.
     pub async fn version_distribution(
         &self,
