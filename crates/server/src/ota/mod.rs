@@ -113,8 +113,11 @@ impl OtaService {
             }
             Err(e) => tracing::error!(error = %e, device_id, "loading pending offers failed"),
         }
-        self.notify(rollouts::Event::DeviceOnline(device_id.to_string()))
-            .await;
+        // Never stall ingest behind the rollout task: a presence event it misses is caught by
+        // its periodic look at who is online.
+        if let Some(tx) = self.rollouts.get() {
+            let _ = tx.try_send(rollouts::Event::DeviceOnline(device_id.to_string()));
+        }
     }
 
     /// A device's report ended one of its updates.
