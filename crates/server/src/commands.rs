@@ -9,10 +9,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use flotilla_proto::{Channel, Command, DeviceId, LedState, SensorKind, Topic, encode};
-use rumqttc::v5::AsyncClient;
-use rumqttc::v5::mqttbytes::QoS;
 use serde_json::Value;
 
+use crate::downlink::Downlink;
 use crate::store::{CommandRow, Store};
 
 pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -57,25 +56,26 @@ pub fn validate(name: &str, args: &Value) -> Result<(), String> {
 #[derive(Debug)]
 pub struct Dispatcher {
     store: Store,
-    client: OnceLock<AsyncClient>,
+    downlink: OnceLock<Downlink>,
 }
 
 impl Dispatcher {
     pub fn new(store: Store) -> Self {
         Dispatcher {
             store,
-            client: OnceLock::new(),
+            downlink: OnceLock::new(),
         }
     }
 
-    pub fn attach(&self, client: AsyncClient) {
-        let _ = self.client.set(client);
+    pub fn attach(&self, downlink: Downlink) {
+        let _ = self.downlink.set(downlink);
     }
 
-    /// Publishes a command to its device (QoS 1). If the device is offline the broker drops
-    /// it and [`Dispatcher::flush_pending`] sends it again when the device returns.
+    /// Publishes a command to its device (QoS 1) without waiting on the broker. If the
+    /// device is offline or the downlink is busy, [`Dispatcher::flush_pending`] sends it again
+    /// when the device's next session starts.
     pub async fn send(&self, command: &CommandRow) {
-        let Some(client) = self.client.get() else {
+        let Some(downlink) = self.downlink.get() else {
             return;
         };
         let Ok(device) = DeviceId::parse(&command.device_id) else {
@@ -88,22 +88,19 @@ impl Dispatcher {
             expires_at: (command.expires_at / 1000) as u64,
         };
         let topic = Topic::new(&device, Channel::Command);
-        match client
-            .publish(topic.as_str(), QoS::AtLeastOnce, false, encode(&wire))
-            .await
-        {
+        match downlink.publish(topic.as_str(), encode(&wire), false) {
             Ok(()) => {
                 if let Err(e) = self.store.mark_command_sent(&command.id).await {
                     tracing::warn!(error = %e, "recording command send failed");
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, command = %command.id, "command publish failed; will retry when the device reconnects")
+                tracing::warn!(error = %e, command = %command.id, "command not sent now; it is sent when the device's next session starts")
             }
         }
     }
 
-    /// Sends every command still queued for a device that just came online.
+    /// Sends every command still queued for a device whose session just started.
     pub async fn flush_pending(&self, device_id: &str) {
         match self.store.pending_commands(device_id).await {
             Ok(commands) => {

@@ -48,6 +48,13 @@ pub struct ServerConfig {
         default_value_t = 3600
     )]
     pub provisioning_ttl_secs: u64,
+    /// Messages per second a device may publish, sustained; past its burst a device that
+    /// publishes faster is disconnected (presence and the audit log say why).
+    #[arg(long, env = "FLOTILLA_DEVICE_PUBLISH_RATE", default_value_t = 20)]
+    pub device_publish_rate: u32,
+    /// Messages a device may publish in a burst above the sustained rate.
+    #[arg(long, env = "FLOTILLA_DEVICE_PUBLISH_BURST", default_value_t = 200)]
+    pub device_publish_burst: u32,
     /// Maximum telemetry rows per database transaction (group commit).
     #[arg(long, env = "FLOTILLA_INGEST_BATCH", default_value_t = 512)]
     pub ingest_batch: usize,
@@ -94,6 +101,14 @@ impl ServerConfig {
             }
         }
         hosts
+    }
+
+    pub fn publish_limits(&self) -> crate::broker::limits::PublishLimits {
+        crate::broker::limits::PublishLimits {
+            rate: self.device_publish_rate.max(1),
+            burst: self.device_publish_burst.max(1),
+            max_payload: flotilla_proto::MAX_PAYLOAD,
+        }
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod demo;
 mod device_listener;
+mod downlink;
 mod error;
 mod ingest;
 mod openapi;
@@ -15,6 +16,7 @@ mod ota;
 mod rollouts;
 mod routes;
 mod server;
+mod service_link;
 mod store;
 
 use std::process::ExitCode;

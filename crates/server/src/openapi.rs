@@ -219,6 +219,14 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     (
         "get",
+        "/api/admin/dead-letters",
+        "Device messages that could not be stored, with the reason, newest first (?limit=)",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
+        "get",
         "/ca.pem",
         "The device CA certificate",
         Auth::None,

@@ -12,11 +12,14 @@ use serde::Serialize;
 use crate::app::{AppState, app};
 use crate::auth::{JwtKeys, LoginLimiter};
 use crate::broker::gate::DeviceGate;
-use crate::broker::{self, TlsFiles};
+use crate::broker::{self, BrokerDeps, BrokerEvent, TlsFiles};
 use crate::commands::{Dispatcher, spawn_sweepers};
 use crate::config::ServerConfig;
 use crate::device_listener;
-use crate::ingest::{self, ServiceLink};
+use crate::downlink::Downlink;
+use crate::ingest::writer::{IngestEvent, Writer};
+use crate::ota::OtaService;
+use crate::service_link::ServiceLink;
 use crate::store::Store;
 
 /// Where the running server listens, written to `DATA_DIR/endpoints.json` once all are bound
@@ -50,14 +53,25 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         cert: &cert_path,
         key: &key_path,
     };
-    let (disconnects, disconnected) = tokio::sync::mpsc::unbounded_channel();
-    let (embedded, broker_addrs) =
-        broker::start(config.mqtt_addr, tls, gate.clone(), disconnects).await?;
-    spawn_presence(store.clone(), embedded.clone(), disconnected);
+    let (ingest_events, ingested) = tokio::sync::mpsc::unbounded_channel();
+    let writer = Writer::spawn(store.clone(), config.ingest_batch, ingest_events);
+    let (broker_events, broker_said) = tokio::sync::mpsc::unbounded_channel();
+    let (embedded, broker_addrs) = broker::start(
+        config.mqtt_addr,
+        tls,
+        BrokerDeps {
+            gate: gate.clone(),
+            writer,
+            limits: config.publish_limits(),
+            store: store.clone(),
+            events: broker_events,
+        },
+    )
+    .await?;
     let mqtt = broker_addrs.devices;
 
     let dispatcher = Arc::new(Dispatcher::new(store.clone()));
-    let service = ca.issue_service_certificate("ingest")?;
+    let service = ca.issue_service_certificate("server")?;
     let link = ServiceLink {
         host: connect_host(broker_addrs.internal),
         port: broker_addrs.internal.port(),
@@ -66,7 +80,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         key_pem: service.private_key_pem,
     };
     let client_id = format!(
-        "{}ingest-{}",
+        "{}server-downlink-{}",
         flotilla_pki::SERVICE_PREFIX,
         hex::encode(rand::random::<[u8; 4]>())
     );
@@ -88,16 +102,25 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .context("S3 artifact store")?,
     };
     let ota = crate::ota::OtaService::new(store.clone(), keys, artifacts);
-    let client = ingest::start(
-        &link,
-        &client_id,
+    let (downlink, mut downlink_ready) = Downlink::start(&link, &client_id);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        downlink_ready.wait_for(|up| *up),
+    )
+    .await
+    .context("downlink did not connect to the broker within 30 s")?
+    .context("downlink stopped")?;
+    republish_retained(&store, &downlink).await?;
+    dispatcher.attach(downlink.clone());
+    ota.attach(downlink, crate::rollouts::spawn(store.clone(), ota.clone()));
+    spawn_presence(
         store.clone(),
+        embedded.clone(),
         dispatcher.clone(),
         ota.clone(),
-        config.ingest_batch,
+        broker_said,
     );
-    dispatcher.attach(client.clone());
-    ota.attach(client, crate::rollouts::spawn(store.clone(), ota.clone()));
+    spawn_ingest_consumer(ota.clone(), ingested);
     spawn_sweepers(store.clone(), config.heartbeat_timeout());
 
     let state = AppState {
@@ -149,31 +172,76 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 /// closing are still in the ingest pipeline, and a device that reconnects at once stays online.
 const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Marks a device offline when its connection closed and it did not come back.
+/// Sends again, at start-up, the retained messages the server published before it stopped
+/// (desired config), so the broker holds them as it did.
+async fn republish_retained(store: &Store, downlink: &Downlink) -> anyhow::Result<()> {
+    for r in store.retained().await? {
+        if let Err(e) = downlink.publish(&r.topic, r.payload, true) {
+            tracing::warn!(error = %e, topic = %r.topic, "republishing a retained message failed");
+        }
+    }
+    Ok(())
+}
+
+/// Acts on what the broker reports: a closed connection marks the device offline unless it
+/// came back; a session that starts gets what waits for it.
 fn spawn_presence(
     store: Store,
     broker: Arc<broker::Embedded>,
-    mut disconnected: tokio::sync::mpsc::UnboundedReceiver<broker::Disconnected>,
+    dispatcher: Arc<Dispatcher>,
+    ota: Arc<OtaService>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<BrokerEvent>,
 ) {
     use crate::broker::BrokerControl;
     tokio::spawn(async move {
-        while let Some(d) = disconnected.recv().await {
-            let (store, broker) = (store.clone(), broker.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(DISCONNECT_GRACE).await;
-                if broker.is_connected(&d.device_id).await {
-                    return;
+        while let Some(event) = events.recv().await {
+            match event {
+                BrokerEvent::Subscribed { device_id, channel } => {
+                    let (dispatcher, ota) = (dispatcher.clone(), ota.clone());
+                    tokio::spawn(async move {
+                        match channel {
+                            flotilla_proto::Channel::Command => {
+                                dispatcher.flush_pending(&device_id).await
+                            }
+                            flotilla_proto::Channel::Ota => ota.resend_offers(&device_id).await,
+                            _ => {}
+                        }
+                    });
                 }
-                match store.mark_offline(&d.device_id, &d.reason).await {
-                    Ok(true) => {
-                        tracing::info!(device_id = %d.device_id, reason = %d.reason, "device offline: disconnected")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, device_id = %d.device_id, "recording disconnect failed")
-                    }
+                BrokerEvent::Disconnected { device_id, reason } => {
+                    let (store, broker) = (store.clone(), broker.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(DISCONNECT_GRACE).await;
+                        if broker.is_connected(&device_id).await {
+                            return;
+                        }
+                        match store.mark_offline(&device_id, &reason).await {
+                            Ok(true) => {
+                                tracing::info!(device_id = %device_id, reason = %reason, "device offline: disconnected")
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, device_id = %device_id, "recording disconnect failed")
+                            }
+                        }
+                    });
                 }
-            });
+            }
+        }
+    });
+}
+
+/// Tells OTA and the rollouts what committed device messages changed.
+fn spawn_ingest_consumer(
+    ota: Arc<OtaService>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<IngestEvent>,
+) {
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                IngestEvent::CameOnline(device) => ota.device_online(&device),
+                IngestEvent::Finished(f) => ota.finished(f).await,
+            }
         }
     });
 }

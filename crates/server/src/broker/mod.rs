@@ -9,27 +9,38 @@
 
 pub mod acl;
 pub mod gate;
+pub mod limits;
 
 use flotilla_proto::truncate_chars as truncate;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use rmqtt::codec::v5::SubscribeAckReason;
+use flotilla_proto::{Channel, Direction, Topic};
+use rmqtt::codec::types::QoS;
+use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use rmqtt::types::{AuthResult, Id, PublishAclResult, SubscribeAclResult};
-
-use acl::Identity;
-use gate::DeviceGate;
+use rmqtt::session::Session;
+use rmqtt::types::{
+    AuthResult, ConnectInfo, FromType, Id, LastWill, Publish, PublishAclResult, PublishResult,
+    SubscribeAclResult,
+};
 use tokio::sync::mpsc;
 
-/// Largest MQTT packet accepted from any client.
+use crate::ingest::writer::{Inbound, Writer};
+use crate::store::{AuditRecord, Store};
+use acl::{Identity, Listener};
+use gate::DeviceGate;
+use limits::{Budget, Exceeded, PublishLimits};
+
+/// Largest MQTT packet accepted from a device.
 const MAX_PACKET: u32 = 16 * 1024;
 
 /// Disconnects a client from whichever broker the server uses.
@@ -88,29 +99,46 @@ pub struct BrokerAddrs {
     pub internal: SocketAddr,
 }
 
+/// What the broker needs from the rest of the server.
+pub struct BrokerDeps {
+    pub gate: Arc<DeviceGate>,
+    pub writer: Writer,
+    pub limits: PublishLimits,
+    pub store: Store,
+    pub events: mpsc::UnboundedSender<BrokerEvent>,
+}
+
 /// Binds both MQTT/TLS listeners and starts the broker. Returns its control handle and the
 /// bound addresses (the configured port may be 0).
 pub async fn start(
     addr: SocketAddr,
     tls: TlsFiles<'_>,
-    gate: Arc<DeviceGate>,
-    disconnects: mpsc::UnboundedSender<Disconnected>,
+    deps: BrokerDeps,
 ) -> anyhow::Result<(Arc<Embedded>, BrokerAddrs)> {
     let scx = ServerContext::new().build().await;
     *scx.extends.shared_subscription_mut().await = Box::new(RoundRobinShared::default());
-    *scx.extends.retain_mut().await = Box::new(MemoryRetain::default());
+    *scx.extends.retain_mut().await = Box::new(PersistentRetain {
+        memory: rmqtt::retain::DefaultRetainStorage::default(),
+        store: deps.store.clone(),
+    });
     let register = scx.extends.hook_mgr().register();
+    let hooks = Arc::new(Hooks {
+        gate: deps.gate,
+        writer: deps.writer,
+        limits: deps.limits,
+        store: deps.store,
+        events: deps.events,
+    });
     for t in [
         Type::ClientAuthenticate,
+        Type::ClientConnected,
         Type::ClientSubscribeCheckAcl,
+        Type::SessionSubscribed,
         Type::MessagePublishCheckAcl,
+        Type::MessagePublish,
         Type::ClientDisconnected,
     ] {
-        let hooks = Hooks {
-            gate: gate.clone(),
-            disconnects: disconnects.clone(),
-        };
-        register.add(t, Box::new(hooks)).await;
+        register.add(t, Box::new(SharedHooks(hooks.clone()))).await;
     }
     register.start().await;
 
@@ -163,50 +191,197 @@ pub async fn start(
     Ok((Arc::new(Embedded { scx }), addrs))
 }
 
-/// A device's connection closed. A clean DISCONNECT sends no will, so this is the only sign.
-#[derive(Debug)]
-pub struct Disconnected {
-    pub device_id: String,
-    pub reason: String,
+/// rmqtt takes one boxed handler per hook type; all of them share one `Hooks`.
+struct SharedHooks(Arc<Hooks>);
+
+#[async_trait]
+impl Handler for SharedHooks {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        self.0.hook(param, acc).await
+    }
 }
+
+/// What the broker tells the rest of the server.
+#[derive(Debug)]
+pub enum BrokerEvent {
+    /// A device's connection closed. A clean DISCONNECT sends no will, so this is the only
+    /// sign of it.
+    Disconnected { device_id: String, reason: String },
+    /// A device subscribed to one of its downward channels: its session (re)started, so what
+    /// waits for it on that channel must be sent now.
+    Subscribed { device_id: String, channel: Channel },
+}
+
+/// Session attribute keys.
+const IDENTITY: &str = "flotilla.identity";
+const BUDGET: &str = "flotilla.budget";
+const CLOSE_REASON: &str = "flotilla.close-reason";
 
 struct Hooks {
     gate: Arc<DeviceGate>,
-    disconnects: mpsc::UnboundedSender<Disconnected>,
+    writer: Writer,
+    limits: PublishLimits,
+    store: Store,
+    events: mpsc::UnboundedSender<BrokerEvent>,
 }
 
-#[async_trait]
-impl Handler for Hooks {
-    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+fn listener_of(lid: u16) -> Option<Listener> {
+    match lid {
+        DEVICE_LISTENER => Some(Listener::Devices),
+        INTERNAL_LISTENER => Some(Listener::Internal),
+        _ => None,
+    }
+}
+
+/// The identity and gate decision for a CONNECT.
+fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<Identity, String> {
+    let cert = info.cert();
+    let cn = cert.and_then(|c| c.common_name.as_deref());
+    let listener = listener_of(info.id().lid()).ok_or("unknown listener")?;
+    let will_topic = info.last_will().map(|lw| match lw {
+        LastWill::V3(w) => w.topic.clone(),
+        LastWill::V5(w) => w.topic.clone(),
+    });
+    let who = acl::authenticate(cn, info.client_id(), listener, will_topic.as_deref())
+        .map_err(|e| e.to_string())?;
+    if let Identity::Device(id) = &who {
+        let serial = cert.and_then(|c| c.serial.as_deref());
+        gate.check(id.as_str(), serial).map_err(|r| {
+            match r {
+                gate::Refusal::UnknownDevice => "unknown device",
+                gate::Refusal::Blocked => "device is blocked",
+                gate::Refusal::RevokedCertificate => "certificate revoked",
+            }
+            .to_string()
+        })?;
+    }
+    Ok(who)
+}
+
+/// The identity authentication gave this session; `None` (never authenticated) is refused
+/// everything.
+async fn identity(session: &Session) -> Option<Identity> {
+    session
+        .extra_attrs
+        .read()
+        .await
+        .get::<Identity>(IDENTITY)
+        .cloned()
+}
+
+impl Hooks {
+    async fn check_publish(&self, session: &Session, publish: &Publish) -> PublishAclResult {
+        let Some(who) = identity(session).await else {
+            return PublishAclResult::rejected(true, Some("not authenticated".into()));
+        };
+        if !acl::may_publish(&who, &publish.topic, publish.retain) {
+            tracing::warn!(client_id = %session.id.client_id, topic = %truncate(&publish.topic, 120), retain = publish.retain, "publish refused");
+            return PublishAclResult::rejected(false, None);
+        }
+        let Identity::Device(device) = who else {
+            return PublishAclResult::allow();
+        };
+        let charged = {
+            let mut attrs = session.extra_attrs.write().await;
+            let now = Instant::now();
+            match attrs.get_default_mut(BUDGET.into(), || Budget::new(&self.limits, now)) {
+                Some(budget) => budget.charge(&self.limits, publish.payload.len(), now),
+                None => Err(Exceeded::Rate),
+            }
+        };
+        match charged {
+            Ok(()) => {}
+            Err(Exceeded::Size) => {
+                tracing::warn!(device = %device, bytes = publish.payload.len(), "publish refused: payload too large");
+                return refused(
+                    PublishAckReason::PayloadFormatInvalid,
+                    Exceeded::Size.reason(),
+                    false,
+                );
+            }
+            Err(Exceeded::Rate) => {
+                let reason = Exceeded::Rate.reason();
+                session
+                    .extra_attrs
+                    .write()
+                    .await
+                    .insert(CLOSE_REASON.into(), reason.to_string());
+                tracing::warn!(device = %device, reason, "device disconnected");
+                self.store
+                    .audit(AuditRecord {
+                        actor: "broker",
+                        action: "device.disconnect",
+                        target: Some(device.as_str()),
+                        result: "throttled",
+                        detail: Some(reason.to_string()),
+                    })
+                    .await;
+                return refused(PublishAckReason::QuotaExceeded, reason, true);
+            }
+        }
+        let msg = Inbound {
+            topic: publish.topic.to_string(),
+            payload: publish.payload.clone(),
+        };
+        if publish.qos == QoS::AtMostOnce {
+            if !self.writer.submit_lossy(msg) {
+                tracing::warn!(device = %device, "QoS 0 message dropped: ingest queue full");
+            }
+            return PublishAclResult::allow();
+        }
+        // The device's PUBACK waits for this: rmqtt acknowledges only after the hook returns.
+        match self.writer.store(msg).await {
+            Ok(()) => PublishAclResult::allow(),
+            Err(e) => refused(
+                PublishAckReason::ImplementationSpecificError,
+                &e.to_string(),
+                true,
+            ),
+        }
+    }
+}
+
+fn refused(code: PublishAckReason, reason: &str, disconnect: bool) -> PublishAclResult {
+    PublishAclResult(PublishResult::reason_code(
+        code,
+        Some(reason.to_string().into()),
+        disconnect,
+    ))
+}
+
+impl Hooks {
+    async fn hook(&self, param: &Parameter<'_>, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let client_id = info.client_id().to_string();
-                let cert = info.cert();
-                let cn = cert.and_then(|c| c.common_name.as_deref());
-                let serial = cert.and_then(|c| c.serial.as_deref());
-                let verdict = match cn.and_then(|cn| Identity::from_certificate(cn, &client_id)) {
-                    None => Err("certificate CN missing or different from client id"),
-                    Some(Identity::Service(_)) => Ok(()),
-                    Some(Identity::Device(id)) => {
-                        self.gate.check(id.as_str(), serial).map_err(|r| match r {
-                            gate::Refusal::UnknownDevice => "unknown device",
-                            gate::Refusal::Blocked => "device is blocked",
-                            gate::Refusal::RevokedCertificate => "certificate revoked",
-                        })
-                    }
-                };
-                let result = match verdict {
-                    Ok(()) => AuthResult::Allow(false, None),
+                let result = match admit(&self.gate, info) {
+                    Ok(_) => AuthResult::Allow(false, None),
                     Err(why) => {
-                        tracing::warn!(client_id = %truncate(&client_id, 80), why, "MQTT connect refused");
+                        tracing::warn!(client_id = %truncate(info.client_id(), 80), why, "MQTT connect refused");
                         AuthResult::NotAuthorized
                     }
                 };
                 (false, Some(HookResult::AuthResult(result)))
             }
+            Parameter::ClientConnected(session) => {
+                // The same decision as at authentication, from the same certificate, kept on
+                // the session for every later check.
+                match session.connect_info().await {
+                    Ok(info) => match admit(&self.gate, &info) {
+                        Ok(who) => session
+                            .extra_attrs
+                            .write()
+                            .await
+                            .insert(IDENTITY.into(), who),
+                        Err(why) => tracing::warn!(why, "connected session has no identity"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "connected session has no connect info"),
+                }
+                (true, acc)
+            }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
-                let who = Identity::from_client_id(&session.id.client_id);
-                let ok = acl::may_subscribe(&who, &sub.topic_filter, sub.is_shared());
+                let ok = identity(session).await.is_some_and(|who| {
+                    acl::may_subscribe(&who, &sub.topic_filter, sub.is_shared())
+                });
                 let result = if ok {
                     SubscribeAclResult::new_success(sub.opts.qos(), None)
                 } else {
@@ -215,21 +390,42 @@ impl Handler for Hooks {
                 };
                 (false, Some(HookResult::SubscribeAclResult(result)))
             }
+            Parameter::SessionSubscribed(session, sub) => {
+                if let Some(Identity::Device(id)) = identity(session).await
+                    && let Ok((_, channel)) = Topic::parse(&sub.topic_filter)
+                {
+                    let _ = self.events.send(BrokerEvent::Subscribed {
+                        device_id: id.to_string(),
+                        channel,
+                    });
+                }
+                (true, acc)
+            }
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                let who = Identity::from_client_id(&session.id.client_id);
-                let result = if acl::may_publish(&who, &publish.topic) {
-                    PublishAclResult::allow()
-                } else {
-                    tracing::warn!(client_id = %session.id.client_id, topic = %truncate(&publish.topic, 120), "publish refused");
-                    PublishAclResult::rejected(false, None)
-                };
+                let result = self.check_publish(session, publish).await;
                 (false, Some(HookResult::PublishAclResult(result)))
             }
+            Parameter::MessagePublish(Some(session), from, publish)
+                if matches!(from.typ(), FromType::LastWill) =>
+            {
+                // Wills skip the publish ACL; authentication admitted only the device's own
+                // status topic as one.
+                if let Some(Identity::Device(_)) = identity(session).await {
+                    let _ = self.writer.submit(Inbound {
+                        topic: publish.topic.to_string(),
+                        payload: publish.payload.clone(),
+                    });
+                }
+                (true, acc)
+            }
             Parameter::ClientDisconnected(session, reason) => {
-                if let Identity::Device(id) = Identity::from_client_id(&session.id.client_id) {
-                    let reason = reason.to_string();
-                    let reason = truncate(&reason, 120).to_string();
-                    let _ = self.disconnects.send(Disconnected {
+                let attrs = session.extra_attrs.read().await;
+                if let Some(Identity::Device(id)) = attrs.get::<Identity>(IDENTITY) {
+                    let reason = match attrs.get::<String>(CLOSE_REASON) {
+                        Some(r) => r.clone(),
+                        None => truncate(&reason.to_string(), 120).to_string(),
+                    };
+                    let _ = self.events.send(BrokerEvent::Disconnected {
                         device_id: id.to_string(),
                         reason,
                     });
@@ -280,14 +476,18 @@ impl rmqtt::subscribe::SharedSubscription for RoundRobinShared {
     }
 }
 
-/// Retained messages in memory. rmqtt's default store refuses them (and with them every will
-/// with the retain flag), yet its trie works; this enables it. Retained topics are bounded by
-/// the ACL: at most the status and config topic of each device.
-#[derive(Default)]
-struct MemoryRetain(rmqtt::retain::DefaultRetainStorage);
+/// Retained messages: in memory for delivery, and the ones the server publishes (downward
+/// channels, such as desired config) also in the database, so they survive a restart; the
+/// server publishes those again at start-up. rmqtt's default store refuses retained messages
+/// (and with them every will with the retain flag), yet its trie works; this enables it.
+/// Retained topics are bounded by the ACL: the status and the downward topics of each device.
+struct PersistentRetain {
+    memory: rmqtt::retain::DefaultRetainStorage,
+    store: Store,
+}
 
 #[async_trait]
-impl rmqtt::retain::RetainStorage for MemoryRetain {
+impl rmqtt::retain::RetainStorage for PersistentRetain {
     fn enable(&self) -> bool {
         true
     }
@@ -298,21 +498,33 @@ impl rmqtt::retain::RetainStorage for MemoryRetain {
         retain: rmqtt::types::Retain,
         expiry: Option<std::time::Duration>,
     ) -> rmqtt::Result<()> {
-        self.0.set_with_timeout(topic, retain, expiry).await
+        let server_published =
+            Topic::parse(topic).is_ok_and(|(_, c)| c.direction() == Direction::Down);
+        if server_published {
+            let qos = retain.publish.qos as u8;
+            if let Err(e) = self
+                .store
+                .set_retained(topic, &retain.publish.payload, qos)
+                .await
+            {
+                tracing::error!(error = %e, topic = %truncate(topic, 120), "storing retained message failed");
+            }
+        }
+        self.memory.set_with_timeout(topic, retain, expiry).await
     }
 
     async fn get(
         &self,
         filter: &rmqtt::types::TopicFilter,
     ) -> rmqtt::Result<Vec<(rmqtt::types::TopicName, rmqtt::types::Retain)>> {
-        self.0.get_message(filter).await
+        self.memory.get_message(filter).await
     }
 
     async fn count(&self) -> isize {
-        rmqtt::retain::RetainStorage::count(&self.0).await
+        rmqtt::retain::RetainStorage::count(&self.memory).await
     }
 
     async fn max(&self) -> isize {
-        rmqtt::retain::RetainStorage::max(&self.0).await
+        rmqtt::retain::RetainStorage::max(&self.memory).await
     }
 }

@@ -10,10 +10,9 @@ pub mod keys;
 use std::sync::{Arc, OnceLock};
 
 use flotilla_proto::{Channel, DeviceId, OtaOffer, SignedManifest, Topic, encode};
-use rumqttc::v5::AsyncClient;
-use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
+use crate::downlink::Downlink;
 use crate::rollouts;
 use crate::store::{Finished, ReleaseRow, Store, UpdateRow};
 
@@ -31,7 +30,7 @@ pub struct OtaService {
     pub store: Store,
     pub keys: TrustedKeys,
     pub artifacts: Artifacts,
-    client: OnceLock<AsyncClient>,
+    downlink: OnceLock<Downlink>,
     rollouts: OnceLock<mpsc::Sender<rollouts::Event>>,
 }
 
@@ -41,13 +40,13 @@ impl OtaService {
             store,
             keys,
             artifacts,
-            client: OnceLock::new(),
+            downlink: OnceLock::new(),
             rollouts: OnceLock::new(),
         })
     }
 
-    pub fn attach(&self, client: AsyncClient, rollouts: mpsc::Sender<rollouts::Event>) {
-        let _ = self.client.set(client);
+    pub fn attach(&self, downlink: Downlink, rollouts: mpsc::Sender<rollouts::Event>) {
+        let _ = self.downlink.set(downlink);
         let _ = self.rollouts.set(rollouts);
     }
 
@@ -77,7 +76,8 @@ impl OtaService {
     }
 
     async fn publish(&self, update: &UpdateRow, release: &ReleaseRow) {
-        let (Some(client), Ok(device)) = (self.client.get(), DeviceId::parse(&update.device_id))
+        let (Some(downlink), Ok(device)) =
+            (self.downlink.get(), DeviceId::parse(&update.device_id))
         else {
             return;
         };
@@ -91,16 +91,14 @@ impl OtaService {
             force: update.force,
         };
         let topic = Topic::new(&device, Channel::Ota);
-        if let Err(e) = client
-            .publish(topic.as_str(), QoS::AtLeastOnce, false, encode(&offer))
-            .await
-        {
-            tracing::warn!(error = %e, update = %update.id, "OTA offer publish failed; will retry when the device reconnects");
+        if let Err(e) = downlink.publish(topic.as_str(), encode(&offer), false) {
+            tracing::warn!(error = %e, update = %update.id, "OTA offer not sent now; it is sent when the device's next session starts");
         }
     }
 
-    /// A device came online: re-send offers it has not started, and tell the rollouts.
-    pub async fn device_online(&self, device_id: &str) {
+    /// A device's session started (it subscribed to its offers): send again every offer it
+    /// has not started.
+    pub async fn resend_offers(&self, device_id: &str) {
         match self.store.unstarted_updates(device_id).await {
             Ok(updates) => {
                 for u in &updates {
@@ -113,6 +111,10 @@ impl OtaService {
             }
             Err(e) => tracing::error!(error = %e, device_id, "loading pending offers failed"),
         }
+    }
+
+    /// A device came online: tell the rollouts.
+    pub fn device_online(&self, device_id: &str) {
         // Never stall ingest behind the rollout task: a presence event it misses is caught by
         // its periodic look at who is online.
         if let Some(tx) = self.rollouts.get() {

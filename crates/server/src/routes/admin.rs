@@ -18,6 +18,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/device/{device_id}/block", post(block_device))
         .route("/api/admin/audit", get(audit))
         .route("/api/admin/stats", get(stats))
+        .route("/api/admin/dead-letters", get(dead_letters))
 }
 
 async fn users(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Vec<UserRow>>> {
@@ -153,4 +154,24 @@ async fn audit(
 async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {
     user.require_admin()?;
     Ok(Json(state.store.stats().await?))
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<i64>,
+}
+
+async fn dead_letters(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Json<Vec<Value>>> {
+    user.require_admin()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let rows = state.store.dead_letters(limit).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(topic, reason)| json!({ "topic": topic, "reason": reason }))
+            .collect(),
+    ))
 }

@@ -137,6 +137,24 @@ CREATE TABLE rollouts (
 );
 "#,
     ),
+    (
+        4,
+        r#"
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE retained (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"#,
+    ),
 ];
 
 pub async fn run(pool: &SqlitePool) -> sqlx::Result<()> {

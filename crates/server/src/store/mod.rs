@@ -4,6 +4,7 @@
 mod audit;
 mod commands;
 mod devices;
+mod ingest;
 mod migrations;
 mod ota;
 mod releases;
@@ -58,10 +59,6 @@ impl Store {
             .with_context(|| format!("opening database {}", path.display()))?;
         migrations::run(&pool).await.context("running migrations")?;
         Ok(Store { pool })
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
     }
 
     /// Fleet-wide counts for operators and benchmarks.

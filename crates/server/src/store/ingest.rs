@@ -1,0 +1,79 @@
+//! What ingest and the broker keep besides device state: messages that could not be stored
+//! (dead letters) and the retained messages the server publishes.
+
+use sqlx::{Sqlite, Transaction};
+
+use super::{Store, now_ms};
+
+/// A retained message kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedRow {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+}
+
+impl Store {
+    /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so a
+    /// second writer waits in the busy timeout instead of failing when its read upgrades.
+    pub async fn begin_write(&self) -> sqlx::Result<Transaction<'static, Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// Keeps a message that could not be stored, with why, so ingest can go on.
+    pub async fn dead_letter(&self, topic: &str, payload: &[u8], reason: &str) -> sqlx::Result<()> {
+        sqlx::query("INSERT INTO dead_letters (topic, payload, reason, at) VALUES (?, ?, ?, ?)")
+            .bind(topic)
+            .bind(payload)
+            .bind(flotilla_proto::truncate_chars(reason, 500))
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Dead letters, newest first: (topic, reason).
+    pub async fn dead_letters(&self, limit: i64) -> sqlx::Result<Vec<(String, String)>> {
+        sqlx::query_as("SELECT topic, reason FROM dead_letters ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Sets (or, with an empty payload, clears) a retained message.
+    pub async fn set_retained(&self, topic: &str, payload: &[u8], qos: u8) -> sqlx::Result<()> {
+        if payload.is_empty() {
+            sqlx::query("DELETE FROM retained WHERE topic = ?")
+                .bind(topic)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO retained (topic, payload, qos, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos, updated_at = excluded.updated_at",
+            )
+            .bind(topic)
+            .bind(payload)
+            .bind(i64::from(qos))
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn retained(&self) -> sqlx::Result<Vec<RetainedRow>> {
+        let rows: Vec<(String, Vec<u8>, i64)> =
+            sqlx::query_as("SELECT topic, payload, qos FROM retained ORDER BY topic")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(topic, payload, qos)| RetainedRow {
+                topic,
+                payload,
+                qos: u8::try_from(qos.clamp(0, 2)).unwrap_or(1),
+            })
+            .collect())
+    }
+}
