@@ -98,6 +98,8 @@ pub struct Server {
     pub http: String,
     pub device_port: u16,
     pub mqtt_port: u16,
+    /// The broker's loopback listener for the server's own service clients.
+    pub mqtt_internal_port: u16,
     pub client: reqwest::Client,
     extra: Vec<String>,
     env: Vec<(String, String)>,
@@ -121,6 +123,7 @@ impl Server {
             http: String::new(),
             device_port: 0,
             mqtt_port: 0,
+            mqtt_internal_port: 0,
             dir,
             proc,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -150,6 +153,7 @@ impl Server {
         self.http = format!("http://{}", ep["http"].as_str().context("http")?);
         self.device_port = port("device")?;
         self.mqtt_port = port("mqtt")?;
+        self.mqtt_internal_port = port("mqtt_internal")?;
         Ok(())
     }
 

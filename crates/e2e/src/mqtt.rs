@@ -19,6 +19,15 @@ pub enum Outcome {
 pub struct Session {
     pub client: AsyncClient,
     events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    link: tokio::task::JoinHandle<()>,
+}
+
+/// A last will for [`connect_with`].
+#[derive(Debug, Clone)]
+pub struct WillSpec {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -35,7 +44,27 @@ pub async fn connect(
     client_auth: Option<(&str, &str)>,
     client_id: &str,
 ) -> Outcome {
+    connect_with(port, ca_pem, client_auth, client_id, None).await
+}
+
+/// [`connect`] with a last will.
+pub async fn connect_with(
+    port: u16,
+    ca_pem: &str,
+    client_auth: Option<(&str, &str)>,
+    client_id: &str,
+    will: Option<WillSpec>,
+) -> Outcome {
     let mut o = MqttOptions::new(client_id, "localhost", port);
+    if let Some(w) = will {
+        o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            w.topic,
+            w.payload,
+            QoS::AtLeastOnce,
+            w.retain,
+            None,
+        ));
+    }
     o.set_keep_alive(Duration::from_secs(10));
     o.set_connection_timeout(5);
     let mut net = o.network_options();
@@ -49,7 +78,7 @@ pub async fn connect(
     }));
     let (client, mut eventloop) = AsyncClient::new(o, 64);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let link = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(p)) => {
@@ -67,7 +96,11 @@ pub async fn connect(
     });
     match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
         Ok(Some(Ok(Packet::ConnAck(ack)))) if ack.code == ConnectReturnCode::Success => {
-            Outcome::Connected(Session { client, events: rx })
+            Outcome::Connected(Session {
+                client,
+                events: rx,
+                link,
+            })
         }
         Ok(Some(Ok(Packet::ConnAck(ack)))) => Outcome::Refused(format!("{:?}", ack.code)),
         Ok(Some(Ok(other))) => Outcome::Refused(format!("unexpected {other:?}")),
@@ -92,7 +125,42 @@ pub async fn connect_device(port: u16, id: &crate::DeviceIdentity) -> Result<Ses
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.link.abort();
+    }
+}
+
 impl Session {
+    /// Drops the TCP connection without a DISCONNECT, as a device losing power does: the
+    /// broker then publishes the will.
+    pub fn cut(self) {
+        drop(self);
+    }
+
+    /// A QoS 1 publish with the retain flag set; returns the PUBACK reason.
+    pub async fn publish_retained(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<PubAckReason> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.into())
+            .await?;
+        self.next(Duration::from_secs(5), |p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await
+    }
+
+    /// A QoS 0 publish, queued without waiting for anything.
+    pub fn publish_qos0(&self, topic: &str, payload: impl Into<Vec<u8>>) -> Result<()> {
+        self.client
+            .try_publish(topic, QoS::AtMostOnce, false, payload.into())?;
+        Ok(())
+    }
+
     /// Waits for the next packet matching `pick`, skipping others.
     async fn next<T>(
         &mut self,

@@ -29,6 +29,8 @@ pub struct Endpoints {
     pub http: SocketAddr,
     pub device: SocketAddr,
     pub mqtt: SocketAddr,
+    /// The loopback listener for the server's own service clients.
+    pub mqtt_internal: SocketAddr,
 }
 
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
@@ -150,7 +152,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP API on {}", config.http_addr))?;
     let http = listener.local_addr()?;
 
-    let endpoints = Endpoints { http, device, mqtt };
+    let endpoints = Endpoints {
+        http,
+        device,
+        mqtt,
+        mqtt_internal: broker_addrs.internal,
+    };
     std::fs::write(
         data.join("endpoints.json"),
         serde_json::to_vec_pretty(&endpoints)?,

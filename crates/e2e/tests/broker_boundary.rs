@@ -1,0 +1,290 @@
+//! The broker's access boundary against hostile peers: wills and retained messages where they
+//! do not belong, identities on the wrong listener, forged service certificates, and a device
+//! that floods. After each refusal the test checks that nothing else changed.
+
+use std::time::Duration;
+
+use flotilla_e2e::mqtt::{Outcome, WillSpec, connect, connect_device, connect_with};
+use flotilla_e2e::{DeviceIdentity, Server, wait_for};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use serde_json::Value;
+
+/// What a hostile peer must not change: presence, LED state, commands and OTA history of
+/// a device, as the API shows them.
+async fn snapshot(server: &Server, jwt: &str, device: &str) -> anyhow::Result<Value> {
+    let (_, d) = server
+        .call("GET", &format!("/api/device/{device}"), Some(jwt), None)
+        .await?;
+    let (_, commands) = server
+        .call(
+            "GET",
+            &format!("/api/device/{device}/commands"),
+            Some(jwt),
+            None,
+        )
+        .await?;
+    let (_, ota) = server
+        .call(
+            "GET",
+            &format!("/api/ota/{device}/history"),
+            Some(jwt),
+            None,
+        )
+        .await?;
+    Ok(serde_json::json!({
+        "online": d["online"], "led": d["led"], "brightness": d["brightness"],
+        "lastSeen": d["lastSeen"], "commands": commands, "ota": ota,
+    }))
+}
+
+fn will(topic: &str, payload: &str, retain: bool) -> Option<WillSpec> {
+    Some(WillSpec {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec(),
+        retain,
+    })
+}
+
+async fn connect_as(port: u16, id: &DeviceIdentity, w: Option<WillSpec>) -> Outcome {
+    connect_with(
+        port,
+        &id.ca_pem,
+        Some((&id.cert_pem, &id.key_pem)),
+        &id.device_id,
+        w,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("will@example.com").await?;
+    let a = server.enroll(&jwt, "dev-a").await?;
+    let b = server.enroll(&jwt, "dev-b").await?;
+    let port = server.mqtt_port;
+
+    let mut sb = connect_device(port, &b).await?;
+    sb.publish("devices/dev-b/status", r#"{"online":true,"led":"OFF"}"#)
+        .await?;
+    sb.subscribe("devices/dev-b/command").await?;
+    let before = snapshot(&server, &jwt, "dev-b").await?;
+
+    let reboot = r#"{"id":"c-evil","name":"reboot","expires_at":4102444800}"#;
+    for (topic, payload) in [
+        ("devices/dev-b/command", reboot),
+        ("devices/dev-b/status", r#"{"online":false}"#),
+        ("devices/dev-b/telemetry", r#"{"seq":1,"pot":1}"#),
+        ("devices/dev-b/reply", r#"{"id":"c-1","status":"succeeded"}"#),
+        ("devices/dev-b/ota/status", r#"{"status":"SUCCESS"}"#),
+        ("devices/dev-a/command", reboot),
+        ("devices/dev-a/telemetry", r#"{"seq":1}"#),
+        ("devices/+/status", r#"{"online":false}"#),
+    ] {
+        let outcome = connect_as(port, &a, will(topic, payload, true)).await;
+        assert!(
+            matches!(outcome, Outcome::Refused(_)),
+            "a will on {topic} was accepted"
+        );
+    }
+    // The will never reached dev-b, and nothing about dev-b changed.
+    assert!(
+        sb.message(Duration::from_millis(1500)).await.is_err(),
+        "dev-b received a message"
+    );
+    assert_eq!(snapshot(&server, &jwt, "dev-b").await?, before);
+
+    // A will on its own status is accepted and published when the link drops.
+    let Outcome::Connected(mut sa) = connect_as(
+        port,
+        &a,
+        will(
+            "devices/dev-a/status",
+            r#"{"online":false,"reason":"lost power"}"#,
+            true,
+        ),
+    )
+    .await
+    else {
+        panic!("a will on the device's own status was refused");
+    };
+    sa.publish("devices/dev-a/status", r#"{"online":true}"#)
+        .await?;
+    wait_for("dev-a online", Duration::from_secs(5), || async {
+        let (_, d) = server
+            .call("GET", "/api/device/dev-a", Some(&jwt), None)
+            .await
+            .ok()?;
+        (d["online"] == true).then_some(())
+    })
+    .await?;
+    sa.cut();
+    let d = wait_for("dev-a offline by its will", Duration::from_secs(10), || async {
+        let (_, d) = server
+            .call("GET", "/api/device/dev-a", Some(&jwt), None)
+            .await
+            .ok()?;
+        (d["online"] == false).then_some(d)
+    })
+    .await?;
+    assert_eq!(d["disconnectReason"], "lost power");
+    assert_eq!(snapshot(&server, &jwt, "dev-b").await?, before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_publish_outside_status_is_refused() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("retain@example.com").await?;
+    let a = server.enroll(&jwt, "dev-a").await?;
+    let mut sa = connect_device(server.mqtt_port, &a).await?;
+    for topic in [
+        "devices/dev-a/health",
+        "devices/dev-a/telemetry",
+        "devices/dev-a/reply",
+        "devices/dev-a/ota/status",
+    ] {
+        assert_eq!(
+            sa.publish_retained(topic, r#"{"seq":7,"heap":1,"fw":"1.0.0"}"#)
+                .await?,
+            PubAckReason::NotAuthorized,
+            "{topic}"
+        );
+    }
+    let (_, t) = server
+        .call("GET", "/api/device/dev-a/telemetry", Some(&jwt), None)
+        .await?;
+    assert_eq!(t.as_array().map(Vec::len), Some(0), "refused telemetry was stored: {t}");
+    assert_eq!(
+        sa.publish_retained("devices/dev-a/status", r#"{"online":true}"#)
+            .await?,
+        PubAckReason::Success
+    );
+    // A later subscriber to another device's topics sees no retained message from dev-a.
+    let b = server.enroll(&jwt, "dev-b").await?;
+    let mut sb = connect_device(server.mqtt_port, &b).await?;
+    sb.subscribe("devices/dev-b/command").await?;
+    assert!(sb.message(Duration::from_millis(800)).await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_are_refused_on_the_wrong_listener_and_forged_service_names_anywhere()
+-> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("listeners@example.com").await?;
+    let a = server.enroll(&jwt, "dev-a").await?;
+    let ca_pem = server.ca_pem();
+    // A genuine service certificate (as if stolen from the server) is still refused on the
+    // device listener.
+    let ca = flotilla_pki::CertificateAuthority::load_or_create(&server.data_dir())?;
+    let svc = ca.issue_service_certificate("ingest")?;
+    let svc_auth = Some((svc.certificate_pem.as_str(), svc.private_key_pem.as_str()));
+    assert!(matches!(
+        connect(server.mqtt_port, &ca_pem, svc_auth, "svc:ingest").await,
+        Outcome::Refused(_)
+    ));
+    // On the internal listener it is accepted (that is the server's own path) ...
+    assert!(matches!(
+        connect(server.mqtt_internal_port, &ca_pem, svc_auth, "svc:ingest-t").await,
+        Outcome::Connected(_)
+    ));
+    // ... but a device certificate is not.
+    assert!(matches!(
+        connect(
+            server.mqtt_internal_port,
+            &ca_pem,
+            Some((&a.cert_pem, &a.key_pem)),
+            "dev-a"
+        )
+        .await,
+        Outcome::Refused(_)
+    ));
+    // A `svc:` name signed by another CA is refused on both listeners.
+    let rogue_dir = tempfile::tempdir()?;
+    let rogue = flotilla_pki::CertificateAuthority::load_or_create(rogue_dir.path())?;
+    let forged = rogue.issue_service_certificate("ingest")?;
+    for port in [server.mqtt_port, server.mqtt_internal_port] {
+        assert!(matches!(
+            connect(
+                port,
+                &ca_pem,
+                Some((&forged.certificate_pem, &forged.private_key_pem)),
+                "svc:ingest"
+            )
+            .await,
+            Outcome::Refused(_)
+        ));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_flooding_its_topics_is_disconnected_while_others_stay_timely()
+-> anyhow::Result<()> {
+    let server = Server::start(&["--device-publish-rate", "10", "--device-publish-burst", "50"])
+        .await?;
+    let jwt = server.user("flood@example.com").await?;
+    let admin = server.admin("flood-admin@example.com").await?;
+    let noisy = server.enroll(&jwt, "noisy").await?;
+    let calm = server.enroll(&jwt, "calm").await?;
+    let mut sn = connect_device(server.mqtt_port, &noisy).await?;
+    let mut sc = connect_device(server.mqtt_port, &calm).await?;
+    sn.publish("devices/noisy/status", r#"{"online":true}"#)
+        .await?;
+
+    for seq in 0..2000u32 {
+        if sn
+            .publish_qos0("devices/noisy/telemetry", format!(r#"{{"seq":{seq},"pot":1}}"#))
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert!(
+        sn.closed_within(Duration::from_secs(10)).await,
+        "a flooding device stayed connected"
+    );
+    // The calm device's heartbeat still reaches the API.
+    sc.publish("devices/calm/health", r#"{"heap":4242,"fw":"1.0.0"}"#)
+        .await?;
+    wait_for("calm heartbeat stored", Duration::from_secs(5), || async {
+        let (_, d) = server
+            .call("GET", "/api/device/calm", Some(&jwt), None)
+            .await
+            .ok()?;
+        (d["heap"] == 4242).then_some(())
+    })
+    .await?;
+    // Presence and the audit log say why the noisy one went.
+    let d = wait_for("noisy offline", Duration::from_secs(10), || async {
+        let (_, d) = server
+            .call("GET", "/api/device/noisy", Some(&jwt), None)
+            .await
+            .ok()?;
+        (d["online"] == false).then_some(d)
+    })
+    .await?;
+    assert_eq!(d["disconnectReason"], "publish rate limit exceeded");
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=device.disconnect",
+            Some(&admin),
+            None,
+        )
+        .await?;
+    let entry = &audit[0];
+    assert_eq!(
+        (entry["target"].as_str(), entry["result"].as_str()),
+        (Some("noisy"), Some("throttled")),
+        "{audit}"
+    );
+    // What it stored is bounded by its burst, not by what it sent.
+    let (_, t) = server
+        .call("GET", "/api/device/noisy/telemetry?limit=5000", Some(&jwt), None)
+        .await?;
+    let stored = t.as_array().map(Vec::len).unwrap_or(0);
+    assert!(stored <= 60, "{stored} flood messages stored");
+    Ok(())
+}
