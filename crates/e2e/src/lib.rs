@@ -139,6 +139,16 @@ impl Server {
     /// Stops the server and starts it again on the same data dir (new ephemeral ports).
     pub async fn restart(&mut self) -> Result<()> {
         self.proc.terminate();
+        self.start_again().await
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind) and starts it again.
+    pub async fn sigkill_and_restart(&mut self) -> Result<()> {
+        self.proc.kill_hard();
+        self.start_again().await
+    }
+
+    async fn start_again(&mut self) -> Result<()> {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let (proc, ep) = Self::spawn(self.dir.path(), &extra, &self.env).await?;
         self.proc = proc;
@@ -212,6 +222,11 @@ impl Server {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("server")
+    }
+
+    /// The server's SQLite database, for tests that inject faults into it.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir().join("flotilla.db")
     }
 
     pub fn ca_pem(&self) -> String {

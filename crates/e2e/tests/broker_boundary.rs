@@ -75,7 +75,10 @@ async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::
         ("devices/dev-b/command", reboot),
         ("devices/dev-b/status", r#"{"online":false}"#),
         ("devices/dev-b/telemetry", r#"{"seq":1,"pot":1}"#),
-        ("devices/dev-b/reply", r#"{"id":"c-1","status":"succeeded"}"#),
+        (
+            "devices/dev-b/reply",
+            r#"{"id":"c-1","status":"succeeded"}"#,
+        ),
         ("devices/dev-b/ota/status", r#"{"status":"SUCCESS"}"#),
         ("devices/dev-a/command", reboot),
         ("devices/dev-a/telemetry", r#"{"seq":1}"#),
@@ -119,13 +122,17 @@ async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::
     })
     .await?;
     sa.cut();
-    let d = wait_for("dev-a offline by its will", Duration::from_secs(10), || async {
-        let (_, d) = server
-            .call("GET", "/api/device/dev-a", Some(&jwt), None)
-            .await
-            .ok()?;
-        (d["online"] == false).then_some(d)
-    })
+    let d = wait_for(
+        "dev-a offline by its will",
+        Duration::from_secs(10),
+        || async {
+            let (_, d) = server
+                .call("GET", "/api/device/dev-a", Some(&jwt), None)
+                .await
+                .ok()?;
+            (d["online"] == false).then_some(d)
+        },
+    )
     .await?;
     assert_eq!(d["disconnectReason"], "lost power");
     assert_eq!(snapshot(&server, &jwt, "dev-b").await?, before);
@@ -154,7 +161,11 @@ async fn a_retained_publish_outside_status_is_refused() -> anyhow::Result<()> {
     let (_, t) = server
         .call("GET", "/api/device/dev-a/telemetry", Some(&jwt), None)
         .await?;
-    assert_eq!(t.as_array().map(Vec::len), Some(0), "refused telemetry was stored: {t}");
+    assert_eq!(
+        t.as_array().map(Vec::len),
+        Some(0),
+        "refused telemetry was stored: {t}"
+    );
     assert_eq!(
         sa.publish_retained("devices/dev-a/status", r#"{"online":true}"#)
             .await?,
@@ -222,8 +233,13 @@ async fn identities_are_refused_on_the_wrong_listener_and_forged_service_names_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_flooding_its_topics_is_disconnected_while_others_stay_timely()
 -> anyhow::Result<()> {
-    let server = Server::start(&["--device-publish-rate", "10", "--device-publish-burst", "50"])
-        .await?;
+    let server = Server::start(&[
+        "--device-publish-rate",
+        "10",
+        "--device-publish-burst",
+        "50",
+    ])
+    .await?;
     let jwt = server.user("flood@example.com").await?;
     let admin = server.admin("flood-admin@example.com").await?;
     let noisy = server.enroll(&jwt, "noisy").await?;
@@ -235,7 +251,10 @@ async fn a_device_flooding_its_topics_is_disconnected_while_others_stay_timely()
 
     for seq in 0..2000u32 {
         if sn
-            .publish_qos0("devices/noisy/telemetry", format!(r#"{{"seq":{seq},"pot":1}}"#))
+            .publish_qos0(
+                "devices/noisy/telemetry",
+                format!(r#"{{"seq":{seq},"pot":1}}"#),
+            )
             .is_err()
         {
             break;
@@ -282,7 +301,12 @@ async fn a_device_flooding_its_topics_is_disconnected_while_others_stay_timely()
     );
     // What it stored is bounded by its burst, not by what it sent.
     let (_, t) = server
-        .call("GET", "/api/device/noisy/telemetry?limit=5000", Some(&jwt), None)
+        .call(
+            "GET",
+            "/api/device/noisy/telemetry?limit=5000",
+            Some(&jwt),
+            None,
+        )
         .await?;
     let stored = t.as_array().map(Vec::len).unwrap_or(0);
     assert!(stored <= 60, "{stored} flood messages stored");
