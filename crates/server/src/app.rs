@@ -6,12 +6,14 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use flotilla_pki::CertificateAuthority;
 
-use crate::auth::{JwtKeys, LoginLimiter};
+use crate::auth::JwtKeys;
 use crate::broker::BrokerControl;
 use crate::broker::gate::DeviceGate;
 use crate::commands::Dispatcher;
 use crate::config::ServerConfig;
+use crate::login_limits::LoginLimiter;
 use crate::ota::OtaService;
+use crate::passwords::Passwords;
 use crate::routes;
 use crate::store::Store;
 
@@ -23,6 +25,7 @@ pub struct AppState {
     pub store: Store,
     pub jwt: Arc<JwtKeys>,
     pub limiter: Arc<LoginLimiter>,
+    pub passwords: Passwords,
     pub ca: Arc<CertificateAuthority>,
     pub gate: Arc<DeviceGate>,
     pub broker: Arc<dyn BrokerControl>,

@@ -30,7 +30,7 @@ pub async fn start(
         }
         _ => {
             let password = hex::encode(rand::random::<[u8; 12]>());
-            let hash = crate::auth::hash_password(&password)?;
+            let hash = crate::passwords::hash_password(&password)?;
             store
                 .create_user("demo", DEMO_EMAIL, &hash, Role::Operator)
                 .await

@@ -65,7 +65,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let (stream, _peer) = match listener.accept().await {
+            let (stream, peer_addr) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "device listener accept failed");
@@ -90,7 +90,9 @@ pub async fn serve(
                         .and_then(|c| c.first())
                         .and_then(|der| flotilla_pki::certificate_identity_der(der)),
                 );
-                let app = app.layer(axum::Extension(peer));
+                let app = app
+                    .layer(axum::Extension(peer))
+                    .layer(axum::Extension(axum::extract::ConnectInfo(peer_addr)));
                 let service = TowerToHyperService::new(app);
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)

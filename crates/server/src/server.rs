@@ -10,7 +10,7 @@ use flotilla_pki::{CertificateAuthority, write_secret_file};
 use serde::Serialize;
 
 use crate::app::{AppState, app};
-use crate::auth::{JwtKeys, LoginLimiter};
+use crate::auth::JwtKeys;
 use crate::broker::gate::DeviceGate;
 use crate::broker::{self, BrokerDeps, BrokerEvent, TlsFiles};
 use crate::commands::{Dispatcher, spawn_sweepers};
@@ -18,7 +18,9 @@ use crate::config::ServerConfig;
 use crate::device_listener;
 use crate::downlink::Downlink;
 use crate::ingest::writer::{IngestEvent, Writer};
+use crate::login_limits::LoginLimiter;
 use crate::ota::OtaService;
+use crate::passwords::Passwords;
 use crate::service_link::ServiceLink;
 use crate::store::Store;
 
@@ -129,6 +131,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         store,
         jwt,
         limiter: Arc::new(LoginLimiter::default()),
+        passwords: Passwords::default(),
         ca: ca.clone(),
         gate,
         broker: embedded,
@@ -169,9 +172,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         n => Some(crate::demo::start(&state.store, &data, &endpoints, n).await?),
     };
 
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     Ok(())
 }
 
@@ -303,7 +309,7 @@ pub async fn create_admin(
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     std::fs::create_dir_all(data_dir)?;
     let store = Store::open(&data_dir.join("flotilla.db")).await?;
-    let hash = crate::auth::hash_password(password)?;
+    let hash = crate::passwords::hash_password(password)?;
     let id = store
         .create_user(
             username,

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
-use crate::store::{AuditEntry, AuditRecord, DeviceRow, Role, UserRow};
+use crate::store::{AuditEntry, AuditRecord, DeviceRow, Role, UserChange, UserRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -40,11 +40,11 @@ async fn block_user(
     if user_id == user.id {
         return Err(ApiError::bad("an admin cannot block their own account"));
     }
-    let blocked = state
-        .store
-        .toggle_user_block(user_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such user"))?;
+    let blocked = match state.store.toggle_user_block(user_id).await? {
+        UserChange::Done(blocked) => blocked,
+        UserChange::NotFound => return Err(ApiError::NotFound("no such user")),
+        UserChange::LastAdmin => return Err(last_admin()),
+    };
     let (actor, target) = (user.actor(), format!("user:{user_id}"));
     let action = if blocked {
         "admin.user.block"
@@ -64,6 +64,12 @@ async fn block_user(
     Ok(Json(json!({ "userId": user_id, "blocked": blocked })))
 }
 
+fn last_admin() -> ApiError {
+    ApiError::Conflict(
+        "the last active admin cannot be demoted or blocked; make another admin first".into(),
+    )
+}
+
 #[derive(Deserialize)]
 struct SetRole {
     role: Role,
@@ -76,8 +82,10 @@ async fn set_role(
     JsonBody(body): JsonBody<SetRole>,
 ) -> ApiResult<Json<Value>> {
     user.require_admin()?;
-    if !state.store.set_user_role(user_id, body.role).await? {
-        return Err(ApiError::NotFound("no such user"));
+    match state.store.set_user_role(user_id, body.role).await? {
+        UserChange::Done(()) => {}
+        UserChange::NotFound => return Err(ApiError::NotFound("no such user")),
+        UserChange::LastAdmin => return Err(last_admin()),
     }
     let (actor, target) = (user.actor(), format!("user:{user_id}"));
     state

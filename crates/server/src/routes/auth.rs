@@ -5,8 +5,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::app::AppState;
-use crate::auth::{dummy_hash, hash_password, verify_password};
 use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::passwords::dummy_hash;
+use crate::routes::ClientAddr;
 use crate::store::{AuditRecord, Role};
 
 pub fn router() -> Router<AppState> {
@@ -55,7 +56,7 @@ async fn register(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let email = body.email.trim().to_lowercase();
     validate_credentials(&body.username, &email, &body.password)?;
-    let hash = hash_password(&body.password)?;
+    let hash = state.passwords.hash(&body.password).await?;
     let id = match state
         .store
         .create_user(body.username.trim(), &email, &hash, Role::Operator)
@@ -92,29 +93,35 @@ async fn register(
 
 async fn login(
     State(state): State<AppState>,
+    ClientAddr(from): ClientAddr,
     JsonBody(body): JsonBody<Login>,
 ) -> ApiResult<Json<Value>> {
     let email = body.email.trim().to_lowercase();
     let actor = format!("user:{}", flotilla_proto::truncate_chars(&email, 254));
-    let fail = |detail: &'static str| AuditRecord {
+    let from_label = from.map_or_else(|| "unknown".to_string(), |a| a.to_string());
+    let fail = |detail: &str| AuditRecord {
         actor: &actor,
         action: "auth.login",
         target: None,
         result: "failure",
-        detail: Some(detail.into()),
+        detail: Some(format!("{detail} (from {from_label})")),
     };
-    if state.limiter.is_locked(&email) {
-        state.store.audit(fail("locked: too many failures")).await;
+    let now = std::time::Instant::now();
+    if let Err(refused) = state.limiter.check(&email, from, now) {
+        state.store.audit(fail(refused.reason())).await;
         return Err(ApiError::TooManyRequests);
     }
     let user = state.store.user_by_email(&email).await?;
-    let ok = verify_password(
-        &body.password,
-        user.as_ref()
-            .map_or(dummy_hash(), |u| u.password_hash.as_str()),
-    );
+    let hash = user
+        .as_ref()
+        .map_or(dummy_hash(), |u| u.password_hash.as_str());
+    let ok = state
+        .passwords
+        .verify(&body.password, hash)
+        .await
+        .map_err(|_| ApiError::TooManyRequests)?;
     let Some(user) = user.filter(|_| ok) else {
-        state.limiter.record_failure(&email);
+        state.limiter.record_failure(&email, from, now);
         state.store.audit(fail("bad credentials")).await;
         return Err(ApiError::Unauthorized);
     };
@@ -122,7 +129,7 @@ async fn login(
         state.store.audit(fail("account blocked")).await;
         return Err(ApiError::Forbidden("account is blocked"));
     }
-    state.limiter.record_success(&email);
+    state.limiter.record_success(&email, from);
     let token = state.jwt.issue(user.id, user.role)?;
     state
         .store

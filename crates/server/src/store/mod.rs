@@ -29,7 +29,7 @@ pub use ota::{Finished, UpdateRow, UpdateState};
 pub use releases::{NewRelease, ReleaseRow};
 pub use rollouts::RolloutRow;
 pub use tokens::TokenClaim;
-pub use users::{Role, UserRow};
+pub use users::{Role, UserChange, UserRow};
 
 #[derive(Clone, Debug)]
 pub struct Store {

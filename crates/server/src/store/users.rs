@@ -99,20 +99,61 @@ impl Store {
     }
 
     /// Flips the blocked flag; returns the new value, or None if there is no such user.
-    pub async fn toggle_user_block(&self, id: i64) -> sqlx::Result<Option<bool>> {
-        sqlx::query_scalar("UPDATE users SET blocked = 1 - blocked WHERE id = ? RETURNING blocked")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map(|v: Option<i64>| v.map(|b| b != 0))
+    /// Blocks or unblocks a user; never blocks the last active admin. Ok(blocked-now).
+    pub async fn toggle_user_block(&self, id: i64) -> sqlx::Result<UserChange<bool>> {
+        // One statement, so two admins blocking each other at once cannot both succeed.
+        let blocked: Option<i64> = sqlx::query_scalar(
+            "UPDATE users SET blocked = 1 - blocked WHERE id = ? AND (blocked = 1 OR role != 'admin' \
+             OR (SELECT COUNT(*) FROM users WHERE role = 'admin' AND blocked = 0 AND id != ?) > 0) \
+             RETURNING blocked",
+        )
+        .bind(id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match blocked {
+            Some(b) => Ok(UserChange::Done(b != 0)),
+            None => self.why_unchanged(id).await,
+        }
     }
 
-    pub async fn set_user_role(&self, id: i64, role: Role) -> sqlx::Result<bool> {
-        let r = sqlx::query("UPDATE users SET role = ? WHERE id = ?")
-            .bind(role.as_str())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() == 1)
+    /// Changes a user's role; never demotes the last active admin.
+    pub async fn set_user_role(&self, id: i64, role: Role) -> sqlx::Result<UserChange<()>> {
+        let r = sqlx::query(
+            "UPDATE users SET role = ? WHERE id = ? AND (? = 'admin' OR role != 'admin' OR blocked = 1 \
+             OR (SELECT COUNT(*) FROM users WHERE role = 'admin' AND blocked = 0 AND id != ?) > 0)",
+        )
+        .bind(role.as_str())
+        .bind(id)
+        .bind(role.as_str())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 1 {
+            Ok(UserChange::Done(()))
+        } else {
+            self.why_unchanged(id).await
+        }
     }
+
+    async fn why_unchanged<T>(&self, id: i64) -> sqlx::Result<UserChange<T>> {
+        let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(if exists.is_some() {
+            UserChange::LastAdmin
+        } else {
+            UserChange::NotFound
+        })
+    }
+}
+
+/// The outcome of a change to a user that must keep one active admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserChange<T> {
+    Done(T),
+    NotFound,
+    /// Refused: the user is the last admin who is not blocked.
+    LastAdmin,
 }

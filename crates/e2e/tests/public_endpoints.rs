@@ -1,0 +1,147 @@
+//! The public endpoints against floods and against an admin locking the fleet out.
+
+use std::net::IpAddr;
+
+use flotilla_e2e::Server;
+use serde_json::{Value, json};
+
+/// A client whose connections come from `from` (any 127.0.0.0/8 address works on loopback).
+fn client_from(from: &str) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .local_address(Some(from.parse::<IpAddr>()?))
+        .build()?)
+}
+
+async fn login_from(
+    server: &Server,
+    client: &reqwest::Client,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<u16> {
+    let r = client
+        .post(format!("{}/api/auth/login", server.http))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_from_one_address_does_not_lock_the_admin_out_from_another()
+-> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let admin = server.admin("root@example.com").await?;
+    let attacker = client_from("127.0.0.66")?;
+    let mut statuses = Vec::new();
+    for k in 0..110 {
+        // The admin's account, and others, guessed from one address.
+        let email = if k % 2 == 0 {
+            "root@example.com".to_string()
+        } else {
+            format!("user{k}@example.com")
+        };
+        statuses.push(login_from(&server, &attacker, &email, "guess-123").await?);
+    }
+    assert!(statuses[..5].iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    // The attacker is refused even with the right password now ...
+    assert_eq!(
+        login_from(&server, &attacker, "root@example.com", "admin-pass").await?,
+        429
+    );
+    // ... while the admin, from another address, logs in.
+    let office = client_from("127.0.0.7")?;
+    assert_eq!(
+        login_from(&server, &office, "root@example.com", "admin-pass").await?,
+        200
+    );
+    // The refusals are audited with the address they came from.
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=auth.login&limit=200",
+            Some(&admin),
+            None,
+        )
+        .await?;
+    assert!(
+        audit.as_array().into_iter().flatten().any(|e| e["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("too many failures") && d.contains("127.0.0.66"))),
+        "{audit}"
+    );
+    Ok(())
+}
+
+async fn user_id(server: &Server, admin: &str, email: &str) -> anyhow::Result<i64> {
+    let (_, users) = server
+        .call("GET", "/api/admin/users", Some(admin), None)
+        .await?;
+    users
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|u| u["email"] == email)
+        .and_then(|u| u["id"].as_i64())
+        .ok_or_else(|| anyhow::anyhow!("no user {email}: {users}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_admin_cannot_be_demoted_or_blocked() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let root = server.admin("root@example.com").await?;
+    let root_id = user_id(&server, &root, "root@example.com").await?;
+    let role = |r: &str| Some(json!({ "role": r }));
+
+    let (s, body) = server
+        .call(
+            "POST",
+            &format!("/api/admin/user/{root_id}/role"),
+            Some(&root),
+            role("operator"),
+        )
+        .await?;
+    assert_eq!(s, 409, "{body}");
+    assert!(body.to_string().contains("last active admin"), "{body}");
+
+    // With a second admin, the first may be demoted; the second is then the last.
+    let second = server.admin("second@example.com").await?;
+    let second_id = user_id(&server, &root, "second@example.com").await?;
+    let path = |id: i64, what: &str| format!("/api/admin/user/{id}/{what}");
+    assert_eq!(
+        server
+            .status(
+                "POST",
+                &path(root_id, "role"),
+                Some(&second),
+                role("operator")
+            )
+            .await?,
+        200
+    );
+    // Demoting the last admin is a conflict; blocking oneself is refused before that.
+    for (what, body, want) in [("role", role("viewer"), 409), ("block", None, 400)] {
+        let (s, b): (u16, Value) = server
+            .call("POST", &path(second_id, what), Some(&second), body)
+            .await?;
+        assert_eq!(s, want, "{what}: {b}");
+    }
+    // Still an admin, still not blocked.
+    let (s, users) = server
+        .call("GET", "/api/admin/users", Some(&second), None)
+        .await?;
+    assert_eq!(s, 200);
+    let me = users
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|u| u["id"] == second_id)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (me["role"].as_str(), me["blocked"].as_bool()),
+        (Some("admin"), Some(false)),
+        "{me}"
+    );
+    Ok(())
+}
