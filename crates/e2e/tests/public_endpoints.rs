@@ -145,3 +145,63 @@ async fn the_last_admin_cannot_be_demoted_or_blocked() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+async fn sign_csr_from(
+    server: &Server,
+    from: &str,
+    token: &str,
+    device_id: &str,
+    csr: &str,
+) -> anyhow::Result<u16> {
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem().as_bytes())?)
+        .local_address(Some(from.parse::<IpAddr>()?))
+        .build()?;
+    let r = client
+        .post(format!("{}/sign-csr", server.backend_url()))
+        .bearer_auth(token)
+        .json(&json!({ "device_id": device_id, "csr": csr }))
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_csr_checks_the_token_first_and_sheds_a_flood_with_bounded_audit() -> anyhow::Result<()>
+{
+    let server = Server::start(&[]).await?;
+    let admin = server.admin("csr-admin@example.com").await?;
+    let jwt = server.user("csr@example.com").await?;
+    // A garbage CSR with a bad token is refused for the token (401), not parsed (400).
+    assert_eq!(
+        sign_csr_from(&server, "127.0.0.66", "not-a-token", "dev-x", "garbage").await?,
+        401
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..150 {
+        statuses
+            .push(sign_csr_from(&server, "127.0.0.66", "not-a-token", "dev-x", "garbage").await?);
+    }
+    assert!(statuses[..19].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[20..].iter().all(|s| *s == 429), "{statuses:?}");
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=certificate.issue&limit=1000",
+            Some(&admin),
+            None,
+        )
+        .await?;
+    let rows = audit.as_array().map(Vec::len).unwrap_or(0);
+    assert!(rows <= 21, "{rows} audit rows for one flood");
+    // A real device elsewhere still provisions.
+    let token = server.token(&jwt, Some("dev-ok")).await?;
+    let (_key, csr) = flotilla_pki::device_key_and_csr("dev-ok")?;
+    assert_eq!(
+        sign_csr_from(&server, "127.0.0.7", &token, "dev-ok", &csr).await?,
+        200
+    );
+    Ok(())
+}

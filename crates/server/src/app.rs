@@ -11,7 +11,7 @@ use crate::broker::BrokerControl;
 use crate::broker::gate::DeviceGate;
 use crate::commands::Dispatcher;
 use crate::config::ServerConfig;
-use crate::login_limits::LoginLimiter;
+use crate::login_limits::{AnonymousLimiter, LoginLimiter};
 use crate::ota::OtaService;
 use crate::passwords::Passwords;
 use crate::routes;
@@ -26,6 +26,7 @@ pub struct AppState {
     pub jwt: Arc<JwtKeys>,
     pub limiter: Arc<LoginLimiter>,
     pub passwords: Passwords,
+    pub anonymous: Arc<AnonymousLimiter>,
     pub ca: Arc<CertificateAuthority>,
     pub gate: Arc<DeviceGate>,
     pub broker: Arc<dyn BrokerControl>,

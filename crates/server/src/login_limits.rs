@@ -53,6 +53,44 @@ impl<K: std::hash::Hash + Eq> FailureCounts<K> {
     }
 }
 
+/// Failed anonymous requests per source address (`/sign-csr`): past [`MAX_ANONYMOUS`] in a
+/// window the address is refused before any work, and only the refusal that starts it is
+/// audited, so a flood writes a bounded number of audit rows.
+#[derive(Debug, Default)]
+pub struct AnonymousLimiter {
+    inner: Mutex<FailureCounts<Option<IpAddr>>>,
+}
+
+pub const MAX_ANONYMOUS: u32 = 20;
+
+/// The address is refused; `first` is true for the refusal that should be audited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressRefused {
+    pub first: bool,
+}
+
+impl AnonymousLimiter {
+    pub fn check(&self, from: Option<IpAddr>, now: Instant) -> Result<(), AddressRefused> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.count(&from, now);
+        if n < MAX_ANONYMOUS {
+            return Ok(());
+        }
+        // Counting refusals too: the one that reaches MAX_ANONYMOUS + 1 is the first.
+        t.add(from, now);
+        Err(AddressRefused {
+            first: n == MAX_ANONYMOUS,
+        })
+    }
+
+    pub fn record_failure(&self, from: Option<IpAddr>, now: Instant) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(from, now);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
     inner: Mutex<Tables>,
@@ -157,6 +195,28 @@ mod tests {
                 .is_err()
         );
         assert!(l.check("a@x", ip("10.0.0.66"), t + WINDOW).is_ok());
+    }
+
+    #[test]
+    fn anonymous_failures_are_refused_past_the_limit_and_only_the_first_refusal_is_audited() {
+        let l = AnonymousLimiter::default();
+        let t = Instant::now();
+        for _ in 0..MAX_ANONYMOUS {
+            assert!(l.check(ip("10.0.0.66"), t).is_ok());
+            l.record_failure(ip("10.0.0.66"), t);
+        }
+        assert_eq!(
+            l.check(ip("10.0.0.66"), t),
+            Err(AddressRefused { first: true })
+        );
+        for _ in 0..100 {
+            assert_eq!(
+                l.check(ip("10.0.0.66"), t),
+                Err(AddressRefused { first: false })
+            );
+        }
+        assert!(l.check(ip("10.0.0.7"), t).is_ok());
+        assert!(l.check(ip("10.0.0.66"), t + WINDOW).is_ok());
     }
 
     #[test]

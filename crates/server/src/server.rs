@@ -18,7 +18,7 @@ use crate::config::ServerConfig;
 use crate::device_listener;
 use crate::downlink::Downlink;
 use crate::ingest::writer::{IngestEvent, Writer};
-use crate::login_limits::LoginLimiter;
+use crate::login_limits::{AnonymousLimiter, LoginLimiter};
 use crate::ota::OtaService;
 use crate::passwords::Passwords;
 use crate::service_link::ServiceLink;
@@ -132,6 +132,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         jwt,
         limiter: Arc::new(LoginLimiter::default()),
         passwords: Passwords::default(),
+        anonymous: Arc::new(AnonymousLimiter::default()),
         ca: ca.clone(),
         gate,
         broker: embedded,

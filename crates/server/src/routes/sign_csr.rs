@@ -1,5 +1,9 @@
 //! `POST /sign-csr` on the device listener (seed 004): a one-time provisioning token buys
 //! exactly one certificate for the key in the CSR.
+//!
+//! Anonymous callers are cheap to refuse: the token is checked (one indexed read) before any
+//! signing, failures are counted per source address, and an address past the limit is
+//! refused before any work with one audit row for the whole flood.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -12,6 +16,7 @@ use serde_json::{Value, json};
 use super::provisioning::token_hash;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
+use crate::routes::ClientAddr;
 use crate::store::{AuditRecord, TokenClaim};
 
 pub fn router() -> Router<AppState> {
@@ -26,6 +31,7 @@ struct SignCsr {
 
 async fn sign_csr(
     State(state): State<AppState>,
+    ClientAddr(from): ClientAddr,
     headers: HeaderMap,
     JsonBody(body): JsonBody<SignCsr>,
 ) -> ApiResult<Json<Value>> {
@@ -54,33 +60,55 @@ async fn sign_csr(
                 .await;
         }
     };
+    let now = std::time::Instant::now();
+    if let Err(refused) = state.anonymous.check(from, now) {
+        if refused.first {
+            let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
+            audit(
+                "failure",
+                format!("address {from} refused: too many failed requests"),
+            )
+            .await;
+        }
+        return Err(ApiError::TooManyRequests);
+    }
+    let fail = |detail: String| {
+        state.anonymous.record_failure(from, now);
+        audit("failure", detail)
+    };
     let Some(token) = token else {
-        audit("failure", "no provisioning token".into()).await;
+        fail("no provisioning token".into()).await;
         return Err(ApiError::Unauthorized);
     };
     let device = match DeviceId::parse(&body.device_id) {
         Ok(d) => d,
         Err(e) => {
-            audit("failure", format!("bad device_id: {e}")).await;
+            fail(format!("bad device_id: {e}")).await;
             return Err(ApiError::bad(format!("device_id: {e}")));
         }
     };
     if body.csr.len() > 8 * 1024 {
-        audit("failure", "CSR too large".into()).await;
+        fail("CSR too large".into()).await;
         return Err(ApiError::bad("csr must be at most 8 KiB of PEM"));
     }
-    // Sign first (this verifies the CSR); the certificate is only released if the token is
-    // redeemed, and a refused token leaves nothing behind.
+    // The token first: nothing is signed for a caller who could not redeem it.
+    let token_hash = token_hash(token);
+    if let Some(refusal) = refusal(state.store.peek_token(&token_hash, device.as_str()).await?) {
+        fail(refusal.0.into()).await;
+        return Err(refusal.1);
+    }
+    // Signing verifies the CSR; the certificate is only released if the token is redeemed,
+    // and a refused token leaves nothing behind.
     let issued = match state.ca.sign_device_csr(&body.csr, device.as_str()) {
         Ok(c) => c,
         Err(e) => {
-            audit("failure", e.to_string()).await;
+            fail(e.to_string()).await;
             return Err(ApiError::bad(e.to_string()));
         }
     };
     match state
         .store
-        .redeem_token(&token_hash(token), device.as_str(), &issued)
+        .redeem_token(&token_hash, device.as_str(), &issued)
         .await?
     {
         TokenClaim::Claimed { owner_id } => {
@@ -97,19 +125,27 @@ async fn sign_csr(
                 "ca_certificate": { "content": state.ca.certificate_pem() },
             })))
         }
-        TokenClaim::Invalid => {
-            audit("failure", "token unknown, used or expired".into()).await;
-            Err(ApiError::Unauthorized)
+        claim => {
+            let (detail, error) =
+                refusal(claim).unwrap_or(("token claimed concurrently", ApiError::Unauthorized));
+            fail(detail.into()).await;
+            Err(error)
         }
-        TokenClaim::WrongDevice => {
-            audit("failure", "token bound to another device".into()).await;
-            Err(ApiError::Forbidden("token is bound to another device id"))
-        }
-        TokenClaim::DeviceTaken => {
-            audit("failure", "device id owned by another account".into()).await;
-            Err(ApiError::Conflict(
-                "device id is registered to another account".into(),
-            ))
-        }
+    }
+}
+
+/// The audit detail and the answer for a token that cannot be redeemed; `None` if it can.
+fn refusal(claim: TokenClaim) -> Option<(&'static str, ApiError)> {
+    match claim {
+        TokenClaim::Claimed { .. } => None,
+        TokenClaim::Invalid => Some(("token unknown, used or expired", ApiError::Unauthorized)),
+        TokenClaim::WrongDevice => Some((
+            "token bound to another device",
+            ApiError::Forbidden("token is bound to another device id"),
+        )),
+        TokenClaim::DeviceTaken => Some((
+            "device id owned by another account",
+            ApiError::Conflict("device id is registered to another account".into()),
+        )),
     }
 }

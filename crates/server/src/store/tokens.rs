@@ -38,6 +38,36 @@ impl Store {
         Ok(())
     }
 
+    /// What redeeming the token would answer now, without changing anything: checked before
+    /// any signing work, so a caller without a usable token costs one indexed read.
+    pub async fn peek_token(&self, token_hash: &str, device_id: &str) -> sqlx::Result<TokenClaim> {
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT owner_id, device_id FROM provisioning_tokens WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+        )
+        .bind(token_hash)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(TokenClaim::Invalid);
+        };
+        let owner_id: i64 = row.try_get("owner_id")?;
+        let bound: Option<String> = row.try_get("device_id")?;
+        if bound.is_some_and(|b| b != device_id) {
+            return Ok(TokenClaim::WrongDevice);
+        }
+        let owner: Option<i64> =
+            sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        if owner.is_some_and(|o| o != owner_id) {
+            return Ok(TokenClaim::DeviceTaken);
+        }
+        Ok(TokenClaim::Claimed { owner_id })
+    }
+
     /// Redeems a token for `device_id` and records the serial of the certificate issued for it,
     /// in one transaction: the conditional UPDATE lets exactly one of any number of concurrent
     /// callers win. On any refusal nothing changes and the token stays usable.
