@@ -222,10 +222,12 @@ async fn a_database_locked_by_another_writer_delays_acks_and_fails_none() -> any
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
         sqlx::query("COMMIT").execute(&mut db).await?;
+        let released = std::time::Instant::now();
         db.close().await?;
-        anyhow::Ok(())
+        anyhow::Ok(released)
     });
     // Published while the lock is held: the PUBACK waits for the commit, and comes.
+    let mut acked = Vec::new();
     for seq in 0..3 {
         let r = s
             .publish(
@@ -234,8 +236,13 @@ async fn a_database_locked_by_another_writer_delays_acks_and_fails_none() -> any
             )
             .await?;
         assert_eq!(r, PubAckReason::Success);
+        acked.push(std::time::Instant::now());
     }
-    release.await??;
+    let released = release.await??;
+    assert!(
+        acked[0] >= released,
+        "acknowledged while the database was locked"
+    );
     assert_eq!(stored_seqs(&server, "locked-dev").await?.len(), 3);
     let admin = server.admin("locked-admin@example.com").await?;
     let (_, dead) = server

@@ -190,8 +190,13 @@ const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// (desired config), so the broker holds them as it did.
 async fn republish_retained(store: &Store, downlink: &Downlink) -> anyhow::Result<()> {
     for r in store.retained().await? {
-        if let Err(e) = downlink.publish(&r.topic, r.payload, true) {
-            tracing::warn!(error = %e, topic = %r.topic, "republishing a retained message failed");
+        // The downlink queue is bounded; at start-up waiting for room is right.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while let Err(e) = downlink.publish(&r.topic, r.payload.clone(), true) {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("republishing retained {}: {e}", r.topic);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
     Ok(())

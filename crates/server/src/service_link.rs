@@ -1,12 +1,12 @@
-//! How the server's own MQTT clients (downlink, and ingest from an external broker) reach the
-//! broker and prove who they are: a `svc:` certificate from the server's CA.
+//! How the server's own MQTT client (the downlink) reaches the broker and proves who it is: a
+//! `svc:` certificate from the server's CA, on the broker's internal listener.
 
 use std::time::Duration;
 
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport};
 
-/// How the service client reaches the broker and proves who it is.
+/// Where the broker is and the service certificate to show it.
 #[derive(Clone)]
 pub struct ServiceLink {
     pub host: String,
@@ -29,7 +29,6 @@ impl ServiceLink {
     pub fn options(&self, client_id: &str) -> MqttOptions {
         let mut o = MqttOptions::new(client_id, &self.host, self.port);
         o.set_keep_alive(Duration::from_secs(15));
-        o.set_manual_acks(true);
         o.set_clean_start(true);
         o.set_max_packet_size(Some(64 * 1024));
         // Without TCP_NODELAY, Nagle and delayed ACKs stall small MQTT packets by ~40 ms.
@@ -38,8 +37,6 @@ impl ServiceLink {
         o.set_network_options(net);
         // rumqttc otherwise sizes its in-flight table for 65,535 publishes (~10 MB).
         o.set_outgoing_inflight_upper_limit(256);
-        // A wide receive window lets one commit cover hundreds of messages (acks are manual).
-        o.set_receive_maximum(Some(4096));
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
             ca: self.ca_pem.clone().into_bytes(),
             alpn: None,

@@ -8,7 +8,8 @@
 //! may leave a will only on its own `status`, subscribes only to its own downward channels by
 //! exact name (no wildcards, no `$share`, no `$SYS`) and connects only on the device listener.
 //! A service (`svc:` certificate, issued by the server to itself) connects only on the
-//! internal listener, reads upward channels through shared subscriptions and writes downward.
+//! internal listener, reads upward channels through shared subscriptions and writes downward,
+//! retaining only desired config.
 
 use flotilla_pki::SERVICE_PREFIX;
 use flotilla_proto::{Channel, DeviceId, Direction, Topic};
@@ -119,7 +120,11 @@ pub fn may_publish(who: &Identity, topic: &str, retain: bool) -> bool {
                 && channel.direction() == Direction::Up
                 && (!retain || channel == Channel::Status)
         }
-        Identity::Service(_) => channel.direction() == Direction::Down,
+        // Only desired config is retained: a retained command or offer would be replayed to
+        // the device at every subscribe.
+        Identity::Service(_) => {
+            channel.direction() == Direction::Down && (!retain || channel == Channel::Config)
+        }
     }
 }
 
@@ -286,6 +291,8 @@ mod tests {
         assert!(!may_subscribe(&s, "#", true));
         assert!(may_publish(&s, "devices/dev-a/command", false));
         assert!(may_publish(&s, "devices/dev-a/config", true));
+        assert!(!may_publish(&s, "devices/dev-a/command", true));
+        assert!(!may_publish(&s, "devices/dev-a/ota", true));
         assert!(!may_publish(&s, "devices/dev-a/health", false));
     }
 }

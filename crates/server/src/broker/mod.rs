@@ -1,11 +1,18 @@
 //! The embedded MQTT broker: rmqtt inside our tokio runtime, with mutual TLS against our CA
-//! and hooks that enforce identity (certificate CN = client id), the device gate (blocked,
-//! revoked) and the topic ACL.
+//! and one access boundary in its hooks: authentication turns the certificate into an
+//! [`Identity`] kept on the session, and every later decision (publish, subscribe, retain,
+//! will, limits) uses it; a session without one is refused everything.
+//!
+//! It is also where device messages are stored. rmqtt sends a QoS 1 PUBACK only after the
+//! publish hooks return (`Session::publish`: `message_publish`, then
+//! `message_publish_check_acl`, then forward, then the ack), so the ACL hook, once it has
+//! allowed a device's message, awaits the ingest writer's group commit: a PUBACK means stored.
+//! The `message_publish` hook runs before the ACL, so it stores only wills, which skip the
+//! ACL and were checked at CONNECT instead.
 //!
 //! Gotchas handled here (see shared/reference): anonymous access is on by default and skips
 //! the auth hook; certificate info is only collected when asked; `$share` needs a
-//! `SharedSubscription` that says it is supported; the publish hook runs before the ACL, so
-//! nothing is ingested from hooks — ingest is an ordinary MQTT client (`crate::ingest`).
+//! `SharedSubscription` that says it is supported.
 
 pub mod acl;
 pub mod gate;
@@ -20,7 +27,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use flotilla_proto::{Channel, Direction, Topic};
+use flotilla_proto::{Channel, Topic};
 use rmqtt::codec::types::QoS;
 use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::context::ServerContext;
@@ -38,7 +45,7 @@ use crate::ingest::writer::{Inbound, Writer};
 use crate::store::{AuditRecord, Store};
 use acl::{Identity, Listener};
 use gate::DeviceGate;
-use limits::{Budget, Exceeded, PublishLimits};
+use limits::{DeviceLimiter, Exceeded, PublishLimits};
 
 /// Largest MQTT packet accepted from a device.
 const MAX_PACKET: u32 = 16 * 1024;
@@ -93,9 +100,8 @@ const INTERNAL_LISTENER: u16 = 2;
 pub struct BrokerAddrs {
     /// Devices (`--mqtt-addr`).
     pub devices: SocketAddr,
-    /// The server's service clients: loopback only, with a deep queue and a wide in-flight
-    /// window so ingest can batch hundreds of messages per commit and nothing acknowledged to
-    /// a device is dropped for want of queue space.
+    /// The server's service clients (the downlink): loopback only, with a deep queue and a
+    /// wide in-flight window.
     pub internal: SocketAddr,
 }
 
@@ -123,9 +129,10 @@ pub async fn start(
     });
     let register = scx.extends.hook_mgr().register();
     let hooks = Arc::new(Hooks {
+        scx: scx.clone(),
         gate: deps.gate,
         writer: deps.writer,
-        limits: deps.limits,
+        limiter: DeviceLimiter::new(deps.limits),
         store: deps.store,
         events: deps.events,
     });
@@ -214,13 +221,20 @@ pub enum BrokerEvent {
 
 /// Session attribute keys.
 const IDENTITY: &str = "flotilla.identity";
-const BUDGET: &str = "flotilla.budget";
 const CLOSE_REASON: &str = "flotilla.close-reason";
+/// Set once what waits on a channel was sent in this session, so repeated SUBSCRIBEs do not
+/// re-send it.
+const FLUSHED: &str = "flotilla.flushed";
+
+/// How long a device's PUBLISH may wait for its commit before the device is disconnected
+/// (below the keep-alive devices use, so a stalled database does not look like a dead link).
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 struct Hooks {
+    scx: ServerContext,
     gate: Arc<DeviceGate>,
     writer: Writer,
-    limits: PublishLimits,
+    limiter: DeviceLimiter,
     store: Store,
     events: mpsc::UnboundedSender<BrokerEvent>,
 }
@@ -244,6 +258,9 @@ fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<Identity, String> {
     });
     let who = acl::authenticate(cn, info.client_id(), listener, will_topic.as_deref())
         .map_err(|e| e.to_string())?;
+    if let Some(lw) = info.last_will() {
+        check_will(&lw)?;
+    }
     if let Identity::Device(id) = &who {
         let serial = cert.and_then(|c| c.serial.as_deref());
         gate.check(id.as_str(), serial).map_err(|r| {
@@ -256,6 +273,23 @@ fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<Identity, String> {
         })?;
     }
     Ok(who)
+}
+
+/// A device's will may only say it went offline, at once: a delayed will could land after the
+/// server marked the device offline, and an "online" will would forge presence.
+fn check_will(lw: &LastWill<'_>) -> Result<(), String> {
+    let (payload, delay) = match lw {
+        LastWill::V3(w) => (&w.message, None),
+        LastWill::V5(w) => (&w.message, w.will_delay_interval_sec),
+    };
+    if delay.is_some_and(|d| d > 0) {
+        return Err("a delayed will is not accepted".into());
+    }
+    match flotilla_proto::decode::<flotilla_proto::Status>(payload) {
+        Ok(status) if !status.online => Ok(()),
+        Ok(_) => Err("a will must report the device offline".into()),
+        Err(e) => Err(format!("will payload: {e}")),
+    }
 }
 
 /// The identity authentication gave this session; `None` (never authenticated) is refused
@@ -274,6 +308,24 @@ impl Hooks {
         let Some(who) = identity(session).await else {
             return PublishAclResult::rejected(true, Some("not authenticated".into()));
         };
+        if let Identity::Device(device) = &who {
+            // Charged before any other check, so refused traffic is limited too.
+            match self
+                .limiter
+                .charge(device.as_str(), publish.payload.len(), Instant::now())
+            {
+                Ok(()) => {}
+                Err(Exceeded::Rate) => return self.throttle(session, device.as_str()).await,
+                Err(Exceeded::Size) => {
+                    tracing::warn!(device = %device, bytes = publish.payload.len(), "publish refused: payload too large");
+                    return refused(
+                        PublishAckReason::PayloadFormatInvalid,
+                        Exceeded::Size.reason(),
+                        false,
+                    );
+                }
+            }
+        }
         if !acl::may_publish(&who, &publish.topic, publish.retain) {
             tracing::warn!(client_id = %session.id.client_id, topic = %truncate(&publish.topic, 120), retain = publish.retain, "publish refused");
             return PublishAclResult::rejected(false, None);
@@ -281,44 +333,6 @@ impl Hooks {
         let Identity::Device(device) = who else {
             return PublishAclResult::allow();
         };
-        let charged = {
-            let mut attrs = session.extra_attrs.write().await;
-            let now = Instant::now();
-            match attrs.get_default_mut(BUDGET.into(), || Budget::new(&self.limits, now)) {
-                Some(budget) => budget.charge(&self.limits, publish.payload.len(), now),
-                None => Err(Exceeded::Rate),
-            }
-        };
-        match charged {
-            Ok(()) => {}
-            Err(Exceeded::Size) => {
-                tracing::warn!(device = %device, bytes = publish.payload.len(), "publish refused: payload too large");
-                return refused(
-                    PublishAckReason::PayloadFormatInvalid,
-                    Exceeded::Size.reason(),
-                    false,
-                );
-            }
-            Err(Exceeded::Rate) => {
-                let reason = Exceeded::Rate.reason();
-                session
-                    .extra_attrs
-                    .write()
-                    .await
-                    .insert(CLOSE_REASON.into(), reason.to_string());
-                tracing::warn!(device = %device, reason, "device disconnected");
-                self.store
-                    .audit(AuditRecord {
-                        actor: "broker",
-                        action: "device.disconnect",
-                        target: Some(device.as_str()),
-                        result: "throttled",
-                        detail: Some(reason.to_string()),
-                    })
-                    .await;
-                return refused(PublishAckReason::QuotaExceeded, reason, true);
-            }
-        }
         let msg = Inbound {
             topic: publish.topic.to_string(),
             payload: publish.payload.clone(),
@@ -330,13 +344,72 @@ impl Hooks {
             return PublishAclResult::allow();
         }
         // The device's PUBACK waits for this: rmqtt acknowledges only after the hook returns.
-        match self.writer.store(msg).await {
-            Ok(()) => PublishAclResult::allow(),
-            Err(e) => refused(
+        match tokio::time::timeout(STORE_TIMEOUT, self.writer.store(msg)).await {
+            Ok(Ok(())) => PublishAclResult::allow(),
+            Ok(Err(e)) => refused(
                 PublishAckReason::ImplementationSpecificError,
                 &e.to_string(),
                 true,
             ),
+            // Not acknowledged: the device sends it again after reconnecting, and a late
+            // commit of this copy is deduplicated by (device, seq).
+            Err(_) => refused(
+                PublishAckReason::ImplementationSpecificError,
+                "storage is slow; try again",
+                true,
+            ),
+        }
+    }
+
+    /// Disconnects a device that spent its budget, with a reason presence and the audit log
+    /// show; it is then refused at CONNECT for [`limits::PENALTY`].
+    async fn throttle(&self, session: &Session, device: &str) -> PublishAclResult {
+        let reason = Exceeded::Rate.reason();
+        session
+            .extra_attrs
+            .write()
+            .await
+            .insert(CLOSE_REASON.into(), reason.to_string());
+        tracing::warn!(device, reason, "device disconnected");
+        // One audit row per penalty at most: the device cannot come back before it ends.
+        let (store, device) = (self.store.clone(), device.to_string());
+        tokio::spawn(async move {
+            store
+                .audit(AuditRecord {
+                    actor: "broker",
+                    action: "device.disconnect",
+                    target: Some(&device),
+                    result: "throttled",
+                    detail: Some(reason.to_string()),
+                })
+                .await;
+        });
+        refused(PublishAckReason::QuotaExceeded, reason, true)
+    }
+}
+
+impl Hooks {
+    /// Tells the server a device's session started on `channel`, once per session and channel.
+    async fn session_started(&self, session: &Session, device_id: &str, channel: Channel) {
+        if !matches!(channel, Channel::Command | Channel::Ota) {
+            return;
+        }
+        let first = {
+            let mut attrs = session.extra_attrs.write().await;
+            let flushed = attrs.get_default_mut(FLUSHED.into(), Vec::<Channel>::new);
+            match flushed {
+                Some(f) if !f.contains(&channel) => {
+                    f.push(channel);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if first {
+            let _ = self.events.send(BrokerEvent::Subscribed {
+                device_id: device_id.to_string(),
+                channel,
+            });
         }
     }
 }
@@ -353,8 +426,16 @@ impl Hooks {
     async fn hook(&self, param: &Parameter<'_>, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let result = match admit(&self.gate, info) {
-                    Ok(_) => AuthResult::Allow(false, None),
+                let admitted = admit(&self.gate, info).and_then(|who| match who {
+                    Identity::Device(id)
+                        if !self.limiter.may_connect(id.as_str(), Instant::now()) =>
+                    {
+                        Err("publish rate limit exceeded: refused for a while".into())
+                    }
+                    _ => Ok(()),
+                });
+                let result = match admitted {
+                    Ok(()) => AuthResult::Allow(false, None),
                     Err(why) => {
                         tracing::warn!(client_id = %truncate(info.client_id(), 80), why, "MQTT connect refused");
                         AuthResult::NotAuthorized
@@ -365,23 +446,57 @@ impl Hooks {
             Parameter::ClientConnected(session) => {
                 // The same decision as at authentication, from the same certificate, kept on
                 // the session for every later check.
-                match session.connect_info().await {
-                    Ok(info) => match admit(&self.gate, &info) {
-                        Ok(who) => session
+                let admitted = match session.connect_info().await {
+                    Ok(info) => admit(&self.gate, &info),
+                    Err(e) => Err(e.to_string()),
+                };
+                match admitted {
+                    Ok(who) => {
+                        let device = match &who {
+                            Identity::Device(id) => Some(id.to_string()),
+                            Identity::Service(_) => None,
+                        };
+                        session
                             .extra_attrs
                             .write()
                             .await
-                            .insert(IDENTITY.into(), who),
-                        Err(why) => tracing::warn!(why, "connected session has no identity"),
-                    },
-                    Err(e) => tracing::warn!(error = %e, "connected session has no connect info"),
+                            .insert(IDENTITY.into(), who);
+                        // A resumed session keeps its subscriptions without a SUBSCRIBE, so
+                        // what waits for it is sent now.
+                        if let Some(device_id) = device
+                            && session.session_present().await.unwrap_or(false)
+                        {
+                            for channel in [Channel::Command, Channel::Ota] {
+                                self.session_started(session, &device_id, channel).await;
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        // Refused since it authenticated (blocked in between): no identity,
+                        // no session.
+                        tracing::warn!(why, "closing a session without identity");
+                        let entry = self.scx.extends.shared().await.entry(session.id.clone());
+                        if let Some(tx) = entry.tx() {
+                            let _ = tx.unbounded_send(rmqtt::types::Message::Closed(
+                                rmqtt::types::Reason::from_static("no identity"),
+                            ));
+                        }
+                    }
                 }
                 (true, acc)
             }
             Parameter::ClientSubscribeCheckAcl(session, sub) => {
-                let ok = identity(session).await.is_some_and(|who| {
-                    acl::may_subscribe(&who, &sub.topic_filter, sub.is_shared())
-                });
+                let who = identity(session).await;
+                let within_budget = match &who {
+                    Some(Identity::Device(id)) => {
+                        self.limiter.charge(id.as_str(), 0, Instant::now()).is_ok()
+                    }
+                    _ => true,
+                };
+                let ok = within_budget
+                    && who.is_some_and(|who| {
+                        acl::may_subscribe(&who, &sub.topic_filter, sub.is_shared())
+                    });
                 let result = if ok {
                     SubscribeAclResult::new_success(sub.opts.qos(), None)
                 } else {
@@ -394,10 +509,7 @@ impl Hooks {
                 if let Some(Identity::Device(id)) = identity(session).await
                     && let Ok((_, channel)) = Topic::parse(&sub.topic_filter)
                 {
-                    let _ = self.events.send(BrokerEvent::Subscribed {
-                        device_id: id.to_string(),
-                        channel,
-                    });
+                    self.session_started(session, id.as_str(), channel).await;
                 }
                 (true, acc)
             }
@@ -408,9 +520,13 @@ impl Hooks {
             Parameter::MessagePublish(Some(session), from, publish)
                 if matches!(from.typ(), FromType::LastWill) =>
             {
-                // Wills skip the publish ACL; authentication admitted only the device's own
-                // status topic as one.
-                if let Some(Identity::Device(_)) = identity(session).await {
+                // Wills skip the publish ACL; authentication admitted only an immediate
+                // "offline" on the device's own status topic. When the server closed the
+                // session itself, its own reason is what presence shows, not the will's.
+                let attrs = session.extra_attrs.read().await;
+                if let Some(Identity::Device(_)) = attrs.get::<Identity>(IDENTITY)
+                    && attrs.get::<String>(CLOSE_REASON).is_none()
+                {
                     let _ = self.writer.submit(Inbound {
                         topic: publish.topic.to_string(),
                         payload: publish.payload.clone(),
@@ -476,9 +592,9 @@ impl rmqtt::subscribe::SharedSubscription for RoundRobinShared {
     }
 }
 
-/// Retained messages: in memory for delivery, and the ones the server publishes (downward
-/// channels, such as desired config) also in the database, so they survive a restart; the
-/// server publishes those again at start-up. rmqtt's default store refuses retained messages
+/// Retained messages: in memory for delivery, and desired config (the only retained message
+/// the server publishes) also in the database, so it survives a restart; the server publishes
+/// it again at start-up. rmqtt's default store refuses retained messages
 /// (and with them every will with the retain flag), yet its trie works; this enables it.
 /// Retained topics are bounded by the ACL: the status and the downward topics of each device.
 struct PersistentRetain {
@@ -498,9 +614,9 @@ impl rmqtt::retain::RetainStorage for PersistentRetain {
         retain: rmqtt::types::Retain,
         expiry: Option<std::time::Duration>,
     ) -> rmqtt::Result<()> {
-        let server_published =
-            Topic::parse(topic).is_ok_and(|(_, c)| c.direction() == Direction::Down);
-        if server_published {
+        // Only desired config is retained by the server (the ACL allows no other downward
+        // retained message); it is what must survive a restart.
+        if Topic::parse(topic).is_ok_and(|(_, c)| c == Channel::Config) {
             let qos = retain.publish.qos as u8;
             if let Err(e) = self
                 .store

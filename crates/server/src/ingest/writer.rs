@@ -1,15 +1,16 @@
 //! The one writer of device messages: group commit, and a completion per message that fires
 //! only once the message is durable (committed, or kept as a dead letter).
 //!
-//! Whoever acknowledges a device's message waits for that completion first: the embedded
-//! broker's publish hook (which holds the device's PUBACK until then) and the MQTT link to an
-//! external broker (which sends its manual ack then). So nothing acknowledged is lost, whatever
-//! moment the process dies at.
+//! Whoever acknowledges a device's message waits for that completion first (the embedded
+//! broker's publish hook holds the device's PUBACK until then), so nothing acknowledged is
+//! lost, whatever moment the process dies at.
 //!
-//! A batch that fails to commit is retried message by message; a message that fails
-//! [`MAX_TRIES`] times on its own goes to the `dead_letters` table with the reason, and the
-//! messages after it are stored. When even the dead letter cannot be written the database is
-//! unavailable: nothing is acknowledged and the writer waits and tries again.
+//! Errors are told apart by cause. When the database is unavailable (busy past the busy
+//! timeout, locked, I/O error, disk full) nothing is acknowledged and the whole batch is tried
+//! again after a pause; no message is dead-lettered for it. When the database refuses what a
+//! message asks (a constraint, a trigger, a type), the batch is stored message by message, and
+//! a message refused [`MAX_TRIES`] times on its own goes to the `dead_letters` table with the
+//! reason while the messages after it are stored.
 //!
 //! The writer never awaits its consumers: what a commit changed leaves as [`IngestEvent`]s on
 //! an unbounded channel.
@@ -27,9 +28,10 @@ use crate::store::{Finished, Store, now_ms};
 /// Attempts for one message on its own before it is dead-lettered.
 pub const MAX_TRIES: usize = 3;
 
-/// QoS 0 messages waiting beyond this are dropped (at most once is what QoS 0 promises);
-/// acknowledged messages are never dropped.
-const LOSSY_QUEUE_CAP: usize = 100_000;
+/// Payload bytes waiting beyond which QoS 0 messages are dropped (at most once is what QoS 0
+/// promises). QoS 1 messages are never dropped: each holds its device's next packet (rmqtt
+/// handles a connection's packets in order), so they are bounded by the connected fleet.
+const LOSSY_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A message from a device, as the broker received it.
 #[derive(Debug, Clone)]
@@ -57,17 +59,23 @@ struct Job {
     done: Option<oneshot::Sender<()>>,
 }
 
+impl Job {
+    fn weight(&self) -> usize {
+        self.msg.payload.len() + self.msg.topic.len()
+    }
+}
+
 /// Cheap handle to the writer task.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Job>,
-    queued: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
-            .field("queued", &self.queued.load(Ordering::Relaxed))
+            .field("queued_bytes", &self.queued_bytes.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -76,9 +84,9 @@ impl Writer {
     /// Starts the writer task. `batch` bounds the messages per transaction.
     pub fn spawn(store: Store, batch: usize, events: mpsc::UnboundedSender<IngestEvent>) -> Writer {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(store, rx, batch.max(1), events, queued.clone()));
-        Writer { tx, queued }
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(store, rx, batch.max(1), events, queued_bytes.clone()));
+        Writer { tx, queued_bytes }
     }
 
     /// Stores a message; returns once it is durable.
@@ -93,15 +101,30 @@ impl Writer {
         self.enqueue(msg, None)
     }
 
-    /// Queues a QoS 0 message unless the queue is already deep; false if it was dropped.
+    /// Queues a QoS 0 message unless the queue already holds [`LOSSY_QUEUE_BYTES`]; false if
+    /// it was dropped.
     pub fn submit_lossy(&self, msg: Inbound) -> bool {
-        self.queued.load(Ordering::Relaxed) < LOSSY_QUEUE_CAP && self.enqueue(msg, None).is_ok()
+        let job = Job { msg, done: None };
+        let weight = job.weight();
+        // Reserve first, then check, so concurrent callers cannot all pass the check.
+        let before = self.queued_bytes.fetch_add(weight, Ordering::Relaxed);
+        if before >= LOSSY_QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+            return false;
+        }
+        self.send(job, weight).is_ok()
     }
 
     fn enqueue(&self, msg: Inbound, done: Option<oneshot::Sender<()>>) -> Result<(), Stopped> {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Job { msg, done }).map_err(|_| {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+        let job = Job { msg, done };
+        let weight = job.weight();
+        self.queued_bytes.fetch_add(weight, Ordering::Relaxed);
+        self.send(job, weight)
+    }
+
+    fn send(&self, job: Job, weight: usize) -> Result<(), Stopped> {
+        self.tx.send(job).map_err(|_| {
+            self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
             Stopped
         })
     }
@@ -112,7 +135,7 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Job>,
     batch: usize,
     events: mpsc::UnboundedSender<IngestEvent>,
-    queued: Arc<AtomicUsize>,
+    queued_bytes: Arc<AtomicUsize>,
 ) {
     let mut jobs = Vec::with_capacity(batch);
     while rx.recv_many(&mut jobs, batch).await > 0 {
@@ -128,7 +151,7 @@ async fn run(
             })
             .collect();
         let changes = store_all(&store, &jobs, &items).await;
-        queued.fetch_sub(jobs.len(), Ordering::Relaxed);
+        queued_bytes.fetch_sub(jobs.iter().map(Job::weight).sum(), Ordering::Relaxed);
         for job in jobs.drain(..) {
             if let Some(done) = job.done {
                 let _ = done.send(());
@@ -141,15 +164,15 @@ async fn run(
 }
 
 /// Stores every item: one transaction for all, else one per item, dead-lettering the ones
-/// that keep failing. Returns only when every item is durable.
+/// the database keeps refusing. Returns only when every item is durable.
 async fn store_all(store: &Store, jobs: &[Job], items: &[(usize, Item)]) -> Vec<IngestEvent> {
     if items.is_empty() {
         return Vec::new();
     }
-    match commit(store, items.iter().map(|(_, item)| item)).await {
+    match commit_when_available(store, items.iter().map(|(_, item)| item)).await {
         Ok(changes) => return changes,
         Err(e) if items.len() > 1 => {
-            tracing::warn!(error = %e, messages = items.len(), "ingest batch failed; storing one by one")
+            tracing::warn!(error = %e, messages = items.len(), "ingest batch refused; storing one by one")
         }
         Err(_) => {}
     }
@@ -161,15 +184,15 @@ async fn store_all(store: &Store, jobs: &[Job], items: &[(usize, Item)]) -> Vec<
 }
 
 async fn store_one(store: &Store, msg: &Inbound, item: &Item) -> Vec<IngestEvent> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut last_error = String::new();
-        for _ in 0..MAX_TRIES {
-            match commit(store, std::iter::once(item)).await {
-                Ok(changes) => return changes,
-                Err(e) => last_error = e.to_string(),
-            }
+    let mut last_error = String::new();
+    for _ in 0..MAX_TRIES {
+        match commit_when_available(store, std::iter::once(item)).await {
+            Ok(changes) => return changes,
+            Err(e) => last_error = e.to_string(),
         }
+    }
+    let mut pause = Pause::default();
+    loop {
         match store
             .dead_letter(&msg.topic, &msg.payload, &last_error)
             .await
@@ -179,13 +202,63 @@ async fn store_one(store: &Store, msg: &Inbound, item: &Item) -> Vec<IngestEvent
                 return Vec::new();
             }
             Err(e) => {
-                // Not even the dead letter could be written: the database is unavailable.
-                // Nothing here is acknowledged yet, so waiting loses nothing.
                 tracing::error!(error = %e, "database unavailable; ingest waits");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                pause.wait().await;
             }
         }
+    }
+}
+
+/// Commits, waiting out every error that says the database is unavailable; returns only the
+/// errors that say it refused the content.
+async fn commit_when_available<'a>(
+    store: &Store,
+    items: impl Iterator<Item = &'a Item> + Clone,
+) -> sqlx::Result<Vec<IngestEvent>> {
+    let mut pause = Pause::default();
+    loop {
+        match commit(store, items.clone()).await {
+            Err(e) if is_unavailable(&e) => {
+                tracing::warn!(error = %e, "database unavailable; ingest waits");
+                pause.wait().await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether an error is about the database's state rather than the message: waiting may cure
+/// it, and dead-lettering for it would throw away a good message.
+pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            // SQLite primary result codes (extended codes carry them in the low byte): BUSY,
+            // LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+            db.code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Capped exponential pause between tries against an unavailable database.
+struct Pause(Duration);
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause(Duration::from_millis(50))
+    }
+}
+
+impl Pause {
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -219,4 +292,124 @@ async fn commit<'a>(
     }
     tx.commit().await?;
     Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    async fn store_with_device(dir: &std::path::Path) -> Store {
+        let store = Store::open_with_busy_timeout(&dir.join("db"), Duration::from_millis(100))
+            .await
+            .unwrap();
+        let owner = store
+            .create_user("o", "o@x", "hash", crate::store::Role::Operator)
+            .await
+            .unwrap();
+        assert!(store.register_device("d1", "d1", owner).await.unwrap());
+        store
+    }
+
+    fn reading(seq: u64) -> Inbound {
+        Inbound {
+            topic: "devices/d1/telemetry".into(),
+            payload: Bytes::from(format!(r#"{{"seq":{seq}}}"#)),
+        }
+    }
+
+    async fn seqs(dir: &std::path::Path) -> Vec<i64> {
+        let mut db =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.join("db").display()))
+                .await
+                .unwrap();
+        sqlx::query_scalar("SELECT seq FROM telemetry ORDER BY seq")
+            .fetch_all(&mut db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_database_locked_past_the_busy_timeout_delays_messages_and_dead_letters_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_device(dir.path()).await;
+        let (events, _rx) = mpsc::unbounded_channel();
+        let writer = Writer::spawn(store.clone(), 64, events);
+        let mut locker = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("db").display()
+        ))
+        .await
+        .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let pending: Vec<_> = (0..5)
+            .map(|seq| {
+                let w = writer.clone();
+                tokio::spawn(async move { w.store(reading(seq)).await })
+            })
+            .collect();
+        // Held for 15 busy timeouts: every commit in that time fails with SQLITE_BUSY.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            pending.iter().all(|p| !p.is_finished()),
+            "acknowledged while locked"
+        );
+        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+        for p in pending {
+            p.await.unwrap().unwrap();
+        }
+        assert_eq!(seqs(dir.path()).await, vec![0, 1, 2, 3, 4]);
+        assert!(store.dead_letters(10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_message_the_database_refuses_is_dead_lettered_and_its_batch_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_device(dir.path()).await;
+        let mut db = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("db").display()
+        ))
+        .await
+        .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN NEW.seq = 3 \
+             BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
+        )
+        .execute(&mut db)
+        .await
+        .unwrap();
+        let (events, _rx) = mpsc::unbounded_channel();
+        let writer = Writer::spawn(store.clone(), 64, events);
+        let all: Vec<_> = (0..6)
+            .map(|seq| {
+                let w = writer.clone();
+                tokio::spawn(async move { w.store(reading(seq)).await })
+            })
+            .collect();
+        for p in all {
+            p.await.unwrap().unwrap();
+        }
+        assert_eq!(seqs(dir.path()).await, vec![0, 1, 2, 4, 5]);
+        let dead = store.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(dead[0].1.contains("poisoned"), "{dead:?}");
+        assert_eq!(writer.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn qos0_messages_past_the_byte_cap_are_dropped_and_others_are_not() {
+        // A writer with no task: nothing drains the queue.
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            tx,
+            queued_bytes: Arc::new(AtomicUsize::new(LOSSY_QUEUE_BYTES - 10)),
+        };
+        assert!(writer.submit_lossy(reading(1)));
+        assert!(!writer.submit_lossy(reading(2)));
+        assert!(writer.submit(reading(3)).is_ok(), "a will is never dropped");
+    }
 }

@@ -46,12 +46,17 @@ pub fn now_ms() -> i64 {
 
 impl Store {
     pub async fn open(path: &Path) -> anyhow::Result<Store> {
+        Store::open_with_busy_timeout(path, Duration::from_secs(10)).await
+    }
+
+    /// [`Store::open`] with another wait for a database another writer holds.
+    pub async fn open_with_busy_timeout(path: &Path, busy: Duration) -> anyhow::Result<Store> {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(busy);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
