@@ -92,6 +92,11 @@ pub fn segment(s: &str) -> String {
 
 impl Api {
     pub fn new(url: &str, token: Option<String>) -> Result<Api, ApiFailure> {
+        if let Some(host) = plain_http_to_remote(url) {
+            eprintln!(
+                "warning: {host} is reached over plain HTTP: the password and session token cross the network readable; use https://"
+            );
+        }
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -175,5 +180,45 @@ impl Api {
             message: format!("{message} (HTTP {})", status.as_u16()),
             exit_code,
         })
+    }
+}
+
+/// The host of a plain `http://` URL that is not this machine (where credentials would cross
+/// a network in the clear); `None` for HTTPS and loopback.
+pub fn plain_http_to_remote(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit('@').next().unwrap_or_default();
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        authority.split(':').next().unwrap_or_default()
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_flagged_only_off_this_machine() {
+        for (url, want) in [
+            ("http://127.0.0.1:8080", None),
+            ("http://localhost:8080/api", None),
+            ("http://[::1]:8080", None),
+            ("http://127.0.0.66:8080", None),
+            ("https://fleet.example.com", None),
+            ("http://fleet.example.com:8080", Some("fleet.example.com")),
+            ("http://10.1.2.3", Some("10.1.2.3")),
+            ("http://[2001:db8::1]:80/x", Some("2001:db8::1")),
+            ("http://user@fleet.example.com", Some("fleet.example.com")),
+        ] {
+            assert_eq!(plain_http_to_remote(url).as_deref(), want, "{url}");
+        }
     }
 }

@@ -31,11 +31,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Log in and remember the session.
+    /// The password comes from the first line of standard input with `--password-stdin`,
+    /// else from FLOTILLA_PASSWORD, else from a prompt on the terminal; `--password` works too
+    /// but leaves it in the shell history and the process list.
     Login {
         #[arg(long)]
         email: String,
-        #[arg(long, env = "FLOTILLA_PASSWORD")]
-        password: String,
+        #[arg(long, env = "FLOTILLA_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
     },
     /// Devices.
     Device {
@@ -192,13 +198,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// The login password from standard input, the flag or environment, or a prompt without echo.
+fn read_password(given: Option<&str>, from_stdin: bool) -> Result<String, ApiFailure> {
+    let password = match given {
+        _ if from_stdin => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| ApiFailure::other(format!("reading the password from stdin: {e}")))?;
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+        Some(p) => p.to_string(),
+        None if std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
+            rpassword::prompt_password("Password: ")
+                .map_err(|e| ApiFailure::other(format!("reading the password: {e}")))?
+        }
+        None => {
+            return Err(ApiFailure::other(
+                "no password: set FLOTILLA_PASSWORD, pass --password-stdin, or run on a terminal",
+            ));
+        }
+    };
+    if password.is_empty() {
+        return Err(ApiFailure::other("the password is empty"));
+    }
+    Ok(password)
+}
+
 async fn run(cli: Cli) -> Result<(), ApiFailure> {
     let json_out = cli.json;
-    if let Cmd::Login { email, password } = &cli.command {
+    if let Cmd::Login {
+        email,
+        password,
+        password_stdin,
+    } = &cli.command
+    {
         let url = cli
             .url
             .clone()
             .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let password = read_password(password.as_deref(), *password_stdin)?;
         let api = Api::new(&url, None)?;
         let body = api
             .post(

@@ -500,14 +500,41 @@ impl Cli {
         }
     }
 
-    pub fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("flotilla"))
-            .env("FLOTILLA_SESSION", &self.session)
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("flotilla"));
+        c.env("FLOTILLA_SESSION", &self.session)
             .env_remove("FLOTILLA_TOKEN")
+            .env_remove("FLOTILLA_PASSWORD")
             .env("FLOTILLA_URL", &self.http)
             .args(args)
-            .output()
-            .expect("running flotilla")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().expect("running flotilla")
+    }
+
+    /// Runs with extra environment variables and `stdin` as standard input.
+    pub fn run_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: &str,
+    ) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running flotilla");
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        child.wait_with_output().expect("running flotilla")
     }
 
     /// Runs with `--json`; panics with stderr unless it succeeds.

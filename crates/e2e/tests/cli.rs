@@ -36,6 +36,31 @@ async fn cli_drives_the_api_with_tables_json_and_exit_codes() -> anyhow::Result<
         .status
         .success()
     );
+    // The password from standard input, from the environment; with neither and no terminal,
+    // a clear error rather than a hang.
+    let login = ["login", "--email", "cli@example.com"];
+    let stdin_login = [&login[..], &["--password-stdin"]].concat();
+    assert!(
+        cli.run_with(&stdin_login, &[], "secret-pass\n")
+            .status
+            .success()
+    );
+    assert_eq!(
+        cli.run_with(&stdin_login, &[], "nope\n").status.code(),
+        Some(3)
+    );
+    assert!(
+        cli.run_with(&login, &[("FLOTILLA_PASSWORD", "secret-pass")], "")
+            .status
+            .success()
+    );
+    let no_password = cli.run(&login);
+    assert_eq!(no_password.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&no_password.stderr).contains("FLOTILLA_PASSWORD"),
+        "{}",
+        String::from_utf8_lossy(&no_password.stderr)
+    );
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cli.session)?.permissions());
     assert_eq!(mode & 0o777, 0o600);
