@@ -205,3 +205,71 @@ async fn sign_csr_checks_the_token_first_and_sheds_a_flood_with_bounded_audit() 
     );
     Ok(())
 }
+
+/// Opens `n` TCP connections from `from` to `port` and sends nothing on them.
+async fn idle_connections(
+    from: &str,
+    port: u16,
+    n: usize,
+) -> anyhow::Result<Vec<tokio::net::TcpStream>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(from.parse()?, 0))?;
+        held.push(socket.connect(([127, 0, 0, 1], port).into()).await?);
+    }
+    Ok(held)
+}
+
+/// How many of the connections the server has closed (a read sees EOF or an error).
+async fn closed(conns: &mut [tokio::net::TcpStream], within: std::time::Duration) -> usize {
+    use tokio::io::AsyncReadExt;
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + within;
+    for c in conns.iter_mut() {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout_at(deadline, c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => n += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_device_connects()
+-> anyhow::Result<()> {
+    let server = Server::start(&[
+        "--device-listener-per-address",
+        "16",
+        "--mqtt-handshake-timeout",
+        "2",
+    ])
+    .await?;
+    let jwt = server.user("idle@example.com").await?;
+
+    // The device listener: past 16 from one address, connections are closed at once.
+    let mut https = idle_connections("127.0.0.66", server.device_port, 40).await?;
+    let shed = closed(&mut https[16..], std::time::Duration::from_secs(2)).await;
+    assert_eq!(shed, 24, "connections over the per-address cap stayed open");
+    // MQTT: 200 connections that never start TLS.
+    let mut mqtt = idle_connections("127.0.0.66", server.mqtt_port, 200).await?;
+
+    // Meanwhile a real device provisions (device listener) and connects (MQTT) from elsewhere.
+    let id = server.enroll(&jwt, "while-flooded").await?;
+    let mut s = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    s.publish("devices/while-flooded/health", r#"{"heap":1,"fw":"1.0.0"}"#)
+        .await?;
+
+    // The idle ones are closed by the handshake timeouts (10 s TLS on the device listener,
+    // 2 s here on MQTT), so they do not hold sockets for long.
+    assert_eq!(
+        closed(&mut mqtt, std::time::Duration::from_secs(6)).await,
+        200
+    );
+    assert_eq!(
+        closed(&mut https[..16], std::time::Duration::from_secs(15)).await,
+        16
+    );
+    Ok(())
+}

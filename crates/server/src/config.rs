@@ -55,6 +55,25 @@ pub struct ServerConfig {
     /// Messages a device may publish in a burst above the sustained rate.
     #[arg(long, env = "FLOTILLA_DEVICE_PUBLISH_BURST", default_value_t = 200)]
     pub device_publish_burst: u32,
+    /// Open connections the device HTTPS listener (`/sign-csr`, firmware) accepts from one
+    /// source address; more are closed at once. Raise it for many devices behind one NAT.
+    #[arg(
+        long,
+        env = "FLOTILLA_DEVICE_LISTENER_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub device_listener_per_address: usize,
+    /// Open connections the device HTTPS listener accepts in all.
+    #[arg(long, env = "FLOTILLA_DEVICE_LISTENER_MAX", default_value_t = 4096)]
+    pub device_listener_max: usize,
+    /// Seconds an MQTT client may take from TCP connect to a complete CONNECT (TLS included);
+    /// a connection that never starts TLS is closed then.
+    #[arg(
+        long = "mqtt-handshake-timeout",
+        env = "FLOTILLA_MQTT_HANDSHAKE_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub mqtt_handshake_timeout_secs: u64,
     /// Maximum telemetry rows per database transaction (group commit).
     #[arg(long, env = "FLOTILLA_INGEST_BATCH", default_value_t = 512)]
     pub ingest_batch: usize,

@@ -4,11 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::AppState;
+use crate::conn_limits::ConnectionGate;
 use crate::routes;
 
 pub fn router(state: AppState) -> Router {
@@ -54,10 +56,18 @@ pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Resu
 }
 
 /// Binds and serves; returns the bound address.
+/// How long a connection may take to finish its TLS handshake, and to send a request's headers
+/// (also the idle time allowed between requests on a kept-alive connection).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds and serves; returns the bound address. `gate` caps open connections in total and
+/// per source address; a connection over a cap is closed at once.
 pub async fn serve(
     addr: SocketAddr,
     acceptor: TlsAcceptor,
     app: Router,
+    gate: ConnectionGate,
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
@@ -69,18 +79,21 @@ pub async fn serve(
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "device listener accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Some(admitted) = gate.admit(peer_addr.ip()) else {
+                // Over a cap: closing now costs the socket nothing more.
+                drop(stream);
+                continue;
             };
             let acceptor = acceptor.clone();
             let app = app.clone();
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    acceptor.accept(stream),
-                )
-                .await;
+                let _admitted = admitted;
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
                 let Ok(Ok(tls)) = handshake else { return };
                 // rustls verified the chain against our CA; this is who the peer is.
                 let peer = PeerIdentity(
@@ -94,9 +107,16 @@ pub async fn serve(
                     .layer(axum::Extension(peer))
                     .layer(axum::Extension(axum::extract::ConnectInfo(peer_addr)));
                 let service = TowerToHyperService::new(app);
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                http.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                http.http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(HEADER_TIMEOUT)
+                    .keep_alive_timeout(HEADER_TIMEOUT)
+                    .max_concurrent_streams(32);
+                let _ = http.serve_connection(TokioIo::new(tls), service).await;
             });
         }
     });

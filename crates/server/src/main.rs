@@ -6,6 +6,7 @@ mod auth;
 mod broker;
 mod commands;
 mod config;
+mod conn_limits;
 mod demo;
 mod device_listener;
 mod downlink;

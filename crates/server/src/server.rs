@@ -62,6 +62,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (broker_events, broker_said) = tokio::sync::mpsc::unbounded_channel();
     let (embedded, broker_addrs) = broker::start(
         config.mqtt_addr,
+        std::time::Duration::from_secs(config.mqtt_handshake_timeout_secs.max(1)),
         tls,
         BrokerDeps {
             gate: gate.clone(),
@@ -149,6 +150,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.device_addr,
         acceptor,
         device_listener::router(state.clone()),
+        crate::conn_limits::ConnectionGate::new(
+            config.device_listener_max,
+            config.device_listener_per_address,
+        ),
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)

@@ -118,6 +118,7 @@ pub struct BrokerDeps {
 /// bound addresses (the configured port may be 0).
 pub async fn start(
     addr: SocketAddr,
+    handshake_timeout: std::time::Duration,
     tls: TlsFiles<'_>,
     deps: BrokerDeps,
 ) -> anyhow::Result<(Arc<Embedded>, BrokerAddrs)> {
@@ -164,7 +165,11 @@ pub async fn start(
             .tls_key(Some(path(tls.key)))
             .collect_cert_info(true)
     };
+    // rmqtt owns this accept loop (its per-connection processing is crate-private), so a cap
+    // per source address cannot be added here; the handshake timeout bounds how long a
+    // connection that never starts TLS holds a socket.
     let devices = tls_listener("mqtt/devices", addr)
+        .handshake_timeout(handshake_timeout)
         .max_packet_size(MAX_PACKET)
         .max_handshaking_limit(4096)
         .bind()
