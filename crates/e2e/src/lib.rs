@@ -24,6 +24,15 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// The server binary: `FLOTILLA_SERVER_BIN` when set (a benchmark's baseline build), else
+/// the workspace's own.
+pub fn server_bin() -> PathBuf {
+    match std::env::var_os("FLOTILLA_SERVER_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => bin("flotilla-server"),
+    }
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
@@ -67,6 +76,10 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     pub fn kill_hard(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -163,7 +176,8 @@ impl Server {
         self.http = format!("http://{}", ep["http"].as_str().context("http")?);
         self.device_port = port("device")?;
         self.mqtt_port = port("mqtt")?;
-        self.mqtt_internal_port = port("mqtt_internal")?;
+        // Absent from servers before the internal listener was published (benchmark baselines).
+        self.mqtt_internal_port = port("mqtt_internal").unwrap_or(0);
         Ok(())
     }
 
@@ -181,10 +195,10 @@ impl Server {
             Ok(wrapper) if !wrapper.trim().is_empty() => {
                 let mut words = wrapper.split_whitespace();
                 let mut c = Command::new(words.next().unwrap_or_default());
-                c.args(words).arg(bin("flotilla-server"));
+                c.args(words).arg(server_bin());
                 c
             }
-            _ => Command::new(bin("flotilla-server")),
+            _ => Command::new(server_bin()),
         };
         let child = command
             .arg("--data-dir")

@@ -54,5 +54,6 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::rollouts::router())
         .merge(routes::meta::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(crate::error::json_errors))
         .with_state(state)
 }

@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::firmware::router())
         .route("/ca.pem", axum::routing::get(routes::meta::ca_pem))
         .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::map_response(crate::error::json_errors))
         .with_state(state)
 }
 
@@ -56,8 +57,7 @@ pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Resu
 }
 
 /// Binds and serves; returns the bound address.
-/// How long a connection may take to finish its TLS handshake, and to send a request's headers
-/// (also the idle time allowed between requests on a kept-alive connection).
+/// How long a connection may take to finish its TLS handshake, and to send a request's headers.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 

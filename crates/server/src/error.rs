@@ -93,3 +93,27 @@ where
         }
     }
 }
+
+/// Gives every 4xx answer the documented `{"error": "..."}` body, including the plain-text ones
+/// axum's own extractors (path, query, raw body) produce.
+pub async fn json_errors(resp: axum::response::Response) -> axum::response::Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_string(),
+        t => flotilla_proto::truncate_chars(t, 300).to_string(),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    (parts, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}

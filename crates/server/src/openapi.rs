@@ -401,6 +401,22 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     (
         "get",
+        "/api/admin/stats",
+        "Fleet-wide counts",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/releases/{version}/download",
+        "A presigned URL for a release image in the S3 bucket",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "get",
         "/firmware/{version}",
         "Device listener (HTTPS, client certificate): a release image; HTTP Range supported",
         Auth::DeviceCertificate,
@@ -409,22 +425,94 @@ pub const OPERATIONS: &[Operation] = &[
     ),
 ];
 
+/// The error statuses an operation can answer besides the ones its kind implies (401 and 403
+/// for a missing token or a blocked account on authenticated operations, 400 for a malformed
+/// path parameter). Checked against the running server by `crates/e2e/tests/openapi_property.rs`.
+pub fn errors(method: &str, path: &str) -> &'static [u16] {
+    match (method, path) {
+        ("post", "/api/auth/register") => &[400, 409, 413, 429],
+        ("post", "/api/auth/login") => &[400, 401, 403, 413, 429],
+        ("post", "/api/device/register") => &[400, 404, 409, 413],
+        ("get", "/api/device/{deviceId}") => &[404],
+        ("get", "/api/device/{deviceId}/telemetry") => &[400, 404],
+        ("post", "/api/device/{deviceId}/led") => &[400, 404, 409, 413],
+        ("post", "/api/device/{deviceId}/commands") => &[400, 404, 409, 413],
+        ("get", "/api/device/{deviceId}/commands") => &[404],
+        ("get", "/api/device/{deviceId}/commands/{commandId}") => &[404],
+        ("post", "/api/provisioning/tokens") => &[400, 409, 413],
+        ("post", "/api/admin/user/{userId}/block") => &[404, 409],
+        ("post", "/api/admin/user/{userId}/role") => &[400, 404, 409, 413],
+        ("post", "/api/admin/device/{deviceId}/block") => &[404],
+        ("get", "/api/admin/audit") | ("get", "/api/admin/dead-letters") => &[400],
+        ("post", "/sign-csr") => &[400, 401, 403, 409, 413, 429],
+        ("put", "/api/device/{deviceId}/tags") => &[400, 404, 413],
+        ("post", "/api/releases") => &[400, 409, 413],
+        ("get", "/api/releases/{version}") => &[404],
+        ("get", "/api/releases/{version}/download") => &[404, 409],
+        ("put", "/api/releases/{version}/image") => &[400, 404, 409],
+        ("post", "/api/releases/{version}/block") => &[400, 404, 413],
+        ("get", "/api/ota/{deviceId}/check") => &[404],
+        ("post", "/api/ota/{deviceId}/start") => &[400, 404, 409, 413],
+        ("get", "/api/ota/{deviceId}/history") => &[404],
+        ("post", "/api/rollouts") => &[400, 404, 409, 413],
+        ("get", "/api/rollouts/{id}") => &[404],
+        ("post", "/api/rollouts/{id}/{action}") => &[404, 409],
+        ("get", "/firmware/{version}") => &[206, 401, 403, 404, 410, 416],
+        _ => &[],
+    }
+}
+
+fn describe(status: u16) -> &'static str {
+    match status {
+        206 => "part of the image (HTTP Range)",
+        400 => "invalid input; `error` says what to fix",
+        401 => "missing, invalid or expired credentials",
+        403 => "not allowed for this role, or the account is blocked",
+        404 => "no such resource (or not visible to the caller)",
+        409 => "conflicts with the current state; `error` says which",
+        410 => "the release is blocked",
+        413 => "request body too large",
+        416 => "range not satisfiable",
+        429 => "too many attempts; try again later",
+        _ => "error",
+    }
+}
+
+/// Every status an operation can answer, success first.
+pub fn statuses(op: &Operation) -> Vec<u16> {
+    let (method, path, _, auth, _, success) = op;
+    let mut all = vec![*success];
+    all.extend_from_slice(errors(method, path));
+    if matches!(auth, Auth::User | Auth::Admin) {
+        all.extend([401, 403]);
+    }
+    if path.contains('{') {
+        all.push(400);
+    }
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 pub fn document() -> Value {
+    let error_body = json!({
+        "application/json": { "schema": object(&[("error", s("string"))], &["error"]) }
+    });
     let mut paths = Map::new();
-    for (method, path, summary, auth, body, status) in OPERATIONS {
-        let mut op = json!({
-            "summary": summary,
-            "responses": {
-                status.to_string(): { "description": "success" },
-                "400": { "description": "invalid input; the body's `error` says what to fix" },
-            },
-        });
-        if *auth != Auth::None {
-            op["security"] = json!([{ "bearer": [] }]);
-            op["responses"]["401"] = json!({ "description": "missing, invalid or expired token" });
+    for op in OPERATIONS {
+        let (method, path, summary, auth, body, success) = op;
+        let mut responses = Map::new();
+        for status in statuses(op) {
+            let response = if status == *success || status == 206 {
+                json!({ "description": "success" })
+            } else {
+                json!({ "description": describe(status), "content": error_body })
+            };
+            responses.insert(status.to_string(), response);
         }
-        if *auth == Auth::Admin {
-            op["responses"]["403"] = json!({ "description": "admin role required" });
+        let mut op = json!({ "summary": summary, "responses": responses });
+        if matches!(auth, Auth::User | Auth::Admin | Auth::ProvisioningToken) {
+            op["security"] = json!([{ "bearer": [] }]);
         }
         if let Some(schema) = body {
             op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": schema() } } });

@@ -56,7 +56,11 @@ async fn register(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let email = body.email.trim().to_lowercase();
     validate_credentials(&body.username, &email, &body.password)?;
-    let hash = state.passwords.hash(&body.password).await?;
+    let hash = state
+        .passwords
+        .hash(&body.password)
+        .await
+        .map_err(|_| ApiError::TooManyRequests)?;
     let id = match state
         .store
         .create_user(body.username.trim(), &email, &hash, Role::Operator)
