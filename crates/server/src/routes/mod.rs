@@ -8,6 +8,7 @@ pub mod firmware;
 pub mod meta;
 pub mod ota;
 pub mod provisioning;
+pub mod range;
 pub mod releases;
 pub mod rollouts;
 pub mod sign_csr;
