@@ -2,16 +2,25 @@
 //! and nothing is accepted that the trusted key did not sign.
 #![no_main]
 
+use std::sync::OnceLock;
+
 use flotilla_device_core::ota::{Running, verify_offer};
 use flotilla_proto::{FirmwareVersion, OtaOffer, decode};
 use libfuzzer_sys::fuzz_target;
 use p256::ecdsa::{SigningKey, VerifyingKey};
 
+/// A key nobody outside this target holds: a fuzzer cannot forge its signatures.
+fn trusted() -> &'static [VerifyingKey; 1] {
+    static KEY: OnceLock<[VerifyingKey; 1]> = OnceLock::new();
+    KEY.get_or_init(|| {
+        [VerifyingKey::from(
+            &SigningKey::from_slice(&[7u8; 32]).expect("fixed scalar"),
+        )]
+    })
+}
+
 fuzz_target!(|payload: &[u8]| {
-    // A key nobody outside this target holds: a fuzzer cannot forge its signatures.
-    let trusted = [VerifyingKey::from(
-        &SigningKey::from_slice(&[7u8; 32]).expect("fixed scalar"),
-    )];
+    let trusted = trusted();
     let Ok(offer) = decode::<OtaOffer>(payload) else {
         return;
     };
@@ -23,7 +32,7 @@ fuzz_target!(|payload: &[u8]| {
     };
     for force in [false, true] {
         assert!(
-            verify_offer(&offer.manifest, &trusted, &running, force).is_err(),
+            verify_offer(&offer.manifest, trusted, &running, force).is_err(),
             "an offer the fuzzer made was accepted"
         );
     }

@@ -49,14 +49,10 @@ impl Store {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else {
-            return Ok(TokenClaim::Invalid);
+        let owner_id = match token_owner(row, device_id)? {
+            Ok(owner) => owner,
+            Err(refused) => return Ok(refused),
         };
-        let owner_id: i64 = row.try_get("owner_id")?;
-        let bound: Option<String> = row.try_get("device_id")?;
-        if bound.is_some_and(|b| b != device_id) {
-            return Ok(TokenClaim::WrongDevice);
-        }
         let owner: Option<i64> =
             sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = ?")
                 .bind(device_id)
@@ -88,14 +84,10 @@ impl Store {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else {
-            return Ok(TokenClaim::Invalid);
+        let owner_id = match token_owner(row, device_id)? {
+            Ok(owner) => owner,
+            Err(refused) => return Ok(refused),
         };
-        let owner_id: i64 = row.try_get("owner_id")?;
-        let bound: Option<String> = row.try_get("device_id")?;
-        if bound.is_some_and(|b| b != device_id) {
-            return Ok(TokenClaim::WrongDevice);
-        }
         if !register_in(&mut tx, device_id, device_id, owner_id).await? {
             return Ok(TokenClaim::DeviceTaken);
         }
@@ -108,4 +100,20 @@ impl Store {
         tx.commit().await?;
         Ok(TokenClaim::Claimed { owner_id })
     }
+}
+
+/// The account a usable token row gives `device_id` to, or why it gives it to nobody.
+fn token_owner(
+    row: Option<sqlx::sqlite::SqliteRow>,
+    device_id: &str,
+) -> sqlx::Result<Result<i64, TokenClaim>> {
+    let Some(row) = row else {
+        return Ok(Err(TokenClaim::Invalid));
+    };
+    let owner_id: i64 = row.try_get("owner_id")?;
+    let bound: Option<String> = row.try_get("device_id")?;
+    if bound.is_some_and(|b| b != device_id) {
+        return Ok(Err(TokenClaim::WrongDevice));
+    }
+    Ok(Ok(owner_id))
 }
