@@ -1,8 +1,10 @@
-//! The otadata/slot decoder over arbitrary flash contents: the bootloader's choice is always
-//! one of the two slots, and booting never panics.
+//! The otadata/slot decoder over arbitrary flash contents, then every transition the
+//! bootloader and the app make on it: none panics, and each does what the slot rules say
+//! (boot turns NEW into PENDING_VERIFY on the same slot, confirm turns PENDING_VERIFY into
+//! VALID, roll back selects the other slot; every change has a higher sequence number).
 #![no_main]
 
-use flotilla_device_core::slots::{Flash, FlashError, Layout};
+use flotilla_device_core::slots::{Flash, FlashError, ImageState, Layout};
 use libfuzzer_sys::fuzz_target;
 
 const BLOCK: usize = 4096;
@@ -38,21 +40,61 @@ impl Flash for Ram {
     }
 }
 
+const LAYOUT: Layout = Layout {
+    otadata: 0,
+    slots: [2 * BLOCK, 3 * BLOCK],
+    slot_len: BLOCK,
+};
+
 fuzz_target!(|data: &[u8]| {
     // Two otadata blocks from the input (the rest erased), then two small slots.
     let mut flash = Ram(vec![0xff; 4 * BLOCK]);
     let n = data.len().min(2 * BLOCK);
     flash.0[..n].copy_from_slice(&data[..n]);
-    let layout = Layout {
-        otadata: 0,
-        slots: [2 * BLOCK, 3 * BLOCK],
-        slot_len: BLOCK,
+
+    let before = LAYOUT.selection(&flash);
+    let original = flash.0.clone();
+    let booted = match LAYOUT.boot(&mut flash) {
+        Ok(slot) => slot,
+        Err(FlashError::SequenceExhausted) => {
+            assert_eq!(flash.0, original, "an exhausted sequence writes nothing");
+            return;
+        }
+        Err(e) => panic!("boot: {e:?}"),
     };
-    if let Some(sel) = layout.selection(&flash) {
-        assert!(sel.slot < 2, "selected slot {}", sel.slot);
+    let after = LAYOUT.selection(&flash);
+    match before {
+        None => assert_eq!((booted, after), (0, None), "factory-fresh boots slot 0"),
+        Some(b) => {
+            assert_eq!(booted, b.slot, "boot follows the selection");
+            let a = after.expect("a selection survives boot");
+            assert_eq!(a.slot, b.slot);
+            if b.state == ImageState::New {
+                assert_eq!(a.state, ImageState::PendingVerify);
+                assert!(a.seq > b.seq);
+            } else {
+                assert_eq!(a, b, "boot changes only a NEW selection");
+            }
+        }
     }
-    if let Ok(slot) = layout.boot(&mut flash) {
-        assert!(slot < 2);
+
+    if let Some(s) = after
+        && s.state == ImageState::PendingVerify
+    {
+        if LAYOUT.confirm(&mut flash) == Err(FlashError::SequenceExhausted) {
+            return;
+        }
+        let c = LAYOUT.selection(&flash).expect("selection after confirm");
+        assert_eq!((c.slot, c.state), (s.slot, ImageState::Valid));
+        assert!(c.seq > s.seq);
     }
-    let _ = layout.inactive_slot(&flash);
+
+    if let Some(s) = LAYOUT.selection(&flash) {
+        if LAYOUT.roll_back(&mut flash) == Err(FlashError::SequenceExhausted) {
+            return;
+        }
+        let r = LAYOUT.selection(&flash).expect("selection after roll back");
+        assert_ne!(r.slot, s.slot, "roll back selects the other slot");
+        assert!(r.seq > s.seq);
+    }
 });

@@ -3,8 +3,8 @@
 #![no_main]
 
 use flotilla_proto::{
-    Command, CommandReply, DesiredConfig, Heartbeat, OtaOffer, OtaStatus, SignedManifest, Status,
-    Telemetry, decode, encode,
+    Command, CommandReply, DesiredConfig, FirmwareManifest, Heartbeat, OtaOffer, OtaStatus,
+    SignedManifest, Status, Telemetry, decode, encode,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -28,4 +28,5 @@ fuzz_target!(|payload: &[u8]| {
     again::<OtaOffer>(payload);
     again::<SignedManifest>(payload);
     again::<DesiredConfig>(payload);
+    again::<FirmwareManifest>(payload);
 });

@@ -29,6 +29,9 @@ pub enum FlashError {
     NotErased,
     /// The power went out (simulations only).
     PowerLost,
+    /// otadata's sequence numbers are used up (after some 4 billion changes, or garbage in
+    /// otadata): nothing was written.
+    SequenceExhausted,
 }
 
 /// ESP-IDF's `esp_ota_img_states_t`.
@@ -111,10 +114,15 @@ fn encode_entry(seq: u32, state: ImageState) -> [u8; ENTRY_LEN] {
     e
 }
 
+/// From here on an otadata sequence number is neither read as valid nor written.
+const MAX_SEQ: u32 = u32::MAX - 2;
+
 fn decode_entry(e: &[u8; ENTRY_LEN]) -> Option<(u32, ImageState)> {
     let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
     let (seq, state, crc) = (word(0), word(4), word(8));
-    (seq != 0 && seq != u32::MAX && crc32(&e[0..8]) == crc)
+    // Transitions write seq + 1 or seq + 2, which `select` refuses from MAX_SEQ on, so no
+    // valid entry makes them overflow.
+    (seq != 0 && seq < MAX_SEQ && crc32(&e[0..8]) == crc)
         .then(|| (seq, ImageState::from_code(state)))
 }
 
@@ -154,6 +162,9 @@ impl Layout {
         seq: u32,
         state: ImageState,
     ) -> Result<(), FlashError> {
+        if seq >= MAX_SEQ {
+            return Err(FlashError::SequenceExhausted);
+        }
         let [a, b] = self.entries(flash);
         let current_block = match (a, b) {
             (Some(x), Some(y)) => Some(if y.1 > x.1 { 1 } else { 0 }),

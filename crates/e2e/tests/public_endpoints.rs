@@ -261,6 +261,9 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
     s.publish("devices/while-flooded/health", r#"{"heap":1,"fw":"1.0.0"}"#)
         .await?;
 
+    // A client that finishes TLS on the device listener and then sends nothing is closed by
+    // the header timeout (10 s), not held for ever.
+    let mut silent = tls_and_silence(&server, "127.0.0.67").await?;
     // The idle ones are closed by the handshake timeouts (10 s TLS on the device listener,
     // 2 s here on MQTT), so they do not hold sockets for long.
     assert_eq!(
@@ -271,5 +274,39 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
         closed(&mut https[..16], std::time::Duration::from_secs(15)).await,
         16
     );
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 16];
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(15), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent TLS connection was still open after 15 s: {read:?}"
+    );
     Ok(())
+}
+
+/// A TLS connection to the device listener (HTTP/1.1 by ALPN) that sends nothing.
+async fn tls_and_silence(
+    server: &Server,
+    from: &str,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(server.ca_pem().as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from.parse()?, 0))?;
+    let tcp = socket
+        .connect(([127, 0, 0, 1], server.device_port).into())
+        .await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await?,
+    )
 }

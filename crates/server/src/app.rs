@@ -27,6 +27,8 @@ pub struct AppState {
     pub limiter: Arc<LoginLimiter>,
     pub passwords: Passwords,
     pub anonymous: Arc<AnonymousLimiter>,
+    /// Registrations per source address.
+    pub registrations: Arc<AnonymousLimiter>,
     pub ca: Arc<CertificateAuthority>,
     pub gate: Arc<DeviceGate>,
     pub broker: Arc<dyn BrokerControl>,

@@ -66,8 +66,9 @@ pub struct ServerConfig {
     /// Open connections the device HTTPS listener accepts in all.
     #[arg(long, env = "FLOTILLA_DEVICE_LISTENER_MAX", default_value_t = 4096)]
     pub device_listener_max: usize,
-    /// Seconds an MQTT client may take from TCP connect to a complete CONNECT (TLS included);
-    /// a connection that never starts TLS is closed then.
+    /// Seconds an MQTT client may take for its TLS handshake, and again for its CONNECT once
+    /// the protocol version is known; a connection that never starts TLS is closed then. (The
+    /// version probe between the two has no deadline in rmqtt 0.24.)
     #[arg(
         long = "mqtt-handshake-timeout",
         env = "FLOTILLA_MQTT_HANDSHAKE_TIMEOUT",

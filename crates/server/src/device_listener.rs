@@ -107,6 +107,10 @@ pub async fn serve(
                     .layer(axum::Extension(peer))
                     .layer(axum::Extension(axum::extract::ConnectInfo(peer_addr)));
                 let service = TowerToHyperService::new(app);
+                // The protocol comes from ALPN, not from reading the first bytes: the auto
+                // builder's read of the HTTP/2 preface has no deadline, so a client that
+                // finished TLS and went silent would hold the connection for ever.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 http.http1()
                     .timer(TokioTimer::new())
@@ -116,6 +120,11 @@ pub async fn serve(
                     .keep_alive_interval(HEADER_TIMEOUT)
                     .keep_alive_timeout(HEADER_TIMEOUT)
                     .max_concurrent_streams(32);
+                let http = if h2 {
+                    http.http2_only()
+                } else {
+                    http.http1_only()
+                };
                 let _ = http.serve_connection(TokioIo::new(tls), service).await;
             });
         }

@@ -134,6 +134,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         limiter: Arc::new(LoginLimiter::default()),
         passwords: Passwords::default(),
         anonymous: Arc::new(AnonymousLimiter::default()),
+        registrations: Arc::new(AnonymousLimiter::default()),
         ca: ca.clone(),
         gate,
         broker: embedded,

@@ -52,10 +52,29 @@ pub(crate) fn validate_credentials(
 
 async fn register(
     State(state): State<AppState>,
+    ClientAddr(from): ClientAddr,
     JsonBody(body): JsonBody<Register>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let email = body.email.trim().to_lowercase();
     validate_credentials(&body.username, &email, &body.password)?;
+    // Every registration costs a password hash: a few per address and window, so one host
+    // cannot keep the hashing slots busy for everyone else's logins.
+    if let Err(refused) = state.registrations.begin(from, std::time::Instant::now()) {
+        if refused.first {
+            let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
+            state
+                .store
+                .audit(AuditRecord {
+                    actor: &format!("address:{from}"),
+                    action: "user.register",
+                    target: None,
+                    result: "failure",
+                    detail: Some("too many registrations from this address".into()),
+                })
+                .await;
+        }
+        return Err(ApiError::TooManyRequests);
+    }
     let hash = state
         .passwords
         .hash(&body.password)
@@ -101,7 +120,10 @@ async fn login(
     JsonBody(body): JsonBody<Login>,
 ) -> ApiResult<Json<Value>> {
     let email = body.email.trim().to_lowercase();
-    let actor = format!("user:{}", flotilla_proto::truncate_chars(&email, 254));
+    if email.len() > 254 {
+        return Err(ApiError::bad("email must be at most 254 characters"));
+    }
+    let actor = format!("user:{email}");
     let from_label = from.map_or_else(|| "unknown".to_string(), |a| a.to_string());
     let fail = |detail: &str| AuditRecord {
         actor: &actor,
@@ -111,8 +133,11 @@ async fn login(
         detail: Some(format!("{detail} (from {from_label})")),
     };
     let now = std::time::Instant::now();
-    if let Err(refused) = state.limiter.check(&email, from, now) {
-        state.store.audit(fail(refused.reason())).await;
+    if let Err(refused) = state.limiter.begin(&email, from, now) {
+        // One audit row per flood and window, not one per refused request.
+        if refused.first {
+            state.store.audit(fail(refused.why.reason())).await;
+        }
         return Err(ApiError::TooManyRequests);
     }
     let user = state.store.user_by_email(&email).await?;
@@ -125,7 +150,6 @@ async fn login(
         .await
         .map_err(|_| ApiError::TooManyRequests)?;
     let Some(user) = user.filter(|_| ok) else {
-        state.limiter.record_failure(&email, from, now);
         state.store.audit(fail("bad credentials")).await;
         return Err(ApiError::Unauthorized);
     };
@@ -133,7 +157,7 @@ async fn login(
         state.store.audit(fail("account blocked")).await;
         return Err(ApiError::Forbidden("account is blocked"));
     }
-    state.limiter.record_success(&email, from);
+    state.limiter.succeeded(&email, from);
     let token = state.jwt.issue(user.id, user.role)?;
     state
         .store

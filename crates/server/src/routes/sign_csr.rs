@@ -61,7 +61,7 @@ async fn sign_csr(
         }
     };
     let now = std::time::Instant::now();
-    if let Err(refused) = state.anonymous.check(from, now) {
+    if let Err(refused) = state.anonymous.begin(from, now) {
         if refused.first {
             let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
             audit(
@@ -72,10 +72,8 @@ async fn sign_csr(
         }
         return Err(ApiError::TooManyRequests);
     }
-    let fail = |detail: String| {
-        state.anonymous.record_failure(from, now);
-        audit("failure", detail)
-    };
+    // The attempt is counted from here; only a certificate issued gives the count back.
+    let fail = |detail: String| audit("failure", detail);
     let Some(token) = token else {
         fail("no provisioning token".into()).await;
         return Err(ApiError::Unauthorized);
@@ -112,6 +110,7 @@ async fn sign_csr(
         .await?
     {
         TokenClaim::Claimed { owner_id } => {
+            state.anonymous.succeeded(from);
             state.gate.set_serial(device.as_str(), &issued.serial_hex);
             // Any session still using an older certificate is now revoked: close it.
             state.broker.kick(device.as_str()).await;
