@@ -341,6 +341,20 @@ impl Server {
         Ok(b["token"].as_str().context("token")?.to_string())
     }
 
+    /// The id of the user with `email`, as an admin sees it.
+    pub async fn user_id(&self, admin: &str, email: &str) -> Result<i64> {
+        let (_, users) = self
+            .call("GET", "/api/admin/users", Some(admin), None)
+            .await?;
+        users
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|u| u["email"] == email)
+            .and_then(|u| u["id"].as_i64())
+            .with_context(|| format!("no user {email}: {users}"))
+    }
+
     /// Creates an admin offline, as an operator would, and logs in.
     pub async fn admin(&self, email: &str) -> Result<String> {
         let status = Command::new(bin("flotilla-server"))

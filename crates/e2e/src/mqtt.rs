@@ -144,14 +144,7 @@ impl Session {
         topic: &str,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PubAckReason> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, true, payload.into())
-            .await?;
-        self.next(Duration::from_secs(5), |p| match p {
-            Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await
+        self.publish_with(topic, payload.into(), true).await
     }
 
     /// A QoS 0 publish, queued without waiting for anything.
@@ -187,8 +180,17 @@ impl Session {
         topic: &str,
         payload: impl Into<Vec<u8>>,
     ) -> Result<PubAckReason> {
+        self.publish_with(topic, payload.into(), false).await
+    }
+
+    async fn publish_with(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<PubAckReason> {
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await?;
         self.next(Duration::from_secs(5), |p| match p {
             Packet::PubAck(a) => Some(a.reason),

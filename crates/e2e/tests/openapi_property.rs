@@ -114,16 +114,7 @@ async fn random_requests_get_only_documented_statuses_and_never_a_5xx() -> anyho
     let admin = server.admin("prop-admin@example.com").await?;
     let operator = server.user("prop-op@example.com").await?;
     let viewer = server.user("prop-viewer@example.com").await?;
-    let (_, users) = server
-        .call("GET", "/api/admin/users", Some(&admin), None)
-        .await?;
-    let viewer_id = users
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|u| u["email"] == "prop-viewer@example.com")
-        .and_then(|u| u["id"].as_i64())
-        .unwrap_or(0);
+    let viewer_id = server.user_id(&admin, "prop-viewer@example.com").await?;
     server
         .call(
             "POST",

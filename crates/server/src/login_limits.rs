@@ -19,7 +19,7 @@ pub const MAX_PER_ACCOUNT_AND_ADDRESS: u32 = 5;
 /// Failures from one address, over all accounts, before the address is refused.
 pub const MAX_PER_ADDRESS: u32 = 50;
 /// Failed anonymous requests (or registrations) from one address per window.
-pub const MAX_ANONYMOUS: u32 = 20;
+pub const MAX_ANONYMOUS: u32 = 50;
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Entries kept at most per table; beyond it, expired ones are swept.
 const MAX_ENTRIES: usize = 100_000;
