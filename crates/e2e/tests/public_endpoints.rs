@@ -252,6 +252,9 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
     // A client that finishes TLS on the device listener and then sends nothing is closed by
     // the header timeout (10 s), not held for ever.
     let mut silent = tls_and_silence(&server, "127.0.0.67").await?;
+    // So is one that connects to the user API and sends nothing.
+    let api_port: u16 = server.http.rsplit(':').next().unwrap_or_default().parse()?;
+    let mut api_idle = idle_connections("127.0.0.68", api_port, 1).await?;
     // The idle ones are closed by the handshake timeouts (10 s TLS on the device listener,
     // 2 s here on MQTT), so they do not hold sockets for long.
     assert_eq!(
@@ -269,6 +272,11 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
     assert!(
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "a silent TLS connection was still open after 15 s: {read:?}"
+    );
+    assert_eq!(
+        closed(&mut api_idle, std::time::Duration::from_secs(5)).await,
+        1,
+        "an idle connection to the user API was still open"
     );
     Ok(())
 }

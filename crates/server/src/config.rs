@@ -55,6 +55,13 @@ pub struct ServerConfig {
     /// Messages a device may publish in a burst above the sustained rate.
     #[arg(long, env = "FLOTILLA_DEVICE_PUBLISH_BURST", default_value_t = 200)]
     pub device_publish_burst: u32,
+    /// Open connections the user API accepts from one source address (a reverse proxy in
+    /// front counts as one address).
+    #[arg(long, env = "FLOTILLA_HTTP_PER_ADDRESS", default_value_t = 256)]
+    pub http_per_address: usize,
+    /// Open connections the user API accepts in all.
+    #[arg(long, env = "FLOTILLA_HTTP_MAX", default_value_t = 1024)]
+    pub http_max: usize,
     /// Open connections the device HTTPS listener (`/sign-csr`, firmware) accepts from one
     /// source address; more are closed at once. Raise it for many devices behind one NAT.
     #[arg(

@@ -4,13 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -20,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::AppState;
 use crate::conn_limits::ConnectionGate;
+use crate::listener::Transport;
 use crate::routes;
 
 pub fn router(state: AppState) -> Router {
@@ -56,11 +54,6 @@ pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Resu
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Binds and serves; returns the bound address.
-/// How long a connection may take to finish its TLS handshake, and to send a request's headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Binds and serves; returns the bound address. `gate` caps open connections in total and
 /// per source address; a connection over a cap is closed at once.
 pub async fn serve(
@@ -73,61 +66,6 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding device listener on {addr}"))?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer_addr) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "device listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(admitted) = gate.admit(peer_addr.ip()) else {
-                // Over a cap: closing now costs the socket nothing more.
-                drop(stream);
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            let app = app.clone();
-            tokio::spawn(async move {
-                let _admitted = admitted;
-                let handshake =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                let Ok(Ok(tls)) = handshake else { return };
-                // rustls verified the chain against our CA; this is who the peer is.
-                let peer = PeerIdentity(
-                    tls.get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|der| flotilla_pki::certificate_identity_der(der)),
-                );
-                let app = app
-                    .layer(axum::Extension(peer))
-                    .layer(axum::Extension(axum::extract::ConnectInfo(peer_addr)));
-                let service = TowerToHyperService::new(app);
-                // The protocol comes from ALPN, not from reading the first bytes: the auto
-                // builder's read of the HTTP/2 preface has no deadline, so a client that
-                // finished TLS and went silent would hold the connection for ever.
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-                let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                http.http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT);
-                http.http2()
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(HEADER_TIMEOUT)
-                    .keep_alive_timeout(HEADER_TIMEOUT)
-                    .max_concurrent_streams(32);
-                let http = if h2 {
-                    http.http2_only()
-                } else {
-                    http.http1_only()
-                };
-                let _ = http.serve_connection(TokioIo::new(tls), service).await;
-            });
-        }
-    });
+    crate::listener::spawn(listener, Transport::Tls(acceptor), app, gate);
     Ok(bound)
 }

@@ -12,6 +12,7 @@ mod device_listener;
 mod downlink;
 mod error;
 mod ingest;
+mod listener;
 mod login_limits;
 mod openapi;
 mod ota;

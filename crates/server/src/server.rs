@@ -179,12 +179,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         n => Some(crate::demo::start(&state.store, &data, &endpoints, n).await?),
     };
 
-    axum::serve(
+    crate::listener::spawn(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+        crate::listener::Transport::Plain,
+        app(state),
+        crate::conn_limits::ConnectionGate::new(config.http_max, config.http_per_address),
+    );
+    shutdown_signal().await;
     Ok(())
 }
 
