@@ -76,10 +76,6 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
     pub fn kill_hard(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();

@@ -229,7 +229,7 @@ async fn commit_when_available<'a>(
 
 /// Whether an error is about the database's state rather than the message: waiting may cure
 /// it, and dead-lettering for it would throw away a good message.
-pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
+fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             // SQLite primary result codes (extended codes carry them in the low byte): BUSY,
