@@ -151,6 +151,11 @@ impl Server {
         self.start_again().await
     }
 
+    /// Replaces the extra arguments the next (re)start passes.
+    pub fn set_args(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Kills the server with SIGKILL (no shutdown of any kind) and starts it again.
     pub async fn sigkill_and_restart(&mut self) -> Result<()> {
         self.proc.kill_hard();
@@ -505,6 +510,7 @@ impl Agent {
     }
 }
 
+pub mod mosquitto;
 pub mod mqtt;
 
 pub mod bench;

@@ -109,6 +109,54 @@ pub struct ServerConfig {
     pub s3_endpoint: Option<String>,
     #[arg(long, env = "FLOTILLA_S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
+    /// An external MQTT broker instead of the embedded one, as `mqtts://host:port` (its
+    /// listener for the server's service clients). Devices connect to that broker, which
+    /// must verify them against this server's CA. Experimental: see docs/operations.md for
+    /// what this mode does not do yet.
+    #[arg(long, env = "FLOTILLA_BROKER_URL")]
+    pub broker_url: Option<String>,
+    /// PEM file of the CA that signed the external broker's certificate (default: this
+    /// server's CA).
+    #[arg(long, env = "FLOTILLA_BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+    /// This server's name among replicas; its ingest session on an external broker is kept
+    /// under it, so a restarted replica resumes the messages queued for it.
+    #[arg(long, env = "FLOTILLA_REPLICA_ID", default_value = "main")]
+    pub replica_id: String,
+}
+
+/// Where an external broker is, from `--broker-url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<BrokerUrl, String> {
+        let rest = url
+            .strip_prefix("mqtts://")
+            .ok_or("the broker URL must start with mqtts:// (devices and replicas use TLS)")?;
+        let (host, port) = rest
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .ok_or("the broker URL needs a port, as in mqtts://broker:8883")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+            return Err(format!("not a broker host: {host:?}"));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("not a broker port: {port:?}"))?;
+        Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+        })
+    }
 }
 
 impl ServerConfig {
@@ -148,7 +196,45 @@ impl ServerConfig {
             .unwrap_or_else(|| self.data_dir.join("artifacts"))
     }
 
+    /// The external broker, if one is configured; an error names what is wrong with the URL.
+    pub fn external_broker(&self) -> anyhow::Result<Option<BrokerUrl>> {
+        self.broker_url
+            .as_deref()
+            .map(|u| u.parse().map_err(|e| anyhow::anyhow!("--broker-url: {e}")))
+            .transpose()
+    }
+
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("flotilla.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BrokerUrl;
+
+    #[test]
+    fn broker_urls_name_a_tls_host_and_port_or_say_what_is_wrong() {
+        assert_eq!(
+            "mqtts://broker.example:8883".parse::<BrokerUrl>(),
+            Ok(BrokerUrl {
+                host: "broker.example".into(),
+                port: 8883
+            })
+        );
+        assert_eq!(
+            "mqtts://[::1]:8884/".parse::<BrokerUrl>().unwrap().host,
+            "::1"
+        );
+        for bad in [
+            "mqtt://broker:1883",
+            "mqtts://broker",
+            "mqtts://:8883",
+            "mqtts://broker:0",
+            "mqtts://broker:99999",
+            "mqtts://user@broker:8883",
+        ] {
+            assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
+        }
     }
 }

@@ -12,11 +12,12 @@ use serde::Serialize;
 use crate::app::{AppState, app};
 use crate::auth::JwtKeys;
 use crate::broker::gate::DeviceGate;
-use crate::broker::{self, BrokerDeps, BrokerEvent, TlsFiles};
+use crate::broker::{self, BrokerControl, BrokerDeps, BrokerEvent, TlsFiles};
 use crate::commands::{Dispatcher, spawn_sweepers};
 use crate::config::ServerConfig;
 use crate::device_listener;
 use crate::downlink::Downlink;
+use crate::ingest::link::IngestLink;
 use crate::ingest::writer::{IngestEvent, Writer};
 use crate::login_limits::{AnonymousLimiter, LoginLimiter};
 use crate::ota::OtaService;
@@ -60,30 +61,85 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (ingest_events, ingested) = tokio::sync::mpsc::unbounded_channel();
     let writer = Writer::spawn(store.clone(), config.ingest_batch, ingest_events);
     let (broker_events, broker_said) = tokio::sync::mpsc::unbounded_channel();
-    let (embedded, broker_addrs) = broker::start(
-        config.mqtt_addr,
-        std::time::Duration::from_secs(config.mqtt_handshake_timeout_secs.max(1)),
-        tls,
-        BrokerDeps {
-            gate: gate.clone(),
-            writer,
-            limits: config.publish_limits(),
-            store: store.clone(),
-            events: broker_events,
-        },
-    )
-    .await?;
-    let mqtt = broker_addrs.devices;
+    let service = ca.issue_service_certificate("server")?;
+    let broker = match config.external_broker()? {
+        None => {
+            let (embedded, addrs) = broker::start(
+                config.mqtt_addr,
+                std::time::Duration::from_secs(config.mqtt_handshake_timeout_secs.max(1)),
+                tls,
+                BrokerDeps {
+                    gate: gate.clone(),
+                    writer,
+                    limits: config.publish_limits(),
+                    store: store.clone(),
+                    events: broker_events,
+                },
+            )
+            .await?;
+            BrokerSide {
+                control: embedded,
+                reports_sessions: true,
+                devices: addrs.devices,
+                service: addrs.internal,
+                link: ServiceLink {
+                    host: connect_host(addrs.internal),
+                    port: addrs.internal.port(),
+                    ca_pem: ca.certificate_pem().to_string(),
+                    cert_pem: service.certificate_pem,
+                    key_pem: service.private_key_pem,
+                },
+            }
+        }
+        Some(url) => {
+            if config.demo > 0 {
+                anyhow::bail!(
+                    "--demo runs its devices on the embedded broker; drop --broker-url or --demo"
+                );
+            }
+            // No broker events come in this mode: presence comes from the devices' status
+            // messages and wills.
+            drop(broker_events);
+            let ca_pem = match &config.broker_ca {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --broker-ca {}", path.display()))?,
+                None => ca.certificate_pem().to_string(),
+            };
+            let link = ServiceLink {
+                host: url.host.clone(),
+                port: url.port,
+                ca_pem,
+                cert_pem: service.certificate_pem,
+                key_pem: service.private_key_pem,
+            };
+            let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .with_context(|| format!("resolving the broker host {}", url.host))?;
+            let client_id = format!(
+                "{}server-ingest-{}",
+                flotilla_pki::SERVICE_PREFIX,
+                config.replica_id
+            );
+            let mut ingest = IngestLink::start(link.options(&client_id), ingest_filters(), writer);
+            tokio::time::timeout(std::time::Duration::from_secs(30), ingest.connected())
+                .await
+                .context("ingest did not connect to the external broker within 30 s")?;
+            tracing::warn!(broker = %addr, "external broker: revocation and blocking do not reach it yet, and presence comes from device messages only");
+            BrokerSide {
+                control: Arc::new(broker::External { ingest }),
+                reports_sessions: false,
+                devices: addr,
+                service: addr,
+                link,
+            }
+        }
+    };
+    let mqtt = broker.devices;
 
     let dispatcher = Arc::new(Dispatcher::new(store.clone()));
-    let service = ca.issue_service_certificate("server")?;
-    let link = ServiceLink {
-        host: connect_host(broker_addrs.internal),
-        port: broker_addrs.internal.port(),
-        ca_pem: ca.certificate_pem().to_string(),
-        cert_pem: service.certificate_pem,
-        key_pem: service.private_key_pem,
-    };
+    let link = broker.link.clone();
     let client_id = format!(
         "{}server-downlink-{}",
         flotilla_pki::SERVICE_PREFIX,
@@ -120,12 +176,17 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     ota.attach(downlink, crate::rollouts::spawn(store.clone(), ota.clone()));
     spawn_presence(
         store.clone(),
-        embedded.clone(),
+        broker.control.clone(),
         dispatcher.clone(),
         ota.clone(),
         broker_said,
     );
-    spawn_ingest_consumer(ota.clone(), ingested);
+    spawn_ingest_consumer(
+        ota.clone(),
+        dispatcher.clone(),
+        !broker.reports_sessions,
+        ingested,
+    );
     spawn_sweepers(store.clone(), config.heartbeat_timeout());
 
     let state = AppState {
@@ -137,7 +198,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         registrations: Arc::new(AnonymousLimiter::default()),
         ca: ca.clone(),
         gate,
-        broker: embedded,
+        broker: broker.control.clone(),
         dispatcher,
         ota,
         config: config.clone(),
@@ -166,7 +227,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         http,
         device,
         mqtt,
-        mqtt_internal: broker_addrs.internal,
+        mqtt_internal: broker.service,
     };
     std::fs::write(
         data.join("endpoints.json"),
@@ -187,6 +248,28 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
     shutdown_signal().await;
     Ok(())
+}
+
+/// What the server took from the broker it uses, embedded or external.
+struct BrokerSide {
+    control: Arc<dyn BrokerControl>,
+    /// Whether the broker tells the server when a device's session starts.
+    reports_sessions: bool,
+    /// Where devices connect.
+    devices: SocketAddr,
+    /// Where the server's own clients connect.
+    service: SocketAddr,
+    link: ServiceLink,
+}
+
+/// What the ingest link takes from an external broker: every upward channel of every
+/// device, shared among the replicas (each message goes to one of them).
+fn ingest_filters() -> Vec<String> {
+    flotilla_proto::Channel::ALL
+        .into_iter()
+        .filter(|c| c.direction() == flotilla_proto::Direction::Up)
+        .map(|c| format!("$share/flotilla/devices/+/{}", c.suffix()))
+        .collect()
 }
 
 /// How long a closed connection waits before it counts: messages the device sent just before
@@ -213,12 +296,11 @@ async fn republish_retained(store: &Store, downlink: &Downlink) -> anyhow::Resul
 /// came back; a session that starts gets what waits for it.
 fn spawn_presence(
     store: Store,
-    broker: Arc<broker::Embedded>,
+    broker: Arc<dyn BrokerControl>,
     dispatcher: Arc<Dispatcher>,
     ota: Arc<OtaService>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<BrokerEvent>,
 ) {
-    use crate::broker::BrokerControl;
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             match event {
@@ -257,15 +339,28 @@ fn spawn_presence(
     });
 }
 
-/// Tells OTA and the rollouts what committed device messages changed.
+/// Tells OTA and the rollouts what committed device messages changed. With
+/// `resend_on_online` (a broker that does not report sessions) a device coming online also
+/// gets what waits for it.
 fn spawn_ingest_consumer(
     ota: Arc<OtaService>,
+    dispatcher: Arc<Dispatcher>,
+    resend_on_online: bool,
     mut events: tokio::sync::mpsc::UnboundedReceiver<IngestEvent>,
 ) {
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             match event {
-                IngestEvent::CameOnline(device) => ota.device_online(&device),
+                IngestEvent::CameOnline(device) => {
+                    ota.device_online(&device);
+                    if resend_on_online {
+                        let (dispatcher, ota) = (dispatcher.clone(), ota.clone());
+                        tokio::spawn(async move {
+                            dispatcher.flush_pending(&device).await;
+                            ota.resend_offers(&device).await;
+                        });
+                    }
+                }
                 IngestEvent::Finished(f) => ota.finished(f).await,
             }
         }

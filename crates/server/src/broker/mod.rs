@@ -56,6 +56,10 @@ pub trait BrokerControl: Send + Sync {
     async fn kick(&self, client_id: &str);
     /// Whether a client with this id holds a live connection now.
     async fn is_connected(&self, client_id: &str) -> bool;
+    /// What the server's link to the broker did, when it has one of its own to report.
+    fn link_stats(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Control over the embedded broker.
@@ -80,6 +84,40 @@ impl BrokerControl for Embedded {
         let id = Id::from(self.scx.node.id(), client_id.into());
         let entry = self.scx.extends.shared().await.entry(id);
         entry.is_connected().await
+    }
+}
+
+/// Control over an external broker, as far as it goes today: the server cannot disconnect a
+/// client there (revocation and blocking reach it only when the broker re-reads its CRL and
+/// ACL), and it does not see connections, so every device counts as not connected and
+/// presence follows the devices' status messages and wills.
+pub struct External {
+    pub ingest: crate::ingest::link::IngestLink,
+}
+
+#[async_trait]
+impl BrokerControl for External {
+    async fn kick(&self, client_id: &str) {
+        tracing::warn!(
+            client_id,
+            "external broker: this client is not disconnected by the server; its certificate stays accepted there until the broker's CRL says otherwise"
+        );
+    }
+
+    async fn is_connected(&self, _client_id: &str) -> bool {
+        false
+    }
+
+    fn link_stats(&self) -> Option<serde_json::Value> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.ingest.stats;
+        Some(serde_json::json!({
+            "sessions": s.sessions.load(Relaxed),
+            "resumed": s.resumed.load(Relaxed),
+            "received": s.received.load(Relaxed),
+            "acked": s.acked.load(Relaxed),
+            "staleAcks": s.stale_acks.load(Relaxed),
+        }))
     }
 }
 

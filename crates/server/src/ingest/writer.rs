@@ -22,8 +22,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use flotilla_proto::Telemetry;
+
 use super::{Item, decode_item};
-use crate::store::{Finished, Store, now_ms};
+use crate::store::{DeviceUpdate, Finished, Store, now_ms};
 
 /// Attempts for one message on its own before it is dead-lettered.
 pub const MAX_TRIES: usize = 3;
@@ -262,7 +264,9 @@ impl Pause {
     }
 }
 
-/// One transaction over `items`.
+/// One transaction over `items`. Consecutive telemetry readings, the bulk of what devices
+/// send, are stored together in a few multi-row statements (`store::apply_readings`); the
+/// order of everything else is kept.
 async fn commit<'a>(
     store: &Store,
     items: impl Iterator<Item = &'a Item>,
@@ -270,7 +274,13 @@ async fn commit<'a>(
     let now = now_ms();
     let mut tx = store.begin_write().await?;
     let mut changes = Vec::new();
+    let mut readings: Vec<(&str, &Telemetry)> = Vec::new();
     for item in items {
+        if let Item::Update(device, DeviceUpdate::Telemetry(t)) = item {
+            readings.push((device.as_str(), t));
+            continue;
+        }
+        store_readings(&mut tx, &mut readings, now, &mut changes).await?;
         match item {
             Item::Update(device, update) => {
                 if crate::store::apply_update(&mut tx, device.as_str(), update, now).await? {
@@ -290,8 +300,25 @@ async fn commit<'a>(
             }
         }
     }
+    store_readings(&mut tx, &mut readings, now, &mut changes).await?;
     tx.commit().await?;
     Ok(changes)
+}
+
+/// Stores and empties the run of readings gathered so far.
+async fn store_readings(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    readings: &mut Vec<(&str, &Telemetry)>,
+    now: i64,
+    changes: &mut Vec<IngestEvent>,
+) -> sqlx::Result<()> {
+    if readings.is_empty() {
+        return Ok(());
+    }
+    let came_online = crate::store::apply_readings(tx, readings, now).await?;
+    changes.extend(came_online.into_iter().map(IngestEvent::CameOnline));
+    readings.clear();
+    Ok(())
 }
 
 #[cfg(test)]
@@ -307,7 +334,9 @@ mod tests {
             .create_user("o", "o@x", "hash", crate::store::Role::Operator)
             .await
             .unwrap();
-        assert!(store.register_device("d1", "d1", owner).await.unwrap());
+        for d in ["d1", "d2", "d3"] {
+            assert!(store.register_device(d, d, owner).await.unwrap());
+        }
         store
     }
 
@@ -398,6 +427,97 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert!(dead[0].1.contains("poisoned"), "{dead:?}");
         assert_eq!(writer.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    /// What a store holds that ingest writes, minus the clock.
+    async fn ingest_state(
+        dir: &std::path::Path,
+    ) -> (
+        Vec<(String, i64, Option<i64>)>,
+        Vec<(String, i64, Option<String>, bool)>,
+    ) {
+        let mut db =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.join("db").display()))
+                .await
+                .unwrap();
+        let telemetry =
+            sqlx::query_as("SELECT device_id, seq, pot FROM telemetry ORDER BY device_id, seq")
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        let devices = sqlx::query_as(
+            "SELECT device_id, online, disconnect_reason, last_seen IS NOT NULL FROM devices ORDER BY device_id",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        (telemetry, devices)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_mixed_messages_stores_what_one_message_at_a_time_stores() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let devices = ["d1", "d2", "d3", "ghost"];
+        let items: Vec<Item> = (0..400)
+            .map(|_| {
+                let device = devices[rng.random_range(0..devices.len())];
+                let (topic, payload) = match rng.random_range(0..10) {
+                    0 => (
+                        "status",
+                        format!(r#"{{"online":{},"reason":"r"}}"#, rng.random_bool(0.5)),
+                    ),
+                    1 => ("health", r#"{"heap":1000,"fw":"1.0.0"}"#.to_string()),
+                    // Repeated sequence numbers: a redelivery must not make a second row.
+                    _ => (
+                        "telemetry",
+                        format!(
+                            r#"{{"seq":{},"pot":{}}}"#,
+                            rng.random_range(0..60),
+                            rng.random_range(0..4096)
+                        ),
+                    ),
+                };
+                decode_item(&format!("devices/{device}/{topic}"), payload.as_bytes()).unwrap()
+            })
+            .collect();
+        let (batched_dir, single_dir) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut events = Vec::new();
+        for dir in [batched_dir.path(), single_dir.path()] {
+            let store = store_with_device(dir).await;
+            let mut came_online: Vec<String> = if dir == batched_dir.path() {
+                commit(&store, items.iter()).await.unwrap()
+            } else {
+                // The reference: every message through the one-message path, one transaction.
+                let now = now_ms();
+                let mut tx = store.begin_write().await.unwrap();
+                let mut changes = Vec::new();
+                for item in &items {
+                    if let Item::Update(device, update) = item
+                        && crate::store::apply_update(&mut tx, device.as_str(), update, now)
+                            .await
+                            .unwrap()
+                    {
+                        changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
+                    }
+                }
+                tx.commit().await.unwrap();
+                changes
+            }
+            .into_iter()
+            .map(|e| match e {
+                IngestEvent::CameOnline(d) => d,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+            came_online.sort();
+            events.push(came_online);
+        }
+        let batched = ingest_state(batched_dir.path()).await;
+        assert!(batched.0.len() > 100, "{}", batched.0.len());
+        assert_eq!(batched, ingest_state(single_dir.path()).await);
+        assert_eq!(events[0], events[1]);
     }
 
     #[test]

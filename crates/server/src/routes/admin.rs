@@ -161,7 +161,11 @@ async fn audit(
 
 async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {
     user.require_admin()?;
-    Ok(Json(state.store.stats().await?))
+    let mut stats = state.store.stats().await?;
+    if let (Some(link), Some(fields)) = (state.broker.link_stats(), stats.as_object_mut()) {
+        fields.insert("ingestLink".into(), link);
+    }
+    Ok(Json(stats))
 }
 
 #[derive(Deserialize)]

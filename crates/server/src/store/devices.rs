@@ -307,6 +307,82 @@ pub(crate) async fn apply_update(
     Ok(was_online == 0 && online_now)
 }
 
+/// Rows (or ids) per statement in [`apply_readings`]: 7 parameters a row stays far below
+/// SQLite's 32,766-parameter limit.
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Stores a run of telemetry readings in a few statements, whatever their number: one SELECT
+/// for the devices' presence, multi-row INSERTs, one UPDATE. Each statement is a round trip
+/// to the database's worker thread, so this costs the same as [`apply_update`] does for a
+/// single reading. The same as calling [`apply_update`] for each reading in turn; returns the
+/// devices that came online, each once.
+pub(crate) async fn apply_readings(
+    tx: &mut Transaction<'_, Sqlite>,
+    readings: &[(&str, &Telemetry)],
+    now: i64,
+) -> sqlx::Result<Vec<String>> {
+    let mut devices: Vec<&str> = readings.iter().map(|(d, _)| *d).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let mut known = std::collections::HashSet::new();
+    let mut came_online = Vec::new();
+    for chunk in devices.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "SELECT device_id, online FROM devices WHERE device_id IN (",
+        );
+        let mut ids = q.separated(", ");
+        for d in chunk {
+            ids.push_bind(*d);
+        }
+        q.push(")");
+        for (id, online) in q
+            .build_query_as::<(String, i64)>()
+            .fetch_all(&mut **tx)
+            .await?
+        {
+            if online == 0 {
+                came_online.push(id.clone());
+            }
+            known.insert(id);
+        }
+    }
+    // A reading for a device that is not registered is dropped, as apply_update does.
+    let rows: Vec<&(&str, &Telemetry)> = readings
+        .iter()
+        .filter(|(d, _)| known.contains(*d))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
+        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) ",
+        );
+        q.push_values(chunk, |mut row, (device, t)| {
+            row.push_bind(*device)
+                .push_bind(t.seq as i64)
+                .push_bind(t.ts.map(|v| v as i64))
+                .push_bind(now)
+                .push_bind(t.pot.map(i64::from))
+                .push_bind(t.switch)
+                .push_bind(t.temp.map(f32_to_f64_shortest));
+        });
+        q.build().execute(&mut **tx).await?;
+    }
+    let known: Vec<&String> = known.iter().collect();
+    for chunk in known.chunks(ROWS_PER_STATEMENT) {
+        let mut q =
+            sqlx::QueryBuilder::<Sqlite>::new("UPDATE devices SET online = 1, last_seen = ");
+        q.push_bind(now)
+            .push(", disconnect_reason = NULL WHERE device_id IN (");
+        let mut ids = q.separated(", ");
+        for d in chunk {
+            ids.push_bind(d.as_str());
+        }
+        q.push(")");
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(came_online)
+}
+
 /// Widens an f32 through its shortest decimal form, so 18.7f32 is stored as 18.7, not
 /// 18.700000762939453.
 fn f32_to_f64_shortest(v: f32) -> f64 {

@@ -22,8 +22,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 pub use audit::{AuditEntry, AuditRecord};
 pub use commands::CommandRow;
-pub(crate) use devices::apply_update;
 pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
+pub(crate) use devices::{apply_readings, apply_update};
 pub(crate) use ota::apply_ota_status;
 pub use ota::{Finished, UpdateRow, UpdateState};
 pub use releases::{NewRelease, ReleaseRow};

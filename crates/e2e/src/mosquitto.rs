@@ -1,0 +1,126 @@
+//! A Mosquitto 2.0 the test starts as the external broker of scale mode: two mutual-TLS
+//! listeners (devices; the server's service clients), identity from the certificate
+//! (`use_identity_as_username`), a pattern ACL on `%u`, persistence on. The same settings
+//! are documented for operators in docs/operations.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::Proc;
+
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub device_port: u16,
+    pub service_port: u16,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+/// Device rights by username (= certificate CN); the server's service user reads and writes
+/// every device topic. Devices may not retain anything but their status.
+const ACL: &str = "\
+pattern write devices/%u/health
+pattern write devices/%u/status
+pattern write devices/%u/telemetry
+pattern write devices/%u/reply
+pattern write devices/%u/ota/status
+pattern read devices/%u/command
+pattern read devices/%u/ota
+pattern read devices/%u/config
+
+user svc:server
+topic readwrite devices/#
+";
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto in `dir` with the CA, certificate and key found in `tls_dir`
+    /// (`ca.pem`, `server.pem`, `server.key`; copied, so the server may rewrite its own).
+    pub async fn start(dir: &Path, tls_dir: &Path) -> Result<Mosquitto> {
+        std::fs::create_dir_all(dir.join("persistence"))?;
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::copy(tls_dir.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+        std::fs::write(dir.join("acl"), ACL)?;
+        let (device_port, service_port) = (free_port()?, free_port()?);
+        let tls = format!(
+            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\n",
+            d = dir.display()
+        );
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "per_listener_settings false\nallow_anonymous false\nacl_file {d}/acl\n\
+                 persistence true\npersistence_location {d}/persistence/\n\
+                 # Messages queued for a session (the server's ingest while it is away): the\n\
+                 # default of 1,000 drops the rest silently, after the devices got PUBACK.\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 1024\n\
+                 log_dest file {d}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n\
+                 # Read the 0600 server key as its owner instead of dropping to the mosquitto user.\n\
+                 user {user}\n\
+                 listener {device_port} 127.0.0.1\n{tls}\
+                 listener {service_port} 127.0.0.1\n{tls}",
+                d = dir.display(),
+                user = std::env::var("USER").unwrap_or_else(|_| "root".into()),
+            ),
+        )?;
+        let mut m = Mosquitto {
+            proc: spawn(&conf)?,
+            device_port,
+            service_port,
+            conf,
+            log: dir.join("mosquitto.log"),
+        };
+        m.wait_listening().await?;
+        Ok(m)
+    }
+
+    /// Stops Mosquitto with SIGTERM (it saves its persistence file) and starts it again on
+    /// the same ports and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.terminate();
+        self.proc = spawn(&self.conf)?;
+        self.wait_listening().await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_listening(&mut self) -> Result<()> {
+        let ports = [self.device_port, self.service_port];
+        crate::wait_for(
+            "mosquitto listening",
+            Duration::from_secs(10),
+            || async move {
+                for p in ports {
+                    tokio::net::TcpStream::connect(("127.0.0.1", p))
+                        .await
+                        .ok()?;
+                }
+                Some(())
+            },
+        )
+        .await
+    }
+}
+
+fn spawn(conf: &Path) -> Result<Proc> {
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting mosquitto")?;
+    Ok(Proc(child))
+}
