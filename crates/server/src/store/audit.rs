@@ -46,14 +46,22 @@ impl Store {
         limit: i64,
         action: Option<&str>,
     ) -> sqlx::Result<Vec<AuditEntry>> {
-        let rows = sqlx::query(
-            "SELECT * FROM audit WHERE (? IS NULL OR action = ?) ORDER BY id DESC LIMIT ?",
-        )
-        .bind(action)
-        .bind(action)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        // Two statements, so the one with an action can use the (action, id) index.
+        let rows = match action {
+            Some(action) => {
+                sqlx::query("SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?")
+                    .bind(action)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM audit ORDER BY id DESC LIMIT ?")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
         rows.iter()
             .map(|r| {
                 Ok(AuditEntry {

@@ -169,7 +169,16 @@ impl Store {
     }
 
     /// Marks devices whose last message is older than `cutoff` offline; returns their ids.
+    /// Looks first with a read (indexed), so a sweep with nothing to do never takes the
+    /// write lock ingest needs.
     pub async fn expire_silent_devices(&self, cutoff: i64) -> sqlx::Result<Vec<String>> {
+        let due: Option<i64> = sqlx::query_scalar(SILENT_DEVICE_EXISTS)
+            .bind(cutoff)
+            .fetch_optional(&self.pool)
+            .await?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         sqlx::query_scalar(
             "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
              WHERE online = 1 AND (last_seen IS NULL OR last_seen < ?) RETURNING device_id",
@@ -306,6 +315,10 @@ pub(crate) async fn apply_update(
     }
     Ok(was_online == 0 && online_now)
 }
+
+/// Whether an online device has been silent since the cutoff.
+pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE online = 1 AND last_seen < ? \
+     UNION ALL SELECT 1 FROM devices WHERE online = 1 AND last_seen IS NULL LIMIT 1";
 
 /// Rows (or ids) per statement in [`apply_readings`]: 7 parameters a row stays far below
 /// SQLite's 32,766-parameter limit.

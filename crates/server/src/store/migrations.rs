@@ -155,6 +155,16 @@ CREATE TABLE retained (
 );
 "#,
     ),
+    (
+        5,
+        r#"
+-- The sweeps every 500 ms: open commands by deadline, online devices by last message.
+CREATE INDEX commands_expiry ON commands(state, expires_at);
+CREATE INDEX devices_presence ON devices(last_seen) WHERE online = 1;
+CREATE INDEX audit_action ON audit(action, id);
+CREATE INDEX ota_updates_device_state ON ota_updates(device_id, state);
+"#,
+    ),
 ];
 
 pub async fn run(pool: &SqlitePool) -> sqlx::Result<()> {

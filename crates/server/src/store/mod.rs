@@ -82,3 +82,80 @@ impl Store {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite's plan for a statement, one detail line each ("SCAN t" is a full scan).
+    async fn plan(store: &Store, sql: &str) -> Vec<String> {
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind(0_i64)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        rows.into_iter().map(|r| r.3).collect()
+    }
+
+    #[tokio::test]
+    async fn the_half_second_sweeps_and_the_audit_filter_use_indexes_not_full_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        // A fleet's worth of rows: on near-empty tables SQLite rightly prefers a scan.
+        sqlx::raw_sql(
+            "INSERT INTO users (username, email, password_hash, role, created_at) VALUES ('o', 'o@x', 'h', 'admin', 0);
+             WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 5000)
+             INSERT INTO devices (device_id, owner_id, name, online, last_seen, created_at) SELECT 'd' || k, 1, 'd', k % 2, k, 0 FROM n;
+             WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 20000)
+             INSERT INTO commands (id, device_id, name, args, state, created_at, expires_at) SELECT 'c' || k, 'd' || (k % 5000), 'led', '{}', CASE WHEN k % 100 = 0 THEN 'queued' ELSE 'succeeded' END, k, k FROM n;
+             WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 20000)
+             INSERT INTO audit (at, actor, action, result) SELECT k, 'a', 'action.' || (k % 40), 'success' FROM n;
+             WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 20000)
+             INSERT INTO ota_updates (id, device_id, version, force, state, created_at, updated_at) SELECT 'u' || k, 'd' || (k % 5000), '1.0.0', 0, 'succeeded', k, k FROM n;",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        for sql in [
+            commands::OPEN_COMMAND_DUE,
+            devices::SILENT_DEVICE_EXISTS,
+            "SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT 50",
+            "SELECT * FROM ota_updates WHERE device_id = ? AND state = 'offered'",
+        ] {
+            let plan = plan(&store, sql).await;
+            assert!(
+                plan.iter().all(|step| !step.starts_with("SCAN"))
+                    && plan.iter().any(|s| s.contains("INDEX")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn sweeps_with_nothing_to_do_never_wait_for_the_write_lock() {
+        use sqlx::Connection;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Store::open_with_busy_timeout(&path, Duration::from_millis(50))
+            .await
+            .unwrap();
+        let mut writer = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        // A write here would fail with SQLITE_BUSY after 50 ms.
+        assert_eq!(store.expire_commands().await.unwrap(), 0);
+        assert!(
+            store
+                .expire_silent_devices(now_ms())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+    }
+}
