@@ -1,7 +1,9 @@
 //! A Mosquitto 2.0 the test starts as the external broker of scale mode: two mutual-TLS
 //! listeners (devices; the server's service clients), identity from the certificate
-//! (`use_identity_as_username`), a pattern ACL on `%u`, persistence on. The same settings
-//! are documented for operators in docs/operations.md.
+//! (`use_identity_as_username`) and the client id from the identity
+//! (`use_username_as_clientid`, so no client can take over another's session), a pattern
+//! ACL on `%u`, least-privilege users for the server's two clients, persistence on. The same
+//! settings are documented for operators in docs/operations.md.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,10 +21,12 @@ pub struct Mosquitto {
     log: PathBuf,
 }
 
-/// Device rights by username (= certificate CN); the server's service user reads and writes
-/// every device topic. Devices may not retain anything but their status.
-const ACL: &str = "\
-pattern write devices/%u/health
+/// Device rights by username (= certificate CN); a replica's ingest client reads what
+/// devices send, its downlink writes what they receive. (Mosquitto's ACL cannot say which
+/// topics may be retained.)
+fn acl(replica: &str) -> String {
+    format!(
+        "pattern write devices/%u/health
 pattern write devices/%u/status
 pattern write devices/%u/telemetry
 pattern write devices/%u/reply
@@ -31,10 +35,20 @@ pattern read devices/%u/command
 pattern read devices/%u/ota
 pattern read devices/%u/config
 
-user svc:server
-topic readwrite devices/#
-";
+user svc:server-ingest-{replica}
+topic read devices/+/health
+topic read devices/+/status
+topic read devices/+/telemetry
+topic read devices/+/reply
+topic read devices/+/ota/status
 
+user svc:server-downlink-{replica}
+topic write devices/+/command
+topic write devices/+/ota
+topic write devices/+/config
+"
+    )
+}
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -43,16 +57,17 @@ fn free_port() -> Result<u16> {
 
 impl Mosquitto {
     /// Starts Mosquitto in `dir` with the CA, certificate and key found in `tls_dir`
-    /// (`ca.pem`, `server.pem`, `server.key`; copied, so the server may rewrite its own).
-    pub async fn start(dir: &Path, tls_dir: &Path) -> Result<Mosquitto> {
+    /// (`ca.pem`, `server.pem`, `server.key`; copied, so the server may rewrite its own),
+    /// for the server replica `replica`.
+    pub async fn start(dir: &Path, tls_dir: &Path, replica: &str) -> Result<Mosquitto> {
         std::fs::create_dir_all(dir.join("persistence"))?;
         for f in ["ca.pem", "server.pem", "server.key"] {
             std::fs::copy(tls_dir.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
         }
-        std::fs::write(dir.join("acl"), ACL)?;
+        std::fs::write(dir.join("acl"), acl(replica))?;
         let (device_port, service_port) = (free_port()?, free_port()?);
         let tls = format!(
-            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\n",
+            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n",
             d = dir.display()
         );
         let conf = dir.join("mosquitto.conf");
@@ -64,6 +79,8 @@ impl Mosquitto {
                  # Messages queued for a session (the server's ingest while it is away): the\n\
                  # default of 1,000 drops the rest silently, after the devices got PUBACK.\n\
                  max_queued_messages 1000000\nmax_inflight_messages 1024\n\
+                 # A device message is at most 4 KiB; the rest is topic and header.\n\
+                 max_packet_size 8192\n\
                  log_dest file {d}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n\
                  # Read the 0600 server key as its owner instead of dropping to the mosquitto user.\n\
                  user {user}\n\

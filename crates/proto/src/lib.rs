@@ -46,6 +46,9 @@ pub enum DecodeError {
     TooLarge { len: usize },
     /// The payload is not the JSON this topic carries.
     Invalid,
+    /// A string in the payload holds a NUL character (`\u0000`), which no field needs and
+    /// PostgreSQL's text type cannot store.
+    NulCharacter,
 }
 
 impl core::fmt::Display for DecodeError {
@@ -58,6 +61,7 @@ impl core::fmt::Display for DecodeError {
                 )
             }
             DecodeError::Invalid => f.write_str("payload is not valid JSON for this topic"),
+            DecodeError::NulCharacter => f.write_str("payload holds a NUL character in a string"),
         }
     }
 }
@@ -67,7 +71,24 @@ pub fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Dec
     if payload.len() > MAX_PAYLOAD {
         return Err(DecodeError::TooLarge { len: payload.len() });
     }
-    serde_json::from_slice(payload).map_err(|_| DecodeError::Invalid)
+    let value = serde_json::from_slice(payload).map_err(|_| DecodeError::Invalid)?;
+    // Checked on valid JSON only, where a raw NUL cannot occur (control characters must be
+    // escaped), so the escape is the only way in.
+    if has_escaped_nul(payload) {
+        return Err(DecodeError::NulCharacter);
+    }
+    Ok(value)
+}
+
+/// Whether JSON text holds the escape `\u0000` (an odd run of backslashes before `u0000`:
+/// `\\u0000` is a backslash followed by the text `u0000`).
+fn has_escaped_nul(json: &[u8]) -> bool {
+    json.windows(5).enumerate().any(|(i, w)| {
+        w == b"u0000" && {
+            let slashes = json[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+            slashes % 2 == 1
+        }
+    })
 }
 
 /// The first `max` characters of `s`, for log lines and error texts that quote untrusted input.

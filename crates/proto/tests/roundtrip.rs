@@ -141,3 +141,30 @@ fn unknown_fields_are_ignored_for_forward_compatibility() {
     let hb: Heartbeat = decode(br#"{"heap":1,"fw":"1.0.0","future":{"x":1}}"#).unwrap();
     assert_eq!(hb.heap, 1);
 }
+
+#[test]
+fn a_nul_character_in_a_string_is_refused_and_an_escaped_backslash_before_u0000_is_not() {
+    assert_eq!(
+        decode::<Heartbeat>(br#"{"heap":1,"fw":"1.0\u0000"}"#),
+        Err(DecodeError::NulCharacter)
+    );
+    assert_eq!(
+        decode::<Heartbeat>(br#"{"heap":1,"fw":"\\\u0000"}"#),
+        Err(DecodeError::NulCharacter)
+    );
+    // A backslash, then the text "u0000".
+    let hb: Heartbeat = decode(br#"{"heap":1,"fw":"\\u0000"}"#).unwrap();
+    assert_eq!(hb.fw, "\\u0000");
+}
+
+proptest::proptest! {
+    #[test]
+    fn decoded_strings_never_hold_nul(fw in "\\PC{0,12}", nul in proptest::bool::ANY) {
+        let fw = if nul { format!("{fw}\0") } else { fw };
+        let json = serde_json::json!({"heap": 1, "fw": fw}).to_string();
+        match decode::<Heartbeat>(json.as_bytes()) {
+            Ok(hb) => proptest::prop_assert!(!hb.fw.contains('\0') && !nul),
+            Err(e) => proptest::prop_assert!(nul && e == DecodeError::NulCharacter),
+        }
+    }
+}

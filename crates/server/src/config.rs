@@ -143,8 +143,20 @@ impl std::str::FromStr for BrokerUrl {
             .trim_end_matches('/')
             .rsplit_once(':')
             .ok_or("the broker URL needs a port, as in mqtts://broker:8883")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6
+                .strip_suffix(']')
+                .filter(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
+                .ok_or_else(|| format!("not an IPv6 address in brackets: {host:?}"))?,
+            None => host,
+        };
+        let name_like = |h: &str| {
+            !h.is_empty()
+                && h.len() <= 253
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        };
+        if !name_like(host) && host.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(format!("not a broker host: {host:?}"));
         }
         let port = port
@@ -198,6 +210,15 @@ impl ServerConfig {
 
     /// The external broker, if one is configured; an error names what is wrong with the URL.
     pub fn external_broker(&self) -> anyhow::Result<Option<BrokerUrl>> {
+        let id = &self.replica_id;
+        if id.is_empty()
+            || id.len() > 32
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            anyhow::bail!("--replica-id: 1-32 letters, digits, '-' or '_', not {id:?}");
+        }
         self.broker_url
             .as_deref()
             .map(|u| u.parse().map_err(|e| anyhow::anyhow!("--broker-url: {e}")))
@@ -233,6 +254,10 @@ mod tests {
             "mqtts://broker:0",
             "mqtts://broker:99999",
             "mqtts://user@broker:8883",
+            "mqtts://[broker:1",
+            "mqtts://a:b:1",
+            "mqtts://bro ker:1",
+            "mqtts://[::1:1",
         ] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }

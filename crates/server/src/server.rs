@@ -61,9 +61,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (ingest_events, ingested) = tokio::sync::mpsc::unbounded_channel();
     let writer = Writer::spawn(store.clone(), config.ingest_batch, ingest_events);
     let (broker_events, broker_said) = tokio::sync::mpsc::unbounded_channel();
-    let service = ca.issue_service_certificate("server")?;
     let broker = match config.external_broker()? {
         None => {
+            let service = ca.issue_service_certificate("server")?;
             let (embedded, addrs) = broker::start(
                 config.mqtt_addr,
                 std::time::Duration::from_secs(config.mqtt_handshake_timeout_secs.max(1)),
@@ -89,6 +89,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     cert_pem: service.certificate_pem,
                     key_pem: service.private_key_pem,
                 },
+                downlink_id: format!(
+                    "{}server-downlink-{}",
+                    flotilla_pki::SERVICE_PREFIX,
+                    hex::encode(rand::random::<[u8; 4]>())
+                ),
             }
         }
         Some(url) => {
@@ -105,34 +110,46 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     .with_context(|| format!("reading --broker-ca {}", path.display()))?,
                 None => ca.certificate_pem().to_string(),
             };
-            let link = ServiceLink {
-                host: url.host.clone(),
-                port: url.port,
-                ca_pem,
-                cert_pem: service.certificate_pem,
-                key_pem: service.private_key_pem,
+            // Each service client shows a certificate whose CN is its client id, so a broker
+            // that takes the client id from the certificate (use_username_as_clientid) lets
+            // nobody else take over its session.
+            let link_as = |service: &str| -> anyhow::Result<(ServiceLink, String)> {
+                let cert = ca.issue_service_certificate(service)?;
+                let link = ServiceLink {
+                    host: url.host.clone(),
+                    port: url.port,
+                    ca_pem: ca_pem.clone(),
+                    cert_pem: cert.certificate_pem,
+                    key_pem: cert.private_key_pem,
+                };
+                Ok((link, format!("{}{service}", flotilla_pki::SERVICE_PREFIX)))
             };
             let addr = tokio::net::lookup_host((url.host.as_str(), url.port))
                 .await
                 .ok()
                 .and_then(|mut a| a.next())
                 .with_context(|| format!("resolving the broker host {}", url.host))?;
-            let client_id = format!(
-                "{}server-ingest-{}",
-                flotilla_pki::SERVICE_PREFIX,
-                config.replica_id
+            let (ingest_link, ingest_id) =
+                link_as(&format!("server-ingest-{}", config.replica_id))?;
+            let mut ingest = IngestLink::start(
+                ingest_link.options(&ingest_id),
+                ingest_filters(),
+                writer,
+                gate.clone(),
             );
-            let mut ingest = IngestLink::start(link.options(&client_id), ingest_filters(), writer);
-            tokio::time::timeout(std::time::Duration::from_secs(30), ingest.connected())
+            tokio::time::timeout(std::time::Duration::from_secs(30), ingest.subscribed())
                 .await
-                .context("ingest did not connect to the external broker within 30 s")?;
-            tracing::warn!(broker = %addr, "external broker: revocation and blocking do not reach it yet, and presence comes from device messages only");
+                .context("ingest did not subscribe on the external broker within 30 s")?
+                .map_err(|why| anyhow::anyhow!("the external broker refused ingest: {why}"))?;
+            tracing::warn!(broker = %addr, "external broker: blocking and revocation do not disconnect devices there, and presence comes from device messages only");
+            let (link, downlink_id) = link_as(&format!("server-downlink-{}", config.replica_id))?;
             BrokerSide {
                 control: Arc::new(broker::External { ingest }),
                 reports_sessions: false,
                 devices: addr,
                 service: addr,
                 link,
+                downlink_id,
             }
         }
     };
@@ -140,11 +157,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     let dispatcher = Arc::new(Dispatcher::new(store.clone()));
     let link = broker.link.clone();
-    let client_id = format!(
-        "{}server-downlink-{}",
-        flotilla_pki::SERVICE_PREFIX,
-        hex::encode(rand::random::<[u8; 4]>())
-    );
+    let client_id = broker.downlink_id.clone();
     let keys = crate::ota::TrustedKeys::load(&config.release_keys)?;
     if keys.is_empty() {
         tracing::warn!("no --release-key configured: releases cannot be published");
@@ -259,7 +272,9 @@ struct BrokerSide {
     devices: SocketAddr,
     /// Where the server's own clients connect.
     service: SocketAddr,
+    /// How the downlink reaches the broker, and as whom.
     link: ServiceLink,
+    downlink_id: String,
 }
 
 /// What the ingest link takes from an external broker: every upward channel of every

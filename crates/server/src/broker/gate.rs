@@ -49,6 +49,13 @@ impl DeviceGate {
             .insert(device_id.to_string(), normalize_serial(serial_hex));
     }
 
+    pub fn is_blocked(&self, device_id: &str) -> bool {
+        self.blocked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(device_id)
+    }
+
     pub fn check(&self, device_id: &str, serial_hex: Option<&str>) -> Result<(), Refusal> {
         let serials = self.serials.read().unwrap_or_else(|p| p.into_inner());
         let current = serials.get(device_id).ok_or(Refusal::UnknownDevice)?;

@@ -88,9 +88,9 @@ impl BrokerControl for Embedded {
 }
 
 /// Control over an external broker, as far as it goes today: the server cannot disconnect a
-/// client there (revocation and blocking reach it only when the broker re-reads its CRL and
-/// ACL), and it does not see connections, so every device counts as not connected and
-/// presence follows the devices' status messages and wills.
+/// client there (the ingest link drops a blocked device's messages instead; no CRL is
+/// produced yet), and it does not see connections, so every device counts as not connected
+/// and presence follows the devices' status messages and wills.
 pub struct External {
     pub ingest: crate::ingest::link::IngestLink,
 }
@@ -117,6 +117,7 @@ impl BrokerControl for External {
             "received": s.received.load(Relaxed),
             "acked": s.acked.load(Relaxed),
             "staleAcks": s.stale_acks.load(Relaxed),
+            "blocked": s.blocked.load(Relaxed),
         }))
     }
 }

@@ -11,23 +11,32 @@
 //!   is stored again, which the store makes idempotent (telemetry is keyed on `(device, seq)`).
 //!
 //! Handle/runner split: one task owns the event loop and never awaits the writer; each
-//! message's wait for its commit runs on a task of its own. The broker's in-flight window
-//! (the Receive Maximum this client sends) bounds how many messages wait at once.
+//! message's wait for its commit runs on a task of its own. At most [`MAX_WAITING`] messages
+//! wait at once, across connections (a broker redelivers its whole in-flight window on every
+//! reconnect); at the bound the runner stops taking messages until commits catch up.
+//!
+//! Messages from devices the gate says are blocked are acknowledged and dropped: the server
+//! cannot disconnect them from an external broker.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_proto::Topic;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::writer::{Inbound, Writer};
+use crate::broker::gate::DeviceGate;
 
 /// Messages the broker may have in flight to this client; each holds a task until committed.
 pub const RECEIVE_MAXIMUM: u16 = 1024;
+
+/// Messages taken and not yet committed, across connections.
+pub const MAX_WAITING: usize = 2 * RECEIVE_MAXIMUM as usize;
 
 /// How long the broker keeps this client's session (and what is queued for it) while it is
 /// away: an hour covers a restart or an upgrade of the server.
@@ -46,29 +55,46 @@ pub struct LinkStats {
     pub acked: AtomicU64,
     /// Acks dropped because their connection had closed before the commit ended.
     pub stale_acks: AtomicU64,
+    /// Messages from blocked devices, acknowledged and dropped.
+    pub blocked: AtomicU64,
+}
+
+/// Where the link stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Connecting,
+    /// The broker confirmed every subscription of this session.
+    Subscribed,
+    /// The broker refused a subscription (an ACL that does not grant it): nothing arrives.
+    Refused(String),
 }
 
 /// Handle to a running link.
 #[derive(Debug, Clone)]
 pub struct IngestLink {
     pub stats: Arc<LinkStats>,
-    connected: watch::Receiver<bool>,
+    state: watch::Receiver<State>,
 }
 
 impl IngestLink {
     /// Connects with `options` (a persistent session with manual acks is set here), subscribes
     /// to `filters` at QoS 1 at every session start, and starts the runner.
-    pub fn start(mut options: MqttOptions, filters: Vec<String>, writer: Writer) -> IngestLink {
+    pub fn start(
+        mut options: MqttOptions,
+        filters: Vec<String>,
+        writer: Writer,
+        gate: Arc<DeviceGate>,
+    ) -> IngestLink {
         options
             .set_clean_start(false)
             .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
             .set_manual_acks(true)
             .set_receive_maximum(Some(RECEIVE_MAXIMUM));
-        // Room for an ack of every message in flight and the subscription: try_ack never
+        // Room for an ack of every message that may wait and the subscription: try_ack never
         // finds the queue full.
-        let (client, eventloop) = AsyncClient::new(options, usize::from(RECEIVE_MAXIMUM) * 2);
+        let (client, eventloop) = AsyncClient::new(options, MAX_WAITING + 16);
         let stats = Arc::new(LinkStats::default());
-        let (connected_tx, connected) = watch::channel(false);
+        let (state_tx, state) = watch::channel(State::Connecting);
         let runner = Runner {
             acker: Acker {
                 client: client.clone(),
@@ -78,16 +104,27 @@ impl IngestLink {
             client,
             filters,
             writer,
+            gate,
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             stats: stats.clone(),
-            connected: connected_tx,
+            state: state_tx,
         };
         tokio::spawn(runner.run(eventloop));
-        IngestLink { stats, connected }
+        IngestLink { stats, state }
     }
 
-    /// Waits until the link holds a session with its subscription sent.
-    pub async fn connected(&mut self) {
-        let _ = self.connected.wait_for(|up| *up).await;
+    /// Waits until the broker confirmed the subscriptions; an error says why it refused one.
+    pub async fn subscribed(&mut self) -> Result<(), String> {
+        match self
+            .state
+            .wait_for(|s| *s != State::Connecting)
+            .await
+            .map(|s| s.clone())
+        {
+            Ok(State::Refused(why)) => Err(why),
+            Ok(_) => Ok(()),
+            Err(_) => Err("ingest link stopped".into()),
+        }
     }
 }
 
@@ -95,9 +132,12 @@ struct Runner {
     client: AsyncClient,
     filters: Vec<String>,
     writer: Writer,
+    gate: Arc<DeviceGate>,
+    /// One permit for each message taken and not yet committed.
+    waiting: Arc<Semaphore>,
     stats: Arc<LinkStats>,
     acker: Acker,
-    connected: watch::Sender<bool>,
+    state: watch::Sender<State>,
 }
 
 impl Runner {
@@ -119,21 +159,43 @@ impl Runner {
                     if let Err(e) = self.client.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "ingest link could not subscribe");
                     }
-                    let _ = self.connected.send(true);
                     tracing::info!(resumed = ack.session_present, "ingest link connected");
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.take(current, publish),
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused: Vec<_> = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        .collect();
+                    if refused.is_empty() {
+                        let _ = self.state.send(State::Subscribed);
+                    } else {
+                        let why = format!("subscriptions refused: {refused:?}");
+                        tracing::error!(%why, "the broker refused ingest; no device message reaches this server");
+                        let _ = self.state.send(State::Refused(why));
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    // At the bound, wait here: the broker holds what is not taken yet.
+                    let Ok(permit) = self.waiting.clone().acquire_owned().await else {
+                        return;
+                    };
+                    self.take(current, publish, permit);
+                }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = self.connected.send(false);
+                    let _ = self.state.send(State::Connecting);
                     {
                         let mut connection = self.acker.lock();
                         *connection += 1;
                         current = *connection;
                         // The event loop dropped the acks queued so far when the connection
                         // failed; acks queued since (commits that ended in between) are
-                        // dropped now, before the next connection exists.
+                        // dropped now, before the next connection exists. Packets read from
+                        // the old connection and not yet handed out go too: they would be
+                        // taken as the new connection's. The broker sends them again.
                         eventloop.clean();
+                        eventloop.state.events.clear();
                     }
                     tracing::warn!(error = %e, "ingest link lost its connection; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -143,7 +205,7 @@ impl Runner {
     }
 
     /// Hands a message to the writer; its ack follows the commit.
-    fn take(&self, connection: u64, publish: Publish) {
+    fn take(&self, connection: u64, publish: Publish, permit: OwnedSemaphorePermit) {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         let Ok(topic) = std::str::from_utf8(&publish.topic).map(str::to_string) else {
             // Not a topic any device may use; nothing to store, and redelivery would not help.
@@ -151,6 +213,13 @@ impl Runner {
             self.acker.ack(connection, &publish);
             return;
         };
+        if let Ok((device, _)) = Topic::parse(&topic)
+            && self.gate.is_blocked(device.as_str())
+        {
+            self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+            self.acker.ack(connection, &publish);
+            return;
+        }
         let msg = Inbound {
             topic,
             payload: Bytes::clone(&publish.payload),
@@ -164,6 +233,7 @@ impl Runner {
             if writer.store(msg).await.is_ok() {
                 acker.ack(connection, &publish);
             }
+            drop(permit);
         });
     }
 }
@@ -195,7 +265,9 @@ impl Acker {
             Ok(()) => {
                 self.stats.acked.fetch_add(1, Ordering::Relaxed);
             }
-            // The message stays in flight at the broker and comes again on the next session.
+            // Cannot happen while the queue has room for every waiting message. If it did, the
+            // message would hold one slot of the broker's window until the next reconnect,
+            // when the broker sends it again.
             Err(e) => tracing::error!(error = %e, "ingest link could not queue an ack"),
         }
     }

@@ -433,18 +433,26 @@ mod tests {
     async fn ingest_state(
         dir: &std::path::Path,
     ) -> (
-        Vec<(String, i64, Option<i64>)>,
+        Vec<(
+            String,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<bool>,
+            Option<f64>,
+        )>,
         Vec<(String, i64, Option<String>, bool)>,
     ) {
         let mut db =
             sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.join("db").display()))
                 .await
                 .unwrap();
-        let telemetry =
-            sqlx::query_as("SELECT device_id, seq, pot FROM telemetry ORDER BY device_id, seq")
-                .fetch_all(&mut db)
-                .await
-                .unwrap();
+        let telemetry = sqlx::query_as(
+            "SELECT device_id, seq, device_ts, pot, switch, temp FROM telemetry ORDER BY device_id, seq",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
         let devices = sqlx::query_as(
             "SELECT device_id, online, disconnect_reason, last_seen IS NOT NULL FROM devices ORDER BY device_id",
         )
@@ -459,10 +467,14 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let devices = ["d1", "d2", "d3", "ghost"];
-        let items: Vec<Item> = (0..400)
-            .map(|_| {
+        // More readings in one run than one multi-row statement takes.
+        let items: Vec<Item> = (0..3000)
+            .map(|k| {
                 let device = devices[rng.random_range(0..devices.len())];
-                let (topic, payload) = match rng.random_range(0..10) {
+                // The first 1,800 are one run of readings (1,350 of them for known devices): more
+                // than one statement takes.
+                let kind = if k < 1800 { 2 } else { rng.random_range(0..20) };
+                let (topic, payload) = match kind {
                     0 => (
                         "status",
                         format!(r#"{{"online":{},"reason":"r"}}"#, rng.random_bool(0.5)),
@@ -472,9 +484,12 @@ mod tests {
                     _ => (
                         "telemetry",
                         format!(
-                            r#"{{"seq":{},"pot":{}}}"#,
-                            rng.random_range(0..60),
-                            rng.random_range(0..4096)
+                            r#"{{"seq":{},"ts":{},"pot":{},"switch":{},"temp":{}}}"#,
+                            rng.random_range(0..1500),
+                            rng.random_range(0..1_000_000_000_u64),
+                            rng.random_range(0..4096),
+                            rng.random_bool(0.5),
+                            f64::from(rng.random_range(-400..1250)) / 10.0
                         ),
                     ),
                 };
@@ -515,7 +530,7 @@ mod tests {
             events.push(came_online);
         }
         let batched = ingest_state(batched_dir.path()).await;
-        assert!(batched.0.len() > 100, "{}", batched.0.len());
+        assert!(batched.0.len() > 1500, "{}", batched.0.len());
         assert_eq!(batched, ingest_state(single_dir.path()).await);
         assert_eq!(events[0], events[1]);
     }
