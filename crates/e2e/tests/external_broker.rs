@@ -201,6 +201,16 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
     }
     wait_stored(&server, &sent).await.unwrap();
 
+    // 4. A blocked device stays connected to the broker (the server cannot disconnect it
+    //    there), but nothing it sends is stored.
+    let (status, body) = server
+        .call("POST", "/api/admin/device/dev-2/block", Some(&admin), None)
+        .await
+        .unwrap();
+    assert_eq!((status, body["blocked"].as_bool()), (200, Some(true)));
+    let _ = publish(&mut sessions[1], "dev-2", 500..505).await;
+    wait_count(&server, &admin, "blocked", 5).await.unwrap();
+
     let rows = stored(&server).await.unwrap();
     let unique: BTreeSet<_> = rows.iter().cloned().collect();
     assert_eq!(
