@@ -28,6 +28,10 @@ async fn malformed_device_messages_are_dropped_and_logged() -> anyhow::Result<()
         br#"{"status":"DONE"}"#.to_vec(),
         vec![b'{'; 10_000],
         format!(r#"{{"heap":1,"fw":"{}"}}"#, "x".repeat(5000)).into_bytes(),
+        // NUL in a string: PostgreSQL cannot store it, so it is refused at the edge.
+        br#"{"heap":1,"fw":"1.0\u0000"}"#.to_vec(),
+        br#"{"online":true,"hw":"c3\u0000","fw":"1.0\u0000"}"#.to_vec(),
+        br#"{"id":"c\u0000","status":"succeeded"}"#.to_vec(),
     ];
     for channel in ["health", "status", "telemetry", "reply", "ota/status"] {
         for g in &garbage {
@@ -94,6 +98,11 @@ async fn every_endpoint_answers_bad_bodies_with_a_clear_400() -> anyhow::Result<
         ),
         ("/api/auth/register", "", json!({"email":"a@b.c"})),
         ("/api/auth/login", "", json!({"email": 5})),
+        (
+            "/api/device/register",
+            "user",
+            json!({"deviceId":"nul-name","name":"a\u{0}b"}),
+        ),
         (
             "/api/device/register",
             "user",

@@ -82,7 +82,7 @@ pub fn decode<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Dec
 
 /// Whether JSON text holds the escape `\u0000` (an odd run of backslashes before `u0000`:
 /// `\\u0000` is a backslash followed by the text `u0000`).
-fn has_escaped_nul(json: &[u8]) -> bool {
+pub fn has_escaped_nul(json: &[u8]) -> bool {
     json.windows(5).enumerate().any(|(i, w)| {
         w == b"u0000" && {
             let slashes = json[..i].iter().rev().take_while(|&&b| b == b'\\').count();

@@ -74,6 +74,8 @@ impl From<anyhow::Error> for ApiError {
 }
 
 /// A JSON body extractor whose rejections use our error shape instead of axum's plain text.
+/// A string holding NUL (`\u0000`) is refused here, at the edge: no field needs one, and
+/// PostgreSQL's text type cannot store it.
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
@@ -84,13 +86,35 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(JsonBody(v)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::PayloadTooLarge)
-            }
-            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .is_some_and(|v| {
+                v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+            });
+        if !is_json {
+            return Err(ApiError::BadRequest(
+                "Expected request with `Content-Type: application/json`".into(),
+            ));
         }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
+        };
+        let value = Json::<T>::from_bytes(&bytes)
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        if flotilla_proto::has_escaped_nul(&bytes) {
+            return Err(ApiError::BadRequest(
+                "a string in the body holds a NUL character (\\u0000)".into(),
+            ));
+        }
+        Ok(JsonBody(value.0))
     }
 }
 
