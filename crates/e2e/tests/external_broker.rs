@@ -144,6 +144,10 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
         .unwrap();
     server.proc.kill_hard();
     locker.close().await.unwrap();
+    // While the server is down the broker queues for its session.
+    for (session, id) in sessions.iter_mut().zip(&ids) {
+        sent.extend(publish(session, &id.device_id, 1000..1010).await);
+    }
     server.restart().await.unwrap();
     wait_stored(&server, &sent).await.unwrap();
 
@@ -176,8 +180,15 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
         link_stats(&server, &admin).await
     );
 
-    // 3. A hostile device: it claims the ingest client's id (to take over or wipe its
-    //    session) and publishes on another device's topic. Neither changes what is stored.
+    // 3. A hostile device claims the ingest client's id while the broker queues messages
+    //    for the ingest session (the server is down): taking the session over with a clean
+    //    start would wipe them. It also publishes on another device's topic. Neither
+    //    changes what is stored.
+    let mut sessions = connect_all(mosquitto.device_port, &ids[1..]).await;
+    server.proc.kill_hard();
+    for (session, id) in sessions.iter_mut().zip(&ids[1..]) {
+        sent.extend(publish(session, &id.device_id, 80..90).await);
+    }
     let thief = &ids[0];
     match connect(
         mosquitto.device_port,
@@ -195,10 +206,7 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
         }
         Outcome::Refused(why) => panic!("a device with its own id may connect: {why}"),
     }
-    let mut sessions = connect_all(mosquitto.device_port, &ids[1..]).await;
-    for (session, id) in sessions.iter_mut().zip(&ids[1..]) {
-        sent.extend(publish(session, &id.device_id, 80..90).await);
-    }
+    server.restart().await.unwrap();
     wait_stored(&server, &sent).await.unwrap();
 
     // 4. A blocked device stays connected to the broker (the server cannot disconnect it
@@ -209,6 +217,7 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
         .unwrap();
     assert_eq!((status, body["blocked"].as_bool()), (200, Some(true)));
     let _ = publish(&mut sessions[1], "dev-2", 500..505).await;
+    assert_eq!(ids[2].device_id, "dev-2");
     wait_count(&server, &admin, "blocked", 5).await.unwrap();
 
     let rows = stored(&server).await.unwrap();

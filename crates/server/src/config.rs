@@ -154,7 +154,7 @@ impl std::str::FromStr for BrokerUrl {
             !h.is_empty()
                 && h.len() <= 253
                 && h.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
         };
         if !name_like(host) && host.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(format!("not a broker host: {host:?}"));
@@ -210,6 +210,10 @@ impl ServerConfig {
 
     /// The external broker, if one is configured; an error names what is wrong with the URL.
     pub fn external_broker(&self) -> anyhow::Result<Option<BrokerUrl>> {
+        let Some(url) = self.broker_url.as_deref() else {
+            return Ok(None);
+        };
+        // The replica id names certificates and the broker's session: external mode only.
         let id = &self.replica_id;
         if id.is_empty()
             || id.len() > 32
@@ -219,10 +223,9 @@ impl ServerConfig {
         {
             anyhow::bail!("--replica-id: 1-32 letters, digits, '-' or '_', not {id:?}");
         }
-        self.broker_url
-            .as_deref()
-            .map(|u| u.parse().map_err(|e| anyhow::anyhow!("--broker-url: {e}")))
-            .transpose()
+        url.parse()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--broker-url: {e}"))
     }
 
     pub fn database_path(&self) -> PathBuf {

@@ -73,6 +73,24 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// Parses a JSON body that handlers read as bytes (an optional body); the same refusals as
+/// [`JsonBody`].
+pub fn parse_json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?;
+    refuse_nul(bytes)?;
+    Ok(value)
+}
+
+fn refuse_nul(json: &[u8]) -> Result<(), ApiError> {
+    if flotilla_proto::has_escaped_nul(json) {
+        return Err(ApiError::BadRequest(
+            "a string in the body holds a NUL character (\\u0000)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A JSON body extractor whose rejections use our error shape instead of axum's plain text.
 /// A string holding NUL (`\u0000`) is refused here, at the edge: no field needs one, and
 /// PostgreSQL's text type cannot store it.
@@ -109,11 +127,7 @@ where
         };
         let value = Json::<T>::from_bytes(&bytes)
             .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-        if flotilla_proto::has_escaped_nul(&bytes) {
-            return Err(ApiError::BadRequest(
-                "a string in the body holds a NUL character (\\u0000)".into(),
-            ));
-        }
+        refuse_nul(&bytes)?;
         Ok(JsonBody(value.0))
     }
 }

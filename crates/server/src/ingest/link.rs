@@ -10,10 +10,14 @@
 //!   the packet id may name another message), and the broker's redelivery of the same message
 //!   is stored again, which the store makes idempotent (telemetry is keyed on `(device, seq)`).
 //!
-//! Handle/runner split: one task owns the event loop and never awaits the writer; each
-//! message's wait for its commit runs on a task of its own. At most [`MAX_WAITING`] messages
-//! wait at once, across connections (a broker redelivers its whole in-flight window on every
-//! reconnect); at the bound the runner stops taking messages until commits catch up.
+//! Handle/runner split: one task owns the event loop; each message's wait for its commit runs
+//! on a task of its own. At most [`MAX_WAITING`] messages wait at once, across connections (a
+//! broker redelivers its whole in-flight window on every reconnect); at the bound the runner
+//! waits for commits to catch up and polls nothing meanwhile (no pings, no acks), so a stall
+//! longer than 1.5 keep-alives (22 s) costs a reconnect and a redelivery, never a message.
+//!
+//! Acks go out in commit order, which may differ from arrival order (MQTT asks for arrival
+//! order; Mosquitto does not depend on it).
 //!
 //! Messages from devices the gate says are blocked are acknowledged and dropped: the server
 //! cannot disconnect them from an external broker.
@@ -165,7 +169,8 @@ impl Runner {
                     let refused: Vec<_> = ack
                         .return_codes
                         .iter()
-                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        // QoS 0 granted would make ingest lossy without a word: refused too.
+                        .filter(|c| !matches!(c, SubscribeReasonCode::Success(QoS::AtLeastOnce)))
                         .collect();
                     if refused.is_empty() {
                         let _ = self.state.send(State::Subscribed);
@@ -196,6 +201,11 @@ impl Runner {
                         // taken as the new connection's. The broker sends them again.
                         eventloop.clean();
                         eventloop.state.events.clear();
+                        // clean() keeps PUBREC (QoS 2); none is expected at a QoS 1
+                        // subscription, and none may reach the next connection either.
+                        eventloop
+                            .pending
+                            .retain(|r| !matches!(r, rumqttc::v5::Request::PubRec(_)));
                     }
                     tracing::warn!(error = %e, "ingest link lost its connection; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -259,6 +269,9 @@ impl Acker {
         let current = self.lock();
         if *current != connection {
             self.stats.stale_acks.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if publish.qos == QoS::AtMostOnce {
             return;
         }
         match self.client.try_ack(publish) {

@@ -466,14 +466,15 @@ mod tests {
     async fn a_batch_of_mixed_messages_stores_what_one_message_at_a_time_stores() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let devices = ["d1", "d2", "d3", "ghost"];
+        // d4 is blocked: like the unknown ghost, nothing it sends changes anything.
+        let devices = ["d1", "d2", "d3", "d4", "ghost"];
         // More readings in one run than one multi-row statement takes.
-        let items: Vec<Item> = (0..3000)
+        let items: Vec<Item> = (0..3500)
             .map(|k| {
                 let device = devices[rng.random_range(0..devices.len())];
-                // The first 1,800 are one run of readings (1,350 of them for known devices): more
+                // The first 2,200 are one run of readings (about 1,300 for known devices): more
                 // than one statement takes.
-                let kind = if k < 1800 { 2 } else { rng.random_range(0..20) };
+                let kind = if k < 2200 { 2 } else { rng.random_range(0..20) };
                 let (topic, payload) = match kind {
                     0 => (
                         "status",
@@ -501,6 +502,9 @@ mod tests {
         let mut events = Vec::new();
         for dir in [batched_dir.path(), single_dir.path()] {
             let store = store_with_device(dir).await;
+            let owner = store.user_by_email("o@x").await.unwrap().unwrap().id;
+            assert!(store.register_device("d4", "d4", owner).await.unwrap());
+            assert_eq!(store.toggle_device_block("d4").await.unwrap(), Some(true));
             let mut came_online: Vec<String> = if dir == batched_dir.path() {
                 commit(&store, items.iter()).await.unwrap()
             } else {
@@ -531,6 +535,12 @@ mod tests {
         }
         let batched = ingest_state(batched_dir.path()).await;
         assert!(batched.0.len() > 1500, "{}", batched.0.len());
+        assert!(
+            batched
+                .0
+                .iter()
+                .all(|row| row.0 != "d4" && row.0 != "ghost")
+        );
         assert_eq!(batched, ingest_state(single_dir.path()).await);
         assert_eq!(events[0], events[1]);
     }

@@ -77,7 +77,7 @@ async fn start(
     let body: StartRequest = if body.iter().all(u8::is_ascii_whitespace) {
         StartRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid body: {e}")))?
+        crate::error::parse_json_body(&body)?
     };
     let device = visible_device(&state, &user, &device_id).await?;
     let release = match body.version.as_deref() {

@@ -38,8 +38,7 @@ async fn create(
     let body: NewToken = if body.iter().all(u8::is_ascii_whitespace) {
         NewToken::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?
+        crate::error::parse_json_body(&body)?
     };
     let max = state.config.provisioning_ttl_secs.max(1);
     let ttl = body.ttl_seconds.unwrap_or(max);

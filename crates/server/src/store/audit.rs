@@ -49,7 +49,7 @@ impl Store {
         // Two statements, so the one with an action can use the (action, id) index.
         let rows = match action {
             Some(action) => {
-                sqlx::query("SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?")
+                sqlx::query(AUDIT_BY_ACTION)
                     .bind(action)
                     .bind(limit)
                     .fetch_all(&self.pool)
@@ -77,3 +77,7 @@ impl Store {
             .collect()
     }
 }
+
+/// The newest audit rows of one action.
+pub(super) const AUDIT_BY_ACTION: &str =
+    "SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?";

@@ -247,7 +247,9 @@ pub(crate) async fn apply_update(
     now: i64,
 ) -> sqlx::Result<bool> {
     let was_online: Option<i64> =
-        sqlx::query_scalar("SELECT online FROM devices WHERE device_id = ?")
+        // A blocked device's messages change nothing, even those taken before the block
+        // and committed after it.
+        sqlx::query_scalar("SELECT online FROM devices WHERE device_id = ? AND blocked = 0")
             .bind(device_id)
             .fetch_optional(&mut **tx)
             .await?;
@@ -341,7 +343,7 @@ pub(crate) async fn apply_readings(
     let mut came_online = Vec::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
         let mut q = sqlx::QueryBuilder::<Sqlite>::new(
-            "SELECT device_id, online FROM devices WHERE device_id IN (",
+            "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN (",
         );
         let mut ids = q.separated(", ");
         for d in chunk {
@@ -359,7 +361,8 @@ pub(crate) async fn apply_readings(
             known.insert(id);
         }
     }
-    // A reading for a device that is not registered is dropped, as apply_update does.
+    // A reading for a device that is not registered, or is blocked, is dropped, as
+    // apply_update does.
     let rows: Vec<&(&str, &Telemetry)> = readings
         .iter()
         .filter(|(d, _)| known.contains(*d))

@@ -162,7 +162,6 @@ CREATE TABLE retained (
 CREATE INDEX commands_expiry ON commands(state, expires_at);
 CREATE INDEX devices_presence ON devices(last_seen) WHERE online = 1;
 CREATE INDEX audit_action ON audit(action, id);
-CREATE INDEX ota_updates_device_state ON ota_updates(device_id, state);
 "#,
     ),
 ];
