@@ -35,6 +35,9 @@ pub struct AppState {
     pub dispatcher: Arc<Dispatcher>,
     pub ota: Arc<OtaService>,
     pub config: Arc<ServerConfig>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The ingest writer, for its queue depth.
+    pub writer: crate::ingest::writer::Writer,
 }
 
 impl std::fmt::Debug for AppState {

@@ -119,6 +119,11 @@ pub struct ServerConfig {
     /// server's CA).
     #[arg(long, env = "FLOTILLA_BROKER_CA")]
     pub broker_ca: Option<PathBuf>,
+    /// A bearer token that opens `GET /metrics` to a scraper (an admin's JWT opens it too).
+    /// From the environment, so it stays out of process listings; never printed.
+    #[arg(long, env = "FLOTILLA_METRICS_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing)]
+    pub metrics_token: Option<String>,
     /// This server's name among replicas; its ingest session on an external broker is kept
     /// under it, so a restarted replica resumes the messages queued for it.
     #[arg(long, env = "FLOTILLA_REPLICA_ID", default_value = "main")]

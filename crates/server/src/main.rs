@@ -14,6 +14,7 @@ mod error;
 mod ingest;
 mod listener;
 mod login_limits;
+mod metrics;
 mod openapi;
 mod ota;
 mod passwords;

@@ -409,6 +409,14 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     (
         "get",
+        "/metrics",
+        "Prometheus text format: ingest counters and commit latency, fleet gauges (admin JWT or the --metrics-token bearer)",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
+        "get",
         "/api/releases/{version}/download",
         "A presigned URL for a release image in the S3 bucket",
         Auth::User,

@@ -59,7 +59,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         key: &key_path,
     };
     let (ingest_events, ingested) = tokio::sync::mpsc::unbounded_channel();
-    let writer = Writer::spawn(store.clone(), config.ingest_batch, ingest_events);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let writer = Writer::spawn(
+        store.clone(),
+        config.ingest_batch,
+        ingest_events,
+        metrics.ingest.clone(),
+    );
+    let writer_handle = writer.clone();
     let (broker_events, broker_said) = tokio::sync::mpsc::unbounded_channel();
     let broker = match config.external_broker()? {
         None => {
@@ -215,6 +222,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         dispatcher,
         ota,
         config: config.clone(),
+        metrics,
+        writer: writer_handle,
     };
     let acceptor = device_listener::tls_acceptor(
         ca.certificate_pem(),

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use flotilla_proto::Telemetry;
 
 use super::{Item, decode_item};
+use crate::metrics::IngestMetrics;
 use crate::store::{DeviceUpdate, Finished, Store, now_ms};
 
 /// Attempts for one message on its own before it is dead-lettered.
@@ -72,6 +73,7 @@ impl Job {
 pub struct Writer {
     tx: mpsc::UnboundedSender<Job>,
     queued_bytes: Arc<AtomicUsize>,
+    metrics: IngestMetrics,
 }
 
 impl std::fmt::Debug for Writer {
@@ -83,12 +85,34 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// Starts the writer task. `batch` bounds the messages per transaction.
-    pub fn spawn(store: Store, batch: usize, events: mpsc::UnboundedSender<IngestEvent>) -> Writer {
+    /// Starts the writer task. `batch` bounds the messages per transaction; `metrics` counts
+    /// what it does.
+    pub fn spawn(
+        store: Store,
+        batch: usize,
+        events: mpsc::UnboundedSender<IngestEvent>,
+        metrics: IngestMetrics,
+    ) -> Writer {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued_bytes = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(store, rx, batch.max(1), events, queued_bytes.clone()));
-        Writer { tx, queued_bytes }
+        let task = Task {
+            store,
+            batch: batch.max(1),
+            events,
+            queued_bytes: queued_bytes.clone(),
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(task.run(rx));
+        Writer {
+            tx,
+            queued_bytes,
+            metrics,
+        }
+    }
+
+    /// Bytes of messages waiting for their commit.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Stores a message; returns once it is durable.
@@ -112,6 +136,7 @@ impl Writer {
         let before = self.queued_bytes.fetch_add(weight, Ordering::Relaxed);
         if before >= LOSSY_QUEUE_BYTES {
             self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+            self.metrics.dropped.inc();
             return false;
         }
         self.send(job, weight).is_ok()
@@ -125,6 +150,7 @@ impl Writer {
     }
 
     fn send(&self, job: Job, weight: usize) -> Result<(), Stopped> {
+        self.metrics.received.inc();
         self.tx.send(job).map_err(|_| {
             self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
             Stopped
@@ -132,99 +158,119 @@ impl Writer {
     }
 }
 
-async fn run(
+/// The writer task's state.
+struct Task {
     store: Store,
-    mut rx: mpsc::UnboundedReceiver<Job>,
     batch: usize,
     events: mpsc::UnboundedSender<IngestEvent>,
     queued_bytes: Arc<AtomicUsize>,
-) {
-    let mut jobs = Vec::with_capacity(batch);
-    while rx.recv_many(&mut jobs, batch).await > 0 {
-        let items: Vec<(usize, Item)> = jobs
-            .iter()
-            .enumerate()
-            .filter_map(|(k, job)| match decode_item(&job.msg.topic, &job.msg.payload) {
-                Ok(item) => Some((k, item)),
-                Err(why) => {
-                    tracing::warn!(topic = %flotilla_proto::truncate_chars(&job.msg.topic, 120), bytes = job.msg.payload.len(), why, "dropped malformed device message");
-                    None
+    metrics: IngestMetrics,
+}
+
+impl Task {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let mut jobs = Vec::with_capacity(self.batch);
+        while rx.recv_many(&mut jobs, self.batch).await > 0 {
+            let items: Vec<(usize, Item)> = jobs
+                .iter()
+                .enumerate()
+                .filter_map(|(k, job)| match decode_item(&job.msg.topic, &job.msg.payload) {
+                    Ok(item) => Some((k, item)),
+                    Err(why) => {
+                        self.metrics.malformed.inc();
+                        tracing::warn!(topic = %flotilla_proto::truncate_chars(&job.msg.topic, 120), bytes = job.msg.payload.len(), why, "dropped malformed device message");
+                        None
+                    }
+                })
+                .collect();
+            let changes = self.store_all(&jobs, &items).await;
+            self.queued_bytes
+                .fetch_sub(jobs.iter().map(Job::weight).sum(), Ordering::Relaxed);
+            for job in jobs.drain(..) {
+                if let Some(done) = job.done {
+                    let _ = done.send(());
                 }
-            })
-            .collect();
-        let changes = store_all(&store, &jobs, &items).await;
-        queued_bytes.fetch_sub(jobs.iter().map(Job::weight).sum(), Ordering::Relaxed);
-        for job in jobs.drain(..) {
-            if let Some(done) = job.done {
-                let _ = done.send(());
+            }
+            for event in changes {
+                let _ = self.events.send(event);
             }
         }
-        for event in changes {
-            let _ = events.send(event);
-        }
     }
-}
 
-/// Stores every item: one transaction for all, else one per item, dead-lettering the ones
-/// the database keeps refusing. Returns only when every item is durable.
-async fn store_all(store: &Store, jobs: &[Job], items: &[(usize, Item)]) -> Vec<IngestEvent> {
-    if items.is_empty() {
-        return Vec::new();
-    }
-    match commit_when_available(store, items.iter().map(|(_, item)| item)).await {
-        Ok(changes) => return changes,
-        Err(e) if items.len() > 1 => {
-            tracing::warn!(error = %e, messages = items.len(), "ingest batch refused; storing one by one")
+    /// Stores every item: one transaction for all, else one per item, dead-lettering the
+    /// ones the database keeps refusing. Returns only when every item is durable.
+    async fn store_all(&self, jobs: &[Job], items: &[(usize, Item)]) -> Vec<IngestEvent> {
+        if items.is_empty() {
+            return Vec::new();
         }
-        Err(_) => {}
-    }
-    let mut changes = Vec::new();
-    for (k, item) in items {
-        changes.extend(store_one(store, &jobs[*k].msg, item).await);
-    }
-    changes
-}
-
-async fn store_one(store: &Store, msg: &Inbound, item: &Item) -> Vec<IngestEvent> {
-    let mut last_error = String::new();
-    for _ in 0..MAX_TRIES {
-        match commit_when_available(store, std::iter::once(item)).await {
-            Ok(changes) => return changes,
-            Err(e) => last_error = e.to_string(),
-        }
-    }
-    let mut pause = Pause::default();
-    loop {
-        match store
-            .dead_letter(&msg.topic, &msg.payload, &last_error)
+        match self
+            .commit_when_available(items.iter().map(|(_, item)| item))
             .await
         {
-            Ok(()) => {
-                tracing::error!(topic = %flotilla_proto::truncate_chars(&msg.topic, 120), reason = %last_error, "message dead-lettered");
-                return Vec::new();
+            Ok(changes) => return changes,
+            Err(e) if items.len() > 1 => {
+                tracing::warn!(error = %e, messages = items.len(), "ingest batch refused; storing one by one")
             }
-            Err(e) => {
-                tracing::error!(error = %e, "database unavailable; ingest waits");
-                pause.wait().await;
+            Err(_) => {}
+        }
+        let mut changes = Vec::new();
+        for (k, item) in items {
+            changes.extend(self.store_one(&jobs[*k].msg, item).await);
+        }
+        changes
+    }
+
+    async fn store_one(&self, msg: &Inbound, item: &Item) -> Vec<IngestEvent> {
+        let mut last_error = String::new();
+        for _ in 0..MAX_TRIES {
+            match self.commit_when_available(std::iter::once(item)).await {
+                Ok(changes) => return changes,
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        let mut pause = Pause::default();
+        loop {
+            match self
+                .store
+                .dead_letter(&msg.topic, &msg.payload, &last_error)
+                .await
+            {
+                Ok(()) => {
+                    self.metrics.dead_lettered.inc();
+                    tracing::error!(topic = %flotilla_proto::truncate_chars(&msg.topic, 120), reason = %last_error, "message dead-lettered");
+                    return Vec::new();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "database unavailable; ingest waits");
+                    pause.wait().await;
+                }
             }
         }
     }
-}
 
-/// Commits, waiting out every error that says the database is unavailable; returns only the
-/// errors that say it refused the content.
-async fn commit_when_available<'a>(
-    store: &Store,
-    items: impl Iterator<Item = &'a Item> + Clone,
-) -> sqlx::Result<Vec<IngestEvent>> {
-    let mut pause = Pause::default();
-    loop {
-        match commit(store, items.clone()).await {
-            Err(e) if is_unavailable(&e) => {
-                tracing::warn!(error = %e, "database unavailable; ingest waits");
-                pause.wait().await;
+    /// Commits, waiting out every error that says the database is unavailable; returns only
+    /// the errors that say it refused the content.
+    async fn commit_when_available<'a>(
+        &self,
+        items: impl Iterator<Item = &'a Item> + Clone,
+    ) -> sqlx::Result<Vec<IngestEvent>> {
+        let mut pause = Pause::default();
+        loop {
+            let started = std::time::Instant::now();
+            match commit(&self.store, items.clone()).await {
+                Err(e) if is_unavailable(&e) => {
+                    tracing::warn!(error = %e, "database unavailable; ingest waits");
+                    pause.wait().await;
+                }
+                Ok(changes) => {
+                    self.metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.stored.inc_by(items.count() as u64);
+                    return Ok(changes);
+                }
+                Err(e) => return Err(e),
             }
-            other => return other,
         }
     }
 }
@@ -363,7 +409,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_device(dir.path()).await;
         let (events, _rx) = mpsc::unbounded_channel();
-        let writer = Writer::spawn(store.clone(), 64, events);
+        let writer = Writer::spawn(store.clone(), 64, events, IngestMetrics::default());
         let mut locker = sqlx::SqliteConnection::connect(&format!(
             "sqlite://{}",
             dir.path().join("db").display()
@@ -412,7 +458,8 @@ mod tests {
         .await
         .unwrap();
         let (events, _rx) = mpsc::unbounded_channel();
-        let writer = Writer::spawn(store.clone(), 64, events);
+        let metrics = IngestMetrics::default();
+        let writer = Writer::spawn(store.clone(), 64, events, metrics.clone());
         let all: Vec<_> = (0..6)
             .map(|seq| {
                 let w = writer.clone();
@@ -427,6 +474,14 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert!(dead[0].1.contains("poisoned"), "{dead:?}");
         assert_eq!(writer.queued_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            (
+                metrics.stored.get(),
+                metrics.dead_lettered.get(),
+                metrics.received.get()
+            ),
+            (5, 1, 6)
+        );
     }
 
     /// What a store holds that ingest writes, minus the clock.
@@ -552,6 +607,7 @@ mod tests {
         let writer = Writer {
             tx,
             queued_bytes: Arc::new(AtomicUsize::new(LOSSY_QUEUE_BYTES - 10)),
+            metrics: IngestMetrics::default(),
         };
         assert!(writer.submit_lossy(reading(1)));
         assert!(!writer.submit_lossy(reading(2)));

@@ -12,6 +12,36 @@ pub fn router() -> Router<AppState> {
         .route("/ca.pem", get(ca_pem))
         .route("/api/openapi.json", get(openapi))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+}
+
+/// Prometheus text format; an admin's JWT or the scrape token opens it.
+async fn metrics(
+    State(state): State<AppState>,
+    mut parts: axum::http::request::Parts,
+) -> crate::error::ApiResult<impl IntoResponse> {
+    let bearer = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    let by_token = bearer
+        .is_some_and(|t| crate::metrics::token_matches(state.config.metrics_token.as_deref(), t));
+    if !by_token {
+        use axum::extract::FromRequestParts;
+        crate::auth::AuthUser::from_request_parts(&mut parts, &state)
+            .await?
+            .require_admin()?;
+    }
+    let fleet = state.store.fleet_gauges().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&fleet, state.writer.queued_bytes()),
+    ))
 }
 
 pub(crate) async fn ca_pem(State(state): State<AppState>) -> impl IntoResponse {

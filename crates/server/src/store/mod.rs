@@ -31,6 +31,18 @@ pub use rollouts::RolloutRow;
 pub use tokens::TokenClaim;
 pub use users::{Role, UserChange, UserRow};
 
+/// The fleet's state as `/metrics` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct FleetGauges {
+    pub devices: i64,
+    pub online: i64,
+    /// (state, count) per command state present.
+    pub commands: Vec<(String, i64)>,
+    pub rollouts: Vec<(String, i64)>,
+    /// The earliest `not after` of an unblocked device's current certificate, in Unix ms.
+    pub first_cert_expiry_ms: Option<i64>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
@@ -64,6 +76,32 @@ impl Store {
             .with_context(|| format!("opening database {}", path.display()))?;
         migrations::run(&pool).await.context("running migrations")?;
         Ok(Store { pool })
+    }
+
+    /// What `/metrics` reads from the database at each scrape.
+    pub async fn fleet_gauges(&self) -> sqlx::Result<FleetGauges> {
+        let (devices, online): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(online), 0) FROM devices")
+                .fetch_one(&self.pool)
+                .await?;
+        let by_state = |table: &'static str| async move {
+            sqlx::query_as::<_, (String, i64)>(&format!(
+                "SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state"
+            ))
+            .fetch_all(&self.pool)
+            .await
+        };
+        Ok(FleetGauges {
+            devices,
+            online,
+            commands: by_state("commands").await?,
+            rollouts: by_state("rollouts").await?,
+            first_cert_expiry_ms: sqlx::query_scalar(
+                "SELECT MIN(cert_not_after) FROM devices WHERE blocked = 0 AND cert_serial IS NOT NULL",
+            )
+            .fetch_one(&self.pool)
+            .await?,
+        })
     }
 
     /// Fleet-wide counts for operators and benchmarks.
