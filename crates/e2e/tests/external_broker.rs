@@ -12,7 +12,7 @@ use std::time::Duration;
 use flotilla_e2e::mosquitto::Mosquitto;
 use flotilla_e2e::mqtt::{Outcome, Session, connect, connect_device};
 use flotilla_e2e::{DeviceIdentity, Server, wait_for};
-use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
 use serde_json::Value;
 use sqlx::Connection;
 
@@ -219,6 +219,47 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
     let _ = publish(&mut sessions[1], "dev-2", 500..505).await;
     assert_eq!(ids[2].device_id, "dev-2");
     wait_count(&server, &admin, "blocked", 5).await.unwrap();
+
+    // 5. Downward: a command reaches its device through the broker (as the downlink's own
+    //    user), and a device subscribed to another's command topic gets nothing.
+    assert_eq!(
+        (ids[1].device_id.as_str(), ids[3].device_id.as_str()),
+        ("dev-1", "dev-3")
+    );
+    assert!(matches!(
+        sessions[2]
+            .subscribe("devices/dev-3/command")
+            .await
+            .unwrap(),
+        SubscribeReasonCode::Success(_)
+    ));
+    // Mosquitto's acl_file grants this and filters each delivery instead.
+    let _ = sessions[0]
+        .subscribe("devices/dev-3/command")
+        .await
+        .unwrap();
+    let (status, body) = server
+        .call(
+            "POST",
+            "/api/device/dev-3/commands",
+            Some(&admin),
+            Some(serde_json::json!({"name": "ping"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (topic, payload) = sessions[2].message(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(topic, "devices/dev-3/command");
+    assert!(String::from_utf8_lossy(&payload).contains("ping"));
+    // Sent in the same instant as dev-3's copy; a second is long after it. The wait must
+    // end by timing out, on a connection still open.
+    let other = sessions[0].message(Duration::from_secs(1)).await;
+    assert!(
+        other
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("timed out")),
+        "{other:?}"
+    );
 
     let rows = stored(&server).await.unwrap();
     let unique: BTreeSet<_> = rows.iter().cloned().collect();

@@ -119,15 +119,57 @@ pub struct ServerConfig {
     /// server's CA).
     #[arg(long, env = "FLOTILLA_BROKER_CA")]
     pub broker_ca: Option<PathBuf>,
-    /// A bearer token that opens `GET /metrics` to a scraper (an admin's JWT opens it too).
-    /// From the environment, so it stays out of process listings; never printed.
-    #[arg(long, env = "FLOTILLA_METRICS_TOKEN", hide_env_values = true)]
-    #[serde(skip_serializing)]
-    pub metrics_token: Option<String>,
+    /// A bearer token (at least 24 characters) that opens `GET /metrics` to a scraper (an
+    /// admin's JWT opens it too). Environment only, so it stays out of process listings;
+    /// never printed.
+    #[arg(
+        long,
+        env = "FLOTILLA_METRICS_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub metrics_token: Option<Secret>,
     /// This server's name among replicas; its ingest session on an external broker is kept
     /// under it, so a restarted replica resumes the messages queued for it.
     #[arg(long, env = "FLOTILLA_REPLICA_ID", default_value = "main")]
     pub replica_id: String,
+}
+
+/// A secret setting: trimmed, never shown by `Debug` or `--print-config`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<set>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Secret, String> {
+        let s = s.trim();
+        if s.len() < crate::metrics::MIN_TOKEN_LEN {
+            return Err(format!(
+                "at least {} characters (a bearer secret no login limit protects)",
+                crate::metrics::MIN_TOKEN_LEN
+            ));
+        }
+        Ok(Secret(s.to_string()))
+    }
 }
 
 /// Where an external broker is, from `--broker-url`.
@@ -240,7 +282,16 @@ impl ServerConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::BrokerUrl;
+    use super::{BrokerUrl, Secret};
+
+    #[test]
+    fn a_secret_is_trimmed_long_enough_and_never_shown() {
+        let s: Secret = " 0123456789abcdef01234567\n".parse().unwrap();
+        assert_eq!(s.expose(), "0123456789abcdef01234567");
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<set>\"");
+        assert!("short".parse::<Secret>().is_err());
+    }
 
     #[test]
     fn broker_urls_name_a_tls_host_and_port_or_say_what_is_wrong() {

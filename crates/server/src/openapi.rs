@@ -410,7 +410,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "get",
         "/metrics",
-        "Prometheus text format: ingest counters and commit latency, fleet gauges (admin JWT or the --metrics-token bearer)",
+        "Prometheus text format: ingest counters and commit latency, fleet gauges (admin JWT or the FLOTILLA_METRICS_TOKEN bearer)",
         Auth::Admin,
         None,
         200,

@@ -150,11 +150,12 @@ impl Writer {
     }
 
     fn send(&self, job: Job, weight: usize) -> Result<(), Stopped> {
-        self.metrics.received.inc();
         self.tx.send(job).map_err(|_| {
             self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
             Stopped
-        })
+        })?;
+        self.metrics.received.inc();
+        Ok(())
     }
 }
 

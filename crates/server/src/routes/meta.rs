@@ -26,15 +26,16 @@ async fn metrics(
         .and_then(|v| v.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim);
-    let by_token = bearer
-        .is_some_and(|t| crate::metrics::token_matches(state.config.metrics_token.as_deref(), t));
+    let by_token = bearer.is_some_and(|t| {
+        crate::metrics::token_matches(state.config.metrics_token.as_ref().map(|s| s.expose()), t)
+    });
     if !by_token {
         use axum::extract::FromRequestParts;
         crate::auth::AuthUser::from_request_parts(&mut parts, &state)
             .await?
             .require_admin()?;
     }
-    let fleet = state.store.fleet_gauges().await?;
+    let fleet = state.metrics.fleet(&state.store).await?;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -41,6 +41,8 @@ pub struct FleetGauges {
     pub rollouts: Vec<(String, i64)>,
     /// The earliest `not after` of an unblocked device's current certificate, in Unix ms.
     pub first_cert_expiry_ms: Option<i64>,
+    /// Unblocked devices holding a certificate.
+    pub device_certificates: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -78,29 +80,34 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// What `/metrics` reads from the database at each scrape.
+    /// What `/metrics` reads from the database: one read transaction, so the figures agree.
     pub async fn fleet_gauges(&self) -> sqlx::Result<FleetGauges> {
+        let mut tx = self.pool.begin().await?;
         let (devices, online): (i64, i64) =
             sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(online), 0) FROM devices")
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await?;
-        let by_state = |table: &'static str| async move {
-            sqlx::query_as::<_, (String, i64)>(&format!(
-                "SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state"
-            ))
-            .fetch_all(&self.pool)
-            .await
-        };
+        let commands =
+            sqlx::query_as("SELECT state, COUNT(*) FROM commands GROUP BY state ORDER BY state")
+                .fetch_all(&mut *tx)
+                .await?;
+        let rollouts =
+            sqlx::query_as("SELECT state, COUNT(*) FROM rollouts GROUP BY state ORDER BY state")
+                .fetch_all(&mut *tx)
+                .await?;
+        let (first_cert_expiry_ms, device_certificates) = sqlx::query_as(
+            "SELECT MIN(cert_not_after), COUNT(*) FROM devices WHERE blocked = 0 AND cert_serial IS NOT NULL",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(FleetGauges {
             devices,
             online,
-            commands: by_state("commands").await?,
-            rollouts: by_state("rollouts").await?,
-            first_cert_expiry_ms: sqlx::query_scalar(
-                "SELECT MIN(cert_not_after) FROM devices WHERE blocked = 0 AND cert_serial IS NOT NULL",
-            )
-            .fetch_one(&self.pool)
-            .await?,
+            commands,
+            rollouts,
+            first_cert_expiry_ms,
+            device_certificates,
         })
     }
 
