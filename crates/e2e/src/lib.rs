@@ -358,7 +358,7 @@ impl Server {
 
     /// Creates an admin offline, as an operator would, and logs in.
     pub async fn admin(&self, email: &str) -> Result<String> {
-        let status = Command::new(bin("flotilla-server"))
+        let status = Command::new(server_bin())
             .arg("--data-dir")
             .arg(self.data_dir())
             .args([

@@ -147,13 +147,6 @@ impl Session {
         self.publish_with(topic, payload.into(), true).await
     }
 
-    /// A QoS 0 publish, queued without waiting for anything.
-    pub fn publish_qos0(&self, topic: &str, payload: impl Into<Vec<u8>>) -> Result<()> {
-        self.client
-            .try_publish(topic, QoS::AtMostOnce, false, payload.into())?;
-        Ok(())
-    }
-
     /// Waits for the next packet matching `pick`, skipping others.
     async fn next<T>(
         &mut self,

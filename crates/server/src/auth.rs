@@ -112,6 +112,15 @@ impl AuthUser {
     }
 }
 
+/// The token of an `Authorization: Bearer` header, trimmed.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
@@ -119,17 +128,8 @@ impl FromRequestParts<AppState> for AuthUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let token = header
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?;
-        let id = state
-            .jwt
-            .verify(token.trim())
-            .ok_or(ApiError::Unauthorized)?;
+        let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        let id = state.jwt.verify(token).ok_or(ApiError::Unauthorized)?;
         let user = state
             .store
             .user_by_id(id)

@@ -87,9 +87,8 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("flotilla");
         let ingest = IngestMetrics::default();
-        let m = Metrics {
+        let mut m = Metrics {
             ingest: ingest.clone(),
             ingest_queued_bytes: Gauge::default(),
             devices: Gauge::default(),
@@ -100,65 +99,68 @@ impl Default for Metrics {
             device_certificates: Gauge::default(),
             rendering: Mutex::new(()),
             fleet: tokio::sync::Mutex::new(None),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("flotilla"),
         };
-        registry.register(
+        m.registry.register(
             "ingest_received",
             "Device messages handed to the ingest writer",
             ingest.received,
         );
-        registry.register(
+        m.registry.register(
             "ingest_stored",
             "Device messages in a committed transaction (duplicates and messages of unknown or blocked devices included)",
             ingest.stored,
         );
-        registry.register(
+        m.registry.register(
             "ingest_dead_lettered",
             "Device messages the database refused, kept in dead_letters",
             ingest.dead_lettered,
         );
-        registry.register(
+        m.registry.register(
             "ingest_malformed",
             "Device messages that did not decode",
             ingest.malformed,
         );
-        registry.register(
+        m.registry.register(
             "ingest_dropped",
             "QoS 0 device messages dropped on a full queue",
             ingest.dropped,
         );
-        registry.register_with_unit(
+        m.registry.register_with_unit(
             "ingest_commit",
             "Time per successful ingest commit",
             Unit::Seconds,
             ingest.commit_seconds,
         );
-        registry.register_with_unit(
+        m.registry.register_with_unit(
             "ingest_queued",
             "Device messages waiting for their commit (ingest lag)",
             Unit::Bytes,
             m.ingest_queued_bytes.clone(),
         );
-        registry.register("devices", "Registered devices", m.devices.clone());
-        registry.register(
+        m.registry
+            .register("devices", "Registered devices", m.devices.clone());
+        m.registry.register(
             "devices_online",
             "Devices shown online",
             m.devices_online.clone(),
         );
-        registry.register("commands", "Commands by state", m.commands.clone());
-        registry.register("rollouts", "Rollouts by state", m.rollouts.clone());
-        registry.register_with_unit(
+        m.registry
+            .register("commands", "Commands by state", m.commands.clone());
+        m.registry
+            .register("rollouts", "Rollouts by state", m.rollouts.clone());
+        m.registry.register_with_unit(
             "certificate_expiry_horizon",
             "Until the first unblocked device certificate expires (negative: one has expired; 0 when there is none: see flotilla_device_certificates)",
             Unit::Seconds,
             m.cert_expiry_horizon.clone(),
         );
-        registry.register(
+        m.registry.register(
             "device_certificates",
             "Unblocked devices holding a certificate",
             m.device_certificates.clone(),
         );
-        Metrics { registry, ..m }
+        m
     }
 }
 

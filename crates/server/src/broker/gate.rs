@@ -59,12 +59,7 @@ impl DeviceGate {
     pub fn check(&self, device_id: &str, serial_hex: Option<&str>) -> Result<(), Refusal> {
         let serials = self.serials.read().unwrap_or_else(|p| p.into_inner());
         let current = serials.get(device_id).ok_or(Refusal::UnknownDevice)?;
-        if self
-            .blocked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(device_id)
-        {
+        if self.is_blocked(device_id) {
             return Err(Refusal::Blocked);
         }
         match serial_hex {

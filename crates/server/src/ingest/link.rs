@@ -101,16 +101,14 @@ impl IngestLink {
         let (state_tx, state) = watch::channel(State::Connecting);
         let runner = Runner {
             acker: Acker {
-                client: client.clone(),
+                client,
                 stats: stats.clone(),
                 connection: Arc::new(Mutex::new(0)),
             },
-            client,
             filters,
             writer,
             gate,
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
-            stats: stats.clone(),
             state: state_tx,
         };
         tokio::spawn(runner.run(eventloop));
@@ -133,13 +131,12 @@ impl IngestLink {
 }
 
 struct Runner {
-    client: AsyncClient,
     filters: Vec<String>,
     writer: Writer,
     gate: Arc<DeviceGate>,
     /// One permit for each message taken and not yet committed.
     waiting: Arc<Semaphore>,
-    stats: Arc<LinkStats>,
+    /// Also how the runner reaches the client and the stats.
     acker: Acker,
     state: watch::Sender<State>,
 }
@@ -150,9 +147,9 @@ impl Runner {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                    self.acker.stats.sessions.fetch_add(1, Ordering::Relaxed);
                     if ack.session_present {
-                        self.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                        self.acker.stats.resumed.fetch_add(1, Ordering::Relaxed);
                     }
                     // Sent at every session start: a broker that lost the session lost the
                     // subscription with it.
@@ -160,7 +157,7 @@ impl Runner {
                         .filters
                         .iter()
                         .map(|f| Filter::new(f, QoS::AtLeastOnce));
-                    if let Err(e) = self.client.try_subscribe_many(filters) {
+                    if let Err(e) = self.acker.client.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "ingest link could not subscribe");
                     }
                     tracing::info!(resumed = ack.session_present, "ingest link connected");
@@ -216,7 +213,7 @@ impl Runner {
 
     /// Hands a message to the writer; its ack follows the commit.
     fn take(&self, connection: u64, publish: Publish, permit: OwnedSemaphorePermit) {
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        self.acker.stats.received.fetch_add(1, Ordering::Relaxed);
         let Ok(topic) = std::str::from_utf8(&publish.topic).map(str::to_string) else {
             // Not a topic any device may use; nothing to store, and redelivery would not help.
             tracing::warn!("ingest link got a non-UTF-8 topic; acknowledged and dropped");
@@ -226,7 +223,7 @@ impl Runner {
         if let Ok((device, _)) = Topic::parse(&topic)
             && self.gate.is_blocked(device.as_str())
         {
-            self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+            self.acker.stats.blocked.fetch_add(1, Ordering::Relaxed);
             self.acker.ack(connection, &publish);
             return;
         }

@@ -168,15 +168,10 @@ async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<
     Ok(Json(stats))
 }
 
-#[derive(Deserialize)]
-struct LimitQuery {
-    limit: Option<i64>,
-}
-
 async fn dead_letters(
     State(state): State<AppState>,
     user: AuthUser,
-    Query(q): Query<LimitQuery>,
+    Query(q): Query<super::devices::Limit>,
 ) -> ApiResult<Json<Vec<Value>>> {
     user.require_admin()?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);

@@ -85,9 +85,10 @@ async fn show(
     Ok(Json(visible_device(&state, &user, &device_id).await?))
 }
 
+/// `?limit=`, for the listings that take one.
 #[derive(Deserialize)]
-struct Limit {
-    limit: Option<i64>,
+pub(super) struct Limit {
+    pub(super) limit: Option<i64>,
 }
 
 async fn telemetry(

@@ -20,12 +20,7 @@ async fn metrics(
     State(state): State<AppState>,
     mut parts: axum::http::request::Parts,
 ) -> crate::error::ApiResult<impl IntoResponse> {
-    let bearer = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
+    let bearer = crate::auth::bearer(&parts.headers);
     let by_token = bearer.is_some_and(|t| {
         crate::metrics::token_matches(state.config.metrics_token.as_ref().map(|s| s.expose()), t)
     });

@@ -35,12 +35,7 @@ async fn sign_csr(
     headers: HeaderMap,
     JsonBody(body): JsonBody<SignCsr>,
 ) -> ApiResult<Json<Value>> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && t.len() <= 512);
+    let token = crate::auth::bearer(&headers).filter(|t| !t.is_empty() && t.len() <= 512);
     let device_label = flotilla_proto::truncate_chars(&body.device_id, 64).to_string();
     let actor = format!("device:{device_label}");
     let audit = |result: &'static str, detail: String| {
