@@ -19,6 +19,9 @@ pub enum Outcome {
 pub struct Session {
     pub client: AsyncClient,
     events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    /// Messages that arrived while a call waited for another packet (a command can overtake
+    /// the SUBACK of the subscription it was sent for), kept for [`Session::message`].
+    early: std::collections::VecDeque<Packet>,
     link: tokio::task::JoinHandle<()>,
 }
 
@@ -99,6 +102,7 @@ pub async fn connect_with(
             Outcome::Connected(Session {
                 client,
                 events: rx,
+                early: Default::default(),
                 link,
             })
         }
@@ -147,18 +151,27 @@ impl Session {
         self.publish_with(topic, payload.into(), true).await
     }
 
-    /// Waits for the next packet matching `pick`, skipping others.
+    /// Waits for the next packet matching `pick`, skipping others; skipped messages are kept
+    /// for a later call.
     async fn next<T>(
         &mut self,
         timeout: Duration,
         mut pick: impl FnMut(&Packet) -> Option<T>,
     ) -> Result<T> {
+        if let Some(i) = self.early.iter().position(|p| pick(p).is_some())
+            && let Some(v) = self.early.remove(i).as_ref().and_then(&mut pick)
+        {
+            return Ok(v);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(Ok(p))) => {
                     if let Some(v) = pick(&p) {
                         return Ok(v);
+                    }
+                    if matches!(p, Packet::Publish(_)) {
+                        self.early.push_back(p);
                     }
                 }
                 Ok(Some(Err(e))) => bail!("connection ended: {e}"),
