@@ -18,6 +18,15 @@ pub struct ServerConfig {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// The database: `sqlite://PATH` (default: DATA_DIR/flotilla.db) or
+    /// `postgres://USER:PASSWORD@HOST/DB` for several replicas. A password is never printed.
+    #[arg(
+        long,
+        env = "FLOTILLA_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: Option<crate::store::DatabaseUrl>,
     /// User API and dashboard (plain HTTP; put it behind TLS termination when exposed).
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -275,8 +284,11 @@ impl ServerConfig {
             .map_err(|e| anyhow::anyhow!("--broker-url: {e}"))
     }
 
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("flotilla.db")
+    /// The database to open: `--database-url`, or the SQLite file in the data dir.
+    pub fn database(&self) -> crate::store::DatabaseUrl {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| crate::store::DatabaseUrl::Sqlite(self.data_dir.join("flotilla.db")))
     }
 }
 

@@ -100,8 +100,14 @@ fn main() -> ExitCode {
                         username,
                     },
             }) => {
-                let id = server::create_admin(&cli.config.data_dir, &email, &password, &username)
-                    .await?;
+                let id = server::create_admin(
+                    &cli.config.data_dir,
+                    &cli.config.database(),
+                    &email,
+                    &password,
+                    &username,
+                )
+                .await?;
                 println!("created admin {email} (id {id})");
                 Ok(())
             }

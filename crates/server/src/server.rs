@@ -41,7 +41,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     std::fs::create_dir_all(&data)
         .with_context(|| format!("creating data dir {}", data.display()))?;
-    let store = Store::open(&config.database_path()).await?;
+    let store = Store::open(&config.database()).await?;
+    tracing::info!(database = %config.database().redacted(), "database open");
     let ca = Arc::new(CertificateAuthority::load_or_create(&data)?);
     let server_cert = ca.issue_server_certificate(&config.certificate_hosts())?;
     let (cert_path, key_path) = (data.join("server.pem"), data.join("server.key"));
@@ -433,6 +434,7 @@ async fn shutdown_signal() {
 /// `flotilla-server admin create`: an admin account, written offline to the data dir.
 pub async fn create_admin(
     data_dir: &Path,
+    database: &crate::store::DatabaseUrl,
     email: &str,
     password: &str,
     username: &str,
@@ -440,7 +442,7 @@ pub async fn create_admin(
     crate::routes::auth::validate_credentials(username, email, password)
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     std::fs::create_dir_all(data_dir)?;
-    let store = Store::open(&data_dir.join("flotilla.db")).await?;
+    let store = Store::open(database).await?;
     let hash = crate::passwords::hash_password(password)?;
     let id = store
         .create_user(

@@ -281,13 +281,24 @@ impl Task {
 fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
-            // SQLite primary result codes (extended codes carry them in the low byte): BUSY,
-            // LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
-            db.code()
-                .and_then(|c| c.parse::<i32>().ok())
-                .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
+            let code = db.code().unwrap_or_default();
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                // SQLSTATE classes: 08 connection, 40 rolled back (serialization failure,
+                // deadlock), 53 insufficient resources (disk full), 57 operator intervention
+                // (shutdown), 58 system error; 55P03 lock not available.
+                matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58")) || code == "55P03"
+            } else {
+                // SQLite primary result codes (extended codes carry them in the low byte):
+                // BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+                code.parse::<i32>()
+                    .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
+            }
         }
         sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
@@ -354,7 +365,7 @@ async fn commit<'a>(
 
 /// Stores and empties the run of readings gathered so far.
 async fn store_readings(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     readings: &mut Vec<(&str, &Telemetry)>,
     now: i64,
     changes: &mut Vec<IngestEvent>,
@@ -374,9 +385,12 @@ mod tests {
     use sqlx::Connection;
 
     async fn store_with_device(dir: &std::path::Path) -> Store {
-        let store = Store::open_with_busy_timeout(&dir.join("db"), Duration::from_millis(100))
-            .await
-            .unwrap();
+        let store = Store::open_with_busy_timeout(
+            &crate::store::DatabaseUrl::Sqlite(dir.join("db")),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
         let owner = store
             .create_user("o", "o@x", "hash", crate::store::Role::Operator)
             .await

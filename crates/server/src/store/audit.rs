@@ -26,7 +26,7 @@ pub struct AuditEntry {
 
 impl Store {
     pub async fn audit(&self, rec: AuditRecord<'_>) {
-        let r = sqlx::query("INSERT INTO audit (at, actor, action, target, result, detail) VALUES (?, ?, ?, ?, ?, ?)")
+        let r = sqlx::query("INSERT INTO audit (at, actor, action, target, result, detail) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(now_ms())
             .bind(rec.actor)
             .bind(rec.action)
@@ -56,7 +56,7 @@ impl Store {
                     .await?
             }
             None => {
-                sqlx::query("SELECT * FROM audit ORDER BY id DESC LIMIT ?")
+                sqlx::query("SELECT * FROM audit ORDER BY id DESC LIMIT $1")
                     .bind(limit)
                     .fetch_all(&self.pool)
                     .await?
@@ -80,4 +80,4 @@ impl Store {
 
 /// The newest audit rows of one action.
 pub(super) const AUDIT_BY_ACTION: &str =
-    "SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?";
+    "SELECT * FROM audit WHERE action = $1 ORDER BY id DESC LIMIT $2";

@@ -44,7 +44,7 @@ pub struct CommandRow {
     pub error: Option<String>,
 }
 
-fn command_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<CommandRow> {
+fn command_from(r: &sqlx::any::AnyRow) -> sqlx::Result<CommandRow> {
     let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
     Ok(CommandRow {
         id: r.try_get("id")?,
@@ -73,7 +73,7 @@ impl Store {
     ) -> sqlx::Result<CommandRow> {
         let row = sqlx::query(
             "INSERT INTO commands (id, device_id, name, args, state, created_by, created_at, expires_at) \
-             VALUES (?, ?, ?, ?, 'queued', ?, ?, ?) RETURNING *",
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING *",
         )
         .bind(id)
         .bind(device_id)
@@ -88,7 +88,7 @@ impl Store {
     }
 
     pub async fn command(&self, id: &str) -> sqlx::Result<Option<CommandRow>> {
-        let row = sqlx::query("SELECT * FROM commands WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM commands WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -97,7 +97,7 @@ impl Store {
 
     pub async fn commands_of(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<CommandRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM commands WHERE device_id = ? ORDER BY created_at DESC LIMIT ?",
+            "SELECT * FROM commands WHERE device_id = $1 ORDER BY created_at DESC LIMIT $2",
         )
         .bind(device_id)
         .bind(limit)
@@ -108,7 +108,7 @@ impl Store {
 
     /// Commands still waiting for the device, oldest first.
     pub async fn pending_commands(&self, device_id: &str) -> sqlx::Result<Vec<CommandRow>> {
-        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = ? AND state = 'queued' AND expires_at > ? ORDER BY created_at")
+        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND state = 'queued' AND expires_at > $2 ORDER BY created_at")
             .bind(device_id)
             .bind(now_ms())
             .fetch_all(&self.pool)
@@ -117,7 +117,7 @@ impl Store {
     }
 
     pub async fn mark_command_sent(&self, id: &str) -> sqlx::Result<()> {
-        sqlx::query("UPDATE commands SET sent_at = ? WHERE id = ?")
+        sqlx::query("UPDATE commands SET sent_at = $1 WHERE id = $2")
             .bind(now_ms())
             .bind(id)
             .execute(&self.pool)
@@ -128,7 +128,7 @@ impl Store {
     /// Records a device's reply. Only the device the command was for can move it, and final
     /// states never change again. Returns whether anything changed.
     pub(crate) async fn apply_reply(
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         device_id: &str,
         reply: &flotilla_proto::CommandReply,
         now: i64,
@@ -136,7 +136,7 @@ impl Store {
         use flotilla_proto::CommandStatus;
         let r = match reply.status {
             CommandStatus::Accepted => {
-                sqlx::query("UPDATE commands SET state = 'delivered', delivered_at = ? WHERE id = ? AND device_id = ? AND state = 'queued'")
+                sqlx::query("UPDATE commands SET state = 'delivered', delivered_at = $1 WHERE id = $2 AND device_id = $3 AND state = 'queued'")
                     .bind(now)
                     .bind(&reply.id)
                     .bind(device_id)
@@ -146,8 +146,8 @@ impl Store {
             CommandStatus::Succeeded | CommandStatus::Failed => {
                 let state = if reply.status == CommandStatus::Succeeded { "succeeded" } else { "failed" };
                 sqlx::query(
-                    "UPDATE commands SET state = ?, completed_at = ?, delivered_at = COALESCE(delivered_at, ?), result = ?, error = ? \
-                     WHERE id = ? AND device_id = ? AND state IN ('queued', 'delivered')",
+                    "UPDATE commands SET state = $1, completed_at = $2, delivered_at = COALESCE(delivered_at, $3), result = $4, error = $5 \
+                     WHERE id = $6 AND device_id = $7 AND state IN ('queued', 'delivered')",
                 )
                 .bind(state)
                 .bind(now)
@@ -174,7 +174,7 @@ impl Store {
         if due.is_none() {
             return Ok(0);
         }
-        let r = sqlx::query("UPDATE commands SET state = 'expired', completed_at = ? WHERE state IN ('queued', 'delivered') AND expires_at <= ?")
+        let r = sqlx::query("UPDATE commands SET state = 'expired', completed_at = $1 WHERE state IN ('queued', 'delivered') AND expires_at <= $2")
             .bind(now)
             .bind(now)
             .execute(&self.pool)
@@ -185,4 +185,4 @@ impl Store {
 
 /// Whether an open command is past its deadline.
 pub(super) const OPEN_COMMAND_DUE: &str =
-    "SELECT 1 FROM commands WHERE state IN ('queued', 'delivered') AND expires_at <= ? LIMIT 1";
+    "SELECT 1 FROM commands WHERE state IN ('queued', 'delivered') AND expires_at <= $1 LIMIT 1";

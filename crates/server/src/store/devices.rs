@@ -1,6 +1,6 @@
 use flotilla_proto::{Heartbeat, Status, Telemetry};
 use serde::Serialize;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Any, Row, Transaction};
 
 use super::{Store, now_ms};
 
@@ -30,7 +30,7 @@ pub struct DeviceRow {
     pub created_at: i64,
 }
 
-fn device_from(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<DeviceRow> {
+fn device_from(row: &sqlx::any::AnyRow) -> sqlx::Result<DeviceRow> {
     let cert_serial: Option<String> = row.try_get("cert_serial")?;
     Ok(DeviceRow {
         device_id: row.try_get("device_id")?,
@@ -88,7 +88,7 @@ impl Store {
     }
 
     pub async fn device(&self, device_id: &str) -> sqlx::Result<Option<DeviceRow>> {
-        let row = sqlx::query("SELECT * FROM devices WHERE device_id = ?")
+        let row = sqlx::query("SELECT * FROM devices WHERE device_id = $1")
             .bind(device_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -110,7 +110,7 @@ impl Store {
     pub async fn devices_of(&self, owner: Option<i64>) -> sqlx::Result<Vec<DeviceRow>> {
         let rows = match owner {
             Some(o) => {
-                sqlx::query("SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id")
+                sqlx::query("SELECT * FROM devices WHERE owner_id = $1 ORDER BY device_id")
                     .bind(o)
                     .fetch_all(&self.pool)
                     .await?
@@ -125,7 +125,7 @@ impl Store {
     }
 
     pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> sqlx::Result<()> {
-        sqlx::query("UPDATE devices SET tags = ? WHERE device_id = ?")
+        sqlx::query("UPDATE devices SET tags = $1 WHERE device_id = $2")
             .bind(serde_json::to_string(tags).unwrap_or_else(|_| "[]".into()))
             .bind(device_id)
             .execute(&self.pool)
@@ -135,7 +135,7 @@ impl Store {
 
     pub async fn toggle_device_block(&self, device_id: &str) -> sqlx::Result<Option<bool>> {
         sqlx::query_scalar(
-            "UPDATE devices SET blocked = 1 - blocked WHERE device_id = ? RETURNING blocked",
+            "UPDATE devices SET blocked = 1 - blocked WHERE device_id = $1 RETURNING blocked",
         )
         .bind(device_id)
         .fetch_optional(&self.pool)
@@ -160,7 +160,7 @@ impl Store {
     }
 
     pub async fn mark_offline(&self, device_id: &str, reason: &str) -> sqlx::Result<bool> {
-        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = ? WHERE device_id = ? AND online = 1")
+        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1 WHERE device_id = $2 AND online = 1")
             .bind(reason)
             .bind(device_id)
             .execute(&self.pool)
@@ -181,7 +181,7 @@ impl Store {
         }
         sqlx::query_scalar(
             "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
-             WHERE online = 1 AND (last_seen IS NULL OR last_seen < ?) RETURNING device_id",
+             WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1) RETURNING device_id",
         )
         .bind(cutoff)
         .fetch_all(&self.pool)
@@ -190,7 +190,7 @@ impl Store {
 
     pub async fn telemetry(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<TelemetryRow>> {
         let rows =
-            sqlx::query("SELECT * FROM telemetry WHERE device_id = ? ORDER BY seq DESC LIMIT ?")
+            sqlx::query("SELECT * FROM telemetry WHERE device_id = $1 ORDER BY seq DESC LIMIT $2")
                 .bind(device_id)
                 .bind(limit)
                 .fetch_all(&self.pool)
@@ -211,13 +211,13 @@ impl Store {
 }
 
 pub(super) async fn register_in(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     device_id: &str,
     name: &str,
     owner: i64,
 ) -> sqlx::Result<bool> {
     let existing: Option<i64> =
-        sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = ?")
+        sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
             .bind(device_id)
             .fetch_optional(&mut **tx)
             .await?;
@@ -225,7 +225,7 @@ pub(super) async fn register_in(
         Some(o) => Ok(o == owner),
         None => {
             sqlx::query(
-                "INSERT INTO devices (device_id, owner_id, name, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO devices (device_id, owner_id, name, created_at) VALUES ($1, $2, $3, $4)",
             )
             .bind(device_id)
             .bind(owner)
@@ -241,7 +241,7 @@ pub(super) async fn register_in(
 /// Applies one device message inside the ingest transaction. Returns true when the message
 /// brought the device from offline to online.
 pub(crate) async fn apply_update(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     device_id: &str,
     update: &DeviceUpdate,
     now: i64,
@@ -249,7 +249,7 @@ pub(crate) async fn apply_update(
     let was_online: Option<i64> =
         // A blocked device's messages change nothing, even those taken before the block
         // and committed after it.
-        sqlx::query_scalar("SELECT online FROM devices WHERE device_id = ? AND blocked = 0")
+        sqlx::query_scalar("SELECT online FROM devices WHERE device_id = $1 AND blocked = 0")
             .bind(device_id)
             .fetch_optional(&mut **tx)
             .await?;
@@ -260,8 +260,8 @@ pub(crate) async fn apply_update(
     match update {
         DeviceUpdate::Heartbeat(hb) => {
             sqlx::query(
-                "UPDATE devices SET online = 1, last_seen = ?, disconnect_reason = NULL, fw_version = ?, heap = ?, \
-                 rssi = COALESCE(?, rssi), uptime = ?, crashes = COALESCE(?, crashes) WHERE device_id = ?",
+                "UPDATE devices SET online = 1, last_seen = $1, disconnect_reason = NULL, fw_version = $2, heap = $3, \
+                 rssi = COALESCE($4, rssi), uptime = $5, crashes = COALESCE($6, crashes) WHERE device_id = $7",
             )
             .bind(now)
             .bind(&hb.fw)
@@ -276,15 +276,13 @@ pub(crate) async fn apply_update(
         DeviceUpdate::Status(st) => {
             online_now = st.online;
             sqlx::query(
-                "UPDATE devices SET online = ?, last_seen = CASE WHEN ? THEN ? ELSE last_seen END, \
-                 disconnect_reason = CASE WHEN ? THEN NULL ELSE COALESCE(?, 'offline') END, \
-                 led_state = COALESCE(?, led_state), led_brightness = COALESCE(?, led_brightness), \
-                 fw_version = COALESCE(?, fw_version), hardware = COALESCE(?, hardware) WHERE device_id = ?",
+                "UPDATE devices SET online = $1, last_seen = CASE WHEN $1 = 1 THEN $2 ELSE last_seen END, \
+                 disconnect_reason = CASE WHEN $1 = 1 THEN NULL ELSE COALESCE($3, 'offline') END, \
+                 led_state = COALESCE($4, led_state), led_brightness = COALESCE($5, led_brightness), \
+                 fw_version = COALESCE($6, fw_version), hardware = COALESCE($7, hardware) WHERE device_id = $8",
             )
-            .bind(st.online)
-            .bind(st.online)
+            .bind(i64::from(st.online))
             .bind(now)
-            .bind(st.online)
             .bind(st.reason.as_deref())
             .bind(st.led.map(|l| l.as_str()))
             .bind(st.brightness.map(i64::from))
@@ -297,18 +295,19 @@ pub(crate) async fn apply_update(
         DeviceUpdate::Telemetry(t) => {
             // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
             sqlx::query(
-                "INSERT OR IGNORE INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(device_id)
             .bind(t.seq as i64)
             .bind(t.ts.map(|v| v as i64))
             .bind(now)
             .bind(t.pot.map(i64::from))
-            .bind(t.switch)
+            .bind(t.switch.map(i64::from))
             .bind(t.temp.map(f32_to_f64_shortest))
             .execute(&mut **tx)
             .await?;
-            sqlx::query("UPDATE devices SET online = 1, last_seen = ?, disconnect_reason = NULL WHERE device_id = ?")
+            sqlx::query("UPDATE devices SET online = 1, last_seen = $1, disconnect_reason = NULL WHERE device_id = $2")
                 .bind(now)
                 .bind(device_id)
                 .execute(&mut **tx)
@@ -319,11 +318,11 @@ pub(crate) async fn apply_update(
 }
 
 /// Whether an online device has been silent since the cutoff.
-pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE online = 1 AND last_seen < ? \
+pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE online = 1 AND last_seen < $1 \
      UNION ALL SELECT 1 FROM devices WHERE online = 1 AND last_seen IS NULL LIMIT 1";
 
 /// Rows (or ids) per statement in [`apply_readings`]: 7 parameters a row stays far below
-/// SQLite's 32,766-parameter limit.
+/// SQLite's 32,766-parameter limit and PostgreSQL's 65,535.
 const ROWS_PER_STATEMENT: usize = 1000;
 
 /// Stores a run of telemetry readings in a few statements, whatever their number: one SELECT
@@ -332,7 +331,7 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// single reading. The same as calling [`apply_update`] for each reading in turn; returns the
 /// devices that came online, each once.
 pub(crate) async fn apply_readings(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     readings: &[(&str, &Telemetry)],
     now: i64,
 ) -> sqlx::Result<Vec<String>> {
@@ -342,19 +341,15 @@ pub(crate) async fn apply_readings(
     let mut known = std::collections::HashSet::new();
     let mut came_online = Vec::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
-            "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN (",
+        let sql = format!(
+            "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN ({})",
+            placeholders(1, chunk.len())
         );
-        let mut ids = q.separated(", ");
+        let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
         for d in chunk {
-            ids.push_bind(*d);
+            q = q.bind(*d);
         }
-        q.push(")");
-        for (id, online) in q
-            .build_query_as::<(String, i64)>()
-            .fetch_all(&mut **tx)
-            .await?
-        {
+        for (id, online) in q.fetch_all(&mut **tx).await? {
             if online == 0 {
                 came_online.push(id.clone());
             }
@@ -369,34 +364,48 @@ pub(crate) async fn apply_readings(
         .collect();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
-        let mut q = sqlx::QueryBuilder::<Sqlite>::new(
-            "INSERT OR IGNORE INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) ",
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("({})", placeholders(i * 7 + 1, 7)))
+            .collect();
+        let sql = format!(
+            "INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) \
+             VALUES {} ON CONFLICT DO NOTHING",
+            values.join(", ")
         );
-        q.push_values(chunk, |mut row, (device, t)| {
-            row.push_bind(*device)
-                .push_bind(t.seq as i64)
-                .push_bind(t.ts.map(|v| v as i64))
-                .push_bind(now)
-                .push_bind(t.pot.map(i64::from))
-                .push_bind(t.switch)
-                .push_bind(t.temp.map(f32_to_f64_shortest));
-        });
-        q.build().execute(&mut **tx).await?;
+        let mut q = sqlx::query(&sql);
+        for (device, t) in chunk {
+            q = q
+                .bind(*device)
+                .bind(t.seq as i64)
+                .bind(t.ts.map(|v| v as i64))
+                .bind(now)
+                .bind(t.pot.map(i64::from))
+                .bind(t.switch.map(i64::from))
+                .bind(t.temp.map(f32_to_f64_shortest));
+        }
+        q.execute(&mut **tx).await?;
     }
     let known: Vec<&String> = known.iter().collect();
     for chunk in known.chunks(ROWS_PER_STATEMENT) {
-        let mut q =
-            sqlx::QueryBuilder::<Sqlite>::new("UPDATE devices SET online = 1, last_seen = ");
-        q.push_bind(now)
-            .push(", disconnect_reason = NULL WHERE device_id IN (");
-        let mut ids = q.separated(", ");
+        let sql = format!(
+            "UPDATE devices SET online = 1, last_seen = $1, disconnect_reason = NULL WHERE device_id IN ({})",
+            placeholders(2, chunk.len())
+        );
+        let mut q = sqlx::query(&sql).bind(now);
         for d in chunk {
-            ids.push_bind(d.as_str());
+            q = q.bind(d.as_str());
         }
-        q.push(")");
-        q.build().execute(&mut **tx).await?;
+        q.execute(&mut **tx).await?;
     }
     Ok(came_online)
+}
+
+/// `count` parameters numbered from `first`: "$3, $4, $5".
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Widens an f32 through its shortest decimal form, so 18.7f32 is stored as 18.7, not

@@ -1,7 +1,7 @@
 //! What ingest and the broker keep besides device state: messages that could not be stored
 //! (dead letters) and the retained messages the server publishes.
 
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Any, Transaction};
 
 use super::{Store, now_ms};
 
@@ -14,27 +14,33 @@ pub struct RetainedRow {
 }
 
 impl Store {
-    /// A write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so a
-    /// second writer waits in the busy timeout instead of failing when its read upgrades.
-    pub async fn begin_write(&self) -> sqlx::Result<Transaction<'static, Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+    /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so
+    /// a second writer waits in the busy timeout instead of failing when its read upgrades;
+    /// PostgreSQL locks the rows it writes.
+    pub async fn begin_write(&self) -> sqlx::Result<Transaction<'static, Any>> {
+        match self.backend {
+            super::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            super::Backend::Postgres => self.pool.begin().await,
+        }
     }
 
     /// Keeps a message that could not be stored, with why, so ingest can go on.
     pub async fn dead_letter(&self, topic: &str, payload: &[u8], reason: &str) -> sqlx::Result<()> {
-        sqlx::query("INSERT INTO dead_letters (topic, payload, reason, at) VALUES (?, ?, ?, ?)")
-            .bind(topic)
-            .bind(payload)
-            .bind(flotilla_proto::truncate_chars(reason, 500))
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO dead_letters (topic, payload, reason, at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(topic)
+        .bind(payload)
+        .bind(flotilla_proto::truncate_chars(reason, 500))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// Dead letters, newest first: (topic, reason).
     pub async fn dead_letters(&self, limit: i64) -> sqlx::Result<Vec<(String, String)>> {
-        sqlx::query_as("SELECT topic, reason FROM dead_letters ORDER BY id DESC LIMIT ?")
+        sqlx::query_as("SELECT topic, reason FROM dead_letters ORDER BY id DESC LIMIT $1")
             .bind(limit)
             .fetch_all(&self.pool)
             .await
@@ -43,13 +49,13 @@ impl Store {
     /// Sets (or, with an empty payload, clears) a retained message.
     pub async fn set_retained(&self, topic: &str, payload: &[u8], qos: u8) -> sqlx::Result<()> {
         if payload.is_empty() {
-            sqlx::query("DELETE FROM retained WHERE topic = ?")
+            sqlx::query("DELETE FROM retained WHERE topic = $1")
                 .bind(topic)
                 .execute(&self.pool)
                 .await?;
         } else {
             sqlx::query(
-                "INSERT INTO retained (topic, payload, qos, updated_at) VALUES (?, ?, ?, ?) \
+                "INSERT INTO retained (topic, payload, qos, updated_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos, updated_at = excluded.updated_at",
             )
             .bind(topic)

@@ -1,192 +1,132 @@
-//! Forward-only schema migrations, applied in order inside one transaction each.
+//! Forward-only schema migrations, one set per backend, run by sqlx's migrator: each in its own
+//! transaction, under the migrator's lock (an advisory lock on PostgreSQL), so replicas that
+//! start together apply each migration once.
 
-use sqlx::SqlitePool;
+use std::borrow::Cow;
 
-const MIGRATIONS: &[(i64, &str)] = &[
+use futures::future::BoxFuture;
+use sqlx::AnyPool;
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+
+use super::Backend;
+
+/// (version, description, SQL) embedded in the binary.
+type Embedded = &'static [(i64, &'static str, &'static str)];
+
+const SQLITE: Embedded = &[
     (
         1,
-        r#"
-CREATE TABLE users (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    username TEXT NOT NULL,
-    email TEXT NOT NULL UNIQUE,
-    password_hash TEXT NOT NULL,
-    role TEXT NOT NULL,
-    blocked INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE devices (
-    device_id TEXT PRIMARY KEY,
-    owner_id INTEGER NOT NULL REFERENCES users(id),
-    name TEXT NOT NULL,
-    blocked INTEGER NOT NULL DEFAULT 0,
-    cert_serial TEXT,
-    cert_not_after INTEGER,
-    online INTEGER NOT NULL DEFAULT 0,
-    last_seen INTEGER,
-    disconnect_reason TEXT,
-    fw_version TEXT,
-    led_state TEXT,
-    led_brightness INTEGER,
-    heap INTEGER,
-    rssi INTEGER,
-    crashes INTEGER,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX devices_owner ON devices(owner_id);
-CREATE TABLE provisioning_tokens (
-    token_hash TEXT PRIMARY KEY,
-    owner_id INTEGER NOT NULL REFERENCES users(id),
-    device_id TEXT,
-    expires_at INTEGER NOT NULL,
-    used_at INTEGER,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE telemetry (
-    device_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    device_ts INTEGER,
-    received_at INTEGER NOT NULL,
-    pot INTEGER,
-    switch INTEGER,
-    temp REAL,
-    PRIMARY KEY (device_id, seq)
-);
-CREATE TABLE commands (
-    id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    args TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_by INTEGER,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    sent_at INTEGER,
-    delivered_at INTEGER,
-    completed_at INTEGER,
-    result TEXT,
-    error TEXT
-);
-CREATE INDEX commands_open ON commands(device_id, state);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT,
-    result TEXT NOT NULL,
-    detail TEXT
-);
-"#,
+        "initial",
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
     ),
-    (2, "ALTER TABLE devices ADD COLUMN uptime INTEGER;"),
+    (
+        2,
+        "device uptime",
+        include_str!("../../migrations/sqlite/0002_device_uptime.sql"),
+    ),
     (
         3,
-        r#"
-ALTER TABLE devices ADD COLUMN hardware TEXT;
-ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
-CREATE TABLE releases (
-    version TEXT PRIMARY KEY,
-    hardware TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    security_counter INTEGER NOT NULL,
-    manifest TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    ready INTEGER NOT NULL DEFAULT 0,
-    blocked INTEGER NOT NULL DEFAULT 0,
-    blocked_reason TEXT,
-    created_by INTEGER,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE ota_updates (
-    id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    version TEXT NOT NULL,
-    force INTEGER NOT NULL,
-    rollout_id TEXT,
-    state TEXT NOT NULL,
-    progress INTEGER,
-    error TEXT,
-    created_by INTEGER,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE INDEX ota_updates_device ON ota_updates(device_id, created_at);
-CREATE INDEX ota_updates_rollout ON ota_updates(rollout_id);
-CREATE TABLE ota_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    update_id TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    progress INTEGER,
-    version TEXT,
-    error TEXT
-);
-CREATE INDEX ota_events_update ON ota_events(update_id);
-CREATE TABLE rollouts (
-    id TEXT PRIMARY KEY,
-    version TEXT NOT NULL,
-    config TEXT NOT NULL,
-    targets TEXT NOT NULL,
-    state TEXT NOT NULL,
-    phase INTEGER,
-    created_by INTEGER,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-"#,
+        "releases and ota",
+        include_str!("../../migrations/sqlite/0003_releases_and_ota.sql"),
     ),
     (
         4,
-        r#"
-CREATE TABLE dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    reason TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TABLE retained (
-    topic TEXT PRIMARY KEY,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-"#,
+        "dead letters and retained",
+        include_str!("../../migrations/sqlite/0004_dead_letters_and_retained.sql"),
     ),
     (
         5,
-        r#"
--- The sweeps every 500 ms: open commands by deadline, online devices by last message.
-CREATE INDEX commands_expiry ON commands(state, expires_at);
-CREATE INDEX devices_presence ON devices(last_seen) WHERE online = 1;
-CREATE INDEX audit_action ON audit(action, id);
-"#,
+        "sweep indexes",
+        include_str!("../../migrations/sqlite/0005_sweep_indexes.sql"),
     ),
 ];
 
-pub async fn run(pool: &SqlitePool) -> sqlx::Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        .execute(pool)
-        .await?;
-    for (version, sql) in MIGRATIONS {
-        let mut tx = pool.begin().await?;
-        let done: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
-                .bind(version)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if done.is_some() {
-            continue;
-        }
-        sqlx::raw_sql(sql).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)")
-            .bind(version)
-            .bind(super::now_ms())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+const POSTGRES: Embedded = &[(
+    1,
+    "schema",
+    include_str!("../../migrations/postgres/0001_schema.sql"),
+)];
+
+#[derive(Debug)]
+struct Source(Embedded);
+
+impl MigrationSource<'static> for Source {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async move { Ok(migrations(self.0)) })
     }
+}
+
+fn migrations(set: Embedded) -> Vec<Migration> {
+    set.iter()
+        .map(|(version, description, sql)| {
+            Migration::new(
+                *version,
+                Cow::Borrowed(description),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
+        })
+        .collect()
+}
+
+pub async fn run(pool: &AnyPool, backend: Backend) -> anyhow::Result<()> {
+    let set = match backend {
+        Backend::Sqlite => {
+            adopt_legacy_versions(pool).await?;
+            SQLITE
+        }
+        Backend::Postgres => POSTGRES,
+    };
+    Migrator::new(Source(set)).await?.run(pool).await?;
+    Ok(())
+}
+
+/// Databases made before sqlx's migrator kept their applied versions in `schema_migrations`
+/// (same SQL, same numbers): those versions are recorded as applied in sqlx's table, once.
+async fn adopt_legacy_versions(pool: &AnyPool) -> anyhow::Result<()> {
+    let legacy: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if legacy.is_none() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
+            version BIGINT PRIMARY KEY,
+            description TEXT NOT NULL,
+            installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+            success BOOLEAN NOT NULL,
+            checksum BLOB NOT NULL,
+            execution_time BIGINT NOT NULL
+        )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+        .fetch_all(&mut *tx)
+        .await?;
+    for m in migrations(SQLITE)
+        .into_iter()
+        .filter(|m| applied.contains(&m.version))
+    {
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, 1, $3, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(m.version)
+        .bind(m.description.to_string())
+        .bind(m.checksum.to_vec())
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DROP TABLE schema_migrations")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(())
 }

@@ -1,24 +1,28 @@
-//! Persistence: one SQLite file in the data dir (WAL, synchronous=FULL so a commit is on disk
-//! before anything is acknowledged). Portable SQL, integer millisecond timestamps.
+//! Persistence: one SQLite file in the data dir (the default), or a PostgreSQL database.
+//! Integer millisecond timestamps; flags are integers 0/1 on both engines.
 
 mod audit;
 mod commands;
+#[cfg(test)]
+mod conformance;
 mod devices;
 mod ingest;
 mod migrations;
 mod ota;
 mod releases;
 mod rollouts;
+#[cfg(test)]
+pub(crate) mod testdb;
 mod tokens;
 mod users;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor};
 
 pub use audit::{AuditEntry, AuditRecord};
 pub use commands::CommandRow;
@@ -45,9 +49,107 @@ pub struct FleetGauges {
     pub device_certificates: i64,
 }
 
+/// Which database engine holds the data. Statements are written once (`$N` parameters, which
+/// both engines take) except where an engine needs its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Where the data lives, from `--database-url`: a SQLite file (the embedded default) or a
+/// PostgreSQL database. `Debug` and `Serialize` never show a password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<DatabaseUrl, String> {
+        let url = url.trim();
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err(
+                    "a sqlite URL needs a file path, as in sqlite:///var/lib/flotilla/flotilla.db"
+                        .into(),
+                );
+            }
+            return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(|e| {
+                format!(
+                    "not a usable PostgreSQL URL: {}",
+                    redact(&e.to_string(), url)
+                )
+            })?;
+            return Ok(DatabaseUrl::Postgres(url.to_string()));
+        }
+        Err("the database URL must start with sqlite:// or postgres://".into())
+    }
+}
+
+impl DatabaseUrl {
+    /// The URL with any password replaced, for logs and `--print-config`.
+    pub fn redacted(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+            DatabaseUrl::Postgres(url) => redact(url, url),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            DatabaseUrl::Sqlite(_) => Backend::Sqlite,
+            DatabaseUrl::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+/// `text` with the password of `url` (userinfo after the first ':') replaced.
+fn redact(text: &str, url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return text.to_string();
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    match authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+    {
+        Some((_, password)) if !password.is_empty() => {
+            let shown = format!(
+                "{scheme}://{}",
+                rest.replacen(&format!(":{password}@"), ":<redacted>@", 1)
+            );
+            text.replace(url, &shown).replace(password, "<redacted>")
+        }
+        _ => text.to_string(),
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl serde::Serialize for DatabaseUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -59,34 +161,78 @@ pub fn now_ms() -> i64 {
 }
 
 impl Store {
-    pub async fn open(path: &Path) -> anyhow::Result<Store> {
-        Store::open_with_busy_timeout(path, Duration::from_secs(10)).await
+    /// Opens (creating a SQLite file if needed) and migrates the database.
+    pub async fn open(url: &DatabaseUrl) -> anyhow::Result<Store> {
+        Store::open_with_busy_timeout(url, Duration::from_secs(10)).await
     }
 
-    /// [`Store::open`] with another wait for a database another writer holds.
-    pub async fn open_with_busy_timeout(path: &Path, busy: Duration) -> anyhow::Result<Store> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(busy);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+    /// [`Store::open`] with another wait for a database another writer holds (SQLite's busy
+    /// timeout; PostgreSQL's lock timeout).
+    pub async fn open_with_busy_timeout(
+        url: &DatabaseUrl,
+        busy: Duration,
+    ) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        let busy_ms = busy.as_millis();
+        let (connect, options) = match url {
+            DatabaseUrl::Sqlite(path) => (
+                format!("sqlite://{}?mode=rwc", path.display()),
+                // WAL, and synchronous=FULL so a commit is on disk before anything is
+                // acknowledged; the pragmas are per connection.
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .after_connect(move |conn, _| {
+                        let pragmas = format!(
+                            "PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL; \
+                         PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+                        );
+                        Box::pin(async move {
+                            conn.execute(pragmas.as_str()).await?;
+                            Ok(())
+                        })
+                    }),
+            ),
+            DatabaseUrl::Postgres(url) => (
+                url.clone(),
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .after_connect(move |conn, _| {
+                        let set = format!("SET lock_timeout = {busy_ms}");
+                        Box::pin(async move {
+                            conn.execute(set.as_str()).await?;
+                            Ok(())
+                        })
+                    }),
+            ),
+        };
+        let pool = options.connect(&connect).await.map_err(|e| {
+            anyhow::anyhow!(
+                "opening database {}: {}",
+                url.redacted(),
+                redact(&e.to_string(), &connect)
+            )
+        })?;
+        let backend = url.backend();
+        migrations::run(&pool, backend)
             .await
-            .with_context(|| format!("opening database {}", path.display()))?;
-        migrations::run(&pool).await.context("running migrations")?;
-        Ok(Store { pool })
+            .context("running migrations")?;
+        Ok(Store { pool, backend })
+    }
+
+    /// A SQLite file (tests).
+    #[cfg(test)]
+    pub async fn open_file(path: &std::path::Path) -> anyhow::Result<Store> {
+        Store::open(&DatabaseUrl::Sqlite(path.to_path_buf())).await
     }
 
     /// What `/metrics` reads from the database: one read transaction, so the figures agree.
     pub async fn fleet_gauges(&self) -> sqlx::Result<FleetGauges> {
         let mut tx = self.pool.begin().await?;
-        let (devices, online): (i64, i64) =
-            sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(online), 0) FROM devices")
-                .fetch_one(&mut *tx)
-                .await?;
+        let (devices, online): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(online), 0) AS BIGINT) FROM devices",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         let commands =
             sqlx::query_as("SELECT state, COUNT(*) FROM commands GROUP BY state ORDER BY state")
                 .fetch_all(&mut *tx)
@@ -132,11 +278,49 @@ impl Store {
 mod tests {
     use super::*;
 
+    #[test]
+    fn database_urls_pick_a_backend_and_never_show_a_password() {
+        let pg: DatabaseUrl = "postgres://flotilla:s3cr%40t@db.internal:5432/fleet?sslmode=require"
+            .parse()
+            .unwrap();
+        assert_eq!(pg.backend(), Backend::Postgres);
+        let shown = format!("{pg:?} {}", serde_json::to_string(&pg).unwrap());
+        assert!(!shown.contains("s3cr"), "{shown}");
+        assert!(
+            shown.contains("postgres://flotilla:<redacted>@db.internal:5432/fleet"),
+            "{shown}"
+        );
+        assert_eq!(
+            "postgresql://u@h/d"
+                .parse::<DatabaseUrl>()
+                .unwrap()
+                .redacted(),
+            "postgresql://u@h/d"
+        );
+        assert_eq!(
+            "sqlite:///var/lib/flotilla/f.db".parse::<DatabaseUrl>(),
+            Ok(DatabaseUrl::Sqlite("/var/lib/flotilla/f.db".into()))
+        );
+        assert_eq!(
+            "sqlite:rel.db?mode=rwc".parse::<DatabaseUrl>(),
+            Ok(DatabaseUrl::Sqlite("rel.db".into()))
+        );
+        for bad in [
+            "mysql://h/d",
+            "sqlite://",
+            "",
+            "postgres://u:pw@h:notaport/d",
+        ] {
+            let e = bad.parse::<DatabaseUrl>().unwrap_err();
+            assert!(!e.contains("pw@"), "{e}");
+        }
+    }
+
     /// SQLite's plan for a statement, one detail line each ("SCAN t" is a full scan).
     async fn plan(store: &Store, sql: &str) -> Vec<String> {
         let explain = format!("EXPLAIN QUERY PLAN {sql}");
         let mut q = sqlx::query_as::<_, (i64, i64, i64, String)>(&explain);
-        for _ in 0..sql.matches('?').count() {
+        for _ in 0..sql.matches('$').count() {
             q = q.bind(50_i64);
         }
         let rows = q.fetch_all(&store.pool).await.unwrap();
@@ -146,7 +330,7 @@ mod tests {
     #[tokio::test]
     async fn the_half_second_sweeps_and_the_audit_filter_use_their_indexes_not_full_scans() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).await.unwrap();
+        let store = Store::open_file(&dir.path().join("db")).await.unwrap();
         // A fleet's worth of rows: on near-empty tables SQLite rightly prefers a scan.
         sqlx::raw_sql(
             "INSERT INTO users (username, email, password_hash, role, created_at) VALUES ('o', 'o@x', 'h', 'admin', 0);
@@ -180,9 +364,12 @@ mod tests {
         use sqlx::Connection;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let store = Store::open_with_busy_timeout(&path, Duration::from_millis(50))
-            .await
-            .unwrap();
+        let store = Store::open_with_busy_timeout(
+            &DatabaseUrl::Sqlite(path.clone()),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
         let mut writer = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
             .await
             .unwrap();

@@ -2,7 +2,7 @@
 
 use flotilla_proto::{OtaPhase, OtaStatus, truncate_chars};
 use serde::Serialize;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Any, Row, Transaction};
 
 use super::{Store, now_ms};
 
@@ -73,7 +73,7 @@ pub struct UpdateRow {
     pub updated_at: i64,
 }
 
-fn update_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<UpdateRow> {
+fn update_from(r: &sqlx::any::AnyRow) -> sqlx::Result<UpdateRow> {
     Ok(UpdateRow {
         id: r.try_get("id")?,
         device_id: r.try_get("device_id")?,
@@ -120,8 +120,8 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(&format!(
-            "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = ? \
-             WHERE device_id = ? AND state IN {OPEN}"
+            "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
+             WHERE device_id = $2 AND state IN {OPEN}"
         ))
         .bind(now)
         .bind(device_id)
@@ -129,12 +129,12 @@ impl Store {
         .await?;
         let row = sqlx::query(
             "INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, created_by, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'offered', ?, ?, ?) RETURNING *",
+             VALUES ($1, $2, $3, $4, $5, 'offered', $6, $7, $8) RETURNING *",
         )
         .bind(id)
         .bind(device_id)
         .bind(version)
-        .bind(force)
+        .bind(i64::from(force))
         .bind(rollout_id)
         .bind(created_by)
         .bind(now)
@@ -147,7 +147,7 @@ impl Store {
 
     /// Offers the device has not acted on yet: re-sent when it comes back online.
     pub async fn unstarted_updates(&self, device_id: &str) -> sqlx::Result<Vec<UpdateRow>> {
-        sqlx::query("SELECT * FROM ota_updates WHERE device_id = ? AND state = 'offered'")
+        sqlx::query("SELECT * FROM ota_updates WHERE device_id = $1 AND state = 'offered'")
             .bind(device_id)
             .fetch_all(&self.pool)
             .await?
@@ -159,7 +159,7 @@ impl Store {
     /// Whether the device holds an open offer for `version` (what entitles it to download).
     pub async fn has_open_update(&self, device_id: &str, version: &str) -> sqlx::Result<bool> {
         let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM ota_updates WHERE device_id = ? AND version = ? AND state IN {OPEN}"
+            "SELECT COUNT(*) FROM ota_updates WHERE device_id = $1 AND version = $2 AND state IN {OPEN}"
         ))
         .bind(device_id)
         .bind(version)
@@ -175,7 +175,7 @@ impl Store {
         limit: i64,
     ) -> sqlx::Result<Vec<(UpdateRow, Vec<UpdateEvent>)>> {
         let updates = sqlx::query(
-            "SELECT * FROM ota_updates WHERE device_id = ? ORDER BY created_at DESC, id LIMIT ?",
+            "SELECT * FROM ota_updates WHERE device_id = $1 ORDER BY created_at DESC, id LIMIT $2",
         )
         .bind(device_id)
         .bind(limit)
@@ -184,7 +184,7 @@ impl Store {
         let mut out = Vec::with_capacity(updates.len());
         for u in &updates {
             let update = update_from(u)?;
-            let events = sqlx::query("SELECT * FROM ota_events WHERE update_id = ? ORDER BY id")
+            let events = sqlx::query("SELECT * FROM ota_events WHERE update_id = $1 ORDER BY id")
                 .bind(&update.id)
                 .fetch_all(&self.pool)
                 .await?
@@ -207,8 +207,8 @@ impl Store {
     /// Cancels the open offers of a rollout (after abort or a stop), so none is re-sent.
     pub async fn cancel_rollout_updates(&self, rollout_id: &str, why: &str) -> sqlx::Result<u64> {
         let done = sqlx::query(
-            "UPDATE ota_updates SET state = 'cancelled', error = ?, updated_at = ? \
-             WHERE rollout_id = ? AND state = 'offered'",
+            "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
+             WHERE rollout_id = $3 AND state = 'offered'",
         )
         .bind(why)
         .bind(now_ms())
@@ -221,8 +221,8 @@ impl Store {
     /// The rollout gave up waiting for this device: its open offer counts as failed.
     pub async fn time_out_update(&self, rollout_id: &str, device_id: &str) -> sqlx::Result<()> {
         sqlx::query(&format!(
-            "UPDATE ota_updates SET state = 'failed', error = 'timed out', updated_at = ? \
-             WHERE rollout_id = ? AND device_id = ? AND state IN {OPEN}"
+            "UPDATE ota_updates SET state = 'failed', error = 'timed out', updated_at = $1 \
+             WHERE rollout_id = $2 AND device_id = $3 AND state IN {OPEN}"
         ))
         .bind(now_ms())
         .bind(rollout_id)
@@ -238,8 +238,8 @@ impl Store {
         owner: Option<i64>,
     ) -> sqlx::Result<Vec<(Option<String>, i64)>> {
         let rows = sqlx::query(
-            "SELECT fw_version, COUNT(*) AS n FROM devices WHERE (? IS NULL OR owner_id = ?) \
-             GROUP BY fw_version ORDER BY n DESC, fw_version",
+            "SELECT fw_version, COUNT(*) AS n FROM devices WHERE ($1 IS NULL OR owner_id = $2) \
+             GROUP BY fw_version ORDER BY n DESC, COALESCE(fw_version, '')",
         )
         .bind(owner)
         .bind(owner)
@@ -255,7 +255,7 @@ impl Store {
 /// offer by id; one that names no open offer of this device changes nothing. Returns the
 /// update when the report finished it.
 pub(crate) async fn apply_ota_status(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     device_id: &str,
     status: &OtaStatus,
     now: i64,
@@ -263,7 +263,7 @@ pub(crate) async fn apply_ota_status(
     let Some(id) = status.id.as_deref() else {
         return Ok(None);
     };
-    let row = sqlx::query("SELECT * FROM ota_updates WHERE id = ? AND device_id = ?")
+    let row = sqlx::query("SELECT * FROM ota_updates WHERE id = $1 AND device_id = $2")
         .bind(id)
         .bind(device_id)
         .fetch_optional(&mut **tx)
@@ -273,7 +273,7 @@ pub(crate) async fn apply_ota_status(
     };
     let error = status.error.as_deref().map(|e| truncate_chars(e, 200));
     let version = status.version.as_deref().map(|v| truncate_chars(v, 32));
-    sqlx::query("INSERT INTO ota_events (update_id, at, status, progress, version, error) VALUES (?, ?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO ota_events (update_id, at, status, progress, version, error) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(id)
         .bind(now)
         .bind(phase_name(status.status))
@@ -302,7 +302,7 @@ pub(crate) async fn apply_ota_status(
             update.version
         ));
     }
-    sqlx::query("UPDATE ota_updates SET state = ?, progress = COALESCE(?, progress), error = COALESCE(?, error), updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE ota_updates SET state = $1, progress = COALESCE($2, progress), error = COALESCE($3, error), updated_at = $4 WHERE id = $5")
         .bind(next.as_str())
         .bind(status.progress.map(i64::from))
         .bind(error)

@@ -25,7 +25,7 @@ pub struct ReleaseRow {
     pub created_at: i64,
 }
 
-fn release_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<ReleaseRow> {
+fn release_from(r: &sqlx::any::AnyRow) -> sqlx::Result<ReleaseRow> {
     Ok(ReleaseRow {
         version: r.try_get("version")?,
         hardware: r.try_get("hardware")?,
@@ -59,7 +59,7 @@ impl Store {
     pub async fn create_release(&self, r: NewRelease<'_>) -> sqlx::Result<ReleaseRow> {
         let row = sqlx::query(
             "INSERT INTO releases (version, hardware, size, sha256, security_counter, manifest, signature, created_by, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
         )
         .bind(r.version)
         .bind(r.hardware)
@@ -76,7 +76,7 @@ impl Store {
     }
 
     pub async fn mark_release_ready(&self, version: &str) -> sqlx::Result<()> {
-        sqlx::query("UPDATE releases SET ready = 1 WHERE version = ?")
+        sqlx::query("UPDATE releases SET ready = 1 WHERE version = $1")
             .bind(version)
             .execute(&self.pool)
             .await?;
@@ -84,7 +84,7 @@ impl Store {
     }
 
     pub async fn release(&self, version: &str) -> sqlx::Result<Option<ReleaseRow>> {
-        sqlx::query("SELECT * FROM releases WHERE version = ?")
+        sqlx::query("SELECT * FROM releases WHERE version = $1")
             .bind(version)
             .fetch_optional(&self.pool)
             .await?
@@ -123,8 +123,8 @@ impl Store {
         reason: Option<&str>,
     ) -> sqlx::Result<bool> {
         let done =
-            sqlx::query("UPDATE releases SET blocked = ?, blocked_reason = ? WHERE version = ?")
-                .bind(blocked)
+            sqlx::query("UPDATE releases SET blocked = $1, blocked_reason = $2 WHERE version = $3")
+                .bind(i64::from(blocked))
                 .bind(if blocked { reason } else { None })
                 .bind(version)
                 .execute(&self.pool)

@@ -22,7 +22,7 @@ pub struct RolloutRow {
     pub updated_at: i64,
 }
 
-fn rollout_from(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<RolloutRow> {
+fn rollout_from(r: &sqlx::any::AnyRow) -> sqlx::Result<RolloutRow> {
     let text = |c: &str| r.try_get::<String, _>(c);
     Ok(RolloutRow {
         id: text("id")?,
@@ -49,7 +49,7 @@ impl Store {
         let now = now_ms();
         let row = sqlx::query(
             "INSERT INTO rollouts (id, version, config, targets, state, created_by, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, 'scheduled', ?, ?, ?) RETURNING *",
+             VALUES ($1, $2, $3, $4, 'scheduled', $5, $6, $7) RETURNING *",
         )
         .bind(id)
         .bind(version)
@@ -64,7 +64,7 @@ impl Store {
     }
 
     pub async fn rollout(&self, id: &str) -> sqlx::Result<Option<RolloutRow>> {
-        sqlx::query("SELECT * FROM rollouts WHERE id = ?")
+        sqlx::query("SELECT * FROM rollouts WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
@@ -88,7 +88,7 @@ impl Store {
         state: &str,
         phase: Option<usize>,
     ) -> sqlx::Result<()> {
-        sqlx::query("UPDATE rollouts SET state = ?, phase = COALESCE(?, phase), updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), updated_at = $3 WHERE id = $4")
             .bind(state)
             .bind(phase.map(|p| p as i64))
             .bind(now_ms())
@@ -101,7 +101,7 @@ impl Store {
     /// How each target's update of this rollout ended so far (to rebuild the planner).
     pub async fn rollout_outcomes(&self, id: &str) -> sqlx::Result<Vec<(String, UpdateState)>> {
         sqlx::query(
-            "SELECT device_id, state FROM ota_updates WHERE rollout_id = ? ORDER BY created_at",
+            "SELECT device_id, state FROM ota_updates WHERE rollout_id = $1 ORDER BY created_at",
         )
         .bind(id)
         .fetch_all(&self.pool)

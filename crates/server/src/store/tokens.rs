@@ -27,7 +27,7 @@ impl Store {
         device_id: Option<&str>,
         expires_at: i64,
     ) -> sqlx::Result<()> {
-        sqlx::query("INSERT INTO provisioning_tokens (token_hash, owner_id, device_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO provisioning_tokens (token_hash, owner_id, device_id, expires_at, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(token_hash)
             .bind(owner)
             .bind(device_id)
@@ -43,7 +43,7 @@ impl Store {
     pub async fn peek_token(&self, token_hash: &str, device_id: &str) -> sqlx::Result<TokenClaim> {
         let now = now_ms();
         let row = sqlx::query(
-            "SELECT owner_id, device_id FROM provisioning_tokens WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+            "SELECT owner_id, device_id FROM provisioning_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
         )
         .bind(token_hash)
         .bind(now)
@@ -54,7 +54,7 @@ impl Store {
             Err(refused) => return Ok(refused),
         };
         let owner: Option<i64> =
-            sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = ?")
+            sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
                 .bind(device_id)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -76,7 +76,7 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "UPDATE provisioning_tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? \
+            "UPDATE provisioning_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $3 \
              RETURNING owner_id, device_id",
         )
         .bind(now)
@@ -91,12 +91,14 @@ impl Store {
         if !register_in(&mut tx, device_id, device_id, owner_id).await? {
             return Ok(TokenClaim::DeviceTaken);
         }
-        sqlx::query("UPDATE devices SET cert_serial = ?, cert_not_after = ? WHERE device_id = ?")
-            .bind(&issued.serial_hex)
-            .bind(issued.not_after_unix * 1000)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE devices SET cert_serial = $1, cert_not_after = $2 WHERE device_id = $3",
+        )
+        .bind(&issued.serial_hex)
+        .bind(issued.not_after_unix * 1000)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(TokenClaim::Claimed { owner_id })
     }
@@ -104,7 +106,7 @@ impl Store {
 
 /// The account a usable token row gives `device_id` to, or why it gives it to nobody.
 fn token_owner(
-    row: Option<sqlx::sqlite::SqliteRow>,
+    row: Option<sqlx::any::AnyRow>,
     device_id: &str,
 ) -> sqlx::Result<Result<i64, TokenClaim>> {
     let Some(row) = row else {

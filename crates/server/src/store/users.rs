@@ -43,7 +43,7 @@ pub struct UserRow {
     pub created_at: i64,
 }
 
-fn user_from(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<UserRow> {
+fn user_from(row: &sqlx::any::AnyRow) -> sqlx::Result<UserRow> {
     let role: String = row.try_get("role")?;
     Ok(UserRow {
         id: row.try_get("id")?,
@@ -64,19 +64,18 @@ impl Store {
         password_hash: &str,
         role: Role,
     ) -> sqlx::Result<i64> {
-        let r = sqlx::query("INSERT INTO users (username, email, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query_scalar("INSERT INTO users (username, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id")
             .bind(username)
             .bind(email)
             .bind(password_hash)
             .bind(role.as_str())
             .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
-        Ok(r.last_insert_rowid())
+            .fetch_one(&self.pool)
+            .await
     }
 
     pub async fn user_by_email(&self, email: &str) -> sqlx::Result<Option<UserRow>> {
-        let row = sqlx::query("SELECT * FROM users WHERE email = ?")
+        let row = sqlx::query("SELECT * FROM users WHERE email = $1")
             .bind(email)
             .fetch_optional(&self.pool)
             .await?;
@@ -84,7 +83,7 @@ impl Store {
     }
 
     pub async fn user_by_id(&self, id: i64) -> sqlx::Result<Option<UserRow>> {
-        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -101,16 +100,20 @@ impl Store {
     /// Flips the blocked flag; returns the new value, or None if there is no such user.
     /// Blocks or unblocks a user; never blocks the last active admin. Ok(blocked-now).
     pub async fn toggle_user_block(&self, id: i64) -> sqlx::Result<UserChange<bool>> {
-        // One statement, so two admins blocking each other at once cannot both succeed.
+        // One statement (under the admins lock on PostgreSQL), so two admins blocking each
+        // other at once cannot both succeed.
+        let mut tx = self.pool.begin().await?;
+        self.lock_admins(&mut tx).await?;
         let blocked: Option<i64> = sqlx::query_scalar(
-            "UPDATE users SET blocked = 1 - blocked WHERE id = ? AND (blocked = 1 OR role != 'admin' \
-             OR (SELECT COUNT(*) FROM users WHERE role = 'admin' AND blocked = 0 AND id != ?) > 0) \
+            "UPDATE users SET blocked = 1 - blocked WHERE id = $1 AND (blocked = 1 OR role != 'admin' \
+             OR (SELECT COUNT(*) FROM users WHERE role = 'admin' AND blocked = 0 AND id != $2) > 0) \
              RETURNING blocked",
         )
         .bind(id)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         match blocked {
             Some(b) => Ok(UserChange::Done(b != 0)),
             None => self.why_unchanged(id).await,
@@ -119,16 +122,19 @@ impl Store {
 
     /// Changes a user's role; never demotes the last active admin.
     pub async fn set_user_role(&self, id: i64, role: Role) -> sqlx::Result<UserChange<()>> {
+        let mut tx = self.pool.begin().await?;
+        self.lock_admins(&mut tx).await?;
         let r = sqlx::query(
-            "UPDATE users SET role = ? WHERE id = ? AND (? = 'admin' OR role != 'admin' OR blocked = 1 \
-             OR (SELECT COUNT(*) FROM users WHERE role = 'admin' AND blocked = 0 AND id != ?) > 0)",
+            "UPDATE users SET role = $1 WHERE id = $2 AND ($3 = 'admin' OR role != 'admin' OR blocked = 1 \
+             OR (SELECT COUNT(*) FROM users WHERE role = 'admin' AND blocked = 0 AND id != $4) > 0)",
         )
         .bind(role.as_str())
         .bind(id)
         .bind(role.as_str())
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         if r.rows_affected() == 1 {
             Ok(UserChange::Done(()))
         } else {
@@ -136,8 +142,21 @@ impl Store {
         }
     }
 
+    /// Serialises changes that must keep one active admin. SQLite has one writer at a time
+    /// already; on PostgreSQL two such updates would each count the other's admin as active
+    /// (read committed), so they take a transaction-scoped advisory lock first.
+    async fn lock_admins(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result<()> {
+        if self.backend == super::Backend::Postgres {
+            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) AS locked")
+                .bind(ADMINS_LOCK)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn why_unchanged<T>(&self, id: i64) -> sqlx::Result<UserChange<T>> {
-        let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE id = ?")
+        let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -148,6 +167,9 @@ impl Store {
         })
     }
 }
+
+/// The advisory lock key of [`Store::lock_admins`] ("fl-admin" in ASCII).
+const ADMINS_LOCK: i64 = 0x666c_2d61_646d_696e;
 
 /// The outcome of a change to a user that must keep one active admin.
 #[derive(Debug, Clone, PartialEq, Eq)]

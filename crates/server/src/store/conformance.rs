@@ -1,0 +1,946 @@
+//! One suite, both backends: every case runs on a fresh SQLite file and on a fresh PostgreSQL
+//! database, and must give the same answers on each.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use serde_json::json;
+
+use super::testdb::TestDb;
+use super::*;
+
+/// `case_name::sqlite` and `case_name::postgres` for each case.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let db = super::TestDb::sqlite().await;
+                    super::$case(&db.store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let db = super::TestDb::postgres().await;
+                    super::$case(&db.store).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    users_and_the_last_admin,
+    two_admins_blocking_each_other_at_once_leave_one_active,
+    devices_register_list_block_and_tag,
+    presence_sweeps,
+    one_token_one_device_whatever_the_concurrency,
+    commands_move_forward_only_and_expire,
+    device_messages_and_redelivered_readings,
+    readings_in_a_batch_store_what_one_at_a_time_stores,
+    dead_letters_and_retained_messages,
+    releases,
+    ota_offers_and_reports,
+    rollouts_and_their_outcomes,
+    audit_and_fleet_figures,
+);
+
+async fn user(store: &Store, email: &str, role: Role) -> i64 {
+    store.create_user(email, email, "hash", role).await.unwrap()
+}
+
+fn message<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).unwrap()
+}
+
+async fn users_and_the_last_admin(store: &Store) {
+    let admin = user(store, "admin@x", Role::Admin).await;
+    let op = user(store, "op@x", Role::Operator).await;
+    assert_ne!(admin, op);
+    let dup = store
+        .create_user("again", "admin@x", "h", Role::Viewer)
+        .await;
+    assert!(
+        matches!(&dup, Err(sqlx::Error::Database(e)) if e.is_unique_violation()),
+        "{dup:?}"
+    );
+    let a = store.user_by_email("admin@x").await.unwrap().unwrap();
+    assert_eq!((a.id, a.role, a.blocked), (admin, Role::Admin, false));
+    assert_eq!(store.user_by_id(op).await.unwrap().unwrap().email, "op@x");
+    assert!(store.user_by_email("ADMIN@x").await.unwrap().is_none());
+    assert_eq!(
+        store
+            .users()
+            .await
+            .unwrap()
+            .iter()
+            .map(|u| u.id)
+            .collect::<Vec<_>>(),
+        vec![admin, op]
+    );
+    // The only active admin can be neither blocked nor demoted.
+    assert_eq!(
+        store.toggle_user_block(admin).await.unwrap(),
+        UserChange::LastAdmin
+    );
+    assert_eq!(
+        store.set_user_role(admin, Role::Viewer).await.unwrap(),
+        UserChange::LastAdmin
+    );
+    assert_eq!(
+        store.toggle_user_block(9999).await.unwrap(),
+        UserChange::NotFound
+    );
+    assert_eq!(
+        store.set_user_role(op, Role::Admin).await.unwrap(),
+        UserChange::Done(())
+    );
+    assert_eq!(
+        store.toggle_user_block(admin).await.unwrap(),
+        UserChange::Done(true)
+    );
+    assert_eq!(
+        store.toggle_user_block(op).await.unwrap(),
+        UserChange::LastAdmin
+    );
+    assert_eq!(
+        store.toggle_user_block(admin).await.unwrap(),
+        UserChange::Done(false)
+    );
+}
+
+async fn two_admins_blocking_each_other_at_once_leave_one_active(store: &Store) {
+    for round in 0..20 {
+        let a = user(store, &format!("a{round}@x"), Role::Admin).await;
+        let b = user(store, &format!("b{round}@x"), Role::Admin).await;
+        // Every other admin is blocked, so these two are the last ones.
+        for u in store.users().await.unwrap() {
+            if u.id != a && u.id != b && !u.blocked {
+                assert_eq!(
+                    store.toggle_user_block(u.id).await.unwrap(),
+                    UserChange::Done(true)
+                );
+            }
+        }
+        let (s1, s2) = (store.clone(), store.clone());
+        let (x, y) = tokio::join!(
+            tokio::spawn(async move { s1.toggle_user_block(a).await.unwrap() }),
+            tokio::spawn(async move { s2.toggle_user_block(b).await.unwrap() }),
+        );
+        let outcomes = [x.unwrap(), y.unwrap()];
+        assert!(
+            outcomes.contains(&UserChange::LastAdmin),
+            "round {round}: both blocked: {outcomes:?}"
+        );
+        let active = store
+            .users()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|u| u.role == Role::Admin && !u.blocked)
+            .count();
+        assert_eq!(active, 1, "round {round}");
+    }
+}
+
+async fn devices_register_list_block_and_tag(store: &Store) {
+    let alice = user(store, "alice@x", Role::Operator).await;
+    let bob = user(store, "bob@x", Role::Operator).await;
+    // Ids that a collation-aware sort would order differently from bytes.
+    for id in ["dev-b", "Dev-a", "dev_c", "dev-1", "dev1"] {
+        assert!(store.register_device(id, "n", alice).await.unwrap());
+    }
+    assert!(store.register_device("dev1", "again", alice).await.unwrap());
+    assert!(!store.register_device("dev1", "theft", bob).await.unwrap());
+    assert!(store.register_device("bobs", "b", bob).await.unwrap());
+    let ids = |v: Vec<DeviceRow>| v.into_iter().map(|d| d.device_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.devices_of(Some(alice)).await.unwrap()),
+        ["Dev-a", "dev-1", "dev-b", "dev1", "dev_c"]
+    );
+    assert_eq!(store.devices_of(None).await.unwrap().len(), 6);
+    assert!(
+        store
+            .device_visible_to("bobs", Some(alice))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .device_visible_to("bobs", None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let d = store.device("dev1").await.unwrap().unwrap();
+    assert_eq!(
+        (d.name.as_str(), d.owner_id, d.online, d.provisioned),
+        ("n", alice, false, false)
+    );
+
+    store
+        .set_device_tags("dev1", &["hall".into(), "floor-2".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.device("dev1").await.unwrap().unwrap().tags,
+        ["hall", "floor-2"]
+    );
+    assert_eq!(store.toggle_device_block("dev1").await.unwrap(), Some(true));
+    assert_eq!(store.toggle_device_block("nope").await.unwrap(), None);
+    let gate = store.gate_snapshot().await.unwrap();
+    assert!(gate.contains(&("dev1".into(), true, None)));
+    assert!(gate.contains(&("bobs".into(), false, None)));
+    assert_eq!(
+        store.toggle_device_block("dev1").await.unwrap(),
+        Some(false)
+    );
+}
+
+async fn presence_sweeps(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for id in ["quiet", "chatty"] {
+        store.register_device(id, id, o).await.unwrap();
+    }
+    let mut tx = store.begin_write().await.unwrap();
+    let hb: flotilla_proto::Heartbeat = message(json!({"heap": 1, "fw": "1.0.0"}));
+    assert!(
+        apply_update(
+            &mut tx,
+            "quiet",
+            &DeviceUpdate::Heartbeat(hb.clone()),
+            1_000
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        apply_update(&mut tx, "chatty", &DeviceUpdate::Heartbeat(hb), 5_000)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(store.online_devices().await.unwrap().len(), 2);
+    assert_eq!(store.expire_silent_devices(2_000).await.unwrap(), ["quiet"]);
+    assert!(store.expire_silent_devices(2_000).await.unwrap().is_empty());
+    let q = store.device("quiet").await.unwrap().unwrap();
+    assert_eq!(
+        (q.online, q.disconnect_reason.as_deref()),
+        (false, Some("heartbeat timeout"))
+    );
+    assert!(
+        store
+            .mark_offline("chatty", "connection lost")
+            .await
+            .unwrap()
+    );
+    assert!(!store.mark_offline("chatty", "again").await.unwrap());
+    assert_eq!(
+        store
+            .device("chatty")
+            .await
+            .unwrap()
+            .unwrap()
+            .disconnect_reason
+            .as_deref(),
+        Some("connection lost")
+    );
+}
+
+async fn one_token_one_device_whatever_the_concurrency(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    let other = user(store, "other@x", Role::Operator).await;
+    let far = now_ms() + 600_000;
+    store.create_token("t-any", o, None, far).await.unwrap();
+    store
+        .create_token("t-bound", o, Some("bound-dev"), far)
+        .await
+        .unwrap();
+    store
+        .create_token("t-old", o, None, now_ms() - 1)
+        .await
+        .unwrap();
+    store.register_device("taken", "t", other).await.unwrap();
+    let cert = flotilla_pki::IssuedCertificate {
+        certificate_pem: String::new(),
+        serial_hex: "0a0b".into(),
+        not_after_unix: 1_900_000_000,
+    };
+    assert_eq!(
+        store.peek_token("t-old", "d").await.unwrap(),
+        TokenClaim::Invalid
+    );
+    assert_eq!(
+        store.peek_token("t-bound", "d").await.unwrap(),
+        TokenClaim::WrongDevice
+    );
+    assert_eq!(
+        store.peek_token("t-any", "taken").await.unwrap(),
+        TokenClaim::DeviceTaken
+    );
+    assert_eq!(
+        store.peek_token("t-any", "new-dev").await.unwrap(),
+        TokenClaim::Claimed { owner_id: o }
+    );
+    // A refusal changes nothing: the token still works for a device it may have.
+    assert_eq!(
+        store.redeem_token("t-any", "taken", &cert).await.unwrap(),
+        TokenClaim::DeviceTaken
+    );
+    let tries: Vec<_> = (0..8)
+        .map(|i| {
+            let (s, c) = (store.clone(), cert.clone());
+            tokio::spawn(async move { s.redeem_token("t-any", &format!("new-{i}"), &c).await })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for (i, t) in tries.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(TokenClaim::Claimed { .. }) => claimed.push(format!("new-{i}")),
+            Ok(TokenClaim::Invalid) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    let d = store.device(&claimed[0]).await.unwrap().unwrap();
+    assert!(d.provisioned);
+    assert_eq!(d.owner_id, o);
+    let gauges = store.fleet_gauges().await.unwrap();
+    assert_eq!(gauges.first_cert_expiry_ms, Some(1_900_000_000_000));
+    assert_eq!(gauges.device_certificates, 1);
+}
+
+async fn commands_move_forward_only_and_expire(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device("d", "d", o).await.unwrap();
+    store.register_device("e", "e", o).await.unwrap();
+    let far = now_ms() + 600_000;
+    let c = store
+        .create_command("c1", "d", "led", &json!({"state": "ON"}), o, far)
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.state, c.args.clone()),
+        (commands::CommandState::Queued, json!({"state": "ON"}))
+    );
+    store
+        .create_command("c2", "d", "ping", &json!({}), o, now_ms() - 1)
+        .await
+        .unwrap();
+    store
+        .create_command("c3", "e", "ping", &json!({}), o, far)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .create_command("c1", "d", "ping", &json!({}), o, far)
+            .await
+            .is_err()
+    );
+    let pending: Vec<_> = store
+        .pending_commands("d")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(pending, ["c1"]);
+    store.mark_command_sent("c1").await.unwrap();
+
+    let reply = |id: &str, status: &str| -> flotilla_proto::CommandReply {
+        message(json!({"id": id, "status": status, "result": {"ok": true}, "error": "e"}))
+    };
+    let mut tx = store.begin_write().await.unwrap();
+    // Another device cannot move it; accepted, then succeeded; a final state stays.
+    assert!(
+        !Store::apply_reply(&mut tx, "e", &reply("c1", "succeeded"), 10)
+            .await
+            .unwrap()
+    );
+    assert!(
+        Store::apply_reply(&mut tx, "d", &reply("c1", "accepted"), 11)
+            .await
+            .unwrap()
+    );
+    assert!(
+        Store::apply_reply(&mut tx, "d", &reply("c1", "succeeded"), 12)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !Store::apply_reply(&mut tx, "d", &reply("c1", "failed"), 13)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    let c1 = store.command("c1").await.unwrap().unwrap();
+    assert_eq!(c1.state, commands::CommandState::Succeeded);
+    assert_eq!((c1.delivered_at, c1.completed_at), (Some(11), Some(12)));
+    assert_eq!(c1.result, Some(json!({"ok": true})));
+
+    assert_eq!(store.expire_commands().await.unwrap(), 1);
+    assert_eq!(store.expire_commands().await.unwrap(), 0);
+    assert_eq!(
+        store.command("c2").await.unwrap().unwrap().state,
+        commands::CommandState::Expired
+    );
+    let listed: Vec<_> = store
+        .commands_of("d", 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert!(store.command("nope").await.unwrap().is_none());
+}
+
+async fn device_messages_and_redelivered_readings(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device("d", "d", o).await.unwrap();
+    store.register_device("blocked", "b", o).await.unwrap();
+    store.toggle_device_block("blocked").await.unwrap();
+    let status: flotilla_proto::Status = message(json!({
+        "online": true, "led": "ON", "brightness": 40, "fw": "1.2.0", "hw": "esp32c3"
+    }));
+    let hb: flotilla_proto::Heartbeat =
+        message(json!({"heap": 18000, "fw": "1.2.0", "rssi": -60, "uptime": 12, "crashes": 1}));
+    let t: flotilla_proto::Telemetry =
+        message(json!({"seq": 7, "ts": 99, "pot": 512, "switch": true, "temp": 18.7}));
+    let mut tx = store.begin_write().await.unwrap();
+    assert!(
+        apply_update(&mut tx, "d", &DeviceUpdate::Status(status), 100)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !apply_update(&mut tx, "d", &DeviceUpdate::Heartbeat(hb.clone()), 101)
+            .await
+            .unwrap()
+    );
+    for _ in 0..2 {
+        apply_update(&mut tx, "d", &DeviceUpdate::Telemetry(t.clone()), 102)
+            .await
+            .unwrap();
+    }
+    // Unknown and blocked devices change nothing.
+    assert!(
+        !apply_update(&mut tx, "ghost", &DeviceUpdate::Heartbeat(hb.clone()), 103)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !apply_update(&mut tx, "blocked", &DeviceUpdate::Heartbeat(hb), 103)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    let d = store.device("d").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            d.online,
+            d.led.as_deref(),
+            d.brightness,
+            d.firmware_version.as_deref(),
+            d.hardware.as_deref()
+        ),
+        (true, Some("ON"), Some(40), Some("1.2.0"), Some("esp32c3"))
+    );
+    assert_eq!(
+        (d.heap, d.rssi, d.uptime, d.crashes, d.last_seen),
+        (Some(18000), Some(-60), Some(12), Some(1), Some(102))
+    );
+    let rows = store.telemetry("d", 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(
+        (r.seq, r.device_ts, r.received_at, r.pot, r.switch, r.temp),
+        (7, Some(99), 102, Some(512), Some(true), Some(18.7))
+    );
+    assert!(!store.device("blocked").await.unwrap().unwrap().online);
+
+    let offline: flotilla_proto::Status = message(json!({"online": false, "reason": "sleeping"}));
+    let mut tx = store.begin_write().await.unwrap();
+    apply_update(&mut tx, "d", &DeviceUpdate::Status(offline), 200)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let d = store.device("d").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            d.online,
+            d.disconnect_reason.as_deref(),
+            d.last_seen,
+            d.led.as_deref()
+        ),
+        (false, Some("sleeping"), Some(102), Some("ON"))
+    );
+}
+
+async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for i in 0..30 {
+        store
+            .register_device(&format!("d{i}"), "d", o)
+            .await
+            .unwrap();
+    }
+    store.toggle_device_block("d3").await.unwrap();
+    let readings: Vec<(String, flotilla_proto::Telemetry)> = (0..2_500u64)
+        .map(|n| {
+            let device = format!("d{}", n % 32); // d30 and d31 are not registered
+            let t = message(json!({"seq": n / 32, "pot": n % 1000, "switch": n % 2 == 0, "temp": 0.1 * n as f64}));
+            (device, t)
+        })
+        .collect();
+    let refs: Vec<(&str, &flotilla_proto::Telemetry)> =
+        readings.iter().map(|(d, t)| (d.as_str(), t)).collect();
+    let mut tx = store.begin_write().await.unwrap();
+    let mut came_online = apply_readings(&mut tx, &refs, 500).await.unwrap();
+    // Redelivered: stored once.
+    apply_readings(&mut tx, &refs[..100], 501).await.unwrap();
+    tx.commit().await.unwrap();
+    came_online.sort();
+    let mut expected: Vec<String> = (0..30)
+        .filter(|i| *i != 3)
+        .map(|i| format!("d{i}"))
+        .collect();
+    expected.sort();
+    assert_eq!(came_online, expected);
+    for i in [0, 7, 29] {
+        let rows = store.telemetry(&format!("d{i}"), 1_000).await.unwrap();
+        let expected: Vec<i64> = (0..2_500i64)
+            .filter(|n| n % 32 == i)
+            .map(|n| n / 32)
+            .rev()
+            .collect();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), expected);
+        assert!(rows.iter().all(|r| r.received_at == 500));
+        let d = store.device(&format!("d{i}")).await.unwrap().unwrap();
+        // Every device has a reading among the first 100, delivered again at 501.
+        assert_eq!((d.online, d.last_seen), (true, Some(501)));
+    }
+    assert!(store.telemetry("d3", 10).await.unwrap().is_empty());
+    assert!(store.telemetry("d30", 10).await.unwrap().is_empty());
+}
+
+async fn dead_letters_and_retained_messages(store: &Store) {
+    let payload = [0xff, 0x00, 0xfe, b'x'];
+    store
+        .dead_letter("devices/d/telemetry", &payload, "refused")
+        .await
+        .unwrap();
+    store
+        .dead_letter("devices/e/health", b"{}", &"long ".repeat(200))
+        .await
+        .unwrap();
+    let letters = store.dead_letters(10).await.unwrap();
+    assert_eq!(letters[0].0, "devices/e/health");
+    assert_eq!(letters[0].1.chars().count(), 500);
+    assert_eq!(letters[1], ("devices/d/telemetry".into(), "refused".into()));
+    store
+        .set_retained("devices/b/config", &payload, 1)
+        .await
+        .unwrap();
+    store
+        .set_retained("devices/a/config", b"v1", 1)
+        .await
+        .unwrap();
+    store
+        .set_retained("devices/a/config", b"v2", 0)
+        .await
+        .unwrap();
+    let kept = store.retained().await.unwrap();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(
+        (
+            kept[0].topic.as_str(),
+            kept[0].payload.as_slice(),
+            kept[0].qos
+        ),
+        ("devices/a/config", &b"v2"[..], 0)
+    );
+    assert_eq!(kept[1].payload, payload);
+    store
+        .set_retained("devices/a/config", b"", 1)
+        .await
+        .unwrap();
+    assert_eq!(store.retained().await.unwrap().len(), 1);
+}
+
+fn new_release<'a>(version: &'a str, hardware: &'a str, by: i64) -> NewRelease<'a> {
+    NewRelease {
+        version,
+        hardware,
+        size: 1 << 20,
+        sha256: "ab",
+        security_counter: 3,
+        manifest: "{}",
+        signature: "sig",
+        created_by: by,
+    }
+}
+
+async fn releases(store: &Store) {
+    let o = user(store, "o@x", Role::Admin).await;
+    for (v, hw) in [
+        ("1.2.0", "esp32c3"),
+        ("1.10.0", "esp32c3"),
+        ("2.0.0", "esp32s3"),
+    ] {
+        let r = store.create_release(new_release(v, hw, o)).await.unwrap();
+        assert!(!r.ready && !r.blocked);
+    }
+    assert!(
+        store
+            .create_release(new_release("1.2.0", "esp32c3", o))
+            .await
+            .is_err()
+    );
+    let versions: Vec<_> = store
+        .releases()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(versions, ["2.0.0", "1.10.0", "1.2.0"]);
+    assert!(store.latest_release(None).await.unwrap().is_none());
+    for v in ["1.2.0", "1.10.0", "2.0.0"] {
+        store.mark_release_ready(v).await.unwrap();
+    }
+    assert_eq!(
+        store
+            .latest_release(Some("esp32c3"))
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        "1.10.0"
+    );
+    assert!(
+        store
+            .set_release_blocked("1.10.0", true, Some("bricks"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_release_blocked("9.9.9", true, None)
+            .await
+            .unwrap()
+    );
+    let r = store.release("1.10.0").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            r.blocked,
+            r.blocked_reason.as_deref(),
+            r.size,
+            r.security_counter
+        ),
+        (true, Some("bricks"), 1 << 20, 3)
+    );
+    assert_eq!(
+        store
+            .latest_release(Some("esp32c3"))
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        "1.2.0"
+    );
+    assert_eq!(
+        store.latest_release(None).await.unwrap().unwrap().version,
+        "2.0.0"
+    );
+    store
+        .set_release_blocked("1.10.0", false, Some("ignored"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .release("1.10.0")
+            .await
+            .unwrap()
+            .unwrap()
+            .blocked_reason,
+        None
+    );
+}
+
+async fn ota_offers_and_reports(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for d in ["d", "e", "f"] {
+        store.register_device(d, d, o).await.unwrap();
+    }
+    let u1 = store
+        .create_update("u1", "d", "1.1.0", false, None, Some(o))
+        .await
+        .unwrap();
+    assert_eq!(u1.state, UpdateState::Offered);
+    // A newer offer cancels the open one.
+    store
+        .create_update("u2", "d", "1.2.0", true, Some("r1"), Some(o))
+        .await
+        .unwrap();
+    assert!(!store.has_open_update("d", "1.1.0").await.unwrap());
+    assert!(store.has_open_update("d", "1.2.0").await.unwrap());
+    assert_eq!(store.unstarted_updates("d").await.unwrap().len(), 1);
+
+    let report = |v: serde_json::Value| -> flotilla_proto::OtaStatus { message(v) };
+    let mut tx = store.begin_write().await.unwrap();
+    // Another device's report, and a report without an id, change nothing.
+    assert!(
+        apply_ota_status(
+            &mut tx,
+            "e",
+            &report(json!({"status": "FAILED", "id": "u2"})),
+            10
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
+    assert!(
+        apply_ota_status(&mut tx, "d", &report(json!({"status": "FAILED"})), 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        apply_ota_status(
+            &mut tx,
+            "d",
+            &report(json!({"status": "IN_PROGRESS", "id": "u2", "progress": 50})),
+            11
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
+    // Success with another version than offered is a failure.
+    let done = apply_ota_status(
+        &mut tx,
+        "d",
+        &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.1.9"})),
+        12,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (done.state, done.rollout_id.as_deref()),
+        (UpdateState::Failed, Some("r1"))
+    );
+    assert!(
+        apply_ota_status(
+            &mut tx,
+            "d",
+            &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.2.0"})),
+            13
+        )
+        .await
+        .unwrap()
+        .is_none()
+    );
+    tx.commit().await.unwrap();
+    let history = store.update_history("d", 10).await.unwrap();
+    assert_eq!(history.len(), 2);
+    let (u2, events) = &history.iter().find(|(u, _)| u.id == "u2").unwrap();
+    assert_eq!(
+        (u2.state, u2.progress, u2.force),
+        (UpdateState::Failed, Some(50), true)
+    );
+    assert_eq!(
+        events.iter().map(|e| e.status.as_str()).collect::<Vec<_>>(),
+        ["IN_PROGRESS", "SUCCESS", "SUCCESS"]
+    );
+    assert_eq!(
+        history.iter().find(|(u, _)| u.id == "u1").unwrap().0.state,
+        UpdateState::Cancelled
+    );
+
+    store
+        .create_update("u3", "e", "1.2.0", false, Some("r2"), None)
+        .await
+        .unwrap();
+    store
+        .create_update("u4", "f", "1.2.0", false, Some("r2"), None)
+        .await
+        .unwrap();
+    store.time_out_update("r2", "e").await.unwrap();
+    assert_eq!(
+        store.cancel_rollout_updates("r2", "aborted").await.unwrap(),
+        1
+    );
+    let outcomes = store.rollout_outcomes("r2").await.unwrap();
+    assert!(outcomes.contains(&("e".into(), UpdateState::Failed)));
+    assert!(outcomes.contains(&("f".into(), UpdateState::Cancelled)));
+
+    let mut tx = store.begin_write().await.unwrap();
+    let fw = |v: &str| -> flotilla_proto::Heartbeat { message(json!({"heap": 1, "fw": v})) };
+    apply_update(&mut tx, "d", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
+        .await
+        .unwrap();
+    apply_update(&mut tx, "e", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        store.version_distribution(None).await.unwrap(),
+        [(Some("1.2.0".to_string()), 2), (None, 1)]
+    );
+    assert!(
+        store
+            .version_distribution(Some(o + 1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn rollouts_and_their_outcomes(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    let config = json!({"phases": [10, 100], "failureThreshold": 0.2});
+    let r = store
+        .create_rollout("r1", "1.2.0", &config, &["d1".into(), "d2".into()], o)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.state.as_str(), r.phase, r.targets.len()),
+        ("scheduled", None, 2)
+    );
+    store
+        .create_rollout("r2", "1.3.0", &json!({}), &[], o)
+        .await
+        .unwrap();
+    store
+        .set_rollout_state("r1", "running", Some(1))
+        .await
+        .unwrap();
+    store.set_rollout_state("r1", "paused", None).await.unwrap();
+    let r1 = store.rollout("r1").await.unwrap().unwrap();
+    assert_eq!(
+        (r1.state.as_str(), r1.phase, r1.config.clone()),
+        ("paused", Some(1), config)
+    );
+    assert_eq!(store.rollouts().await.unwrap().len(), 2);
+    assert!(store.rollout("nope").await.unwrap().is_none());
+}
+
+async fn audit_and_fleet_figures(store: &Store) {
+    for (i, action) in ["user.login", "device.block", "user.login"]
+        .iter()
+        .enumerate()
+    {
+        store
+            .audit(AuditRecord {
+                actor: "a",
+                action,
+                target: Some("t"),
+                result: if i == 0 { "failure" } else { "success" },
+                detail: None,
+            })
+            .await;
+    }
+    let logins = store.audit_entries(10, Some("user.login")).await.unwrap();
+    assert_eq!(logins.len(), 2);
+    assert!(logins[0].id > logins[1].id);
+    assert_eq!(
+        store.audit_entries(1, None).await.unwrap()[0].action,
+        "user.login"
+    );
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device("d", "d", o).await.unwrap();
+    store
+        .create_command("c", "d", "ping", &json!({}), o, now_ms() + 60_000)
+        .await
+        .unwrap();
+    store
+        .create_rollout("r", "1.0.0", &json!({}), &[], o)
+        .await
+        .unwrap();
+    let g = store.fleet_gauges().await.unwrap();
+    assert_eq!(
+        (
+            g.devices,
+            g.online,
+            g.device_certificates,
+            g.first_cert_expiry_ms
+        ),
+        (1, 0, 0, None)
+    );
+    assert_eq!(g.commands, [("queued".to_string(), 1)]);
+    assert_eq!(g.rollouts, [("scheduled".to_string(), 1)]);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats["users"].as_i64(),
+            stats["devices"].as_i64(),
+            stats["commands"].as_i64()
+        ),
+        (Some(1), Some(1), Some(1))
+    );
+}
+
+/// Opening runs migrations again and changes nothing; a database from before sqlx's migrator
+/// (its own `schema_migrations` table) is adopted, not migrated twice.
+#[tokio::test]
+async fn reopening_and_legacy_sqlite_databases_migrate_once() {
+    let db = TestDb::sqlite().await;
+    user(&db.store, "kept@x", Role::Admin).await;
+    let again = Store::open(&db.url).await.unwrap();
+    assert!(again.user_by_email("kept@x").await.unwrap().is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("legacy.db");
+    {
+        use sqlx::Connection;
+        let mut conn =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+                .await
+                .unwrap();
+        sqlx::raw_sql("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for (version, file) in [
+            (1, include_str!("../../migrations/sqlite/0001_initial.sql")),
+            (
+                2,
+                include_str!("../../migrations/sqlite/0002_device_uptime.sql"),
+            ),
+            (
+                3,
+                include_str!("../../migrations/sqlite/0003_releases_and_ota.sql"),
+            ),
+            (
+                4,
+                include_str!("../../migrations/sqlite/0004_dead_letters_and_retained.sql"),
+            ),
+        ] {
+            sqlx::raw_sql(file).execute(&mut conn).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, 0)")
+                .bind(version)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        sqlx::raw_sql("INSERT INTO users (username, email, password_hash, role, created_at) VALUES ('old', 'old@x', 'h', 'admin', 0)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Version 5 (indexes) is applied now; 1-4 are not run again (they would fail: tables exist).
+    let store = Store::open_file(&path).await.unwrap();
+    assert!(store.user_by_email("old@x").await.unwrap().is_some());
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'commands_expiry'",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["commands_expiry"]);
+    Store::open_file(&path).await.unwrap();
+}
