@@ -112,6 +112,8 @@ pub struct Server {
     pub client: reqwest::Client,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// Declared after `proc`, so the server stops before its database is dropped.
+    pub database: database::Database,
 }
 
 impl Server {
@@ -123,10 +125,14 @@ impl Server {
     pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Result<Server> {
         init_crypto();
         let dir = tempfile::tempdir()?;
-        let env: Vec<(String, String)> = env
+        let database = database::Database::for_server(dir.path().join("server")).await?;
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if database.is_postgres() {
+            env.push(("FLOTILLA_DATABASE_URL".into(), database.url()));
+        }
         let (proc, ep) = Self::spawn(dir.path(), extra, &env).await?;
         let mut server = Server {
             http: String::new(),
@@ -137,6 +143,7 @@ impl Server {
             proc,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env,
+            database,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -237,11 +244,6 @@ impl Server {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("server")
-    }
-
-    /// The server's SQLite database, for tests that inject faults into it.
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir().join("flotilla.db")
     }
 
     pub fn ca_pem(&self) -> String {
@@ -369,6 +371,7 @@ impl Server {
                 "--password",
                 "admin-pass",
             ])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "admin create failed");
@@ -510,6 +513,7 @@ impl Agent {
     }
 }
 
+pub mod database;
 pub mod mosquitto;
 pub mod mqtt;
 

@@ -187,6 +187,19 @@ async fn every_endpoint_answers_bad_bodies_with_a_clear_400() -> anyhow::Result<
             .status(),
         413
     );
+    // A NUL in the URL (PostgreSQL cannot hold it) is refused before any handler reads it.
+    for path in [
+        "/api/device/%00/telemetry",
+        "/api/device/dev-ok%00/commands",
+        "/api/admin/audit?action=a%00b",
+    ] {
+        let (s, b) = server.call("GET", path, Some(&admin), None).await?;
+        assert_eq!(s, 400, "{path}: {b}");
+        assert!(
+            b["error"].as_str().is_some_and(|e| e.contains("NUL")),
+            "{path}: {b}"
+        );
+    }
     // Nothing was created by the refused requests.
     let (_, list) = server.call("GET", "/api/device", Some(&jwt), None).await?;
     assert_eq!(list.as_array().map(Vec::len), Some(1));

@@ -44,17 +44,14 @@ async fn publish_until_cut(port: u16, id: &DeviceIdentity, from: u64) -> Run {
 
 /// Every stored seq of a device, straight from the database (duplicates included).
 async fn stored_seqs(server: &Server, device: &str) -> anyhow::Result<Vec<u64>> {
-    let mut db = sqlx::SqliteConnection::connect(&format!(
-        "sqlite://{}?mode=ro",
-        server.database_path().display()
-    ))
-    .await?;
-    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM telemetry WHERE device_id = ?")
-        .bind(device)
-        .fetch_all(&mut db)
-        .await?;
-    db.close().await?;
-    Ok(seqs.into_iter().map(|s| s as u64).collect())
+    Ok(server
+        .database
+        .stored_readings()
+        .await?
+        .into_iter()
+        .filter(|(d, _)| d == device)
+        .map(|(_, seq)| seq)
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,16 +145,7 @@ async fn a_poisoned_message_is_dead_lettered_while_the_next_ones_are_stored() ->
         server.enroll(&jwt, "p3").await?,
     ];
     // Fault injection from outside: the database refuses one reading, forever.
-    let mut db =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}", server.database_path().display()))
-            .await?;
-    sqlx::query(
-        "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN NEW.device_id = 'p1' AND NEW.seq = 13 \
-         BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END",
-    )
-    .execute(&mut db)
-    .await?;
-    db.close().await?;
+    server.database.poison_reading("p1", 13).await?;
 
     // Three devices at once, so the poisoned reading shares a batch with others.
     let mut tasks = Vec::new();
@@ -217,10 +205,7 @@ async fn a_database_locked_by_another_writer_delays_acks_and_fails_none() -> any
     let id = server.enroll(&jwt, "locked-dev").await?;
     let mut s = connect_device(server.mqtt_port, &id).await?;
 
-    let mut db =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}", server.database_path().display()))
-            .await?;
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut db).await?;
+    let mut db = server.database.lock_writes().await?;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(2)).await;
         sqlx::query("COMMIT").execute(&mut db).await?;

@@ -38,15 +38,7 @@ async fn publish(
 }
 
 async fn stored(server: &Server) -> anyhow::Result<Vec<(String, u64)>> {
-    let mut db = sqlx::SqliteConnection::connect(&format!(
-        "sqlite://{}?mode=ro",
-        server.database_path().display()
-    ))
-    .await?;
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT device_id, seq FROM telemetry")
-        .fetch_all(&mut db)
-        .await?;
-    Ok(rows.into_iter().map(|(d, s)| (d, s as u64)).collect())
+    server.database.stored_readings().await
 }
 
 async fn link_stats(server: &Server, admin: &str) -> anyhow::Result<Value> {
@@ -78,13 +70,9 @@ async fn connect_all(port: u16, ids: &[DeviceIdentity]) -> Vec<Session> {
     sessions
 }
 
-/// Holds SQLite's write lock until dropped or committed: the server's commits wait.
-async fn lock_database(server: &Server) -> anyhow::Result<sqlx::SqliteConnection> {
-    let mut locker =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}", server.database_path().display()))
-            .await?;
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut locker).await?;
-    Ok(locker)
+/// Holds the database's write lock until dropped or committed: the server's commits wait.
+async fn lock_database(server: &Server) -> anyhow::Result<sqlx::AnyConnection> {
+    server.database.lock_writes().await
 }
 
 async fn wait_stored(server: &Server, sent: &BTreeSet<(String, u64)>) -> anyhow::Result<()> {

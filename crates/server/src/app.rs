@@ -59,6 +59,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::rollouts::router())
         .merge(routes::meta::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(crate::error::refuse_nul_in_url))
         .layer(axum::middleware::map_response(crate::error::json_errors))
         .with_state(state)
 }

@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::firmware::router())
         .route("/ca.pem", axum::routing::get(routes::meta::ca_pem))
         .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::from_fn(crate::error::refuse_nul_in_url))
         .layer(axum::middleware::map_response(crate::error::json_errors))
         .with_state(state)
 }

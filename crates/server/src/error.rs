@@ -132,6 +132,20 @@ where
     }
 }
 
+/// Refuses a URL whose path or query decodes to a NUL character: PostgreSQL refuses such text
+/// (SQLite would keep it), so it is bad input at the edge, never an error at commit.
+pub async fn refuse_nul_in_url(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let encodes_nul = |s: &str| s.as_bytes().windows(3).any(|w| w == b"%00");
+    let uri = req.uri();
+    if encodes_nul(uri.path()) || uri.query().is_some_and(encodes_nul) {
+        return ApiError::bad("the URL holds a NUL character (%00)").into_response();
+    }
+    next.run(req).await
+}
+
 /// Gives every 4xx answer the documented `{"error": "..."}` body, including the plain-text ones
 /// axum's own extractors (path, query, raw body) produce.
 pub async fn json_errors(resp: axum::response::Response) -> axum::response::Response {

@@ -73,8 +73,9 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rmqtt=warn,rumqttc=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,rmqtt=warn,rumqttc=warn,sqlx::postgres::notice=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
