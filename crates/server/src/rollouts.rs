@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ota::OtaService;
-use crate::store::{AuditRecord, Finished, ReleaseRow, RolloutRow, Store, UpdateState, now_ms};
+use crate::store::{
+    AuditRecord, Finished, ReleaseRow, RolloutRow, RolloutState, Store, UpdateState, now_ms,
+};
 
 /// Rollout parameters as the API takes them (camelCase JSON), stored with the rollout.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,14 +218,14 @@ pub enum Event {
     ReleaseBlocked(String),
 }
 
-pub fn state_name(s: State) -> &'static str {
+pub fn rollout_state(s: State) -> RolloutState {
     match s {
-        State::Scheduled => "scheduled",
-        State::Running { .. } => "running",
-        State::Paused { .. } => "paused",
-        State::Stopped { .. } => "stopped",
-        State::Aborted => "aborted",
-        State::Completed => "completed",
+        State::Scheduled => RolloutState::Scheduled,
+        State::Running { .. } => RolloutState::Running,
+        State::Paused { .. } => RolloutState::Paused,
+        State::Stopped { .. } => RolloutState::Stopped,
+        State::Aborted => RolloutState::Aborted,
+        State::Completed => RolloutState::Completed,
     }
 }
 
@@ -286,10 +288,7 @@ impl Manager {
     async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
         match self.store.rollouts().await {
             Ok(rows) => {
-                for row in rows
-                    .iter()
-                    .filter(|r| matches!(r.state.as_str(), "scheduled" | "running" | "paused"))
-                {
+                for row in rows.iter().filter(|r| r.state.is_open()) {
                     self.load(row).await;
                 }
             }
@@ -365,7 +364,7 @@ impl Manager {
                             Control::Resume => a.planner.resume(now),
                             Control::Abort => a.planner.abort(),
                         }
-                        Ok(state_name(a.planner.state()))
+                        Ok(rollout_state(a.planner.state()).as_str())
                     }
                 };
                 // Carry out (and record) the transition before answering.
@@ -389,7 +388,7 @@ impl Manager {
                 let progress = self.active.get(&id).map(|a| {
                     let c = a.planner.counts();
                     Progress {
-                        state: state_name(a.planner.state()),
+                        state: rollout_state(a.planner.state()).as_str(),
                         phase: phase_of(a.planner.state()),
                         waiting: c.waiting,
                         in_flight: c.in_flight,
@@ -438,7 +437,7 @@ impl Manager {
         };
         let now = now_ms() as u64;
         let mut planner = Rollout::new(settings.planner_config(), row.targets.clone(), now);
-        if row.state == "paused" {
+        if row.state == RolloutState::Paused {
             planner.pause();
         }
         let online = self.store.online_devices().await.unwrap_or_default();
@@ -532,10 +531,11 @@ impl Manager {
     }
 
     async fn transition(&mut self, rollout: &str, state: State) {
-        let name = state_name(state);
+        let stored = rollout_state(state);
+        let name = stored.as_str();
         if let Err(e) = self
             .store
-            .set_rollout_state(rollout, name, phase_of(state))
+            .set_rollout_state(rollout, stored, phase_of(state))
             .await
         {
             tracing::error!(error = %e, rollout, "saving rollout state failed");

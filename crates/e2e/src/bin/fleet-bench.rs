@@ -210,7 +210,13 @@ async fn main() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    let mut report = json!({ "devices": args.devices, "concurrency": args.concurrency, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) });
+    let mut report = json!({
+        "devices": args.devices,
+        "concurrency": args.concurrency,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        // FLOTILLA_E2E_DATABASE=postgres runs the server on a fresh PostgreSQL database.
+        "database": if server.database.is_postgres() { "postgres" } else { "sqlite" },
+    });
 
     // --- flotilla-server ---
     let pid = server.proc.0.id();

@@ -106,13 +106,19 @@ async fn create(
         .version
         .parse()
         .map_err(|_| ApiError::Conflict("release version unreadable".into()))?;
+    let listed: std::collections::HashSet<&str> = t
+        .devices
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     // Devices that already run this version or newer, or other hardware, are not targets.
     let targets: Vec<String> = visible
         .iter()
         .filter(|d| match (&t.hardware, &t.tag, &t.devices) {
             (Some(h), _, _) => d.hardware.as_deref() == Some(h.as_str()),
             (_, Some(tag), _) => d.tags.contains(tag),
-            (_, _, Some(ids)) => ids.contains(&d.device_id),
+            (_, _, Some(_)) => listed.contains(d.device_id.as_str()),
             _ => true,
         })
         .filter(|d| !d.blocked)

@@ -3,30 +3,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{Store, now_ms};
-
-/// Lifecycle of a command: queued -> delivered -> succeeded | failed, or expired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CommandState {
-    Queued,
-    Delivered,
-    Succeeded,
-    Failed,
-    Expired,
-}
-
-impl CommandState {
-    fn parse(s: &str) -> CommandState {
-        match s {
-            "delivered" => CommandState::Delivered,
-            "succeeded" => CommandState::Succeeded,
-            "failed" => CommandState::Failed,
-            "expired" => CommandState::Expired,
-            _ => CommandState::Queued,
-        }
-    }
-}
+use super::{CommandState, Store, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -51,7 +28,7 @@ fn command_from(r: &sqlx::any::AnyRow) -> sqlx::Result<CommandRow> {
         device_id: r.try_get("device_id")?,
         name: r.try_get("name")?,
         args: json(r.try_get("args")?).unwrap_or(Value::Null),
-        state: CommandState::parse(&r.try_get::<String, _>("state")?),
+        state: super::states::state(r, "state")?,
         created_at: r.try_get("created_at")?,
         expires_at: r.try_get("expires_at")?,
         delivered_at: r.try_get("delivered_at")?,

@@ -183,10 +183,35 @@ async fn devices_register_list_block_and_tag(store: &Store) {
         .set_device_tags("dev1", &["hall".into(), "floor-2".into()])
         .await
         .unwrap();
+    // A set, read back in order.
     assert_eq!(
         store.device("dev1").await.unwrap().unwrap().tags,
-        ["hall", "floor-2"]
+        ["floor-2", "hall"]
     );
+    store
+        .set_device_tags("dev-b", &["hall".into()])
+        .await
+        .unwrap();
+    let tagged: Vec<(String, Vec<String>)> = store
+        .devices_of(Some(alice))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.device_id, d.tags))
+        .filter(|(_, t)| !t.is_empty())
+        .collect();
+    assert_eq!(
+        tagged,
+        [
+            ("dev-b".to_string(), vec!["hall".to_string()]),
+            (
+                "dev1".to_string(),
+                vec!["floor-2".to_string(), "hall".to_string()]
+            )
+        ]
+    );
+    store.set_device_tags("dev1", &[]).await.unwrap();
+    assert!(store.device("dev1").await.unwrap().unwrap().tags.is_empty());
     assert_eq!(store.toggle_device_block("dev1").await.unwrap(), Some(true));
     assert_eq!(store.toggle_device_block("nope").await.unwrap(), None);
     let gate = store.gate_snapshot().await.unwrap();
@@ -322,7 +347,7 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
         .unwrap();
     assert_eq!(
         (c.state, c.args.clone()),
-        (commands::CommandState::Queued, json!({"state": "ON"}))
+        (CommandState::Queued, json!({"state": "ON"}))
     );
     store
         .create_command("c2", "d", "ping", &json!({}), o, now_ms() - 1)
@@ -375,7 +400,7 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
     );
     tx.commit().await.unwrap();
     let c1 = store.command("c1").await.unwrap().unwrap();
-    assert_eq!(c1.state, commands::CommandState::Succeeded);
+    assert_eq!(c1.state, CommandState::Succeeded);
     assert_eq!((c1.delivered_at, c1.completed_at), (Some(11), Some(12)));
     assert_eq!(c1.result, Some(json!({"ok": true})));
 
@@ -383,7 +408,7 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
     assert_eq!(store.expire_commands().await.unwrap(), 0);
     assert_eq!(
         store.command("c2").await.unwrap().unwrap().state,
-        commands::CommandState::Expired
+        CommandState::Expired
     );
     let listed: Vec<_> = store
         .commands_of("d", 1)
@@ -394,6 +419,17 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
         .collect();
     assert_eq!(listed.len(), 1);
     assert!(store.command("nope").await.unwrap().is_none());
+    // A state no variant names (a newer server's, a hand-edited row) is an error, not a default.
+    sqlx::query("UPDATE commands SET state = 'teleported' WHERE id = 'c3'")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let e = store.command("c3").await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(r#"unknown command state "teleported""#),
+        "{e}"
+    );
 }
 
 async fn device_messages_and_redelivered_readings(store: &Store) {
@@ -808,22 +844,34 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         .await
         .unwrap();
     assert_eq!(
-        (r.state.as_str(), r.phase, r.targets.len()),
-        ("scheduled", None, 2)
+        (r.state, r.phase, r.targets.len()),
+        (RolloutState::Scheduled, None, 2)
     );
+    // Targets keep their order across statement chunks.
+    let many: Vec<String> = (0..2_500).rev().map(|i| format!("dev-{i}")).collect();
     store
-        .create_rollout("r2", "1.3.0", &json!({}), &[], o)
+        .create_rollout("r2", "1.3.0", &json!({}), &many, o)
+        .await
+        .unwrap();
+    assert_eq!(store.rollout("r2").await.unwrap().unwrap().targets, many);
+    let listed = store.rollouts().await.unwrap();
+    assert_eq!(
+        listed.iter().find(|r| r.id == "r1").unwrap().targets,
+        ["d1", "d2"]
+    );
+    assert_eq!(listed.iter().find(|r| r.id == "r2").unwrap().targets, many);
+    store
+        .set_rollout_state("r1", RolloutState::Running, Some(1))
         .await
         .unwrap();
     store
-        .set_rollout_state("r1", "running", Some(1))
+        .set_rollout_state("r1", RolloutState::Paused, None)
         .await
         .unwrap();
-    store.set_rollout_state("r1", "paused", None).await.unwrap();
     let r1 = store.rollout("r1").await.unwrap().unwrap();
     assert_eq!(
-        (r1.state.as_str(), r1.phase, r1.config.clone()),
-        ("paused", Some(1), config)
+        (r1.state, r1.phase, r1.config.clone()),
+        (RolloutState::Paused, Some(1), config)
     );
     assert_eq!(store.rollouts().await.unwrap().len(), 2);
     assert!(store.rollout("nope").await.unwrap().is_none());
@@ -927,14 +975,42 @@ async fn reopening_and_legacy_sqlite_databases_migrate_once() {
                 .await
                 .unwrap();
         }
-        sqlx::raw_sql("INSERT INTO users (username, email, password_hash, role, created_at) VALUES ('old', 'old@x', 'h', 'admin', 0)")
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO users (username, email, password_hash, role, created_at) VALUES ('old', 'old@x', 'h', 'admin', 0);
+             INSERT INTO devices (device_id, owner_id, name, created_at, tags) VALUES ('tagged', 1, 't', 0, '[\"b\",\"a\",7]');
+             INSERT INTO devices (device_id, owner_id, name, created_at, tags) VALUES ('garbled', 1, 'g', 0, 'not json');
+             INSERT INTO rollouts (id, version, config, targets, state, created_at, updated_at) VALUES ('r', '1.0.0', '{}', '[\"z\",\"tagged\",\"a\"]', 'paused', 0, 0);",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
     }
-    // Version 5 (indexes) is applied now; 1-4 are not run again (they would fail: tables exist).
+    // Versions 5 and 6 are applied now; 1-4 are not run again (they would fail: tables exist).
+    // Tags and targets move from JSON arrays to rows, keeping the targets' order; what is not
+    // a list of strings is dropped, not an error.
     let store = Store::open_file(&path).await.unwrap();
     assert!(store.user_by_email("old@x").await.unwrap().is_some());
+    assert_eq!(
+        store.device("tagged").await.unwrap().unwrap().tags,
+        ["a", "b"]
+    );
+    assert!(
+        store
+            .device("garbled")
+            .await
+            .unwrap()
+            .unwrap()
+            .tags
+            .is_empty()
+    );
+    let r = store.rollout("r").await.unwrap().unwrap();
+    assert_eq!(
+        (r.state, r.targets),
+        (
+            RolloutState::Paused,
+            vec!["z".into(), "tagged".into(), "a".into()]
+        )
+    );
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'commands_expiry'",
     )

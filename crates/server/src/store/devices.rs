@@ -2,6 +2,7 @@ use flotilla_proto::{Heartbeat, Status, Telemetry};
 use serde::Serialize;
 use sqlx::{Any, Row, Transaction};
 
+use super::params::{Params, ROWS_PER_STATEMENT};
 use super::{Store, now_ms};
 
 /// A device as the API shows it.
@@ -42,7 +43,8 @@ fn device_from(row: &sqlx::any::AnyRow) -> sqlx::Result<DeviceRow> {
         disconnect_reason: row.try_get("disconnect_reason")?,
         firmware_version: row.try_get("fw_version")?,
         hardware: row.try_get("hardware")?,
-        tags: serde_json::from_str(&row.try_get::<String, _>("tags")?).unwrap_or_default(),
+        // Rows of their own (device_tags), filled in by the caller.
+        tags: Vec::new(),
         led: row.try_get("led_state")?,
         brightness: row.try_get("led_brightness")?,
         heap: row.try_get("heap")?,
@@ -92,7 +94,15 @@ impl Store {
             .bind(device_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(device_from).transpose()
+        let Some(mut device) = row.as_ref().map(device_from).transpose()? else {
+            return Ok(None);
+        };
+        device.tags =
+            sqlx::query_scalar("SELECT tag FROM device_tags WHERE device_id = $1 ORDER BY tag")
+                .bind(device_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(Some(device))
     }
 
     /// The device if `owner` may see it (None for admins means any owner).
@@ -108,29 +118,54 @@ impl Store {
     }
 
     pub async fn devices_of(&self, owner: Option<i64>) -> sqlx::Result<Vec<DeviceRow>> {
-        let rows = match owner {
-            Some(o) => {
-                sqlx::query("SELECT * FROM devices WHERE owner_id = $1 ORDER BY device_id")
-                    .bind(o)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query("SELECT * FROM devices ORDER BY device_id")
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        rows.iter().map(device_from).collect()
+        let mut tx = self.pool.begin().await?;
+        // One transaction, so the tags read belong to the devices read.
+        let rows = sqlx::query(
+            "SELECT * FROM devices WHERE $1 IS NULL OR owner_id = $1 ORDER BY device_id",
+        )
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?;
+        let tags: Vec<(String, String)> = sqlx::query_as(
+            "SELECT t.device_id, t.tag FROM device_tags t JOIN devices d ON d.device_id = t.device_id \
+             WHERE $1 IS NULL OR d.owner_id = $1 ORDER BY t.device_id, t.tag",
+        )
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut by_device: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for (device, tag) in tags {
+            by_device.entry(device).or_default().push(tag);
+        }
+        rows.iter()
+            .map(|r| {
+                let mut d = device_from(r)?;
+                d.tags = by_device.remove(&d.device_id).unwrap_or_default();
+                Ok(d)
+            })
+            .collect()
     }
 
+    /// Replaces a device's tags.
     pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> sqlx::Result<()> {
-        sqlx::query("UPDATE devices SET tags = $1 WHERE device_id = $2")
-            .bind(serde_json::to_string(tags).unwrap_or_else(|_| "[]".into()))
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
             .bind(device_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        for chunk in tags.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO device_tags (device_id, tag) VALUES {} ON CONFLICT DO NOTHING",
+                Params::for_connection(&tx).rows(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(&sql);
+            for tag in chunk {
+                q = q.bind(device_id).bind(tag.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await
     }
 
     pub async fn toggle_device_block(&self, device_id: &str) -> sqlx::Result<Option<bool>> {
@@ -321,10 +356,6 @@ pub(crate) async fn apply_update(
 pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE online = 1 AND last_seen < $1 \
      UNION ALL SELECT 1 FROM devices WHERE online = 1 AND last_seen IS NULL LIMIT 1";
 
-/// Rows (or ids) per statement in [`apply_readings`]: 7 parameters a row stays far below
-/// SQLite's 32,766-parameter limit and PostgreSQL's 65,535.
-const ROWS_PER_STATEMENT: usize = 1000;
-
 /// Stores a run of telemetry readings in a few statements, whatever their number: one SELECT
 /// for the devices' presence, multi-row INSERTs, one UPDATE. Each statement is a round trip
 /// to the database's worker thread, so this costs the same as [`apply_update`] does for a
@@ -343,7 +374,7 @@ pub(crate) async fn apply_readings(
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN ({})",
-            placeholders(1, chunk.len())
+            Params::for_connection(tx).list(chunk.len())
         );
         let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
         for d in chunk {
@@ -364,13 +395,10 @@ pub(crate) async fn apply_readings(
         .collect();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
-        let values: Vec<String> = (0..chunk.len())
-            .map(|i| format!("({})", placeholders(i * 7 + 1, 7)))
-            .collect();
         let sql = format!(
             "INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) \
              VALUES {} ON CONFLICT DO NOTHING",
-            values.join(", ")
+            Params::for_connection(tx).rows(chunk.len(), 7)
         );
         let mut q = sqlx::query(&sql);
         for (device, t) in chunk {
@@ -387,9 +415,11 @@ pub(crate) async fn apply_readings(
     }
     let known: Vec<&String> = known.iter().collect();
     for chunk in known.chunks(ROWS_PER_STATEMENT) {
+        let mut params = Params::for_connection(tx);
         let sql = format!(
-            "UPDATE devices SET online = 1, last_seen = $1, disconnect_reason = NULL WHERE device_id IN ({})",
-            placeholders(2, chunk.len())
+            "UPDATE devices SET online = 1, last_seen = {}, disconnect_reason = NULL WHERE device_id IN ({})",
+            params.list(1),
+            params.list(chunk.len())
         );
         let mut q = sqlx::query(&sql).bind(now);
         for d in chunk {
@@ -398,14 +428,6 @@ pub(crate) async fn apply_readings(
         q.execute(&mut **tx).await?;
     }
     Ok(came_online)
-}
-
-/// `count` parameters numbered from `first`: "$3, $4, $5".
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|n| format!("${n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Widens an f32 through its shortest decimal form, so 18.7f32 is stored as 18.7, not

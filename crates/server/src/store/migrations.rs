@@ -40,13 +40,25 @@ const SQLITE: Embedded = &[
         "sweep indexes",
         include_str!("../../migrations/sqlite/0005_sweep_indexes.sql"),
     ),
+    (
+        6,
+        "tags, targets and lookup indexes",
+        include_str!("../../migrations/sqlite/0006_tags_targets_and_lookup_indexes.sql"),
+    ),
 ];
 
-const POSTGRES: Embedded = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/postgres/0001_schema.sql"),
-)];
+const POSTGRES: Embedded = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        2,
+        "tags, targets and lookup indexes",
+        include_str!("../../migrations/postgres/0002_tags_targets_and_lookup_indexes.sql"),
+    ),
+];
 
 #[derive(Debug)]
 struct Source(Embedded);

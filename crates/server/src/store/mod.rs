@@ -9,8 +9,10 @@ mod devices;
 mod ingest;
 mod migrations;
 mod ota;
+mod params;
 mod releases;
 mod rollouts;
+mod states;
 #[cfg(test)]
 pub(crate) mod testdb;
 mod tokens;
@@ -29,11 +31,12 @@ pub use commands::CommandRow;
 pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
 pub(crate) use devices::{apply_readings, apply_update};
 pub(crate) use ota::apply_ota_status;
-pub use ota::{Finished, UpdateRow, UpdateState};
+pub use ota::{Finished, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
 pub use rollouts::RolloutRow;
+pub use states::{CommandState, Role, RolloutState, UpdateState};
 pub use tokens::TokenClaim;
-pub use users::{Role, UserChange, UserRow};
+pub use users::{UserChange, UserRow};
 
 /// The fleet's state as `/metrics` shows it.
 #[derive(Debug, Clone, Default)]

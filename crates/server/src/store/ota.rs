@@ -4,56 +4,7 @@ use flotilla_proto::{OtaPhase, OtaStatus, truncate_chars};
 use serde::Serialize;
 use sqlx::{Any, Row, Transaction};
 
-use super::{Store, now_ms};
-
-/// offered -> started -> in_progress -> succeeded | failed | rolled_back; or cancelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpdateState {
-    Offered,
-    Started,
-    InProgress,
-    Succeeded,
-    Failed,
-    RolledBack,
-    Cancelled,
-}
-
-impl UpdateState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UpdateState::Offered => "offered",
-            UpdateState::Started => "started",
-            UpdateState::InProgress => "in_progress",
-            UpdateState::Succeeded => "succeeded",
-            UpdateState::Failed => "failed",
-            UpdateState::RolledBack => "rolled_back",
-            UpdateState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> UpdateState {
-        match s {
-            "started" => UpdateState::Started,
-            "in_progress" => UpdateState::InProgress,
-            "succeeded" => UpdateState::Succeeded,
-            "failed" => UpdateState::Failed,
-            "rolled_back" => UpdateState::RolledBack,
-            "cancelled" => UpdateState::Cancelled,
-            _ => UpdateState::Offered,
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            UpdateState::Succeeded
-                | UpdateState::Failed
-                | UpdateState::RolledBack
-                | UpdateState::Cancelled
-        )
-    }
-}
+use super::{Store, UpdateState, now_ms};
 
 /// States an update is still open in (SQL list).
 const OPEN: &str = "('offered', 'started', 'in_progress')";
@@ -80,7 +31,7 @@ fn update_from(r: &sqlx::any::AnyRow) -> sqlx::Result<UpdateRow> {
         version: r.try_get("version")?,
         force: r.try_get::<i64, _>("force")? != 0,
         rollout_id: r.try_get("rollout_id")?,
-        state: UpdateState::parse(&r.try_get::<String, _>("state")?),
+        state: super::states::state(r, "state")?,
         progress: r.try_get("progress")?,
         error: r.try_get("error")?,
         created_at: r.try_get("created_at")?,

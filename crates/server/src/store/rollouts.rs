@@ -5,7 +5,8 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{Store, UpdateState, now_ms};
+use super::params::{Params, ROWS_PER_STATEMENT};
+use super::{RolloutState, Store, UpdateState, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -14,7 +15,7 @@ pub struct RolloutRow {
     pub version: String,
     pub config: Value,
     pub targets: Vec<String>,
-    pub state: String,
+    pub state: RolloutState,
     /// Zero-based phase the rollout was in at its last transition.
     pub phase: Option<i64>,
     pub created_by: Option<i64>,
@@ -28,8 +29,9 @@ fn rollout_from(r: &sqlx::any::AnyRow) -> sqlx::Result<RolloutRow> {
         id: text("id")?,
         version: text("version")?,
         config: serde_json::from_str(&text("config")?).unwrap_or(Value::Null),
-        targets: serde_json::from_str(&text("targets")?).unwrap_or_default(),
-        state: text("state")?,
+        // Rows of their own (rollout_targets), filled in by the caller.
+        targets: Vec::new(),
+        state: super::states::state(r, "state")?,
         phase: r.try_get("phase")?,
         created_by: r.try_get("created_by")?,
         created_at: r.try_get("created_at")?,
@@ -47,49 +49,89 @@ impl Store {
         created_by: i64,
     ) -> sqlx::Result<RolloutRow> {
         let now = now_ms();
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "INSERT INTO rollouts (id, version, config, targets, state, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'scheduled', $5, $6, $7) RETURNING *",
+            "INSERT INTO rollouts (id, version, config, state, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'scheduled', $4, $5, $6) RETURNING *",
         )
         .bind(id)
         .bind(version)
         .bind(config.to_string())
-        .bind(serde_json::to_string(targets).unwrap_or_else(|_| "[]".into()))
         .bind(created_by)
         .bind(now)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        rollout_from(&row)
+        for (n, chunk) in targets.chunks(ROWS_PER_STATEMENT).enumerate() {
+            let sql = format!(
+                "INSERT INTO rollout_targets (rollout_id, position, device_id) VALUES {}",
+                Params::for_connection(&tx).rows(chunk.len(), 3)
+            );
+            let mut q = sqlx::query(&sql);
+            for (i, device) in chunk.iter().enumerate() {
+                let position = (n * ROWS_PER_STATEMENT + i) as i64;
+                q = q.bind(id).bind(position).bind(device.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let mut rollout = rollout_from(&row)?;
+        rollout.targets = targets.to_vec();
+        Ok(rollout)
     }
 
     pub async fn rollout(&self, id: &str) -> sqlx::Result<Option<RolloutRow>> {
-        sqlx::query("SELECT * FROM rollouts WHERE id = $1")
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT * FROM rollouts WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(rollout_from)
-            .transpose()
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(mut rollout) = row.as_ref().map(rollout_from).transpose()? else {
+            return Ok(None);
+        };
+        rollout.targets = sqlx::query_scalar(
+            "SELECT device_id FROM rollout_targets WHERE rollout_id = $1 ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(rollout))
     }
 
+    /// Every rollout, newest first, with its targets.
     pub async fn rollouts(&self) -> sqlx::Result<Vec<RolloutRow>> {
-        sqlx::query("SELECT * FROM rollouts ORDER BY created_at DESC")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(rollout_from)
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query("SELECT * FROM rollouts ORDER BY created_at DESC, id")
+            .fetch_all(&mut *tx)
+            .await?;
+        let targets: Vec<(String, String)> = sqlx::query_as(
+            "SELECT rollout_id, device_id FROM rollout_targets ORDER BY rollout_id, position",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut by_rollout: std::collections::HashMap<String, Vec<String>> = Default::default();
+        for (rollout, device) in targets {
+            by_rollout.entry(rollout).or_default().push(device);
+        }
+        rows.iter()
+            .map(|r| {
+                let mut rollout = rollout_from(r)?;
+                rollout.targets = by_rollout.remove(&rollout.id).unwrap_or_default();
+                Ok(rollout)
+            })
             .collect()
     }
 
     pub async fn set_rollout_state(
         &self,
         id: &str,
-        state: &str,
+        state: RolloutState,
         phase: Option<usize>,
     ) -> sqlx::Result<()> {
         sqlx::query("UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), updated_at = $3 WHERE id = $4")
-            .bind(state)
+            .bind(state.as_str())
             .bind(phase.map(|p| p as i64))
             .bind(now_ms())
             .bind(id)
@@ -107,10 +149,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| {
-            let state: String = r.try_get("state")?;
-            Ok((r.try_get("device_id")?, UpdateState::parse(&state)))
-        })
+        .map(|r| Ok((r.try_get("device_id")?, super::states::state(r, "state")?)))
         .collect()
     }
 

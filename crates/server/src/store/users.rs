@@ -1,34 +1,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Store, now_ms};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Admin,
-    Operator,
-    Viewer,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Operator => "operator",
-            Role::Viewer => "viewer",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "admin" => Some(Role::Admin),
-            "operator" => Some(Role::Operator),
-            "viewer" => Some(Role::Viewer),
-            _ => None,
-        }
-    }
-}
+use super::{Role, Store, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct UserRow {
@@ -44,13 +17,12 @@ pub struct UserRow {
 }
 
 fn user_from(row: &sqlx::any::AnyRow) -> sqlx::Result<UserRow> {
-    let role: String = row.try_get("role")?;
     Ok(UserRow {
         id: row.try_get("id")?,
         username: row.try_get("username")?,
         email: row.try_get("email")?,
         password_hash: row.try_get("password_hash")?,
-        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        role: super::states::state(row, "role")?,
         blocked: row.try_get::<i64, _>("blocked")? != 0,
         created_at: row.try_get("created_at")?,
     })
