@@ -45,13 +45,17 @@ impl Database {
         let mut conn = sqlx::PgConnection::connect(&admin)
             .await
             .with_context(|| format!("PostgreSQL at {admin} (set FLOTILLA_TEST_POSTGRES)"))?;
-        // One statement each: DROP/CREATE DATABASE may not run inside a transaction.
+        drop_abandoned(&mut conn).await;
+        // One statement each: DROP/CREATE DATABASE may not run inside a transaction. An ICU
+        // collation that does not sort bytewise, as many production databases have.
         sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&mut conn)
             .await?;
-        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(&format!(
+            "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        ))
+        .execute(&mut conn)
+        .await?;
         let (base, _) = admin.rsplit_once('/').context("a database in the URL")?;
         let url = format!("{base}/{name}");
         Ok(Database::Postgres { name, url })
@@ -126,6 +130,28 @@ impl Database {
             .await?;
         conn.close().await?;
         Ok(rows.into_iter().map(|(d, s)| (d, s as u64)).collect())
+    }
+}
+
+/// Drops the databases of test processes that no longer run (killed before their drop).
+async fn drop_abandoned(conn: &mut sqlx::PgConnection) {
+    const PREFIX: &str = "flotilla_e2e_";
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(PREFIX)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let pid = name[PREFIX.len()..]
+            .split('_')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut *conn)
+                .await;
+        }
     }
 }
 

@@ -26,7 +26,7 @@ pub struct ServerConfig {
         global = true,
         hide_env_values = true
     )]
-    pub database_url: Option<crate::store::DatabaseUrl>,
+    pub database_url: Option<crate::store::DatabaseUrlArg>,
     /// User API and dashboard (plain HTTP; put it behind TLS termination when exposed).
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -284,11 +284,17 @@ impl ServerConfig {
             .map_err(|e| anyhow::anyhow!("--broker-url: {e}"))
     }
 
-    /// The database to open: `--database-url`, or the SQLite file in the data dir.
-    pub fn database(&self) -> crate::store::DatabaseUrl {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| crate::store::DatabaseUrl::Sqlite(self.data_dir.join("flotilla.db")))
+    /// The database to open: `--database-url`, or the SQLite file in the data dir. The error
+    /// says what is wrong without the password.
+    pub fn database(&self) -> anyhow::Result<crate::store::DatabaseUrl> {
+        match &self.database_url {
+            Some(arg) => arg
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--database-url: {e}")),
+            None => Ok(crate::store::DatabaseUrl::Sqlite(
+                self.data_dir.join("flotilla.db"),
+            )),
+        }
     }
 }
 

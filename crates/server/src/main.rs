@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             }) => {
                 let id = server::create_admin(
                     &cli.config.data_dir,
-                    &cli.config.database(),
+                    &cli.config.database()?,
                     &email,
                     &password,
                     &username,

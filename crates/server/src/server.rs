@@ -41,8 +41,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let data = config.data_dir.clone();
     std::fs::create_dir_all(&data)
         .with_context(|| format!("creating data dir {}", data.display()))?;
-    let store = Store::open(&config.database()).await?;
-    tracing::info!(database = %config.database().redacted(), "database open");
+    let database = config.database()?;
+    let store = Store::open(&database).await?;
+    tracing::info!(database = %database.redacted(), "database open");
     let ca = Arc::new(CertificateAuthority::load_or_create(&data)?);
     let server_cert = ca.issue_server_certificate(&config.certificate_hosts())?;
     let (cert_path, key_path) = (data.join("server.pem"), data.join("server.key"));

@@ -2,6 +2,9 @@
 -- devices by hardware and presence.
 CREATE INDEX provisioning_tokens_expiry ON provisioning_tokens(expires_at);
 CREATE INDEX ota_updates_open ON ota_updates(device_id, state);
+-- At most one open offer per device, whatever runs concurrently.
+CREATE UNIQUE INDEX ota_updates_one_open ON ota_updates(device_id)
+    WHERE state IN ('offered', 'started', 'in_progress');
 CREATE INDEX devices_hardware_online ON devices(hardware, online);
 
 -- A device's tags and a rollout's targets as rows instead of JSON arrays.

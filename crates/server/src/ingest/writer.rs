@@ -286,10 +286,14 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
                 .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
                 .is_some()
             {
-                // SQLSTATE classes: 08 connection, 40 rolled back (serialization failure,
-                // deadlock), 53 insufficient resources (disk full), 57 operator intervention
-                // (shutdown), 58 system error; 55P03 lock not available.
-                matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58")) || code == "55P03"
+                // SQLSTATE: 08 connection, 28 authorisation (a rotated password), 40 rolled
+                // back (serialization failure, deadlock), 53 insufficient resources (disk
+                // full, out of memory), 57P* shutting down or starting, 58 system error;
+                // 25006 read-only (a standby during failover), 55P03 lock not available.
+                // Not 57014 (a cancelled statement): that batch goes one message at a time.
+                matches!(code.get(..2), Some("08" | "28" | "40" | "53" | "58"))
+                    || code.starts_with("57P")
+                    || matches!(code.as_ref(), "25006" | "55P03")
             } else {
                 // SQLite primary result codes (extended codes carry them in the low byte):
                 // BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
@@ -299,6 +303,7 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
         }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
@@ -382,15 +387,29 @@ async fn store_readings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Backend;
+    use crate::store::testdb::TestDb;
     use sqlx::Connection;
 
+    /// A database with devices d1-d3, opened with a 100 ms busy (lock) timeout.
+    async fn db_with_devices(backend: Backend) -> TestDb {
+        let mut db = TestDb::new(backend).await;
+        db.reopen_with_busy_timeout(Duration::from_millis(100))
+            .await;
+        let store = db.store();
+        let owner = store
+            .create_user("o", "o@x", "hash", crate::store::Role::Operator)
+            .await
+            .unwrap();
+        for d in ["d1", "d2", "d3"] {
+            assert!(store.register_device(d, d, owner).await.unwrap());
+        }
+        db
+    }
+
+    /// A SQLite file in `dir` with devices d1-d3 (tests that read the file directly).
     async fn store_with_device(dir: &std::path::Path) -> Store {
-        let store = Store::open_with_busy_timeout(
-            &crate::store::DatabaseUrl::Sqlite(dir.join("db")),
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap();
+        let store = Store::open_file(&dir.join("db")).await.unwrap();
         let owner = store
             .create_user("o", "o@x", "hash", crate::store::Role::Operator)
             .await
@@ -408,95 +427,83 @@ mod tests {
         }
     }
 
-    async fn seqs(dir: &std::path::Path) -> Vec<i64> {
-        let mut db =
-            sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.join("db").display()))
-                .await
-                .unwrap();
-        sqlx::query_scalar("SELECT seq FROM telemetry ORDER BY seq")
-            .fetch_all(&mut db)
+    async fn seqs(store: &Store) -> Vec<i64> {
+        store
+            .telemetry("d1", 100)
             .await
             .unwrap()
+            .into_iter()
+            .map(|t| t.seq)
+            .rev()
+            .collect()
     }
 
     #[tokio::test]
     async fn a_database_locked_past_the_busy_timeout_delays_messages_and_dead_letters_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_device(dir.path()).await;
-        let (events, _rx) = mpsc::unbounded_channel();
-        let writer = Writer::spawn(store.clone(), 64, events, IngestMetrics::default());
-        let mut locker = sqlx::SqliteConnection::connect(&format!(
-            "sqlite://{}",
-            dir.path().join("db").display()
-        ))
-        .await
-        .unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut locker)
-            .await
-            .unwrap();
-        let pending: Vec<_> = (0..5)
-            .map(|seq| {
-                let w = writer.clone();
-                tokio::spawn(async move { w.store(reading(seq)).await })
-            })
-            .collect();
-        // Held for 15 busy timeouts: every commit in that time fails with SQLITE_BUSY.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert!(
-            pending.iter().all(|p| !p.is_finished()),
-            "acknowledged while locked"
-        );
-        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-        for p in pending {
-            p.await.unwrap().unwrap();
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let db = db_with_devices(backend).await;
+            let store = db.store();
+            let (events, _rx) = mpsc::unbounded_channel();
+            let writer = Writer::spawn(store.clone(), 64, events, IngestMetrics::default());
+            let mut locker = db.lock_writes().await;
+            let pending: Vec<_> = (0..5)
+                .map(|seq| {
+                    let w = writer.clone();
+                    tokio::spawn(async move { w.store(reading(seq)).await })
+                })
+                .collect();
+            // Held for 15 busy timeouts: every commit in that time fails (SQLITE_BUSY;
+            // PostgreSQL's lock_timeout, 55P03).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(
+                pending.iter().all(|p| !p.is_finished()),
+                "{backend:?}: acknowledged while locked"
+            );
+            sqlx::raw_sql("COMMIT").execute(&mut *locker).await.unwrap();
+            for p in pending {
+                p.await.unwrap().unwrap();
+            }
+            assert_eq!(seqs(store).await, vec![0, 1, 2, 3, 4], "{backend:?}");
+            assert!(
+                store.dead_letters(10).await.unwrap().is_empty(),
+                "{backend:?}"
+            );
         }
-        assert_eq!(seqs(dir.path()).await, vec![0, 1, 2, 3, 4]);
-        assert!(store.dead_letters(10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn a_message_the_database_refuses_is_dead_lettered_and_its_batch_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store_with_device(dir.path()).await;
-        let mut db = sqlx::SqliteConnection::connect(&format!(
-            "sqlite://{}",
-            dir.path().join("db").display()
-        ))
-        .await
-        .unwrap();
-        sqlx::query(
-            "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN NEW.seq = 3 \
-             BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
-        )
-        .execute(&mut db)
-        .await
-        .unwrap();
-        let (events, _rx) = mpsc::unbounded_channel();
-        let metrics = IngestMetrics::default();
-        let writer = Writer::spawn(store.clone(), 64, events, metrics.clone());
-        let all: Vec<_> = (0..6)
-            .map(|seq| {
-                let w = writer.clone();
-                tokio::spawn(async move { w.store(reading(seq)).await })
-            })
-            .collect();
-        for p in all {
-            p.await.unwrap().unwrap();
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let db = db_with_devices(backend).await;
+            let store = db.store();
+            db.refuse_readings_where("NEW.seq = 3").await;
+            let (events, _rx) = mpsc::unbounded_channel();
+            let metrics = IngestMetrics::default();
+            let writer = Writer::spawn(store.clone(), 64, events, metrics.clone());
+            let all: Vec<_> = (0..6)
+                .map(|seq| {
+                    let w = writer.clone();
+                    tokio::spawn(async move { w.store(reading(seq)).await })
+                })
+                .collect();
+            for p in all {
+                p.await.unwrap().unwrap();
+            }
+            assert_eq!(seqs(store).await, vec![0, 1, 2, 4, 5], "{backend:?}");
+            let dead = store.dead_letters(10).await.unwrap();
+            assert_eq!(dead.len(), 1, "{backend:?}");
+            assert!(dead[0].1.contains("poisoned"), "{dead:?}");
+            assert_eq!(writer.queued_bytes.load(Ordering::Relaxed), 0);
+            assert_eq!(
+                (
+                    metrics.stored.get(),
+                    metrics.dead_lettered.get(),
+                    metrics.received.get()
+                ),
+                (5, 1, 6),
+                "{backend:?}"
+            );
         }
-        assert_eq!(seqs(dir.path()).await, vec![0, 1, 2, 4, 5]);
-        let dead = store.dead_letters(10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert!(dead[0].1.contains("poisoned"), "{dead:?}");
-        assert_eq!(writer.queued_bytes.load(Ordering::Relaxed), 0);
-        assert_eq!(
-            (
-                metrics.stored.get(),
-                metrics.dead_lettered.get(),
-                metrics.received.get()
-            ),
-            (5, 1, 6)
-        );
     }
 
     /// What a store holds that ingest writes, minus the clock.

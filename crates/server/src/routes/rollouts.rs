@@ -106,12 +106,8 @@ async fn create(
         .version
         .parse()
         .map_err(|_| ApiError::Conflict("release version unreadable".into()))?;
-    let listed: std::collections::HashSet<&str> = t
-        .devices
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
+    let listed: std::collections::HashSet<&str> =
+        t.devices.iter().flatten().map(String::as_str).collect();
     // Devices that already run this version or newer, or other hardware, are not targets.
     let targets: Vec<String> = visible
         .iter()

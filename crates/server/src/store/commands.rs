@@ -74,7 +74,7 @@ impl Store {
 
     pub async fn commands_of(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<CommandRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM commands WHERE device_id = $1 ORDER BY created_at DESC LIMIT $2",
+            "SELECT * FROM commands WHERE device_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
         )
         .bind(device_id)
         .bind(limit)
@@ -85,7 +85,7 @@ impl Store {
 
     /// Commands still waiting for the device, oldest first.
     pub async fn pending_commands(&self, device_id: &str) -> sqlx::Result<Vec<CommandRow>> {
-        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND state = 'queued' AND expires_at > $2 ORDER BY created_at")
+        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND state = 'queued' AND expires_at > $2 ORDER BY created_at, id")
             .bind(device_id)
             .bind(now_ms())
             .fetch_all(&self.pool)

@@ -16,13 +16,13 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sqlite() {
                     let db = super::TestDb::sqlite().await;
-                    super::$case(&db.store).await;
+                    super::$case(db.store()).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
                     let db = super::TestDb::postgres().await;
-                    super::$case(&db.store).await;
+                    super::$case(db.store()).await;
                 }
             }
         )*
@@ -43,6 +43,10 @@ on_both_backends!(
     ota_offers_and_reports,
     rollouts_and_their_outcomes,
     audit_and_fleet_figures,
+    concurrent_registrations_of_one_id_give_it_one_owner,
+    concurrent_offers_leave_one_open,
+    concurrent_tag_replacements_leave_one_set,
+    a_block_committed_while_a_message_is_stored_wins,
 );
 
 async fn user(store: &Store, email: &str, role: Role) -> i64 {
@@ -937,7 +941,7 @@ async fn audit_and_fleet_figures(store: &Store) {
 #[tokio::test]
 async fn reopening_and_legacy_sqlite_databases_migrate_once() {
     let db = TestDb::sqlite().await;
-    user(&db.store, "kept@x", Role::Admin).await;
+    user(db.store(), "kept@x", Role::Admin).await;
     let again = Store::open(&db.url).await.unwrap();
     assert!(again.user_by_email("kept@x").await.unwrap().is_some());
 
@@ -1019,4 +1023,124 @@ async fn reopening_and_legacy_sqlite_databases_migrate_once() {
     .unwrap();
     assert_eq!(indexes, ["commands_expiry"]);
     Store::open_file(&path).await.unwrap();
+}
+
+async fn concurrent_registrations_of_one_id_give_it_one_owner(store: &Store) {
+    let a = user(store, "a@x", Role::Operator).await;
+    let b = user(store, "b@x", Role::Operator).await;
+    for round in 0..20 {
+        let id = format!("contested-{round}");
+        let (s1, s2, i1, i2) = (store.clone(), store.clone(), id.clone(), id.clone());
+        let (x, y) = tokio::join!(
+            tokio::spawn(async move { s1.register_device(&i1, "a", a).await }),
+            tokio::spawn(async move { s2.register_device(&i2, "b", b).await }),
+        );
+        let (x, y) = (x.unwrap().unwrap(), y.unwrap().unwrap());
+        assert!(x != y, "round {round}: both {x}");
+        let owner = store.device(&id).await.unwrap().unwrap().owner_id;
+        assert_eq!(owner, if x { a } else { b });
+    }
+}
+
+async fn concurrent_offers_leave_one_open(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device("d", "d", o).await.unwrap();
+    for round in 0..20 {
+        let offers: Vec<_> = (0..3)
+            .map(|i| {
+                let s = store.clone();
+                let id = format!("u{round}-{i}");
+                tokio::spawn(
+                    async move { s.create_update(&id, "d", "1.2.0", false, None, None).await },
+                )
+            })
+            .collect();
+        for offer in offers {
+            offer.await.unwrap().unwrap();
+        }
+        let open = store
+            .update_history("d", 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(u, _)| !u.state.is_final())
+            .count();
+        assert_eq!(open, 1, "round {round}");
+    }
+}
+
+async fn concurrent_tag_replacements_leave_one_set(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device("d", "d", o).await.unwrap();
+    let one: Vec<String> = (0..50).map(|i| format!("a{i:02}")).collect();
+    let other: Vec<String> = (0..50).map(|i| format!("b{i:02}")).collect();
+    for round in 0..20 {
+        let (s1, s2, t1, t2) = (store.clone(), store.clone(), one.clone(), other.clone());
+        let (x, y) = tokio::join!(
+            tokio::spawn(async move { s1.set_device_tags("d", &t1).await }),
+            tokio::spawn(async move { s2.set_device_tags("d", &t2).await }),
+        );
+        x.unwrap().unwrap();
+        y.unwrap().unwrap();
+        let tags = store.device("d").await.unwrap().unwrap().tags;
+        assert!(
+            tags == one || tags == other,
+            "round {round}: {} tags",
+            tags.len()
+        );
+    }
+}
+
+async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device("d", "d", o).await.unwrap();
+    // Another connection blocks the device and holds its transaction open...
+    let mut blocker = store.pool.acquire().await.unwrap();
+    let begin = if store.backend == Backend::Sqlite {
+        "BEGIN IMMEDIATE"
+    } else {
+        "BEGIN"
+    };
+    sqlx::raw_sql(begin).execute(&mut *blocker).await.unwrap();
+    sqlx::query("UPDATE devices SET blocked = 1 WHERE device_id = 'd'")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    // ...while ingest stores a heartbeat and a reading of that device.
+    let s = store.clone();
+    let ingest = tokio::spawn(async move {
+        let hb: flotilla_proto::Heartbeat = message(json!({"heap": 5, "fw": "1.0.0"}));
+        let t: flotilla_proto::Telemetry = message(json!({"seq": 1}));
+        let mut tx = s.begin_write().await.unwrap();
+        let online = apply_update(&mut tx, "d", &DeviceUpdate::Heartbeat(hb), 10)
+            .await
+            .unwrap();
+        apply_readings(&mut tx, &[("d", &t)], 10).await.unwrap();
+        tx.commit().await.unwrap();
+        online
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    assert!(!ingest.await.unwrap(), "a blocked device came online");
+    let d = store.device("d").await.unwrap().unwrap();
+    assert_eq!((d.blocked, d.online, d.heap), (true, false, None));
+    assert!(store.telemetry("d", 10).await.unwrap().is_empty());
+}
+
+/// Replicas starting together on a fresh database: both open it, each migration runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once() {
+    let db = TestDb::postgres_empty().await;
+    let (a, b) = tokio::join!(Store::open(&db.url), Store::open(&db.url));
+    let (a, _b) = (a.unwrap(), b.unwrap());
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&a.pool)
+            .await
+            .unwrap();
+    assert_eq!(applied, [1, 2]);
+    user(&a, "one@x", Role::Admin).await;
 }

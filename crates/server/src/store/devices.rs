@@ -118,7 +118,7 @@ impl Store {
     }
 
     pub async fn devices_of(&self, owner: Option<i64>) -> sqlx::Result<Vec<DeviceRow>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read().await?;
         // One transaction, so the tags read belong to the devices read.
         let rows = sqlx::query(
             "SELECT * FROM devices WHERE $1 IS NULL OR owner_id = $1 ORDER BY device_id",
@@ -150,6 +150,8 @@ impl Store {
     /// Replaces a device's tags.
     pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> sqlx::Result<()> {
         let mut tx = self.pool.begin().await?;
+        // Two replacements at once: one after the other, never their union.
+        lock_device(&mut tx, device_id).await?;
         sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
             .bind(device_id)
             .execute(&mut *tx)
@@ -251,26 +253,50 @@ pub(super) async fn register_in(
     name: &str,
     owner: i64,
 ) -> sqlx::Result<bool> {
-    let existing: Option<i64> =
-        sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
+    // Insert-if-absent, then read who owns it: two registrations of one new id at once end
+    // with one owner and a clear answer for the other, on either engine.
+    sqlx::query(
+        "INSERT INTO devices (device_id, owner_id, name, created_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (device_id) DO NOTHING",
+    )
+    .bind(device_id)
+    .bind(owner)
+    .bind(name)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    let existing: i64 = sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
+        .bind(device_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(existing == owner)
+}
+
+/// `FOR UPDATE` on PostgreSQL, nothing on SQLite: reads of a device row that a later write
+/// in the same transaction depends on lock it there, so a concurrent change (a block, another
+/// offer, other tags) waits instead of being overwritten. SQLite's one writer already
+/// serialises them.
+pub(super) fn for_update(conn: &sqlx::AnyConnection) -> &'static str {
+    if conn.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
+        " FOR UPDATE"
+    } else {
+        ""
+    }
+}
+
+/// Locks a device's row until the transaction ends (PostgreSQL; see [`for_update`]).
+pub(super) async fn lock_device(
+    tx: &mut Transaction<'_, Any>,
+    device_id: &str,
+) -> sqlx::Result<()> {
+    let lock = for_update(tx);
+    if !lock.is_empty() {
+        sqlx::query(&format!("SELECT 1 FROM devices WHERE device_id = $1{lock}"))
             .bind(device_id)
-            .fetch_optional(&mut **tx)
-            .await?;
-    match existing {
-        Some(o) => Ok(o == owner),
-        None => {
-            sqlx::query(
-                "INSERT INTO devices (device_id, owner_id, name, created_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(device_id)
-            .bind(owner)
-            .bind(name)
-            .bind(now_ms())
             .execute(&mut **tx)
             .await?;
-            Ok(true)
-        }
     }
+    Ok(())
 }
 
 /// Applies one device message inside the ingest transaction. Returns true when the message
@@ -281,13 +307,17 @@ pub(crate) async fn apply_update(
     update: &DeviceUpdate,
     now: i64,
 ) -> sqlx::Result<bool> {
-    let was_online: Option<i64> =
-        // A blocked device's messages change nothing, even those taken before the block
-        // and committed after it.
-        sqlx::query_scalar("SELECT online FROM devices WHERE device_id = $1 AND blocked = 0")
-            .bind(device_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+    // A blocked device's messages change nothing, even those taken before the block and
+    // committed after it; the row stays locked until commit, so a block waits for this
+    // transaction or this one sees it.
+    let select = format!(
+        "SELECT online FROM devices WHERE device_id = $1 AND blocked = 0{}",
+        for_update(tx)
+    );
+    let was_online: Option<i64> = sqlx::query_scalar(&select)
+        .bind(device_id)
+        .fetch_optional(&mut **tx)
+        .await?;
     let Some(was_online) = was_online else {
         return Ok(false);
     };
@@ -372,9 +402,12 @@ pub(crate) async fn apply_readings(
     let mut known = std::collections::HashSet::new();
     let mut came_online = Vec::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
+        // Locked in id order (see apply_update), so two writers' batches cannot deadlock.
         let sql = format!(
-            "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN ({})",
-            Params::for_connection(tx).list(chunk.len())
+            "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN ({}) \
+             ORDER BY device_id{}",
+            Params::for_connection(tx).list(chunk.len()),
+            for_update(tx)
         );
         let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
         for d in chunk {

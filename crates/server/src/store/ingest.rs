@@ -24,6 +24,20 @@ impl Store {
         }
     }
 
+    /// A transaction for several reads that must agree (one snapshot): SQLite's deferred
+    /// transaction reads one snapshot already; PostgreSQL's default (read committed) takes a
+    /// new one per statement, so it is asked for repeatable read.
+    pub(super) async fn begin_read(&self) -> sqlx::Result<Transaction<'static, Any>> {
+        match self.backend {
+            super::Backend::Sqlite => self.pool.begin().await,
+            super::Backend::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await
+            }
+        }
+    }
+
     /// Keeps a message that could not be stored, with why, so ingest can go on.
     pub async fn dead_letter(&self, topic: &str, payload: &[u8], reason: &str) -> sqlx::Result<()> {
         sqlx::query(

@@ -84,15 +84,24 @@ fn migrations(set: Embedded) -> Vec<Migration> {
 }
 
 pub async fn run(pool: &AnyPool, backend: Backend) -> anyhow::Result<()> {
-    let set = match backend {
+    let migrator = match backend {
         Backend::Sqlite => {
             adopt_legacy_versions(pool).await?;
-            SQLITE
+            Migrator::new(Source(SQLITE)).await?
         }
-        Backend::Postgres => POSTGRES,
+        Backend::Postgres => Migrator::new(Source(POSTGRES)).await?,
     };
-    Migrator::new(Source(set)).await?.run(pool).await?;
-    Ok(())
+    // On a connection of its own without the pool's lock timeout: a replica starting while
+    // another runs a long migration waits for the migrator's lock instead of failing.
+    let mut conn = pool.acquire().await?;
+    if backend == Backend::Postgres {
+        sqlx::raw_sql("SET lock_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let result = migrator.run(&mut *conn).await;
+    conn.close().await?;
+    Ok(result?)
 }
 
 /// Databases made before sqlx's migrator kept their applied versions in `schema_migrations`
@@ -106,7 +115,17 @@ async fn adopt_legacy_versions(pool: &AnyPool) -> anyhow::Result<()> {
     if legacy.is_none() {
         return Ok(());
     }
-    let mut tx = pool.begin().await?;
+    // Under the write lock, and looked for again there: a second process (`admin create`
+    // beside the server) may have adopted them in between.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let still: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if still.is_none() {
+        return Ok(());
+    }
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
             version BIGINT PRIMARY KEY,

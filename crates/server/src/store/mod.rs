@@ -61,7 +61,7 @@ pub enum Backend {
 }
 
 /// Where the data lives, from `--database-url`: a SQLite file (the embedded default) or a
-/// PostgreSQL database. `Debug` and `Serialize` never show a password.
+/// PostgreSQL database. `Debug`, `Serialize` and every error from here leave passwords out.
 #[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     Sqlite(PathBuf),
@@ -100,11 +100,29 @@ impl FromStr for DatabaseUrl {
 }
 
 impl DatabaseUrl {
-    /// The URL with any password replaced, for logs and `--print-config`.
+    /// The URL for logs and `--print-config`: for PostgreSQL only user, host, port and
+    /// database are shown, and `<redacted>` where a password was given (in the user part or
+    /// as `?password=`).
     pub fn redacted(&self) -> String {
         match self {
             DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
-            DatabaseUrl::Postgres(url) => redact(url, url),
+            DatabaseUrl::Postgres(url) => {
+                let Ok(o) = sqlx::postgres::PgConnectOptions::from_str(url) else {
+                    return "postgres://<unreadable>".into();
+                };
+                let password = if passwords(url).is_empty() {
+                    ""
+                } else {
+                    ":<redacted>"
+                };
+                format!(
+                    "postgres://{}{password}@{}:{}/{}",
+                    o.get_username(),
+                    o.get_host(),
+                    o.get_port(),
+                    o.get_database().unwrap_or_default()
+                )
+            }
         }
     }
 
@@ -116,24 +134,99 @@ impl DatabaseUrl {
     }
 }
 
-/// `text` with the password of `url` (userinfo after the first ':') replaced.
-fn redact(text: &str, url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return text.to_string();
+/// The passwords a connection URL carries, as written and percent-decoded: after the user in
+/// the authority, and as the `password` query parameter.
+fn passwords(url: &str) -> Vec<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, q),
+        None => (rest, ""),
     };
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    match authority
-        .rsplit_once('@')
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+    let authority = authority.split('/').next().unwrap_or_default();
+    let mut found: Vec<&str> = Vec::new();
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
     {
-        Some((_, password)) if !password.is_empty() => {
-            let shown = format!(
-                "{scheme}://{}",
-                rest.replacen(&format!(":{password}@"), ":<redacted>@", 1)
-            );
-            text.replace(url, &shown).replace(password, "<redacted>")
+        found.push(password);
+    }
+    for pair in query.split('&') {
+        if let Some(("password", value)) = pair.split_once('=') {
+            found.push(value);
         }
-        _ => text.to_string(),
+    }
+    let mut all = Vec::new();
+    for p in found.into_iter().filter(|p| !p.is_empty()) {
+        all.push(p.to_string());
+        if let Ok(decoded) = percent_decode(p)
+            && decoded != p
+        {
+            all.push(decoded);
+        }
+    }
+    all
+}
+
+fn percent_decode(s: &str) -> Result<String, ()> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or(())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ())
+}
+
+/// `text` with every password of `url` replaced by `<redacted>`.
+fn redact(text: &str, url: &str) -> String {
+    let mut secrets = passwords(url);
+    // The longest first, so a password that contains another is replaced whole.
+    secrets.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    secrets
+        .iter()
+        .fold(text.to_string(), |t, p| t.replace(p.as_str(), "<redacted>"))
+}
+
+/// `--database-url` as given. Parsing it is left to [`ServerConfig::database`], because a
+/// value clap refuses is printed back whole, password included.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrlArg(String);
+
+impl FromStr for DatabaseUrlArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<DatabaseUrlArg, Self::Err> {
+        Ok(DatabaseUrlArg(s.to_string()))
+    }
+}
+
+impl DatabaseUrlArg {
+    pub fn parse(&self) -> Result<DatabaseUrl, String> {
+        self.0.parse()
+    }
+
+    fn shown(&self) -> String {
+        self.parse()
+            .map(|u| u.redacted())
+            .unwrap_or_else(|_| "<unusable; see the start-up error>".into())
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrlArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+impl serde::Serialize for DatabaseUrlArg {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shown())
     }
 }
 
@@ -230,7 +323,7 @@ impl Store {
 
     /// What `/metrics` reads from the database: one read transaction, so the figures agree.
     pub async fn fleet_gauges(&self) -> sqlx::Result<FleetGauges> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read().await?;
         let (devices, online): (i64, i64) = sqlx::query_as(
             "SELECT COUNT(*), CAST(COALESCE(SUM(online), 0) AS BIGINT) FROM devices",
         )
@@ -283,23 +376,23 @@ mod tests {
 
     #[test]
     fn database_urls_pick_a_backend_and_never_show_a_password() {
-        let pg: DatabaseUrl = "postgres://flotilla:s3cr%40t@db.internal:5432/fleet?sslmode=require"
-            .parse()
-            .unwrap();
-        assert_eq!(pg.backend(), Backend::Postgres);
-        let shown = format!("{pg:?} {}", serde_json::to_string(&pg).unwrap());
-        assert!(!shown.contains("s3cr"), "{shown}");
-        assert!(
-            shown.contains("postgres://flotilla:<redacted>@db.internal:5432/fleet"),
-            "{shown}"
-        );
-        assert_eq!(
-            "postgresql://u@h/d"
-                .parse::<DatabaseUrl>()
-                .unwrap()
-                .redacted(),
-            "postgresql://u@h/d"
-        );
+        for (url, shown) in [
+            (
+                "postgres://flotilla:s3cr%40t@db.internal:5432/fleet?sslmode=require",
+                "postgres://flotilla:<redacted>@db.internal:5432/fleet",
+            ),
+            (
+                "postgresql://flotilla@db/fleet?password=s3cr%40t&sslmode=require",
+                "postgres://flotilla:<redacted>@db:5432/fleet",
+            ),
+            ("postgres://u@h/d", "postgres://u@h:5432/d"),
+        ] {
+            let pg: DatabaseUrl = url.parse().unwrap();
+            assert_eq!(pg.backend(), Backend::Postgres);
+            let printed = format!("{pg:?} {}", serde_json::to_string(&pg).unwrap());
+            assert!(!printed.contains("s3cr"), "{printed}");
+            assert_eq!(pg.redacted(), shown);
+        }
         assert_eq!(
             "sqlite:///var/lib/flotilla/f.db".parse::<DatabaseUrl>(),
             Ok(DatabaseUrl::Sqlite("/var/lib/flotilla/f.db".into()))
@@ -308,14 +401,40 @@ mod tests {
             "sqlite:rel.db?mode=rwc".parse::<DatabaseUrl>(),
             Ok(DatabaseUrl::Sqlite("rel.db".into()))
         );
-        for bad in [
-            "mysql://h/d",
-            "sqlite://",
-            "",
-            "postgres://u:pw@h:notaport/d",
+        for bad in ["mysql://h/d", "sqlite://", ""] {
+            assert!(bad.parse::<DatabaseUrl>().is_err(), "{bad}");
+        }
+        // Error text that quotes the URL or the password loses the password, raw and decoded.
+        let url = "postgres://u:p%40ss@h/d?password=other";
+        assert_eq!(
+            redact(&format!("failed: {url} (p@ss, other)"), url),
+            "failed: postgres://u:<redacted>@h/d?password=<redacted> (<redacted>, <redacted>)"
+        );
+    }
+
+    #[test]
+    fn a_refused_database_url_is_reported_without_its_password() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: crate::config::ServerConfig,
+        }
+        for url in [
+            "postgres://u:hunter2@h:notaport/d",
+            "postgres://u@h/d?password=hunter2&sslmode=nonsense",
+            "mysql://u:hunter2@h/d",
         ] {
-            let e = bad.parse::<DatabaseUrl>().unwrap_err();
-            assert!(!e.contains("pw@"), "{e}");
+            // clap takes any value (it would print a refused one whole)...
+            let cli = Cli::try_parse_from(["flotilla-server", "--database-url", url]).unwrap();
+            // ...and the refusal, the config dump and Debug leave the password out.
+            let error = format!("{:#}", cli.config.database().unwrap_err());
+            let dump = serde_json::to_string(&cli.config).unwrap();
+            let debug = format!("{:?}", cli.config);
+            for text in [&error, &dump, &debug] {
+                assert!(!text.contains("hunter2"), "{url}: {text}");
+            }
+            assert!(error.starts_with("--database-url: "), "{error}");
         }
     }
 

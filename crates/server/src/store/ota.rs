@@ -70,6 +70,9 @@ impl Store {
     ) -> sqlx::Result<UpdateRow> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
+        // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
+        super::devices::lock_device(&mut tx, device_id).await?;
         sqlx::query(&format!(
             "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
              WHERE device_id = $2 AND state IN {OPEN}"
@@ -253,14 +256,22 @@ pub(crate) async fn apply_ota_status(
             update.version
         ));
     }
-    sqlx::query("UPDATE ota_updates SET state = $1, progress = COALESCE($2, progress), error = COALESCE($3, error), updated_at = $4 WHERE id = $5")
-        .bind(next.as_str())
-        .bind(status.progress.map(i64::from))
-        .bind(error)
-        .bind(now)
-        .bind(id)
-        .execute(&mut **tx)
-        .await?;
+    // Only an open update moves: one finished (cancelled, timed out) since the read above
+    // stays as it is.
+    let moved = sqlx::query(&format!(
+        "UPDATE ota_updates SET state = $1, progress = COALESCE($2, progress), error = COALESCE($3, error), \
+         updated_at = $4 WHERE id = $5 AND state IN {OPEN}"
+    ))
+    .bind(next.as_str())
+    .bind(status.progress.map(i64::from))
+    .bind(error)
+    .bind(now)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    if moved.rows_affected() == 0 {
+        return Ok(None);
+    }
     Ok(next.is_final().then(|| Finished {
         device_id: device_id.to_string(),
         rollout_id: update.rollout_id,

@@ -81,7 +81,7 @@ impl Store {
     }
 
     pub async fn rollout(&self, id: &str) -> sqlx::Result<Option<RolloutRow>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read().await?;
         let row = sqlx::query("SELECT * FROM rollouts WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -101,7 +101,7 @@ impl Store {
 
     /// Every rollout, newest first, with its targets.
     pub async fn rollouts(&self) -> sqlx::Result<Vec<RolloutRow>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read().await?;
         let rows = sqlx::query("SELECT * FROM rollouts ORDER BY created_at DESC, id")
             .fetch_all(&mut *tx)
             .await?;
@@ -143,7 +143,7 @@ impl Store {
     /// How each target's update of this rollout ended so far (to rebuild the planner).
     pub async fn rollout_outcomes(&self, id: &str) -> sqlx::Result<Vec<(String, UpdateState)>> {
         sqlx::query(
-            "SELECT device_id, state FROM ota_updates WHERE rollout_id = $1 ORDER BY created_at",
+            "SELECT device_id, state FROM ota_updates WHERE rollout_id = $1 ORDER BY created_at, id",
         )
         .bind(id)
         .fetch_all(&self.pool)

@@ -69,7 +69,6 @@ impl Store {
         rows.iter().map(user_from).collect()
     }
 
-    /// Flips the blocked flag; returns the new value, or None if there is no such user.
     /// Blocks or unblocks a user; never blocks the last active admin. Ok(blocked-now).
     pub async fn toggle_user_block(&self, id: i64) -> sqlx::Result<UserChange<bool>> {
         // One statement (under the admins lock on PostgreSQL), so two admins blocking each
