@@ -4,9 +4,8 @@
 //! do it through [`Database`], so the same test runs on either.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sqlx::Connection;
 
 /// Whether this run puts test servers on PostgreSQL.
@@ -14,19 +13,10 @@ pub fn postgres_mode() -> bool {
     std::env::var("FLOTILLA_E2E_DATABASE").is_ok_and(|v| v == "postgres")
 }
 
-/// The PostgreSQL server test databases are made on (`FLOTILLA_TEST_POSTGRES` to override).
-fn admin_url() -> String {
-    std::env::var("FLOTILLA_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 pub enum Database {
     Sqlite(PathBuf),
     /// A database of this test's own, dropped with it.
-    Postgres {
-        name: String,
-        url: String,
-    },
+    Postgres(flotilla_pgtest::TempDatabase),
 }
 
 impl Database {
@@ -35,42 +25,22 @@ impl Database {
         if !postgres_mode() {
             return Ok(Database::Sqlite(data_dir.join("flotilla.db")));
         }
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "flotilla_e2e_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = admin_url();
-        let mut conn = sqlx::PgConnection::connect(&admin)
+        let database = flotilla_pgtest::TempDatabase::create("flotilla_e2e_")
             .await
-            .with_context(|| format!("PostgreSQL at {admin} (set FLOTILLA_TEST_POSTGRES)"))?;
-        drop_abandoned(&mut conn).await;
-        // One statement each: DROP/CREATE DATABASE may not run inside a transaction. An ICU
-        // collation that does not sort bytewise, as many production databases have.
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await?;
-        sqlx::raw_sql(&format!(
-            "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-        ))
-        .execute(&mut conn)
-        .await?;
-        let (base, _) = admin.rsplit_once('/').context("a database in the URL")?;
-        let url = format!("{base}/{name}");
-        Ok(Database::Postgres { name, url })
+            .map_err(anyhow::Error::msg)?;
+        Ok(Database::Postgres(database))
     }
 
     /// What the server takes as `--database-url`.
     pub fn url(&self) -> String {
         match self {
             Database::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Database::Postgres { url, .. } => url.clone(),
+            Database::Postgres(database) => database.url().to_string(),
         }
     }
 
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Database::Postgres { .. })
+        matches!(self, Database::Postgres(_))
     }
 
     /// A connection of the test's own (statements with `$N` parameters run on both).
@@ -130,53 +100,5 @@ impl Database {
             .await?;
         conn.close().await?;
         Ok(rows.into_iter().map(|(d, s)| (d, s as u64)).collect())
-    }
-}
-
-/// Drops the databases of test processes that no longer run (killed before their drop).
-async fn drop_abandoned(conn: &mut sqlx::PgConnection) {
-    const PREFIX: &str = "flotilla_e2e_";
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-            .bind(PREFIX)
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap_or_default();
-    for name in names {
-        let pid = name[PREFIX.len()..]
-            .split('_')
-            .next()
-            .and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
-            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut *conn)
-                .await;
-        }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let Database::Postgres { name, .. } = self else {
-            return;
-        };
-        let (name, admin) = (name.clone(), admin_url());
-        // Drop may run inside a runtime, which cannot block on another: a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
     }
 }

@@ -1,0 +1,109 @@
+//! Throwaway PostgreSQL databases for tests: each test makes its own on a server it may create
+//! databases on, and the database is dropped with the value. The server is the local one
+//! (`postgres://postgres@127.0.0.1:5432/test`, trust auth) unless `FLOTILLA_TEST_POSTGRES`
+//! names another.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::Connection;
+
+/// The server test databases are made on.
+pub fn admin_url() -> String {
+    std::env::var("FLOTILLA_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database of this test's own; dropped (connections and all) when this is.
+#[derive(Debug)]
+pub struct TempDatabase {
+    name: String,
+    url: String,
+}
+
+impl TempDatabase {
+    /// A fresh, empty database named `<prefix><pid>_<n>`. Its default collation is ICU
+    /// `en-US`, which does not sort bytewise, as many production databases do not: a listing
+    /// that relies on the database's order shows it.
+    pub async fn create(prefix: &str) -> Result<TempDatabase, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{prefix}{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = admin_url();
+        let (base, _) = admin
+            .rsplit_once('/')
+            .ok_or("FLOTILLA_TEST_POSTGRES needs a database, as in postgres://u@host/db")?;
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .map_err(|e| format!("no PostgreSQL for tests (set FLOTILLA_TEST_POSTGRES): {e}"))?;
+        drop_abandoned(&mut conn, prefix).await;
+        // One statement each: neither may run inside a transaction.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!(
+                "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu \
+                 ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            ),
+        ] {
+            sqlx::raw_sql(&sql)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| format!("creating test database {name}: {e}"))?;
+        }
+        let url = format!("{base}/{name}");
+        Ok(TempDatabase { name, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// Drops the databases with `prefix` whose test process no longer runs (killed before its
+/// own drop).
+async fn drop_abandoned(conn: &mut sqlx::PgConnection, prefix: &str) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(prefix)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let pid = name[prefix.len()..]
+            .split('_')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            drop_database(conn, &name).await;
+        }
+    }
+}
+
+async fn drop_database(conn: &mut sqlx::PgConnection, name: &str) {
+    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(conn)
+        .await;
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        // Drop may run inside a runtime, which cannot block on another: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url()).await {
+                    drop_database(&mut conn, &name).await;
+                }
+            });
+        })
+        .join();
+    }
+}
