@@ -26,39 +26,69 @@ impl TempDatabase {
     /// that relies on the database's order shows it.
     pub async fn create(prefix: &str) -> Result<TempDatabase, String> {
         static N: AtomicU32 = AtomicU32::new(0);
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(format!(
+                "a database prefix is lower-case letters and '_': {prefix:?}"
+            ));
+        }
+        // A random part too, so runs sharing one server never pick the same name.
         let name = format!(
-            "{prefix}{}_{}",
+            "{prefix}{}_{}_{:08x}",
             std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
+            N.fetch_add(1, Ordering::Relaxed),
+            rand_u32()
         );
         let admin = admin_url();
-        let (base, _) = admin
-            .rsplit_once('/')
-            .ok_or("FLOTILLA_TEST_POSTGRES needs a database, as in postgres://u@host/db")?;
+        let url = with_database(&admin, &name)?;
         let mut conn = sqlx::PgConnection::connect(&admin)
             .await
             .map_err(|e| format!("no PostgreSQL for tests (set FLOTILLA_TEST_POSTGRES): {e}"))?;
-        drop_abandoned(&mut conn, prefix).await;
-        // One statement each: neither may run inside a transaction.
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            format!(
-                "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu \
-                 ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-            ),
-        ] {
-            sqlx::raw_sql(&sql)
-                .execute(&mut conn)
-                .await
-                .map_err(|e| format!("creating test database {name}: {e}"))?;
+        // Only on the local default server: elsewhere process ids say nothing about who
+        // owns a database.
+        if std::env::var_os("FLOTILLA_TEST_POSTGRES").is_none() {
+            drop_abandoned(&mut conn, prefix).await;
         }
-        let url = format!("{base}/{name}");
+        // Not inside a transaction (CREATE DATABASE may not run in one).
+        sqlx::raw_sql(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu \
+             ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        ))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| format!("creating test database {name}: {e}"))?;
         Ok(TempDatabase { name, url })
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
+}
+
+/// `url` naming database `name` instead, its query kept.
+fn with_database(url: &str, name: &str) -> Result<String, String> {
+    let (before_query, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, _) = before_query
+        .rsplit_once('/')
+        .filter(|(base, _)| base.contains("://") && !base.ends_with('/'))
+        .ok_or("FLOTILLA_TEST_POSTGRES needs a database, as in postgres://u@host/db")?;
+    Ok(match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    })
+}
+
+/// Not cryptographic: only to keep names apart.
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() as u32
 }
 
 /// Drops the databases with `prefix` whose test process no longer runs (killed before its
@@ -71,10 +101,12 @@ async fn drop_abandoned(conn: &mut sqlx::PgConnection, prefix: &str) {
             .await
             .unwrap_or_default();
     for name in names {
-        let pid = name[prefix.len()..]
-            .split('_')
-            .next()
-            .and_then(|p| p.parse::<u32>().ok());
+        // Only names this crate makes: the prefix, then digits, '_' and hex.
+        let tail = &name[prefix.len()..];
+        if !tail.bytes().all(|b| b.is_ascii_hexdigit() || b == b'_') {
+            continue;
+        }
+        let pid = tail.split('_').next().and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
             drop_database(conn, &name).await;
         }
@@ -82,7 +114,7 @@ async fn drop_abandoned(conn: &mut sqlx::PgConnection, prefix: &str) {
 }
 
 async fn drop_database(conn: &mut sqlx::PgConnection, name: &str) {
-    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .execute(conn)
         .await;
 }

@@ -289,10 +289,10 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
                 // SQLSTATE: 08 connection, 28 authorisation (a rotated password), 40 rolled
                 // back (serialization failure, deadlock), 53 insufficient resources (disk
                 // full, out of memory), 57P* shutting down or starting, 58 system error;
-                // 25006 read-only (a standby during failover), 55P03 lock not available.
-                // Not 57014 (a cancelled statement): that batch goes one message at a time.
-                matches!(code.get(..2), Some("08" | "28" | "40" | "53" | "58"))
-                    || code.starts_with("57P")
+                // 25006 read-only (a standby during failover), 55P03 lock not available,
+                // 57014 a statement cancelled (by an operator; the server sets no statement
+                // timeout, so no batch is cancelled the same way each time).
+                matches!(code.get(..2), Some("08" | "28" | "40" | "53" | "57" | "58"))
                     || matches!(code.as_ref(), "25006" | "55P03")
             } else {
                 // SQLite primary result codes (extended codes carry them in the low byte):

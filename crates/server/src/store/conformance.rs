@@ -1119,7 +1119,14 @@ async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
         tx.commit().await.unwrap();
         online
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Ingest is waiting on the blocker now: on PostgreSQL for its row lock (seen in
+    // pg_stat_activity), on SQLite in its busy timeout for the write lock.
+    if store.backend == Backend::Postgres {
+        crate::store::testdb::wait_until_a_query_waits_for_a_lock(store).await;
+    } else {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert!(!ingest.is_finished(), "ingest did not wait for the block");
     sqlx::raw_sql("COMMIT")
         .execute(&mut *blocker)
         .await

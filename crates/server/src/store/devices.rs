@@ -90,9 +90,10 @@ impl Store {
     }
 
     pub async fn device(&self, device_id: &str) -> sqlx::Result<Option<DeviceRow>> {
+        let mut tx = self.begin_read().await?;
         let row = sqlx::query("SELECT * FROM devices WHERE device_id = $1")
             .bind(device_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
         let Some(mut device) = row.as_ref().map(device_from).transpose()? else {
             return Ok(None);
@@ -100,8 +101,9 @@ impl Store {
         device.tags =
             sqlx::query_scalar("SELECT tag FROM device_tags WHERE device_id = $1 ORDER BY tag")
                 .bind(device_id)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?;
+        tx.commit().await?;
         Ok(Some(device))
     }
 
@@ -402,7 +404,10 @@ pub(crate) async fn apply_readings(
     let mut known = std::collections::HashSet::new();
     let mut came_online = Vec::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
-        // Locked in id order (see apply_update), so two writers' batches cannot deadlock.
+        // Locked (see apply_update) in id order within the run. A batch still locks devices
+        // in message order across its statements, so two writers' batches, or a batch and the
+        // presence sweep, can deadlock on PostgreSQL; the loser retries (40P01 is
+        // "unavailable" to ingest).
         let sql = format!(
             "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN ({}) \
              ORDER BY device_id{}",

@@ -100,7 +100,9 @@ pub async fn run(pool: &AnyPool, backend: Backend) -> anyhow::Result<()> {
             .await?;
     }
     let result = migrator.run(&mut *conn).await;
-    conn.close().await?;
+    // Never back in the pool with lock_timeout 0; a failure to close matters less than the
+    // migration's own result.
+    let _ = conn.close().await;
     Ok(result?)
 }
 

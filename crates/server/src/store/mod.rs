@@ -87,6 +87,7 @@ impl FromStr for DatabaseUrl {
             return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            check_postgres_url(url)?;
             sqlx::postgres::PgConnectOptions::from_str(url).map_err(|e| {
                 format!(
                     "not a usable PostgreSQL URL: {}",
@@ -132,6 +133,58 @@ impl DatabaseUrl {
             DatabaseUrl::Postgres(_) => Backend::Postgres,
         }
     }
+}
+
+/// Connection parameters sqlx takes; it logs any other with its value (a misspelled
+/// `passwd=` would be printed), so those are refused here, naming only the key.
+const POSTGRES_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// What must hold of a PostgreSQL URL before anything parses (and might print) it: every
+/// query parameter known, and no '/', '?' or '#' left unencoded in the user part, where a
+/// URL parser would read part of the password as host or path.
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    if !authority.contains('@') && (before_query.contains('@') || query.contains('@')) {
+        return Err(
+            "percent-encode '/', '?', '#' and '@' in the user and password (%2F, %3F, %23, %40)"
+                .into(),
+        );
+    }
+    if before_query.contains('#') {
+        return Err("percent-encode '#' in the user and password (%23)".into());
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !POSTGRES_PARAMETERS.contains(&key) && !key.starts_with("options[") {
+            return Err(format!(
+                "unknown connection parameter {:?}; known: {}",
+                flotilla_proto::truncate_chars(key, 40),
+                POSTGRES_PARAMETERS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The passwords a connection URL carries, as written and percent-decoded: after the user in
@@ -404,6 +457,22 @@ mod tests {
         for bad in ["mysql://h/d", "sqlite://", ""] {
             assert!(bad.parse::<DatabaseUrl>().is_err(), "{bad}");
         }
+        // Refused before sqlx parses them (it would log an unknown parameter's value, and
+        // read an unencoded '/' in a password as the end of the host).
+        for (bad, says) in [
+            ("postgres://u@h/d?passwd=s3cr3t", "passwd"),
+            ("postgres://u@h/d?sslpassword=s3cr3t", "sslpassword"),
+            ("postgres://u:12/s3cr3t@h/d", "percent-encode"),
+            ("postgres://u:a#s3cr3t@h/d", "percent-encode"),
+        ] {
+            let e = bad.parse::<DatabaseUrl>().unwrap_err();
+            assert!(e.contains(says) && !e.contains("s3cr3t"), "{bad}: {e}");
+        }
+        assert!(
+            "postgres://u:12%2Fs3cr3t@h/d?sslmode=require&options[search_path]=x"
+                .parse::<DatabaseUrl>()
+                .is_ok()
+        );
         // Error text that quotes the URL or the password loses the password, raw and decoded.
         let url = "postgres://u:p%40ss@h/d?password=other";
         assert_eq!(

@@ -128,19 +128,20 @@ impl Store {
         device_id: &str,
         limit: i64,
     ) -> sqlx::Result<Vec<(UpdateRow, Vec<UpdateEvent>)>> {
+        let mut tx = self.begin_read().await?;
         let updates = sqlx::query(
             "SELECT * FROM ota_updates WHERE device_id = $1 ORDER BY created_at DESC, id LIMIT $2",
         )
         .bind(device_id)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         let mut out = Vec::with_capacity(updates.len());
         for u in &updates {
             let update = update_from(u)?;
             let events = sqlx::query("SELECT * FROM ota_events WHERE update_id = $1 ORDER BY id")
                 .bind(&update.id)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?
                 .iter()
                 .map(|r| {
@@ -155,6 +156,7 @@ impl Store {
                 .collect::<sqlx::Result<Vec<_>>>()?;
             out.push((update, events));
         }
+        tx.commit().await?;
         Ok(out)
     }
 
@@ -217,6 +219,9 @@ pub(crate) async fn apply_ota_status(
     let Some(id) = status.id.as_deref() else {
         return Ok(None);
     };
+    // The device row first, as every other writer of a device's offers locks it: the same
+    // lock order everywhere, so ingest and a new offer cannot deadlock.
+    super::devices::lock_device(tx, device_id).await?;
     let row = sqlx::query("SELECT * FROM ota_updates WHERE id = $1 AND device_id = $2")
         .bind(id)
         .bind(device_id)
