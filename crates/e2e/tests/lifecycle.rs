@@ -52,12 +52,15 @@ async fn device_lifecycle_end_to_end() -> anyhow::Result<()> {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await?["status"], "ok");
 
+    // Online and the firmware version come with the status message, heap and the rest with
+    // the first heartbeat, a separate message that may be stored a moment later.
     let online = wait_for(
-        "device online with its firmware version",
+        "device online with its firmware version and first heartbeat",
         Duration::from_secs(30),
         || async {
             let d = server.device(&jwt, "device_0070").await.ok()?;
-            (d["online"] == true && d["firmwareVersion"] == "1.4.2").then_some(d)
+            (d["online"] == true && d["firmwareVersion"] == "1.4.2" && d["heap"].is_number())
+                .then_some(d)
         },
     )
     .await?;

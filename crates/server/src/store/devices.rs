@@ -136,10 +136,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut by_device: std::collections::HashMap<String, Vec<String>> = Default::default();
-        for (device, tag) in tags {
-            by_device.entry(device).or_default().push(tag);
-        }
+        let mut by_device = super::grouped(tags);
         rows.iter()
             .map(|r| {
                 let mut d = device_from(r)?;

@@ -301,6 +301,16 @@ pub struct Store {
     backend: Backend,
 }
 
+/// (key, value) rows as each key's values, in the order read (a listing's tags or targets,
+/// read in one statement for all its rows).
+fn grouped(pairs: Vec<(String, String)>) -> std::collections::HashMap<String, Vec<String>> {
+    let mut by_key: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (key, value) in pairs {
+        by_key.entry(key).or_default().push(value);
+    }
+    by_key
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

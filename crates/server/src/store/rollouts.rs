@@ -111,10 +111,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut by_rollout: std::collections::HashMap<String, Vec<String>> = Default::default();
-        for (rollout, device) in targets {
-            by_rollout.entry(rollout).or_default().push(device);
-        }
+        let mut by_rollout = super::grouped(targets);
         rows.iter()
             .map(|r| {
                 let mut rollout = rollout_from(r)?;
