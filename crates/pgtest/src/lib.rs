@@ -26,9 +26,10 @@ impl TempDatabase {
     /// that relies on the database's order shows it.
     pub async fn create(prefix: &str) -> Result<TempDatabase, String> {
         static N: AtomicU32 = AtomicU32::new(0);
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        let plain = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+        if !prefix.starts_with(|c: char| c.is_ascii_lowercase()) || !prefix.bytes().all(plain) {
             return Err(format!(
-                "a database prefix is lower-case letters and '_': {prefix:?}"
+                "a database prefix is a lower-case letter, then letters, digits and '_': {prefix:?}"
             ));
         }
         // A random part too, so runs sharing one server never pick the same name.
