@@ -16,6 +16,8 @@ pub enum ApiError {
     Conflict(String),
     TooManyRequests,
     PayloadTooLarge,
+    /// The database cannot be reached or is busy past its timeout.
+    Unavailable,
     Internal(anyhow::Error),
 }
 
@@ -47,6 +49,15 @@ impl IntoResponse for ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body is too large".into(),
             ),
+            ApiError::Unavailable => {
+                let body = json!({ "error": "the database is unavailable; try again shortly" });
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "5")],
+                    Json(body),
+                )
+                    .into_response();
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
@@ -62,6 +73,10 @@ impl From<sqlx::Error> for ApiError {
             && db.is_unique_violation()
         {
             return ApiError::Conflict("already exists".into());
+        }
+        if crate::store::is_unavailable(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            return ApiError::Unavailable;
         }
         ApiError::Internal(e.into())
     }
@@ -168,4 +183,53 @@ pub async fn json_errors(resp: axum::response::Response) -> axum::response::Resp
     parts.headers.remove(axum::http::header::CONTENT_TYPE);
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     (parts, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Backend;
+    use crate::store::testdb::TestDb;
+
+    /// A write the database cannot take now (locked past the busy/lock timeout) answers 503
+    /// with Retry-After on both engines; a duplicate answers 409.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unavailable_database_answers_503_and_a_duplicate_409() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let mut db = TestDb::new(backend).await;
+            db.reopen_with_busy_timeout(std::time::Duration::from_millis(100))
+                .await;
+            let store = db.store();
+            let owner = store
+                .create_user("o", "o@x", "h", crate::store::Role::Operator)
+                .await
+                .unwrap();
+            store.register_device("d", "d", owner).await.unwrap();
+            let duplicate = store
+                .create_user("o", "o@x", "h", crate::store::Role::Operator)
+                .await
+                .unwrap_err();
+            let resp = ApiError::from(duplicate).into_response();
+            assert_eq!(resp.status(), StatusCode::CONFLICT, "{backend:?}");
+
+            let _locked = db.lock_writes().await;
+            let e = store.mark_offline("d", "x").await;
+            // mark_offline writes devices, which the lock covers on both engines.
+            let e = match e {
+                Err(e) => e,
+                Ok(changed) => panic!("{backend:?}: wrote through the lock ({changed})"),
+            };
+            assert!(crate::store::is_unavailable(&e), "{backend:?}: {e}");
+            let resp = ApiError::from(e).into_response();
+            assert_eq!(
+                resp.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{backend:?}"
+            );
+            assert_eq!(
+                resp.headers().get(axum::http::header::RETRY_AFTER).unwrap(),
+                "5"
+            );
+        }
+    }
 }

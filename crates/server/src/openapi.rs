@@ -482,6 +482,7 @@ fn describe(status: u16) -> &'static str {
         413 => "request body too large",
         416 => "range not satisfiable",
         429 => "too many attempts; try again later",
+        503 => "the database is unavailable; try again after Retry-After seconds",
         _ => "error",
     }
 }
@@ -496,6 +497,10 @@ pub fn statuses(op: &Operation) -> Vec<u16> {
     }
     if path.contains('{') {
         all.push(400);
+    }
+    // Everything but these reads the database.
+    if !matches!(*path, "/ca.pem" | "/api/openapi.json" | "/healthz") {
+        all.push(503);
     }
     all.sort_unstable();
     all.dedup();

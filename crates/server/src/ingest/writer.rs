@@ -259,7 +259,7 @@ impl Task {
         loop {
             let started = std::time::Instant::now();
             match commit(&self.store, items.clone()).await {
-                Err(e) if is_unavailable(&e) => {
+                Err(e) if crate::store::is_unavailable(&e) => {
                     tracing::warn!(error = %e, "database unavailable; ingest waits");
                     pause.wait().await;
                 }
@@ -273,41 +273,6 @@ impl Task {
                 Err(e) => return Err(e),
             }
         }
-    }
-}
-
-/// Whether an error is about the database's state rather than the message: waiting may cure
-/// it, and dead-lettering for it would throw away a good message.
-fn is_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            if db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some()
-            {
-                // SQLSTATE: 08 connection, 28 authorisation (a rotated password), 40 rolled
-                // back (serialization failure, deadlock), 53 insufficient resources (disk
-                // full, out of memory), 57P* shutting down or starting, 58 system error;
-                // 25006 read-only (a standby during failover), 55P03 lock not available,
-                // 57014 a statement cancelled (by an operator; the server sets no statement
-                // timeout, so no batch is cancelled the same way each time).
-                matches!(code.get(..2), Some("08" | "28" | "40" | "53" | "57" | "58"))
-                    || matches!(code.as_ref(), "25006" | "55P03")
-            } else {
-                // SQLite primary result codes (extended codes carry them in the low byte):
-                // BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
-                code.parse::<i32>()
-                    .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
-            }
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
     }
 }
 
