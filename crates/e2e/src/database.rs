@@ -50,16 +50,10 @@ impl Database {
     }
 
     /// Holds the write lock the server's commits need until the returned connection commits
-    /// or drops: SQLite's `BEGIN IMMEDIATE`; on PostgreSQL, locks that block writes to the
-    /// tables ingest writes while reads go on.
+    /// or drops (`flotilla_pgtest::faults::lock_writes`).
     pub async fn lock_writes(&self) -> Result<sqlx::AnyConnection> {
         let mut conn = self.connect().await?;
-        let statements: &[&str] = if self.is_postgres() {
-            &["BEGIN", "LOCK TABLE telemetry, devices IN EXCLUSIVE MODE"]
-        } else {
-            &["BEGIN IMMEDIATE"]
-        };
-        for sql in statements {
+        for sql in flotilla_pgtest::faults::lock_writes(self.is_postgres()) {
             sqlx::raw_sql(sql).execute(&mut conn).await?;
         }
         Ok(conn)
@@ -69,25 +63,8 @@ impl Database {
     pub async fn poison_reading(&self, device: &str, seq: u64) -> Result<()> {
         let mut conn = self.connect().await?;
         let condition = format!("NEW.device_id = '{device}' AND NEW.seq = {seq}");
-        if self.is_postgres() {
-            sqlx::raw_sql(&format!(
-                "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                 IF {condition} THEN RAISE EXCEPTION 'poisoned reading'; END IF; RETURN NEW; END $$"
-            ))
-            .execute(&mut conn)
-            .await?;
-            sqlx::raw_sql(
-                "CREATE TRIGGER poison BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION poison()",
-            )
-            .execute(&mut conn)
-            .await?;
-        } else {
-            sqlx::raw_sql(&format!(
-                "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN {condition} \
-                 BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END"
-            ))
-            .execute(&mut conn)
-            .await?;
+        for sql in flotilla_pgtest::faults::refuse_readings_where(self.is_postgres(), &condition) {
+            sqlx::raw_sql(&sql).execute(&mut conn).await?;
         }
         Ok(conn.close().await?)
     }

@@ -140,3 +140,38 @@ impl Drop for TempDatabase {
         .join();
     }
 }
+
+/// Fault-injection SQL for a test database of either engine, so the store's tests and the
+/// end-to-end harness inject the same faults.
+pub mod faults {
+    /// Statements that take the write lock ingest's commits need, held until the
+    /// connection commits or closes: SQLite's `BEGIN IMMEDIATE`; on PostgreSQL, locks that
+    /// block writes to the tables ingest writes while reads go on.
+    pub fn lock_writes(postgres: bool) -> &'static [&'static str] {
+        if postgres {
+            &["BEGIN", "LOCK TABLE telemetry, devices IN EXCLUSIVE MODE"]
+        } else {
+            &["BEGIN IMMEDIATE"]
+        }
+    }
+
+    /// Statements that make the database refuse, forever, every telemetry row matching
+    /// `condition` (SQL on the row as `NEW`), with an error that says `poisoned reading`.
+    pub fn refuse_readings_where(postgres: bool, condition: &str) -> Vec<String> {
+        if postgres {
+            vec![
+                format!(
+                    "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF {condition} THEN RAISE EXCEPTION 'poisoned reading'; END IF; RETURN NEW; END $$"
+                ),
+                "CREATE TRIGGER poison BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION poison()"
+                    .to_string(),
+            ]
+        } else {
+            vec![format!(
+                "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN {condition} \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned reading'); END"
+            )]
+        }
+    }
+}

@@ -199,12 +199,8 @@ mod tests {
             let mut db = TestDb::new(backend).await;
             db.reopen_with_busy_timeout(std::time::Duration::from_millis(100))
                 .await;
+            db.with_devices(&["d"]).await;
             let store = db.store();
-            let owner = store
-                .create_user("o", "o@x", "h", crate::store::Role::Operator)
-                .await
-                .unwrap();
-            store.register_device("d", "d", owner).await.unwrap();
             let duplicate = store
                 .create_user("o", "o@x", "h", crate::store::Role::Operator)
                 .await

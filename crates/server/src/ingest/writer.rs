@@ -361,14 +361,7 @@ mod tests {
         let mut db = TestDb::new(backend).await;
         db.reopen_with_busy_timeout(Duration::from_millis(100))
             .await;
-        let store = db.store();
-        let owner = store
-            .create_user("o", "o@x", "hash", crate::store::Role::Operator)
-            .await
-            .unwrap();
-        for d in ["d1", "d2", "d3"] {
-            assert!(store.register_device(d, d, owner).await.unwrap());
-        }
+        db.with_devices(&["d1", "d2", "d3"]).await;
         db
     }
 

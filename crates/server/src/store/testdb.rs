@@ -29,18 +29,11 @@ impl TestDb {
         );
     }
 
-    /// Holds the write lock ingest's commits need until the connection commits or drops:
-    /// SQLite's `BEGIN IMMEDIATE`; on PostgreSQL, locks that block writes to the tables
-    /// ingest writes.
+    /// Holds the write lock ingest's commits need until the connection commits or drops
+    /// (`flotilla_pgtest::faults::lock_writes`).
     pub async fn lock_writes(&self) -> sqlx::pool::PoolConnection<sqlx::Any> {
         let mut conn = self.store().pool.acquire().await.expect("connection");
-        let statements: &[&str] = match self.store().backend {
-            super::Backend::Sqlite => &["BEGIN IMMEDIATE"],
-            super::Backend::Postgres => {
-                &["BEGIN", "LOCK TABLE telemetry, devices IN EXCLUSIVE MODE"]
-            }
-        };
-        for sql in statements {
+        for sql in flotilla_pgtest::faults::lock_writes(self.is_postgres()) {
             sqlx::raw_sql(sql)
                 .execute(&mut *conn)
                 .await
@@ -52,24 +45,29 @@ impl TestDb {
     /// Makes the database refuse, forever, every telemetry row matching `condition` (SQL on
     /// the row as `NEW`).
     pub async fn refuse_readings_where(&self, condition: &str) {
-        let pool = &self.store().pool;
-        let statements = match self.store().backend {
-            super::Backend::Sqlite => vec![format!(
-                "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN {condition} \
-                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
-            )],
-            super::Backend::Postgres => vec![
-                format!(
-                    "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-                     IF {condition} THEN RAISE EXCEPTION 'poisoned'; END IF; RETURN NEW; END $$"
-                ),
-                "CREATE TRIGGER poison BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION poison()"
-                    .to_string(),
-            ],
-        };
-        for sql in statements {
-            sqlx::raw_sql(&sql).execute(pool).await.expect("trigger");
+        for sql in flotilla_pgtest::faults::refuse_readings_where(self.is_postgres(), condition) {
+            sqlx::raw_sql(&sql)
+                .execute(&self.store().pool)
+                .await
+                .expect("trigger");
         }
+    }
+
+    fn is_postgres(&self) -> bool {
+        self.store().backend == super::Backend::Postgres
+    }
+
+    /// Creates user `o` (an operator) and registers `devices` to it; returns the user's id.
+    pub async fn with_devices(&self, devices: &[&str]) -> i64 {
+        let store = self.store();
+        let owner = store
+            .create_user("o", "o@x", "hash", super::Role::Operator)
+            .await
+            .expect("owner");
+        for d in devices {
+            assert!(store.register_device(d, d, owner).await.expect("device"));
+        }
+        owner
     }
 
     pub async fn sqlite() -> TestDb {
