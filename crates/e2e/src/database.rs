@@ -25,6 +25,12 @@ impl Database {
         if !postgres_mode() {
             return Ok(Database::Sqlite(data_dir.join("flotilla.db")));
         }
+        Self::postgres().await
+    }
+
+    /// A fresh PostgreSQL database, whatever the run's mode: for tests that need what only
+    /// PostgreSQL offers (locks on one table).
+    pub async fn postgres() -> Result<Database> {
         let database = flotilla_pgtest::TempDatabase::create("flotilla_e2e_")
             .await
             .map_err(anyhow::Error::msg)?;
@@ -57,6 +63,33 @@ impl Database {
             sqlx::raw_sql(sql).execute(&mut conn).await?;
         }
         Ok(conn)
+    }
+
+    /// Stalls the ingest of telemetry (PostgreSQL only) until the returned connection commits
+    /// or drops, and returns once the server's writer waits for it.
+    pub async fn stall_telemetry(&self) -> Result<sqlx::AnyConnection> {
+        anyhow::ensure!(self.is_postgres(), "only PostgreSQL locks one table");
+        let mut conn = self.connect().await?;
+        for sql in flotilla_pgtest::faults::STALL_TELEMETRY {
+            sqlx::raw_sql(sql).execute(&mut conn).await?;
+        }
+        Ok(conn)
+    }
+
+    /// Waits until a query of the server waits for a lock (PostgreSQL).
+    pub async fn wait_for_a_waiting_query(&self) -> Result<()> {
+        let mut conn = self.connect().await?;
+        for _ in 0..200 {
+            let waiting: i64 =
+                sqlx::query_scalar(flotilla_pgtest::faults::QUERIES_WAITING_FOR_A_LOCK)
+                    .fetch_one(&mut conn)
+                    .await?;
+            if waiting > 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("no query waited for a lock within 10 s")
     }
 
     /// Makes the database refuse, forever, the telemetry reading `seq` of `device`.

@@ -123,9 +123,25 @@ impl Server {
 
     /// Starts with extra environment variables (for secrets that do not belong in argv).
     pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Result<Server> {
+        Self::start_on(None, extra, env).await
+    }
+
+    /// Starts on a fresh PostgreSQL database whatever the run's mode.
+    pub async fn start_on_postgres(extra: &[&str]) -> Result<Server> {
+        Self::start_on(Some(database::Database::postgres().await?), extra, &[]).await
+    }
+
+    async fn start_on(
+        database: Option<database::Database>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server> {
         init_crypto();
         let dir = tempfile::tempdir()?;
-        let database = database::Database::for_server(dir.path().join("server")).await?;
+        let database = match database {
+            Some(d) => d,
+            None => database::Database::for_server(dir.path().join("server")).await?,
+        };
         let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

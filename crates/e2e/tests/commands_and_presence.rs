@@ -187,3 +187,49 @@ async fn a_silent_device_goes_offline_after_the_heartbeat_timeout() -> anyhow::R
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_command_handlers_answer_while_ingest_is_stalled() -> anyhow::Result<()> {
+    // On PostgreSQL, whatever this run's mode: only there can the telemetry table be locked
+    // while the commands table stays writable (SQLite has one write lock for all).
+    let server = Server::start_on_postgres(&[]).await?;
+    let jwt = server.user("stall@example.com").await?;
+    let busy = server.enroll(&jwt, "busy").await?;
+    let idle = server.enroll(&jwt, "idle").await?;
+    let mut busy = connect_device(server.mqtt_port, &busy).await?;
+    let mut idle = connect_device(server.mqtt_port, &idle).await?;
+    idle.subscribe("devices/idle/command").await?;
+
+    let stall = server.database.stall_telemetry().await?;
+    let publishing = tokio::spawn(async move {
+        let acked = busy.publish("devices/busy/telemetry", r#"{"seq":1}"#).await;
+        (busy, acked)
+    });
+    server.database.wait_for_a_waiting_query().await?;
+
+    // Ingest waits for its commit; the command is stored, answered and delivered meanwhile.
+    let (status, cmd) = server
+        .call(
+            "POST",
+            "/api/device/idle/commands",
+            Some(&jwt),
+            Some(json!({"name":"ping"})),
+        )
+        .await?;
+    assert_eq!(status, 202, "{cmd}");
+    let (topic, _) = idle.message(Duration::from_secs(5)).await?;
+    assert_eq!(topic, "devices/idle/command");
+    assert!(
+        !publishing.is_finished(),
+        "the telemetry was acknowledged while its table was locked"
+    );
+
+    drop(stall);
+    let (_busy, acked) = publishing.await?;
+    acked?;
+    assert_eq!(
+        server.database.stored_readings().await?,
+        vec![("busy".to_string(), 1)]
+    );
+    Ok(())
+}

@@ -230,24 +230,36 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
     let server = Server::start(&[
         "--device-listener-per-address",
         "16",
+        "--mqtt-per-address",
+        "16",
         "--mqtt-handshake-timeout",
         "2",
     ])
     .await?;
+    use tokio::io::AsyncReadExt;
     let jwt = server.user("idle@example.com").await?;
 
     // The device listener: past 16 from one address, connections are closed at once.
     let mut https = idle_connections("127.0.0.66", server.device_port, 40).await?;
     let shed = closed(&mut https[16..], std::time::Duration::from_secs(2)).await;
     assert_eq!(shed, 24, "connections over the per-address cap stayed open");
-    // MQTT: 200 connections that never start TLS.
+    // MQTT: 200 connections that never start TLS; past 16 they are closed at once, well
+    // before the 2 s deadline.
     let mut mqtt = idle_connections("127.0.0.66", server.mqtt_port, 200).await?;
+    let shed = closed(&mut mqtt[16..], std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        shed, 184,
+        "MQTT connections over the per-address cap stayed open"
+    );
 
     // Meanwhile a real device provisions (device listener) and connects (MQTT) from elsewhere.
     let id = server.enroll(&jwt, "while-flooded").await?;
     let mut s = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
     s.publish("devices/while-flooded/health", r#"{"heap":1,"fw":"1.0.0"}"#)
         .await?;
+    // A device that finishes TLS with its certificate and never sends CONNECT (rmqtt's version
+    // probe waits for ever) is closed at the deadline too.
+    let mut mute = tls_as_device_and_silence(&server, &id, "127.0.0.69").await?;
 
     // A client that finishes TLS on the device listener and then sends nothing is closed by
     // the header timeout (10 s), not held for ever.
@@ -261,12 +273,21 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
         closed(&mut mqtt, std::time::Duration::from_secs(6)).await,
         200
     );
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), mute.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a TLS connection that never sent CONNECT was still open: {read:?}"
+    );
+    // The device that connected is a session: the deadline is long past and it still
+    // publishes (the front door knew it arrived because the broker saw its real address).
+    s.publish("devices/while-flooded/health", r#"{"heap":2,"fw":"1.0.0"}"#)
+        .await?;
+    assert!(!s.closed_within(std::time::Duration::from_millis(200)).await);
     assert_eq!(
         closed(&mut https[..16], std::time::Duration::from_secs(15)).await,
         16
     );
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 16];
     let read =
         tokio::time::timeout(std::time::Duration::from_secs(15), silent.read(&mut buf)).await;
     assert!(
@@ -279,6 +300,38 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
         "an idle connection to the user API was still open"
     );
     Ok(())
+}
+
+/// A TLS connection to the MQTT listener with a device's own certificate that sends nothing.
+async fn tls_as_device_and_silence(
+    server: &Server,
+    id: &flotilla_e2e::DeviceIdentity,
+    from: &str,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(server.ca_pem().as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(id.cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes())?;
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from.parse()?, 0))?;
+    let tcp = socket
+        .connect(([127, 0, 0, 1], server.mqtt_port).into())
+        .await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3 sends the client certificate after the handshake's first flight: flush it.
+    use tokio::io::AsyncWriteExt;
+    tls.flush().await?;
+    Ok(tls)
 }
 
 /// A TLS connection to the device listener (HTTP/1.1 by ALPN) that sends nothing.
@@ -305,4 +358,65 @@ async fn tls_and_silence(
             .connect(name, tcp)
             .await?,
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_many_addresses_fills_only_the_device_budget_and_connected_devices_go_on()
+-> anyhow::Result<()> {
+    let server = Server::start(&[
+        "--mqtt-max-connections",
+        "20",
+        "--mqtt-handshake-timeout",
+        "3",
+    ])
+    .await?;
+    let jwt = server.user("budget@example.com").await?;
+    let id = server.enroll(&jwt, "inside").await?;
+    let mut device = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    device.subscribe("devices/inside/command").await?;
+
+    // 60 idle connections from 30 addresses: the budget of 20 holds the device and 19 of
+    // them; the rest are closed at once.
+    let mut flood = Vec::new();
+    for k in 0..30 {
+        flood.extend(idle_connections(&format!("127.0.1.{}", 10 + k), server.mqtt_port, 2).await?);
+    }
+    let shed = closed(&mut flood, std::time::Duration::from_millis(1500)).await;
+    assert_eq!(shed, 41, "connections over the total budget stayed open");
+
+    // The connected device goes on: a command reaches it over the server's own (internal)
+    // listener, and what it publishes is stored.
+    let (status, _) = server
+        .call(
+            "POST",
+            "/api/device/inside/commands",
+            Some(&jwt),
+            Some(serde_json::json!({"name":"ping"})),
+        )
+        .await?;
+    assert_eq!(status, 202);
+    let (topic, _) = device.message(std::time::Duration::from_secs(5)).await?;
+    assert_eq!(topic, "devices/inside/command");
+    device
+        .publish("devices/inside/health", r#"{"heap":7,"fw":"1.0.0"}"#)
+        .await?;
+    let stored = flotilla_e2e::wait_for(
+        "heartbeat stored",
+        std::time::Duration::from_secs(5),
+        || async { (server.device(&jwt, "inside").await.ok()?["heap"] == 7).then_some(()) },
+    )
+    .await;
+    assert!(
+        stored.is_ok(),
+        "the connected device's heartbeat was not stored"
+    );
+
+    // Once the flood's deadline passed, its slots are free and a second device connects.
+    let other = server.enroll(&jwt, "after-flood").await?;
+    assert_eq!(
+        closed(&mut flood, std::time::Duration::from_secs(5)).await,
+        60
+    );
+    flotilla_e2e::mqtt::connect_device(server.mqtt_port, &other).await?;
+    Ok(())
 }

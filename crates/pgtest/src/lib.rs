@@ -155,6 +155,14 @@ pub mod faults {
         }
     }
 
+    /// Statements that stall the ingest of telemetry alone on PostgreSQL (other tables stay
+    /// writable), held until the connection commits or closes.
+    pub const STALL_TELEMETRY: &[&str] = &["BEGIN", "LOCK TABLE telemetry IN EXCLUSIVE MODE"];
+
+    /// How many queries of this database wait for a lock now (PostgreSQL).
+    pub const QUERIES_WAITING_FOR_A_LOCK: &str = "SELECT COUNT(*) FROM pg_stat_activity \
+        WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
     /// Statements that make the database refuse, forever, every telemetry row matching
     /// `condition` (SQL on the row as `NEW`), with an error that says `poisoned reading`.
     pub fn refuse_readings_where(postgres: bool, condition: &str) -> Vec<String> {

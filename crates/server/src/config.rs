@@ -82,15 +82,23 @@ pub struct ServerConfig {
     /// Open connections the device HTTPS listener accepts in all.
     #[arg(long, env = "FLOTILLA_DEVICE_LISTENER_MAX", default_value_t = 4096)]
     pub device_listener_max: usize,
-    /// Seconds an MQTT client may take for its TLS handshake, and again for its CONNECT once
-    /// the protocol version is known; a connection that never starts TLS is closed then. (The
-    /// version probe between the two has no deadline in rmqtt 0.24.)
+    /// Seconds an MQTT connection may take from being accepted to an authenticated session
+    /// (TLS, then CONNECT); one that is not a session by then is closed.
     #[arg(
         long = "mqtt-handshake-timeout",
         env = "FLOTILLA_MQTT_HANDSHAKE_TIMEOUT",
         default_value_t = 10
     )]
     pub mqtt_handshake_timeout_secs: u64,
+    /// MQTT connections from one source address (IPv6: one /64) that may be arriving at once
+    /// (accepted, not yet an authenticated session); more are closed at once. Connected devices
+    /// do not count, so many devices behind one NAT are not capped by it.
+    #[arg(long, env = "FLOTILLA_MQTT_PER_ADDRESS", default_value_t = 64)]
+    pub mqtt_per_address: usize,
+    /// Open MQTT device connections in all; 0 sizes it from the open-file limit (raised to its
+    /// hard limit), keeping 1,024 descriptors for the server's other sockets and files.
+    #[arg(long, env = "FLOTILLA_MQTT_MAX_CONNECTIONS", default_value_t = 0)]
+    pub mqtt_max_connections: usize,
     /// Maximum telemetry rows per database transaction (group commit).
     #[arg(long, env = "FLOTILLA_INGEST_BATCH", default_value_t = 512)]
     pub ingest_batch: usize,
@@ -251,6 +259,19 @@ impl ServerConfig {
             rate: self.device_publish_rate.max(1),
             burst: self.device_publish_burst.max(1),
             max_payload: flotilla_proto::MAX_PAYLOAD,
+        }
+    }
+
+    /// How the MQTT front door admits device connections.
+    pub fn mqtt_admission(&self) -> crate::broker::front_door::Admission {
+        let max_connections = match self.mqtt_max_connections {
+            0 => crate::broker::front_door::connections_within_fd_limit(),
+            n => n,
+        };
+        crate::broker::front_door::Admission {
+            max_connections,
+            per_address: self.mqtt_per_address.max(1),
+            deadline: Duration::from_secs(self.mqtt_handshake_timeout_secs.max(1)),
         }
     }
 

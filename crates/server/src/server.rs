@@ -75,7 +75,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             let service = ca.issue_service_certificate("server")?;
             let (embedded, addrs) = broker::start(
                 config.mqtt_addr,
-                std::time::Duration::from_secs(config.mqtt_handshake_timeout_secs.max(1)),
+                config.mqtt_admission(),
                 tls,
                 BrokerDeps {
                     gate: gate.clone(),

@@ -15,6 +15,7 @@
 //! `SharedSubscription` that says it is supported.
 
 pub mod acl;
+pub mod front_door;
 pub mod gate;
 pub mod limits;
 
@@ -157,10 +158,11 @@ pub struct BrokerDeps {
 /// bound addresses (the configured port may be 0).
 pub async fn start(
     addr: SocketAddr,
-    handshake_timeout: std::time::Duration,
+    admission: front_door::Admission,
     tls: TlsFiles<'_>,
     deps: BrokerDeps,
 ) -> anyhow::Result<(Arc<Embedded>, BrokerAddrs)> {
+    let arrivals = Arc::new(front_door::Arrivals::default());
     let scx = ServerContext::new().build().await;
     *scx.extends.shared_subscription_mut().await = Box::new(RoundRobinShared::default());
     *scx.extends.retain_mut().await = Box::new(PersistentRetain {
@@ -175,6 +177,7 @@ pub async fn start(
         limiter: DeviceLimiter::new(deps.limits),
         store: deps.store,
         events: deps.events,
+        arrivals: arrivals.clone(),
     });
     for t in [
         Type::ClientAuthenticate,
@@ -204,14 +207,18 @@ pub async fn start(
             .tls_key(Some(path(tls.key)))
             .collect_cert_info(true)
     };
-    // rmqtt owns this accept loop (its per-connection processing is crate-private), so a cap
-    // per source address cannot be added here; the handshake timeout bounds how long a
-    // connection that never starts TLS holds a socket.
-    let devices = tls_listener("mqtt/devices", addr)
-        .handshake_timeout(handshake_timeout)
+    // Devices reach this listener only through the front door, which tells it their address.
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let devices = tls_listener("mqtt/devices", loopback)
+        .proxy_protocol(true)
+        .proxy_protocol_timeout(std::time::Duration::from_secs(5))
+        .handshake_timeout(admission.deadline)
         .max_packet_size(MAX_PACKET)
         .max_handshaking_limit(4096)
         .bind()
+        .context("binding the broker's device listener")?;
+    let public = tokio::net::TcpListener::bind(addr)
+        .await
         .with_context(|| format!("binding MQTT listener on {addr}"))?;
     let internal = tls_listener("mqtt/internal", SocketAddr::from(([127, 0, 0, 1], 0)))
         .max_packet_size(64 * 1024)
@@ -220,9 +227,10 @@ pub async fn start(
         .bind()
         .context("binding internal MQTT listener")?;
     let addrs = BrokerAddrs {
-        devices: devices.local_addr()?,
+        devices: public.local_addr()?,
         internal: internal.local_addr()?,
     };
+    front_door::spawn(public, devices.local_addr()?, admission, arrivals);
     // Explicit listener ids: the ports may be ephemeral, and rmqtt keys listeners by id.
     let server = MqttServer::new(scx.clone())
         .listener_by_id(
@@ -281,6 +289,7 @@ struct Hooks {
     limiter: DeviceLimiter,
     store: Store,
     events: mpsc::UnboundedSender<BrokerEvent>,
+    arrivals: Arc<front_door::Arrivals>,
 }
 
 fn listener_of(lid: u16) -> Option<Listener> {
@@ -500,6 +509,10 @@ impl Hooks {
                             Identity::Device(id) => Some(id.to_string()),
                             Identity::Service(_) => None,
                         };
+                        if let Some(addr) = session.id.remote_addr {
+                            // The front door stops counting it as arriving.
+                            self.arrivals.arrived(addr);
+                        }
                         session
                             .extra_attrs
                             .write()

@@ -108,13 +108,10 @@ impl TestDb {
 /// Returns once a session on `store`'s PostgreSQL database waits for a lock (panics after 10 s).
 pub async fn wait_until_a_query_waits_for_a_lock(store: &Store) {
     for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&store.pool)
-        .await
-        .expect("pg_stat_activity");
+        let waiting: i64 = sqlx::query_scalar(flotilla_pgtest::faults::QUERIES_WAITING_FOR_A_LOCK)
+            .fetch_one(&store.pool)
+            .await
+            .expect("pg_stat_activity");
         if waiting > 0 {
             return;
         }
