@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use proxy_protocol::ProxyHeader;
 use proxy_protocol::version2::{ProxyAddresses, ProxyCommand, ProxyTransportProtocol};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -40,10 +40,6 @@ pub const FDS_PER_CONNECTION: u64 = 3;
 
 /// File descriptors the default budget keeps for everything but device connections.
 pub const RESERVED_FDS: u64 = 1024;
-
-/// Relay buffer per direction: device packets are small (payloads ≤ 4 KiB), and these are
-/// held for every connected device.
-const RELAY_BUFFER: usize = 4096;
 
 /// How long the broker may take to finish with a connection whose device went away.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -221,18 +217,8 @@ pub fn proxy_header(from: SocketAddr, to: SocketAddr) -> anyhow::Result<Vec<u8>>
 /// connection closes with it; when the device goes away, the broker sees its end of file (and
 /// publishes the device's will if there was no DISCONNECT) and has [`DRAIN`] to finish.
 async fn relay(device: TcpStream, broker: TcpStream) {
-    let (device_rx, mut device_tx) = device.into_split();
-    let (broker_rx, mut broker_tx) = broker.into_split();
-    let upward = async {
-        let mut from = BufReader::with_capacity(RELAY_BUFFER, device_rx);
-        let _ = tokio::io::copy_buf(&mut from, &mut broker_tx).await;
-        let _ = broker_tx.shutdown().await;
-    };
-    let downward = async {
-        let mut from = BufReader::with_capacity(RELAY_BUFFER, broker_rx);
-        let _ = tokio::io::copy_buf(&mut from, &mut device_tx).await;
-        let _ = device_tx.shutdown().await;
-    };
+    let upward = pump(&device, &broker);
+    let downward = pump(&broker, &device);
     tokio::pin!(upward, downward);
     tokio::select! {
         _ = &mut downward => {}
@@ -240,6 +226,69 @@ async fn relay(device: TcpStream, broker: TcpStream) {
             let _ = tokio::time::timeout(DRAIN, downward).await;
         }
     }
+}
+
+thread_local! {
+    /// Where a pump reads to: one per worker thread, not one per connection, so an idle
+    /// device costs the relay no buffer (a TLS record is at most 16 KiB and some).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; 17 * 1024].into_boxed_slice());
+}
+
+/// What one read-and-forward step did.
+enum Step {
+    Forwarded,
+    /// `to` took only part: the rest, to be written before reading more.
+    Backlog(Vec<u8>),
+    Ended,
+}
+
+/// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`. Bytes `to` cannot
+/// take at once are the only ones copied into a buffer of their own, and nothing more is read
+/// until they are written (backpressure reaches the sender).
+async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<()> {
+    use std::io::ErrorKind::WouldBlock;
+    let mut backlog = Vec::new();
+    loop {
+        if !backlog.is_empty() {
+            to.writable().await?;
+            match to.try_write(&backlog) {
+                Ok(n) => drop(backlog.drain(..n)),
+                Err(e) if e.kind() == WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if backlog.is_empty() {
+                backlog = Vec::new();
+            }
+            continue;
+        }
+        from.readable().await?;
+        let step = SCRATCH.with_borrow_mut(|buf| {
+            let n = match from.try_read(buf) {
+                Ok(0) => return Ok(Step::Ended),
+                Ok(n) => n,
+                Err(e) if e.kind() == WouldBlock => return Ok(Step::Forwarded),
+                Err(e) => return Err(e),
+            };
+            let written = match to.try_write(&buf[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            Ok(if written < n {
+                Step::Backlog(buf[written..n].to_vec())
+            } else {
+                Step::Forwarded
+            })
+        })?;
+        match step {
+            Step::Forwarded => {}
+            Step::Backlog(rest) => backlog = rest,
+            Step::Ended => break,
+        }
+    }
+    rustix::net::shutdown(to, rustix::net::Shutdown::Write)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -292,6 +341,63 @@ mod tests {
         }
     }
 
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_moves_every_byte_in_order_under_backpressure_and_passes_each_end_on() {
+        use tokio::io::AsyncReadExt;
+        let (mut device, device_side) = pair().await;
+        let (broker_side, mut broker) = pair().await;
+        let relay = tokio::spawn(relay(device_side, broker_side));
+
+        // 8 MiB upward while the broker reads nothing for a while: the kernel buffers fill,
+        // the pump holds a backlog and stops reading, and nothing is lost or reordered.
+        let sent: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let expected = sent.clone();
+        let writer = tokio::spawn(async move {
+            device.write_all(&sent).await.unwrap();
+            device
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = vec![0; expected.len()];
+        broker.read_exact(&mut got).await.unwrap();
+        assert!(got == expected, "bytes lost or reordered");
+        let mut device = writer.await.unwrap();
+
+        // The broker closes: the device reads what it last sent, then the end.
+        broker.write_all(b"bye").await.unwrap();
+        drop(broker);
+        let mut tail = Vec::new();
+        device.read_to_end(&mut tail).await.unwrap();
+        assert_eq!(tail, b"bye");
+        tokio::time::timeout(Duration::from_secs(2), relay)
+            .await
+            .expect("the relay ended with the broker's side")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_device_that_goes_away_is_an_end_of_file_for_the_broker() {
+        use tokio::io::AsyncReadExt;
+        let (mut device, device_side) = pair().await;
+        let (broker_side, mut broker) = pair().await;
+        tokio::spawn(relay(device_side, broker_side));
+        device.write_all(b"last words").await.unwrap();
+        drop(device);
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), broker.read_to_end(&mut got))
+            .await
+            .expect("the broker saw the end")
+            .unwrap();
+        assert_eq!(got, b"last words");
+    }
+
     #[test]
     fn the_fd_budget_raises_the_soft_limit_and_keeps_the_reserve() {
         use rustix::process::{Resource, getrlimit};
@@ -302,7 +408,10 @@ mod tests {
             "the soft limit was raised to the hard one"
         );
         let fds = limit.current.unwrap_or(1 << 20);
-        assert_eq!(n, (fds.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION).max(16));
+        assert_eq!(
+            n,
+            (fds.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION).max(16)
+        );
         assert!(n * FDS_PER_CONNECTION + RESERVED_FDS <= fds);
     }
 }
