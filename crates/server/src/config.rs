@@ -92,11 +92,13 @@ pub struct ServerConfig {
     pub mqtt_handshake_timeout_secs: u64,
     /// MQTT connections from one source address (IPv6: one /64) that may be arriving at once
     /// (accepted, not yet an authenticated session); more are closed at once. Connected devices
-    /// do not count, so many devices behind one NAT are not capped by it.
+    /// do not count, so many devices behind one NAT are not capped by it. With `--demo N` it is
+    /// at least N + 16.
     #[arg(long, env = "FLOTILLA_MQTT_PER_ADDRESS", default_value_t = 64)]
     pub mqtt_per_address: usize,
     /// Open MQTT device connections in all; 0 sizes it from the open-file limit (raised to its
-    /// hard limit), keeping 1,024 descriptors for the server's other sockets and files.
+    /// hard limit) after the HTTP listeners' caps and 512 more descriptors, three per device,
+    /// and from the loopback port range.
     #[arg(long, env = "FLOTILLA_MQTT_MAX_CONNECTIONS", default_value_t = 0)]
     pub mqtt_max_connections: usize,
     /// Maximum telemetry rows per database transaction (group commit).
@@ -264,13 +266,27 @@ impl ServerConfig {
 
     /// How the MQTT front door admits device connections.
     pub fn mqtt_admission(&self) -> crate::broker::front_door::Admission {
+        use crate::broker::front_door::{Admission, RESERVED_FDS, device_connection_budget};
+        let reserved = (self.http_max + self.device_listener_max) as u64 + RESERVED_FDS;
+        let budget = device_connection_budget(reserved);
         let max_connections = match self.mqtt_max_connections {
-            0 => crate::broker::front_door::connections_within_fd_limit(),
-            n => n,
+            0 => budget,
+            n => {
+                if n > budget {
+                    tracing::warn!(
+                        asked = n,
+                        budget,
+                        "--mqtt-max-connections is above what the open-file limit and the loopback port range leave"
+                    );
+                }
+                n
+            }
         };
-        crate::broker::front_door::Admission {
+        // The demo fleet connects from this host at once.
+        let per_address = self.mqtt_per_address.max(1).max(self.demo + 16);
+        Admission {
             max_connections,
-            per_address: self.mqtt_per_address.max(1),
+            per_address,
             deadline: Duration::from_secs(self.mqtt_handshake_timeout_secs.max(1)),
         }
     }

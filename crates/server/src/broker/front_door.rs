@@ -6,10 +6,11 @@
 //! byte (still TLS: rmqtt terminates it and checks the certificate) to rmqtt's listener on a
 //! loopback port, behind a PROXY protocol v2 header so rmqtt sees the device's own address.
 //! - **In all**, at most `max_connections` device connections are open. Each costs three file
-//!   descriptors (the device's socket and both ends of the loopback one), and the default
-//!   budget leaves [`RESERVED_FDS`] for everything else — the internal listener, the HTTP
-//!   listeners, the database — so a flood cannot stop connected devices or the server's own
-//!   clients.
+//!   descriptors (the device's socket and both ends of the loopback one) and one loopback
+//!   port; the default budget ([`device_connection_budget`]) leaves the HTTP listeners' caps
+//!   and [`RESERVED_FDS`] more for the internal listener, the database and files, so a flood
+//!   of MQTT connections cannot take the descriptors connected devices and the server's own
+//!   clients need.
 //! - **Per source address** (IPv6 by /64), at most `per_address` connections may be *arriving*:
 //!   accepted and not yet through CONNECT. A device that connected leaves that count, so a
 //!   site's devices behind one NAT are not capped, while one host opening sockets it never
@@ -18,9 +19,11 @@
 //!   authenticated): a connection that is not a session by then is closed. rmqtt's own
 //!   version probe has no deadline; this one bounds it.
 //!
-//! rmqtt's loopback listener trusts the PROXY header of whoever connects to it; it binds
-//! 127.0.0.1 only, so only a local process can claim another source address, and it still
-//! needs a certificate to get anywhere.
+//! rmqtt's loopback listener trusts the PROXY header of whoever connects to it and reads it in
+//! its accept loop, one connection at a time: a local process (only: it binds 127.0.0.1) can
+//! claim another source address, bypass these caps, and stall device admissions by
+//! connecting and sending nothing (up to the 1 s PROXY timeout each time). It still needs a
+//! certificate to become a session.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,11 +41,15 @@ use crate::conn_limits::ConnectionGate;
 /// File descriptors a relayed device connection holds.
 pub const FDS_PER_CONNECTION: u64 = 3;
 
-/// File descriptors the default budget keeps for everything but device connections.
-pub const RESERVED_FDS: u64 = 1024;
+/// File descriptors kept for the server's own use besides the HTTP listeners' caps (the
+/// internal listener and its clients, the database pool, files).
+pub const RESERVED_FDS: u64 = 512;
 
 /// How long the broker may take to finish with a connection whose device went away.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// How long bytes may wait for a side that takes none (a device that stopped reading).
+const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// How the front door admits connections.
 #[derive(Debug, Clone, Copy)]
@@ -53,9 +60,11 @@ pub struct Admission {
     pub deadline: Duration,
 }
 
-/// The device connections this process's open-file limit allows once [`RESERVED_FDS`] are set
-/// aside. The soft limit is raised to the hard one first.
-pub fn connections_within_fd_limit() -> usize {
+/// The device connections this process can hold once `reserved` descriptors are set aside
+/// for everything else: three descriptors each, and one loopback port each (every relayed
+/// connection goes from 127.0.0.1 to one broker port, so the local port range bounds them).
+/// The soft open-file limit is raised to the hard one first.
+pub fn device_connection_budget(reserved: u64) -> usize {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     if limit.maximum.is_some_and(|max| limit.current < Some(max)) {
@@ -66,35 +75,68 @@ pub fn connections_within_fd_limit() -> usize {
     }
     // None means unlimited.
     let fds = limit.current.unwrap_or(1 << 20);
-    (fds.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION).max(16) as usize
+    let by_fds = fds.saturating_sub(reserved) / FDS_PER_CONNECTION;
+    let by_ports = local_ports().saturating_sub(1024);
+    let budget = by_fds.min(by_ports);
+    if budget < 16 {
+        tracing::warn!(
+            open_file_limit = fds,
+            reserved,
+            "the open-file limit leaves almost nothing for MQTT devices; allowing 16"
+        );
+    }
+    budget.max(16) as usize
+}
+
+/// How many ephemeral ports the kernel hands out for outgoing connections.
+fn local_ports() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u64>().ok());
+            Some(it.next()??.abs_diff(it.next()??) + 1)
+        })
+        // Linux's default range, 32768-60999.
+        .unwrap_or(28_232)
 }
 
 /// Connections accepted and waiting to become sessions, by the device's address as rmqtt
 /// sees it (from the PROXY header): the broker's connect hook tells the relay its connection
-/// arrived.
+/// arrived. Each entry carries a generation, so a connection only ever forgets its own.
 #[derive(Debug, Default)]
-pub struct Arrivals(Mutex<HashMap<SocketAddr, oneshot::Sender<()>>>);
+pub struct Arrivals(Mutex<(u64, HashMap<SocketAddr, (u64, oneshot::Sender<()>)>)>);
 
 impl Arrivals {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, oneshot::Sender<()>>> {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (u64, HashMap<SocketAddr, (u64, oneshot::Sender<()>)>)> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The connection from `addr` became an authenticated session.
     pub fn arrived(&self, addr: SocketAddr) {
-        if let Some(tx) = self.map().remove(&addr) {
+        if let Some((_, tx)) = self.map().1.remove(&addr) {
             let _ = tx.send(());
         }
     }
 
-    fn expect(self: &Arc<Self>, addr: SocketAddr) -> Expected {
+    /// `None` when a connection from the same address and port is already arriving (a
+    /// multi-homed host can make one): the broker could not tell the two apart.
+    fn expect(self: &Arc<Self>, addr: SocketAddr) -> Option<Expected> {
         let (tx, rx) = oneshot::channel();
-        self.map().insert(addr, tx);
-        Expected {
+        let mut map = self.map();
+        if map.1.contains_key(&addr) {
+            return None;
+        }
+        map.0 += 1;
+        let generation = map.0;
+        map.1.insert(addr, (generation, tx));
+        Some(Expected {
             arrivals: self.clone(),
             addr,
+            generation,
             rx,
-        }
+        })
     }
 }
 
@@ -102,12 +144,49 @@ impl Arrivals {
 struct Expected {
     arrivals: Arc<Arrivals>,
     addr: SocketAddr,
+    generation: u64,
     rx: oneshot::Receiver<()>,
+}
+
+impl Expected {
+    /// Returns once the broker reported the session; never if it does not.
+    async fn arrival(&mut self) {
+        if (&mut self.rx).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Drop for Expected {
     fn drop(&mut self) {
-        self.arrivals.map().remove(&self.addr);
+        let mut map = self.arrivals.map();
+        if map
+            .1
+            .get(&self.addr)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            map.1.remove(&self.addr);
+        }
+    }
+}
+
+/// Counts connections closed at a cap, and says so in the log at most once a minute.
+struct Shed {
+    total: u64,
+    logged: Option<tokio::time::Instant>,
+}
+
+impl Shed {
+    fn note(&mut self, why: &'static str, from: SocketAddr) {
+        self.total += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|t| now - t >= Duration::from_secs(60))
+        {
+            self.logged = Some(now);
+            tracing::warn!(why, last_from = %from.ip(), shed_so_far = self.total, "MQTT connections closed at a cap");
+        }
     }
 }
 
@@ -126,6 +205,10 @@ pub fn spawn(
         "MQTT front door admits device connections"
     );
     tokio::spawn(async move {
+        let mut shed = Shed {
+            total: 0,
+            logged: None,
+        };
         loop {
             let (device, from) = match public.accept().await {
                 Ok(s) => s,
@@ -136,40 +219,51 @@ pub fn spawn(
                     continue;
                 }
             };
+            let deadline = tokio::time::Instant::now() + admission.deadline;
             let key = crate::login_limits::address_key(Some(from.ip())).unwrap_or(from.ip());
-            let (Some(open), Some(arriving)) = (all.admit(key), arriving.admit(key)) else {
-                // Over a cap: closed before it costs more than this socket for a moment.
+            let Some(open) = all.admit(key) else {
+                // Closed before it costs more than this socket for a moment.
+                shed.note("all device connections in use", from);
                 continue;
             };
-            let arrivals = arrivals.clone();
+            let Some(arriving) = arriving.admit(key) else {
+                shed.note("too many arriving from one address", from);
+                continue;
+            };
+            let Some(mut expected) = arrivals.expect(from) else {
+                shed.note("same address and port already arriving", from);
+                continue;
+            };
             tokio::spawn(async move {
                 let _open = open;
+                let _ = device.set_nodelay(true);
+                // rmqtt set keep-alive probes on the sockets it accepted; it now accepts the
+                // loopback one, so the device's gets them here (a device gone without a FIN
+                // and with MQTT keep-alive 0 is still found).
+                let _ = rustix::net::sockopt::set_socket_keepalive(&device, true);
                 let to = device.local_addr().unwrap_or(broker);
-                let upstream = match connect(broker, from, to).await {
-                    Ok(s) => s,
-                    Err(e) => {
+                let upstream = match tokio::time::timeout_at(deadline, connect(broker, from, to))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "MQTT front door could not reach the broker");
                         return;
                     }
+                    Err(_) => return,
                 };
-                let _ = device.set_nodelay(true);
-                let expected = arrivals.expect(from);
                 let relay = relay(device, upstream);
                 tokio::pin!(relay);
                 tokio::select! {
                     _ = &mut relay => return,
-                    _ = tokio::time::sleep(admission.deadline) => return,
-                    _ = expected_arrival(expected) => {}
+                    _ = tokio::time::sleep_until(deadline) => return,
+                    _ = expected.arrival() => {}
                 }
-                drop(arriving);
+                drop((arriving, expected));
                 relay.await;
             });
         }
     });
-}
-
-async fn expected_arrival(mut expected: Expected) {
-    let _ = (&mut expected.rx).await;
 }
 
 /// A loopback connection to the broker that starts with a PROXY v2 header naming the device.
@@ -215,10 +309,16 @@ pub fn proxy_header(from: SocketAddr, to: SocketAddr) -> anyhow::Result<Vec<u8>>
 
 /// Moves bytes both ways until either side is done. When the broker closes, the device's
 /// connection closes with it; when the device goes away, the broker sees its end of file (and
-/// publishes the device's will if there was no DISCONNECT) and has [`DRAIN`] to finish.
+/// publishes the device's will if there was no DISCONNECT) and has [`DRAIN`] to finish. A side
+/// that takes no byte for [`WRITE_STALL`] while some wait for it ends the relay (a device that
+/// stops reading cannot hold its sockets once the broker gave up on it).
 async fn relay(device: TcpStream, broker: TcpStream) {
-    let upward = pump(&device, &broker);
-    let downward = pump(&broker, &device);
+    relay_with_stall(device, broker, WRITE_STALL).await
+}
+
+async fn relay_with_stall(device: TcpStream, broker: TcpStream, stall: Duration) {
+    let upward = pump(&device, &broker, stall);
+    let downward = pump(&broker, &device, stall);
     tokio::pin!(upward, downward);
     tokio::select! {
         _ = &mut downward => {}
@@ -230,9 +330,9 @@ async fn relay(device: TcpStream, broker: TcpStream) {
 
 thread_local! {
     /// Where a pump reads to: one per worker thread, not one per connection, so an idle
-    /// device costs the relay no buffer (a TLS record is at most 16 KiB and some).
+    /// device holds no relay buffer. Its size is only how much one read takes.
     static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; 17 * 1024].into_boxed_slice());
+        std::cell::RefCell::new(vec![0; 16 * 1024].into_boxed_slice());
 }
 
 /// What one read-and-forward step did.
@@ -243,15 +343,27 @@ enum Step {
     Ended,
 }
 
-/// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`. Bytes `to` cannot
-/// take at once are the only ones copied into a buffer of their own, and nothing more is read
-/// until they are written (backpressure reaches the sender).
-async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<()> {
+/// Moves bytes from `from` to `to` until `from` ends or fails, then half-closes `to`. Bytes
+/// `to` cannot take at once are the only ones copied into a buffer of their own, and nothing
+/// more is read until they are written (backpressure reaches the sender); if they are not
+/// taken within `stall`, the pump gives up.
+async fn pump(from: &TcpStream, to: &TcpStream, stall: Duration) -> std::io::Result<()> {
+    let result = forward(from, to, stall).await;
+    // Also after an error (a reset): the other side must see the end at once.
+    let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+    result
+}
+
+async fn forward(from: &TcpStream, to: &TcpStream, stall: Duration) -> std::io::Result<()> {
     use std::io::ErrorKind::WouldBlock;
     let mut backlog = Vec::new();
     loop {
         if !backlog.is_empty() {
-            to.writable().await?;
+            tokio::time::timeout(stall, to.writable())
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading")
+                })??;
             match to.try_write(&backlog) {
                 Ok(n) => drop(backlog.drain(..n)),
                 Err(e) if e.kind() == WouldBlock => {}
@@ -284,11 +396,9 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<()> {
         match step {
             Step::Forwarded => {}
             Step::Backlog(rest) => backlog = rest,
-            Step::Ended => break,
+            Step::Ended => return Ok(()),
         }
     }
-    rustix::net::shutdown(to, rustix::net::Shutdown::Write)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -382,6 +492,41 @@ mod tests {
             .unwrap();
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_that_stops_reading_cannot_hold_the_relay_once_the_broker_is_gone() {
+        let (device, device_side) = pair().await;
+        let (broker_side, mut broker) = pair().await;
+        let relay = tokio::spawn(relay_with_stall(
+            device_side,
+            broker_side,
+            Duration::from_millis(500),
+        ));
+        // The device reads nothing; the broker writes far more than the kernels buffer, then
+        // closes (as rmqtt does on a keep-alive timeout).
+        let chunk = vec![7u8; 64 * 1024];
+        let mut blocked = false;
+        for _ in 0..1000 {
+            match tokio::time::timeout(Duration::from_millis(200), broker.write_all(&chunk)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            blocked,
+            "the broker's writes never blocked: no backpressure"
+        );
+        drop(broker);
+        tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .expect("the relay ended although the device never read")
+            .unwrap();
+        drop(device);
+    }
+
     #[tokio::test]
     async fn a_device_that_goes_away_is_an_end_of_file_for_the_broker() {
         use tokio::io::AsyncReadExt;
@@ -399,19 +544,24 @@ mod tests {
     }
 
     #[test]
-    fn the_fd_budget_raises_the_soft_limit_and_keeps_the_reserve() {
+    fn the_budget_raises_the_soft_limit_and_keeps_the_reserve_and_the_port_range() {
         use rustix::process::{Resource, getrlimit};
-        let n = connections_within_fd_limit() as u64;
+        let reserved = 5_000;
+        let n = device_connection_budget(reserved) as u64;
         let limit = getrlimit(Resource::Nofile);
         assert_eq!(
             limit.current, limit.maximum,
             "the soft limit was raised to the hard one"
         );
         let fds = limit.current.unwrap_or(1 << 20);
-        assert_eq!(
-            n,
-            (fds.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION).max(16)
+        assert!(n * FDS_PER_CONNECTION + reserved <= fds || n == 16);
+        assert!(n + 1024 <= local_ports());
+        assert!(
+            local_ports() > 1024,
+            "read the port range: {}",
+            local_ports()
         );
-        assert!(n * FDS_PER_CONNECTION + RESERVED_FDS <= fds);
+        // Nothing left: the floor, not an underflow.
+        assert_eq!(device_connection_budget(u64::MAX), 16);
     }
 }

@@ -208,10 +208,14 @@ pub async fn start(
             .collect_cert_info(true)
     };
     // Devices reach this listener only through the front door, which tells it their address.
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    // A port of its own, not 0: rmqtt keys its CONNECT executors by the configured port, and
+    // the internal listener's is 0, so devices would queue with the server's own clients.
+    let loopback = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|probe| probe.local_addr())
+        .context("choosing a loopback port for the broker's device listener")?;
     let devices = tls_listener("mqtt/devices", loopback)
         .proxy_protocol(true)
-        .proxy_protocol_timeout(std::time::Duration::from_secs(5))
+        .proxy_protocol_timeout(std::time::Duration::from_secs(1))
         .handshake_timeout(admission.deadline)
         .max_packet_size(MAX_PACKET)
         .max_handshaking_limit(4096)
@@ -509,7 +513,9 @@ impl Hooks {
                             Identity::Device(id) => Some(id.to_string()),
                             Identity::Service(_) => None,
                         };
-                        if let Some(addr) = session.id.remote_addr {
+                        if session.id.lid == DEVICE_LISTENER
+                            && let Some(addr) = session.id.remote_addr
+                        {
                             // The front door stops counting it as arriving.
                             self.arrivals.arrived(addr);
                         }
