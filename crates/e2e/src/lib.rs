@@ -214,8 +214,15 @@ impl Server {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        // FLOTILLA_SERVER_WRAPPER runs the server under a tool, e.g. "valgrind --tool=massif".
-        let mut command = match std::env::var("FLOTILLA_SERVER_WRAPPER") {
+        // FLOTILLA_SERVER_WRAPPER runs the server under a tool, e.g. "valgrind --tool=massif";
+        // a test may give one for its own server in `env`.
+        let wrapper = env
+            .iter()
+            .find(|(k, _)| k == "FLOTILLA_SERVER_WRAPPER")
+            .map(|(_, v)| v.clone())
+            .ok_or(())
+            .or_else(|_| std::env::var("FLOTILLA_SERVER_WRAPPER"));
+        let mut command = match wrapper {
             Ok(wrapper) if !wrapper.trim().is_empty() => {
                 let mut words = wrapper.split_whitespace();
                 let mut c = Command::new(words.next().unwrap_or_default());

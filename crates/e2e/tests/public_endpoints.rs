@@ -428,3 +428,58 @@ async fn a_flood_from_many_addresses_fills_only_the_device_budget_and_connected_
     flotilla_e2e::mqtt::connect_device(server.mqtt_port, &other).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_under_a_low_open_file_limit_leaves_the_reserve_for_devices_the_api_and_the_database()
+-> anyhow::Result<()> {
+    // 1,500 descriptors, HTTP caps of 64 each: the budget is (1500 - 64 - 64 - 512) / 3 = 286
+    // device connections, sized by the server itself.
+    let server = Server::start_with_env(
+        &["--http-max", "64", "--device-listener-max", "64"],
+        &[("FLOTILLA_SERVER_WRAPPER", "prlimit --nofile=1500:1500")],
+    )
+    .await?;
+    let jwt = server.user("reserve@example.com").await?;
+    let id = server.enroll(&jwt, "kept").await?;
+    let mut device = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    device.subscribe("devices/kept/command").await?;
+
+    // 400 idle connections from 8 addresses (50 each, under the per-address cap): 285 are
+    // held, the rest closed at once, and the server keeps descriptors for the rest.
+    let mut flood = Vec::new();
+    for k in 0..8 {
+        flood.extend(idle_connections(&format!("127.0.2.{}", 10 + k), server.mqtt_port, 50).await?);
+    }
+    let shed = closed(&mut flood, std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        shed,
+        400 - 285,
+        "the budget was not sized from the open-file limit"
+    );
+
+    // The API answers and writes to the database, the command goes out over the internal
+    // listener, and the device's heartbeat is stored.
+    let (status, body) = server
+        .call(
+            "POST",
+            "/api/device/kept/commands",
+            Some(&jwt),
+            Some(serde_json::json!({"name":"ping"})),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let (topic, _) = device.message(std::time::Duration::from_secs(5)).await?;
+    assert_eq!(topic, "devices/kept/command");
+    device
+        .publish("devices/kept/health", r#"{"heap":9,"fw":"1.0.0"}"#)
+        .await?;
+    flotilla_e2e::wait_for(
+        "heartbeat stored",
+        std::time::Duration::from_secs(5),
+        || async { (server.device(&jwt, "kept").await.ok()?["heap"] == 9).then_some(()) },
+    )
+    .await?;
+    // A second device provisions over the device listener meanwhile.
+    server.enroll(&jwt, "provisioned-meanwhile").await?;
+    Ok(())
+}

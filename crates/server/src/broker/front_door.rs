@@ -69,7 +69,7 @@ pub fn device_connection_budget(reserved: u64) -> usize {
     let mut limit = getrlimit(Resource::Nofile);
     if limit.maximum.is_some_and(|max| limit.current < Some(max)) {
         limit.current = limit.maximum;
-        if setrlimit(Resource::Nofile, limit.clone()).is_err() {
+        if setrlimit(Resource::Nofile, limit).is_err() {
             limit = getrlimit(Resource::Nofile);
         }
     }
@@ -104,18 +104,23 @@ fn local_ports() -> u64 {
 /// sees it (from the PROXY header): the broker's connect hook tells the relay its connection
 /// arrived. Each entry carries a generation, so a connection only ever forgets its own.
 #[derive(Debug, Default)]
-pub struct Arrivals(Mutex<(u64, HashMap<SocketAddr, (u64, oneshot::Sender<()>)>)>);
+pub struct Arrivals(Mutex<Waiting>);
+
+/// The last generation given out, and who waits under which generation.
+#[derive(Debug, Default)]
+struct Waiting {
+    generation: u64,
+    by_address: HashMap<SocketAddr, (u64, oneshot::Sender<()>)>,
+}
 
 impl Arrivals {
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (u64, HashMap<SocketAddr, (u64, oneshot::Sender<()>)>)> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The connection from `addr` became an authenticated session.
     pub fn arrived(&self, addr: SocketAddr) {
-        if let Some((_, tx)) = self.map().1.remove(&addr) {
+        if let Some((_, tx)) = self.map().by_address.remove(&addr) {
             let _ = tx.send(());
         }
     }
@@ -125,12 +130,12 @@ impl Arrivals {
     fn expect(self: &Arc<Self>, addr: SocketAddr) -> Option<Expected> {
         let (tx, rx) = oneshot::channel();
         let mut map = self.map();
-        if map.1.contains_key(&addr) {
+        if map.by_address.contains_key(&addr) {
             return None;
         }
-        map.0 += 1;
-        let generation = map.0;
-        map.1.insert(addr, (generation, tx));
+        map.generation += 1;
+        let generation = map.generation;
+        map.by_address.insert(addr, (generation, tx));
         Some(Expected {
             arrivals: self.clone(),
             addr,
@@ -161,11 +166,11 @@ impl Drop for Expected {
     fn drop(&mut self) {
         let mut map = self.arrivals.map();
         if map
-            .1
+            .by_address
             .get(&self.addr)
             .is_some_and(|(g, _)| *g == self.generation)
         {
-            map.1.remove(&self.addr);
+            map.by_address.remove(&self.addr);
         }
     }
 }
@@ -541,6 +546,31 @@ mod tests {
             .expect("the broker saw the end")
             .unwrap();
         assert_eq!(got, b"last words");
+    }
+
+    #[tokio::test]
+    async fn an_arrival_is_only_ever_its_own() {
+        let arrivals = Arc::new(Arrivals::default());
+        let addr: SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let first = arrivals.expect(addr).expect("nobody waits yet");
+        assert!(
+            arrivals.expect(addr).is_none(),
+            "the same address and port twice"
+        );
+        drop(first);
+        let mut second = arrivals.expect(addr).expect("free again");
+        arrivals.arrived(addr);
+        tokio::time::timeout(Duration::from_secs(1), second.arrival())
+            .await
+            .expect("the broker's report reached the waiting connection");
+        // A waiter whose entry went away without a report never counts as arrived.
+        let mut third = arrivals.expect(addr).expect("free again");
+        arrivals.map().by_address.clear();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), third.arrival())
+                .await
+                .is_err()
+        );
     }
 
     #[test]
