@@ -368,6 +368,41 @@ async fn tls_and_silence(
     )
 }
 
+/// A connected device goes on under a flood: the API answers and writes a command to the
+/// database, the command reaches the device over the server's own (internal) listener, and
+/// the heartbeat the device publishes is stored.
+async fn connected_device_goes_on(
+    server: &Server,
+    jwt: &str,
+    device: &mut flotilla_e2e::mqtt::Session,
+    id: &str,
+) -> anyhow::Result<()> {
+    let (status, body) = server
+        .call(
+            "POST",
+            &format!("/api/device/{id}/commands"),
+            Some(jwt),
+            Some(serde_json::json!({"name":"ping"})),
+        )
+        .await?;
+    assert_eq!(status, 202, "{body}");
+    let (topic, _) = device.message(std::time::Duration::from_secs(5)).await?;
+    assert_eq!(topic, format!("devices/{id}/command"));
+    device
+        .publish(
+            &format!("devices/{id}/health"),
+            r#"{"heap":7,"fw":"1.0.0"}"#,
+        )
+        .await?;
+    flotilla_e2e::wait_for(
+        "heartbeat stored",
+        std::time::Duration::from_secs(5),
+        || async { (server.device(jwt, id).await.ok()?["heap"] == 7).then_some(()) },
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_many_addresses_fills_only_the_device_budget_and_connected_devices_go_on()
 -> anyhow::Result<()> {
@@ -392,32 +427,7 @@ async fn a_flood_from_many_addresses_fills_only_the_device_budget_and_connected_
     let shed = closed(&mut flood, std::time::Duration::from_millis(1500)).await;
     assert_eq!(shed, 41, "connections over the total budget stayed open");
 
-    // The connected device goes on: a command reaches it over the server's own (internal)
-    // listener, and what it publishes is stored.
-    let (status, _) = server
-        .call(
-            "POST",
-            "/api/device/inside/commands",
-            Some(&jwt),
-            Some(serde_json::json!({"name":"ping"})),
-        )
-        .await?;
-    assert_eq!(status, 202);
-    let (topic, _) = device.message(std::time::Duration::from_secs(5)).await?;
-    assert_eq!(topic, "devices/inside/command");
-    device
-        .publish("devices/inside/health", r#"{"heap":7,"fw":"1.0.0"}"#)
-        .await?;
-    let stored = flotilla_e2e::wait_for(
-        "heartbeat stored",
-        std::time::Duration::from_secs(5),
-        || async { (server.device(&jwt, "inside").await.ok()?["heap"] == 7).then_some(()) },
-    )
-    .await;
-    assert!(
-        stored.is_ok(),
-        "the connected device's heartbeat was not stored"
-    );
+    connected_device_goes_on(&server, &jwt, &mut device, "inside").await?;
 
     // Once the flood's deadline passed, its slots are free and a second device connects.
     let other = server.enroll(&jwt, "after-flood").await?;
@@ -457,28 +467,7 @@ async fn a_flood_under_a_low_open_file_limit_leaves_the_reserve_for_devices_the_
         "the budget was not sized from the open-file limit"
     );
 
-    // The API answers and writes to the database, the command goes out over the internal
-    // listener, and the device's heartbeat is stored.
-    let (status, body) = server
-        .call(
-            "POST",
-            "/api/device/kept/commands",
-            Some(&jwt),
-            Some(serde_json::json!({"name":"ping"})),
-        )
-        .await?;
-    assert_eq!(status, 202, "{body}");
-    let (topic, _) = device.message(std::time::Duration::from_secs(5)).await?;
-    assert_eq!(topic, "devices/kept/command");
-    device
-        .publish("devices/kept/health", r#"{"heap":9,"fw":"1.0.0"}"#)
-        .await?;
-    flotilla_e2e::wait_for(
-        "heartbeat stored",
-        std::time::Duration::from_secs(5),
-        || async { (server.device(&jwt, "kept").await.ok()?["heap"] == 9).then_some(()) },
-    )
-    .await?;
+    connected_device_goes_on(&server, &jwt, &mut device, "kept").await?;
     // A second device provisions over the device listener meanwhile.
     server.enroll(&jwt, "provisioned-meanwhile").await?;
     Ok(())
