@@ -67,18 +67,18 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &e
-            && db.is_unique_violation()
-        {
-            return ApiError::Conflict("already exists".into());
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::NotFound => ApiError::NotFound("not found"),
+            StoreError::Conflict(_) => ApiError::Conflict("already exists".into()),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                ApiError::Unavailable
+            }
+            StoreError::Refused(cause) => ApiError::Internal(anyhow::anyhow!(cause)),
         }
-        if crate::store::is_unavailable(&e) {
-            tracing::warn!(error = %e, "database unavailable");
-            return ApiError::Unavailable;
-        }
-        ApiError::Internal(e.into())
     }
 }
 
@@ -215,7 +215,7 @@ mod tests {
                 Err(e) => e,
                 Ok(changed) => panic!("{backend:?}: wrote through the lock ({changed})"),
             };
-            assert!(crate::store::is_unavailable(&e), "{backend:?}: {e}");
+            assert!(e.is_unavailable(), "{backend:?}: {e}");
             let resp = ApiError::from(e).into_response();
             assert_eq!(
                 resp.status(),

@@ -166,7 +166,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The fleet's state, read at most every [`FLEET_TTL`] whoever asks.
-    pub async fn fleet(&self, store: &Store) -> sqlx::Result<FleetGauges> {
+    pub async fn fleet(&self, store: &Store) -> crate::store::StoreResult<FleetGauges> {
         let mut cached = self.fleet.lock().await;
         if let Some((at, fleet)) = cached.as_ref()
             && at.elapsed() < FLEET_TTL

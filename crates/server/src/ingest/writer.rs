@@ -26,7 +26,7 @@ use flotilla_proto::Telemetry;
 
 use super::{Item, decode_item};
 use crate::metrics::IngestMetrics;
-use crate::store::{DeviceUpdate, Finished, Store, now_ms};
+use crate::store::{DeviceUpdate, Finished, Store, StoreResult, WriteTx, now_ms};
 
 /// Attempts for one message on its own before it is dead-lettered.
 pub const MAX_TRIES: usize = 3;
@@ -254,12 +254,12 @@ impl Task {
     async fn commit_when_available<'a>(
         &self,
         items: impl Iterator<Item = &'a Item> + Clone,
-    ) -> sqlx::Result<Vec<IngestEvent>> {
+    ) -> StoreResult<Vec<IngestEvent>> {
         let mut pause = Pause::default();
         loop {
             let started = std::time::Instant::now();
             match commit(&self.store, items.clone()).await {
-                Err(e) if crate::store::is_unavailable(&e) => {
+                Err(e) if e.is_unavailable() => {
                     tracing::warn!(error = %e, "database unavailable; ingest waits");
                     pause.wait().await;
                 }
@@ -298,7 +298,7 @@ impl Pause {
 async fn commit<'a>(
     store: &Store,
     items: impl Iterator<Item = &'a Item>,
-) -> sqlx::Result<Vec<IngestEvent>> {
+) -> StoreResult<Vec<IngestEvent>> {
     let now = now_ms();
     let mut tx = store.begin_write().await?;
     let mut changes = Vec::new();
@@ -311,18 +311,16 @@ async fn commit<'a>(
         store_readings(&mut tx, &mut readings, now, &mut changes).await?;
         match item {
             Item::Update(device, update) => {
-                if crate::store::apply_update(&mut tx, device.as_str(), update, now).await? {
+                if tx.apply_update(device.as_str(), update, now).await? {
                     changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
                 }
             }
             Item::Reply(device, reply) => {
-                Store::apply_reply(&mut tx, device.as_str(), reply, now).await?;
+                tx.apply_reply(device.as_str(), reply, now).await?;
             }
             Item::Ota(device, status) => {
                 tracing::info!(device = %device, status = ?status.status, id = ?status.id, "OTA status");
-                if let Some(f) =
-                    crate::store::apply_ota_status(&mut tx, device.as_str(), status, now).await?
-                {
+                if let Some(f) = tx.apply_ota_status(device.as_str(), status, now).await? {
                     changes.push(IngestEvent::Finished(f));
                 }
             }
@@ -335,15 +333,15 @@ async fn commit<'a>(
 
 /// Stores and empties the run of readings gathered so far.
 async fn store_readings(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    tx: &mut WriteTx,
     readings: &mut Vec<(&str, &Telemetry)>,
     now: i64,
     changes: &mut Vec<IngestEvent>,
-) -> sqlx::Result<()> {
+) -> StoreResult<()> {
     if readings.is_empty() {
         return Ok(());
     }
-    let came_online = crate::store::apply_readings(tx, readings, now).await?;
+    let came_online = tx.apply_readings(readings, now).await?;
     changes.extend(came_online.into_iter().map(IngestEvent::CameOnline));
     readings.clear();
     Ok(())
@@ -549,9 +547,7 @@ mod tests {
                 let mut changes = Vec::new();
                 for item in &items {
                     if let Item::Update(device, update) = item
-                        && crate::store::apply_update(&mut tx, device.as_str(), update, now)
-                            .await
-                            .unwrap()
+                        && tx.apply_update(device.as_str(), update, now).await.unwrap()
                     {
                         changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
                     }

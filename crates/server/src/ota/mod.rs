@@ -58,7 +58,7 @@ impl OtaService {
         force: bool,
         rollout_id: Option<&str>,
         created_by: Option<i64>,
-    ) -> sqlx::Result<UpdateRow> {
+    ) -> crate::store::StoreResult<UpdateRow> {
         let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
         let update = self
             .store

@@ -1,7 +1,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Store, now_ms};
+use super::{Store, StoreResult, now_ms};
 
 /// A security-relevant event to record: who did what to what, and how it ended.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ impl Store {
         &self,
         limit: i64,
         action: Option<&str>,
-    ) -> sqlx::Result<Vec<AuditEntry>> {
+    ) -> StoreResult<Vec<AuditEntry>> {
         // Two statements, so the one with an action can use the (action, id) index.
         let rows = match action {
             Some(action) => {

@@ -3,7 +3,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
-use super::{CommandState, Store, now_ms};
+use super::{CommandState, Store, StoreResult, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -21,7 +21,7 @@ pub struct CommandRow {
     pub error: Option<String>,
 }
 
-fn command_from(r: &sqlx::any::AnyRow) -> sqlx::Result<CommandRow> {
+fn command_from(r: &sqlx::any::AnyRow) -> StoreResult<CommandRow> {
     let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
     Ok(CommandRow {
         id: r.try_get("id")?,
@@ -47,7 +47,7 @@ impl Store {
         args: &Value,
         created_by: i64,
         expires_at: i64,
-    ) -> sqlx::Result<CommandRow> {
+    ) -> StoreResult<CommandRow> {
         let row = sqlx::query(
             "INSERT INTO commands (id, device_id, name, args, state, created_by, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING *",
@@ -64,7 +64,7 @@ impl Store {
         command_from(&row)
     }
 
-    pub async fn command(&self, id: &str) -> sqlx::Result<Option<CommandRow>> {
+    pub async fn command(&self, id: &str) -> StoreResult<Option<CommandRow>> {
         let row = sqlx::query("SELECT * FROM commands WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -72,7 +72,7 @@ impl Store {
         row.as_ref().map(command_from).transpose()
     }
 
-    pub async fn commands_of(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<CommandRow>> {
+    pub async fn commands_of(&self, device_id: &str, limit: i64) -> StoreResult<Vec<CommandRow>> {
         let rows = sqlx::query(
             "SELECT * FROM commands WHERE device_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
         )
@@ -84,7 +84,7 @@ impl Store {
     }
 
     /// Commands still waiting for the device, oldest first.
-    pub async fn pending_commands(&self, device_id: &str) -> sqlx::Result<Vec<CommandRow>> {
+    pub async fn pending_commands(&self, device_id: &str) -> StoreResult<Vec<CommandRow>> {
         let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND state = 'queued' AND expires_at > $2 ORDER BY created_at, id")
             .bind(device_id)
             .bind(now_ms())
@@ -93,7 +93,7 @@ impl Store {
         rows.iter().map(command_from).collect()
     }
 
-    pub async fn mark_command_sent(&self, id: &str) -> sqlx::Result<()> {
+    pub async fn mark_command_sent(&self, id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE commands SET sent_at = $1 WHERE id = $2")
             .bind(now_ms())
             .bind(id)
@@ -104,12 +104,12 @@ impl Store {
 
     /// Records a device's reply. Only the device the command was for can move it, and final
     /// states never change again. Returns whether anything changed.
-    pub(crate) async fn apply_reply(
+    pub(super) async fn apply_reply(
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         device_id: &str,
         reply: &flotilla_proto::CommandReply,
         now: i64,
-    ) -> sqlx::Result<bool> {
+    ) -> StoreResult<bool> {
         use flotilla_proto::CommandStatus;
         let r = match reply.status {
             CommandStatus::Accepted => {
@@ -142,7 +142,7 @@ impl Store {
 
     /// Expires open commands past their deadline. Looks first with a read (indexed), so a
     /// sweep with nothing to do never takes the write lock ingest needs.
-    pub async fn expire_commands(&self) -> sqlx::Result<u64> {
+    pub async fn expire_commands(&self) -> StoreResult<u64> {
         let now = now_ms();
         let due: Option<i64> = sqlx::query_scalar(OPEN_COMMAND_DUE)
             .bind(now)

@@ -65,7 +65,7 @@ async fn users_and_the_last_admin(store: &Store) {
         .create_user("again", "admin@x", "h", Role::Viewer)
         .await;
     assert!(
-        matches!(&dup, Err(sqlx::Error::Database(e)) if e.is_unique_violation()),
+        matches!(&dup, Err(crate::store::StoreError::Conflict(_))),
         "{dup:?}"
     );
     let a = store.user_by_email("admin@x").await.unwrap().unwrap();
@@ -235,17 +235,12 @@ async fn presence_sweeps(store: &Store) {
     let mut tx = store.begin_write().await.unwrap();
     let hb: flotilla_proto::Heartbeat = message(json!({"heap": 1, "fw": "1.0.0"}));
     assert!(
-        apply_update(
-            &mut tx,
-            "quiet",
-            &DeviceUpdate::Heartbeat(hb.clone()),
-            1_000
-        )
-        .await
-        .unwrap()
+        tx.apply_update("quiet", &DeviceUpdate::Heartbeat(hb.clone()), 1_000)
+            .await
+            .unwrap()
     );
     assert!(
-        apply_update(&mut tx, "chatty", &DeviceUpdate::Heartbeat(hb), 5_000)
+        tx.apply_update("chatty", &DeviceUpdate::Heartbeat(hb), 5_000)
             .await
             .unwrap()
     );
@@ -383,22 +378,22 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
     let mut tx = store.begin_write().await.unwrap();
     // Another device cannot move it; accepted, then succeeded; a final state stays.
     assert!(
-        !Store::apply_reply(&mut tx, "e", &reply("c1", "succeeded"), 10)
+        !tx.apply_reply("e", &reply("c1", "succeeded"), 10)
             .await
             .unwrap()
     );
     assert!(
-        Store::apply_reply(&mut tx, "d", &reply("c1", "accepted"), 11)
+        tx.apply_reply("d", &reply("c1", "accepted"), 11)
             .await
             .unwrap()
     );
     assert!(
-        Store::apply_reply(&mut tx, "d", &reply("c1", "succeeded"), 12)
+        tx.apply_reply("d", &reply("c1", "succeeded"), 12)
             .await
             .unwrap()
     );
     assert!(
-        !Store::apply_reply(&mut tx, "d", &reply("c1", "failed"), 13)
+        !tx.apply_reply("d", &reply("c1", "failed"), 13)
             .await
             .unwrap()
     );
@@ -450,28 +445,28 @@ async fn device_messages_and_redelivered_readings(store: &Store) {
         message(json!({"seq": 7, "ts": 99, "pot": 512, "switch": true, "temp": 18.7}));
     let mut tx = store.begin_write().await.unwrap();
     assert!(
-        apply_update(&mut tx, "d", &DeviceUpdate::Status(status), 100)
+        tx.apply_update("d", &DeviceUpdate::Status(status), 100)
             .await
             .unwrap()
     );
     assert!(
-        !apply_update(&mut tx, "d", &DeviceUpdate::Heartbeat(hb.clone()), 101)
+        !tx.apply_update("d", &DeviceUpdate::Heartbeat(hb.clone()), 101)
             .await
             .unwrap()
     );
     for _ in 0..2 {
-        apply_update(&mut tx, "d", &DeviceUpdate::Telemetry(t.clone()), 102)
+        tx.apply_update("d", &DeviceUpdate::Telemetry(t.clone()), 102)
             .await
             .unwrap();
     }
     // Unknown and blocked devices change nothing.
     assert!(
-        !apply_update(&mut tx, "ghost", &DeviceUpdate::Heartbeat(hb.clone()), 103)
+        !tx.apply_update("ghost", &DeviceUpdate::Heartbeat(hb.clone()), 103)
             .await
             .unwrap()
     );
     assert!(
-        !apply_update(&mut tx, "blocked", &DeviceUpdate::Heartbeat(hb), 103)
+        !tx.apply_update("blocked", &DeviceUpdate::Heartbeat(hb), 103)
             .await
             .unwrap()
     );
@@ -502,7 +497,7 @@ async fn device_messages_and_redelivered_readings(store: &Store) {
 
     let offline: flotilla_proto::Status = message(json!({"online": false, "reason": "sleeping"}));
     let mut tx = store.begin_write().await.unwrap();
-    apply_update(&mut tx, "d", &DeviceUpdate::Status(offline), 200)
+    tx.apply_update("d", &DeviceUpdate::Status(offline), 200)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -537,9 +532,9 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
     let refs: Vec<(&str, &flotilla_proto::Telemetry)> =
         readings.iter().map(|(d, t)| (d.as_str(), t)).collect();
     let mut tx = store.begin_write().await.unwrap();
-    let mut came_online = apply_readings(&mut tx, &refs, 500).await.unwrap();
+    let mut came_online = tx.apply_readings(&refs, 500).await.unwrap();
     // Redelivered: stored once.
-    apply_readings(&mut tx, &refs[..100], 501).await.unwrap();
+    tx.apply_readings(&refs[..100], 501).await.unwrap();
     tx.commit().await.unwrap();
     came_online.sort();
     let mut expected: Vec<String> = (0..30)
@@ -732,25 +727,19 @@ async fn ota_offers_and_reports(store: &Store) {
     let mut tx = store.begin_write().await.unwrap();
     // Another device's report, and a report without an id, change nothing.
     assert!(
-        apply_ota_status(
-            &mut tx,
-            "e",
-            &report(json!({"status": "FAILED", "id": "u2"})),
-            10
-        )
-        .await
-        .unwrap()
-        .is_none()
-    );
-    assert!(
-        apply_ota_status(&mut tx, "d", &report(json!({"status": "FAILED"})), 10)
+        tx.apply_ota_status("e", &report(json!({"status": "FAILED", "id": "u2"})), 10)
             .await
             .unwrap()
             .is_none()
     );
     assert!(
-        apply_ota_status(
-            &mut tx,
+        tx.apply_ota_status("d", &report(json!({"status": "FAILED"})), 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        tx.apply_ota_status(
             "d",
             &report(json!({"status": "IN_PROGRESS", "id": "u2", "progress": 50})),
             11
@@ -760,22 +749,21 @@ async fn ota_offers_and_reports(store: &Store) {
         .is_none()
     );
     // Success with another version than offered is a failure.
-    let done = apply_ota_status(
-        &mut tx,
-        "d",
-        &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.1.9"})),
-        12,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let done = tx
+        .apply_ota_status(
+            "d",
+            &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.1.9"})),
+            12,
+        )
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (done.state, done.rollout_id.as_deref()),
         (UpdateState::Failed, Some("r1"))
     );
     assert!(
-        apply_ota_status(
-            &mut tx,
+        tx.apply_ota_status(
             "d",
             &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.2.0"})),
             13
@@ -820,10 +808,10 @@ async fn ota_offers_and_reports(store: &Store) {
 
     let mut tx = store.begin_write().await.unwrap();
     let fw = |v: &str| -> flotilla_proto::Heartbeat { message(json!({"heap": 1, "fw": v})) };
-    apply_update(&mut tx, "d", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
+    tx.apply_update("d", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
         .await
         .unwrap();
-    apply_update(&mut tx, "e", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
+    tx.apply_update("e", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -1112,10 +1100,11 @@ async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
         let hb: flotilla_proto::Heartbeat = message(json!({"heap": 5, "fw": "1.0.0"}));
         let t: flotilla_proto::Telemetry = message(json!({"seq": 1}));
         let mut tx = s.begin_write().await.unwrap();
-        let online = apply_update(&mut tx, "d", &DeviceUpdate::Heartbeat(hb), 10)
+        let online = tx
+            .apply_update("d", &DeviceUpdate::Heartbeat(hb), 10)
             .await
             .unwrap();
-        apply_readings(&mut tx, &[("d", &t)], 10).await.unwrap();
+        tx.apply_readings(&[("d", &t)], 10).await.unwrap();
         tx.commit().await.unwrap();
         online
     });

@@ -3,7 +3,7 @@ use serde::Serialize;
 use sqlx::{Any, Row, Transaction};
 
 use super::params::{Params, ROWS_PER_STATEMENT};
-use super::{Store, now_ms};
+use super::{Store, StoreResult, now_ms};
 
 /// A device as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -31,7 +31,7 @@ pub struct DeviceRow {
     pub created_at: i64,
 }
 
-fn device_from(row: &sqlx::any::AnyRow) -> sqlx::Result<DeviceRow> {
+fn device_from(row: &sqlx::any::AnyRow) -> StoreResult<DeviceRow> {
     let cert_serial: Option<String> = row.try_get("cert_serial")?;
     Ok(DeviceRow {
         device_id: row.try_get("device_id")?,
@@ -82,14 +82,14 @@ impl Store {
         device_id: &str,
         name: &str,
         owner: i64,
-    ) -> sqlx::Result<bool> {
+    ) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         let ok = register_in(&mut tx, device_id, name, owner).await?;
         tx.commit().await?;
         Ok(ok)
     }
 
-    pub async fn device(&self, device_id: &str) -> sqlx::Result<Option<DeviceRow>> {
+    pub async fn device(&self, device_id: &str) -> StoreResult<Option<DeviceRow>> {
         let mut tx = self.begin_read().await?;
         let row = sqlx::query("SELECT * FROM devices WHERE device_id = $1")
             .bind(device_id)
@@ -112,14 +112,14 @@ impl Store {
         &self,
         device_id: &str,
         owner: Option<i64>,
-    ) -> sqlx::Result<Option<DeviceRow>> {
+    ) -> StoreResult<Option<DeviceRow>> {
         Ok(self
             .device(device_id)
             .await?
             .filter(|d| owner.is_none_or(|o| d.owner_id == o)))
     }
 
-    pub async fn devices_of(&self, owner: Option<i64>) -> sqlx::Result<Vec<DeviceRow>> {
+    pub async fn devices_of(&self, owner: Option<i64>) -> StoreResult<Vec<DeviceRow>> {
         let mut tx = self.begin_read().await?;
         // One transaction, so the tags read belong to the devices read.
         let rows = sqlx::query(
@@ -147,7 +147,7 @@ impl Store {
     }
 
     /// Replaces a device's tags.
-    pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> sqlx::Result<()> {
+    pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         // Two replacements at once: one after the other, never their union.
         lock_device(&mut tx, device_id).await?;
@@ -166,10 +166,10 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
-    pub async fn toggle_device_block(&self, device_id: &str) -> sqlx::Result<Option<bool>> {
+    pub async fn toggle_device_block(&self, device_id: &str) -> StoreResult<Option<bool>> {
         sqlx::query_scalar(
             "UPDATE devices SET blocked = 1 - blocked WHERE device_id = $1 RETURNING blocked",
         )
@@ -177,10 +177,11 @@ impl Store {
         .fetch_optional(&self.pool)
         .await
         .map(|v: Option<i64>| v.map(|b| b != 0))
+        .map_err(Into::into)
     }
 
     /// Ids of blocked devices and the current certificate serial of every device, for the broker gate.
-    pub async fn gate_snapshot(&self) -> sqlx::Result<Vec<(String, bool, Option<String>)>> {
+    pub async fn gate_snapshot(&self) -> StoreResult<Vec<(String, bool, Option<String>)>> {
         let rows = sqlx::query("SELECT device_id, blocked, cert_serial FROM devices")
             .fetch_all(&self.pool)
             .await?;
@@ -195,7 +196,7 @@ impl Store {
             .collect()
     }
 
-    pub async fn mark_offline(&self, device_id: &str, reason: &str) -> sqlx::Result<bool> {
+    pub async fn mark_offline(&self, device_id: &str, reason: &str) -> StoreResult<bool> {
         let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1 WHERE device_id = $2 AND online = 1")
             .bind(reason)
             .bind(device_id)
@@ -207,7 +208,7 @@ impl Store {
     /// Marks devices whose last message is older than `cutoff` offline; returns their ids.
     /// Looks first with a read (indexed), so a sweep with nothing to do never takes the
     /// write lock ingest needs.
-    pub async fn expire_silent_devices(&self, cutoff: i64) -> sqlx::Result<Vec<String>> {
+    pub async fn expire_silent_devices(&self, cutoff: i64) -> StoreResult<Vec<String>> {
         let due: Option<i64> = sqlx::query_scalar(SILENT_DEVICE_EXISTS)
             .bind(cutoff)
             .fetch_optional(&self.pool)
@@ -215,16 +216,16 @@ impl Store {
         if due.is_none() {
             return Ok(Vec::new());
         }
-        sqlx::query_scalar(
+        Ok(sqlx::query_scalar(
             "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
              WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1) RETURNING device_id",
         )
         .bind(cutoff)
         .fetch_all(&self.pool)
-        .await
+        .await?)
     }
 
-    pub async fn telemetry(&self, device_id: &str, limit: i64) -> sqlx::Result<Vec<TelemetryRow>> {
+    pub async fn telemetry(&self, device_id: &str, limit: i64) -> StoreResult<Vec<TelemetryRow>> {
         let rows =
             sqlx::query("SELECT * FROM telemetry WHERE device_id = $1 ORDER BY seq DESC LIMIT $2")
                 .bind(device_id)
@@ -251,7 +252,7 @@ pub(super) async fn register_in(
     device_id: &str,
     name: &str,
     owner: i64,
-) -> sqlx::Result<bool> {
+) -> StoreResult<bool> {
     // Insert-if-absent, then read who owns it: two registrations of one new id at once end
     // with one owner and a clear answer for the other, on either engine.
     sqlx::query(
@@ -284,10 +285,7 @@ pub(super) fn for_update(conn: &sqlx::AnyConnection) -> &'static str {
 }
 
 /// Locks a device's row until the transaction ends (PostgreSQL; see [`for_update`]).
-pub(super) async fn lock_device(
-    tx: &mut Transaction<'_, Any>,
-    device_id: &str,
-) -> sqlx::Result<()> {
+pub(super) async fn lock_device(tx: &mut Transaction<'_, Any>, device_id: &str) -> StoreResult<()> {
     let lock = for_update(tx);
     if !lock.is_empty() {
         sqlx::query(&format!("SELECT 1 FROM devices WHERE device_id = $1{lock}"))
@@ -300,12 +298,12 @@ pub(super) async fn lock_device(
 
 /// Applies one device message inside the ingest transaction. Returns true when the message
 /// brought the device from offline to online.
-pub(crate) async fn apply_update(
+pub(super) async fn apply_update(
     tx: &mut Transaction<'_, Any>,
     device_id: &str,
     update: &DeviceUpdate,
     now: i64,
-) -> sqlx::Result<bool> {
+) -> StoreResult<bool> {
     // A blocked device's messages change nothing, even those taken before the block and
     // committed after it; the row stays locked until commit, so a block waits for this
     // transaction or this one sees it.
@@ -390,11 +388,11 @@ pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE onlin
 /// to the database's worker thread, so this costs the same as [`apply_update`] does for a
 /// single reading. The same as calling [`apply_update`] for each reading in turn; returns the
 /// devices that came online, each once.
-pub(crate) async fn apply_readings(
+pub(super) async fn apply_readings(
     tx: &mut Transaction<'_, Any>,
     readings: &[(&str, &Telemetry)],
     now: i64,
-) -> sqlx::Result<Vec<String>> {
+) -> StoreResult<Vec<String>> {
     let mut devices: Vec<&str> = readings.iter().map(|(d, _)| *d).collect();
     devices.sort_unstable();
     devices.dedup();

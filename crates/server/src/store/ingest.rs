@@ -3,7 +3,7 @@
 
 use sqlx::{Any, Transaction};
 
-use super::{Store, now_ms};
+use super::{Store, StoreResult, now_ms};
 
 /// A retained message kept across restarts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,33 +13,82 @@ pub struct RetainedRow {
     pub qos: u8,
 }
 
+/// One ingest transaction: what devices sent, applied in order, durable at [`WriteTx::commit`]
+/// and gone if it is dropped first.
+pub struct WriteTx(Transaction<'static, Any>);
+
+impl WriteTx {
+    /// Applies a heartbeat or status; true when the device came online with it.
+    pub async fn apply_update(
+        &mut self,
+        device: &str,
+        update: &super::DeviceUpdate,
+        now: i64,
+    ) -> StoreResult<bool> {
+        super::devices::apply_update(&mut self.0, device, update, now).await
+    }
+
+    /// Stores telemetry readings in a few multi-row statements; the devices that came online.
+    pub async fn apply_readings(
+        &mut self,
+        readings: &[(&str, &flotilla_proto::Telemetry)],
+        now: i64,
+    ) -> StoreResult<Vec<String>> {
+        super::devices::apply_readings(&mut self.0, readings, now).await
+    }
+
+    /// Applies a device's reply to a command; false when it matched no command waiting for one.
+    pub async fn apply_reply(
+        &mut self,
+        device: &str,
+        reply: &flotilla_proto::CommandReply,
+        now: i64,
+    ) -> StoreResult<bool> {
+        Store::apply_reply(&mut self.0, device, reply, now).await
+    }
+
+    /// Applies an OTA status report; the update it finished, if it did.
+    pub async fn apply_ota_status(
+        &mut self,
+        device: &str,
+        status: &flotilla_proto::OtaStatus,
+        now: i64,
+    ) -> StoreResult<Option<super::Finished>> {
+        super::ota::apply_ota_status(&mut self.0, device, status, now).await
+    }
+
+    pub async fn commit(self) -> StoreResult<()> {
+        Ok(self.0.commit().await?)
+    }
+}
+
 impl Store {
     /// A write transaction. On SQLite it takes the write lock at once (`BEGIN IMMEDIATE`), so
     /// a second writer waits in the busy timeout instead of failing when its read upgrades;
     /// PostgreSQL locks the rows it writes.
-    pub async fn begin_write(&self) -> sqlx::Result<Transaction<'static, Any>> {
-        match self.backend {
-            super::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            super::Backend::Postgres => self.pool.begin().await,
-        }
+    pub async fn begin_write(&self) -> StoreResult<WriteTx> {
+        let tx = match self.backend {
+            super::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            super::Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(WriteTx(tx))
     }
 
     /// A transaction for several reads that must agree (one snapshot): SQLite's deferred
     /// transaction reads one snapshot already; PostgreSQL's default (read committed) takes a
     /// new one per statement, so it is asked for repeatable read.
-    pub(super) async fn begin_read(&self) -> sqlx::Result<Transaction<'static, Any>> {
+    pub(super) async fn begin_read(&self) -> StoreResult<Transaction<'static, Any>> {
         match self.backend {
-            super::Backend::Sqlite => self.pool.begin().await,
-            super::Backend::Postgres => {
-                self.pool
-                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await
-            }
+            super::Backend::Sqlite => Ok(self.pool.begin().await?),
+            super::Backend::Postgres => Ok(self
+                .pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await?),
         }
     }
 
     /// Keeps a message that could not be stored, with why, so ingest can go on.
-    pub async fn dead_letter(&self, topic: &str, payload: &[u8], reason: &str) -> sqlx::Result<()> {
+    pub async fn dead_letter(&self, topic: &str, payload: &[u8], reason: &str) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO dead_letters (topic, payload, reason, at) VALUES ($1, $2, $3, $4)",
         )
@@ -53,15 +102,17 @@ impl Store {
     }
 
     /// Dead letters, newest first: (topic, reason).
-    pub async fn dead_letters(&self, limit: i64) -> sqlx::Result<Vec<(String, String)>> {
-        sqlx::query_as("SELECT topic, reason FROM dead_letters ORDER BY id DESC LIMIT $1")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
+    pub async fn dead_letters(&self, limit: i64) -> StoreResult<Vec<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT topic, reason FROM dead_letters ORDER BY id DESC LIMIT $1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Sets (or, with an empty payload, clears) a retained message.
-    pub async fn set_retained(&self, topic: &str, payload: &[u8], qos: u8) -> sqlx::Result<()> {
+    pub async fn set_retained(&self, topic: &str, payload: &[u8], qos: u8) -> StoreResult<()> {
         if payload.is_empty() {
             sqlx::query("DELETE FROM retained WHERE topic = $1")
                 .bind(topic)
@@ -82,7 +133,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn retained(&self) -> sqlx::Result<Vec<RetainedRow>> {
+    pub async fn retained(&self) -> StoreResult<Vec<RetainedRow>> {
         let rows: Vec<(String, Vec<u8>, i64)> =
             sqlx::query_as("SELECT topic, payload, qos FROM retained ORDER BY topic")
                 .fetch_all(&self.pool)

@@ -6,6 +6,7 @@ mod commands;
 #[cfg(test)]
 mod conformance;
 mod devices;
+mod error;
 mod ingest;
 mod migrations;
 mod ota;
@@ -29,8 +30,8 @@ use sqlx::{AnyPool, Executor};
 pub use audit::{AuditEntry, AuditRecord};
 pub use commands::CommandRow;
 pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
-pub(crate) use devices::{apply_readings, apply_update};
-pub(crate) use ota::apply_ota_status;
+pub use error::{StoreError, StoreResult};
+pub use ingest::WriteTx;
 pub use ota::{Finished, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
 pub use rollouts::RolloutRow;
@@ -311,42 +312,6 @@ fn grouped(pairs: Vec<(String, String)>) -> std::collections::HashMap<String, Ve
     by_key
 }
 
-/// Whether an error is about the database's state rather than the statement: waiting may cure
-/// it. Ingest keeps such messages unacknowledged instead of dead-lettering them; the API
-/// answers 503.
-pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            if db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some()
-            {
-                // SQLSTATE: 08 connection, 28 authorisation (a rotated password), 40 rolled
-                // back (serialization failure, deadlock), 53 insufficient resources (disk
-                // full, out of memory), 57P* shutting down or starting, 58 system error;
-                // 25006 read-only (a standby during failover), 55P03 lock not available,
-                // 57014 a statement cancelled (by an operator; the server sets no statement
-                // timeout, so no batch is cancelled the same way each time).
-                matches!(code.get(..2), Some("08" | "28" | "40" | "53" | "57" | "58"))
-                    || matches!(code.as_ref(), "25006" | "55P03")
-            } else {
-                // SQLite primary result codes (extended codes carry them in the low byte):
-                // BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
-                code.parse::<i32>()
-                    .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
-            }
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
-    }
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -421,7 +386,7 @@ impl Store {
     }
 
     /// What `/metrics` reads from the database: one read transaction, so the figures agree.
-    pub async fn fleet_gauges(&self) -> sqlx::Result<FleetGauges> {
+    pub async fn fleet_gauges(&self) -> StoreResult<FleetGauges> {
         let mut tx = self.begin_read().await?;
         let (devices, online): (i64, i64) = sqlx::query_as(
             "SELECT COUNT(*), CAST(COALESCE(SUM(online), 0) AS BIGINT) FROM devices",
@@ -453,7 +418,7 @@ impl Store {
     }
 
     /// Fleet-wide counts for operators and benchmarks.
-    pub async fn stats(&self) -> sqlx::Result<serde_json::Value> {
+    pub async fn stats(&self) -> StoreResult<serde_json::Value> {
         let count = |sql: &'static str| async move {
             sqlx::query_scalar::<_, i64>(sql)
                 .fetch_one(&self.pool)

@@ -4,7 +4,7 @@ use flotilla_proto::{OtaPhase, OtaStatus, truncate_chars};
 use serde::Serialize;
 use sqlx::{Any, Row, Transaction};
 
-use super::{Store, UpdateState, now_ms};
+use super::{Store, StoreResult, UpdateState, now_ms};
 
 /// States an update is still open in (SQL list).
 const OPEN: &str = "('offered', 'started', 'in_progress')";
@@ -24,7 +24,7 @@ pub struct UpdateRow {
     pub updated_at: i64,
 }
 
-fn update_from(r: &sqlx::any::AnyRow) -> sqlx::Result<UpdateRow> {
+fn update_from(r: &sqlx::any::AnyRow) -> StoreResult<UpdateRow> {
     Ok(UpdateRow {
         id: r.try_get("id")?,
         device_id: r.try_get("device_id")?,
@@ -67,7 +67,7 @@ impl Store {
         force: bool,
         rollout_id: Option<&str>,
         created_by: Option<i64>,
-    ) -> sqlx::Result<UpdateRow> {
+    ) -> StoreResult<UpdateRow> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
@@ -100,7 +100,7 @@ impl Store {
     }
 
     /// Offers the device has not acted on yet: re-sent when it comes back online.
-    pub async fn unstarted_updates(&self, device_id: &str) -> sqlx::Result<Vec<UpdateRow>> {
+    pub async fn unstarted_updates(&self, device_id: &str) -> StoreResult<Vec<UpdateRow>> {
         sqlx::query("SELECT * FROM ota_updates WHERE device_id = $1 AND state = 'offered'")
             .bind(device_id)
             .fetch_all(&self.pool)
@@ -111,7 +111,7 @@ impl Store {
     }
 
     /// Whether the device holds an open offer for `version` (what entitles it to download).
-    pub async fn has_open_update(&self, device_id: &str, version: &str) -> sqlx::Result<bool> {
+    pub async fn has_open_update(&self, device_id: &str, version: &str) -> StoreResult<bool> {
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT COUNT(*) FROM ota_updates WHERE device_id = $1 AND version = $2 AND state IN {OPEN}"
         ))
@@ -127,7 +127,7 @@ impl Store {
         &self,
         device_id: &str,
         limit: i64,
-    ) -> sqlx::Result<Vec<(UpdateRow, Vec<UpdateEvent>)>> {
+    ) -> StoreResult<Vec<(UpdateRow, Vec<UpdateEvent>)>> {
         let mut tx = self.begin_read().await?;
         let updates = sqlx::query(
             "SELECT * FROM ota_updates WHERE device_id = $1 ORDER BY created_at DESC, id LIMIT $2",
@@ -153,7 +153,7 @@ impl Store {
                         error: r.try_get("error")?,
                     })
                 })
-                .collect::<sqlx::Result<Vec<_>>>()?;
+                .collect::<StoreResult<Vec<_>>>()?;
             out.push((update, events));
         }
         tx.commit().await?;
@@ -161,7 +161,7 @@ impl Store {
     }
 
     /// Cancels the open offers of a rollout (after abort or a stop), so none is re-sent.
-    pub async fn cancel_rollout_updates(&self, rollout_id: &str, why: &str) -> sqlx::Result<u64> {
+    pub async fn cancel_rollout_updates(&self, rollout_id: &str, why: &str) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
              WHERE rollout_id = $3 AND state = 'offered'",
@@ -175,7 +175,7 @@ impl Store {
     }
 
     /// The rollout gave up waiting for this device: its open offer counts as failed.
-    pub async fn time_out_update(&self, rollout_id: &str, device_id: &str) -> sqlx::Result<()> {
+    pub async fn time_out_update(&self, rollout_id: &str, device_id: &str) -> StoreResult<()> {
         sqlx::query(&format!(
             "UPDATE ota_updates SET state = 'failed', error = 'timed out', updated_at = $1 \
              WHERE rollout_id = $2 AND device_id = $3 AND state IN {OPEN}"
@@ -192,7 +192,7 @@ impl Store {
     pub async fn version_distribution(
         &self,
         owner: Option<i64>,
-    ) -> sqlx::Result<Vec<(Option<String>, i64)>> {
+    ) -> StoreResult<Vec<(Option<String>, i64)>> {
         let rows = sqlx::query(
             "SELECT fw_version, COUNT(*) AS n FROM devices WHERE ($1 IS NULL OR owner_id = $2) \
              GROUP BY fw_version ORDER BY n DESC, COALESCE(fw_version, '')",
@@ -210,12 +210,12 @@ impl Store {
 /// Applies a device's `ota/status` report inside the ingest transaction. Reports name their
 /// offer by id; one that names no open offer of this device changes nothing. Returns the
 /// update when the report finished it.
-pub(crate) async fn apply_ota_status(
+pub(super) async fn apply_ota_status(
     tx: &mut Transaction<'_, Any>,
     device_id: &str,
     status: &OtaStatus,
     now: i64,
-) -> sqlx::Result<Option<Finished>> {
+) -> StoreResult<Option<Finished>> {
     let Some(id) = status.id.as_deref() else {
         return Ok(None);
     };

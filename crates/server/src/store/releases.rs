@@ -5,7 +5,7 @@ use flotilla_proto::FirmwareVersion;
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Store, now_ms};
+use super::{Store, StoreResult, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -25,7 +25,7 @@ pub struct ReleaseRow {
     pub created_at: i64,
 }
 
-fn release_from(r: &sqlx::any::AnyRow) -> sqlx::Result<ReleaseRow> {
+fn release_from(r: &sqlx::any::AnyRow) -> StoreResult<ReleaseRow> {
     Ok(ReleaseRow {
         version: r.try_get("version")?,
         hardware: r.try_get("hardware")?,
@@ -56,7 +56,7 @@ pub struct NewRelease<'a> {
 
 impl Store {
     /// Stores a release awaiting its image. Conflict if the version exists.
-    pub async fn create_release(&self, r: NewRelease<'_>) -> sqlx::Result<ReleaseRow> {
+    pub async fn create_release(&self, r: NewRelease<'_>) -> StoreResult<ReleaseRow> {
         let row = sqlx::query(
             "INSERT INTO releases (version, hardware, size, sha256, security_counter, manifest, signature, created_by, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
@@ -75,7 +75,7 @@ impl Store {
         release_from(&row)
     }
 
-    pub async fn mark_release_ready(&self, version: &str) -> sqlx::Result<()> {
+    pub async fn mark_release_ready(&self, version: &str) -> StoreResult<()> {
         sqlx::query("UPDATE releases SET ready = 1 WHERE version = $1")
             .bind(version)
             .execute(&self.pool)
@@ -83,7 +83,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn release(&self, version: &str) -> sqlx::Result<Option<ReleaseRow>> {
+    pub async fn release(&self, version: &str) -> StoreResult<Option<ReleaseRow>> {
         sqlx::query("SELECT * FROM releases WHERE version = $1")
             .bind(version)
             .fetch_optional(&self.pool)
@@ -94,20 +94,20 @@ impl Store {
     }
 
     /// Every release, newest version first.
-    pub async fn releases(&self) -> sqlx::Result<Vec<ReleaseRow>> {
+    pub async fn releases(&self) -> StoreResult<Vec<ReleaseRow>> {
         let rows = sqlx::query("SELECT * FROM releases")
             .fetch_all(&self.pool)
             .await?;
         let mut releases = rows
             .iter()
             .map(release_from)
-            .collect::<sqlx::Result<Vec<_>>>()?;
+            .collect::<StoreResult<Vec<_>>>()?;
         releases.sort_by_key(|r| std::cmp::Reverse(r.version.parse::<FirmwareVersion>().ok()));
         Ok(releases)
     }
 
     /// The newest release that may be offered to `hardware` (any, when unknown).
-    pub async fn latest_release(&self, hardware: Option<&str>) -> sqlx::Result<Option<ReleaseRow>> {
+    pub async fn latest_release(&self, hardware: Option<&str>) -> StoreResult<Option<ReleaseRow>> {
         Ok(self
             .releases()
             .await?
@@ -121,7 +121,7 @@ impl Store {
         version: &str,
         blocked: bool,
         reason: Option<&str>,
-    ) -> sqlx::Result<bool> {
+    ) -> StoreResult<bool> {
         let done =
             sqlx::query("UPDATE releases SET blocked = $1, blocked_reason = $2 WHERE version = $3")
                 .bind(i64::from(blocked))

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::Row;
 
 use super::params::{Params, ROWS_PER_STATEMENT};
-use super::{RolloutState, Store, UpdateState, now_ms};
+use super::{RolloutState, Store, StoreResult, UpdateState, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -23,7 +23,7 @@ pub struct RolloutRow {
     pub updated_at: i64,
 }
 
-fn rollout_from(r: &sqlx::any::AnyRow) -> sqlx::Result<RolloutRow> {
+fn rollout_from(r: &sqlx::any::AnyRow) -> StoreResult<RolloutRow> {
     let text = |c: &str| r.try_get::<String, _>(c);
     Ok(RolloutRow {
         id: text("id")?,
@@ -47,7 +47,7 @@ impl Store {
         config: &Value,
         targets: &[String],
         created_by: i64,
-    ) -> sqlx::Result<RolloutRow> {
+    ) -> StoreResult<RolloutRow> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -80,7 +80,7 @@ impl Store {
         Ok(rollout)
     }
 
-    pub async fn rollout(&self, id: &str) -> sqlx::Result<Option<RolloutRow>> {
+    pub async fn rollout(&self, id: &str) -> StoreResult<Option<RolloutRow>> {
         let mut tx = self.begin_read().await?;
         let row = sqlx::query("SELECT * FROM rollouts WHERE id = $1")
             .bind(id)
@@ -100,7 +100,7 @@ impl Store {
     }
 
     /// Every rollout, newest first, with its targets.
-    pub async fn rollouts(&self) -> sqlx::Result<Vec<RolloutRow>> {
+    pub async fn rollouts(&self) -> StoreResult<Vec<RolloutRow>> {
         let mut tx = self.begin_read().await?;
         let rows = sqlx::query("SELECT * FROM rollouts ORDER BY created_at DESC, id")
             .fetch_all(&mut *tx)
@@ -126,7 +126,7 @@ impl Store {
         id: &str,
         state: RolloutState,
         phase: Option<usize>,
-    ) -> sqlx::Result<()> {
+    ) -> StoreResult<()> {
         sqlx::query("UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), updated_at = $3 WHERE id = $4")
             .bind(state.as_str())
             .bind(phase.map(|p| p as i64))
@@ -138,7 +138,7 @@ impl Store {
     }
 
     /// How each target's update of this rollout ended so far (to rebuild the planner).
-    pub async fn rollout_outcomes(&self, id: &str) -> sqlx::Result<Vec<(String, UpdateState)>> {
+    pub async fn rollout_outcomes(&self, id: &str) -> StoreResult<Vec<(String, UpdateState)>> {
         sqlx::query(
             "SELECT device_id, state FROM ota_updates WHERE rollout_id = $1 ORDER BY created_at, id",
         )
@@ -151,9 +151,11 @@ impl Store {
     }
 
     /// Device ids online right now, among `ids`.
-    pub async fn online_devices(&self) -> sqlx::Result<Vec<String>> {
-        sqlx::query_scalar("SELECT device_id FROM devices WHERE online = 1")
-            .fetch_all(&self.pool)
-            .await
+    pub async fn online_devices(&self) -> StoreResult<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT device_id FROM devices WHERE online = 1")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 }

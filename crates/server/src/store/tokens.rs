@@ -4,7 +4,7 @@ use flotilla_pki::IssuedCertificate;
 use sqlx::Row;
 
 use super::devices::register_in;
-use super::{Store, now_ms};
+use super::{Store, StoreResult, now_ms};
 
 /// Why a token could not be redeemed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +26,7 @@ impl Store {
         owner: i64,
         device_id: Option<&str>,
         expires_at: i64,
-    ) -> sqlx::Result<()> {
+    ) -> StoreResult<()> {
         sqlx::query("INSERT INTO provisioning_tokens (token_hash, owner_id, device_id, expires_at, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(token_hash)
             .bind(owner)
@@ -40,7 +40,7 @@ impl Store {
 
     /// What redeeming the token would answer now, without changing anything: checked before
     /// any signing work, so a caller without a usable token costs one indexed read.
-    pub async fn peek_token(&self, token_hash: &str, device_id: &str) -> sqlx::Result<TokenClaim> {
+    pub async fn peek_token(&self, token_hash: &str, device_id: &str) -> StoreResult<TokenClaim> {
         let now = now_ms();
         let row = sqlx::query(
             "SELECT owner_id, device_id FROM provisioning_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
@@ -72,7 +72,7 @@ impl Store {
         token_hash: &str,
         device_id: &str,
         issued: &IssuedCertificate,
-    ) -> sqlx::Result<TokenClaim> {
+    ) -> StoreResult<TokenClaim> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -108,7 +108,7 @@ impl Store {
 fn token_owner(
     row: Option<sqlx::any::AnyRow>,
     device_id: &str,
-) -> sqlx::Result<Result<i64, TokenClaim>> {
+) -> StoreResult<Result<i64, TokenClaim>> {
     let Some(row) = row else {
         return Ok(Err(TokenClaim::Invalid));
     };

@@ -1,7 +1,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Role, Store, now_ms};
+use super::{Role, Store, StoreResult, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct UserRow {
@@ -16,7 +16,7 @@ pub struct UserRow {
     pub created_at: i64,
 }
 
-fn user_from(row: &sqlx::any::AnyRow) -> sqlx::Result<UserRow> {
+fn user_from(row: &sqlx::any::AnyRow) -> StoreResult<UserRow> {
     Ok(UserRow {
         id: row.try_get("id")?,
         username: row.try_get("username")?,
@@ -35,18 +35,18 @@ impl Store {
         email: &str,
         password_hash: &str,
         role: Role,
-    ) -> sqlx::Result<i64> {
-        sqlx::query_scalar("INSERT INTO users (username, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id")
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar("INSERT INTO users (username, email, password_hash, role, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id")
             .bind(username)
             .bind(email)
             .bind(password_hash)
             .bind(role.as_str())
             .bind(now_ms())
             .fetch_one(&self.pool)
-            .await
+            .await?)
     }
 
-    pub async fn user_by_email(&self, email: &str) -> sqlx::Result<Option<UserRow>> {
+    pub async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRow>> {
         let row = sqlx::query("SELECT * FROM users WHERE email = $1")
             .bind(email)
             .fetch_optional(&self.pool)
@@ -54,7 +54,7 @@ impl Store {
         row.as_ref().map(user_from).transpose()
     }
 
-    pub async fn user_by_id(&self, id: i64) -> sqlx::Result<Option<UserRow>> {
+    pub async fn user_by_id(&self, id: i64) -> StoreResult<Option<UserRow>> {
         let row = sqlx::query("SELECT * FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -62,7 +62,7 @@ impl Store {
         row.as_ref().map(user_from).transpose()
     }
 
-    pub async fn users(&self) -> sqlx::Result<Vec<UserRow>> {
+    pub async fn users(&self) -> StoreResult<Vec<UserRow>> {
         let rows = sqlx::query("SELECT * FROM users ORDER BY id")
             .fetch_all(&self.pool)
             .await?;
@@ -70,7 +70,7 @@ impl Store {
     }
 
     /// Blocks or unblocks a user; never blocks the last active admin. Ok(blocked-now).
-    pub async fn toggle_user_block(&self, id: i64) -> sqlx::Result<UserChange<bool>> {
+    pub async fn toggle_user_block(&self, id: i64) -> StoreResult<UserChange<bool>> {
         // One statement (under the admins lock on PostgreSQL), so two admins blocking each
         // other at once cannot both succeed.
         let mut tx = self.pool.begin().await?;
@@ -92,7 +92,7 @@ impl Store {
     }
 
     /// Changes a user's role; never demotes the last active admin.
-    pub async fn set_user_role(&self, id: i64, role: Role) -> sqlx::Result<UserChange<()>> {
+    pub async fn set_user_role(&self, id: i64, role: Role) -> StoreResult<UserChange<()>> {
         let mut tx = self.pool.begin().await?;
         self.lock_admins(&mut tx).await?;
         let r = sqlx::query(
@@ -116,7 +116,7 @@ impl Store {
     /// Serialises changes that must keep one active admin. SQLite has one writer at a time
     /// already; on PostgreSQL two such updates would each count the other's admin as active
     /// (read committed), so they take a transaction-scoped advisory lock first.
-    async fn lock_admins(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> sqlx::Result<()> {
+    async fn lock_admins(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> StoreResult<()> {
         if self.backend == super::Backend::Postgres {
             sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) AS locked")
                 .bind(ADMINS_LOCK)
@@ -126,7 +126,7 @@ impl Store {
         Ok(())
     }
 
-    async fn why_unchanged<T>(&self, id: i64) -> sqlx::Result<UserChange<T>> {
+    async fn why_unchanged<T>(&self, id: i64) -> StoreResult<UserChange<T>> {
         let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
