@@ -15,7 +15,7 @@ use crate::login_limits::{AnonymousLimiter, LoginLimiter};
 use crate::ota::OtaService;
 use crate::passwords::Passwords;
 use crate::routes;
-use crate::store::Store;
+use flotilla_store::Store;
 
 /// Largest request body the user API reads.
 pub const MAX_BODY: usize = 64 * 1024;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::store::Role;
+use flotilla_store::Role;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {

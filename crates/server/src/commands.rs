@@ -12,7 +12,7 @@ use flotilla_proto::{Channel, Command, DeviceId, LedState, SensorKind, Topic, en
 use serde_json::Value;
 
 use crate::downlink::Downlink;
-use crate::store::{CommandRow, Store};
+use flotilla_store::{CommandRow, Store};
 
 pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_TTL_SECS: u64 = 3600;
@@ -122,7 +122,7 @@ pub fn spawn_sweepers(store: Store, heartbeat_timeout: Duration) {
             if let Err(e) = store.expire_commands().await {
                 tracing::warn!(error = %e, "expiring commands failed");
             }
-            let cutoff = crate::store::now_ms() - heartbeat_timeout.as_millis() as i64;
+            let cutoff = flotilla_store::now_ms() - heartbeat_timeout.as_millis() as i64;
             match store.expire_silent_devices(cutoff).await {
                 Ok(ids) => {
                     for id in ids {

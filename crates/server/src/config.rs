@@ -26,7 +26,7 @@ pub struct ServerConfig {
         global = true,
         hide_env_values = true
     )]
-    pub database_url: Option<crate::store::DatabaseUrlArg>,
+    pub database_url: Option<flotilla_store::DatabaseUrlArg>,
     /// User API and dashboard (plain HTTP; put it behind TLS termination when exposed).
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -323,12 +323,12 @@ impl ServerConfig {
 
     /// The database to open: `--database-url`, or the SQLite file in the data dir. The error
     /// says what is wrong without the password.
-    pub fn database(&self) -> anyhow::Result<crate::store::DatabaseUrl> {
+    pub fn database(&self) -> anyhow::Result<flotilla_store::DatabaseUrl> {
         match &self.database_url {
             Some(arg) => arg
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--database-url: {e}")),
-            None => Ok(crate::store::DatabaseUrl::Sqlite(
+            None => Ok(flotilla_store::DatabaseUrl::Sqlite(
                 self.data_dir.join("flotilla.db"),
             )),
         }
@@ -338,6 +338,32 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::{BrokerUrl, Secret};
+
+    #[test]
+    fn a_refused_database_url_is_reported_without_its_password() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: super::ServerConfig,
+        }
+        for url in [
+            "postgres://u:hunter2@h:notaport/d",
+            "postgres://u@h/d?password=hunter2&sslmode=nonsense",
+            "mysql://u:hunter2@h/d",
+        ] {
+            // clap takes any value (it would print a refused one whole)...
+            let cli = Cli::try_parse_from(["flotilla-server", "--database-url", url]).unwrap();
+            // ...and the refusal, the config dump and Debug leave the password out.
+            let error = format!("{:#}", cli.config.database().unwrap_err());
+            let dump = serde_json::to_string(&cli.config).unwrap();
+            let debug = format!("{:?}", cli.config);
+            for text in [&error, &dump, &debug] {
+                assert!(!text.contains("hunter2"), "{url}: {text}");
+            }
+            assert!(error.starts_with("--database-url: "), "{error}");
+        }
+    }
 
     #[test]
     fn a_secret_is_trimmed_long_enough_and_never_shown() {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::server::Endpoints;
-use crate::store::{AuditRecord, Role, Store};
+use flotilla_store::{AuditRecord, Role, Store};
 
 pub const DEMO_EMAIL: &str = "demo@flotilla.local";
 

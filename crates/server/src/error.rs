@@ -67,9 +67,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        use crate::store::StoreError;
+impl From<flotilla_store::StoreError> for ApiError {
+    fn from(e: flotilla_store::StoreError) -> Self {
+        use flotilla_store::StoreError;
         match e {
             StoreError::NotFound => ApiError::NotFound("not found"),
             StoreError::Conflict(_) => ApiError::Conflict("already exists".into()),
@@ -188,8 +188,8 @@ pub async fn json_errors(resp: axum::response::Response) -> axum::response::Resp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Backend;
-    use crate::store::testdb::TestDb;
+    use flotilla_store::Backend;
+    use flotilla_store::testdb::TestDb;
 
     /// A write the database cannot take now (locked past the busy/lock timeout) answers 503
     /// with Retry-After on both engines; a duplicate answers 409.
@@ -202,7 +202,7 @@ mod tests {
             db.with_devices(&["d"]).await;
             let store = db.store();
             let duplicate = store
-                .create_user("o", "o@x", "h", crate::store::Role::Operator)
+                .create_user("o", "o@x", "h", flotilla_store::Role::Operator)
                 .await
                 .unwrap_err();
             let resp = ApiError::from(duplicate).into_response();

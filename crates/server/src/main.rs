@@ -22,7 +22,6 @@ mod rollouts;
 mod routes;
 mod server;
 mod service_link;
-mod store;
 
 use std::process::ExitCode;
 

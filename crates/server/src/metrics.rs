@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use crate::store::{FleetGauges, Store, now_ms};
+use flotilla_store::{FleetGauges, Store, now_ms};
 
 /// What the ingest writer counts; cheap to clone (every field shares its value).
 #[derive(Debug, Clone)]
@@ -166,7 +166,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The fleet's state, read at most every [`FLEET_TTL`] whoever asks.
-    pub async fn fleet(&self, store: &Store) -> crate::store::StoreResult<FleetGauges> {
+    pub async fn fleet(&self, store: &Store) -> flotilla_store::StoreResult<FleetGauges> {
         let mut cached = self.fleet.lock().await;
         if let Some((at, fleet)) = cached.as_ref()
             && at.elapsed() < FLEET_TTL

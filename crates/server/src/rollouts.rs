@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ota::OtaService;
-use crate::store::{
+use flotilla_store::{
     AuditRecord, Finished, ReleaseRow, RolloutRow, RolloutState, Store, UpdateState, now_ms,
 };
 

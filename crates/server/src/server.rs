@@ -23,7 +23,7 @@ use crate::login_limits::{AnonymousLimiter, LoginLimiter};
 use crate::ota::OtaService;
 use crate::passwords::Passwords;
 use crate::service_link::ServiceLink;
-use crate::store::Store;
+use flotilla_store::Store;
 
 /// Where the running server listens, written to `DATA_DIR/endpoints.json` once all are bound
 /// (ports may be 0 in the configuration).
@@ -435,7 +435,7 @@ async fn shutdown_signal() {
 /// `flotilla-server admin create`: an admin account, written offline to the data dir.
 pub async fn create_admin(
     data_dir: &Path,
-    database: &crate::store::DatabaseUrl,
+    database: &flotilla_store::DatabaseUrl,
     email: &str,
     password: &str,
     username: &str,
@@ -450,12 +450,12 @@ pub async fn create_admin(
             username,
             &email.trim().to_lowercase(),
             &hash,
-            crate::store::Role::Admin,
+            flotilla_store::Role::Admin,
         )
         .await
         .context("creating admin (is the email taken?)")?;
     store
-        .audit(crate::store::AuditRecord {
+        .audit(flotilla_store::AuditRecord {
             actor: "cli:admin-create",
             action: "admin.user.create",
             target: Some(email),

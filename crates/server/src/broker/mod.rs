@@ -43,8 +43,8 @@ use rmqtt::types::{
 use tokio::sync::mpsc;
 
 use crate::ingest::writer::{Inbound, Writer};
-use crate::store::{AuditRecord, Store};
 use acl::{Identity, Listener};
+use flotilla_store::{AuditRecord, Store};
 use gate::DeviceGate;
 use limits::{DeviceLimiter, Exceeded, PublishLimits};
 

@@ -12,7 +12,7 @@ use flotilla_proto::{
     Channel, CommandReply, DeviceId, Heartbeat, OtaStatus, Status, Telemetry, Topic, decode,
 };
 
-use crate::store::DeviceUpdate;
+use flotilla_store::DeviceUpdate;
 
 /// A decoded upward message.
 #[derive(Debug)]

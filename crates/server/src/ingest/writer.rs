@@ -26,7 +26,7 @@ use flotilla_proto::Telemetry;
 
 use super::{Item, decode_item};
 use crate::metrics::IngestMetrics;
-use crate::store::{DeviceUpdate, Finished, Store, StoreResult, WriteTx, now_ms};
+use flotilla_store::{DeviceUpdate, Finished, Store, StoreResult, WriteTx, now_ms};
 
 /// Attempts for one message on its own before it is dead-lettered.
 pub const MAX_TRIES: usize = 3;
@@ -293,7 +293,7 @@ impl Pause {
 }
 
 /// One transaction over `items`. Consecutive telemetry readings, the bulk of what devices
-/// send, are stored together in a few multi-row statements (`store::apply_readings`); the
+/// send, are stored together in a few multi-row statements (`WriteTx::apply_readings`); the
 /// order of everything else is kept.
 async fn commit<'a>(
     store: &Store,
@@ -350,8 +350,8 @@ async fn store_readings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Backend;
-    use crate::store::testdb::TestDb;
+    use flotilla_store::Backend;
+    use flotilla_store::testdb::TestDb;
     use sqlx::Connection;
 
     /// A database with devices d1-d3, opened with a 100 ms busy (lock) timeout.
@@ -367,7 +367,7 @@ mod tests {
     async fn store_with_device(dir: &std::path::Path) -> Store {
         let store = Store::open_file(&dir.join("db")).await.unwrap();
         let owner = store
-            .create_user("o", "o@x", "hash", crate::store::Role::Operator)
+            .create_user("o", "o@x", "hash", flotilla_store::Role::Operator)
             .await
             .unwrap();
         for d in ["d1", "d2", "d3"] {

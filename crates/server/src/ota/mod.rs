@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::downlink::Downlink;
 use crate::rollouts;
-use crate::store::{Finished, ReleaseRow, Store, UpdateRow};
+use flotilla_store::{Finished, ReleaseRow, Store, UpdateRow};
 
 pub use artifacts::Artifacts;
 pub use keys::TrustedKeys;
@@ -58,7 +58,7 @@ impl OtaService {
         force: bool,
         rollout_id: Option<&str>,
         created_by: Option<i64>,
-    ) -> crate::store::StoreResult<UpdateRow> {
+    ) -> flotilla_store::StoreResult<UpdateRow> {
         let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
         let update = self
             .store

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
-use crate::store::{AuditEntry, AuditRecord, DeviceRow, Role, UserChange, UserRow};
+use flotilla_store::{AuditEntry, AuditRecord, DeviceRow, Role, UserChange, UserRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -8,7 +8,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::passwords::dummy_hash;
 use crate::routes::ClientAddr;
-use crate::store::{AuditRecord, Role};
+use flotilla_store::{AuditRecord, Role};
 
 pub fn router() -> Router<AppState> {
     Router::new()

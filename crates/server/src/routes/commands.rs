@@ -10,7 +10,7 @@ use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::commands::{DEFAULT_TTL_SECS, MAX_TTL_SECS, validate};
 use crate::error::{ApiError, ApiResult, JsonBody};
-use crate::store::{CommandRow, now_ms};
+use flotilla_store::{CommandRow, now_ms};
 
 pub fn router() -> Router<AppState> {
     Router::new()

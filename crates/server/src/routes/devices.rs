@@ -12,7 +12,7 @@ use super::visible_device;
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
-use crate::store::{AuditRecord, DeviceRow, TelemetryRow};
+use flotilla_store::{AuditRecord, DeviceRow, TelemetryRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -21,7 +21,7 @@ use axum::http::request::Parts;
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::store::{AuditRecord, DeviceRow};
+use flotilla_store::{AuditRecord, DeviceRow};
 
 /// The device if the caller may see it; otherwise 404, so another user's device ids are not
 /// even confirmed to exist.

@@ -13,7 +13,7 @@ use super::visible_device;
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{ReleaseRow, UpdateRow};
+use flotilla_store::{ReleaseRow, UpdateRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{AuditRecord, now_ms};
+use flotilla_store::{AuditRecord, now_ms};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/provisioning/tokens", post(create))

@@ -15,7 +15,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::ota::artifacts::UploadError;
 use crate::rollouts;
-use crate::store::{NewRelease, ReleaseRow};
+use flotilla_store::{NewRelease, ReleaseRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -17,7 +17,7 @@ use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::rollouts::{Control, Event, Settings};
-use crate::store::{RolloutRow, UpdateState};
+use flotilla_store::{RolloutRow, UpdateState};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -17,7 +17,7 @@ use super::provisioning::token_hash;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::routes::ClientAddr;
-use crate::store::{AuditRecord, TokenClaim};
+use flotilla_store::{AuditRecord, TokenClaim};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/sign-csr", post(sign_csr))

@@ -65,7 +65,7 @@ async fn users_and_the_last_admin(store: &Store) {
         .create_user("again", "admin@x", "h", Role::Viewer)
         .await;
     assert!(
-        matches!(&dup, Err(crate::store::StoreError::Conflict(_))),
+        matches!(&dup, Err(crate::StoreError::Conflict(_))),
         "{dup:?}"
     );
     let a = store.user_by_email("admin@x").await.unwrap().unwrap();
@@ -946,18 +946,18 @@ async fn reopening_and_legacy_sqlite_databases_migrate_once() {
             .await
             .unwrap();
         for (version, file) in [
-            (1, include_str!("../../migrations/sqlite/0001_initial.sql")),
+            (1, include_str!("../migrations/sqlite/0001_initial.sql")),
             (
                 2,
-                include_str!("../../migrations/sqlite/0002_device_uptime.sql"),
+                include_str!("../migrations/sqlite/0002_device_uptime.sql"),
             ),
             (
                 3,
-                include_str!("../../migrations/sqlite/0003_releases_and_ota.sql"),
+                include_str!("../migrations/sqlite/0003_releases_and_ota.sql"),
             ),
             (
                 4,
-                include_str!("../../migrations/sqlite/0004_dead_letters_and_retained.sql"),
+                include_str!("../migrations/sqlite/0004_dead_letters_and_retained.sql"),
             ),
         ] {
             sqlx::raw_sql(file).execute(&mut conn).await.unwrap();
@@ -1111,7 +1111,7 @@ async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
     // Ingest is waiting on the blocker now: on PostgreSQL for its row lock (seen in
     // pg_stat_activity), on SQLite in its busy timeout for the write lock.
     if store.backend == Backend::Postgres {
-        crate::store::testdb::wait_until_a_query_waits_for_a_lock(store).await;
+        crate::testdb::wait_until_a_query_waits_for_a_lock(store).await;
     } else {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }

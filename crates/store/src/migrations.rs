@@ -18,32 +18,32 @@ const SQLITE: Embedded = &[
     (
         1,
         "initial",
-        include_str!("../../migrations/sqlite/0001_initial.sql"),
+        include_str!("../migrations/sqlite/0001_initial.sql"),
     ),
     (
         2,
         "device uptime",
-        include_str!("../../migrations/sqlite/0002_device_uptime.sql"),
+        include_str!("../migrations/sqlite/0002_device_uptime.sql"),
     ),
     (
         3,
         "releases and ota",
-        include_str!("../../migrations/sqlite/0003_releases_and_ota.sql"),
+        include_str!("../migrations/sqlite/0003_releases_and_ota.sql"),
     ),
     (
         4,
         "dead letters and retained",
-        include_str!("../../migrations/sqlite/0004_dead_letters_and_retained.sql"),
+        include_str!("../migrations/sqlite/0004_dead_letters_and_retained.sql"),
     ),
     (
         5,
         "sweep indexes",
-        include_str!("../../migrations/sqlite/0005_sweep_indexes.sql"),
+        include_str!("../migrations/sqlite/0005_sweep_indexes.sql"),
     ),
     (
         6,
         "tags, targets and lookup indexes",
-        include_str!("../../migrations/sqlite/0006_tags_targets_and_lookup_indexes.sql"),
+        include_str!("../migrations/sqlite/0006_tags_targets_and_lookup_indexes.sql"),
     ),
 ];
 
@@ -51,12 +51,12 @@ const POSTGRES: Embedded = &[
     (
         1,
         "schema",
-        include_str!("../../migrations/postgres/0001_schema.sql"),
+        include_str!("../migrations/postgres/0001_schema.sql"),
     ),
     (
         2,
         "tags, targets and lookup indexes",
-        include_str!("../../migrations/postgres/0002_tags_targets_and_lookup_indexes.sql"),
+        include_str!("../migrations/postgres/0002_tags_targets_and_lookup_indexes.sql"),
     ),
 ];
 
