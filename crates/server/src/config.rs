@@ -323,6 +323,21 @@ impl ServerConfig {
 
     /// The database to open: `--database-url`, or the SQLite file in the data dir. The error
     /// says what is wrong without the password.
+    /// Which engines this configuration runs on, as `--print-config` shows it.
+    pub fn mode(&self) -> serde_json::Value {
+        let database = match self.database().map(|url| url.backend()) {
+            Ok(flotilla_store::Backend::Sqlite) => "sqlite",
+            Ok(flotilla_store::Backend::Postgres) => "postgres",
+            Err(_) => "unusable database URL",
+        };
+        let broker = if self.broker_url.is_some() {
+            "external"
+        } else {
+            "embedded"
+        };
+        serde_json::json!({ "database": database, "broker": broker })
+    }
+
     pub fn database(&self) -> anyhow::Result<flotilla_store::DatabaseUrl> {
         match &self.database_url {
             Some(arg) => arg
@@ -338,6 +353,34 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::{BrokerUrl, Secret};
+
+    #[test]
+    fn the_mode_names_the_engines() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: super::ServerConfig,
+        }
+        let mode = |args: &[&str]| {
+            let mut argv = vec!["flotilla-server"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap().config.mode()
+        };
+        assert_eq!(
+            mode(&[]),
+            serde_json::json!({"database": "sqlite", "broker": "embedded"})
+        );
+        assert_eq!(
+            mode(&[
+                "--database-url",
+                "postgres://u@db/fleet",
+                "--broker-url",
+                "mqtts://broker:8884"
+            ]),
+            serde_json::json!({"database": "postgres", "broker": "external"})
+        );
+    }
 
     #[test]
     fn a_refused_database_url_is_reported_without_its_password() {

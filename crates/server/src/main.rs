@@ -64,9 +64,13 @@ enum AdminAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.print_config {
+        let mut shown = serde_json::to_value(&cli.config).unwrap_or_default();
+        if let Some(settings) = shown.as_object_mut() {
+            settings.insert("mode".into(), cli.config.mode());
+        }
         println!(
             "{}",
-            serde_json::to_string_pretty(&cli.config).unwrap_or_default()
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
         );
         return ExitCode::SUCCESS;
     }
