@@ -169,15 +169,16 @@ impl Store {
         Ok(tx.commit().await?)
     }
 
-    pub async fn toggle_device_block(&self, device_id: &str) -> StoreResult<Option<bool>> {
-        sqlx::query_scalar(
+    /// Blocks an unblocked device and unblocks a blocked one; whether it is blocked now.
+    /// [`StoreError::NotFound`](crate::StoreError::NotFound) when there is no such device.
+    pub async fn toggle_device_block(&self, device_id: &str) -> StoreResult<bool> {
+        let blocked: Option<i64> = sqlx::query_scalar(
             "UPDATE devices SET blocked = 1 - blocked WHERE device_id = $1 RETURNING blocked",
         )
         .bind(device_id)
         .fetch_optional(&self.pool)
-        .await
-        .map(|v: Option<i64>| v.map(|b| b != 0))
-        .map_err(Into::into)
+        .await?;
+        blocked.map(|b| b != 0).ok_or(crate::StoreError::NotFound)
     }
 
     /// Ids of blocked devices and the current certificate serial of every device, for the broker gate.

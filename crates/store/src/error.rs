@@ -1,12 +1,34 @@
-//! Why a store call failed, in the terms its callers act on: the API answers 404, 409 or 503,
-//! and ingest waits (unavailable) or dead-letters (refused). No sqlx type shows here.
+//! Why a store call failed, in the terms its callers act on: the API answers 404, 409, 503 or
+//! 500, and ingest waits (unavailable) or dead-letters the message (anything else). No sqlx
+//! type shows here.
 
-/// The database's own error, kept for the log.
-pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// The database's own error, kept to be shown in the log; callers cannot look inside it.
+pub struct Cause(Box<dyn std::error::Error + Send + Sync + 'static>);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {}
+
+impl From<sqlx::Error> for Cause {
+    fn from(e: sqlx::Error) -> Self {
+        Cause(Box::new(e))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A row the call needed is not there.
+    /// The row a call acts on is not there (calls that look a row up return `Option`
+    /// instead). A statement that unexpectedly returns no row is `Refused`, not this.
     #[error("not found")]
     NotFound,
     /// A row with the same key is there already.
@@ -17,7 +39,8 @@ pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(Cause),
     /// Anything else: the database refused the statement or its content (a constraint, a
-    /// trigger), or holds a value this code cannot read (an unknown state name).
+    /// trigger), a statement returned no row where one was certain, or the database holds a
+    /// value this code cannot read (an unknown state name).
     #[error("database refused: {0}")]
     Refused(Cause),
 }
@@ -33,9 +56,6 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        if matches!(e, sqlx::Error::RowNotFound) {
-            return StoreError::NotFound;
-        }
         if let sqlx::Error::Database(db) = &e
             && db.is_unique_violation()
         {
@@ -80,5 +100,28 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_errors_become_what_callers_act_on() {
+        // A statement that returned no row where one was certain is a fault, not a 404.
+        assert!(matches!(
+            StoreError::from(sqlx::Error::RowNotFound),
+            StoreError::Refused(_)
+        ));
+        assert!(StoreError::from(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(
+            StoreError::from(sqlx::Error::Io(std::io::ErrorKind::BrokenPipe.into()))
+                .is_unavailable()
+        );
+        assert!(matches!(
+            StoreError::from(sqlx::Error::ColumnNotFound("x".into())),
+            StoreError::Refused(_)
+        ));
     }
 }

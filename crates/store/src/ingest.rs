@@ -14,11 +14,14 @@ pub struct RetainedRow {
 }
 
 /// One ingest transaction: what devices sent, applied in order, durable at [`WriteTx::commit`]
-/// and gone if it is dropped first.
+/// and gone if it is dropped first. After any error, drop it: PostgreSQL refuses every later
+/// statement of a transaction that failed one, SQLite would go on.
+#[must_use = "nothing is stored until it is committed"]
 pub struct WriteTx(Transaction<'static, Any>);
 
 impl WriteTx {
-    /// Applies a heartbeat or status; true when the device came online with it.
+    /// Applies a heartbeat, status or single telemetry reading; true when the device came
+    /// online with it.
     pub async fn apply_update(
         &mut self,
         device: &str,

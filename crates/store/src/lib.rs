@@ -1,6 +1,8 @@
 //! Flotilla's store: one SQLite file in the data dir (the default), or a PostgreSQL database,
-//! behind one domain API. Calls fail with a [`StoreError`] (not found, conflict, unavailable,
-//! refused), never a driver's error; ingest writes through a [`WriteTx`]. Integer millisecond
+//! behind one domain API. Its calls fail with a [`StoreError`] (not found, conflict,
+//! unavailable, refused; the driver's error is only a cause to log), opening a database with
+//! an `anyhow` error; ingest writes through a [`WriteTx`]. The `test-support` feature adds
+//! throwaway databases and fault injection (sqlx types) for other crates' tests. Integer millisecond
 //! timestamps; flags are integers 0/1 on both engines. docs/architecture.md ("One store, two
 //! engines") gives the rules every statement here follows.
 

@@ -1,5 +1,5 @@
 //! Rollouts as stored: their parameters, targets and last known state. The planner that
-//! drives them lives in memory (`crate::rollouts`) and is rebuilt from here at start-up.
+//! drives them lives in memory (the server's `rollouts` module) and is rebuilt from here at start-up.
 
 use serde::Serialize;
 use serde_json::Value;

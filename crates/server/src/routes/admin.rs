@@ -112,8 +112,11 @@ async fn block_device(
     let blocked = state
         .store
         .toggle_device_block(&device_id)
-        .await?
-        .ok_or(ApiError::NotFound("no such device"))?;
+        .await
+        .map_err(|e| match e {
+            flotilla_store::StoreError::NotFound => ApiError::NotFound("no such device"),
+            e => e.into(),
+        })?;
     state.gate.set_blocked(&device_id, blocked);
     if blocked {
         state.broker.kick(&device_id).await;
