@@ -102,7 +102,11 @@ impl Dispatcher {
 
     /// Sends every command still queued for a device whose session just started.
     pub async fn flush_pending(&self, device_id: &str) {
-        match self.store.pending_commands(device_id).await {
+        let Ok(id) = DeviceId::parse(device_id) else {
+            tracing::error!(device_id, "not a device id; no commands sent");
+            return;
+        };
+        match self.store.pending_commands(&id).await {
             Ok(commands) => {
                 for c in &commands {
                     self.send(c).await;

@@ -209,7 +209,9 @@ mod tests {
             assert_eq!(resp.status(), StatusCode::CONFLICT, "{backend:?}");
 
             let _locked = db.lock_writes().await;
-            let e = store.mark_offline("d", "x").await;
+            let e = store
+                .mark_offline(&flotilla_store::testdb::dev("d"), "x")
+                .await;
             // mark_offline writes devices, which the lock covers on both engines.
             let e = match e {
                 Err(e) => e,

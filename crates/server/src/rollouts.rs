@@ -313,7 +313,11 @@ impl Manager {
                         }
                     }
                     for (rollout, device) in timed_out {
-                        if let Err(e) = self.store.time_out_update(&rollout, &device).await {
+                        let Ok(id) = flotilla_proto::DeviceId::parse(&device) else {
+                            tracing::error!(rollout, device, "not a device id; timeout not recorded");
+                            continue;
+                        };
+                        if let Err(e) = self.store.time_out_update(&rollout, &id).await {
                             tracing::error!(error = %e, rollout, device, "recording a timeout failed");
                         }
                     }

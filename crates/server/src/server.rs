@@ -349,7 +349,10 @@ fn spawn_presence(
                         if broker.is_connected(&device_id).await {
                             return;
                         }
-                        match store.mark_offline(&device_id, &reason).await {
+                        let Ok(id) = flotilla_proto::DeviceId::parse(&device_id) else {
+                            return;
+                        };
+                        match store.mark_offline(&id, &reason).await {
                             Ok(true) => {
                                 tracing::info!(device_id = %device_id, reason = %reason, "device offline: disconnected")
                             }

@@ -1,3 +1,4 @@
+use flotilla_proto::DeviceId;
 use flotilla_proto::truncate_chars as truncate;
 use serde::Serialize;
 use serde_json::Value;
@@ -42,7 +43,7 @@ impl Store {
     pub async fn create_command(
         &self,
         id: &str,
-        device_id: &str,
+        device_id: &DeviceId,
         name: &str,
         args: &Value,
         created_by: i64,
@@ -53,7 +54,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7) RETURNING *",
         )
         .bind(id)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .bind(name)
         .bind(args.to_string())
         .bind(created_by)
@@ -72,11 +73,15 @@ impl Store {
         row.as_ref().map(command_from).transpose()
     }
 
-    pub async fn commands_of(&self, device_id: &str, limit: i64) -> StoreResult<Vec<CommandRow>> {
+    pub async fn commands_of(
+        &self,
+        device_id: &DeviceId,
+        limit: i64,
+    ) -> StoreResult<Vec<CommandRow>> {
         let rows = sqlx::query(
             "SELECT * FROM commands WHERE device_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
         )
-        .bind(device_id)
+        .bind(device_id.as_str())
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -84,9 +89,9 @@ impl Store {
     }
 
     /// Commands still waiting for the device, oldest first.
-    pub async fn pending_commands(&self, device_id: &str) -> StoreResult<Vec<CommandRow>> {
+    pub async fn pending_commands(&self, device_id: &DeviceId) -> StoreResult<Vec<CommandRow>> {
         let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND state = 'queued' AND expires_at > $2 ORDER BY created_at, id")
-            .bind(device_id)
+            .bind(device_id.as_str())
             .bind(now_ms())
             .fetch_all(&self.pool)
             .await?;

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use super::testdb::TestDb;
+use super::testdb::{TestDb, dev};
 use super::*;
 
 /// `case_name::sqlite` and `case_name::postgres` for each case.
@@ -30,6 +30,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    a_stored_device_id_that_is_not_valid_refuses_the_read,
     users_and_the_last_admin,
     two_admins_blocking_each_other_at_once_leave_one_active,
     devices_register_list_block_and_tag,
@@ -152,12 +153,26 @@ async fn devices_register_list_block_and_tag(store: &Store) {
     let bob = user(store, "bob@x", Role::Operator).await;
     // Ids that a collation-aware sort would order differently from bytes.
     for id in ["dev-b", "Dev-a", "dev_c", "dev-1", "dev1"] {
-        assert!(store.register_device(id, "n", alice).await.unwrap());
+        assert!(store.register_device(&dev(id), "n", alice).await.unwrap());
     }
-    assert!(store.register_device("dev1", "again", alice).await.unwrap());
-    assert!(!store.register_device("dev1", "theft", bob).await.unwrap());
-    assert!(store.register_device("bobs", "b", bob).await.unwrap());
-    let ids = |v: Vec<DeviceRow>| v.into_iter().map(|d| d.device_id).collect::<Vec<_>>();
+    assert!(
+        store
+            .register_device(&dev("dev1"), "again", alice)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .register_device(&dev("dev1"), "theft", bob)
+            .await
+            .unwrap()
+    );
+    assert!(store.register_device(&dev("bobs"), "b", bob).await.unwrap());
+    let ids = |v: Vec<DeviceRow>| {
+        v.into_iter()
+            .map(|d| d.device_id.to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         ids(store.devices_of(Some(alice)).await.unwrap()),
         ["Dev-a", "dev-1", "dev-b", "dev1", "dev_c"]
@@ -165,35 +180,35 @@ async fn devices_register_list_block_and_tag(store: &Store) {
     assert_eq!(store.devices_of(None).await.unwrap().len(), 6);
     assert!(
         store
-            .device_visible_to("bobs", Some(alice))
+            .device_visible_to(&dev("bobs"), Some(alice))
             .await
             .unwrap()
             .is_none()
     );
     assert!(
         store
-            .device_visible_to("bobs", None)
+            .device_visible_to(&dev("bobs"), None)
             .await
             .unwrap()
             .is_some()
     );
-    let d = store.device("dev1").await.unwrap().unwrap();
+    let d = store.device(&dev("dev1")).await.unwrap().unwrap();
     assert_eq!(
         (d.name.as_str(), d.owner_id, d.online, d.provisioned),
         ("n", alice, false, false)
     );
 
     store
-        .set_device_tags("dev1", &["hall".into(), "floor-2".into()])
+        .set_device_tags(&dev("dev1"), &["hall".into(), "floor-2".into()])
         .await
         .unwrap();
     // A set, read back in order.
     assert_eq!(
-        store.device("dev1").await.unwrap().unwrap().tags,
+        store.device(&dev("dev1")).await.unwrap().unwrap().tags,
         ["floor-2", "hall"]
     );
     store
-        .set_device_tags("dev-b", &["hall".into()])
+        .set_device_tags(&dev("dev-b"), &["hall".into()])
         .await
         .unwrap();
     let tagged: Vec<(String, Vec<String>)> = store
@@ -201,7 +216,7 @@ async fn devices_register_list_block_and_tag(store: &Store) {
         .await
         .unwrap()
         .into_iter()
-        .map(|d| (d.device_id, d.tags))
+        .map(|d| (d.device_id.to_string(), d.tags))
         .filter(|(_, t)| !t.is_empty())
         .collect();
     assert_eq!(
@@ -214,33 +229,41 @@ async fn devices_register_list_block_and_tag(store: &Store) {
             )
         ]
     );
-    store.set_device_tags("dev1", &[]).await.unwrap();
-    assert!(store.device("dev1").await.unwrap().unwrap().tags.is_empty());
-    assert!(store.toggle_device_block("dev1").await.unwrap());
+    store.set_device_tags(&dev("dev1"), &[]).await.unwrap();
+    assert!(
+        store
+            .device(&dev("dev1"))
+            .await
+            .unwrap()
+            .unwrap()
+            .tags
+            .is_empty()
+    );
+    assert!(store.toggle_device_block(&dev("dev1")).await.unwrap());
     assert!(matches!(
-        store.toggle_device_block("nope").await,
+        store.toggle_device_block(&dev("nope")).await,
         Err(crate::StoreError::NotFound)
     ));
     let gate = store.gate_snapshot().await.unwrap();
     assert!(gate.contains(&("dev1".into(), true, None)));
     assert!(gate.contains(&("bobs".into(), false, None)));
-    assert!(!store.toggle_device_block("dev1").await.unwrap());
+    assert!(!store.toggle_device_block(&dev("dev1")).await.unwrap());
 }
 
 async fn presence_sweeps(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
     for id in ["quiet", "chatty"] {
-        store.register_device(id, id, o).await.unwrap();
+        store.register_device(&dev(id), id, o).await.unwrap();
     }
     let mut tx = store.begin_write().await.unwrap();
     let hb: flotilla_proto::Heartbeat = message(json!({"heap": 1, "fw": "1.0.0"}));
     assert!(
-        tx.apply_update("quiet", &DeviceUpdate::Heartbeat(hb.clone()), 1_000)
+        tx.apply_update(&dev("quiet"), &DeviceUpdate::Heartbeat(hb.clone()), 1_000)
             .await
             .unwrap()
     );
     assert!(
-        tx.apply_update("chatty", &DeviceUpdate::Heartbeat(hb), 5_000)
+        tx.apply_update(&dev("chatty"), &DeviceUpdate::Heartbeat(hb), 5_000)
             .await
             .unwrap()
     );
@@ -248,21 +271,21 @@ async fn presence_sweeps(store: &Store) {
     assert_eq!(store.online_devices().await.unwrap().len(), 2);
     assert_eq!(store.expire_silent_devices(2_000).await.unwrap(), ["quiet"]);
     assert!(store.expire_silent_devices(2_000).await.unwrap().is_empty());
-    let q = store.device("quiet").await.unwrap().unwrap();
+    let q = store.device(&dev("quiet")).await.unwrap().unwrap();
     assert_eq!(
         (q.online, q.disconnect_reason.as_deref()),
         (false, Some("heartbeat timeout"))
     );
     assert!(
         store
-            .mark_offline("chatty", "connection lost")
+            .mark_offline(&dev("chatty"), "connection lost")
             .await
             .unwrap()
     );
-    assert!(!store.mark_offline("chatty", "again").await.unwrap());
+    assert!(!store.mark_offline(&dev("chatty"), "again").await.unwrap());
     assert_eq!(
         store
-            .device("chatty")
+            .device(&dev("chatty"))
             .await
             .unwrap()
             .unwrap()
@@ -278,44 +301,50 @@ async fn one_token_one_device_whatever_the_concurrency(store: &Store) {
     let far = now_ms() + 600_000;
     store.create_token("t-any", o, None, far).await.unwrap();
     store
-        .create_token("t-bound", o, Some("bound-dev"), far)
+        .create_token("t-bound", o, Some(&dev("bound-dev")), far)
         .await
         .unwrap();
     store
         .create_token("t-old", o, None, now_ms() - 1)
         .await
         .unwrap();
-    store.register_device("taken", "t", other).await.unwrap();
+    store
+        .register_device(&dev("taken"), "t", other)
+        .await
+        .unwrap();
     let cert = flotilla_pki::IssuedCertificate {
         certificate_pem: String::new(),
         serial_hex: "0a0b".into(),
         not_after_unix: 1_900_000_000,
     };
     assert_eq!(
-        store.peek_token("t-old", "d").await.unwrap(),
+        store.peek_token("t-old", &dev("d")).await.unwrap(),
         TokenClaim::Invalid
     );
     assert_eq!(
-        store.peek_token("t-bound", "d").await.unwrap(),
+        store.peek_token("t-bound", &dev("d")).await.unwrap(),
         TokenClaim::WrongDevice
     );
     assert_eq!(
-        store.peek_token("t-any", "taken").await.unwrap(),
+        store.peek_token("t-any", &dev("taken")).await.unwrap(),
         TokenClaim::DeviceTaken
     );
     assert_eq!(
-        store.peek_token("t-any", "new-dev").await.unwrap(),
+        store.peek_token("t-any", &dev("new-dev")).await.unwrap(),
         TokenClaim::Claimed { owner_id: o }
     );
     // A refusal changes nothing: the token still works for a device it may have.
     assert_eq!(
-        store.redeem_token("t-any", "taken", &cert).await.unwrap(),
+        store
+            .redeem_token("t-any", &dev("taken"), &cert)
+            .await
+            .unwrap(),
         TokenClaim::DeviceTaken
     );
     let tries: Vec<_> = (0..8)
         .map(|i| {
             let (s, c) = (store.clone(), cert.clone());
-            tokio::spawn(async move { s.redeem_token("t-any", &format!("new-{i}"), &c).await })
+            tokio::spawn(async move { s.redeem_token("t-any", &dev(format!("new-{i}")), &c).await })
         })
         .collect();
     let mut claimed = Vec::new();
@@ -327,7 +356,7 @@ async fn one_token_one_device_whatever_the_concurrency(store: &Store) {
         }
     }
     assert_eq!(claimed.len(), 1, "{claimed:?}");
-    let d = store.device(&claimed[0]).await.unwrap().unwrap();
+    let d = store.device(&dev(&claimed[0])).await.unwrap().unwrap();
     assert!(d.provisioned);
     assert_eq!(d.owner_id, o);
     let gauges = store.fleet_gauges().await.unwrap();
@@ -337,11 +366,11 @@ async fn one_token_one_device_whatever_the_concurrency(store: &Store) {
 
 async fn commands_move_forward_only_and_expire(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
-    store.register_device("d", "d", o).await.unwrap();
-    store.register_device("e", "e", o).await.unwrap();
+    store.register_device(&dev("d"), "d", o).await.unwrap();
+    store.register_device(&dev("e"), "e", o).await.unwrap();
     let far = now_ms() + 600_000;
     let c = store
-        .create_command("c1", "d", "led", &json!({"state": "ON"}), o, far)
+        .create_command("c1", &dev("d"), "led", &json!({"state": "ON"}), o, far)
         .await
         .unwrap();
     assert_eq!(
@@ -349,21 +378,21 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
         (CommandState::Queued, json!({"state": "ON"}))
     );
     store
-        .create_command("c2", "d", "ping", &json!({}), o, now_ms() - 1)
+        .create_command("c2", &dev("d"), "ping", &json!({}), o, now_ms() - 1)
         .await
         .unwrap();
     store
-        .create_command("c3", "e", "ping", &json!({}), o, far)
+        .create_command("c3", &dev("e"), "ping", &json!({}), o, far)
         .await
         .unwrap();
     assert!(
         store
-            .create_command("c1", "d", "ping", &json!({}), o, far)
+            .create_command("c1", &dev("d"), "ping", &json!({}), o, far)
             .await
             .is_err()
     );
     let pending: Vec<_> = store
-        .pending_commands("d")
+        .pending_commands(&dev("d"))
         .await
         .unwrap()
         .into_iter()
@@ -378,22 +407,22 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
     let mut tx = store.begin_write().await.unwrap();
     // Another device cannot move it; accepted, then succeeded; a final state stays.
     assert!(
-        !tx.apply_reply("e", &reply("c1", "succeeded"), 10)
+        !tx.apply_reply(&dev("e"), &reply("c1", "succeeded"), 10)
             .await
             .unwrap()
     );
     assert!(
-        tx.apply_reply("d", &reply("c1", "accepted"), 11)
+        tx.apply_reply(&dev("d"), &reply("c1", "accepted"), 11)
             .await
             .unwrap()
     );
     assert!(
-        tx.apply_reply("d", &reply("c1", "succeeded"), 12)
+        tx.apply_reply(&dev("d"), &reply("c1", "succeeded"), 12)
             .await
             .unwrap()
     );
     assert!(
-        !tx.apply_reply("d", &reply("c1", "failed"), 13)
+        !tx.apply_reply(&dev("d"), &reply("c1", "failed"), 13)
             .await
             .unwrap()
     );
@@ -410,7 +439,7 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
         CommandState::Expired
     );
     let listed: Vec<_> = store
-        .commands_of("d", 1)
+        .commands_of(&dev("d"), 1)
         .await
         .unwrap()
         .into_iter()
@@ -433,9 +462,12 @@ async fn commands_move_forward_only_and_expire(store: &Store) {
 
 async fn device_messages_and_redelivered_readings(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
-    store.register_device("d", "d", o).await.unwrap();
-    store.register_device("blocked", "b", o).await.unwrap();
-    store.toggle_device_block("blocked").await.unwrap();
+    store.register_device(&dev("d"), "d", o).await.unwrap();
+    store
+        .register_device(&dev("blocked"), "b", o)
+        .await
+        .unwrap();
+    store.toggle_device_block(&dev("blocked")).await.unwrap();
     let status: flotilla_proto::Status = message(json!({
         "online": true, "led": "ON", "brightness": 40, "fw": "1.2.0", "hw": "esp32c3"
     }));
@@ -445,33 +477,33 @@ async fn device_messages_and_redelivered_readings(store: &Store) {
         message(json!({"seq": 7, "ts": 99, "pot": 512, "switch": true, "temp": 18.7}));
     let mut tx = store.begin_write().await.unwrap();
     assert!(
-        tx.apply_update("d", &DeviceUpdate::Status(status), 100)
+        tx.apply_update(&dev("d"), &DeviceUpdate::Status(status), 100)
             .await
             .unwrap()
     );
     assert!(
-        !tx.apply_update("d", &DeviceUpdate::Heartbeat(hb.clone()), 101)
+        !tx.apply_update(&dev("d"), &DeviceUpdate::Heartbeat(hb.clone()), 101)
             .await
             .unwrap()
     );
     for _ in 0..2 {
-        tx.apply_update("d", &DeviceUpdate::Telemetry(t.clone()), 102)
+        tx.apply_update(&dev("d"), &DeviceUpdate::Telemetry(t.clone()), 102)
             .await
             .unwrap();
     }
     // Unknown and blocked devices change nothing.
     assert!(
-        !tx.apply_update("ghost", &DeviceUpdate::Heartbeat(hb.clone()), 103)
+        !tx.apply_update(&dev("ghost"), &DeviceUpdate::Heartbeat(hb.clone()), 103)
             .await
             .unwrap()
     );
     assert!(
-        !tx.apply_update("blocked", &DeviceUpdate::Heartbeat(hb), 103)
+        !tx.apply_update(&dev("blocked"), &DeviceUpdate::Heartbeat(hb), 103)
             .await
             .unwrap()
     );
     tx.commit().await.unwrap();
-    let d = store.device("d").await.unwrap().unwrap();
+    let d = store.device(&dev("d")).await.unwrap().unwrap();
     assert_eq!(
         (
             d.online,
@@ -486,22 +518,22 @@ async fn device_messages_and_redelivered_readings(store: &Store) {
         (d.heap, d.rssi, d.uptime, d.crashes, d.last_seen),
         (Some(18000), Some(-60), Some(12), Some(1), Some(102))
     );
-    let rows = store.telemetry("d", 10).await.unwrap();
+    let rows = store.telemetry(&dev("d"), 10).await.unwrap();
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     assert_eq!(
         (r.seq, r.device_ts, r.received_at, r.pot, r.switch, r.temp),
         (7, Some(99), 102, Some(512), Some(true), Some(18.7))
     );
-    assert!(!store.device("blocked").await.unwrap().unwrap().online);
+    assert!(!store.device(&dev("blocked")).await.unwrap().unwrap().online);
 
     let offline: flotilla_proto::Status = message(json!({"online": false, "reason": "sleeping"}));
     let mut tx = store.begin_write().await.unwrap();
-    tx.apply_update("d", &DeviceUpdate::Status(offline), 200)
+    tx.apply_update(&dev("d"), &DeviceUpdate::Status(offline), 200)
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let d = store.device("d").await.unwrap().unwrap();
+    let d = store.device(&dev("d")).await.unwrap().unwrap();
     assert_eq!(
         (
             d.online,
@@ -517,11 +549,11 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
     for i in 0..30 {
         store
-            .register_device(&format!("d{i}"), "d", o)
+            .register_device(&dev(format!("d{i}")), "d", o)
             .await
             .unwrap();
     }
-    store.toggle_device_block("d3").await.unwrap();
+    store.toggle_device_block(&dev("d3")).await.unwrap();
     let readings: Vec<(String, flotilla_proto::Telemetry)> = (0..2_500u64)
         .map(|n| {
             let device = format!("d{}", n % 32); // d30 and d31 are not registered
@@ -529,8 +561,9 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
             (device, t)
         })
         .collect();
-    let refs: Vec<(&str, &flotilla_proto::Telemetry)> =
-        readings.iter().map(|(d, t)| (d.as_str(), t)).collect();
+    let readings: Vec<_> = readings.into_iter().map(|(d, t)| (dev(d), t)).collect();
+    let refs: Vec<(&flotilla_proto::DeviceId, &flotilla_proto::Telemetry)> =
+        readings.iter().map(|(d, t)| (d, t)).collect();
     let mut tx = store.begin_write().await.unwrap();
     let mut came_online = tx.apply_readings(&refs, 500).await.unwrap();
     // Redelivered: stored once.
@@ -544,7 +577,7 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
     expected.sort();
     assert_eq!(came_online, expected);
     for i in [0, 7, 29] {
-        let rows = store.telemetry(&format!("d{i}"), 1_000).await.unwrap();
+        let rows = store.telemetry(&dev(format!("d{i}")), 1_000).await.unwrap();
         let expected: Vec<i64> = (0..2_500i64)
             .filter(|n| n % 32 == i)
             .map(|n| n / 32)
@@ -552,12 +585,12 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
             .collect();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), expected);
         assert!(rows.iter().all(|r| r.received_at == 500));
-        let d = store.device(&format!("d{i}")).await.unwrap().unwrap();
+        let d = store.device(&dev(format!("d{i}"))).await.unwrap().unwrap();
         // Every device has a reading among the first 100, delivered again at 501.
         assert_eq!((d.online, d.last_seen), (true, Some(501)));
     }
-    assert!(store.telemetry("d3", 10).await.unwrap().is_empty());
-    assert!(store.telemetry("d30", 10).await.unwrap().is_empty());
+    assert!(store.telemetry(&dev("d3"), 10).await.unwrap().is_empty());
+    assert!(store.telemetry(&dev("d30"), 10).await.unwrap().is_empty());
 }
 
 async fn dead_letters_and_retained_messages(store: &Store) {
@@ -707,40 +740,44 @@ async fn releases(store: &Store) {
 async fn ota_offers_and_reports(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
     for d in ["d", "e", "f"] {
-        store.register_device(d, d, o).await.unwrap();
+        store.register_device(&dev(d), d, o).await.unwrap();
     }
     let u1 = store
-        .create_update("u1", "d", "1.1.0", false, None, Some(o))
+        .create_update("u1", &dev("d"), "1.1.0", false, None, Some(o))
         .await
         .unwrap();
     assert_eq!(u1.state, UpdateState::Offered);
     // A newer offer cancels the open one.
     store
-        .create_update("u2", "d", "1.2.0", true, Some("r1"), Some(o))
+        .create_update("u2", &dev("d"), "1.2.0", true, Some("r1"), Some(o))
         .await
         .unwrap();
-    assert!(!store.has_open_update("d", "1.1.0").await.unwrap());
-    assert!(store.has_open_update("d", "1.2.0").await.unwrap());
-    assert_eq!(store.unstarted_updates("d").await.unwrap().len(), 1);
+    assert!(!store.has_open_update(&dev("d"), "1.1.0").await.unwrap());
+    assert!(store.has_open_update(&dev("d"), "1.2.0").await.unwrap());
+    assert_eq!(store.unstarted_updates(&dev("d")).await.unwrap().len(), 1);
 
     let report = |v: serde_json::Value| -> flotilla_proto::OtaStatus { message(v) };
     let mut tx = store.begin_write().await.unwrap();
     // Another device's report, and a report without an id, change nothing.
     assert!(
-        tx.apply_ota_status("e", &report(json!({"status": "FAILED", "id": "u2"})), 10)
-            .await
-            .unwrap()
-            .is_none()
+        tx.apply_ota_status(
+            &dev("e"),
+            &report(json!({"status": "FAILED", "id": "u2"})),
+            10
+        )
+        .await
+        .unwrap()
+        .is_none()
     );
     assert!(
-        tx.apply_ota_status("d", &report(json!({"status": "FAILED"})), 10)
+        tx.apply_ota_status(&dev("d"), &report(json!({"status": "FAILED"})), 10)
             .await
             .unwrap()
             .is_none()
     );
     assert!(
         tx.apply_ota_status(
-            "d",
+            &dev("d"),
             &report(json!({"status": "IN_PROGRESS", "id": "u2", "progress": 50})),
             11
         )
@@ -751,7 +788,7 @@ async fn ota_offers_and_reports(store: &Store) {
     // Success with another version than offered is a failure.
     let done = tx
         .apply_ota_status(
-            "d",
+            &dev("d"),
             &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.1.9"})),
             12,
         )
@@ -764,7 +801,7 @@ async fn ota_offers_and_reports(store: &Store) {
     );
     assert!(
         tx.apply_ota_status(
-            "d",
+            &dev("d"),
             &report(json!({"status": "SUCCESS", "id": "u2", "version": "1.2.0"})),
             13
         )
@@ -773,7 +810,7 @@ async fn ota_offers_and_reports(store: &Store) {
         .is_none()
     );
     tx.commit().await.unwrap();
-    let history = store.update_history("d", 10).await.unwrap();
+    let history = store.update_history(&dev("d"), 10).await.unwrap();
     assert_eq!(history.len(), 2);
     let (u2, events) = &history.iter().find(|(u, _)| u.id == "u2").unwrap();
     assert_eq!(
@@ -790,14 +827,14 @@ async fn ota_offers_and_reports(store: &Store) {
     );
 
     store
-        .create_update("u3", "e", "1.2.0", false, Some("r2"), None)
+        .create_update("u3", &dev("e"), "1.2.0", false, Some("r2"), None)
         .await
         .unwrap();
     store
-        .create_update("u4", "f", "1.2.0", false, Some("r2"), None)
+        .create_update("u4", &dev("f"), "1.2.0", false, Some("r2"), None)
         .await
         .unwrap();
-    store.time_out_update("r2", "e").await.unwrap();
+    store.time_out_update("r2", &dev("e")).await.unwrap();
     assert_eq!(
         store.cancel_rollout_updates("r2", "aborted").await.unwrap(),
         1
@@ -808,10 +845,10 @@ async fn ota_offers_and_reports(store: &Store) {
 
     let mut tx = store.begin_write().await.unwrap();
     let fw = |v: &str| -> flotilla_proto::Heartbeat { message(json!({"heap": 1, "fw": v})) };
-    tx.apply_update("d", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
+    tx.apply_update(&dev("d"), &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
         .await
         .unwrap();
-    tx.apply_update("e", &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
+    tx.apply_update(&dev("e"), &DeviceUpdate::Heartbeat(fw("1.2.0")), 20)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -892,9 +929,9 @@ async fn audit_and_fleet_figures(store: &Store) {
         "user.login"
     );
     let o = user(store, "o@x", Role::Operator).await;
-    store.register_device("d", "d", o).await.unwrap();
+    store.register_device(&dev("d"), "d", o).await.unwrap();
     store
-        .create_command("c", "d", "ping", &json!({}), o, now_ms() + 60_000)
+        .create_command("c", &dev("d"), "ping", &json!({}), o, now_ms() + 60_000)
         .await
         .unwrap();
     store
@@ -983,12 +1020,12 @@ async fn reopening_and_legacy_sqlite_databases_migrate_once() {
     let store = Store::open_file(&path).await.unwrap();
     assert!(store.user_by_email("old@x").await.unwrap().is_some());
     assert_eq!(
-        store.device("tagged").await.unwrap().unwrap().tags,
+        store.device(&dev("tagged")).await.unwrap().unwrap().tags,
         ["a", "b"]
     );
     assert!(
         store
-            .device("garbled")
+            .device(&dev("garbled"))
             .await
             .unwrap()
             .unwrap()
@@ -1020,34 +1057,35 @@ async fn concurrent_registrations_of_one_id_give_it_one_owner(store: &Store) {
         let id = format!("contested-{round}");
         let (s1, s2, i1, i2) = (store.clone(), store.clone(), id.clone(), id.clone());
         let (x, y) = tokio::join!(
-            tokio::spawn(async move { s1.register_device(&i1, "a", a).await }),
-            tokio::spawn(async move { s2.register_device(&i2, "b", b).await }),
+            tokio::spawn(async move { s1.register_device(&dev(&i1), "a", a).await }),
+            tokio::spawn(async move { s2.register_device(&dev(&i2), "b", b).await }),
         );
         let (x, y) = (x.unwrap().unwrap(), y.unwrap().unwrap());
         assert!(x != y, "round {round}: both {x}");
-        let owner = store.device(&id).await.unwrap().unwrap().owner_id;
+        let owner = store.device(&dev(&id)).await.unwrap().unwrap().owner_id;
         assert_eq!(owner, if x { a } else { b });
     }
 }
 
 async fn concurrent_offers_leave_one_open(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
-    store.register_device("d", "d", o).await.unwrap();
+    store.register_device(&dev("d"), "d", o).await.unwrap();
     for round in 0..20 {
         let offers: Vec<_> = (0..3)
             .map(|i| {
                 let s = store.clone();
                 let id = format!("u{round}-{i}");
-                tokio::spawn(
-                    async move { s.create_update(&id, "d", "1.2.0", false, None, None).await },
-                )
+                tokio::spawn(async move {
+                    s.create_update(&id, &dev("d"), "1.2.0", false, None, None)
+                        .await
+                })
             })
             .collect();
         for offer in offers {
             offer.await.unwrap().unwrap();
         }
         let open = store
-            .update_history("d", 1000)
+            .update_history(&dev("d"), 1000)
             .await
             .unwrap()
             .into_iter()
@@ -1059,18 +1097,18 @@ async fn concurrent_offers_leave_one_open(store: &Store) {
 
 async fn concurrent_tag_replacements_leave_one_set(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
-    store.register_device("d", "d", o).await.unwrap();
+    store.register_device(&dev("d"), "d", o).await.unwrap();
     let one: Vec<String> = (0..50).map(|i| format!("a{i:02}")).collect();
     let other: Vec<String> = (0..50).map(|i| format!("b{i:02}")).collect();
     for round in 0..20 {
         let (s1, s2, t1, t2) = (store.clone(), store.clone(), one.clone(), other.clone());
         let (x, y) = tokio::join!(
-            tokio::spawn(async move { s1.set_device_tags("d", &t1).await }),
-            tokio::spawn(async move { s2.set_device_tags("d", &t2).await }),
+            tokio::spawn(async move { s1.set_device_tags(&dev("d"), &t1).await }),
+            tokio::spawn(async move { s2.set_device_tags(&dev("d"), &t2).await }),
         );
         x.unwrap().unwrap();
         y.unwrap().unwrap();
-        let tags = store.device("d").await.unwrap().unwrap().tags;
+        let tags = store.device(&dev("d")).await.unwrap().unwrap().tags;
         assert!(
             tags == one || tags == other,
             "round {round}: {} tags",
@@ -1081,7 +1119,7 @@ async fn concurrent_tag_replacements_leave_one_set(store: &Store) {
 
 async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
     let o = user(store, "o@x", Role::Operator).await;
-    store.register_device("d", "d", o).await.unwrap();
+    store.register_device(&dev("d"), "d", o).await.unwrap();
     // Another connection blocks the device and holds its transaction open...
     let mut blocker = store.pool.acquire().await.unwrap();
     let begin = if store.backend == Backend::Sqlite {
@@ -1101,10 +1139,10 @@ async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
         let t: flotilla_proto::Telemetry = message(json!({"seq": 1}));
         let mut tx = s.begin_write().await.unwrap();
         let online = tx
-            .apply_update("d", &DeviceUpdate::Heartbeat(hb), 10)
+            .apply_update(&dev("d"), &DeviceUpdate::Heartbeat(hb), 10)
             .await
             .unwrap();
-        tx.apply_readings(&[("d", &t)], 10).await.unwrap();
+        tx.apply_readings(&[(&dev("d"), &t)], 10).await.unwrap();
         tx.commit().await.unwrap();
         online
     });
@@ -1121,9 +1159,9 @@ async fn a_block_committed_while_a_message_is_stored_wins(store: &Store) {
         .await
         .unwrap();
     assert!(!ingest.await.unwrap(), "a blocked device came online");
-    let d = store.device("d").await.unwrap().unwrap();
+    let d = store.device(&dev("d")).await.unwrap().unwrap();
     assert_eq!((d.blocked, d.online, d.heap), (true, false, None));
-    assert!(store.telemetry("d", 10).await.unwrap().is_empty());
+    assert!(store.telemetry(&dev("d"), 10).await.unwrap().is_empty());
 }
 
 /// Replicas starting together on a fresh database: both open it, each migration runs once.
@@ -1139,4 +1177,27 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .unwrap();
     assert_eq!(applied, [1, 2]);
     user(&a, "one@x", Role::Admin).await;
+}
+
+/// Something other than this code wrote a device id no device can have: listing the devices
+/// fails with a refusal naming it, instead of handing the id on.
+async fn a_stored_device_id_that_is_not_valid_refuses_the_read(store: &Store) {
+    let owner = store
+        .create_user("o", "o@x", "h", Role::Admin)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO devices (device_id, owner_id, name, online, created_at) VALUES ($1, $2, 'x', 0, 0)",
+    )
+    .bind("has/slash")
+    .bind(owner)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    match store.devices_of(None).await {
+        Err(StoreError::Refused(cause)) => {
+            assert!(cause.to_string().contains("has/slash"), "{cause}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }

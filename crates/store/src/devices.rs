@@ -1,3 +1,4 @@
+use flotilla_proto::DeviceId;
 use flotilla_proto::{Heartbeat, Status, Telemetry};
 use serde::Serialize;
 use sqlx::{Any, Row, Transaction};
@@ -9,7 +10,7 @@ use super::{Store, StoreResult, now_ms};
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceRow {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub name: String,
     pub owner_id: i64,
     pub blocked: bool,
@@ -33,8 +34,9 @@ pub struct DeviceRow {
 
 fn device_from(row: &sqlx::any::AnyRow) -> StoreResult<DeviceRow> {
     let cert_serial: Option<String> = row.try_get("cert_serial")?;
+    let device_id: String = row.try_get("device_id")?;
     Ok(DeviceRow {
-        device_id: row.try_get("device_id")?,
+        device_id: crate::parse_device_id(&device_id)?,
         name: row.try_get("name")?,
         owner_id: row.try_get("owner_id")?,
         blocked: row.try_get::<i64, _>("blocked")? != 0,
@@ -79,20 +81,20 @@ impl Store {
     /// Registers a device to `owner`. Ok(false) if it exists and belongs to someone else.
     pub async fn register_device(
         &self,
-        device_id: &str,
+        device_id: &DeviceId,
         name: &str,
         owner: i64,
     ) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
-        let ok = register_in(&mut tx, device_id, name, owner).await?;
+        let ok = register_in(&mut tx, device_id.as_str(), name, owner).await?;
         tx.commit().await?;
         Ok(ok)
     }
 
-    pub async fn device(&self, device_id: &str) -> StoreResult<Option<DeviceRow>> {
+    pub async fn device(&self, device_id: &DeviceId) -> StoreResult<Option<DeviceRow>> {
         let mut tx = self.begin_read().await?;
         let row = sqlx::query("SELECT * FROM devices WHERE device_id = $1")
-            .bind(device_id)
+            .bind(device_id.as_str())
             .fetch_optional(&mut *tx)
             .await?;
         let Some(mut device) = row.as_ref().map(device_from).transpose()? else {
@@ -100,7 +102,7 @@ impl Store {
         };
         device.tags =
             sqlx::query_scalar("SELECT tag FROM device_tags WHERE device_id = $1 ORDER BY tag")
-                .bind(device_id)
+                .bind(device_id.as_str())
                 .fetch_all(&mut *tx)
                 .await?;
         tx.commit().await?;
@@ -110,7 +112,7 @@ impl Store {
     /// The device if `owner` may see it (None for admins means any owner).
     pub async fn device_visible_to(
         &self,
-        device_id: &str,
+        device_id: &DeviceId,
         owner: Option<i64>,
     ) -> StoreResult<Option<DeviceRow>> {
         Ok(self
@@ -140,19 +142,19 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let mut d = device_from(r)?;
-                d.tags = by_device.remove(&d.device_id).unwrap_or_default();
+                d.tags = by_device.remove(d.device_id.as_str()).unwrap_or_default();
                 Ok(d)
             })
             .collect()
     }
 
     /// Replaces a device's tags.
-    pub async fn set_device_tags(&self, device_id: &str, tags: &[String]) -> StoreResult<()> {
+    pub async fn set_device_tags(&self, device_id: &DeviceId, tags: &[String]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         // Two replacements at once: one after the other, never their union.
-        lock_device(&mut tx, device_id).await?;
+        lock_device(&mut tx, device_id.as_str()).await?;
         sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
-            .bind(device_id)
+            .bind(device_id.as_str())
             .execute(&mut *tx)
             .await?;
         for chunk in tags.chunks(ROWS_PER_STATEMENT) {
@@ -162,7 +164,7 @@ impl Store {
             );
             let mut q = sqlx::query(&sql);
             for tag in chunk {
-                q = q.bind(device_id).bind(tag.as_str());
+                q = q.bind(device_id.as_str()).bind(tag.as_str());
             }
             q.execute(&mut *tx).await?;
         }
@@ -171,11 +173,11 @@ impl Store {
 
     /// Blocks an unblocked device and unblocks a blocked one; whether it is blocked now.
     /// [`StoreError::NotFound`](crate::StoreError::NotFound) when there is no such device.
-    pub async fn toggle_device_block(&self, device_id: &str) -> StoreResult<bool> {
+    pub async fn toggle_device_block(&self, device_id: &DeviceId) -> StoreResult<bool> {
         let blocked: Option<i64> = sqlx::query_scalar(
             "UPDATE devices SET blocked = 1 - blocked WHERE device_id = $1 RETURNING blocked",
         )
-        .bind(device_id)
+        .bind(device_id.as_str())
         .fetch_optional(&self.pool)
         .await?;
         blocked.map(|b| b != 0).ok_or(crate::StoreError::NotFound)
@@ -197,10 +199,10 @@ impl Store {
             .collect()
     }
 
-    pub async fn mark_offline(&self, device_id: &str, reason: &str) -> StoreResult<bool> {
+    pub async fn mark_offline(&self, device_id: &DeviceId, reason: &str) -> StoreResult<bool> {
         let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1 WHERE device_id = $2 AND online = 1")
             .bind(reason)
-            .bind(device_id)
+            .bind(device_id.as_str())
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
@@ -226,10 +228,14 @@ impl Store {
         .await?)
     }
 
-    pub async fn telemetry(&self, device_id: &str, limit: i64) -> StoreResult<Vec<TelemetryRow>> {
+    pub async fn telemetry(
+        &self,
+        device_id: &DeviceId,
+        limit: i64,
+    ) -> StoreResult<Vec<TelemetryRow>> {
         let rows =
             sqlx::query("SELECT * FROM telemetry WHERE device_id = $1 ORDER BY seq DESC LIMIT $2")
-                .bind(device_id)
+                .bind(device_id.as_str())
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?;

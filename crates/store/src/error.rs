@@ -19,6 +19,12 @@ impl std::fmt::Debug for Cause {
 
 impl std::error::Error for Cause {}
 
+impl From<String> for Cause {
+    fn from(e: String) -> Self {
+        Cause(e.into())
+    }
+}
+
 impl From<sqlx::Error> for Cause {
     fn from(e: sqlx::Error) -> Self {
         Cause(Box::new(e))

@@ -1,6 +1,7 @@
 //! What ingest and the broker keep besides device state: messages that could not be stored
 //! (dead letters) and the retained messages the server publishes.
 
+use flotilla_proto::DeviceId;
 use sqlx::{Any, Transaction};
 
 use super::{Store, StoreResult, now_ms};
@@ -24,40 +25,41 @@ impl WriteTx {
     /// online with it.
     pub async fn apply_update(
         &mut self,
-        device: &str,
+        device: &DeviceId,
         update: &super::DeviceUpdate,
         now: i64,
     ) -> StoreResult<bool> {
-        super::devices::apply_update(&mut self.0, device, update, now).await
+        super::devices::apply_update(&mut self.0, device.as_str(), update, now).await
     }
 
     /// Stores telemetry readings in a few multi-row statements; the devices that came online.
     pub async fn apply_readings(
         &mut self,
-        readings: &[(&str, &flotilla_proto::Telemetry)],
+        readings: &[(&DeviceId, &flotilla_proto::Telemetry)],
         now: i64,
     ) -> StoreResult<Vec<String>> {
-        super::devices::apply_readings(&mut self.0, readings, now).await
+        let readings: Vec<_> = readings.iter().map(|(d, t)| (d.as_str(), *t)).collect();
+        super::devices::apply_readings(&mut self.0, &readings, now).await
     }
 
     /// Applies a device's reply to a command; false when it matched no command waiting for one.
     pub async fn apply_reply(
         &mut self,
-        device: &str,
+        device: &DeviceId,
         reply: &flotilla_proto::CommandReply,
         now: i64,
     ) -> StoreResult<bool> {
-        Store::apply_reply(&mut self.0, device, reply, now).await
+        Store::apply_reply(&mut self.0, device.as_str(), reply, now).await
     }
 
     /// Applies an OTA status report; the update it finished, if it did.
     pub async fn apply_ota_status(
         &mut self,
-        device: &str,
+        device: &DeviceId,
         status: &flotilla_proto::OtaStatus,
         now: i64,
     ) -> StoreResult<Option<super::Finished>> {
-        super::ota::apply_ota_status(&mut self.0, device, status, now).await
+        super::ota::apply_ota_status(&mut self.0, device.as_str(), status, now).await
     }
 
     pub async fn commit(self) -> StoreResult<()> {

@@ -1,5 +1,6 @@
 //! Per-device OTA updates and their history: every offer, and every status the device reported.
 
+use flotilla_proto::DeviceId;
 use flotilla_proto::{OtaPhase, OtaStatus, truncate_chars};
 use serde::Serialize;
 use sqlx::{Any, Row, Transaction};
@@ -62,7 +63,7 @@ impl Store {
     pub async fn create_update(
         &self,
         id: &str,
-        device_id: &str,
+        device_id: &DeviceId,
         version: &str,
         force: bool,
         rollout_id: Option<&str>,
@@ -72,13 +73,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
         // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
-        super::devices::lock_device(&mut tx, device_id).await?;
+        super::devices::lock_device(&mut tx, device_id.as_str()).await?;
         sqlx::query(&format!(
             "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
              WHERE device_id = $2 AND state IN {OPEN}"
         ))
         .bind(now)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .execute(&mut *tx)
         .await?;
         let row = sqlx::query(
@@ -86,7 +87,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, 'offered', $6, $7, $8) RETURNING *",
         )
         .bind(id)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .bind(version)
         .bind(i64::from(force))
         .bind(rollout_id)
@@ -100,9 +101,9 @@ impl Store {
     }
 
     /// Offers the device has not acted on yet: re-sent when it comes back online.
-    pub async fn unstarted_updates(&self, device_id: &str) -> StoreResult<Vec<UpdateRow>> {
+    pub async fn unstarted_updates(&self, device_id: &DeviceId) -> StoreResult<Vec<UpdateRow>> {
         sqlx::query("SELECT * FROM ota_updates WHERE device_id = $1 AND state = 'offered'")
-            .bind(device_id)
+            .bind(device_id.as_str())
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -111,11 +112,11 @@ impl Store {
     }
 
     /// Whether the device holds an open offer for `version` (what entitles it to download).
-    pub async fn has_open_update(&self, device_id: &str, version: &str) -> StoreResult<bool> {
+    pub async fn has_open_update(&self, device_id: &DeviceId, version: &str) -> StoreResult<bool> {
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT COUNT(*) FROM ota_updates WHERE device_id = $1 AND version = $2 AND state IN {OPEN}"
         ))
-        .bind(device_id)
+        .bind(device_id.as_str())
         .bind(version)
         .fetch_one(&self.pool)
         .await?;
@@ -125,14 +126,14 @@ impl Store {
     /// A device's updates, newest first, each with its reported events.
     pub async fn update_history(
         &self,
-        device_id: &str,
+        device_id: &DeviceId,
         limit: i64,
     ) -> StoreResult<Vec<(UpdateRow, Vec<UpdateEvent>)>> {
         let mut tx = self.begin_read().await?;
         let updates = sqlx::query(
             "SELECT * FROM ota_updates WHERE device_id = $1 ORDER BY created_at DESC, id LIMIT $2",
         )
-        .bind(device_id)
+        .bind(device_id.as_str())
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -175,14 +176,14 @@ impl Store {
     }
 
     /// The rollout gave up waiting for this device: its open offer counts as failed.
-    pub async fn time_out_update(&self, rollout_id: &str, device_id: &str) -> StoreResult<()> {
+    pub async fn time_out_update(&self, rollout_id: &str, device_id: &DeviceId) -> StoreResult<()> {
         sqlx::query(&format!(
             "UPDATE ota_updates SET state = 'failed', error = 'timed out', updated_at = $1 \
              WHERE rollout_id = $2 AND device_id = $3 AND state IN {OPEN}"
         ))
         .bind(now_ms())
         .bind(rollout_id)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())

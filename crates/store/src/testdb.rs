@@ -3,6 +3,11 @@
 
 use super::{DatabaseUrl, Store};
 
+/// A device id for a test (panics on an invalid one).
+pub fn dev(id: impl AsRef<str>) -> flotilla_proto::DeviceId {
+    flotilla_proto::DeviceId::parse(id.as_ref()).expect("a valid device id")
+}
+
 /// A store on a database of its own; the database goes away with it.
 pub struct TestDb {
     store: Option<Store>,
@@ -65,7 +70,12 @@ impl TestDb {
             .await
             .expect("owner");
         for d in devices {
-            assert!(store.register_device(d, d, owner).await.expect("device"));
+            assert!(
+                store
+                    .register_device(&dev(d), d, owner)
+                    .await
+                    .expect("device")
+            );
         }
         owner
     }

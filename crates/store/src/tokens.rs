@@ -1,6 +1,7 @@
 //! One-time provisioning tokens. Only a SHA-256 of each token is stored.
 
 use flotilla_pki::IssuedCertificate;
+use flotilla_proto::DeviceId;
 use sqlx::Row;
 
 use super::devices::register_in;
@@ -24,13 +25,13 @@ impl Store {
         &self,
         token_hash: &str,
         owner: i64,
-        device_id: Option<&str>,
+        device_id: Option<&DeviceId>,
         expires_at: i64,
     ) -> StoreResult<()> {
         sqlx::query("INSERT INTO provisioning_tokens (token_hash, owner_id, device_id, expires_at, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(token_hash)
             .bind(owner)
-            .bind(device_id)
+            .bind(device_id.map(DeviceId::as_str))
             .bind(expires_at)
             .bind(now_ms())
             .execute(&self.pool)
@@ -40,7 +41,11 @@ impl Store {
 
     /// What redeeming the token would answer now, without changing anything: checked before
     /// any signing work, so a caller without a usable token costs one indexed read.
-    pub async fn peek_token(&self, token_hash: &str, device_id: &str) -> StoreResult<TokenClaim> {
+    pub async fn peek_token(
+        &self,
+        token_hash: &str,
+        device_id: &DeviceId,
+    ) -> StoreResult<TokenClaim> {
         let now = now_ms();
         let row = sqlx::query(
             "SELECT owner_id, device_id FROM provisioning_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2",
@@ -49,13 +54,13 @@ impl Store {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        let owner_id = match token_owner(row, device_id)? {
+        let owner_id = match token_owner(row, device_id.as_str())? {
             Ok(owner) => owner,
             Err(refused) => return Ok(refused),
         };
         let owner: Option<i64> =
             sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
-                .bind(device_id)
+                .bind(device_id.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
         if owner.is_some_and(|o| o != owner_id) {
@@ -70,7 +75,7 @@ impl Store {
     pub async fn redeem_token(
         &self,
         token_hash: &str,
-        device_id: &str,
+        device_id: &DeviceId,
         issued: &IssuedCertificate,
     ) -> StoreResult<TokenClaim> {
         let now = now_ms();
@@ -84,11 +89,11 @@ impl Store {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
-        let owner_id = match token_owner(row, device_id)? {
+        let owner_id = match token_owner(row, device_id.as_str())? {
             Ok(owner) => owner,
             Err(refused) => return Ok(refused),
         };
-        if !register_in(&mut tx, device_id, device_id, owner_id).await? {
+        if !register_in(&mut tx, device_id.as_str(), device_id.as_str(), owner_id).await? {
             return Ok(TokenClaim::DeviceTaken);
         }
         sqlx::query(
@@ -96,7 +101,7 @@ impl Store {
         )
         .bind(&issued.serial_hex)
         .bind(issued.not_after_unix * 1000)
-        .bind(device_id)
+        .bind(device_id.as_str())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

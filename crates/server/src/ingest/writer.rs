@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use flotilla_proto::Telemetry;
+use flotilla_proto::{DeviceId, Telemetry};
 
 use super::{Item, decode_item};
 use crate::metrics::IngestMetrics;
@@ -302,25 +302,25 @@ async fn commit<'a>(
     let now = now_ms();
     let mut tx = store.begin_write().await?;
     let mut changes = Vec::new();
-    let mut readings: Vec<(&str, &Telemetry)> = Vec::new();
+    let mut readings: Vec<(&DeviceId, &Telemetry)> = Vec::new();
     for item in items {
         if let Item::Update(device, DeviceUpdate::Telemetry(t)) = item {
-            readings.push((device.as_str(), t));
+            readings.push((device, t));
             continue;
         }
         store_readings(&mut tx, &mut readings, now, &mut changes).await?;
         match item {
             Item::Update(device, update) => {
-                if tx.apply_update(device.as_str(), update, now).await? {
+                if tx.apply_update(device, update, now).await? {
                     changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
                 }
             }
             Item::Reply(device, reply) => {
-                tx.apply_reply(device.as_str(), reply, now).await?;
+                tx.apply_reply(device, reply, now).await?;
             }
             Item::Ota(device, status) => {
                 tracing::info!(device = %device, status = ?status.status, id = ?status.id, "OTA status");
-                if let Some(f) = tx.apply_ota_status(device.as_str(), status, now).await? {
+                if let Some(f) = tx.apply_ota_status(device, status, now).await? {
                     changes.push(IngestEvent::Finished(f));
                 }
             }
@@ -334,7 +334,7 @@ async fn commit<'a>(
 /// Stores and empties the run of readings gathered so far.
 async fn store_readings(
     tx: &mut WriteTx,
-    readings: &mut Vec<(&str, &Telemetry)>,
+    readings: &mut Vec<(&DeviceId, &Telemetry)>,
     now: i64,
     changes: &mut Vec<IngestEvent>,
 ) -> StoreResult<()> {
@@ -371,7 +371,12 @@ mod tests {
             .await
             .unwrap();
         for d in ["d1", "d2", "d3"] {
-            assert!(store.register_device(d, d, owner).await.unwrap());
+            assert!(
+                store
+                    .register_device(&flotilla_store::testdb::dev(d), d, owner)
+                    .await
+                    .unwrap()
+            );
         }
         store
     }
@@ -385,7 +390,7 @@ mod tests {
 
     async fn seqs(store: &Store) -> Vec<i64> {
         store
-            .telemetry("d1", 100)
+            .telemetry(&flotilla_store::testdb::dev("d1"), 100)
             .await
             .unwrap()
             .into_iter()
@@ -536,8 +541,18 @@ mod tests {
         for dir in [batched_dir.path(), single_dir.path()] {
             let store = store_with_device(dir).await;
             let owner = store.user_by_email("o@x").await.unwrap().unwrap().id;
-            assert!(store.register_device("d4", "d4", owner).await.unwrap());
-            assert!(store.toggle_device_block("d4").await.unwrap());
+            assert!(
+                store
+                    .register_device(&flotilla_store::testdb::dev("d4"), "d4", owner)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .toggle_device_block(&flotilla_store::testdb::dev("d4"))
+                    .await
+                    .unwrap()
+            );
             let mut came_online: Vec<String> = if dir == batched_dir.path() {
                 commit(&store, items.iter()).await.unwrap()
             } else {
@@ -547,7 +562,7 @@ mod tests {
                 let mut changes = Vec::new();
                 for item in &items {
                     if let Item::Update(device, update) = item
-                        && tx.apply_update(device.as_str(), update, now).await.unwrap()
+                        && tx.apply_update(device, update, now).await.unwrap()
                     {
                         changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
                     }

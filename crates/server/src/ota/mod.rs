@@ -59,12 +59,15 @@ impl OtaService {
         rollout_id: Option<&str>,
         created_by: Option<i64>,
     ) -> flotilla_store::StoreResult<UpdateRow> {
+        let device = DeviceId::parse(device_id).map_err(|e| {
+            flotilla_store::StoreError::Refused(format!("device id {device_id:?}: {e}").into())
+        })?;
         let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
         let update = self
             .store
             .create_update(
                 &id,
-                device_id,
+                &device,
                 &release.version,
                 force,
                 rollout_id,
@@ -99,7 +102,11 @@ impl OtaService {
     /// A device's session started (it subscribed to its offers): send again every offer it
     /// has not started.
     pub async fn resend_offers(&self, device_id: &str) {
-        match self.store.unstarted_updates(device_id).await {
+        let Ok(id) = DeviceId::parse(device_id) else {
+            tracing::error!(device_id, "not a device id; no offers sent");
+            return;
+        };
+        match self.store.unstarted_updates(&id).await {
             Ok(updates) => {
                 for u in &updates {
                     match self.store.release(&u.version).await {

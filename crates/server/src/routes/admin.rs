@@ -109,9 +109,10 @@ async fn block_device(
     Path(device_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     user.require_admin()?;
+    let id = super::device_in_path(&device_id)?;
     let blocked = state
         .store
-        .toggle_device_block(&device_id)
+        .toggle_device_block(&id)
         .await
         .map_err(|e| match e {
             flotilla_store::StoreError::NotFound => ApiError::NotFound("no such device"),
@@ -120,7 +121,7 @@ async fn block_device(
     state.gate.set_blocked(&device_id, blocked);
     if blocked {
         state.broker.kick(&device_id).await;
-        let _ = state.store.mark_offline(&device_id, "blocked").await;
+        let _ = state.store.mark_offline(&id, "blocked").await;
     }
     let actor = user.actor();
     let action = if blocked {

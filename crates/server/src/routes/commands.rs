@@ -58,7 +58,7 @@ pub(crate) async fn create(
         state,
         user,
         "command.create",
-        &device.device_id,
+        device.device_id.as_str(),
         "success",
         Some(format!("{id} {name}")),
     )
@@ -104,6 +104,6 @@ async fn show(
         .store
         .command(&command_id)
         .await?
-        .filter(|c| c.device_id == device.device_id);
+        .filter(|c| c.device_id == device.device_id.as_str());
     Ok(Json(command.ok_or(ApiError::NotFound("no such command"))?))
 }

@@ -45,10 +45,7 @@ async fn register(
         return Err(ApiError::bad("name must be 1 to 100 characters"));
     }
     let actor = user.actor();
-    let ok = state
-        .store
-        .register_device(id.as_str(), name, user.id)
-        .await?;
+    let ok = state.store.register_device(&id, name, user.id).await?;
     let result = if ok { "success" } else { "failure" };
     state
         .store
@@ -67,7 +64,7 @@ async fn register(
     }
     let device = state
         .store
-        .device(id.as_str())
+        .device(&id)
         .await?
         .ok_or(ApiError::NotFound("no such device"))?;
     Ok((StatusCode::CREATED, Json(device)))
@@ -193,7 +190,7 @@ async fn set_tags(
         &state,
         &user,
         "device.tags",
-        &device.device_id,
+        device.device_id.as_str(),
         "success",
         Some(tags.join(",")),
     )

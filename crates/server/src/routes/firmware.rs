@@ -39,7 +39,11 @@ async fn download(
     if !release.ready
         || !state
             .store
-            .has_open_update(&device_id, &release.version)
+            .has_open_update(
+                &flotilla_proto::DeviceId::parse(&device_id)
+                    .map_err(|_| ApiError::Forbidden("device certificate not accepted"))?,
+                &release.version,
+            )
             .await?
     {
         return Err(ApiError::Forbidden("no open update for this release"));

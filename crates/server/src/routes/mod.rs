@@ -30,11 +30,17 @@ pub(crate) async fn visible_device(
     user: &AuthUser,
     device_id: &str,
 ) -> Result<DeviceRow, ApiError> {
+    let id = device_in_path(device_id)?;
     state
         .store
-        .device_visible_to(device_id, user.owner_filter())
+        .device_visible_to(&id, user.owner_filter())
         .await?
         .ok_or(ApiError::NotFound("no such device"))
+}
+
+/// A device id from a URL; one that is not valid names no device (404, as an unknown one).
+pub(crate) fn device_in_path(device_id: &str) -> Result<flotilla_proto::DeviceId, ApiError> {
+    flotilla_proto::DeviceId::parse(device_id).map_err(|_| ApiError::NotFound("no such device"))
 }
 
 /// Records what a user did, in the audit log.

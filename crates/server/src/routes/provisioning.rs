@@ -49,7 +49,7 @@ async fn create(
         Some(d) => {
             let id = DeviceId::parse(d).map_err(|e| ApiError::bad(format!("deviceId: {e}")))?;
             // A token may only name a device the caller owns or one nobody has claimed yet.
-            if let Some(existing) = state.store.device(id.as_str()).await?
+            if let Some(existing) = state.store.device(&id).await?
                 && existing.owner_id != user.id
             {
                 return Err(ApiError::Conflict(
@@ -64,12 +64,7 @@ async fn create(
     let expires_at = now_ms() + ttl as i64 * 1000;
     state
         .store
-        .create_token(
-            &token_hash(&token),
-            user.id,
-            device.as_ref().map(|d| d.as_str()),
-            expires_at,
-        )
+        .create_token(&token_hash(&token), user.id, device.as_ref(), expires_at)
         .await?;
     let actor = user.actor();
     let target = device.as_ref().map(|d| d.as_str());

@@ -125,7 +125,7 @@ async fn create(
                 .and_then(|v| v.parse::<FirmwareVersion>().ok())
                 .is_none_or(|running| running < offered)
         })
-        .map(|d| d.device_id.clone())
+        .map(|d| d.device_id.to_string())
         .collect();
     if targets.is_empty() {
         return Err(ApiError::Conflict(

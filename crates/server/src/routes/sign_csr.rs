@@ -86,7 +86,7 @@ async fn sign_csr(
     }
     // The token first: nothing is signed for a caller who could not redeem it.
     let token_hash = token_hash(token);
-    if let Some(refusal) = refusal(state.store.peek_token(&token_hash, device.as_str()).await?) {
+    if let Some(refusal) = refusal(state.store.peek_token(&token_hash, &device).await?) {
         fail(refusal.0.into()).await;
         return Err(refusal.1);
     }
@@ -101,7 +101,7 @@ async fn sign_csr(
     };
     match state
         .store
-        .redeem_token(&token_hash, device.as_str(), &issued)
+        .redeem_token(&token_hash, &device, &issued)
         .await?
     {
         TokenClaim::Claimed { owner_id } => {
