@@ -349,7 +349,9 @@ fn spawn_presence(
                         if broker.is_connected(&device_id).await {
                             return;
                         }
+                        // The broker names devices by their certificate's DeviceId.
                         let Ok(id) = flotilla_proto::DeviceId::parse(&device_id) else {
+                            tracing::error!(device_id, "not a device id; disconnect not recorded");
                             return;
                         };
                         match store.mark_offline(&id, &reason).await {

@@ -2,7 +2,8 @@
 //! 500, and ingest waits (unavailable) or dead-letters the message (anything else). No sqlx
 //! type shows here.
 
-/// The database's own error, kept to be shown in the log; callers cannot look inside it.
+/// What went wrong underneath — the database's own error, or the store's account of a value
+/// it refused — kept to be shown in the log; callers cannot look inside it.
 pub struct Cause(Box<dyn std::error::Error + Send + Sync + 'static>);
 
 impl std::fmt::Display for Cause {

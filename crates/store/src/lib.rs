@@ -317,8 +317,8 @@ fn grouped(pairs: Vec<(String, String)>) -> std::collections::HashMap<String, Ve
     by_key
 }
 
-/// A device id read back from the database; one that is not valid (written by something
-/// other than this code) refuses the read, it is never passed on.
+/// A device id read back into a device row; one that is not valid (written by something
+/// other than this code) refuses the read instead of reaching the row.
 fn parse_device_id(s: &str) -> StoreResult<flotilla_proto::DeviceId> {
     flotilla_proto::DeviceId::parse(s).map_err(|e| {
         let shown = flotilla_proto::truncate_chars(s, 80);
