@@ -78,16 +78,13 @@ impl Dispatcher {
         let Some(downlink) = self.downlink.get() else {
             return;
         };
-        let Ok(device) = DeviceId::parse(&command.device_id) else {
-            return;
-        };
         let wire = Command {
             id: command.id.clone(),
             name: command.name.clone(),
             args: command.args.clone(),
             expires_at: (command.expires_at / 1000) as u64,
         };
-        let topic = Topic::new(&device, Channel::Command);
+        let topic = Topic::new(&command.device_id, Channel::Command);
         match downlink.publish(topic.as_str(), encode(&wire), false) {
             Ok(()) => {
                 if let Err(e) = self.store.mark_command_sent(&command.id).await {

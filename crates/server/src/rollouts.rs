@@ -349,9 +349,9 @@ impl Manager {
                 let Some(a) = f.rollout_id.as_ref().and_then(|id| self.active.get_mut(id)) else {
                     return;
                 };
-                a.known.insert(f.device_id.clone(), f.state);
+                a.known.insert(f.device_id.to_string(), f.state);
                 if let Some(outcome) = outcome_of(f.state) {
-                    a.planner.handle_outcome(now, &f.device_id, outcome);
+                    a.planner.handle_outcome(now, f.device_id.as_str(), outcome);
                 }
             }
             Event::Control {

@@ -10,7 +10,7 @@ use super::{CommandState, Store, StoreResult, now_ms};
 #[serde(rename_all = "camelCase")]
 pub struct CommandRow {
     pub id: String,
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub name: String,
     pub args: Value,
     pub state: CommandState,
@@ -24,9 +24,10 @@ pub struct CommandRow {
 
 fn command_from(r: &sqlx::any::AnyRow) -> StoreResult<CommandRow> {
     let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok());
+    let device_id: String = r.try_get("device_id")?;
     Ok(CommandRow {
         id: r.try_get("id")?,
-        device_id: r.try_get("device_id")?,
+        device_id: crate::parse_device_id(&device_id)?,
         name: r.try_get("name")?,
         args: json(r.try_get("args")?).unwrap_or(Value::Null),
         state: super::states::state(r, "state")?,

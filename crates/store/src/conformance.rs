@@ -1200,4 +1200,16 @@ async fn a_stored_device_id_that_is_not_valid_refuses_the_read(store: &Store) {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // A command row naming it is refused the same way.
+    sqlx::query(
+        "INSERT INTO commands (id, device_id, name, args, state, created_at, expires_at) \
+         VALUES ('c1', 'has/slash', 'ping', '{}', 'queued', 0, 0)",
+    )
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        store.command("c1").await,
+        Err(StoreError::Refused(_))
+    ));
 }

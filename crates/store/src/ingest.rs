@@ -59,7 +59,7 @@ impl WriteTx {
         status: &flotilla_proto::OtaStatus,
         now: i64,
     ) -> StoreResult<Option<super::Finished>> {
-        super::ota::apply_ota_status(&mut self.0, device.as_str(), status, now).await
+        super::ota::apply_ota_status(&mut self.0, device, status, now).await
     }
 
     pub async fn commit(self) -> StoreResult<()> {

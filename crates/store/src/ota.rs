@@ -14,7 +14,7 @@ const OPEN: &str = "('offered', 'started', 'in_progress')";
 #[serde(rename_all = "camelCase")]
 pub struct UpdateRow {
     pub id: String,
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub version: String,
     pub force: bool,
     pub rollout_id: Option<String>,
@@ -26,9 +26,10 @@ pub struct UpdateRow {
 }
 
 fn update_from(r: &sqlx::any::AnyRow) -> StoreResult<UpdateRow> {
+    let device_id: String = r.try_get("device_id")?;
     Ok(UpdateRow {
         id: r.try_get("id")?,
-        device_id: r.try_get("device_id")?,
+        device_id: crate::parse_device_id(&device_id)?,
         version: r.try_get("version")?,
         force: r.try_get::<i64, _>("force")? != 0,
         rollout_id: r.try_get("rollout_id")?,
@@ -53,7 +54,7 @@ pub struct UpdateEvent {
 /// A device's report that ended (or moved) an update, for the rollout planner.
 #[derive(Debug, Clone)]
 pub struct Finished {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub rollout_id: Option<String>,
     pub state: UpdateState,
 }
@@ -213,10 +214,11 @@ impl Store {
 /// update when the report finished it.
 pub(super) async fn apply_ota_status(
     tx: &mut Transaction<'_, Any>,
-    device_id: &str,
+    device: &DeviceId,
     status: &OtaStatus,
     now: i64,
 ) -> StoreResult<Option<Finished>> {
+    let device_id = device.as_str();
     let Some(id) = status.id.as_deref() else {
         return Ok(None);
     };
@@ -279,7 +281,7 @@ pub(super) async fn apply_ota_status(
         return Ok(None);
     }
     Ok(next.is_final().then(|| Finished {
-        device_id: device_id.to_string(),
+        device_id: device.clone(),
         rollout_id: update.rollout_id,
         state: next,
     }))

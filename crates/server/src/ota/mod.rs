@@ -79,9 +79,7 @@ impl OtaService {
     }
 
     async fn publish(&self, update: &UpdateRow, release: &ReleaseRow) {
-        let (Some(downlink), Ok(device)) =
-            (self.downlink.get(), DeviceId::parse(&update.device_id))
-        else {
+        let Some(downlink) = self.downlink.get() else {
             return;
         };
         let offer = OtaOffer {
@@ -93,7 +91,7 @@ impl OtaService {
             url: firmware_path(&release.version),
             force: update.force,
         };
-        let topic = Topic::new(&device, Channel::Ota);
+        let topic = Topic::new(&update.device_id, Channel::Ota);
         if let Err(e) = downlink.publish(topic.as_str(), encode(&offer), false) {
             tracing::warn!(error = %e, update = %update.id, "OTA offer not sent now; it is sent when the device's next session starts");
         }

@@ -104,6 +104,6 @@ async fn show(
         .store
         .command(&command_id)
         .await?
-        .filter(|c| c.device_id == device.device_id.as_str());
+        .filter(|c| c.device_id == device.device_id);
     Ok(Json(command.ok_or(ApiError::NotFound("no such command"))?))
 }
