@@ -58,19 +58,21 @@ impl Database {
     /// Holds the write lock the server's commits need until the returned connection commits
     /// or drops (`flotilla_pgtest::faults::lock_writes`).
     pub async fn lock_writes(&self) -> Result<sqlx::AnyConnection> {
-        let mut conn = self.connect().await?;
-        for sql in flotilla_pgtest::faults::lock_writes(self.is_postgres()) {
-            sqlx::raw_sql(sql).execute(&mut conn).await?;
-        }
-        Ok(conn)
+        self.holding(flotilla_pgtest::faults::lock_writes(self.is_postgres()))
+            .await
     }
 
     /// Stalls the ingest of telemetry (PostgreSQL only) until the returned connection commits
-    /// or drops, and returns once the server's writer waits for it.
+    /// or drops ([`Database::wait_for_a_waiting_query`] tells when the writer waits for it).
     pub async fn stall_telemetry(&self) -> Result<sqlx::AnyConnection> {
         anyhow::ensure!(self.is_postgres(), "only PostgreSQL locks one table");
+        self.holding(flotilla_pgtest::faults::STALL_TELEMETRY).await
+    }
+
+    /// A connection of the test's own that has run `statements` (and holds what they took).
+    async fn holding(&self, statements: &[&str]) -> Result<sqlx::AnyConnection> {
         let mut conn = self.connect().await?;
-        for sql in flotilla_pgtest::faults::STALL_TELEMETRY {
+        for sql in statements {
             sqlx::raw_sql(sql).execute(&mut conn).await?;
         }
         Ok(conn)

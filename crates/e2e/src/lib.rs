@@ -220,10 +220,9 @@ impl Server {
             .iter()
             .find(|(k, _)| k == "FLOTILLA_SERVER_WRAPPER")
             .map(|(_, v)| v.clone())
-            .ok_or(())
-            .or_else(|_| std::env::var("FLOTILLA_SERVER_WRAPPER"));
+            .or_else(|| std::env::var("FLOTILLA_SERVER_WRAPPER").ok());
         let mut command = match wrapper {
-            Ok(wrapper) if !wrapper.trim().is_empty() => {
+            Some(wrapper) if !wrapper.trim().is_empty() => {
                 let mut words = wrapper.split_whitespace();
                 let mut c = Command::new(words.next().unwrap_or_default());
                 c.args(words).arg(server_bin());

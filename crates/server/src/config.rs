@@ -321,8 +321,6 @@ impl ServerConfig {
             .map_err(|e| anyhow::anyhow!("--broker-url: {e}"))
     }
 
-    /// The database to open: `--database-url`, or the SQLite file in the data dir. The error
-    /// says what is wrong without the password.
     /// Which engines this configuration runs on, as `--print-config` shows it.
     pub fn mode(&self) -> serde_json::Value {
         let database = match self.database().map(|url| url.backend()) {
@@ -338,6 +336,8 @@ impl ServerConfig {
         serde_json::json!({ "database": database, "broker": broker })
     }
 
+    /// The database to open: `--database-url`, or the SQLite file in the data dir. The error
+    /// says what is wrong without the password.
     pub fn database(&self) -> anyhow::Result<flotilla_store::DatabaseUrl> {
         match &self.database_url {
             Some(arg) => arg
@@ -354,19 +354,21 @@ impl ServerConfig {
 mod tests {
     use super::{BrokerUrl, Secret};
 
-    #[test]
-    fn the_mode_names_the_engines() {
+    /// The server's settings as clap parses `args`.
+    fn parsed(args: &[&str]) -> super::ServerConfig {
         use clap::Parser;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             config: super::ServerConfig,
         }
-        let mode = |args: &[&str]| {
-            let mut argv = vec!["flotilla-server"];
-            argv.extend_from_slice(args);
-            Cli::try_parse_from(argv).unwrap().config.mode()
-        };
+        let argv = std::iter::once("flotilla-server").chain(args.iter().copied());
+        Cli::try_parse_from(argv).unwrap().config
+    }
+
+    #[test]
+    fn the_mode_names_the_engines() {
+        let mode = |args: &[&str]| parsed(args).mode();
         assert_eq!(
             mode(&[]),
             serde_json::json!({"database": "sqlite", "broker": "embedded"})
@@ -384,23 +386,17 @@ mod tests {
 
     #[test]
     fn a_refused_database_url_is_reported_without_its_password() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            config: super::ServerConfig,
-        }
         for url in [
             "postgres://u:hunter2@h:notaport/d",
             "postgres://u@h/d?password=hunter2&sslmode=nonsense",
             "mysql://u:hunter2@h/d",
         ] {
             // clap takes any value (it would print a refused one whole)...
-            let cli = Cli::try_parse_from(["flotilla-server", "--database-url", url]).unwrap();
+            let config = parsed(&["--database-url", url]);
             // ...and the refusal, the config dump and Debug leave the password out.
-            let error = format!("{:#}", cli.config.database().unwrap_err());
-            let dump = serde_json::to_string(&cli.config).unwrap();
-            let debug = format!("{:?}", cli.config);
+            let error = format!("{:#}", config.database().unwrap_err());
+            let dump = serde_json::to_string(&config).unwrap();
+            let debug = format!("{:?}", config);
             for text in [&error, &dump, &debug] {
                 assert!(!text.contains("hunter2"), "{url}: {text}");
             }

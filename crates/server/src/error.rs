@@ -189,7 +189,7 @@ pub async fn json_errors(resp: axum::response::Response) -> axum::response::Resp
 mod tests {
     use super::*;
     use flotilla_store::Backend;
-    use flotilla_store::testdb::TestDb;
+    use flotilla_store::testdb::{TestDb, dev};
 
     /// A write the database cannot take now (locked past the busy/lock timeout) answers 503
     /// with Retry-After on both engines; a duplicate answers 409.
@@ -209,9 +209,7 @@ mod tests {
             assert_eq!(resp.status(), StatusCode::CONFLICT, "{backend:?}");
 
             let _locked = db.lock_writes().await;
-            let e = store
-                .mark_offline(&flotilla_store::testdb::dev("d"), "x")
-                .await;
+            let e = store.mark_offline(&dev("d"), "x").await;
             // mark_offline writes devices, which the lock covers on both engines.
             let e = match e {
                 Err(e) => e,

@@ -521,11 +521,16 @@ impl Manager {
             Some(_) => {}
             None if a.release.blocked => {}
             None => {
+                // The planner's ids are the targets the store gave it, device ids all.
+                let Ok(id) = flotilla_proto::DeviceId::parse(device) else {
+                    tracing::error!(rollout, device, "not a device id; not offered");
+                    return;
+                };
                 let (release, created_by) = (a.release.clone(), a.created_by);
                 a.known.insert(device.to_string(), UpdateState::Offered);
                 if let Err(e) = self
                     .ota
-                    .offer(device, &release, false, Some(rollout), created_by)
+                    .offer(&id, &release, false, Some(rollout), created_by)
                     .await
                 {
                     tracing::error!(error = %e, rollout, device, "recording rollout offer failed");

@@ -351,7 +351,7 @@ async fn store_readings(
 mod tests {
     use super::*;
     use flotilla_store::Backend;
-    use flotilla_store::testdb::TestDb;
+    use flotilla_store::testdb::{TestDb, dev};
     use sqlx::Connection;
 
     /// A database with devices d1-d3, opened with a 100 ms busy (lock) timeout.
@@ -371,12 +371,7 @@ mod tests {
             .await
             .unwrap();
         for d in ["d1", "d2", "d3"] {
-            assert!(
-                store
-                    .register_device(&flotilla_store::testdb::dev(d), d, owner)
-                    .await
-                    .unwrap()
-            );
+            assert!(store.register_device(&dev(d), d, owner).await.unwrap());
         }
         store
     }
@@ -390,7 +385,7 @@ mod tests {
 
     async fn seqs(store: &Store) -> Vec<i64> {
         store
-            .telemetry(&flotilla_store::testdb::dev("d1"), 100)
+            .telemetry(&dev("d1"), 100)
             .await
             .unwrap()
             .into_iter()
@@ -543,16 +538,11 @@ mod tests {
             let owner = store.user_by_email("o@x").await.unwrap().unwrap().id;
             assert!(
                 store
-                    .register_device(&flotilla_store::testdb::dev("d4"), "d4", owner)
+                    .register_device(&dev("d4"), "d4", owner)
                     .await
                     .unwrap()
             );
-            assert!(
-                store
-                    .toggle_device_block(&flotilla_store::testdb::dev("d4"))
-                    .await
-                    .unwrap()
-            );
+            assert!(store.toggle_device_block(&dev("d4")).await.unwrap());
             let mut came_online: Vec<String> = if dir == batched_dir.path() {
                 commit(&store, items.iter()).await.unwrap()
             } else {

@@ -53,26 +53,16 @@ impl OtaService {
     /// Records and sends an offer of `release` to a device.
     pub async fn offer(
         &self,
-        device_id: &str,
+        device: &DeviceId,
         release: &ReleaseRow,
         force: bool,
         rollout_id: Option<&str>,
         created_by: Option<i64>,
     ) -> flotilla_store::StoreResult<UpdateRow> {
-        let device = DeviceId::parse(device_id).map_err(|e| {
-            flotilla_store::StoreError::Refused(format!("device id {device_id:?}: {e}").into())
-        })?;
         let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
         let update = self
             .store
-            .create_update(
-                &id,
-                &device,
-                &release.version,
-                force,
-                rollout_id,
-                created_by,
-            )
+            .create_update(&id, device, &release.version, force, rollout_id, created_by)
             .await?;
         self.publish(&update, release).await;
         Ok(update)

@@ -123,13 +123,7 @@ async fn start(
     }
     let update = state
         .ota
-        .offer(
-            device.device_id.as_str(),
-            &release,
-            body.force,
-            None,
-            Some(user.id),
-        )
+        .offer(&device.device_id, &release, body.force, None, Some(user.id))
         .await?;
     super::audit(
         &state,
