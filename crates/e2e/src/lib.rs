@@ -268,6 +268,24 @@ impl Server {
         self.dir.path().join("server")
     }
 
+    /// The server binary with this server's data dir and database, for a subcommand such as
+    /// `broker-sync`; its log goes to `<name>.log` beside the server's.
+    pub fn subcommand(&self, name: &str) -> Result<Command> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
+        let mut command = Command::new(server_bin());
+        command
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg(name)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log);
+        Ok(command)
+    }
+
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.data_dir().join("ca.pem")).expect("ca.pem")
     }

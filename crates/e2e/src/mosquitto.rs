@@ -21,10 +21,40 @@ pub struct Mosquitto {
     log: PathBuf,
 }
 
+/// The files a broker started by [`Mosquitto::start_synced`] reads, as
+/// `flotilla-server broker-sync` writes them.
+pub struct BrokerFiles {
+    /// The ACL broker-sync starts from (the one [`Mosquitto::start`] uses as is).
+    pub acl_base: PathBuf,
+    pub acl: PathBuf,
+    pub crl: PathBuf,
+    pub pid: PathBuf,
+}
+
+impl BrokerFiles {
+    /// Copies the CA and the server's certificate and key from `tls_dir` (`ca.pem`,
+    /// `server.pem`, `server.key`; copied, so the server may rewrite its own) into `dir` and
+    /// writes the base ACL for replica `replica`.
+    pub fn prepare(dir: &Path, tls_dir: &Path, replica: &str) -> Result<BrokerFiles> {
+        std::fs::create_dir_all(dir.join("persistence"))?;
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::copy(tls_dir.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+        let files = BrokerFiles {
+            acl_base: dir.join("acl.base"),
+            acl: dir.join("acl"),
+            crl: dir.join("crl.pem"),
+            pid: dir.join("mosquitto.pid"),
+        };
+        std::fs::write(&files.acl_base, acl(replica))?;
+        Ok(files)
+    }
+}
+
 /// Device rights by username (= certificate CN); a replica's ingest client reads what
 /// devices send, its downlink writes what they receive. (Mosquitto's ACL cannot say which
 /// topics may be retained.)
-fn acl(replica: &str) -> String {
+pub fn acl(replica: &str) -> String {
     format!(
         "pattern write devices/%u/health
 pattern write devices/%u/status
@@ -60,21 +90,34 @@ impl Mosquitto {
     /// (`ca.pem`, `server.pem`, `server.key`; copied, so the server may rewrite its own),
     /// for the server replica `replica`.
     pub async fn start(dir: &Path, tls_dir: &Path, replica: &str) -> Result<Mosquitto> {
-        std::fs::create_dir_all(dir.join("persistence"))?;
-        for f in ["ca.pem", "server.pem", "server.key"] {
-            std::fs::copy(tls_dir.join(f), dir.join(f)).with_context(|| format!("copying {f}"))?;
-        }
-        std::fs::write(dir.join("acl"), acl(replica))?;
+        let files = BrokerFiles::prepare(dir, tls_dir, replica)?;
+        std::fs::copy(&files.acl_base, &files.acl)?;
+        Self::launch(dir, &files, false).await
+    }
+
+    /// Starts Mosquitto on the ACL and CRL (`crlfile`) that broker-sync wrote into `files`
+    /// (it must have written them: Mosquitto does not start without its CRL), writing its pid
+    /// to `files.pid` for broker-sync's SIGHUP.
+    pub async fn start_synced(dir: &Path, files: &BrokerFiles) -> Result<Mosquitto> {
+        Self::launch(dir, files, true).await
+    }
+
+    async fn launch(dir: &Path, files: &BrokerFiles, crl: bool) -> Result<Mosquitto> {
         let (device_port, service_port) = (free_port()?, free_port()?);
+        let crlfile = if crl {
+            format!("crlfile {}\n", files.crl.display())
+        } else {
+            String::new()
+        };
         let tls = format!(
-            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n",
+            "cafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true\n{crlfile}",
             d = dir.display()
         );
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\nallow_anonymous false\nacl_file {d}/acl\n\
+                "per_listener_settings false\nallow_anonymous false\nacl_file {acl}\npid_file {pid}\n\
                  persistence true\npersistence_location {d}/persistence/\n\
                  # Messages queued for a session (the server's ingest while it is away): the\n\
                  # default of 1,000 drops the rest silently, after the devices got PUBACK.\n\
@@ -87,6 +130,8 @@ impl Mosquitto {
                  listener {device_port} 127.0.0.1\n{tls}\
                  listener {service_port} 127.0.0.1\n{tls}",
                 d = dir.display(),
+                acl = files.acl.display(),
+                pid = files.pid.display(),
                 user = std::env::var("USER").unwrap_or_else(|_| "root".into()),
             ),
         )?;

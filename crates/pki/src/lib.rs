@@ -22,9 +22,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, RevocationReason,
+    RevokedCertParams, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -46,6 +47,20 @@ pub enum PkiError {
     CorruptCa(String),
     #[error("certificate generation failed: {0}")]
     Generation(#[from] rcgen::Error),
+    #[error("no CA in {0} (the server creates it on first start)")]
+    NoCa(PathBuf),
+    #[error("not a hex serial number: {0:?}")]
+    BadSerial(String),
+}
+
+/// A certificate to list in a revocation list.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// Hex, as [`IssuedCertificate::serial_hex`].
+    pub serial_hex: String,
+    pub revoked_at_unix: i64,
+    /// Superseded by a newer certificate, rather than withdrawn.
+    pub superseded: bool,
 }
 
 /// A certificate with its serial number, as issued.
@@ -91,25 +106,37 @@ pub const SERVICE_PREFIX: &str = "svc:";
 pub const DEVICE_VALIDITY_DAYS: i64 = 397;
 
 impl CertificateAuthority {
-    /// Loads the CA from `dir`, or creates it there (key file mode 0600) on first start.
-    pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
+    /// Loads the CA that exists in `dir`; never creates one.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
         let storage = |source| PkiError::Storage {
             dir: dir.to_path_buf(),
             source,
         };
         let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
-        if key_path.exists() {
-            let key_pem = fs::read_to_string(&key_path).map_err(storage)?;
-            let certificate_pem = fs::read_to_string(&cert_path).map_err(storage)?;
-            let key =
-                KeyPair::from_pem(&key_pem).map_err(|e| PkiError::CorruptCa(e.to_string()))?;
-            let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key)
-                .map_err(|e| PkiError::CorruptCa(e.to_string()))?;
-            return Ok(CertificateAuthority {
-                issuer,
-                certificate_pem,
-            });
+        if !key_path.exists() {
+            return Err(PkiError::NoCa(dir.to_path_buf()));
         }
+        let key_pem = fs::read_to_string(&key_path).map_err(storage)?;
+        let certificate_pem = fs::read_to_string(&cert_path).map_err(storage)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::CorruptCa(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key)
+            .map_err(|e| PkiError::CorruptCa(e.to_string()))?;
+        Ok(CertificateAuthority {
+            issuer,
+            certificate_pem,
+        })
+    }
+
+    /// Loads the CA from `dir`, or creates it there (key file mode 0600) on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
+        if dir.join(CA_KEY_FILE).exists() {
+            return Self::load(dir);
+        }
+        let storage = |source| PkiError::Storage {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
         fs::create_dir_all(dir).map_err(storage)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -189,6 +216,44 @@ impl CertificateAuthority {
         })
     }
 
+    /// A CRL signed by this CA listing `revoked`, valid from `now` for `validity`; `number` must
+    /// grow from one list to the next. A TLS server that checks CRLs (Mosquitto's `crlfile`)
+    /// refuses every client once the list it holds is past its next update, so a list must be
+    /// re-issued well within `validity`.
+    pub fn revocation_list(
+        &self,
+        revoked: &[Revocation],
+        now: OffsetDateTime,
+        validity: Duration,
+        number: u64,
+    ) -> Result<String, PkiError> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|r| {
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial_bytes(&r.serial_hex)?),
+                    revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_at_unix)
+                        .unwrap_or(now),
+                    reason_code: Some(if r.superseded {
+                        RevocationReason::Superseded
+                    } else {
+                        RevocationReason::CessationOfOperation
+                    }),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + validity,
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     fn issue_keyed(
         &self,
         mut params: CertificateParams,
@@ -265,6 +330,25 @@ fn random_serial() -> SerialNumber {
 fn hex_lower(bytes: &[u8]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     normalize_serial(&hex)
+}
+
+/// The big-endian bytes of a hex serial.
+fn serial_bytes(hex: &str) -> Result<Vec<u8>, PkiError> {
+    let bad = || PkiError::BadSerial(hex.chars().take(80).collect());
+    let digits = normalize_serial(hex);
+    if digits.len() > 40 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    // rcgen writes these as a positive INTEGER (adding the sign byte itself).
+    (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).map_err(|_| bad()))
+        .collect()
 }
 
 /// Normalises a hex serial (any case, optional leading zeros or colons) for comparison.
@@ -359,6 +443,77 @@ mod tests {
         assert!(matches!(
             ca.sign_device_csr("not a csr", "dev"),
             Err(PkiError::BadCsr(_))
+        ));
+    }
+
+    #[test]
+    fn a_revocation_list_names_exactly_the_revoked_serials_and_when_it_lapses() {
+        let dir = tempfile_dir();
+        assert!(matches!(
+            CertificateAuthority::load(&dir),
+            Err(PkiError::NoCa(_))
+        ));
+        let ca = CertificateAuthority::load_or_create(&dir).unwrap();
+        let ca = CertificateAuthority::load(&dir).map(|_| ca).unwrap();
+        let issued: Vec<IssuedCertificate> = (0..3)
+            .map(|k| {
+                let (_key, csr) = device_key_and_csr("d").unwrap();
+                ca.sign_device_csr(&csr, &format!("dev-{k}")).unwrap()
+            })
+            .collect();
+        let revoked: Vec<Revocation> = issued[..2]
+            .iter()
+            .enumerate()
+            .map(|(k, c)| Revocation {
+                serial_hex: c.serial_hex.clone(),
+                revoked_at_unix: 1_790_000_000,
+                superseded: k == 0,
+            })
+            .collect();
+        let now = OffsetDateTime::now_utc();
+        let pem = ca
+            .revocation_list(&revoked, now, Duration::days(7), 42)
+            .unwrap();
+        let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .unwrap()
+            .1
+            .contents;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        let listed: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| normalize_serial(&r.raw_serial_as_string()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![issued[0].serial_hex.clone(), issued[1].serial_hex.clone()]
+        );
+        // The same serial as the certificate itself carries, as a TLS stack compares them.
+        let (_, cert_pem) =
+            x509_parser::pem::parse_x509_pem(issued[1].certificate_pem.as_bytes()).unwrap();
+        let cert = cert_pem.parse_x509().unwrap();
+        assert_eq!(
+            crl.iter_revoked_certificates().nth(1).unwrap().serial(),
+            &cert.tbs_certificate.serial
+        );
+        assert_eq!(crl.issuer(), cert.issuer());
+        let (_, ca_pem) =
+            x509_parser::pem::parse_x509_pem(ca.certificate_pem().as_bytes()).unwrap();
+        let ca_cert = ca_pem.parse_x509().unwrap();
+        crl.verify_signature(ca_cert.public_key()).unwrap();
+        let lapses = crl.next_update().unwrap().timestamp();
+        assert!((lapses - (now + Duration::days(7)).unix_timestamp()).abs() <= 1);
+        assert!(matches!(
+            ca.revocation_list(
+                &[Revocation {
+                    serial_hex: "zz".into(),
+                    revoked_at_unix: 0,
+                    superseded: false
+                }],
+                now,
+                Duration::days(7),
+                43
+            ),
+            Err(PkiError::BadSerial(_))
         ));
     }
 

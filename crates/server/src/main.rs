@@ -4,6 +4,7 @@
 mod app;
 mod auth;
 mod broker;
+mod broker_sync;
 mod commands;
 mod config;
 mod conn_limits;
@@ -46,6 +47,9 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Keep an external Mosquitto's CRL and ACL in step with revoked and blocked devices
+    /// (runs beside the broker; see docs/operations.md).
+    BrokerSync(broker_sync::BrokerSyncArgs),
 }
 
 #[derive(Subcommand)]
@@ -114,6 +118,11 @@ fn main() -> ExitCode {
                 .await?;
                 println!("created admin {email} (id {id})");
                 Ok(())
+            }
+            Some(Command::BrokerSync(args)) => {
+                let store = flotilla_store::Store::open(&cli.config.database()?).await?;
+                let ca = flotilla_pki::CertificateAuthority::load(&cli.config.data_dir)?;
+                broker_sync::run(store, ca, args).await
             }
         }
     });

@@ -210,6 +210,14 @@ pub const OPERATIONS: &[Operation] = &[
         200,
     ),
     (
+        "post",
+        "/api/admin/device/{deviceId}/revoke",
+        "Revoke a device's certificate: disconnected, and refused until provisioned again (409 when it holds none)",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
         "get",
         "/api/admin/audit",
         "Audit log, newest first (?limit=&action=)",
@@ -451,6 +459,7 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("post", "/api/admin/user/{userId}/block") => &[404, 409],
         ("post", "/api/admin/user/{userId}/role") => &[400, 404, 409, 413],
         ("post", "/api/admin/device/{deviceId}/block") => &[404],
+        ("post", "/api/admin/device/{deviceId}/revoke") => &[404, 409],
         ("get", "/api/admin/audit") | ("get", "/api/admin/dead-letters") => &[400],
         ("post", "/sign-csr") => &[400, 401, 403, 409, 413, 429],
         ("put", "/api/device/{deviceId}/tags") => &[400, 404, 413],

@@ -48,6 +48,7 @@ on_both_backends!(
     concurrent_offers_leave_one_open,
     concurrent_tag_replacements_leave_one_set,
     a_block_committed_while_a_message_is_stored_wins,
+    revoked_and_superseded_certificates_reach_the_broker_denials,
 );
 
 async fn user(store: &Store, email: &str, role: Role) -> i64 {
@@ -1175,7 +1176,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2]);
+    assert_eq!(applied, [1, 2, 3]);
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -1212,4 +1213,86 @@ async fn a_stored_device_id_that_is_not_valid_refuses_the_read(store: &Store) {
         store.command("c1").await,
         Err(StoreError::Refused(_))
     ));
+}
+
+fn issued(serial_hex: &str, not_after_unix: i64) -> flotilla_pki::IssuedCertificate {
+    flotilla_pki::IssuedCertificate {
+        certificate_pem: String::new(),
+        serial_hex: serial_hex.into(),
+        not_after_unix,
+    }
+}
+
+async fn provision(
+    store: &Store,
+    owner: i64,
+    token: &str,
+    device: &str,
+    cert: &flotilla_pki::IssuedCertificate,
+) {
+    store
+        .create_token(token, owner, None, now_ms() + 600_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.redeem_token(token, &dev(device), cert).await.unwrap(),
+        TokenClaim::Claimed { owner_id: owner }
+    );
+}
+
+async fn revoked_and_superseded_certificates_reach_the_broker_denials(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    let later = 1_900_000_000;
+    assert_eq!(
+        store.broker_denials().await.unwrap(),
+        BrokerDenials::default()
+    );
+    provision(store, o, "t1", "a", &issued("a1", later)).await;
+    provision(store, o, "t2", "b", &issued("b1", later)).await;
+    // A certificate that has expired is refused anyway: the CRL need not list it.
+    provision(store, o, "t3", "c", &issued("c1", 1_000_000)).await;
+    assert_eq!(
+        store.broker_denials().await.unwrap(),
+        BrokerDenials::default()
+    );
+
+    // Re-provisioned: the old serial is superseded; the device is not denied.
+    provision(store, o, "t4", "a", &issued("a2", later)).await;
+    // Revoked by an admin: the device holds no certificate and is denied.
+    assert!(store.revoke_device_certificate(&dev("b")).await.unwrap());
+    assert!(!store.revoke_device_certificate(&dev("b")).await.unwrap());
+    assert!(matches!(
+        store.revoke_device_certificate(&dev("nobody")).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.revoke_device_certificate(&dev("c")).await.unwrap());
+    // Blocked without a revocation: denied, its serial stays valid.
+    store.register_device(&dev("d"), "d", o).await.unwrap();
+    store.toggle_device_block(&dev("d")).await.unwrap();
+    // Never provisioned, not blocked: nothing to deny.
+    store.register_device(&dev("e"), "e", o).await.unwrap();
+
+    let denials = store.broker_denials().await.unwrap();
+    assert_eq!(denials.denied_devices, vec![dev("b"), dev("c"), dev("d")]);
+    let revoked: Vec<(&str, &str, RevokeReason)> = denials
+        .revoked
+        .iter()
+        .map(|r| (r.serial_hex.as_str(), r.device_id.as_str(), r.reason))
+        .collect();
+    assert_eq!(
+        revoked,
+        vec![
+            ("a1", "a", RevokeReason::Superseded),
+            ("b1", "b", RevokeReason::Revoked)
+        ]
+    );
+    assert!(denials.revoked.iter().all(|r| r.revoked_at > 0));
+    let b = store.device(&dev("b")).await.unwrap().unwrap();
+    assert!(!b.provisioned);
+
+    // Provisioned again: no longer denied; the revoked serial stays listed.
+    provision(store, o, "t5", "b", &issued("b2", later)).await;
+    let denials = store.broker_denials().await.unwrap();
+    assert_eq!(denials.denied_devices, vec![dev("c"), dev("d")]);
+    assert_eq!(denials.revoked.len(), 2);
 }

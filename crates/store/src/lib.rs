@@ -7,6 +7,7 @@
 //! engines") gives the rules every statement here follows.
 
 mod audit;
+mod certificates;
 mod commands;
 #[cfg(test)]
 mod conformance;
@@ -33,6 +34,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
 pub use audit::{AuditEntry, AuditRecord};
+pub use certificates::{BrokerDenials, RevokedCertificate};
 pub use commands::CommandRow;
 pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
 pub use error::{StoreError, StoreResult};
@@ -40,7 +42,7 @@ pub use ingest::WriteTx;
 pub use ota::{Finished, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
 pub use rollouts::RolloutRow;
-pub use states::{CommandState, Role, RolloutState, UpdateState};
+pub use states::{CommandState, RevokeReason, Role, RolloutState, UpdateState};
 pub use tokens::TokenClaim;
 pub use users::{UserChange, UserRow};
 

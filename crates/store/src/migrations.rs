@@ -45,6 +45,11 @@ const SQLITE: Embedded = &[
         "tags, targets and lookup indexes",
         include_str!("../migrations/sqlite/0006_tags_targets_and_lookup_indexes.sql"),
     ),
+    (
+        7,
+        "certificates",
+        include_str!("../migrations/sqlite/0007_certificates.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -57,6 +62,11 @@ const POSTGRES: Embedded = &[
         2,
         "tags, targets and lookup indexes",
         include_str!("../migrations/postgres/0002_tags_targets_and_lookup_indexes.sql"),
+    ),
+    (
+        3,
+        "certificates",
+        include_str!("../migrations/postgres/0003_certificates.sql"),
     ),
 ];
 

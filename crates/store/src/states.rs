@@ -171,3 +171,12 @@ mod tests {
         );
     }
 }
+
+stored_state!(
+    /// Why a device certificate stopped being valid: the device was issued a new one
+    /// (re-provisioned), or an admin revoked it.
+    RevokeReason, "revoke reason" {
+        Superseded => "superseded",
+        Revoked => "revoked",
+    }
+);

@@ -4,6 +4,7 @@ use flotilla_pki::IssuedCertificate;
 use flotilla_proto::DeviceId;
 use sqlx::Row;
 
+use super::certificates::record_issued_in;
 use super::devices::register_in;
 use super::{Store, StoreResult, now_ms};
 
@@ -103,6 +104,13 @@ impl Store {
         .bind(issued.not_after_unix * 1000)
         .bind(device_id.as_str())
         .execute(&mut *tx)
+        .await?;
+        record_issued_in(
+            &mut tx,
+            device_id,
+            &issued.serial_hex,
+            issued.not_after_unix * 1000,
+        )
         .await?;
         tx.commit().await?;
         Ok(TokenClaim::Claimed { owner_id })

@@ -49,6 +49,14 @@ impl DeviceGate {
             .insert(device_id.to_string(), normalize_serial(serial_hex));
     }
 
+    /// The device holds no valid certificate any more (revoked): refused until it is issued one.
+    pub fn forget_serial(&self, device_id: &str) {
+        self.serials
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(device_id);
+    }
+
     pub fn is_blocked(&self, device_id: &str) -> bool {
         self.blocked
             .read()

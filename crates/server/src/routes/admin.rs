@@ -16,6 +16,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/user/{user_id}/block", post(block_user))
         .route("/api/admin/user/{user_id}/role", post(set_role))
         .route("/api/admin/device/{device_id}/block", post(block_device))
+        .route(
+            "/api/admin/device/{device_id}/revoke",
+            post(revoke_device_certificate),
+        )
         .route("/api/admin/audit", get(audit))
         .route("/api/admin/stats", get(stats))
         .route("/api/admin/dead-letters", get(dead_letters))
@@ -140,6 +144,46 @@ async fn block_device(
         })
         .await;
     Ok(Json(json!({ "deviceId": device_id, "blocked": blocked })))
+}
+
+/// Revokes a device's certificate: the device is disconnected and refused until it is
+/// provisioned again (a new token, a new certificate). With an external broker the revocation
+/// reaches it through `flotilla-server broker-sync` (CRL and ACL).
+async fn revoke_device_certificate(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    let id = super::device_in_path(&device_id)?;
+    let revoked = state
+        .store
+        .revoke_device_certificate(&id)
+        .await
+        .map_err(|e| match e {
+            flotilla_store::StoreError::NotFound => ApiError::NotFound("no such device"),
+            e => e.into(),
+        })?;
+    if !revoked {
+        return Err(ApiError::Conflict(
+            "the device holds no certificate to revoke".into(),
+        ));
+    }
+    state.gate.forget_serial(id.as_str());
+    state.broker.kick(id.as_str()).await;
+    let _ = state.store.mark_offline(&id, "certificate revoked").await;
+    let actor = user.actor();
+    state
+        .store
+        .audit(AuditRecord {
+            actor: &actor,
+            action: "admin.device.revoke",
+            target: Some(id.as_str()),
+            result: "success",
+            detail: None,
+        })
+        .await;
+    Ok(Json(json!({ "deviceId": id, "revoked": true })))
 }
 
 #[derive(Deserialize)]

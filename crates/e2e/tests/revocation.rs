@@ -1,0 +1,278 @@
+//! An admin revokes a device's certificate or blocks the device; both brokers must then refuse
+//! it. The embedded broker disconnects it at once and its gate refuses the serial, across a
+//! restart. An external Mosquitto 2.0 (started here with `crlfile`) learns it through
+//! `flotilla-server broker-sync` (CRL + ACL deny + SIGHUP): the revoked device's live session
+//! has every publish refused and its reconnect fails the TLS handshake; a blocked device's
+//! live session is refused until it is unblocked; provisioned again, the device connects with
+//! its new certificate while the old one stays refused; a device nobody touched publishes
+//! throughout.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use flotilla_e2e::mosquitto::{BrokerFiles, Mosquitto};
+use flotilla_e2e::mqtt::{Session, connect_device};
+use flotilla_e2e::{DeviceIdentity, Proc, Server, wait_for};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use serde_json::Value;
+
+/// How long broker-sync (one read a second here) and the broker's reload may take.
+const SYNC_WAIT: Duration = Duration::from_secs(20);
+
+struct Device {
+    id: DeviceIdentity,
+    session: Session,
+    seq: u64,
+}
+
+impl Device {
+    async fn connect(port: u16, id: DeviceIdentity) -> Device {
+        let session = connect_device(port, &id).await.unwrap();
+        Device {
+            id,
+            session,
+            seq: 0,
+        }
+    }
+
+    /// One numbered reading; the broker's answer and the number it carried.
+    async fn publish(&mut self) -> (PubAckReason, u64) {
+        self.seq += 1;
+        let topic = format!("devices/{}/telemetry", self.id.device_id);
+        let reason = self
+            .session
+            .publish(&topic, format!(r#"{{"seq":{},"pot":1}}"#, self.seq))
+            .await
+            .unwrap();
+        (reason, self.seq)
+    }
+
+    /// Publishes until the broker answers `wanted` (broker-sync runs on its own clock);
+    /// the number of the first message it answered so.
+    async fn publish_until(&mut self, wanted: PubAckReason) -> u64 {
+        let deadline = Instant::now() + SYNC_WAIT;
+        loop {
+            let (reason, seq) = self.publish().await;
+            if reason == wanted {
+                return seq;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: still {reason:?}, waited for {wanted:?}",
+                self.id.device_id
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn admin_post(server: &Server, admin: &str, path: &str) -> Value {
+    let (status, body) = server.call("POST", path, Some(admin), None).await.unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+async fn stored_seqs(server: &Server, device: &str) -> Vec<u64> {
+    let readings = server.database.stored_readings().await.unwrap();
+    readings
+        .into_iter()
+        .filter(|(d, _)| d == device)
+        .map(|(_, seq)| seq)
+        .collect()
+}
+
+async fn wait_stored(server: &Server, device: &str, seq: u64) {
+    wait_for("reading stored", Duration::from_secs(20), || async move {
+        stored_seqs(server, device)
+            .await
+            .contains(&seq)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Whether a connection with this identity is refused at the TLS handshake (or CONNECT).
+async fn refused(port: u16, id: &DeviceIdentity) -> Option<String> {
+    connect_device(port, id)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_disconnected_by_the_embedded_broker_and_refused_after_a_restart() {
+    let mut server = Server::start(&[]).await.unwrap();
+    let admin = server.admin("admin@x.io").await.unwrap();
+    let id = server.enroll(&admin, "dev-r").await.unwrap();
+    let other = server.enroll(&admin, "dev-o").await.unwrap();
+    let mut device = Device::connect(server.mqtt_port, id.clone()).await;
+    let mut bystander = Device::connect(server.mqtt_port, other.clone()).await;
+    assert_eq!(device.publish().await.0, PubAckReason::Success);
+
+    let body = admin_post(&server, &admin, "/api/admin/device/dev-r/revoke").await;
+    assert_eq!(body["revoked"], true);
+    assert!(
+        device.session.closed_within(Duration::from_secs(10)).await,
+        "the live session of a revoked device is closed"
+    );
+    assert!(refused(server.mqtt_port, &id).await.is_some());
+    let (status, body) = server
+        .call("POST", "/api/admin/device/dev-r/revoke", Some(&admin), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "nothing left to revoke: {body}");
+    let (status, _) = server
+        .call(
+            "POST",
+            "/api/admin/device/nobody/revoke",
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    let operator = server.user("op@x.io").await.unwrap();
+    let (status, _) = server
+        .call(
+            "POST",
+            "/api/admin/device/dev-o/revoke",
+            Some(&operator),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "only an admin revokes");
+    assert_eq!(bystander.publish().await.0, PubAckReason::Success);
+
+    let device_row = server.device(&admin, "dev-r").await.unwrap();
+    assert_eq!(device_row["provisioned"], false);
+    assert_eq!(device_row["online"], false);
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=admin.device.revoke",
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    let entries = audit.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!(entries[0]["target"], "dev-r");
+
+    server.restart().await.unwrap();
+    assert!(
+        refused(server.mqtt_port, &id).await.is_some(),
+        "still refused after a restart"
+    );
+    Device::connect(server.mqtt_port, other).await;
+    // Provisioned again, it connects with its new certificate; the old one stays refused.
+    let renewed = server.enroll(&admin, "dev-r").await.unwrap();
+    let mut device = Device::connect(server.mqtt_port, renewed).await;
+    assert_eq!(device.publish().await.0, PubAckReason::Success);
+    assert!(refused(server.mqtt_port, &id).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync() {
+    // The embedded start makes the CA and the certificate the broker presents.
+    let mut server = Server::start(&[]).await.unwrap();
+    let admin = server.admin("admin@x.io").await.unwrap();
+    let ids: Vec<DeviceIdentity> =
+        futures::future::join_all(["dev-a", "dev-b", "dev-c"].map(|d| server.enroll(&admin, d)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let files = BrokerFiles::prepare(broker_dir.path(), &server.data_dir(), "r1").unwrap();
+    let sync_args = [
+        "--acl-base".into(),
+        files.acl_base.clone().into_os_string(),
+        "--acl-file".into(),
+        files.acl.clone().into_os_string(),
+        "--crl-file".into(),
+        files.crl.clone().into_os_string(),
+    ];
+    // Mosquitto does not start without its CRL: one pass first.
+    let status = server
+        .subcommand("broker-sync")
+        .unwrap()
+        .args(&sync_args)
+        .arg("--once")
+        .status()
+        .unwrap();
+    assert!(status.success(), "broker-sync --once");
+    let mosquitto = Mosquitto::start_synced(broker_dir.path(), &files)
+        .await
+        .unwrap();
+    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
+    server.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
+    server.restart().await.unwrap();
+    let _sync = Proc(
+        server
+            .subcommand("broker-sync")
+            .unwrap()
+            .args(&sync_args)
+            .arg("--broker-pid-file")
+            .arg(&files.pid)
+            .args(["--interval", "1"])
+            .spawn()
+            .unwrap(),
+    );
+    let port = mosquitto.device_port;
+    let mut a = Device::connect(port, ids[0].clone()).await;
+    let mut b = Device::connect(port, ids[1].clone()).await;
+    let mut c = Device::connect(port, ids[2].clone()).await;
+    for d in [&mut a, &mut b, &mut c] {
+        let (reason, seq) = d.publish().await;
+        assert_eq!(reason, PubAckReason::Success);
+        wait_stored(&server, &d.id.device_id, seq).await;
+    }
+
+    admin_post(&server, &admin, "/api/admin/device/dev-b/revoke").await;
+    let blocked = admin_post(&server, &admin, "/api/admin/device/dev-a/block").await;
+    assert_eq!(blocked["blocked"], true);
+    // Live sessions stay open at Mosquitto, but every publish is refused once the ACL is read.
+    let a_refused = a.publish_until(PubAckReason::NotAuthorized).await;
+    let b_refused = b.publish_until(PubAckReason::NotAuthorized).await;
+    let (reason, c_seq) = c.publish().await;
+    assert_eq!(
+        reason,
+        PubAckReason::Success,
+        "an untouched device publishes"
+    );
+    wait_stored(&server, "dev-c", c_seq).await;
+    for (d, seq) in [("dev-a", a_refused), ("dev-b", b_refused)] {
+        assert!(
+            !stored_seqs(&server, d).await.contains(&seq),
+            "{d}: a refused publish never reached ingest"
+        );
+    }
+    // The revoked certificate fails the handshake; the blocked device's still passes it.
+    let why = refused(port, &ids[1])
+        .await
+        .expect("revoked certificate refused");
+    assert!(why.to_lowercase().contains("revoked"), "{why}");
+
+    // Unblocked: the live session publishes again.
+    let unblocked = admin_post(&server, &admin, "/api/admin/device/dev-a/block").await;
+    assert_eq!(unblocked["blocked"], false);
+    let seq = a.publish_until(PubAckReason::Success).await;
+    wait_stored(&server, "dev-a", seq).await;
+
+    // Provisioned again: the new certificate connects and publishes once the deny is gone;
+    // the revoked one stays in the CRL.
+    let renewed = server.enroll(&admin, "dev-b").await.unwrap();
+    let mut b2 = Device::connect(port, renewed).await;
+    let seq = b2.publish_until(PubAckReason::Success).await;
+    wait_stored(&server, "dev-b", seq).await;
+    assert!(refused(port, &ids[1]).await.is_some());
+    let acl = std::fs::read_to_string(&files.acl).unwrap();
+    assert!(
+        !acl.contains("user dev-"),
+        "no device denied any more:\n{acl}"
+    );
+}

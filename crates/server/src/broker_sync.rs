@@ -1,0 +1,218 @@
+//! `flotilla-server broker-sync`: makes an external Mosquitto refuse what the server refuses.
+//! The embedded broker asks the server at every CONNECT; Mosquitto cannot, so this writes what
+//! it must refuse into the two files it reads, and signals it (SIGHUP) to read them again:
+//!
+//! - a CRL of revoked device certificates (`crlfile`): a reconnect with one fails the TLS
+//!   handshake;
+//! - the operator's ACL with a `topic deny #` block per device that is blocked or left without
+//!   a valid certificate (`acl_file`): a session that was already connected when the device
+//!   was revoked or blocked can publish and receive nothing (Mosquitto keeps such a session
+//!   open: it checks the CRL only at the handshake).
+//!
+//! It runs beside the broker (it needs to signal it and write its files), reads the database
+//! every `--interval`, and rewrites and signals only when something changed, or when the CRL
+//! is a seventh of its validity old: a broker holding a CRL past its next update refuses every
+//! device, so a sync that stops fails closed after `--crl-validity-days`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use flotilla_pki::{CertificateAuthority, Revocation};
+use flotilla_proto::DeviceId;
+use flotilla_store::{BrokerDenials, RevokeReason, Store};
+
+#[derive(Debug, Clone, Args)]
+pub struct BrokerSyncArgs {
+    /// The operator's ACL (device patterns, the replicas' service users); the denials are
+    /// appended to it.
+    #[arg(long)]
+    pub acl_base: PathBuf,
+    /// The file Mosquitto reads as `acl_file`.
+    #[arg(long)]
+    pub acl_file: PathBuf,
+    /// The file Mosquitto reads as `crlfile`.
+    #[arg(long)]
+    pub crl_file: PathBuf,
+    /// Mosquitto's `pid_file`: it gets SIGHUP after each change. Without it nothing is
+    /// signalled (for a broker reloaded some other way).
+    #[arg(long)]
+    pub broker_pid_file: Option<PathBuf>,
+    /// Seconds between reads of the database.
+    #[arg(long, default_value_t = 2)]
+    pub interval: u64,
+    /// How long each CRL is valid; it is re-issued after a seventh of that.
+    #[arg(long, default_value_t = 7)]
+    pub crl_validity_days: u32,
+    /// Write the files (and signal) once, then exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// The marker line between the operator's ACL and what this writes.
+const DENIALS_HEADER: &str =
+    "# Written by flotilla-server broker-sync: devices refused everything (blocked or revoked).";
+
+/// The ACL Mosquitto reads: the operator's, then a deny-everything block per denied device.
+/// Mosquitto checks a user's `deny` entries before any `pattern`, so these win over the
+/// device patterns of the base.
+pub fn acl_text(base: &str, denied: &[DeviceId]) -> String {
+    let mut acl = base.trim_end().to_string();
+    acl.push_str("\n\n");
+    acl.push_str(DENIALS_HEADER);
+    acl.push('\n');
+    for device in denied {
+        // DeviceId allows only [A-Za-z0-9_-]: nothing here can start a new ACL line.
+        acl.push_str(&format!("user {device}\ntopic deny #\n"));
+    }
+    acl
+}
+
+fn revocations(denials: &BrokerDenials) -> Vec<Revocation> {
+    denials
+        .revoked
+        .iter()
+        .map(|r| Revocation {
+            serial_hex: r.serial_hex.clone(),
+            revoked_at_unix: r.revoked_at / 1000,
+            superseded: r.reason == RevokeReason::Superseded,
+        })
+        .collect()
+}
+
+/// What was last written, to write and signal only on a change.
+struct Written {
+    acl: String,
+    revoked: Vec<String>,
+    crl_issued: Instant,
+}
+
+pub async fn run(
+    store: Store,
+    ca: CertificateAuthority,
+    args: BrokerSyncArgs,
+) -> anyhow::Result<()> {
+    let base = std::fs::read_to_string(&args.acl_base)
+        .with_context(|| format!("reading the base ACL {}", args.acl_base.display()))?;
+    let validity = Duration::from_secs(u64::from(args.crl_validity_days.max(1)) * 86_400);
+    let mut written: Option<Written> = None;
+    loop {
+        match sync_once(&store, &ca, &base, &args, validity, written.as_ref()).await {
+            Ok(Some(now)) => written = Some(now),
+            Ok(None) => {}
+            Err(e) if args.once => return Err(e),
+            // The broker keeps what it has; the next tick tries again.
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "broker-sync failed; retrying"),
+        }
+        if args.once {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(args.interval.max(1))).await;
+    }
+}
+
+/// One pass: what changed since `last` is written and signalled; `None` when nothing did.
+async fn sync_once(
+    store: &Store,
+    ca: &CertificateAuthority,
+    base: &str,
+    args: &BrokerSyncArgs,
+    validity: Duration,
+    last: Option<&Written>,
+) -> anyhow::Result<Option<Written>> {
+    let denials = store.broker_denials().await?;
+    let acl = acl_text(base, &denials.denied_devices);
+    let revoked: Vec<String> = denials
+        .revoked
+        .iter()
+        .map(|r| r.serial_hex.clone())
+        .collect();
+    let crl_due =
+        last.is_none_or(|w| w.revoked != revoked || w.crl_issued.elapsed() > validity / 7);
+    let acl_due = last.is_none_or(|w| w.acl != acl);
+    if !crl_due && !acl_due {
+        return Ok(None);
+    }
+    let crl_issued = if crl_due {
+        let now = time::OffsetDateTime::now_utc();
+        // Unix ms: grows from one list to the next, across restarts of this command too.
+        let number = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let pem = ca.revocation_list(
+            &revocations(&denials),
+            now,
+            time::Duration::try_from(validity)?,
+            number,
+        )?;
+        replace_file(&args.crl_file, pem.as_bytes())?;
+        Instant::now()
+    } else {
+        last.map_or_else(Instant::now, |w| w.crl_issued)
+    };
+    if acl_due {
+        replace_file(&args.acl_file, acl.as_bytes())?;
+    }
+    if let Some(pid_file) = &args.broker_pid_file {
+        signal_reload(pid_file)?;
+    }
+    tracing::info!(
+        denied_devices = denials.denied_devices.len(),
+        revoked_certificates = revoked.len(),
+        crl = crl_due,
+        acl = acl_due,
+        "broker files written"
+    );
+    Ok(Some(Written {
+        acl,
+        revoked,
+        crl_issued,
+    }))
+}
+
+/// Replaces `path` whole (a temporary file renamed over it), so the broker never reads half a
+/// file. World-readable: neither a CRL nor an ACL is secret, and Mosquitto reads them as its
+/// own user.
+fn replace_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("flotilla-tmp");
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    #[cfg(unix)]
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+fn signal_reload(pid_file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(pid_file)
+        .with_context(|| format!("reading the broker's pid file {}", pid_file.display()))?;
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .with_context(|| format!("{} holds no process id", pid_file.display()))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+        .with_context(|| format!("signalling the broker (pid {})", pid.as_raw_nonzero()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_acl_is_the_base_then_one_deny_block_per_denied_device() {
+        let base = "pattern write devices/%u/telemetry\n\n\n";
+        let acl = acl_text(base, &[id("dev-a"), id("dev_b")]);
+        assert_eq!(
+            acl,
+            format!(
+                "pattern write devices/%u/telemetry\n\n{DENIALS_HEADER}\nuser dev-a\ntopic deny #\nuser dev_b\ntopic deny #\n"
+            )
+        );
+        assert!(acl_text(base, &[]).ends_with(&format!("{DENIALS_HEADER}\n")));
+    }
+}
