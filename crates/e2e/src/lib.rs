@@ -268,6 +268,25 @@ impl Server {
         self.dir.path().join("server")
     }
 
+    /// What a hostile peer must not change about a device, as the API shows it: presence, LED
+    /// state, firmware and heap, its commands, OTA history and telemetry.
+    pub async fn device_state(&self, jwt: &str, device: &str) -> Result<Value> {
+        let get = |path: String| async move {
+            let (status, body) = self.call("GET", &path, Some(jwt), None).await?;
+            anyhow::ensure!(status == 200, "{path}: {status} {body}");
+            Ok::<Value, anyhow::Error>(body)
+        };
+        let d = get(format!("/api/device/{device}")).await?;
+        Ok(serde_json::json!({
+            "online": d["online"], "led": d["led"], "brightness": d["brightness"],
+            "lastSeen": d["lastSeen"], "heap": d["heap"], "firmware": d["firmwareVersion"],
+            "disconnectReason": d["disconnectReason"],
+            "commands": get(format!("/api/device/{device}/commands")).await?,
+            "ota": get(format!("/api/ota/{device}/history")).await?,
+            "telemetry": get(format!("/api/device/{device}/telemetry?limit=1000")).await?,
+        }))
+    }
+
     /// The server binary with this server's data dir and database, for a subcommand such as
     /// `broker-sync`; its log goes to `<name>.log` beside the server's.
     pub fn subcommand(&self, name: &str) -> Result<Command> {

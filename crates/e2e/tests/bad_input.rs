@@ -15,6 +15,33 @@ async fn malformed_device_messages_are_dropped_and_logged() -> anyhow::Result<()
     let jwt = server.user("bad@example.com").await?;
     let id = server.enroll(&jwt, "bad-1").await?;
     let mut s = connect_device(server.mqtt_port, &id).await?;
+    // Some state for garbage to corrupt: presence, LED, firmware and heap, a finished command.
+    s.subscribe("devices/bad-1/command").await?;
+    s.publish("devices/bad-1/status", r#"{"online":true,"led":"ON"}"#)
+        .await?;
+    s.publish("devices/bad-1/health", r#"{"heap":100,"fw":"1.0.0"}"#)
+        .await?;
+    let (status, cmd) = server
+        .call(
+            "POST",
+            "/api/device/bad-1/commands",
+            Some(&jwt),
+            Some(json!({"name": "ping"})),
+        )
+        .await?;
+    assert_eq!(status, 202, "{cmd}");
+    s.message(Duration::from_secs(5)).await?;
+    let reply = json!({"id": cmd["id"], "status": "succeeded"}).to_string();
+    s.publish("devices/bad-1/reply", reply).await?;
+    let before = wait_for(
+        "the command's reply stored",
+        Duration::from_secs(5),
+        || async {
+            let state = server.device_state(&jwt, "bad-1").await.ok()?;
+            (state["commands"][0]["state"] == "succeeded").then_some(state)
+        },
+    )
+    .await?;
     let garbage: Vec<Vec<u8>> = vec![
         b"".to_vec(),
         b"not json".to_vec(),
@@ -35,10 +62,18 @@ async fn malformed_device_messages_are_dropped_and_logged() -> anyhow::Result<()
     ];
     for channel in ["health", "status", "telemetry", "reply", "ota/status"] {
         for g in &garbage {
-            // Oversized packets may be refused by the broker outright; either way nothing is stored.
+            // Each is acknowledged once ingest has dealt with it (a PUBACK follows the commit),
+            // so what it changed shows at once.
             let _ = s
                 .publish(&format!("devices/bad-1/{channel}"), g.clone())
                 .await;
+            assert_eq!(
+                server.device_state(&jwt, "bad-1").await?,
+                before,
+                "{} bytes on {channel} changed something: {:?}",
+                g.len(),
+                String::from_utf8_lossy(&g[..g.len().min(60)])
+            );
         }
     }
     // A packet above the broker's limit closes the connection; reconnect to prove the server lives.
@@ -63,11 +98,10 @@ async fn malformed_device_messages_are_dropped_and_logged() -> anyhow::Result<()
         rows,
         json!([{"seq":7,"deviceTs":null,"receivedAt":rows[0]["receivedAt"],"pot":null,"switch":null,"temp":20.5}])
     );
-    let d = server.device(&jwt, "bad-1").await?;
-    assert!(
-        d["heap"].is_null() && d["firmwareVersion"].is_null(),
-        "nothing from garbage heartbeats: {d}"
-    );
+    let after = server.device_state(&jwt, "bad-1").await?;
+    for unchanged in ["led", "heap", "firmware", "commands", "ota"] {
+        assert_eq!(after[unchanged], before[unchanged], "{unchanged}");
+    }
     assert!(server.log().contains("dropped malformed device message"));
     Ok(())
 }

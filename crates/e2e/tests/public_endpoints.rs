@@ -236,7 +236,7 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
         "2",
     ])
     .await?;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let jwt = server.user("idle@example.com").await?;
 
     // The device listener: past 16 from one address, connections are closed at once.
@@ -270,8 +270,16 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
     );
 
     // A client that finishes TLS on the device listener and then sends nothing is closed by
-    // the header timeout (10 s), not held for ever.
-    let mut silent = tls_and_silence(&server, "127.0.0.67").await?;
+    // the header timeout (10 s), not held for ever; so is one that would rather speak HTTP/2
+    // (hyper's HTTP/2 has no deadline for its preface: the listener speaks HTTP/1.1 only), and
+    // one that sends its headers and then never all of its body.
+    let mut silent = tls_and_silence(&server, "127.0.0.67", &[b"http/1.1"]).await?;
+    let mut silent_h2 = tls_and_silence(&server, "127.0.0.70", &[b"h2", b"http/1.1"]).await?;
+    let mut slow_body = tls_and_silence(&server, "127.0.0.71", &[b"http/1.1"]).await?;
+    slow_body
+        .write_all(b"POST /sign-csr HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{")
+        .await?;
+    slow_body.flush().await?;
     // So is one that connects to the user API and sends nothing.
     let api_port: u16 = server.http.rsplit(':').next().unwrap_or_default().parse()?;
     let mut api_idle = idle_connections("127.0.0.68", api_port, 1).await?;
@@ -301,6 +309,29 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_while_a_real_devic
     assert!(
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "a silent TLS connection was still open after 15 s: {read:?}"
+    );
+    assert_eq!(
+        silent_h2.get_ref().1.alpn_protocol(),
+        Some(b"http/1.1".as_slice()),
+        "the device listener never negotiates HTTP/2"
+    );
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(5), silent_h2.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent client that offered h2 was still open: {read:?}"
+    );
+    // The half-sent body gets an error response and the connection is closed.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        slow_body.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))) && answer.starts_with("HTTP/1.1 4"),
+        "a body that never arrived still held its connection: {read:?} {answer:?}"
     );
     assert_eq!(
         closed(&mut api_idle, std::time::Duration::from_secs(5)).await,
@@ -342,10 +373,11 @@ async fn tls_as_device_and_silence(
     Ok(tls)
 }
 
-/// A TLS connection to the device listener (HTTP/1.1 by ALPN) that sends nothing.
+/// A TLS connection to the device listener that offers `alpn` and sends nothing.
 async fn tls_and_silence(
     server: &Server,
     from: &str,
+    alpn: &[&[u8]],
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(server.ca_pem().as_bytes()) {
@@ -354,7 +386,7 @@ async fn tls_and_silence(
     let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(std::net::SocketAddr::new(from.parse()?, 0))?;
     let tcp = socket

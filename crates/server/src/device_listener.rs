@@ -26,6 +26,9 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::firmware::router())
         .route("/ca.pem", axum::routing::get(routes::meta::ca_pem))
         .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            crate::listener::BODY_TIMEOUT,
+        ))
         .layer(axum::middleware::from_fn(crate::error::refuse_nul_in_url))
         .layer(axum::middleware::map_response(crate::error::json_errors))
         .with_state(state)
@@ -51,7 +54,8 @@ pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Resu
     let mut config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: crate::listener's module doc says why.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

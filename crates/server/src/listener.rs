@@ -1,13 +1,17 @@
 //! The accept loop of the HTTP listeners (the device listener over TLS, the user API in plain
 //! HTTP): connection caps in total and per source address ([`ConnectionGate`]), a deadline for
-//! the TLS handshake and one for each request's headers, and the peer's address (and, over
-//! TLS, its verified certificate identity) added to every request.
+//! the TLS handshake, one for each request's headers and one for its body, and the peer's
+//! address (and, over TLS, its verified certificate identity) added to every request.
+//!
+//! Both speak HTTP/1.1 only. hyper's HTTP/2 server has no deadline for the connection
+//! preface or for a connection that opens no stream, so a client that negotiated `h2` and went
+//! silent would hold its connection for ever; neither devices nor the CLI need HTTP/2.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -16,9 +20,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::conn_limits::ConnectionGate;
 use crate::device_listener::PeerIdentity;
 
-/// How long a connection may take to finish its TLS handshake, and to send a request's headers.
+/// How long a connection may take to finish its TLS handshake, to send a request's headers,
+/// and (on the device listener, whose bodies are at most 16 KiB) to send a request's body.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a connection speaks below HTTP.
 #[derive(Clone)]
@@ -49,7 +55,7 @@ pub fn spawn(listener: TcpListener, transport: Transport, app: Router, gate: Con
                 let _admitted = admitted;
                 let app = app.layer(axum::Extension(ConnectInfo(peer_addr)));
                 match transport {
-                    Transport::Plain => serve(stream, app, false).await,
+                    Transport::Plain => serve(stream, app).await,
                     Transport::Tls(acceptor) => {
                         let handshake =
                             tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
@@ -62,8 +68,7 @@ pub fn spawn(listener: TcpListener, transport: Transport, app: Router, gate: Con
                                 .and_then(|c| c.first())
                                 .and_then(|der| flotilla_pki::certificate_identity_der(der)),
                         );
-                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-                        serve(tls, app.layer(axum::Extension(peer)), h2).await;
+                        serve(tls, app.layer(axum::Extension(peer))).await;
                     }
                 }
             });
@@ -71,27 +76,14 @@ pub fn spawn(listener: TcpListener, transport: Transport, app: Router, gate: Con
     });
 }
 
-/// One connection. The protocol is decided before a byte is read (ALPN over TLS, HTTP/1.1 in
-/// plain): hyper's automatic detection reads the HTTP/2 preface without a deadline, so a
-/// client that connects and goes silent would hold the connection for ever.
-async fn serve<Io>(io: Io, app: Router, h2: bool)
+/// One connection, HTTP/1.1 (see the module doc for why not HTTP/2).
+async fn serve<Io>(io: Io, app: Router)
 where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    http.http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(HEADER_TIMEOUT)
-        .keep_alive_timeout(HEADER_TIMEOUT)
-        .max_concurrent_streams(32);
-    let http = if h2 {
-        http.http2_only()
-    } else {
-        http.http1_only()
-    };
     let _ = http
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
         .await;
