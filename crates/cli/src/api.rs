@@ -186,7 +186,11 @@ impl Api {
 /// The host of a plain `http://` URL that is not this machine (where credentials would cross
 /// a network in the clear); `None` for HTTPS and loopback.
 pub fn plain_http_to_remote(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("http://")?;
+    let scheme_end = url.find("://")?;
+    if !url[..scheme_end].eq_ignore_ascii_case("http") {
+        return None;
+    }
+    let rest = &url[scheme_end + 3..];
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let authority = authority.rsplit('@').next().unwrap_or_default();
     let host = if let Some(v6) = authority.strip_prefix('[') {
@@ -217,6 +221,10 @@ mod tests {
             ("http://10.1.2.3", Some("10.1.2.3")),
             ("http://[2001:db8::1]:80/x", Some("2001:db8::1")),
             ("http://user@fleet.example.com", Some("fleet.example.com")),
+            // Schemes are case-insensitive (RFC 3986), and so is the warning.
+            ("HTTP://Fleet.example.com", Some("Fleet.example.com")),
+            ("Http://LOCALHOST:8080", None),
+            ("HTTPS://fleet.example.com", None),
         ] {
             assert_eq!(plain_http_to_remote(url).as_deref(), want, "{url}");
         }

@@ -674,3 +674,41 @@ async fn a_device_that_never_answers_an_offer_times_out_as_a_failure() -> anyhow
     assert_eq!(h[0]["error"], "timed out");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_made_before_the_device_subscribed_reaches_it_when_it_subscribes()
+-> anyhow::Result<()> {
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let id = server.enroll(&jwt, "late-ota").await?;
+    // Online (its status arrived) but not yet subscribed to its OTA topic: the offer made now
+    // has nowhere to go at the broker.
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    dev.publish(
+        "devices/late-ota/status",
+        br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
+    )
+    .await?;
+    wait_for_version(&server, &jwt, "late-ota", "1.0.0").await;
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let (status, update) = server
+        .call(
+            "POST",
+            "/api/ota/late-ota/start",
+            Some(&jwt),
+            Some(serde_json::json!({"version": "1.1.0"})),
+        )
+        .await?;
+    assert_eq!(status, 202, "{update}");
+    // The session starts its OTA channel now: the open offer is sent, no second online edge
+    // needed; a second SUBSCRIBE in the same session does not send it again.
+    dev.subscribe("devices/late-ota/ota").await?;
+    let (topic, payload) = dev.message(Duration::from_secs(10)).await?;
+    assert_eq!(topic, "devices/late-ota/ota");
+    let offer: Value = serde_json::from_slice(&payload)?;
+    assert_eq!(offer["id"], update["id"], "{offer}");
+    assert_eq!(offer["url"], "/firmware/1.1.0");
+    dev.subscribe("devices/late-ota/ota").await?;
+    assert!(dev.message(Duration::from_millis(800)).await.is_err());
+    Ok(())
+}

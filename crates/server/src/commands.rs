@@ -2,8 +2,10 @@
 //! redelivery of commands that waited while the device was offline.
 //!
 //! A command is stored before it is published, so it survives a restart; it is published
-//! when created and again whenever its device comes back online, until the device accepts it
-//! or it expires. The device executes each id at most once, so redelivery is harmless.
+//! when created and again at each session start of its device (its SUBSCRIBE to the command
+//! topic, with the embedded broker; its first message after being offline, with an external
+//! one), until the device accepts it or it expires. The device executes each id at most once,
+//! so redelivery is harmless.
 
 use std::sync::OnceLock;
 use std::time::Duration;

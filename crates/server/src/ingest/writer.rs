@@ -33,7 +33,10 @@ pub const MAX_TRIES: usize = 3;
 
 /// Payload bytes waiting beyond which QoS 0 messages are dropped (at most once is what QoS 0
 /// promises). QoS 1 messages are never dropped: each holds its device's next packet (rmqtt
-/// handles a connection's packets in order), so they are bounded by the connected fleet.
+/// handles a connection's packets in order), so those of live connections are bounded by the
+/// connected fleet. Not bounded: a message whose hook gave up waiting (its device was
+/// disconnected and resends it) stays queued, so a long database outage adds about one
+/// message per device per hook timeout until the database returns.
 const LOSSY_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A message from a device, as the broker received it.
