@@ -17,6 +17,9 @@ pub enum Database {
     Sqlite(PathBuf),
     /// A database of this test's own, dropped with it.
     Postgres(flotilla_pgtest::TempDatabase),
+    /// Another server's PostgreSQL database (a second replica's view of it), by URL; the
+    /// server that made it drops it.
+    SharedPostgres(String),
 }
 
 impl Database {
@@ -42,11 +45,12 @@ impl Database {
         match self {
             Database::Sqlite(path) => format!("sqlite://{}", path.display()),
             Database::Postgres(database) => database.url().to_string(),
+            Database::SharedPostgres(url) => url.clone(),
         }
     }
 
     pub fn is_postgres(&self) -> bool {
-        matches!(self, Database::Postgres(_))
+        matches!(self, Database::Postgres(_) | Database::SharedPostgres(_))
     }
 
     /// A connection of the test's own (statements with `$N` parameters run on both).

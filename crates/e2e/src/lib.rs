@@ -131,13 +131,39 @@ impl Server {
         Self::start_on(Some(database::Database::postgres().await?), extra, &[]).await
     }
 
+    /// A second replica beside this server (which must be on PostgreSQL): its own data dir
+    /// holding the same CA (the shared secret replicas mount), the same database, its own
+    /// embedded broker and listeners.
+    pub async fn start_replica(&self, extra: &[&str]) -> Result<Server> {
+        anyhow::ensure!(
+            self.database.is_postgres(),
+            "replicas share a PostgreSQL database"
+        );
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("server");
+        std::fs::create_dir_all(&data)?;
+        for f in [flotilla_pki::CA_CERT_FILE, flotilla_pki::CA_KEY_FILE] {
+            std::fs::copy(self.data_dir().join(f), data.join(f))?;
+        }
+        let database = database::Database::SharedPostgres(self.database.url());
+        Self::start_in(dir, Some(database), extra, &[]).await
+    }
+
     async fn start_on(
         database: Option<database::Database>,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Server> {
+        Self::start_in(tempfile::tempdir()?, database, extra, env).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        database: Option<database::Database>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server> {
         init_crypto();
-        let dir = tempfile::tempdir()?;
         let database = match database {
             Some(d) => d,
             None => database::Database::for_server(dir.path().join("server")).await?,

@@ -262,13 +262,17 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?),
         parts[2]
     );
-    let secret = std::fs::read(server.data_dir().join("jwt.secret"))?;
+    // Signed with the server's own key (jwt.key) under its kid: only the expiry is wrong.
+    let key = std::fs::read_to_string(server.data_dir().join("jwt.key"))?;
+    let header: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0])?)?;
+    let mut signed = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    signed.kid = header["kid"].as_str().map(String::from);
     claims["exp"] = json!(1_000_000_000u64);
     claims["iat"] = json!(999_999_000u64);
     let expired = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
+        &signed,
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(&secret),
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.as_bytes())?,
     )?;
     for (what, token) in [
         ("alg none", alg_none.as_str()),

@@ -1,17 +1,25 @@
-//! User authentication: HS256 JWTs with the algorithm pinned and the `AuthUser` extractor
+//! User authentication: ES256 JWTs with the algorithm pinned and the `AuthUser` extractor
 //! every endpoint uses. Passwords are in [`crate::passwords`], login limits in
 //! [`crate::login_limits`].
+//!
+//! Each server signs with a P-256 key of its own (`jwt.key` in its data dir, 0600) and names
+//! it in the token's `kid`; the public half is published in the database, so any replica
+//! verifies a token any replica issued, and the database holds no secret that could mint one.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use flotilla_store::Role;
+use flotilla_store::{Role, Store, StoreResult};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -21,25 +29,63 @@ struct Claims {
     exp: u64,
 }
 
+/// The signing key's file in the data dir.
+pub const SIGNING_KEY_FILE: &str = "jwt.key";
+
+/// Verification keys kept in memory at most; past it a key is read from the store each time.
+const KNOWN_KEYS: usize = 256;
+
 pub struct JwtKeys {
+    kid: String,
     encoding: EncodingKey,
-    decoding: DecodingKey,
+    /// Verification keys by kid, this server's and those of replicas seen so far.
+    known: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    store: Store,
     ttl: Duration,
 }
 
 impl std::fmt::Debug for JwtKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtKeys").finish_non_exhaustive()
+        f.debug_struct("JwtKeys")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
+/// The key id of a public key: the start of its SHA-256, in hex.
+fn key_id(public_key_pem: &str) -> String {
+    let digest = sha2::Sha256::digest(public_key_pem.trim().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl JwtKeys {
-    pub fn new(secret: &[u8], ttl: Duration) -> Self {
-        JwtKeys {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
+    /// Loads this server's signing key from `data_dir` (made on first start) and publishes
+    /// its public key.
+    pub async fn open(data_dir: &Path, store: Store, ttl: Duration) -> anyhow::Result<JwtKeys> {
+        let path = data_dir.join(SIGNING_KEY_FILE);
+        let private_pem = match std::fs::read_to_string(&path) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+                let pem = key.serialize_pem();
+                flotilla_pki::write_secret_file(&path, pem.as_bytes())?;
+                pem
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        };
+        let key = rcgen::KeyPair::from_pem(&private_pem)
+            .map_err(|e| anyhow::anyhow!("{} is not a P-256 key: {e}", path.display()))?;
+        let public_pem = key.public_key_pem();
+        let kid = key_id(&public_pem);
+        store.publish_token_key(&kid, &public_pem).await?;
+        let decoding = Arc::new(DecodingKey::from_ec_pem(public_pem.as_bytes())?);
+        Ok(JwtKeys {
+            encoding: EncodingKey::from_ec_pem(private_pem.as_bytes())?,
+            known: RwLock::new(HashMap::from([(kid.clone(), decoding)])),
+            kid,
+            store,
             ttl,
-        }
+        })
     }
 
     pub fn issue(&self, user_id: i64, role: Role) -> anyhow::Result<String> {
@@ -50,21 +96,57 @@ impl JwtKeys {
             iat: now,
             exp: now + self.ttl.as_secs(),
         };
-        Ok(jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.encoding,
-        )?)
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        Ok(jsonwebtoken::encode(&header, &claims, &self.encoding)?)
     }
 
-    /// The user id in a valid token. Only HS256 is accepted: `alg: none` and algorithm
-    /// confusion are refused by the pinned validation.
-    pub fn verify(&self, token: &str) -> Option<i64> {
-        let mut validation = Validation::new(Algorithm::HS256);
+    /// The user id in a valid token; `Ok(None)` for any token that is not. Only ES256 with a
+    /// published key id is accepted: `alg: none`, HMAC with a public key as the secret, and a
+    /// key the database does not know are all refused.
+    pub async fn verify(&self, token: &str) -> StoreResult<Option<i64>> {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return Ok(None);
+        };
+        let Some(kid) = header
+            .kid
+            .filter(|k| header.alg == Algorithm::ES256 && k.len() <= 64)
+        else {
+            return Ok(None);
+        };
+        let Some(key) = self.verification_key(&kid).await? else {
+            return Ok(None);
+        };
+        let mut validation = Validation::new(Algorithm::ES256);
         validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).ok()?;
-        data.claims.sub.parse().ok()
+        Ok(jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            .ok()
+            .and_then(|data| data.claims.sub.parse().ok()))
+    }
+
+    async fn verification_key(&self, kid: &str) -> StoreResult<Option<Arc<DecodingKey>>> {
+        if let Some(key) = self
+            .known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kid)
+        {
+            return Ok(Some(key.clone()));
+        }
+        let Some(pem) = self.store.token_key(kid).await? else {
+            return Ok(None);
+        };
+        let Ok(key) = DecodingKey::from_ec_pem(pem.as_bytes()) else {
+            tracing::warn!(kid, "a published token key does not parse");
+            return Ok(None);
+        };
+        let key = Arc::new(key);
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        if known.len() < KNOWN_KEYS {
+            known.insert(kid.to_string(), key.clone());
+        }
+        Ok(Some(key))
     }
 }
 
@@ -129,7 +211,11 @@ impl FromRequestParts<AppState> for AuthUser {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        let id = state.jwt.verify(token).ok_or(ApiError::Unauthorized)?;
+        let id = state
+            .jwt
+            .verify(token)
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
         let user = state
             .store
             .user_by_id(id)

@@ -49,10 +49,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (cert_path, key_path) = (data.join("server.pem"), data.join("server.key"));
     std::fs::write(&cert_path, &server_cert.certificate_pem)?;
     write_secret_file(&key_path, server_cert.private_key_pem.as_bytes())?;
-    let jwt = Arc::new(JwtKeys::new(
-        &load_or_create_secret(&data.join("jwt.secret"))?,
-        std::time::Duration::from_secs(config.jwt_ttl_secs),
-    ));
+    let jwt = Arc::new(
+        JwtKeys::open(
+            &data,
+            store.clone(),
+            std::time::Duration::from_secs(config.jwt_ttl_secs),
+        )
+        .await?,
+    );
 
     let gate = Arc::new(DeviceGate::load(store.gate_snapshot().await?));
     let tls = TlsFiles {
@@ -405,17 +409,6 @@ fn connect_host(addr: SocketAddr) -> String {
     } else {
         addr.ip().to_string()
     }
-}
-
-fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
-    if let Ok(bytes) = std::fs::read(path)
-        && bytes.len() >= 32
-    {
-        return Ok(bytes);
-    }
-    let secret: [u8; 32] = rand::random();
-    write_secret_file(path, &secret).with_context(|| format!("writing {}", path.display()))?;
-    Ok(secret.to_vec())
 }
 
 async fn shutdown_signal() {

@@ -49,6 +49,7 @@ on_both_backends!(
     concurrent_tag_replacements_leave_one_set,
     a_block_committed_while_a_message_is_stored_wins,
     revoked_and_superseded_certificates_reach_the_broker_denials,
+    token_keys_are_published_once_and_found_by_id,
 );
 
 async fn user(store: &Store, email: &str, role: Role) -> i64 {
@@ -1176,7 +1177,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3]);
+    assert_eq!(applied, [1, 2, 3, 4]);
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -1295,4 +1296,21 @@ async fn revoked_and_superseded_certificates_reach_the_broker_denials(store: &St
     let denials = store.broker_denials().await.unwrap();
     assert_eq!(denials.denied_devices, vec![dev("c"), dev("d")]);
     assert_eq!(denials.revoked.len(), 2);
+}
+
+async fn token_keys_are_published_once_and_found_by_id(store: &Store) {
+    assert_eq!(store.token_key("k1").await.unwrap(), None);
+    store.publish_token_key("k1", "pem-1").await.unwrap();
+    // Published again at every start: the first stays.
+    store.publish_token_key("k1", "pem-1").await.unwrap();
+    store.publish_token_key("k2", "pem-2").await.unwrap();
+    assert_eq!(
+        store.token_key("k1").await.unwrap().as_deref(),
+        Some("pem-1")
+    );
+    assert_eq!(
+        store.token_key("k2").await.unwrap().as_deref(),
+        Some("pem-2")
+    );
+    assert_eq!(store.token_key("k3").await.unwrap(), None);
 }

@@ -22,6 +22,7 @@ mod rollouts;
 mod states;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testdb;
+mod token_keys;
 mod tokens;
 mod users;
 

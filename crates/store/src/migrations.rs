@@ -50,6 +50,11 @@ const SQLITE: Embedded = &[
         "certificates",
         include_str!("../migrations/sqlite/0007_certificates.sql"),
     ),
+    (
+        8,
+        "jwt keys",
+        include_str!("../migrations/sqlite/0008_jwt_keys.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -67,6 +72,11 @@ const POSTGRES: Embedded = &[
         3,
         "certificates",
         include_str!("../migrations/postgres/0003_certificates.sql"),
+    ),
+    (
+        4,
+        "jwt keys",
+        include_str!("../migrations/postgres/0004_jwt_keys.sql"),
     ),
 ];
 

@@ -1,0 +1,127 @@
+//! Servers on one PostgreSQL database, as replicas run: each signs user tokens with a key of
+//! its own and publishes the public half in the database, so a token any of them issued is
+//! accepted by all — also by a replica started after its issuer is gone — while a token signed
+//! by any other key, or with HMAC over a published public key, is refused.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use flotilla_e2e::Server;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+fn header_of(token: &str) -> Value {
+    let part = token.split('.').next().unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+fn claims_of(token: &str) -> Value {
+    let part = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+fn es256(key_pem: &str, kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &EncodingKey::from_ec_pem(key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_either_replica_issued_is_accepted_by_both_and_no_other_key_is() {
+    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+    let from_a = a.admin("admin@x.io").await.unwrap();
+    let b = a.start_replica(&[]).await.unwrap();
+    let from_b = b.login("admin@x.io", "admin-pass").await.unwrap();
+    let (kid_a, kid_b) = (
+        header_of(&from_a)["kid"].clone(),
+        header_of(&from_b)["kid"].clone(),
+    );
+    assert_eq!(header_of(&from_a)["alg"], "ES256");
+    assert!(kid_a.is_string() && kid_b.is_string() && kid_a != kid_b);
+    assert_eq!(
+        a.status("GET", "/api/device", Some(&from_b), None)
+            .await
+            .unwrap(),
+        200
+    );
+
+    // Forged: a key of the attacker's own under either replica's kid or a new one, HMAC with
+    // a replica's public key as the secret (algorithm confusion), and an expired token signed
+    // with the replica's real key.
+    let claims = claims_of(&from_a);
+    let rogue = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .serialize_pem();
+    let mut database = a.database.connect().await.unwrap();
+    let public_a: String = sqlx::query_scalar("SELECT public_key_pem FROM jwt_keys WHERE kid = $1")
+        .bind(kid_a.as_str().unwrap())
+        .fetch_one(&mut database)
+        .await
+        .unwrap();
+    let mut hmac = Header::new(Algorithm::HS256);
+    hmac.kid = kid_a.as_str().map(String::from);
+    let confused = jsonwebtoken::encode(
+        &hmac,
+        &claims,
+        &EncodingKey::from_secret(public_a.as_bytes()),
+    )
+    .unwrap();
+    let key_a = std::fs::read_to_string(a.data_dir().join("jwt.key")).unwrap();
+    let mut stale = claims.clone();
+    stale["iat"] = json!(999_999_000u64);
+    stale["exp"] = json!(1_000_000_000u64);
+    let forged = [
+        (
+            "a rogue key under a's kid",
+            es256(&rogue, kid_a.as_str().unwrap(), &claims),
+        ),
+        (
+            "a rogue key under b's kid",
+            es256(&rogue, kid_b.as_str().unwrap(), &claims),
+        ),
+        (
+            "a rogue key under a new kid",
+            es256(&rogue, "0123456789abcdef", &claims),
+        ),
+        ("HS256 over a's public key", confused),
+        (
+            "expired, signed by a",
+            es256(&key_a, kid_a.as_str().unwrap(), &stale),
+        ),
+    ];
+    for (what, token) in &forged {
+        for server in [&a, &b] {
+            assert_eq!(
+                server
+                    .status("GET", "/api/device", Some(token), None)
+                    .await
+                    .unwrap(),
+                401,
+                "{what}"
+            );
+        }
+    }
+
+    // The issuer gone, a replica started after it accepts its token on first sight: the key
+    // comes from the database, not from anything the processes shared.
+    a.proc.terminate();
+    let c = a.start_replica(&[]).await.unwrap();
+    assert_eq!(
+        c.status("GET", "/api/device", Some(&from_a), None)
+            .await
+            .unwrap(),
+        200
+    );
+    assert_eq!(
+        b.status("GET", "/api/device", Some(&from_a), None)
+            .await
+            .unwrap(),
+        200
+    );
+}
