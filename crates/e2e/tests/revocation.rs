@@ -188,6 +188,19 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
             .collect();
     let broker_dir = tempfile::tempdir().unwrap();
     let files = BrokerFiles::prepare(broker_dir.path(), &server.data_dir(), "r1").unwrap();
+    // The broker's own certificate, from the server's CA, in place of the copied one.
+    let issued = tempfile::tempdir().unwrap();
+    let status = server
+        .subcommand("admin")
+        .unwrap()
+        .args(["broker-cert", "--host", "localhost", "--out-dir"])
+        .arg(issued.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "admin broker-cert");
+    for (from, to) in [("broker.pem", "server.pem"), ("broker.key", "server.key")] {
+        std::fs::copy(issued.path().join(from), broker_dir.path().join(to)).unwrap();
+    }
     let sync_args = [
         "--acl-base".into(),
         files.acl_base.clone().into_os_string(),

@@ -63,6 +63,15 @@ enum AdminAction {
         #[arg(long, default_value = "admin")]
         username: String,
     },
+    /// Issue a TLS server certificate for an external broker from the data dir's CA (made
+    /// there if it does not exist yet): `broker.pem` and `broker.key` (0600) in `--out-dir`.
+    BrokerCert {
+        /// A DNS name or IP address devices and replicas reach the broker by; repeat for more.
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,6 +126,23 @@ fn main() -> ExitCode {
                 )
                 .await?;
                 println!("created admin {email} (id {id})");
+                Ok(())
+            }
+            Some(Command::Admin {
+                action: AdminAction::BrokerCert { hosts, out_dir },
+            }) => {
+                let ca = flotilla_pki::CertificateAuthority::load_or_create(&cli.config.data_dir)?;
+                let issued = ca.issue_server_certificate(&hosts)?;
+                std::fs::create_dir_all(&out_dir)?;
+                std::fs::write(out_dir.join("broker.pem"), &issued.certificate_pem)?;
+                flotilla_pki::write_secret_file(
+                    &out_dir.join("broker.key"),
+                    issued.private_key_pem.as_bytes(),
+                )?;
+                println!(
+                    "wrote {} (valid 365 days) and broker.key",
+                    out_dir.join("broker.pem").display()
+                );
                 Ok(())
             }
             Some(Command::BrokerSync(args)) => {
