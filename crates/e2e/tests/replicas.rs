@@ -125,3 +125,73 @@ async fn a_token_either_replica_issued_is_accepted_by_both_and_no_other_key_is()
         200
     );
 }
+
+/// A login from `from` (any 127.0.0.0/8 address works on loopback); the HTTP status.
+async fn login_from(server: &Server, from: &str, email: &str, password: &str) -> u16 {
+    let client = reqwest::Client::builder()
+        .local_address(Some(from.parse::<std::net::IpAddr>().unwrap()))
+        .build()
+        .unwrap();
+    client
+        .post(format!("{}/api/auth/login", server.http))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_spread_over_two_replicas_lock_at_the_shared_limit_not_twice_it() {
+    let a = Server::start_on_postgres(&[]).await.unwrap();
+    a.admin("admin@x.io").await.unwrap();
+    let b = a.start_replica(&[]).await.unwrap();
+    // Five failures for the admin from one address, alternating replicas: each replica alone
+    // has seen at most three, under the per-(account, address) limit of five.
+    let guesser = "127.0.0.90";
+    for k in 0..5 {
+        let server = if k % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            login_from(server, guesser, "admin@x.io", "wrong").await,
+            401,
+            "guess {k}"
+        );
+    }
+    // The pair is refused on both, even with the right password ...
+    for server in [&a, &b] {
+        assert_eq!(
+            login_from(server, guesser, "admin@x.io", "admin-pass").await,
+            429
+        );
+    }
+    // ... while the admin logs in from elsewhere, on either.
+    for server in [&a, &b] {
+        assert_eq!(
+            login_from(server, "127.0.0.91", "admin@x.io", "admin-pass").await,
+            200
+        );
+    }
+    // One refusal audited for the shared window, by whichever replica refused first.
+    let admin = a.login("admin@x.io", "admin-pass").await.unwrap();
+    let (_, audit) = a
+        .call(
+            "GET",
+            "/api/admin/audit?action=auth.login&limit=100",
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    let refusals = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("too many failures for this account"))
+        })
+        .count();
+    assert_eq!(refusals, 1, "{audit}");
+}

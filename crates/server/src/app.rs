@@ -25,6 +25,8 @@ pub struct AppState {
     pub store: Store,
     pub jwt: Arc<JwtKeys>,
     pub limiter: Arc<LoginLimiter>,
+    /// Login counts every replica shares; on PostgreSQL only.
+    pub shared_limits: Option<crate::shared_limits::SharedLoginLimits>,
     pub passwords: Passwords,
     pub anonymous: Arc<AnonymousLimiter>,
     /// Registrations per source address.

@@ -110,6 +110,24 @@ impl RefusedFor {
     }
 }
 
+/// Whether a login attempt is refused, given the failures its address and its (account,
+/// address) pair already had in their windows.
+pub fn login_decision(by_address: u64, by_pair: u64) -> Result<(), Refused> {
+    if by_address >= u64::from(MAX_PER_ADDRESS) {
+        return Err(Refused {
+            why: RefusedFor::Address,
+            first: by_address == u64::from(MAX_PER_ADDRESS),
+        });
+    }
+    if by_pair >= u64::from(MAX_PER_ACCOUNT_AND_ADDRESS) {
+        return Err(Refused {
+            why: RefusedFor::AccountFromThisAddress,
+            first: by_pair == u64::from(MAX_PER_ACCOUNT_AND_ADDRESS),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
     inner: Mutex<Tables>,
@@ -135,19 +153,7 @@ impl LoginLimiter {
         // Refusals count too, so the first one of a window is the one at the limit.
         t.addresses.add(from, now);
         t.pairs.add(pair, now);
-        if by_address >= MAX_PER_ADDRESS {
-            return Err(Refused {
-                why: RefusedFor::Address,
-                first: by_address == MAX_PER_ADDRESS,
-            });
-        }
-        if by_pair >= MAX_PER_ACCOUNT_AND_ADDRESS {
-            return Err(Refused {
-                why: RefusedFor::AccountFromThisAddress,
-                first: by_pair == MAX_PER_ACCOUNT_AND_ADDRESS,
-            });
-        }
-        Ok(())
+        login_decision(u64::from(by_address), u64::from(by_pair))
     }
 
     /// The attempt had the right password: its pair starts afresh and the address gets its

@@ -23,6 +23,7 @@ mod rollouts;
 mod routes;
 mod server;
 mod service_link;
+mod shared_limits;
 
 use std::process::ExitCode;
 

@@ -215,10 +215,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
     spawn_sweepers(store.clone(), config.heartbeat_timeout());
 
+    let shared_limits = matches!(database, flotilla_store::DatabaseUrl::Postgres(_))
+        .then(|| crate::shared_limits::SharedLoginLimits::start(store.clone()));
     let state = AppState {
         store,
         jwt,
         limiter: Arc::new(LoginLimiter::default()),
+        shared_limits,
         passwords: Passwords::default(),
         anonymous: Arc::new(AnonymousLimiter::default()),
         registrations: Arc::new(AnonymousLimiter::default()),

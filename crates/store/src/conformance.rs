@@ -50,6 +50,7 @@ on_both_backends!(
     a_block_committed_while_a_message_is_stored_wins,
     revoked_and_superseded_certificates_reach_the_broker_denials,
     token_keys_are_published_once_and_found_by_id,
+    attempts_are_counted_in_windows_given_back_and_cleared,
 );
 
 async fn user(store: &Store, email: &str, role: Role) -> i64 {
@@ -1177,7 +1178,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4]);
+    assert_eq!(applied, [1, 2, 3, 4, 5]);
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -1313,4 +1314,34 @@ async fn token_keys_are_published_once_and_found_by_id(store: &Store) {
         Some("pem-2")
     );
     assert_eq!(store.token_key("k3").await.unwrap(), None);
+}
+
+async fn attempts_are_counted_in_windows_given_back_and_cleared(store: &Store) {
+    let hour = 3_600_000;
+    assert_eq!(
+        store.count_attempts(&["a", "b"], hour).await.unwrap(),
+        [0, 0]
+    );
+    assert_eq!(
+        store.count_attempts(&["a", "b"], hour).await.unwrap(),
+        [1, 1]
+    );
+    assert_eq!(store.count_attempts(&["a"], hour).await.unwrap(), [2]);
+    store.give_back_attempt("a").await.unwrap();
+    assert_eq!(store.count_attempts(&["a"], hour).await.unwrap(), [2]);
+    store.clear_attempts("b").await.unwrap();
+    assert_eq!(store.count_attempts(&["b"], hour).await.unwrap(), [0]);
+    // A window that has ended starts again at the next attempt (a window of 0 ms has always
+    // ended), and ended windows are pruned.
+    assert_eq!(store.count_attempts(&["a"], 0).await.unwrap(), [0]);
+    assert_eq!(store.count_attempts(&["a"], hour).await.unwrap(), [1]);
+    assert_eq!(store.prune_attempts(hour).await.unwrap(), 0);
+    assert_eq!(store.prune_attempts(-1).await.unwrap(), 2);
+    assert_eq!(store.count_attempts(&["a"], hour).await.unwrap(), [0]);
+    // Concurrent attempts are each counted once.
+    let counts =
+        futures::future::join_all((0..8).map(|_| store.count_attempts(&["c"], hour))).await;
+    let mut seen: Vec<i64> = counts.into_iter().map(|c| c.unwrap()[0]).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..8).collect::<Vec<i64>>());
 }

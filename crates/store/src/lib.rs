@@ -6,6 +6,7 @@
 //! timestamps; flags are integers 0/1 on both engines. docs/architecture.md ("One store, two
 //! engines") gives the rules every statement here follows.
 
+mod attempts;
 mod audit;
 mod certificates;
 mod commands;

@@ -55,6 +55,11 @@ const SQLITE: Embedded = &[
         "jwt keys",
         include_str!("../migrations/sqlite/0008_jwt_keys.sql"),
     ),
+    (
+        9,
+        "attempt counts",
+        include_str!("../migrations/sqlite/0009_attempt_counts.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -77,6 +82,11 @@ const POSTGRES: Embedded = &[
         4,
         "jwt keys",
         include_str!("../migrations/postgres/0004_jwt_keys.sql"),
+    ),
+    (
+        5,
+        "attempt counts",
+        include_str!("../migrations/postgres/0005_attempt_counts.sql"),
     ),
 ];
 

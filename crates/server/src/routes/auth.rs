@@ -133,7 +133,12 @@ async fn login(
         detail: Some(format!("{detail} (from {from_label})")),
     };
     let now = std::time::Instant::now();
-    if let Err(refused) = state.limiter.begin(&email, from, now) {
+    let local = state.limiter.begin(&email, from, now);
+    let shared = match (&local, &state.shared_limits) {
+        (Ok(()), Some(shared)) => shared.begin(&email, from).await,
+        _ => Ok(()),
+    };
+    if let Err(refused) = local.and(shared) {
         // One audit row per flood and window, not one per refused request.
         if refused.first {
             state.store.audit(fail(refused.why.reason())).await;
@@ -158,6 +163,9 @@ async fn login(
         return Err(ApiError::Forbidden("account is blocked"));
     }
     state.limiter.succeeded(&email, from);
+    if let Some(shared) = &state.shared_limits {
+        shared.succeeded(&email, from).await;
+    }
     let token = state.jwt.issue(user.id, user.role)?;
     state
         .store
