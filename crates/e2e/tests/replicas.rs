@@ -195,3 +195,78 @@ async fn failed_logins_spread_over_two_replicas_lock_at_the_shared_limit_not_twi
         .count();
     assert_eq!(refusals, 1, "{audit}");
 }
+
+async fn is_leader(server: &Server, admin: &str) -> Option<bool> {
+    let (status, stats) = server
+        .call("GET", "/api/admin/stats", Some(admin), None)
+        .await
+        .ok()?;
+    (status == 200).then(|| stats["leader"].as_bool()).flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed() {
+    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let mut b = a.start_replica(&[]).await.unwrap();
+    let leaders =
+        flotilla_e2e::wait_for("one leader", std::time::Duration::from_secs(20), || async {
+            let (la, lb) = (is_leader(&a, &admin).await?, is_leader(&b, &admin).await?);
+            (la != lb).then_some((la, lb))
+        })
+        .await
+        .unwrap();
+    // SIGKILL the leader: no release, the lease has to lapse.
+    let survivor = if leaders.0 {
+        a.proc.kill_hard();
+        &b
+    } else {
+        b.proc.kill_hard();
+        &a
+    };
+    flotilla_e2e::wait_for(
+        "the survivor leads",
+        std::time::Duration::from_secs(30),
+        || async { is_leader(survivor, &admin).await.filter(|l| *l) },
+    )
+    .await
+    .unwrap();
+    // And it runs the sweeps: a command for a device that never connects expires.
+    let (status, body) = survivor
+        .call(
+            "POST",
+            "/api/device/register",
+            Some(&admin),
+            Some(json!({"deviceId": "sleeper", "name": "s"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, cmd) = survivor
+        .call(
+            "POST",
+            "/api/device/sleeper/commands",
+            Some(&admin),
+            Some(json!({"name": "ping", "ttlSeconds": 1})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{cmd}");
+    let path = format!(
+        "/api/device/sleeper/commands/{}",
+        cmd["id"].as_str().unwrap()
+    );
+    flotilla_e2e::wait_for(
+        "the command expired",
+        std::time::Duration::from_secs(10),
+        || {
+            let (path, admin) = (path.clone(), admin.clone());
+            async move {
+                let (_, c) = survivor.call("GET", &path, Some(&admin), None).await.ok()?;
+                (c["state"] == "expired").then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+}

@@ -27,6 +27,7 @@ pub struct AppState {
     pub limiter: Arc<LoginLimiter>,
     /// Login counts every replica shares; on PostgreSQL only.
     pub shared_limits: Option<crate::shared_limits::SharedLoginLimits>,
+    pub leadership: crate::leader::Leadership,
     pub passwords: Passwords,
     pub anonymous: Arc<AnonymousLimiter>,
     /// Registrations per source address.

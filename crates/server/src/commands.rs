@@ -13,6 +13,8 @@ use std::time::Duration;
 use flotilla_proto::{Channel, Command, DeviceId, LedState, SensorKind, Topic, encode};
 use serde_json::Value;
 
+use crate::leader::{Leadership, Sweep};
+
 use crate::downlink::Downlink;
 use flotilla_store::{CommandRow, Store};
 
@@ -117,25 +119,44 @@ impl Dispatcher {
 }
 
 /// Background upkeep: expire commands past their deadline and mark silent devices offline.
-pub fn spawn_sweepers(store: Store, heartbeat_timeout: Duration) {
+pub fn spawn_sweepers(store: Store, heartbeat_timeout: Duration, leadership: Leadership) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            if let Err(e) = store.expire_commands().await {
-                tracing::warn!(error = %e, "expiring commands failed");
-            }
             let cutoff = flotilla_store::now_ms() - heartbeat_timeout.as_millis() as i64;
-            match store.expire_silent_devices(cutoff).await {
-                Ok(ids) => {
-                    for id in ids {
+            match sweep_once(&store, &leadership, cutoff).await {
+                Ok(offline) => {
+                    for id in offline {
                         tracing::info!(device_id = %id, "device offline: heartbeat timeout");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
+                Err(e) => tracing::warn!(error = %e, "sweep failed"),
             }
         }
     });
+}
+
+/// Expires commands and marks silent devices offline, if this server leads; the devices
+/// marked offline.
+async fn sweep_once(
+    store: &Store,
+    leadership: &Leadership,
+    cutoff: i64,
+) -> flotilla_store::StoreResult<Vec<String>> {
+    Ok(match leadership.sweep(store).await? {
+        None => Vec::new(),
+        Some(Sweep::Alone(store)) => {
+            store.expire_commands().await?;
+            store.expire_silent_devices(cutoff).await?
+        }
+        Some(Sweep::Fenced(mut tx)) => {
+            tx.expire_commands().await?;
+            let offline = tx.expire_silent_devices(cutoff).await?;
+            tx.commit().await?;
+            offline
+        }
+    })
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod device_listener;
 mod downlink;
 mod error;
 mod ingest;
+mod leader;
 mod listener;
 mod login_limits;
 mod metrics;

@@ -73,6 +73,7 @@ pub struct Metrics {
     rollouts: Family<StateLabel, Gauge>,
     cert_expiry_horizon: Gauge<f64, AtomicU64>,
     device_certificates: Gauge,
+    leader: Gauge,
     /// Held for a whole render: the gauges and families are shared between scrapes.
     rendering: Mutex<()>,
     /// The last read of the fleet's state, and when; one scrape reads, the others wait.
@@ -97,6 +98,7 @@ impl Default for Metrics {
             rollouts: Family::default(),
             cert_expiry_horizon: Gauge::default(),
             device_certificates: Gauge::default(),
+            leader: Gauge::default(),
             rendering: Mutex::new(()),
             fleet: tokio::sync::Mutex::new(None),
             registry: Registry::with_prefix("flotilla"),
@@ -160,6 +162,11 @@ impl Default for Metrics {
             "Unblocked devices holding a certificate",
             m.device_certificates.clone(),
         );
+        m.registry.register(
+            "leader",
+            "1 while this server runs the background sweeps (always on SQLite; on PostgreSQL, while it holds the lease)",
+            m.leader.clone(),
+        );
         m
     }
 }
@@ -179,8 +186,9 @@ impl Metrics {
     }
 
     /// The text exposition, with the fleet gauges set from `fleet`.
-    pub fn render(&self, fleet: &FleetGauges, queued_bytes: usize) -> String {
+    pub fn render(&self, fleet: &FleetGauges, queued_bytes: usize, leader: bool) -> String {
         let _one_at_a_time = self.rendering.lock().unwrap_or_else(|p| p.into_inner());
+        self.leader.set(i64::from(leader));
         self.ingest_queued_bytes
             .set(i64::try_from(queued_bytes).unwrap_or(i64::MAX));
         self.devices.set(fleet.devices);
@@ -240,7 +248,7 @@ mod tests {
             first_cert_expiry_ms: Some(now_ms() + 3_600_000),
             device_certificates: 1,
         };
-        let text = m.render(&fleet, 10);
+        let text = m.render(&fleet, 10, true);
         for line in [
             "flotilla_ingest_stored_total 3",
             "flotilla_ingest_commit_seconds_count 1",
@@ -262,7 +270,7 @@ mod tests {
         fleet.commands.clear();
         fleet.first_cert_expiry_ms = None;
         fleet.device_certificates = 0;
-        let text = m.render(&fleet, 0);
+        let text = m.render(&fleet, 0, false);
         assert!(!text.contains("state=\"queued\""), "{text}");
         assert!(
             text.lines().any(|l| l == "flotilla_device_certificates 0"),

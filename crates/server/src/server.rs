@@ -213,7 +213,17 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         !broker.reports_sessions,
         ingested,
     );
-    spawn_sweepers(store.clone(), config.heartbeat_timeout());
+    let leadership = if matches!(database, flotilla_store::DatabaseUrl::Postgres(_)) {
+        let holder = format!("{}:{:016x}", config.replica_id, rand::random::<u64>());
+        crate::leader::Leadership::compete(store.clone(), holder)
+    } else {
+        crate::leader::Leadership::alone()
+    };
+    spawn_sweepers(
+        store.clone(),
+        config.heartbeat_timeout(),
+        leadership.clone(),
+    );
 
     let shared_limits = matches!(database, flotilla_store::DatabaseUrl::Postgres(_))
         .then(|| crate::shared_limits::SharedLoginLimits::start(store.clone()));
@@ -222,6 +232,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         jwt,
         limiter: Arc::new(LoginLimiter::default()),
         shared_limits,
+        leadership,
         passwords: Passwords::default(),
         anonymous: Arc::new(AnonymousLimiter::default()),
         registrations: Arc::new(AnonymousLimiter::default()),

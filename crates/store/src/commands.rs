@@ -149,21 +149,28 @@ impl Store {
     /// Expires open commands past their deadline. Looks first with a read (indexed), so a
     /// sweep with nothing to do never takes the write lock ingest needs.
     pub async fn expire_commands(&self) -> StoreResult<u64> {
-        let now = now_ms();
-        let due: Option<i64> = sqlx::query_scalar(OPEN_COMMAND_DUE)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await?;
-        if due.is_none() {
-            return Ok(0);
-        }
-        let r = sqlx::query("UPDATE commands SET state = 'expired', completed_at = $1 WHERE state IN ('queued', 'delivered') AND expires_at <= $2")
-            .bind(now)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected())
+        let mut conn = self.pool.acquire().await?;
+        expire_commands_in(&mut conn).await
     }
+}
+
+/// Expires open commands past their deadline; looks first with a read (indexed), so a sweep
+/// with nothing to do never takes the write lock ingest needs.
+pub(super) async fn expire_commands_in(conn: &mut sqlx::AnyConnection) -> StoreResult<u64> {
+    let now = now_ms();
+    let due: Option<i64> = sqlx::query_scalar(OPEN_COMMAND_DUE)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if due.is_none() {
+        return Ok(0);
+    }
+    let r = sqlx::query("UPDATE commands SET state = 'expired', completed_at = $1 WHERE state IN ('queued', 'delivered') AND expires_at <= $2")
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(r.rows_affected())
 }
 
 /// Whether an open command is past its deadline.

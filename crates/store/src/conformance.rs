@@ -51,6 +51,8 @@ on_both_backends!(
     revoked_and_superseded_certificates_reach_the_broker_denials,
     token_keys_are_published_once_and_found_by_id,
     attempts_are_counted_in_windows_given_back_and_cleared,
+    a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
+    a_takeover_waits_for_work_begun_under_the_old_epoch,
 );
 
 async fn user(store: &Store, email: &str, role: Role) -> i64 {
@@ -1178,7 +1180,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5]);
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6]);
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -1344,4 +1346,79 @@ async fn attempts_are_counted_in_windows_given_back_and_cleared(store: &Store) {
     let mut seen: Vec<i64> = counts.into_iter().map(|c| c.unwrap()[0]).collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..8).collect::<Vec<i64>>());
+}
+
+async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &Store) {
+    let long = 60_000;
+    let a = store.hold_lease("bg", "a", long).await.unwrap().unwrap();
+    assert_eq!(a.epoch, 1);
+    assert_eq!(store.hold_lease("bg", "b", long).await.unwrap(), None);
+    // Renewed in time by its holder: the same epoch.
+    assert_eq!(
+        store
+            .hold_lease("bg", "a", long)
+            .await
+            .unwrap()
+            .unwrap()
+            .epoch,
+        1
+    );
+    // Another lease is another matter.
+    assert_eq!(
+        store
+            .hold_lease("other", "b", long)
+            .await
+            .unwrap()
+            .unwrap()
+            .epoch,
+        1
+    );
+    let mut work = store.begin_fenced("bg", "a", 1).await.unwrap().unwrap();
+    work.expire_commands().await.unwrap();
+    work.commit().await.unwrap();
+    assert!(store.begin_fenced("bg", "b", 1).await.unwrap().is_none());
+
+    // a stops renewing (a TTL of 0 lapses at once): b takes it under a higher epoch, and a's
+    // work under its old epoch is refused from then on.
+    store.hold_lease("bg", "a", 0).await.unwrap().unwrap();
+    let b = store.hold_lease("bg", "b", long).await.unwrap().unwrap();
+    assert_eq!(b.epoch, 2);
+    assert!(store.begin_fenced("bg", "a", 1).await.unwrap().is_none());
+    assert_eq!(store.hold_lease("bg", "a", long).await.unwrap(), None);
+    assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_some());
+    // A clean release hands it over at once.
+    store.release_lease("bg", "b").await.unwrap();
+    assert_eq!(
+        store
+            .hold_lease("bg", "a", long)
+            .await
+            .unwrap()
+            .unwrap()
+            .epoch,
+        3
+    );
+    assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_none());
+}
+
+async fn a_takeover_waits_for_work_begun_under_the_old_epoch(store: &Store) {
+    let old = store.hold_lease("bg", "old", 300).await.unwrap().unwrap();
+    let work = store
+        .begin_fenced("bg", "old", old.epoch)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // The lease has lapsed, but the old holder's work still holds its row: the new holder
+    // takes it only once that work has committed, so nothing of the old epoch lands after
+    // the new one began.
+    let store2 = store.clone();
+    let takeover = tokio::spawn(async move { store2.hold_lease("bg", "new", 60_000).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !takeover.is_finished(),
+        "the takeover did not wait for the old epoch's work"
+    );
+    work.commit().await.unwrap();
+    let new = takeover.await.unwrap().unwrap().unwrap();
+    assert_eq!(new.epoch, old.epoch + 1);
 }

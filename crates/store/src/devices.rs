@@ -212,20 +212,8 @@ impl Store {
     /// Looks first with a read (indexed), so a sweep with nothing to do never takes the
     /// write lock ingest needs.
     pub async fn expire_silent_devices(&self, cutoff: i64) -> StoreResult<Vec<String>> {
-        let due: Option<i64> = sqlx::query_scalar(SILENT_DEVICE_EXISTS)
-            .bind(cutoff)
-            .fetch_optional(&self.pool)
-            .await?;
-        if due.is_none() {
-            return Ok(Vec::new());
-        }
-        Ok(sqlx::query_scalar(
-            "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
-             WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1) RETURNING device_id",
-        )
-        .bind(cutoff)
-        .fetch_all(&self.pool)
-        .await?)
+        let mut conn = self.pool.acquire().await?;
+        expire_silent_devices_in(&mut conn, cutoff).await
     }
 
     pub async fn telemetry(
@@ -252,6 +240,26 @@ impl Store {
             })
             .collect()
     }
+}
+
+pub(super) async fn expire_silent_devices_in(
+    conn: &mut sqlx::AnyConnection,
+    cutoff: i64,
+) -> StoreResult<Vec<String>> {
+    let due: Option<i64> = sqlx::query_scalar(SILENT_DEVICE_EXISTS)
+        .bind(cutoff)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if due.is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_scalar(
+        "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
+         WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1) RETURNING device_id",
+    )
+    .bind(cutoff)
+    .fetch_all(&mut *conn)
+    .await?)
 }
 
 pub(super) async fn register_in(

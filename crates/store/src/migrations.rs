@@ -60,6 +60,11 @@ const SQLITE: Embedded = &[
         "attempt counts",
         include_str!("../migrations/sqlite/0009_attempt_counts.sql"),
     ),
+    (
+        10,
+        "leases",
+        include_str!("../migrations/sqlite/0010_leases.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -87,6 +92,11 @@ const POSTGRES: Embedded = &[
         5,
         "attempt counts",
         include_str!("../migrations/postgres/0005_attempt_counts.sql"),
+    ),
+    (
+        6,
+        "leases",
+        include_str!("../migrations/postgres/0006_leases.sql"),
     ),
 ];
 

@@ -210,8 +210,11 @@ async fn audit(
 async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {
     user.require_admin()?;
     let mut stats = state.store.stats().await?;
-    if let (Some(link), Some(fields)) = (state.broker.link_stats(), stats.as_object_mut()) {
-        fields.insert("ingestLink".into(), link);
+    if let Some(fields) = stats.as_object_mut() {
+        if let Some(link) = state.broker.link_stats() {
+            fields.insert("ingestLink".into(), link);
+        }
+        fields.insert("leader".into(), state.leadership.is_leader().into());
     }
     Ok(Json(stats))
 }

@@ -36,7 +36,11 @@ async fn metrics(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&fleet, state.writer.queued_bytes()),
+        state.metrics.render(
+            &fleet,
+            state.writer.queued_bytes(),
+            state.leadership.is_leader(),
+        ),
     ))
 }
 

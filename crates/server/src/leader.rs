@@ -1,0 +1,104 @@
+//! Which server runs the background sweeps (command expiry, presence timeouts). On PostgreSQL,
+//! where replicas share the database, one of them holds the `background` lease
+//! ([`flotilla_store::Store::hold_lease`]), renews it every third of its time to live, and
+//! runs each sweep in a transaction fenced by the lease's epoch, so a replica that lost the
+//! lease (paused, cut off) cannot write after another took it. On SQLite one process owns the
+//! database and always leads. Rollout planners do not follow the lease yet (issue 8).
+
+use std::time::Duration;
+
+use flotilla_store::{FencedTx, Store};
+use tokio::sync::watch;
+
+pub const LEASE: &str = "background";
+/// How long a lease outlives its holder's last renewal.
+pub const TTL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// `None` on SQLite: always the leader, nothing to fence.
+    shared: Option<Shared>,
+}
+
+#[derive(Debug, Clone)]
+struct Shared {
+    store: Store,
+    holder: String,
+    /// The epoch this server holds the lease under, while it does.
+    epoch: watch::Receiver<Option<i64>>,
+}
+
+/// What a sweep may write through.
+pub enum Sweep<'a> {
+    /// The only server on its database.
+    Alone(&'a Store),
+    /// Under the lease, committed only while it is held.
+    Fenced(FencedTx),
+}
+
+fn ttl_ms() -> i64 {
+    i64::try_from(TTL.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Leadership {
+    pub fn alone() -> Leadership {
+        Leadership { shared: None }
+    }
+
+    /// Competes for the lease as `holder` (unique per process: the replica id and a random
+    /// suffix) and keeps renewing it.
+    pub fn compete(store: Store, holder: String) -> Leadership {
+        let (tx, epoch) = watch::channel(None);
+        let (renewing, me) = (store.clone(), holder.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TTL / 3);
+            loop {
+                tick.tick().await;
+                let held = match renewing.hold_lease(LEASE, &me, ttl_ms()).await {
+                    Ok(held) => held.map(|h| h.epoch),
+                    Err(e) => {
+                        // Unsure whether it still holds: it stops leading; the fence refuses
+                        // its work either way once the lease lapsed.
+                        tracing::warn!(error = %e, "renewing the background lease failed");
+                        None
+                    }
+                };
+                if *tx.borrow() != held {
+                    tracing::info!(holder = %me, epoch = ?held, "background lease changed");
+                }
+                tx.send_replace(held);
+            }
+        });
+        Leadership {
+            shared: Some(Shared {
+                store,
+                holder,
+                epoch,
+            }),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_none_or(|s| s.epoch.borrow().is_some())
+    }
+
+    /// Where a sweep writes now; `None` when another server leads.
+    pub async fn sweep<'a>(
+        &self,
+        store: &'a Store,
+    ) -> flotilla_store::StoreResult<Option<Sweep<'a>>> {
+        let Some(shared) = &self.shared else {
+            return Ok(Some(Sweep::Alone(store)));
+        };
+        let Some(epoch) = *shared.epoch.borrow() else {
+            return Ok(None);
+        };
+        Ok(shared
+            .store
+            .begin_fenced(LEASE, &shared.holder, epoch)
+            .await?
+            .map(Sweep::Fenced))
+    }
+}
