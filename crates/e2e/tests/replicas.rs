@@ -270,3 +270,39 @@ async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_provisioned_and_revoked_through_one_replica_is_known_and_refused_at_the_other() {
+    let a = Server::start_on_postgres(&[]).await.unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let b = a.start_replica(&[]).await.unwrap();
+    // Provisioned through a after b started: b's gate learns it from the database.
+    let id = a.enroll(&admin, "roamer").await.unwrap();
+    let within = std::time::Duration::from_secs(15);
+    flotilla_e2e::wait_for("b accepts the device", within, || async {
+        flotilla_e2e::mqtt::connect_device(b.mqtt_port, &id)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+    let (status, body) = a
+        .call(
+            "POST",
+            "/api/admin/device/roamer/revoke",
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    flotilla_e2e::wait_for("b refuses the revoked device", within, || async {
+        flotilla_e2e::mqtt::connect_device(b.mqtt_port, &id)
+            .await
+            .err()
+            .map(|_| ())
+    })
+    .await
+    .unwrap();
+}

@@ -1,11 +1,12 @@
 //! An admin revokes a device's certificate or blocks the device; both brokers must then refuse
 //! it. The embedded broker disconnects it at once and its gate refuses the serial, across a
 //! restart. An external Mosquitto 2.0 (started here with `crlfile`) learns it through
-//! `flotilla-server broker-sync` (CRL + ACL deny + SIGHUP): the revoked device's live session
-//! has every publish refused and its reconnect fails the TLS handshake; a blocked device's
-//! live session is refused until it is unblocked; provisioned again, the device connects with
-//! its new certificate while the old one stays refused; a device nobody touched publishes
-//! throughout.
+//! `flotilla-server broker-sync` (CRL + ACL deny + SIGHUP, and a session takeover that closes
+//! what was open): the revoked device's session is closed and its reconnect fails the TLS
+//! handshake; a blocked device's session is closed and its publishes refused until it is
+//! unblocked; provisioned again, the device connects with its new certificate while the old
+//! one stays refused; a device re-provisioned while its old session is open has that session
+//! closed; a device nobody touched publishes throughout.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -231,7 +232,8 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
             .args(&sync_args)
             .arg("--broker-pid-file")
             .arg(&files.pid)
-            .args(["--interval", "1"])
+            .args(["--interval", "1", "--broker-device-url"])
+            .arg(format!("mqtts://localhost:{}", mosquitto.device_port))
             .spawn()
             .unwrap(),
     );
@@ -248,9 +250,15 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
     admin_post(&server, &admin, "/api/admin/device/dev-b/revoke").await;
     let blocked = admin_post(&server, &admin, "/api/admin/device/dev-a/block").await;
     assert_eq!(blocked["blocked"], true);
-    // Live sessions stay open at Mosquitto, but every publish is refused once the ACL is read.
-    let a_refused = a.publish_until(PubAckReason::NotAuthorized).await;
-    let b_refused = b.publish_until(PubAckReason::NotAuthorized).await;
+    // broker-sync takes both open sessions over, which closes them ...
+    for d in [&mut a, &mut b] {
+        assert!(
+            d.session.closed_within(SYNC_WAIT).await,
+            "{}: the open session was not closed",
+            d.id.device_id
+        );
+    }
+    // ... while the untouched device's stays and publishes.
     let (reason, c_seq) = c.publish().await;
     assert_eq!(
         reason,
@@ -258,23 +266,27 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
         "an untouched device publishes"
     );
     wait_stored(&server, "dev-c", c_seq).await;
-    for (d, seq) in [("dev-a", a_refused), ("dev-b", b_refused)] {
-        assert!(
-            !stored_seqs(&server, d).await.contains(&seq),
-            "{d}: a refused publish never reached ingest"
-        );
-    }
-    // The revoked certificate fails the handshake; the blocked device's still passes it.
+    // The revoked certificate fails the handshake. The blocked device's passes it, and every
+    // publish is refused by the ACL.
     let why = refused(port, &ids[1])
         .await
         .expect("revoked certificate refused");
     assert!(why.to_lowercase().contains("revoked"), "{why}");
+    let numbered = a.seq;
+    let mut a = Device::connect(port, ids[0].clone()).await;
+    a.seq = numbered;
+    let (reason, a_refused) = a.publish().await;
+    assert_eq!(reason, PubAckReason::NotAuthorized);
 
-    // Unblocked: the live session publishes again.
+    // Unblocked: it publishes again.
     let unblocked = admin_post(&server, &admin, "/api/admin/device/dev-a/block").await;
     assert_eq!(unblocked["blocked"], false);
     let seq = a.publish_until(PubAckReason::Success).await;
     wait_stored(&server, "dev-a", seq).await;
+    assert!(
+        !stored_seqs(&server, "dev-a").await.contains(&a_refused),
+        "a refused publish never reached ingest"
+    );
 
     // Provisioned again: the new certificate connects and publishes once the deny is gone;
     // the revoked one stays in the CRL.
@@ -283,6 +295,22 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
     let seq = b2.publish_until(PubAckReason::Success).await;
     wait_stored(&server, "dev-b", seq).await;
     assert!(refused(port, &ids[1]).await.is_some());
+
+    // Re-provisioned while its old session is open (a stolen certificate still connected):
+    // that session is closed before the new certificate is used, and the old certificate is
+    // refused from then on.
+    let replaced = server.enroll(&admin, "dev-c").await.unwrap();
+    assert!(
+        c.session.closed_within(SYNC_WAIT).await,
+        "the session of a replaced certificate was not closed"
+    );
+    let why = refused(port, &ids[2])
+        .await
+        .expect("replaced certificate refused");
+    assert!(why.to_lowercase().contains("revoked"), "{why}");
+    let mut c2 = Device::connect(port, replaced).await;
+    let seq = c2.publish_until(PubAckReason::Success).await;
+    wait_stored(&server, "dev-c", seq).await;
     let acl = std::fs::read_to_string(&files.acl).unwrap();
     assert!(
         !acl.contains("user dev-"),

@@ -182,6 +182,22 @@ impl CertificateAuthority {
         self.issue_keyed(params, Duration::days(30))
     }
 
+    /// A short-lived client certificate with CN `device_id` and a fresh key, never recorded:
+    /// for `flotilla-server broker-sync` to take over (and so close) a device's session at an
+    /// external broker that takes client ids from certificates.
+    pub fn issue_takeover_certificate(
+        &self,
+        device_id: &str,
+        validity: Duration,
+    ) -> Result<KeyedCertificate, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(device_id);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue_keyed(params, validity)
+    }
+
     /// Signs a device's CSR. The CSR's own subject and extensions are ignored: the certificate
     /// says CN = `device_id`, clientAuth only, not a CA, valid [`DEVICE_VALIDITY_DAYS`].
     pub fn sign_device_csr(
@@ -249,7 +265,10 @@ impl CertificateAuthority {
             crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
             issuing_distribution_point: None,
             revoked_certs,
-            key_identifier_method: KeyIdMethod::Sha256,
+            // The CA's own subject key identifier, whichever way it was made: a TLS stack finds
+            // the CRL's issuer by it.
+            key_identifier_method: subject_key_id(&self.certificate_pem)
+                .map_or(KeyIdMethod::Sha256, KeyIdMethod::PreSpecified),
         };
         Ok(params.signed_by(&self.issuer)?.pem()?)
     }
@@ -330,6 +349,20 @@ fn random_serial() -> SerialNumber {
 fn hex_lower(bytes: &[u8]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     normalize_serial(&hex)
+}
+
+/// The subject key identifier a PEM certificate carries, if any.
+fn subject_key_id(pem: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(id.0.to_vec())
+            }
+            _ => None,
+        })
 }
 
 /// The big-endian bytes of a hex serial.
@@ -500,6 +533,17 @@ mod tests {
             x509_parser::pem::parse_x509_pem(ca.certificate_pem().as_bytes()).unwrap();
         let ca_cert = ca_pem.parse_x509().unwrap();
         crl.verify_signature(ca_cert.public_key()).unwrap();
+        let aki = crl
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            });
+        assert_eq!(aki, subject_key_id(ca.certificate_pem()));
+        assert!(aki.is_some());
         let lapses = crl.next_update().unwrap().timestamp();
         assert!((lapses - (now + Duration::days(7)).unix_timestamp()).abs() <= 1);
         assert!(matches!(

@@ -32,14 +32,20 @@ struct Claims {
 /// The signing key's file in the data dir.
 pub const SIGNING_KEY_FILE: &str = "jwt.key";
 
-/// Verification keys kept in memory at most; past it a key is read from the store each time.
+/// Verification keys kept in memory at most.
 const KNOWN_KEYS: usize = 256;
+/// A token naming a key this server does not know makes it read the published keys again,
+/// at most this often: unknown key ids cost the database one read per interval, however
+/// many arrive.
+const RELOAD_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
 pub struct JwtKeys {
     kid: String,
     encoding: EncodingKey,
     /// Verification keys by kid, this server's and those of replicas seen so far.
     known: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    /// When the published keys were last read; held while they are read, so one read runs.
+    reloaded: tokio::sync::Mutex<Option<std::time::Instant>>,
     store: Store,
     ttl: Duration,
 }
@@ -82,6 +88,7 @@ impl JwtKeys {
         Ok(JwtKeys {
             encoding: EncodingKey::from_ec_pem(private_pem.as_bytes())?,
             known: RwLock::new(HashMap::from([(kid.clone(), decoding)])),
+            reloaded: tokio::sync::Mutex::new(None),
             kid,
             store,
             ttl,
@@ -103,14 +110,15 @@ impl JwtKeys {
 
     /// The user id in a valid token; `Ok(None)` for any token that is not. Only ES256 with a
     /// published key id is accepted: `alg: none`, HMAC with a public key as the secret, and a
-    /// key the database does not know are all refused.
+    /// key the database does not know are all refused. An unknown key id costs at most one
+    /// read of the published keys per [`RELOAD_AT_MOST_EVERY`], whoever sends it.
     pub async fn verify(&self, token: &str) -> StoreResult<Option<i64>> {
         let Ok(header) = jsonwebtoken::decode_header(token) else {
             return Ok(None);
         };
         let Some(kid) = header
             .kid
-            .filter(|k| header.alg == Algorithm::ES256 && k.len() <= 64)
+            .filter(|k| header.alg == Algorithm::ES256 && is_key_id(k))
         else {
             return Ok(None);
         };
@@ -125,29 +133,47 @@ impl JwtKeys {
             .and_then(|data| data.claims.sub.parse().ok()))
     }
 
-    async fn verification_key(&self, kid: &str) -> StoreResult<Option<Arc<DecodingKey>>> {
-        if let Some(key) = self
-            .known
+    fn known_key(&self, kid: &str) -> Option<Arc<DecodingKey>> {
+        self.known
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(kid)
-        {
-            return Ok(Some(key.clone()));
-        }
-        let Some(pem) = self.store.token_key(kid).await? else {
-            return Ok(None);
-        };
-        let Ok(key) = DecodingKey::from_ec_pem(pem.as_bytes()) else {
-            tracing::warn!(kid, "a published token key does not parse");
-            return Ok(None);
-        };
-        let key = Arc::new(key);
-        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
-        if known.len() < KNOWN_KEYS {
-            known.insert(kid.to_string(), key.clone());
-        }
-        Ok(Some(key))
+            .cloned()
     }
+
+    async fn verification_key(&self, kid: &str) -> StoreResult<Option<Arc<DecodingKey>>> {
+        if let Some(key) = self.known_key(kid) {
+            return Ok(Some(key));
+        }
+        let mut reloaded = self.reloaded.lock().await;
+        // Another request may have read them while this one waited.
+        if let Some(key) = self.known_key(kid) {
+            return Ok(Some(key));
+        }
+        if reloaded.is_some_and(|at| at.elapsed() < RELOAD_AT_MOST_EVERY) {
+            return Ok(None);
+        }
+        let published = self.store.token_keys().await?;
+        *reloaded = Some(std::time::Instant::now());
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        for (id, pem) in published {
+            if known.len() >= KNOWN_KEYS {
+                break;
+            }
+            match DecodingKey::from_ec_pem(pem.as_bytes()) {
+                Ok(key) => {
+                    known.entry(id).or_insert_with(|| Arc::new(key));
+                }
+                Err(_) => tracing::warn!(kid = %id, "a published token key does not parse"),
+            }
+        }
+        Ok(known.get(kid).cloned())
+    }
+}
+
+/// What [`key_id`] makes: 16 lower-case hex digits.
+fn is_key_id(kid: &str) -> bool {
+    kid.len() == 16 && kid.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn unix_now() -> u64 {

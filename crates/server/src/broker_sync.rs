@@ -5,15 +5,21 @@
 //! - a CRL of revoked device certificates (`crlfile`): a reconnect with one fails the TLS
 //!   handshake;
 //! - the operator's ACL with a `topic deny #` block per device that is blocked or left without
-//!   a valid certificate (`acl_file`): a session that was already connected when the device
-//!   was revoked or blocked can publish and receive nothing (Mosquitto keeps such a session
-//!   open: it checks the CRL only at the handshake).
+//!   a valid certificate (`acl_file`): a denied device can publish and receive nothing.
+//!
+//! Mosquitto checks the CRL only at the handshake, so a session that was open before keeps
+//! going. With `--broker-device-url`, a device that was blocked, revoked or re-provisioned has
+//! that session taken over: broker-sync connects once as the device (a certificate with its
+//! name from the CA, valid minutes, never recorded), and the broker, which takes client ids
+//! from certificates, closes the old session. Without it, a re-provisioned device's old
+//! session keeps its rights until it disconnects.
 //!
 //! It runs beside the broker (it needs to signal it and write its files), reads the database
 //! every `--interval`, and rewrites and signals only when something changed, or when the CRL
 //! is a seventh of its validity old: a broker holding a CRL past its next update refuses every
 //! device, so a sync that stops fails closed after `--crl-validity-days`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,6 +54,10 @@ pub struct BrokerSyncArgs {
     /// Write the files (and signal) once, then exit.
     #[arg(long)]
     pub once: bool,
+    /// The broker's device listener, `mqtts://host:port`: open sessions of devices that were
+    /// blocked, revoked or re-provisioned are taken over there (closed).
+    #[arg(long)]
+    pub broker_device_url: Option<crate::config::BrokerUrl>,
 }
 
 /// The marker line between the operator's ACL and what this writes.
@@ -88,22 +98,68 @@ struct Written {
     crl_issued: Instant,
 }
 
+/// Each device's (blocked, current serial), to see whose session must end.
+type Sessions = HashMap<String, (bool, Option<String>)>;
+
+/// Devices whose open session must end since `before`: blocked now, or holding another
+/// certificate (or none) than then. Devices new since then had no session to end.
+fn sessions_to_end(before: &Sessions, now: &Sessions) -> Vec<String> {
+    let mut ended: Vec<String> = now
+        .iter()
+        .filter(|(id, (blocked, serial))| {
+            before.get(*id).is_some_and(|(was_blocked, was_serial)| {
+                (*blocked && !was_blocked) || (was_serial.is_some() && serial != was_serial)
+            })
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    ended.sort();
+    ended
+}
+
 pub async fn run(
     store: Store,
     ca: CertificateAuthority,
+    broker_ca_pem: String,
     args: BrokerSyncArgs,
 ) -> anyhow::Result<()> {
     let base = std::fs::read_to_string(&args.acl_base)
         .with_context(|| format!("reading the base ACL {}", args.acl_base.display()))?;
     let validity = Duration::from_secs(u64::from(args.crl_validity_days.max(1)) * 86_400);
     let mut written: Option<Written> = None;
+    let mut sessions: Option<Sessions> = None;
     loop {
+        let snapshot = store.gate_snapshot().await.map(|rows| {
+            rows.into_iter()
+                .map(|(id, blocked, serial)| (id, (blocked, serial)))
+                .collect::<Sessions>()
+        });
         match sync_once(&store, &ca, &base, &args, validity, written.as_ref()).await {
             Ok(Some(now)) => written = Some(now),
             Ok(None) => {}
             Err(e) if args.once => return Err(e),
             // The broker keeps what it has; the next tick tries again.
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "broker-sync failed; retrying"),
+        }
+        // After the files, so the device's reconnect meets the new CRL and ACL.
+        match (snapshot, &args.broker_device_url) {
+            (Ok(now), Some(url)) => {
+                if let Some(before) = &sessions {
+                    for device in sessions_to_end(before, &now) {
+                        match take_over(url, &ca, &broker_ca_pem, &device).await {
+                            Ok(()) => {
+                                tracing::info!(device_id = %device, "device session at the broker taken over")
+                            }
+                            Err(e) => {
+                                tracing::warn!(device_id = %device, error = %format!("{e:#}"), "taking over a device session failed")
+                            }
+                        }
+                    }
+                }
+                sessions = Some(now);
+            }
+            (Ok(_), None) => {}
+            (Err(e), _) => tracing::warn!(error = %e, "reading devices failed"),
         }
         if args.once {
             return Ok(());
@@ -169,12 +225,60 @@ async fn sync_once(
     }))
 }
 
+/// Connects to the broker as `device` (clean start, no will, no subscription) and leaves: the
+/// broker closes whatever session the device had open. Bounded by a deadline.
+async fn take_over(
+    url: &crate::config::BrokerUrl,
+    ca: &CertificateAuthority,
+    broker_ca_pem: &str,
+    device: &str,
+) -> anyhow::Result<()> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let cert = ca.issue_takeover_certificate(device, time::Duration::minutes(5))?;
+    let mut options = MqttOptions::new(device, &url.host, url.port);
+    options.set_clean_start(true);
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca: broker_ca_pem.as_bytes().to_vec(),
+            alpn: None,
+            client_auth: Some((
+                cert.certificate_pem.into_bytes(),
+                cert.private_key_pem.into_bytes(),
+            )),
+        },
+    ));
+    let (client, mut events) = AsyncClient::new(options, 4);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {
+                break;
+            }
+        }
+        client.disconnect().await?;
+        // Until the DISCONNECT is out (the loop then ends the connection).
+        while events.poll().await.is_ok() {}
+        anyhow::Ok(())
+    })
+    .await
+    .context("the broker did not answer in 10 s")?
+}
+
 /// Replaces `path` whole (a temporary file renamed over it), so the broker never reads half a
 /// file. World-readable: neither a CRL nor an ACL is secret, and Mosquitto reads them as its
 /// own user.
 fn replace_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("flotilla-tmp");
-    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    {
+        use std::io::Write;
+        let mut file =
+            std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        file.write_all(contents)?;
+        // On disk before the rename: after a power cut the broker finds the old file or the
+        // new one, never an empty or torn one.
+        file.sync_all()?;
+    }
     #[cfg(unix)]
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
@@ -190,6 +294,13 @@ fn signal_reload(pid_file: &Path) -> anyhow::Result<()> {
         .ok()
         .and_then(rustix::process::Pid::from_raw)
         .with_context(|| format!("{} holds no process id", pid_file.display()))?;
+    // Without the broker's process in view (no shared process namespace), its pid may name
+    // this process or none.
+    anyhow::ensure!(
+        pid.as_raw_nonzero().get() != std::process::id() as i32,
+        "{} names this process, not the broker",
+        pid_file.display()
+    );
     rustix::process::kill_process(pid, rustix::process::Signal::HUP)
         .with_context(|| format!("signalling the broker (pid {})", pid.as_raw_nonzero()))?;
     Ok(())
@@ -201,6 +312,37 @@ mod tests {
 
     fn id(s: &str) -> DeviceId {
         DeviceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn sessions_end_when_a_device_is_blocked_revoked_or_given_another_certificate() {
+        let s = |rows: &[(&str, bool, Option<&str>)]| -> Sessions {
+            rows.iter()
+                .map(|(id, b, serial)| (id.to_string(), (*b, serial.map(String::from))))
+                .collect()
+        };
+        let before = s(&[
+            ("kept", false, Some("1")),
+            ("blocked", false, Some("2")),
+            ("unblocked", true, Some("3")),
+            ("revoked", false, Some("4")),
+            ("renewed", false, Some("5")),
+            ("provisioned", false, None),
+        ]);
+        let now = s(&[
+            ("kept", false, Some("1")),
+            ("blocked", true, Some("2")),
+            ("unblocked", false, Some("3")),
+            ("revoked", false, None),
+            ("renewed", false, Some("6")),
+            ("provisioned", false, Some("7")),
+            ("new", false, Some("8")),
+        ]);
+        assert_eq!(
+            sessions_to_end(&before, &now),
+            ["blocked", "renewed", "revoked"]
+        );
+        assert!(sessions_to_end(&now, &now).is_empty());
     }
 
     #[test]

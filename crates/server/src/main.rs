@@ -150,7 +150,11 @@ fn main() -> ExitCode {
             Some(Command::BrokerSync(args)) => {
                 let store = flotilla_store::Store::open(&cli.config.database()?).await?;
                 let ca = flotilla_pki::CertificateAuthority::load(&cli.config.data_dir)?;
-                broker_sync::run(store, ca, args).await
+                let broker_ca_pem = match &cli.config.broker_ca {
+                    Some(path) => std::fs::read_to_string(path)?,
+                    None => ca.certificate_pem().to_string(),
+                };
+                broker_sync::run(store, ca, broker_ca_pem, args).await
             }
         }
     });

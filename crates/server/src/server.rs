@@ -59,6 +59,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
 
     let gate = Arc::new(DeviceGate::load(store.gate_snapshot().await?));
+    if matches!(database, flotilla_store::DatabaseUrl::Postgres(_)) {
+        spawn_gate_refresh(store.clone(), gate.clone());
+    }
     let tls = TlsFiles {
         ca: &data.join(flotilla_pki::CA_CERT_FILE),
         cert: &cert_path,
@@ -423,6 +426,22 @@ fn connect_host(addr: SocketAddr) -> String {
     } else {
         addr.ip().to_string()
     }
+}
+
+/// Replicas share the database but each has its own gate: every few seconds each takes what
+/// the others changed (a block or revocation on one replica reaches the firmware downloads,
+/// the broker and the ingest of all of them within that time).
+fn spawn_gate_refresh(store: Store, gate: Arc<DeviceGate>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            match store.gate_snapshot().await {
+                Ok(rows) => gate.replace(rows),
+                Err(e) => tracing::warn!(error = %e, "refreshing the device gate failed"),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

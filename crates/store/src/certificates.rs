@@ -45,16 +45,27 @@ impl Store {
         let Some(current) = current else {
             return Err(crate::StoreError::NotFound);
         };
-        if current.is_none() {
+        let Some(serial) = current else {
             return Ok(false);
-        }
-        revoke_current_in(&mut tx, device_id, RevokeReason::Revoked).await?;
-        sqlx::query(
-            "UPDATE devices SET cert_serial = NULL, cert_not_after = NULL WHERE device_id = $1",
+        };
+        // Only the serial read above: a certificate issued in between is not cleared unseen
+        // (the caller gets a conflict and may revoke again).
+        let cleared = sqlx::query(
+            "UPDATE devices SET cert_serial = NULL, cert_not_after = NULL \
+             WHERE device_id = $1 AND cert_serial = $2",
         )
         .bind(device_id.as_str())
+        .bind(&serial)
         .execute(&mut *tx)
         .await?;
+        if cleared.rows_affected() != 1 {
+            return Err(crate::StoreError::Conflict(
+                "the device was issued another certificate meanwhile"
+                    .to_string()
+                    .into(),
+            ));
+        }
+        revoke_current_in(&mut tx, device_id, RevokeReason::Revoked).await?;
         tx.commit().await?;
         Ok(true)
     }

@@ -1180,7 +1180,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7]);
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -1316,6 +1316,15 @@ async fn token_keys_are_published_once_and_found_by_id(store: &Store) {
         Some("pem-2")
     );
     assert_eq!(store.token_key("k3").await.unwrap(), None);
+    let mut all = store.token_keys().await.unwrap();
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            ("k1".to_string(), "pem-1".to_string()),
+            ("k2".into(), "pem-2".into())
+        ]
+    );
 }
 
 async fn attempts_are_counted_in_windows_given_back_and_cleared(store: &Store) {

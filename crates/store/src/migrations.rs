@@ -65,6 +65,11 @@ const SQLITE: Embedded = &[
         "leases",
         include_str!("../migrations/sqlite/0010_leases.sql"),
     ),
+    (
+        11,
+        "certificates of unknown expiry",
+        include_str!("../migrations/sqlite/0011_certificates_unknown_expiry.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -97,6 +102,11 @@ const POSTGRES: Embedded = &[
         6,
         "leases",
         include_str!("../migrations/postgres/0006_leases.sql"),
+    ),
+    (
+        7,
+        "certificates of unknown expiry",
+        include_str!("../migrations/postgres/0007_certificates_unknown_expiry.sql"),
     ),
 ];
 

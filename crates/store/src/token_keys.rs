@@ -18,6 +18,15 @@ impl Store {
         Ok(())
     }
 
+    /// Every published key, as (kid, PEM).
+    pub async fn token_keys(&self) -> StoreResult<Vec<(String, String)>> {
+        Ok(
+            sqlx::query_as("SELECT kid, public_key_pem FROM jwt_keys ORDER BY created_at DESC")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// The PEM public key published under `kid`, if any.
     pub async fn token_key(&self, kid: &str) -> StoreResult<Option<String>> {
         Ok(

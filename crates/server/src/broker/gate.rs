@@ -33,6 +33,22 @@ impl DeviceGate {
         gate
     }
 
+    /// Takes the database's view whole (replicas: what another replica blocked, revoked or
+    /// provisioned reaches this one's gate).
+    pub fn replace(&self, rows: Vec<(String, bool, Option<String>)>) {
+        let fresh = DeviceGate::load(rows);
+        let blocked = fresh
+            .blocked
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        let serials = fresh
+            .serials
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = blocked;
+        *self.serials.write().unwrap_or_else(|p| p.into_inner()) = serials;
+    }
+
     pub fn set_blocked(&self, device_id: &str, blocked: bool) {
         let mut set = self.blocked.write().unwrap_or_else(|p| p.into_inner());
         if blocked {

@@ -89,9 +89,10 @@ impl BrokerControl for Embedded {
 }
 
 /// Control over an external broker, as far as it goes today: the server cannot disconnect a
-/// client there (the ingest link drops a blocked device's messages instead; no CRL is
-/// produced yet), and it does not see connections, so every device counts as not connected
-/// and presence follows the devices' status messages and wills.
+/// client there itself (the ingest link drops a blocked device's messages; `flotilla-server
+/// broker-sync` beside the broker closes sessions and updates its CRL and ACL), and it does not
+/// see connections, so every device counts as not connected and presence follows the devices'
+/// status messages and wills.
 pub struct External {
     pub ingest: crate::ingest::link::IngestLink,
 }

@@ -171,7 +171,9 @@ async fn revoke_device_certificate(
     }
     state.gate.forget_serial(id.as_str());
     state.broker.kick(id.as_str()).await;
-    let _ = state.store.mark_offline(&id, "certificate revoked").await;
+    if let Err(e) = state.store.mark_offline(&id, "certificate revoked").await {
+        tracing::warn!(device_id = %id, error = %e, "marking a revoked device offline failed");
+    }
     let actor = user.actor();
     state
         .store
