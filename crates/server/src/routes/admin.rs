@@ -118,32 +118,52 @@ async fn block_device(
         .store
         .toggle_device_block(&id)
         .await
-        .map_err(|e| match e {
-            flotilla_store::StoreError::NotFound => ApiError::NotFound("no such device"),
-            e => e.into(),
-        })?;
+        .map_err(no_such_device)?;
     state.gate.set_blocked(&device_id, blocked);
     if blocked {
-        state.broker.kick(&device_id).await;
-        let _ = state.store.mark_offline(&id, "blocked").await;
+        disconnect(&state, &id, "blocked").await;
     }
-    let actor = user.actor();
     let action = if blocked {
         "admin.device.block"
     } else {
         "admin.device.unblock"
     };
+    audit_device(&state, &user, action, &id).await;
+    Ok(Json(json!({ "deviceId": device_id, "blocked": blocked })))
+}
+
+fn no_such_device(e: flotilla_store::StoreError) -> ApiError {
+    match e {
+        flotilla_store::StoreError::NotFound => ApiError::NotFound("no such device"),
+        e => e.into(),
+    }
+}
+
+/// Closes the device's session at the broker and shows it offline with `reason`.
+async fn disconnect(state: &AppState, id: &flotilla_proto::DeviceId, reason: &str) {
+    state.broker.kick(id.as_str()).await;
+    if let Err(e) = state.store.mark_offline(id, reason).await {
+        tracing::warn!(device_id = %id, error = %e, "marking a device offline failed");
+    }
+}
+
+async fn audit_device(
+    state: &AppState,
+    user: &AuthUser,
+    action: &str,
+    id: &flotilla_proto::DeviceId,
+) {
+    let actor = user.actor();
     state
         .store
         .audit(AuditRecord {
             actor: &actor,
             action,
-            target: Some(&device_id),
+            target: Some(id.as_str()),
             result: "success",
             detail: None,
         })
         .await;
-    Ok(Json(json!({ "deviceId": device_id, "blocked": blocked })))
 }
 
 /// Revokes a device's certificate: the device is disconnected and refused until it is
@@ -160,31 +180,15 @@ async fn revoke_device_certificate(
         .store
         .revoke_device_certificate(&id)
         .await
-        .map_err(|e| match e {
-            flotilla_store::StoreError::NotFound => ApiError::NotFound("no such device"),
-            e => e.into(),
-        })?;
+        .map_err(no_such_device)?;
     if !revoked {
         return Err(ApiError::Conflict(
             "the device holds no certificate to revoke".into(),
         ));
     }
     state.gate.forget_serial(id.as_str());
-    state.broker.kick(id.as_str()).await;
-    if let Err(e) = state.store.mark_offline(&id, "certificate revoked").await {
-        tracing::warn!(device_id = %id, error = %e, "marking a revoked device offline failed");
-    }
-    let actor = user.actor();
-    state
-        .store
-        .audit(AuditRecord {
-            actor: &actor,
-            action: "admin.device.revoke",
-            target: Some(id.as_str()),
-            result: "success",
-            detail: None,
-        })
-        .await;
+    disconnect(&state, &id, "certificate revoked").await;
+    audit_device(&state, &user, "admin.device.revoke", &id).await;
     Ok(Json(json!({ "deviceId": id, "revoked": true })))
 }
 
