@@ -484,6 +484,30 @@ impl Server {
             .build()?)
     }
 
+    /// `POST /sign-csr` from the loopback address `from` (any of 127.0.0.0/8); the status.
+    pub async fn sign_csr_from(
+        &self,
+        from: &str,
+        token: &str,
+        device_id: &str,
+        csr: &str,
+    ) -> Result<u16> {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem().as_bytes())?)
+            .local_address(Some(from.parse::<std::net::IpAddr>()?))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let r = client
+            .post(format!("{}/sign-csr", self.backend_url()))
+            .bearer_auth(token)
+            .json(&json!({ "device_id": device_id, "csr": csr }))
+            .send()
+            .await?;
+        Ok(r.status().as_u16())
+    }
+
     /// `POST /sign-csr` as a device would; returns status and body.
     pub async fn sign_csr(&self, token: &str, device_id: &str, csr: &str) -> Result<(u16, Value)> {
         let resp = self

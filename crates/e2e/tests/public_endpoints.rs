@@ -140,19 +140,7 @@ async fn sign_csr_from(
     device_id: &str,
     csr: &str,
 ) -> anyhow::Result<u16> {
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem().as_bytes())?)
-        .local_address(Some(from.parse::<IpAddr>()?))
-        .build()?;
-    let r = client
-        .post(format!("{}/sign-csr", server.backend_url()))
-        .bearer_auth(token)
-        .json(&json!({ "device_id": device_id, "csr": csr }))
-        .send()
-        .await?;
-    Ok(r.status().as_u16())
+    server.sign_csr_from(from, token, device_id, csr).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

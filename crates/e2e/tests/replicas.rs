@@ -306,3 +306,33 @@ async fn a_device_provisioned_and_revoked_through_one_replica_is_known_and_refus
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_certificate_requests_spread_over_two_replicas_are_refused_at_the_shared_limit() {
+    let a = Server::start_on_postgres(&[]).await.unwrap();
+    let b = a.start_replica(&[]).await.unwrap();
+    let from = "127.0.0.92";
+    // 50 refused requests (no valid token) from one address, half on each replica: each alone
+    // has seen 25, under the per-address limit of 50.
+    for k in 0..50 {
+        let server = if k % 2 == 0 { &a } else { &b };
+        let status = server
+            .sign_csr_from(from, "not-a-token", "dev-x", "garbage")
+            .await
+            .unwrap();
+        assert_eq!(status, 401, "request {k}");
+    }
+    for server in [&a, &b] {
+        let status = server
+            .sign_csr_from(from, "not-a-token", "dev-x", "garbage")
+            .await
+            .unwrap();
+        assert_eq!(status, 429);
+    }
+    // Another address is not refused.
+    let status = b
+        .sign_csr_from("127.0.0.93", "not-a-token", "dev-x", "garbage")
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+}

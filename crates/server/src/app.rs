@@ -26,7 +26,7 @@ pub struct AppState {
     pub jwt: Arc<JwtKeys>,
     pub limiter: Arc<LoginLimiter>,
     /// Login counts every replica shares; on PostgreSQL only.
-    pub shared_limits: Option<crate::shared_limits::SharedLoginLimits>,
+    pub shared_limits: Option<crate::shared_limits::SharedLimits>,
     pub leadership: crate::leader::Leadership,
     pub passwords: Passwords,
     pub anonymous: Arc<AnonymousLimiter>,

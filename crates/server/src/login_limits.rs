@@ -128,6 +128,17 @@ pub fn login_decision(by_address: u64, by_pair: u64) -> Result<(), Refused> {
     Ok(())
 }
 
+/// Whether an anonymous request is refused, given the failures its address already had.
+pub fn anonymous_decision(by_address: u64) -> Result<(), Refused> {
+    if by_address >= u64::from(MAX_ANONYMOUS) {
+        return Err(Refused {
+            why: RefusedFor::Address,
+            first: by_address == u64::from(MAX_ANONYMOUS),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
     inner: Mutex<Tables>,
@@ -184,13 +195,7 @@ impl AnonymousLimiter {
         let mut t = self.counts();
         let n = t.count(&from, now);
         t.add(from, now);
-        if n >= MAX_ANONYMOUS {
-            return Err(Refused {
-                why: RefusedFor::Address,
-                first: n == MAX_ANONYMOUS,
-            });
-        }
-        Ok(())
+        anonymous_decision(u64::from(n))
     }
 
     pub fn succeeded(&self, from: Option<IpAddr>) {

@@ -229,7 +229,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
 
     let shared_limits = matches!(database, flotilla_store::DatabaseUrl::Postgres(_))
-        .then(|| crate::shared_limits::SharedLoginLimits::start(store.clone()));
+        .then(|| crate::shared_limits::SharedLimits::start(store.clone()));
     let state = AppState {
         store,
         jwt,

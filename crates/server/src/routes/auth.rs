@@ -59,7 +59,16 @@ async fn register(
     validate_credentials(&body.username, &email, &body.password)?;
     // Every registration costs a password hash: a few per address and window, so one host
     // cannot keep the hashing slots busy for everyone else's logins.
-    if let Err(refused) = state.registrations.begin(from, std::time::Instant::now()) {
+    let local = state.registrations.begin(from, std::time::Instant::now());
+    let shared = match (&local, &state.shared_limits) {
+        (Ok(()), Some(shared)) => {
+            shared
+                .begin_anonymous(crate::shared_limits::Anonymous::Registration, from)
+                .await
+        }
+        _ => Ok(()),
+    };
+    if let Err(refused) = local.and(shared) {
         if refused.first {
             let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
             state

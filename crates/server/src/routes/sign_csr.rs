@@ -17,6 +17,7 @@ use super::provisioning::token_hash;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::routes::ClientAddr;
+use crate::shared_limits::Anonymous;
 use flotilla_store::{AuditRecord, TokenClaim};
 
 pub fn router() -> Router<AppState> {
@@ -56,7 +57,12 @@ async fn sign_csr(
         }
     };
     let now = std::time::Instant::now();
-    if let Err(refused) = state.anonymous.begin(from, now) {
+    let local = state.anonymous.begin(from, now);
+    let shared = match (&local, &state.shared_limits) {
+        (Ok(()), Some(shared)) => shared.begin_anonymous(Anonymous::SignCsr, from).await,
+        _ => Ok(()),
+    };
+    if let Err(refused) = local.and(shared) {
         if refused.first {
             let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
             audit(
@@ -106,6 +112,9 @@ async fn sign_csr(
     {
         TokenClaim::Claimed { owner_id } => {
             state.anonymous.succeeded(from);
+            if let Some(shared) = &state.shared_limits {
+                shared.anonymous_succeeded(Anonymous::SignCsr, from).await;
+            }
             state.gate.set_serial(device.as_str(), &issued.serial_hex);
             // Any session still using an older certificate is now revoked: close it.
             state.broker.kick(device.as_str()).await;
