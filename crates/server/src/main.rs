@@ -65,14 +65,18 @@ enum AdminAction {
         #[arg(long, default_value = "admin")]
         username: String,
     },
-    /// Issue a TLS server certificate for an external broker from the data dir's CA (made
-    /// there if it does not exist yet): `broker.pem` and `broker.key` (0600) in `--out-dir`.
+    /// Issue a TLS server certificate for an external broker from the data dir's CA:
+    /// `broker.pem` and `broker.key` (0600) in `--out-dir`.
     BrokerCert {
         /// A DNS name or IP address devices and replicas reach the broker by; repeat for more.
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
         #[arg(long)]
         out_dir: std::path::PathBuf,
+        /// Make the CA in the data dir if there is none (a first installation); without it a
+        /// data dir without a CA is an error, not a new CA nobody trusts.
+        #[arg(long)]
+        create_ca: bool,
     },
 }
 
@@ -131,9 +135,18 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Some(Command::Admin {
-                action: AdminAction::BrokerCert { hosts, out_dir },
+                action:
+                    AdminAction::BrokerCert {
+                        hosts,
+                        out_dir,
+                        create_ca,
+                    },
             }) => {
-                let ca = flotilla_pki::CertificateAuthority::load_or_create(&cli.config.data_dir)?;
+                let ca = if create_ca {
+                    flotilla_pki::CertificateAuthority::load_or_create(&cli.config.data_dir)?
+                } else {
+                    flotilla_pki::CertificateAuthority::load(&cli.config.data_dir)?
+                };
                 let issued = ca.issue_server_certificate(&hosts)?;
                 std::fs::create_dir_all(&out_dir)?;
                 std::fs::write(out_dir.join("broker.pem"), &issued.certificate_pem)?;
