@@ -102,18 +102,16 @@ impl Dispatcher {
     }
 
     /// Sends every command still queued for a device whose session just started.
-    pub async fn flush_pending(&self, device_id: &str) {
-        let Ok(id) = DeviceId::parse(device_id) else {
-            tracing::error!(device_id, "not a device id; no commands sent");
-            return;
-        };
-        match self.store.pending_commands(&id).await {
+    pub async fn flush_pending(&self, device_id: &DeviceId) {
+        match self.store.pending_commands(device_id).await {
             Ok(commands) => {
                 for c in &commands {
                     self.send(c).await;
                 }
             }
-            Err(e) => tracing::error!(error = %e, device_id, "loading pending commands failed"),
+            Err(e) => {
+                tracing::error!(error = %e, device_id = %device_id, "loading pending commands failed")
+            }
         }
     }
 }

@@ -367,15 +367,10 @@ fn spawn_presence(
                     let (store, broker) = (store.clone(), broker.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(DISCONNECT_GRACE).await;
-                        if broker.is_connected(&device_id).await {
+                        if broker.is_connected(device_id.as_str()).await {
                             return;
                         }
-                        // The broker names devices by their certificate's DeviceId.
-                        let Ok(id) = flotilla_proto::DeviceId::parse(&device_id) else {
-                            tracing::error!(device_id, "not a device id; disconnect not recorded");
-                            return;
-                        };
-                        match store.mark_offline(&id, &reason).await {
+                        match store.mark_offline(&device_id, &reason).await {
                             Ok(true) => {
                                 tracing::info!(device_id = %device_id, reason = %reason, "device offline: disconnected")
                             }

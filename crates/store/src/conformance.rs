@@ -570,7 +570,13 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
     let refs: Vec<(&flotilla_proto::DeviceId, &flotilla_proto::Telemetry)> =
         readings.iter().map(|(d, t)| (d, t)).collect();
     let mut tx = store.begin_write().await.unwrap();
-    let mut came_online = tx.apply_readings(&refs, 500).await.unwrap();
+    let mut came_online: Vec<String> = tx
+        .apply_readings(&refs, 500)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     // Redelivered: stored once.
     tx.apply_readings(&refs[..100], 501).await.unwrap();
     tx.commit().await.unwrap();

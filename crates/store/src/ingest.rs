@@ -37,9 +37,13 @@ impl WriteTx {
         &mut self,
         readings: &[(&DeviceId, &flotilla_proto::Telemetry)],
         now: i64,
-    ) -> StoreResult<Vec<String>> {
+    ) -> StoreResult<Vec<DeviceId>> {
         let readings: Vec<_> = readings.iter().map(|(d, t)| (d.as_str(), *t)).collect();
-        super::devices::apply_readings(&mut self.0, &readings, now).await
+        let came_online = super::devices::apply_readings(&mut self.0, &readings, now).await?;
+        came_online
+            .iter()
+            .map(|d| crate::parse_device_id(d))
+            .collect()
     }
 
     /// Applies a device's reply to a command; false when it matched no command waiting for one.

@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use flotilla_proto::{Channel, Topic};
+use flotilla_proto::{Channel, DeviceId, Topic};
 use rmqtt::codec::types::QoS;
 use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::context::ServerContext;
@@ -270,10 +270,13 @@ impl Handler for SharedHooks {
 pub enum BrokerEvent {
     /// A device's connection closed. A clean DISCONNECT sends no will, so this is the only
     /// sign of it.
-    Disconnected { device_id: String, reason: String },
+    Disconnected { device_id: DeviceId, reason: String },
     /// A device subscribed to one of its downward channels: its session (re)started, so what
     /// waits for it on that channel must be sent now.
-    Subscribed { device_id: String, channel: Channel },
+    Subscribed {
+        device_id: DeviceId,
+        channel: Channel,
+    },
 }
 
 /// Session attribute keys.
@@ -448,7 +451,7 @@ impl Hooks {
 
 impl Hooks {
     /// Tells the server a device's session started on `channel`, once per session and channel.
-    async fn session_started(&self, session: &Session, device_id: &str, channel: Channel) {
+    async fn session_started(&self, session: &Session, device_id: &DeviceId, channel: Channel) {
         if !matches!(channel, Channel::Command | Channel::Ota) {
             return;
         }
@@ -465,7 +468,7 @@ impl Hooks {
         };
         if first {
             let _ = self.events.send(BrokerEvent::Subscribed {
-                device_id: device_id.to_string(),
+                device_id: device_id.clone(),
                 channel,
             });
         }
@@ -511,7 +514,7 @@ impl Hooks {
                 match admitted {
                     Ok(who) => {
                         let device = match &who {
-                            Identity::Device(id) => Some(id.to_string()),
+                            Identity::Device(id) => Some(id.clone()),
                             Identity::Service(_) => None,
                         };
                         if session.id.lid == DEVICE_LISTENER
@@ -573,7 +576,7 @@ impl Hooks {
                 if let Some(Identity::Device(id)) = identity(session).await
                     && let Ok((_, channel)) = Topic::parse(&sub.topic_filter)
                 {
-                    self.session_started(session, id.as_str(), channel).await;
+                    self.session_started(session, &id, channel).await;
                 }
                 (true, acc)
             }
@@ -606,7 +609,7 @@ impl Hooks {
                         None => truncate(&reason.to_string(), 120).to_string(),
                     };
                     let _ = self.events.send(BrokerEvent::Disconnected {
-                        device_id: id.to_string(),
+                        device_id: id.clone(),
                         reason,
                     });
                 }

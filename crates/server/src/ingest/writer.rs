@@ -50,7 +50,7 @@ pub struct Inbound {
 #[derive(Debug)]
 pub enum IngestEvent {
     /// A message brought the device from offline to online.
-    CameOnline(String),
+    CameOnline(DeviceId),
     /// A report ended one of the device's updates.
     Finished(Finished),
 }
@@ -315,7 +315,7 @@ async fn commit<'a>(
         match item {
             Item::Update(device, update) => {
                 if tx.apply_update(device, update, now).await? {
-                    changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
+                    changes.push(IngestEvent::CameOnline(device.clone()));
                 }
             }
             Item::Reply(device, reply) => {
@@ -557,7 +557,7 @@ mod tests {
                     if let Item::Update(device, update) = item
                         && tx.apply_update(device, update, now).await.unwrap()
                     {
-                        changes.push(IngestEvent::CameOnline(device.as_str().to_string()));
+                        changes.push(IngestEvent::CameOnline(device.clone()));
                     }
                 }
                 tx.commit().await.unwrap();
@@ -565,7 +565,7 @@ mod tests {
             }
             .into_iter()
             .map(|e| match e {
-                IngestEvent::CameOnline(d) => d,
+                IngestEvent::CameOnline(d) => d.to_string(),
                 other => panic!("{other:?}"),
             })
             .collect();

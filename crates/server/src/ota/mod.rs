@@ -89,12 +89,8 @@ impl OtaService {
 
     /// A device's session started (it subscribed to its offers): send again every offer it
     /// has not started.
-    pub async fn resend_offers(&self, device_id: &str) {
-        let Ok(id) = DeviceId::parse(device_id) else {
-            tracing::error!(device_id, "not a device id; no offers sent");
-            return;
-        };
-        match self.store.unstarted_updates(&id).await {
+    pub async fn resend_offers(&self, device_id: &DeviceId) {
+        match self.store.unstarted_updates(device_id).await {
             Ok(updates) => {
                 for u in &updates {
                     match self.store.release(&u.version).await {
@@ -104,12 +100,14 @@ impl OtaService {
                     }
                 }
             }
-            Err(e) => tracing::error!(error = %e, device_id, "loading pending offers failed"),
+            Err(e) => {
+                tracing::error!(error = %e, device_id = %device_id, "loading pending offers failed")
+            }
         }
     }
 
     /// A device came online: tell the rollouts.
-    pub fn device_online(&self, device_id: &str) {
+    pub fn device_online(&self, device_id: &DeviceId) {
         // Never stall ingest behind the rollout task: a presence event it misses is caught by
         // its periodic look at who is online.
         if let Some(tx) = self.rollouts.get() {
