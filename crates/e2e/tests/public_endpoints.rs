@@ -133,16 +133,6 @@ async fn the_last_admin_cannot_be_demoted_or_blocked() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn sign_csr_from(
-    server: &Server,
-    from: &str,
-    token: &str,
-    device_id: &str,
-    csr: &str,
-) -> anyhow::Result<u16> {
-    server.sign_csr_from(from, token, device_id, csr).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_csr_checks_the_token_first_and_sheds_a_flood_with_bounded_audit() -> anyhow::Result<()>
 {
@@ -151,13 +141,18 @@ async fn sign_csr_checks_the_token_first_and_sheds_a_flood_with_bounded_audit() 
     let jwt = server.user("csr@example.com").await?;
     // A garbage CSR with a bad token is refused for the token (401), not parsed (400).
     assert_eq!(
-        sign_csr_from(&server, "127.0.0.66", "not-a-token", "dev-x", "garbage").await?,
+        server
+            .sign_csr_from("127.0.0.66", "not-a-token", "dev-x", "garbage")
+            .await?,
         401
     );
     let mut statuses = Vec::new();
     for _ in 0..150 {
-        statuses
-            .push(sign_csr_from(&server, "127.0.0.66", "not-a-token", "dev-x", "garbage").await?);
+        statuses.push(
+            server
+                .sign_csr_from("127.0.0.66", "not-a-token", "dev-x", "garbage")
+                .await?,
+        );
     }
     // 50 failures per address and window (the first request above was one of them).
     assert!(statuses[..49].iter().all(|s| *s == 401), "{statuses:?}");
@@ -176,7 +171,9 @@ async fn sign_csr_checks_the_token_first_and_sheds_a_flood_with_bounded_audit() 
     let token = server.token(&jwt, Some("dev-ok")).await?;
     let (_key, csr) = flotilla_pki::device_key_and_csr("dev-ok")?;
     assert_eq!(
-        sign_csr_from(&server, "127.0.0.7", &token, "dev-ok", &csr).await?,
+        server
+            .sign_csr_from("127.0.0.7", &token, "dev-ok", &csr)
+            .await?,
         200
     );
     Ok(())

@@ -486,8 +486,8 @@ mod tests {
             CertificateAuthority::load(&dir),
             Err(PkiError::NoCa(_))
         ));
-        let ca = CertificateAuthority::load_or_create(&dir).unwrap();
-        let ca = CertificateAuthority::load(&dir).map(|_| ca).unwrap();
+        CertificateAuthority::load_or_create(&dir).unwrap();
+        let ca = CertificateAuthority::load(&dir).unwrap();
         let issued: Vec<IssuedCertificate> = (0..3)
             .map(|k| {
                 let (_key, csr) = device_key_and_csr("d").unwrap();

@@ -60,8 +60,7 @@ impl std::fmt::Debug for JwtKeys {
 
 /// The key id of a public key: the start of its SHA-256, in hex.
 fn key_id(public_key_pem: &str) -> String {
-    let digest = sha2::Sha256::digest(public_key_pem.trim().as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&sha2::Sha256::digest(public_key_pem.trim().as_bytes())[..8])
 }
 
 impl JwtKeys {

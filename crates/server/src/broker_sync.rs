@@ -129,11 +129,15 @@ pub async fn run(
     let mut written: Option<Written> = None;
     let mut sessions: Option<Sessions> = None;
     loop {
-        let snapshot = store.gate_snapshot().await.map(|rows| {
-            rows.into_iter()
-                .map(|(id, blocked, serial)| (id, (blocked, serial)))
-                .collect::<Sessions>()
-        });
+        // Read before the files are written: a change after this read is seen next pass.
+        let snapshot = match &args.broker_device_url {
+            Some(_) => Some(store.gate_snapshot().await.map(|rows| {
+                rows.into_iter()
+                    .map(|(id, blocked, serial)| (id, (blocked, serial)))
+                    .collect::<Sessions>()
+            })),
+            None => None,
+        };
         match sync_once(&store, &ca, &base, &args, validity, written.as_ref()).await {
             Ok(Some(now)) => written = Some(now),
             Ok(None) => {}
@@ -143,7 +147,7 @@ pub async fn run(
         }
         // After the files, so the device's reconnect meets the new CRL and ACL.
         match (snapshot, &args.broker_device_url) {
-            (Ok(now), Some(url)) => {
+            (Some(Ok(now)), Some(url)) => {
                 if let Some(before) = &sessions {
                     for device in sessions_to_end(before, &now) {
                         match take_over(url, &ca, &broker_ca_pem, &device).await {
@@ -158,8 +162,8 @@ pub async fn run(
                 }
                 sessions = Some(now);
             }
-            (Ok(_), None) => {}
-            (Err(e), _) => tracing::warn!(error = %e, "reading devices failed"),
+            (Some(Err(e)), _) => tracing::warn!(error = %e, "reading devices failed"),
+            _ => {}
         }
         if args.once {
             return Ok(());
@@ -234,22 +238,18 @@ async fn take_over(
     device: &str,
 ) -> anyhow::Result<()> {
     use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use rumqttc::v5::{AsyncClient, Event};
     let cert = ca.issue_takeover_certificate(device, time::Duration::minutes(5))?;
-    let mut options = MqttOptions::new(device, &url.host, url.port);
-    options.set_clean_start(true);
-    options.set_keep_alive(Duration::from_secs(10));
-    options.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Simple {
-            ca: broker_ca_pem.as_bytes().to_vec(),
-            alpn: None,
-            client_auth: Some((
-                cert.certificate_pem.into_bytes(),
-                cert.private_key_pem.into_bytes(),
-            )),
-        },
-    ));
-    let (client, mut events) = AsyncClient::new(options, 4);
+    // The same client set-up as the server's own links (clean start, TLS with a client
+    // certificate), under the device's name.
+    let link = crate::service_link::ServiceLink {
+        host: url.host.clone(),
+        port: url.port,
+        ca_pem: broker_ca_pem.to_string(),
+        cert_pem: cert.certificate_pem,
+        key_pem: cert.private_key_pem,
+    };
+    let (client, mut events) = AsyncClient::new(link.options(device), 4);
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await? {

@@ -22,7 +22,6 @@ pub struct Leadership {
 
 #[derive(Debug, Clone)]
 struct Shared {
-    store: Store,
     holder: String,
     /// The epoch this server holds the lease under, while it does.
     epoch: watch::Receiver<Option<i64>>,
@@ -49,7 +48,7 @@ impl Leadership {
     /// suffix) and keeps renewing it.
     pub fn compete(store: Store, holder: String) -> Leadership {
         let (tx, epoch) = watch::channel(None);
-        let (renewing, me) = (store.clone(), holder.clone());
+        let (renewing, me) = (store, holder.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TTL / 3);
             loop {
@@ -70,11 +69,7 @@ impl Leadership {
             }
         });
         Leadership {
-            shared: Some(Shared {
-                store,
-                holder,
-                epoch,
-            }),
+            shared: Some(Shared { holder, epoch }),
         }
     }
 
@@ -95,8 +90,7 @@ impl Leadership {
         let Some(epoch) = *shared.epoch.borrow() else {
             return Ok(None);
         };
-        Ok(shared
-            .store
+        Ok(store
             .begin_fenced(LEASE, &shared.holder, epoch)
             .await?
             .map(Sweep::Fenced))

@@ -59,7 +59,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
 
     let gate = Arc::new(DeviceGate::load(store.gate_snapshot().await?));
-    if matches!(database, flotilla_store::DatabaseUrl::Postgres(_)) {
+    // Replicas share a PostgreSQL database; a SQLite file belongs to one process.
+    let replicated = matches!(database, flotilla_store::DatabaseUrl::Postgres(_));
+    if replicated {
         spawn_gate_refresh(store.clone(), gate.clone());
     }
     let tls = TlsFiles {
@@ -216,8 +218,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         !broker.reports_sessions,
         ingested,
     );
-    let leadership = if matches!(database, flotilla_store::DatabaseUrl::Postgres(_)) {
-        let holder = format!("{}:{:016x}", config.replica_id, rand::random::<u64>());
+    let leadership = if replicated {
+        let holder = format!(
+            "{}:{}",
+            config.replica_id,
+            hex::encode(rand::random::<[u8; 8]>())
+        );
         crate::leader::Leadership::compete(store.clone(), holder)
     } else {
         crate::leader::Leadership::alone()
@@ -228,8 +234,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         leadership.clone(),
     );
 
-    let shared_limits = matches!(database, flotilla_store::DatabaseUrl::Postgres(_))
-        .then(|| crate::shared_limits::SharedLimits::start(store.clone()));
+    let shared_limits =
+        replicated.then(|| crate::shared_limits::SharedLimits::start(store.clone()));
     let state = AppState {
         store,
         jwt,

@@ -20,6 +20,19 @@ fn window_ms() -> i64 {
     i64::try_from(WINDOW.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A replica's own decision, then, if it let the attempt through, the shared count's (counted
+/// only then: a locally refused attempt costs the database nothing).
+pub async fn and_shared(
+    local: Result<(), Refused>,
+    shared: Option<impl std::future::Future<Output = Result<(), Refused>>>,
+) -> Result<(), Refused> {
+    local?;
+    match shared {
+        Some(shared) => shared.await,
+        None => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SharedLimits {
     store: Store,

@@ -1363,31 +1363,25 @@ async fn attempts_are_counted_in_windows_given_back_and_cleared(store: &Store) {
     assert_eq!(seen, (0..8).collect::<Vec<i64>>());
 }
 
+/// The epoch `holder` takes or renews the lease `name` under, for a minute.
+async fn epoch(store: &Store, name: &str, holder: &str) -> i64 {
+    store
+        .hold_lease(name, holder, 60_000)
+        .await
+        .unwrap()
+        .unwrap()
+        .epoch
+}
+
 async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &Store) {
     let long = 60_000;
     let a = store.hold_lease("bg", "a", long).await.unwrap().unwrap();
     assert_eq!(a.epoch, 1);
     assert_eq!(store.hold_lease("bg", "b", long).await.unwrap(), None);
     // Renewed in time by its holder: the same epoch.
-    assert_eq!(
-        store
-            .hold_lease("bg", "a", long)
-            .await
-            .unwrap()
-            .unwrap()
-            .epoch,
-        1
-    );
+    assert_eq!(epoch(store, "bg", "a").await, 1);
     // Another lease is another matter.
-    assert_eq!(
-        store
-            .hold_lease("other", "b", long)
-            .await
-            .unwrap()
-            .unwrap()
-            .epoch,
-        1
-    );
+    assert_eq!(epoch(store, "other", "b").await, 1);
     let mut work = store.begin_fenced("bg", "a", 1).await.unwrap().unwrap();
     work.expire_commands().await.unwrap();
     work.commit().await.unwrap();
@@ -1403,15 +1397,7 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
     assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_some());
     // A clean release hands it over at once.
     store.release_lease("bg", "b").await.unwrap();
-    assert_eq!(
-        store
-            .hold_lease("bg", "a", long)
-            .await
-            .unwrap()
-            .unwrap()
-            .epoch,
-        3
-    );
+    assert_eq!(epoch(store, "bg", "a").await, 3);
     assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_none());
 }
 

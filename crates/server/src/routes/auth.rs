@@ -8,6 +8,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::passwords::dummy_hash;
 use crate::routes::ClientAddr;
+use crate::shared_limits::{Anonymous, and_shared};
 use flotilla_store::{AuditRecord, Role};
 
 pub fn router() -> Router<AppState> {
@@ -59,16 +60,12 @@ async fn register(
     validate_credentials(&body.username, &email, &body.password)?;
     // Every registration costs a password hash: a few per address and window, so one host
     // cannot keep the hashing slots busy for everyone else's logins.
+    let shared = state
+        .shared_limits
+        .as_ref()
+        .map(|s| s.begin_anonymous(Anonymous::Registration, from));
     let local = state.registrations.begin(from, std::time::Instant::now());
-    let shared = match (&local, &state.shared_limits) {
-        (Ok(()), Some(shared)) => {
-            shared
-                .begin_anonymous(crate::shared_limits::Anonymous::Registration, from)
-                .await
-        }
-        _ => Ok(()),
-    };
-    if let Err(refused) = local.and(shared) {
+    if let Err(refused) = and_shared(local, shared).await {
         if refused.first {
             let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
             state
@@ -142,12 +139,8 @@ async fn login(
         detail: Some(format!("{detail} (from {from_label})")),
     };
     let now = std::time::Instant::now();
-    let local = state.limiter.begin(&email, from, now);
-    let shared = match (&local, &state.shared_limits) {
-        (Ok(()), Some(shared)) => shared.begin(&email, from).await,
-        _ => Ok(()),
-    };
-    if let Err(refused) = local.and(shared) {
+    let shared = state.shared_limits.as_ref().map(|s| s.begin(&email, from));
+    if let Err(refused) = and_shared(state.limiter.begin(&email, from, now), shared).await {
         // One audit row per flood and window, not one per refused request.
         if refused.first {
             state.store.audit(fail(refused.why.reason())).await;

@@ -17,7 +17,7 @@ use super::provisioning::token_hash;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::routes::ClientAddr;
-use crate::shared_limits::Anonymous;
+use crate::shared_limits::{Anonymous, and_shared};
 use flotilla_store::{AuditRecord, TokenClaim};
 
 pub fn router() -> Router<AppState> {
@@ -57,12 +57,11 @@ async fn sign_csr(
         }
     };
     let now = std::time::Instant::now();
-    let local = state.anonymous.begin(from, now);
-    let shared = match (&local, &state.shared_limits) {
-        (Ok(()), Some(shared)) => shared.begin_anonymous(Anonymous::SignCsr, from).await,
-        _ => Ok(()),
-    };
-    if let Err(refused) = local.and(shared) {
+    let shared = state
+        .shared_limits
+        .as_ref()
+        .map(|s| s.begin_anonymous(Anonymous::SignCsr, from));
+    if let Err(refused) = and_shared(state.anonymous.begin(from, now), shared).await {
         if refused.first {
             let from = from.map_or_else(|| "unknown".into(), |a| a.to_string());
             audit(
