@@ -1,17 +1,26 @@
 //! The staged rollout planner: which devices to offer a release to, and when to stop.
 //!
 //! Sans-IO like the device core: it reads no clock and sends nothing. Feed it what happened
-//! (`handle_*`, each with `now` in milliseconds), drain [`Rollout::poll_action`], and call
-//! [`Rollout::handle_timeout`] no later than [`Rollout::poll_timeout`]. The server drives it
-//! and turns [`Action::Notify`] into an OTA offer on `devices/{id}/ota`.
+//! (`handle_*`, each with `now`), drain [`Rollout::poll_action`] and [`Rollout::take_changes`],
+//! and call [`Rollout::handle_timeout`] no later than [`Rollout::poll_timeout`]. The server
+//! drives it, turns [`Action::Notify`] into an OTA offer on `devices/{id}/ota` and stores each
+//! target's state, from which [`Rollout::restore`] rebuilds the planner after a restart.
+//!
+//! Time: `now` is a monotonic count of milliseconds (it never steps); only the start time and
+//! the maintenance window are wall-clock, read through [`Rollout::set_wall_offset`].
 //!
 //! Rules: phases admit a growing share of the targets (e.g. 1% -> 10% -> 50% -> 100%); a device
 //! is offered the release only while online and while fewer than `max_concurrent` are in
 //! flight; a device succeeds only when it reports success, and a device that does not finish
-//! within `device_timeout_ms` counts as failed. A phase advances once its devices have all
-//! finished and the success share reaches `success_threshold`; the rollout stops itself as soon
-//! as at least `min_failures` devices failed and the failure share of finished devices reaches
-//! `failure_threshold`. Paused, stopped or aborted rollouts offer nothing more.
+//! within `device_timeout_ms` counts as failed. A target still offline `wait_timeout_ms` after
+//! its phase started is skipped: finished, neither success nor failure, and offered after all
+//! if it comes online while the rollout runs. A phase advances once its devices have all
+//! finished (or were skipped) and successes reach `success_threshold` of the devices that were
+//! not skipped; the rollout halts — stops, or pauses with [`OnFailure::Pause`] — as soon as at
+//! least `min_failures` devices failed and the failure share of finished devices reaches
+//! `failure_threshold`. Resuming a halted rollout is an operator's override: the failures so
+//! far are forgiven and the rules count from there. Paused, stopped or aborted rollouts offer
+//! nothing more.
 //!
 //! ```
 //! use flotilla_rollout::{Action, Config, Outcome, Rollout};
@@ -42,9 +51,13 @@ pub struct Config {
     /// ...once at least this many have failed.
     pub min_failures: usize,
     pub device_timeout_ms: u64,
+    /// How long after its phase started a target may stay offline before it is skipped.
+    pub wait_timeout_ms: u64,
+    /// What crossing `failure_threshold` does.
+    pub on_failure: OnFailure,
     /// Most devices downloading and installing at once.
     pub max_concurrent: usize,
-    /// Nothing is offered before this time.
+    /// Nothing is offered before this wall-clock time (Unix ms).
     pub start_at_ms: u64,
     /// Offers are made only inside this daily window (devices already updating finish).
     pub window: Option<Window>,
@@ -88,11 +101,30 @@ impl Default for Config {
             failure_threshold: 0.2,
             min_failures: 1,
             device_timeout_ms: 30 * 60 * 1000,
+            wait_timeout_ms: 3600 * 1000,
+            on_failure: OnFailure::Stop,
             max_concurrent: 100,
             start_at_ms: 0,
             window: None,
         }
     }
+}
+
+/// What a rollout does when too many of its devices fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    #[default]
+    Stop,
+    Pause,
+}
+
+/// Why a rollout halted itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Halt {
+    /// At least `min_failures` failed and their share reached `failure_threshold`.
+    TooManyFailures,
+    /// A phase ended with fewer successes than `success_threshold` asks.
+    PhaseBelowSuccessThreshold,
 }
 
 /// How a device's update ended, as it reported.
@@ -107,10 +139,21 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
     Waiting,
-    InFlight { since: u64 },
+    InFlight {
+        since: u64,
+    },
     Succeeded,
     Failed,
     TimedOut,
+    /// Offline past the waiting deadline: not offered (yet).
+    Skipped,
+}
+
+impl DeviceState {
+    /// Finished for the phase rules (skipped included).
+    pub fn is_finished(self) -> bool {
+        !matches!(self, DeviceState::Waiting | DeviceState::InFlight { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +165,7 @@ pub enum State {
     Paused {
         phase: usize,
     },
-    /// Stopped by itself: too many failures.
+    /// Stopped by itself ([`Rollout::halt`] says why).
     Stopped {
         phase: usize,
     },
@@ -147,6 +190,27 @@ pub struct Counts {
     pub succeeded: usize,
     pub failed: usize,
     pub timed_out: usize,
+    pub skipped: usize,
+}
+
+/// Failures and successes an operator's override accepted: the halt rules count past them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgiven {
+    pub failed: usize,
+    pub succeeded: usize,
+}
+
+/// What [`Rollout::restore`] needs to rebuild a planner where it was: everything else follows
+/// from these and the configuration. Times are planner (monotonic) times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: State,
+    pub halt: Option<Halt>,
+    /// Each target's state, in target order.
+    pub devices: Vec<DeviceState>,
+    /// When waiting targets of the current phase are skipped.
+    pub wait_until: u64,
+    pub forgiven: Forgiven,
 }
 
 #[derive(Debug)]
@@ -157,56 +221,161 @@ pub struct Rollout {
     devices: Vec<DeviceState>,
     online: Vec<bool>,
     state: State,
+    halt: Option<Halt>,
     /// Targets `[0, admitted)` belong to phases started so far.
     admitted: usize,
+    /// Running counts, so the rules read these instead of rescanning.
     in_flight: usize,
-    /// Finished devices (all admitted): the thresholds read these instead of rescanning.
     succeeded: usize,
     failed: usize,
-    /// Admitted, waiting and online: who may be offered next, lowest index first.
+    skipped: usize,
+    /// Admitted targets still waiting (all of them in the current phase).
+    waiting: usize,
+    forgiven: Forgiven,
+    /// When waiting targets of the current phase that are offline are skipped; once passed
+    /// (`wait_expired`), a waiting target that goes offline is skipped at once.
+    wait_until: u64,
+    wait_expired: bool,
+    /// Admitted, online, waiting or skipped: who may be offered next, lowest index first.
     ready: BTreeSet<usize>,
     /// `(offered at, index)` in offer order, for timeouts; entries of devices that have
     /// finished since are dropped lazily.
     deadlines: VecDeque<(u64, usize)>,
     /// The latest time an input carried, to tell when a closed window opens.
     last_now: u64,
+    /// Wall clock minus planner clock, in ms.
+    wall_offset: i64,
     actions: VecDeque<Action>,
+    /// Targets whose state changed since [`Rollout::take_changes`].
+    changed: BTreeSet<usize>,
 }
 
 impl Rollout {
     pub fn new(config: Config, targets: Vec<String>, now: u64) -> Rollout {
+        let n = targets.len();
+        let mut r = Rollout::empty(config, targets, vec![DeviceState::Waiting; n], now);
+        r.handle_timeout(now);
+        r
+    }
+
+    /// Rebuilds a planner from what was stored of it, emitting nothing for what already
+    /// happened: no transition, no offer. Feed it who is online afterwards.
+    pub fn restore(
+        config: Config,
+        targets: Vec<String>,
+        snapshot: Snapshot,
+        now: u64,
+    ) -> Result<Rollout, String> {
+        if snapshot.devices.len() != targets.len() {
+            return Err(format!(
+                "{} target states for {} targets",
+                snapshot.devices.len(),
+                targets.len()
+            ));
+        }
+        let mut r = Rollout::empty(config, targets, snapshot.devices, now);
+        r.state = snapshot.state;
+        r.halt = snapshot.halt;
+        r.forgiven = snapshot.forgiven;
+        r.wait_until = snapshot.wait_until;
+        r.wait_expired = now >= snapshot.wait_until;
+        r.admitted = match snapshot.state {
+            State::Scheduled => 0,
+            State::Running { phase } | State::Paused { phase } | State::Stopped { phase } => {
+                r.phase_end(phase)
+            }
+            State::Aborted | State::Completed => r.targets.len(),
+        };
+        if let Some(i) =
+            (r.admitted..r.targets.len()).find(|&i| r.devices[i] != DeviceState::Waiting)
+        {
+            return Err(format!("target {} is past its phase", r.targets[i]));
+        }
+        let mut in_flight: Vec<(u64, usize)> = Vec::new();
+        for (i, d) in r.devices.iter().enumerate() {
+            match *d {
+                DeviceState::Waiting if i < r.admitted => r.waiting += 1,
+                DeviceState::Waiting => {}
+                DeviceState::InFlight { since } => in_flight.push((since, i)),
+                DeviceState::Succeeded => r.succeeded += 1,
+                DeviceState::Failed | DeviceState::TimedOut => r.failed += 1,
+                DeviceState::Skipped => r.skipped += 1,
+            }
+        }
+        in_flight.sort_unstable();
+        r.in_flight = in_flight.len();
+        r.deadlines = in_flight.into();
+        Ok(r)
+    }
+
+    fn empty(config: Config, targets: Vec<String>, devices: Vec<DeviceState>, now: u64) -> Rollout {
         let index = targets
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i))
             .collect();
         let n = targets.len();
-        let mut r = Rollout {
+        Rollout {
             config,
             targets,
             index,
-            devices: vec![DeviceState::Waiting; n],
+            devices,
             online: vec![false; n],
             state: State::Scheduled,
+            halt: None,
             admitted: 0,
             in_flight: 0,
             succeeded: 0,
             failed: 0,
+            skipped: 0,
+            waiting: 0,
+            forgiven: Forgiven::default(),
+            wait_until: u64::MAX,
+            wait_expired: false,
             ready: BTreeSet::new(),
             deadlines: VecDeque::new(),
             last_now: now,
+            wall_offset: 0,
             actions: VecDeque::new(),
-        };
-        r.handle_timeout(now);
-        r
+            changed: BTreeSet::new(),
+        }
+    }
+
+    /// What is needed to [`Rollout::restore`] this planner.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            state: self.state,
+            halt: self.halt,
+            devices: self.devices.clone(),
+            wait_until: self.wait_until,
+            forgiven: self.forgiven,
+        }
     }
 
     pub fn targets(&self) -> &[String] {
         &self.targets
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Why the rollout halted itself, while it is stopped or paused by that.
+    pub fn halt(&self) -> Option<Halt> {
+        self.halt
+    }
+
+    pub fn forgiven(&self) -> Forgiven {
+        self.forgiven
+    }
+
+    /// When the current phase's offline targets are skipped (planner time).
+    pub fn wait_until(&self) -> u64 {
+        self.wait_until
     }
 
     pub fn device(&self, id: &str) -> Option<DeviceState> {
@@ -214,17 +383,40 @@ impl Rollout {
     }
 
     pub fn counts(&self) -> Counts {
-        let mut c = Counts::default();
+        let mut c = Counts {
+            waiting: self.devices.len()
+                - self.in_flight
+                - self.succeeded
+                - self.failed
+                - self.skipped,
+            in_flight: self.in_flight,
+            succeeded: self.succeeded,
+            skipped: self.skipped,
+            ..Counts::default()
+        };
         for d in &self.devices {
             match d {
-                DeviceState::Waiting => c.waiting += 1,
-                DeviceState::InFlight { .. } => c.in_flight += 1,
-                DeviceState::Succeeded => c.succeeded += 1,
                 DeviceState::Failed => c.failed += 1,
                 DeviceState::TimedOut => c.timed_out += 1,
+                _ => {}
             }
         }
         c
+    }
+
+    /// Sets wall clock minus planner clock (ms), which the start time and the maintenance
+    /// window are read through. The driver updates it as the wall clock steps.
+    pub fn set_wall_offset(&mut self, offset: i64) {
+        self.wall_offset = offset;
+    }
+
+    /// Targets whose state changed since the last call, with their state now.
+    pub fn take_changes(&mut self) -> Vec<(&str, DeviceState)> {
+        let changed = std::mem::take(&mut self.changed);
+        changed
+            .into_iter()
+            .map(|i| (self.targets[i].as_str(), self.devices[i]))
+            .collect()
     }
 
     // ----- inputs -----
@@ -232,17 +424,27 @@ impl Rollout {
     pub fn handle_online(&mut self, now: u64, id: &str) {
         if let Some(&i) = self.index.get(id) {
             self.online[i] = true;
-            if i < self.admitted && self.devices[i] == DeviceState::Waiting {
+            if i < self.admitted
+                && matches!(self.devices[i], DeviceState::Waiting | DeviceState::Skipped)
+            {
                 self.ready.insert(i);
             }
             self.dispatch(now);
         }
     }
 
-    pub fn handle_offline(&mut self, id: &str) {
+    pub fn handle_offline(&mut self, now: u64, id: &str) {
         if let Some(&i) = self.index.get(id) {
             self.online[i] = false;
             self.ready.remove(&i);
+            if self.wait_expired
+                && matches!(self.state, State::Running { .. })
+                && i < self.admitted
+                && self.devices[i] == DeviceState::Waiting
+            {
+                self.skip(i);
+                self.evaluate(now);
+            }
         }
     }
 
@@ -255,10 +457,10 @@ impl Rollout {
         }
         self.in_flight -= 1;
         if outcome == Outcome::Succeeded {
-            self.devices[i] = DeviceState::Succeeded;
+            self.set(i, DeviceState::Succeeded);
             self.succeeded += 1;
         } else {
-            self.devices[i] = DeviceState::Failed;
+            self.set(i, DeviceState::Failed);
             self.failed += 1;
         }
         self.trim_deadlines();
@@ -271,8 +473,21 @@ impl Rollout {
         }
     }
 
+    /// Resumes a paused rollout; resuming one that halted itself (stopped, or paused by
+    /// [`OnFailure::Pause`]) overrides the halt: the failures so far are forgiven.
     pub fn resume(&mut self, now: u64) {
-        if let State::Paused { phase } = self.state {
+        if let State::Paused { phase } | State::Stopped { phase } = self.state {
+            if self.halt.take().is_some() {
+                self.forgiven = Forgiven {
+                    failed: self.failed,
+                    succeeded: self.succeeded,
+                };
+            }
+            // Time spent paused does not count against offline targets.
+            self.wait_until = self
+                .wait_until
+                .max(now.saturating_add(self.config.wait_timeout_ms));
+            self.wait_expired = false;
             self.enter(State::Running { phase });
             self.evaluate(now);
         }
@@ -280,13 +495,14 @@ impl Rollout {
 
     pub fn abort(&mut self) {
         if !matches!(self.state, State::Completed | State::Aborted) {
+            self.halt = None;
             self.enter(State::Aborted);
         }
     }
 
     pub fn handle_timeout(&mut self, now: u64) {
-        if self.state == State::Scheduled && now >= self.config.start_at_ms {
-            self.start_phase(0);
+        if self.state == State::Scheduled && self.wall(now) >= self.config.start_at_ms {
+            self.start_phase(0, now);
         }
         let timeout = self.config.device_timeout_ms;
         while let Some(&(since, i)) = self.deadlines.front() {
@@ -295,12 +511,23 @@ impl Rollout {
             }
             self.deadlines.pop_front();
             if self.devices[i] == (DeviceState::InFlight { since }) {
-                self.devices[i] = DeviceState::TimedOut;
+                self.set(i, DeviceState::TimedOut);
                 self.in_flight -= 1;
                 self.failed += 1;
             }
         }
         self.trim_deadlines();
+        if matches!(self.state, State::Running { .. })
+            && !self.wait_expired
+            && now >= self.wait_until
+        {
+            self.wait_expired = true;
+            for i in 0..self.admitted {
+                if self.devices[i] == DeviceState::Waiting && !self.online[i] {
+                    self.skip(i);
+                }
+            }
+        }
         self.evaluate(now);
     }
 
@@ -312,34 +539,67 @@ impl Rollout {
 
     pub fn poll_timeout(&self) -> Option<u64> {
         if self.state == State::Scheduled {
-            return Some(self.config.start_at_ms);
+            return Some(self.mono(self.config.start_at_ms));
         }
         // Offers are made in time order, so the oldest live entry is the next deadline.
         let deadline = self
             .deadlines
             .iter()
             .find(|(since, i)| self.devices[*i] == (DeviceState::InFlight { since: *since }))
-            .map(|(since, _)| since + self.config.device_timeout_ms);
+            .map(|(since, _)| since.saturating_add(self.config.device_timeout_ms));
+        let running = matches!(self.state, State::Running { .. });
+        let skip =
+            (running && !self.wait_expired && self.waiting > 0 && self.wait_until < u64::MAX)
+                .then_some(self.wait_until);
         // Devices waiting for the maintenance window: wake up when it opens.
         let opens = match self.config.window {
             Some(w)
-                if matches!(self.state, State::Running { .. })
+                if running
                     && !self.ready.is_empty()
                     && self.in_flight < self.config.max_concurrent =>
             {
-                Some(w.next_open(self.last_now))
+                Some(self.mono(w.next_open(self.wall(self.last_now))))
             }
             _ => None,
         };
-        [deadline, opens].into_iter().flatten().min()
+        [deadline, skip, opens].into_iter().flatten().min()
     }
 
     // ----- internals -----
+
+    fn wall(&self, now: u64) -> u64 {
+        (now as i64).saturating_add(self.wall_offset).max(0) as u64
+    }
+
+    fn mono(&self, wall: u64) -> u64 {
+        (wall as i64).saturating_sub(self.wall_offset).max(0) as u64
+    }
+
+    fn set(&mut self, i: usize, state: DeviceState) {
+        if self.devices[i] == DeviceState::Waiting && i < self.admitted {
+            self.waiting -= 1;
+        }
+        self.devices[i] = state;
+        self.changed.insert(i);
+    }
+
+    fn skip(&mut self, i: usize) {
+        self.set(i, DeviceState::Skipped);
+        self.skipped += 1;
+    }
 
     fn enter(&mut self, state: State) {
         if self.state != state {
             self.state = state;
             self.actions.push_back(Action::Transition(state));
+        }
+    }
+
+    fn halt_with(&mut self, phase: usize, why: Halt) {
+        self.halt = Some(why);
+        match (why, self.config.on_failure) {
+            (Halt::TooManyFailures, OnFailure::Pause) => self.enter(State::Paused { phase }),
+            _ => self.enter(State::Stopped { phase }),
         }
     }
 
@@ -355,14 +615,19 @@ impl Rollout {
         (((n as f64) * pct / 100.0).ceil() as usize).clamp(1.min(n), n)
     }
 
-    fn start_phase(&mut self, phase: usize) {
+    fn start_phase(&mut self, phase: usize, now: u64) {
         let end = self.admitted.max(self.phase_end(phase));
         for i in self.admitted..end {
-            if self.online[i] && self.devices[i] == DeviceState::Waiting {
-                self.ready.insert(i);
+            if self.devices[i] == DeviceState::Waiting {
+                self.waiting += 1;
+                if self.online[i] {
+                    self.ready.insert(i);
+                }
             }
         }
         self.admitted = end;
+        self.wait_until = now.saturating_add(self.config.wait_timeout_ms);
+        self.wait_expired = false;
         self.enter(State::Running { phase });
     }
 
@@ -376,37 +641,44 @@ impl Rollout {
         }
     }
 
-    /// Applies the stop and advance rules, then offers the release to whom it may.
+    /// Applies the halt and advance rules, then offers the release to whom it may.
     fn evaluate(&mut self, now: u64) {
         let State::Running { phase } = self.state else {
             return;
         };
-        let (failed, succeeded) = (self.failed, self.succeeded);
-        let finished = failed + succeeded;
+        let failed = self.failed - self.forgiven.failed;
+        let succeeded = self.succeeded - self.forgiven.succeeded;
         if failed >= self.config.min_failures.max(1)
-            && failed as f64 >= self.config.failure_threshold * finished as f64
+            && failed as f64 >= self.config.failure_threshold * (failed + succeeded) as f64
         {
-            self.enter(State::Stopped { phase });
+            self.halt_with(phase, Halt::TooManyFailures);
             return;
         }
+        // Skipped devices that came back are offered before the phase can end without them.
+        self.dispatch(now);
+        let finished = self.succeeded + self.failed + self.skipped;
         if finished == self.admitted {
-            if (succeeded as f64) < self.config.success_threshold * self.admitted as f64 {
-                self.enter(State::Stopped { phase });
+            let counted = self.admitted - self.skipped - self.forgiven.failed;
+            if (self.succeeded as f64) < self.config.success_threshold * counted as f64 {
+                self.halt_with(phase, Halt::PhaseBelowSuccessThreshold);
                 return;
             }
             if self.admitted == self.targets.len() {
                 self.enter(State::Completed);
                 return;
             }
-            self.start_phase(phase + 1);
+            self.start_phase(phase + 1, now);
+            self.dispatch(now);
         }
-        self.dispatch(now);
     }
 
     fn dispatch(&mut self, now: u64) {
         self.last_now = self.last_now.max(now);
         if !matches!(self.state, State::Running { .. })
-            || self.config.window.is_some_and(|w| !w.contains(now))
+            || self
+                .config
+                .window
+                .is_some_and(|w| !w.contains(self.wall(now)))
         {
             return;
         }
@@ -414,7 +686,10 @@ impl Rollout {
             let Some(i) = self.ready.pop_first() else {
                 break;
             };
-            self.devices[i] = DeviceState::InFlight { since: now };
+            if self.devices[i] == DeviceState::Skipped {
+                self.skipped -= 1;
+            }
+            self.set(i, DeviceState::InFlight { since: now });
             self.in_flight += 1;
             self.deadlines.push_back((now, i));
             self.actions

@@ -5,7 +5,7 @@
 
 mod reference;
 
-use flotilla_rollout::{Config, Outcome, Rollout};
+use flotilla_rollout::{Config, Outcome, Rollout, State};
 use proptest::prelude::*;
 use reference::Reference;
 
@@ -49,6 +49,9 @@ proptest! {
             failure_threshold,
             min_failures,
             device_timeout_ms: 3_000,
+            // The reference predates skipping and overrides: never skip, never resume a halt.
+            wait_timeout_ms: u64::MAX,
+            on_failure: flotilla_rollout::OnFailure::Stop,
             max_concurrent,
             start_at_ms: 1_000,
             window: None,
@@ -60,7 +63,7 @@ proptest! {
         for e in events {
             match e {
                 Event::Online(i) => { a.handle_online(now, &format!("d{}", i % n)); b.handle_online(now, &format!("d{}", i % n)); }
-                Event::Offline(i) => { a.handle_offline(&format!("d{}", i % n)); b.handle_offline(&format!("d{}", i % n)); }
+                Event::Offline(i) => { a.handle_offline(now, &format!("d{}", i % n)); b.handle_offline(&format!("d{}", i % n)); }
                 Event::Outcome(i, o) => {
                     let o = [Outcome::Succeeded, Outcome::Failed, Outcome::RolledBack][o as usize];
                     a.handle_outcome(now, &format!("d{}", i % n), o);
@@ -72,6 +75,7 @@ proptest! {
                     if b.poll_timeout().is_some_and(|t| t <= now) { b.handle_timeout(now); }
                 }
                 Event::Pause => { a.pause(); b.pause(); }
+                Event::Resume if matches!(a.state(), State::Stopped { .. }) => {}
                 Event::Resume => { a.resume(now); b.resume(now); }
                 Event::Abort => { a.abort(); b.abort(); }
             }

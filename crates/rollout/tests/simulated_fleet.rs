@@ -200,6 +200,7 @@ fn offers_are_made_only_inside_the_maintenance_window() {
         phases: vec![100.0],
         max_concurrent: 50,
         device_timeout_ms: 10 * HOUR,
+        wait_timeout_ms: 24 * HOUR,
         window: Some(window),
         ..Config::default()
     };

@@ -900,19 +900,126 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         ["d1", "d2"]
     );
     assert_eq!(listed.iter().find(|r| r.id == "r2").unwrap().targets, many);
+    let save = |state, phase| RolloutSave {
+        id: "r1",
+        state,
+        phase,
+        halt: None,
+        reason: None,
+        wait_until: Some(1_000),
+        forgiven_failed: 0,
+        forgiven_succeeded: 0,
+        targets: Vec::new(),
+        offers: Vec::new(),
+        answered_control: None,
+    };
     store
-        .set_rollout_state("r1", RolloutState::Running, Some(1))
+        .save_rollout(&save(RolloutState::Running, Some(1)))
         .await
         .unwrap();
     store
-        .set_rollout_state("r1", RolloutState::Paused, None)
+        .save_rollout(&save(RolloutState::Paused, None))
         .await
         .unwrap();
     let r1 = store.rollout("r1").await.unwrap().unwrap();
     assert_eq!(
-        (r1.state, r1.phase, r1.config.clone()),
-        (RolloutState::Paused, Some(1), config)
+        (r1.state, r1.phase, r1.config.clone(), r1.wait_until),
+        (RolloutState::Paused, Some(1), config, Some(1_000))
     );
+    // A decision saves target states and records its offers in the same transaction.
+    let d2 = dev("d2");
+    let offers = store
+        .save_rollout(&RolloutSave {
+            halt: Some(RolloutHalt::TooManyFailures),
+            reason: Some("stopped itself"),
+            forgiven_failed: 3,
+            forgiven_succeeded: 4,
+            targets: vec![
+                (0, TargetState::Skipped, None),
+                (1, TargetState::InFlight, Some(77)),
+            ],
+            offers: vec![NewOffer {
+                id: "u-r1",
+                device_id: &d2,
+                version: "1.2.0",
+                force: false,
+                rollout_id: Some("r1"),
+                created_by: Some(o),
+            }],
+            ..save(RolloutState::Stopped, Some(0))
+        })
+        .await
+        .unwrap();
+    assert_eq!(offers.len(), 1);
+    assert_eq!(offers[0].rollout_id.as_deref(), Some("r1"));
+    assert_eq!(store.unstarted_updates(&d2).await.unwrap().len(), 1);
+    let targets = store.rollout_targets("r1").await.unwrap();
+    assert_eq!(
+        targets
+            .iter()
+            .map(|t| (t.device_id.as_str(), t.state, t.since))
+            .collect::<Vec<_>>(),
+        [
+            ("d1", TargetState::Skipped, None),
+            ("d2", TargetState::InFlight, Some(77))
+        ]
+    );
+    assert_eq!(
+        store.rollout_target_counts("r2").await.unwrap(),
+        [(TargetState::Waiting, 2_500)]
+    );
+    let r1 = store.rollout("r1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            r1.halt,
+            r1.reason.as_deref(),
+            r1.forgiven_failed,
+            r1.forgiven_succeeded
+        ),
+        (
+            Some(RolloutHalt::TooManyFailures),
+            Some("stopped itself"),
+            3,
+            4
+        )
+    );
+    // An operator's request waits for the leader until a decision answers it.
+    assert!(
+        store
+            .request_rollout_control("r1", "resume", "user:1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .request_rollout_control("nope", "resume", "user:1")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.rollout_controls().await.unwrap(),
+        [("r1".to_string(), "resume".to_string(), "user:1".to_string())]
+    );
+    store
+        .save_rollout(&RolloutSave {
+            answered_control: Some("pause"),
+            ..save(RolloutState::Running, Some(0))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.rollout_controls().await.unwrap().len(),
+        1,
+        "another request stays"
+    );
+    store
+        .save_rollout(&RolloutSave {
+            answered_control: Some("resume"),
+            ..save(RolloutState::Running, Some(0))
+        })
+        .await
+        .unwrap();
+    assert!(store.rollout_controls().await.unwrap().is_empty());
     assert_eq!(store.rollouts().await.unwrap().len(), 2);
     assert!(store.rollout("nope").await.unwrap().is_none());
 }
@@ -1019,7 +1126,9 @@ async fn reopening_and_legacy_sqlite_databases_migrate_once() {
             "INSERT INTO users (username, email, password_hash, role, created_at) VALUES ('old', 'old@x', 'h', 'admin', 0);
              INSERT INTO devices (device_id, owner_id, name, created_at, tags) VALUES ('tagged', 1, 't', 0, '[\"b\",\"a\",7]');
              INSERT INTO devices (device_id, owner_id, name, created_at, tags) VALUES ('garbled', 1, 'g', 0, 'not json');
-             INSERT INTO rollouts (id, version, config, targets, state, created_at, updated_at) VALUES ('r', '1.0.0', '{}', '[\"z\",\"tagged\",\"a\"]', 'paused', 0, 0);",
+             INSERT INTO rollouts (id, version, config, targets, state, created_at, updated_at) VALUES ('r', '1.0.0', '{}', '[\"z\",\"tagged\",\"a\"]', 'paused', 0, 0);
+             INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, created_at, updated_at) VALUES ('u1', 'tagged', '1.0.0', 0, 'r', 'started', 5, 5);
+             INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, error, created_at, updated_at) VALUES ('u2', 'a', '1.0.0', 0, 'r', 'failed', 'timed out', 6, 6);",
         )
         .execute(&mut conn)
         .await
@@ -1050,6 +1159,21 @@ async fn reopening_and_legacy_sqlite_databases_migrate_once() {
             RolloutState::Paused,
             vec!["z".into(), "tagged".into(), "a".into()]
         )
+    );
+    // Each target's state is taken from its latest offer.
+    assert_eq!(
+        store
+            .rollout_targets("r")
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| (t.state, t.since))
+            .collect::<Vec<_>>(),
+        [
+            (TargetState::Waiting, None),
+            (TargetState::InFlight, Some(5)),
+            (TargetState::TimedOut, None)
+        ]
     );
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND name = 'commands_expiry'",
@@ -1186,7 +1310,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8]);
     user(&a, "one@x", Role::Admin).await;
 }
 

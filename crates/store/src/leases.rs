@@ -110,6 +110,14 @@ impl FencedTx {
         super::devices::expire_silent_devices_in(&mut self.0, cutoff).await
     }
 
+    /// Saves a rollout planner's decisions ([`Store::save_rollout`]).
+    pub async fn save_rollout(
+        &mut self,
+        save: &super::RolloutSave<'_>,
+    ) -> StoreResult<Vec<super::UpdateRow>> {
+        super::rollouts::save_rollout_in(&mut self.0, save).await
+    }
+
     pub async fn commit(self) -> StoreResult<()> {
         Ok(self.0.commit().await?)
     }

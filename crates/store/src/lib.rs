@@ -43,10 +43,12 @@ pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
 pub use error::{StoreError, StoreResult};
 pub use ingest::WriteTx;
 pub use leases::{FencedTx, Held};
-pub use ota::{Finished, UpdateRow};
+pub use ota::{Finished, NewOffer, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
-pub use rollouts::RolloutRow;
-pub use states::{CommandState, RevokeReason, Role, RolloutState, UpdateState};
+pub use rollouts::{RolloutRow, RolloutSave, TargetRow};
+pub use states::{
+    CommandState, RevokeReason, Role, RolloutHalt, RolloutState, TargetState, UpdateState,
+};
 pub use tokens::TokenClaim;
 pub use users::{UserChange, UserRow};
 

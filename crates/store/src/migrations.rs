@@ -70,6 +70,11 @@ const SQLITE: Embedded = &[
         "certificates of unknown expiry",
         include_str!("../migrations/sqlite/0011_certificates_unknown_expiry.sql"),
     ),
+    (
+        12,
+        "rollout target states",
+        include_str!("../migrations/sqlite/0012_rollout_target_states.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -107,6 +112,11 @@ const POSTGRES: Embedded = &[
         7,
         "certificates of unknown expiry",
         include_str!("../migrations/postgres/0007_certificates_unknown_expiry.sql"),
+    ),
+    (
+        8,
+        "rollout target states",
+        include_str!("../migrations/postgres/0008_rollout_target_states.sql"),
     ),
 ];
 

@@ -59,6 +59,17 @@ pub struct Finished {
     pub state: UpdateState,
 }
 
+/// An offer of a release to one device, as recorded before it is sent.
+#[derive(Debug, Clone)]
+pub struct NewOffer<'a> {
+    pub id: &'a str,
+    pub device_id: &'a DeviceId,
+    pub version: &'a str,
+    pub force: bool,
+    pub rollout_id: Option<&'a str>,
+    pub created_by: Option<i64>,
+}
+
 impl Store {
     /// Records a new offer, replacing (cancelling) any open one for the device.
     pub async fn create_update(
@@ -70,35 +81,18 @@ impl Store {
         rollout_id: Option<&str>,
         created_by: Option<i64>,
     ) -> StoreResult<UpdateRow> {
-        let now = now_ms();
+        let offer = NewOffer {
+            id,
+            device_id,
+            version,
+            force,
+            rollout_id,
+            created_by,
+        };
         let mut tx = self.pool.begin().await?;
-        // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
-        // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
-        super::devices::lock_device(&mut tx, device_id.as_str()).await?;
-        sqlx::query(&format!(
-            "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
-             WHERE device_id = $2 AND state IN {OPEN}"
-        ))
-        .bind(now)
-        .bind(device_id.as_str())
-        .execute(&mut *tx)
-        .await?;
-        let row = sqlx::query(
-            "INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'offered', $6, $7, $8) RETURNING *",
-        )
-        .bind(id)
-        .bind(device_id.as_str())
-        .bind(version)
-        .bind(i64::from(force))
-        .bind(rollout_id)
-        .bind(created_by)
-        .bind(now)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = create_update_in(&mut tx, &offer).await?;
         tx.commit().await?;
-        update_from(&row)
+        Ok(row)
     }
 
     /// Offers the device has not acted on yet: re-sent when it comes back online.
@@ -295,4 +289,38 @@ fn phase_name(p: OtaPhase) -> &'static str {
         OtaPhase::Failed => "FAILED",
         OtaPhase::RolledBack => "ROLLED_BACK",
     }
+}
+
+/// Records a new offer in `tx`, replacing (cancelling) any open one for the device.
+pub(super) async fn create_update_in(
+    tx: &mut Transaction<'_, Any>,
+    offer: &NewOffer<'_>,
+) -> StoreResult<UpdateRow> {
+    let now = now_ms();
+    // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
+    // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
+    super::devices::lock_device(tx, offer.device_id.as_str()).await?;
+    sqlx::query(&format!(
+        "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
+         WHERE device_id = $2 AND state IN {OPEN}"
+    ))
+    .bind(now)
+    .bind(offer.device_id.as_str())
+    .execute(&mut **tx)
+    .await?;
+    let row = sqlx::query(
+        "INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, created_by, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, 'offered', $6, $7, $8) RETURNING *",
+    )
+    .bind(offer.id)
+    .bind(offer.device_id.as_str())
+    .bind(offer.version)
+    .bind(i64::from(offer.force))
+    .bind(offer.rollout_id)
+    .bind(offer.created_by)
+    .bind(now)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    update_from(&row)
 }

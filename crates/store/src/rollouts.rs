@@ -1,12 +1,16 @@
-//! Rollouts as stored: their parameters, targets and last known state. The planner that
-//! drives them lives in memory (the server's `rollouts` module) and is rebuilt from here at start-up.
+//! Rollouts as stored: their parameters, targets, and the planner's state — the rollout's
+//! phase, halt and timers, and each target's state — saved after every decision together with
+//! the offers it made, so a restarted or newly elected server restores the planner from here.
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 
+use sqlx::{Any, Transaction};
+
+use super::ota::{NewOffer, UpdateRow, create_update_in};
 use super::params::{Params, ROWS_PER_STATEMENT};
-use super::{RolloutState, Store, StoreResult, UpdateState, now_ms};
+use super::{RolloutHalt, RolloutState, Store, StoreResult, TargetState, UpdateState, now_ms};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -18,6 +22,15 @@ pub struct RolloutRow {
     pub state: RolloutState,
     /// Zero-based phase the rollout was in at its last transition.
     pub phase: Option<i64>,
+    pub halt: Option<RolloutHalt>,
+    /// The last transition in words.
+    pub reason: Option<String>,
+    /// Wall-clock Unix ms when the current phase's offline targets are skipped.
+    pub wait_until: Option<i64>,
+    pub forgiven_failed: i64,
+    pub forgiven_succeeded: i64,
+    /// An operator's request waiting for the leader: pause, resume or abort.
+    pub control: Option<String>,
     pub created_by: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
@@ -33,6 +46,12 @@ fn rollout_from(r: &sqlx::any::AnyRow) -> StoreResult<RolloutRow> {
         targets: Vec::new(),
         state: super::states::state(r, "state")?,
         phase: r.try_get("phase")?,
+        halt: super::states::optional_state(r, "halt")?,
+        reason: r.try_get("reason")?,
+        wait_until: r.try_get("wait_until")?,
+        forgiven_failed: r.try_get("forgiven_failed")?,
+        forgiven_succeeded: r.try_get("forgiven_succeeded")?,
+        control: r.try_get("control")?,
         created_by: r.try_get("created_by")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
@@ -121,20 +140,76 @@ impl Store {
             .collect()
     }
 
-    pub async fn set_rollout_state(
+    /// Saves what the planner decided: the rollout's state, the targets that changed and the
+    /// offers to send (recorded here, sent by the caller after the commit).
+    pub async fn save_rollout(&self, save: &RolloutSave<'_>) -> StoreResult<Vec<UpdateRow>> {
+        let mut tx = self.pool.begin().await?;
+        let offers = save_rollout_in(&mut tx, save).await?;
+        tx.commit().await?;
+        Ok(offers)
+    }
+
+    /// Each target's saved state, in target order.
+    pub async fn rollout_targets(&self, id: &str) -> StoreResult<Vec<TargetRow>> {
+        sqlx::query(
+            "SELECT position, device_id, state, since FROM rollout_targets WHERE rollout_id = $1 \
+             ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(TargetRow {
+                position: r.try_get("position")?,
+                device_id: r.try_get("device_id")?,
+                state: super::states::state(r, "state")?,
+                since: r.try_get("since")?,
+            })
+        })
+        .collect()
+    }
+
+    /// How many targets are in each state.
+    pub async fn rollout_target_counts(&self, id: &str) -> StoreResult<Vec<(TargetState, i64)>> {
+        sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM rollout_targets WHERE rollout_id = $1 \
+             GROUP BY state ORDER BY state",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((super::states::state(r, "state")?, r.try_get("n")?)))
+        .collect()
+    }
+
+    /// Leaves an operator's pause, resume or abort for the leader (taken by a replica that
+    /// does not lead). `false` if there is no such rollout.
+    pub async fn request_rollout_control(
         &self,
         id: &str,
-        state: RolloutState,
-        phase: Option<usize>,
-    ) -> StoreResult<()> {
-        sqlx::query("UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), updated_at = $3 WHERE id = $4")
-            .bind(state.as_str())
-            .bind(phase.map(|p| p as i64))
-            .bind(now_ms())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        op: &str,
+        actor: &str,
+    ) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE rollouts SET control = $1, control_actor = $2 WHERE id = $3")
+                .bind(op)
+                .bind(actor)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Operators' requests waiting for the leader: `(rollout, op, actor)`.
+    pub async fn rollout_controls(&self) -> StoreResult<Vec<(String, String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, control, COALESCE(control_actor, '') FROM rollouts \
+             WHERE control IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// How each target's update of this rollout ended so far (to rebuild the planner).
@@ -158,4 +233,72 @@ impl Store {
                 .await?,
         )
     }
+}
+
+/// One target as saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRow {
+    pub position: i64,
+    pub device_id: String,
+    pub state: TargetState,
+    /// Wall-clock Unix ms of the offer, while in flight.
+    pub since: Option<i64>,
+}
+
+/// What the planner decided, to be saved in one transaction.
+#[derive(Debug, Clone)]
+pub struct RolloutSave<'a> {
+    pub id: &'a str,
+    pub state: RolloutState,
+    pub phase: Option<usize>,
+    pub halt: Option<RolloutHalt>,
+    pub reason: Option<&'a str>,
+    pub wait_until: Option<i64>,
+    pub forgiven_failed: i64,
+    pub forgiven_succeeded: i64,
+    /// Targets whose state changed: `(position, state, since)`.
+    pub targets: Vec<(i64, TargetState, Option<i64>)>,
+    pub offers: Vec<NewOffer<'a>>,
+    /// The operator's request this decision answered, cleared unless another replaced it.
+    pub answered_control: Option<&'a str>,
+}
+
+pub(super) async fn save_rollout_in(
+    tx: &mut Transaction<'_, Any>,
+    save: &RolloutSave<'_>,
+) -> StoreResult<Vec<UpdateRow>> {
+    sqlx::query(
+        "UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), halt = $3, \
+         reason = COALESCE($4, reason), wait_until = $5, forgiven_failed = $6, \
+         forgiven_succeeded = $7, updated_at = $8, \
+         control = CASE WHEN control = $9 THEN NULL ELSE control END WHERE id = $10",
+    )
+    .bind(save.state.as_str())
+    .bind(save.phase.map(|p| p as i64))
+    .bind(save.halt.map(|h| h.as_str()))
+    .bind(save.reason)
+    .bind(save.wait_until)
+    .bind(save.forgiven_failed)
+    .bind(save.forgiven_succeeded)
+    .bind(now_ms())
+    .bind(save.answered_control)
+    .bind(save.id)
+    .execute(&mut **tx)
+    .await?;
+    for (position, state, since) in &save.targets {
+        sqlx::query(
+            "UPDATE rollout_targets SET state = $1, since = $2 WHERE rollout_id = $3 AND position = $4",
+        )
+        .bind(state.as_str())
+        .bind(*since)
+        .bind(save.id)
+        .bind(*position)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let mut offers = Vec::with_capacity(save.offers.len());
+    for offer in &save.offers {
+        offers.push(create_update_in(tx, offer).await?);
+    }
+    Ok(offers)
 }

@@ -26,6 +26,21 @@ where
     })
 }
 
+/// Reads a nullable state column: `None` for NULL, an error for an unknown name.
+pub(super) fn optional_state<T>(row: &AnyRow, column: &str) -> sqlx::Result<Option<T>>
+where
+    T: for<'a> TryFrom<&'a str, Error = UnknownState>,
+{
+    let name: Option<String> = row.try_get(column)?;
+    name.map(|n| {
+        T::try_from(n.as_str()).map_err(|e| sqlx::Error::ColumnDecode {
+            index: column.to_string(),
+            source: Box::new(e),
+        })
+    })
+    .transpose()
+}
+
 /// Declares a state enum stored by name: `as_str`, `TryFrom<&str>` and `Serialize` as the name.
 macro_rules! stored_state {
     ($(#[$doc:meta])* $name:ident, $kind:literal { $($variant:ident => $text:literal),+ $(,)? }) => {
@@ -127,6 +142,27 @@ impl RolloutState {
 }
 
 stored_state!(
+    /// One target of a rollout: waiting -> in_flight -> succeeded | failed | timed_out; a
+    /// target offline past its phase's waiting deadline is skipped (and may be offered later).
+    TargetState, "rollout target state" {
+        Waiting => "waiting",
+        InFlight => "in_flight",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        TimedOut => "timed_out",
+        Skipped => "skipped",
+    }
+);
+
+stored_state!(
+    /// Why a rollout halted itself.
+    RolloutHalt, "rollout halt" {
+        TooManyFailures => "too_many_failures",
+        PhaseBelowSuccessThreshold => "phase_below_success_threshold",
+    }
+);
+
+stored_state!(
     /// What an account may do.
     Role, "role" {
         Admin => "admin",
@@ -159,6 +195,12 @@ mod tests {
         }
         for s in Role::ALL {
             assert_eq!(Role::try_from(s.as_str()), Ok(*s));
+        }
+        for s in TargetState::ALL {
+            assert_eq!(TargetState::try_from(s.as_str()), Ok(*s));
+        }
+        for s in RolloutHalt::ALL {
+            assert_eq!(RolloutHalt::try_from(s.as_str()), Ok(*s));
         }
         let e = UpdateState::try_from("half_done").unwrap_err();
         assert_eq!(e.to_string(), r#"unknown update state "half_done""#);

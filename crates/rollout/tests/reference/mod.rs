@@ -66,6 +66,7 @@ impl Reference {
                 DeviceState::Succeeded => c.succeeded += 1,
                 DeviceState::Failed => c.failed += 1,
                 DeviceState::TimedOut => c.timed_out += 1,
+                DeviceState::Skipped => c.skipped += 1,
             }
         }
         c
