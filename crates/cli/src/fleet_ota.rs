@@ -78,6 +78,13 @@ pub struct NewRollout {
     /// Seconds a device may take before it counts as failed.
     #[arg(long, default_value_t = 1800)]
     device_timeout: u64,
+    /// Seconds after its phase starts that an offline device is skipped (and offered later,
+    /// when it returns).
+    #[arg(long, default_value_t = 3600)]
+    wait_timeout: u64,
+    /// What crossing the failure threshold does: stop, or pause (resume overrides either).
+    #[arg(long, value_parser = ["stop", "pause"], default_value = "stop")]
+    on_failure: String,
     #[arg(long, default_value_t = 100)]
     max_concurrent: usize,
     /// Unix milliseconds before which nothing is offered.
@@ -206,6 +213,8 @@ pub async fn run_rollout(api: &Api, cmd: RolloutCmd, json_out: bool) -> Result<(
                 "failureThreshold": n.failure_threshold,
                 "minFailures": n.min_failures,
                 "deviceTimeoutSecs": n.device_timeout,
+                "waitTimeoutSecs": n.wait_timeout,
+                "onFailure": n.on_failure,
                 "maxConcurrent": n.max_concurrent,
             });
             if let Some(t) = n.start_at {

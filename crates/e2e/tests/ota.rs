@@ -587,7 +587,7 @@ async fn rollouts_target_tags_take_exponential_phases_and_refuse_bad_settings() 
     assert_eq!(aborted["state"], "aborted");
     let out = cli.run(&["rollout", "resume", &rollout_id]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not active"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rollout is aborted"));
     Ok(())
 }
 
@@ -614,14 +614,34 @@ async fn a_rollout_survives_a_server_restart_and_catches_up_a_device_that_was_of
     })
     .await?;
 
+    let before = wait_rollout(&server, &jwt, &id, "running").await;
+    let transitions_before = transitions(&server, &jwt, &id).await;
+    assert_eq!(
+        transitions_before.len(),
+        2,
+        "running phase 1, then phase 2: {transitions_before:?}"
+    );
+
     server.restart().await?;
     let jwt = server.login("admin@example.com", "admin-pass").await?;
+    // Give the restarted server time to restore the planner and act on it (it reads the
+    // database every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let after = wait_rollout(&server, &jwt, &id, "running").await;
     assert_eq!(
         after["progress"]["phase"], 1,
-        "rebuilt in the phase it was in: {after}"
+        "restored in the phase it was in: {after}"
     );
-    assert_eq!(after["progress"]["succeeded"], 1, "{after}");
+    assert_eq!(after["progress"], before["progress"], "same counts");
+    assert_eq!(
+        after["waitUntil"], before["waitUntil"],
+        "timers kept: {after}"
+    );
+    assert_eq!(
+        transitions(&server, &jwt, &id).await,
+        transitions_before,
+        "no transition written again by the restore"
+    );
 
     // rs-b arrives (provisioned against the restarted server) and is caught up.
     let args = agent_args(&kit);
@@ -633,6 +653,76 @@ async fn a_rollout_survives_a_server_restart_and_catches_up_a_device_that_was_of
     assert_eq!(done["progress"]["succeeded"], 2, "{done}");
     // The restart did not make the server offer rs-a the release a second time.
     assert_eq!(history(&server, &jwt, "rs-a").await.len(), 1);
+    Ok(())
+}
+
+/// The rollout's transitions in the audit log, oldest first: `(result, detail)`.
+async fn transitions(server: &Server, jwt: &str, rollout: &str) -> Vec<(String, String)> {
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=rollout.transition&limit=1000",
+            Some(jwt),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut out: Vec<(String, String)> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["target"] == rollout)
+        .map(|e| {
+            (
+                e["result"].as_str().unwrap_or_default().to_string(),
+                e["detail"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_skips_a_device_that_stays_offline_finishes_and_updates_it_when_it_returns()
+-> anyhow::Result<()> {
+    let (tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let _a = start_fleet(&server, &jwt, &kit, &["sk-a"]).await;
+    cli.json(&["device", "register", "sk-b"]);
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let r = cli.json(&[
+        "rollout",
+        "create",
+        "1.1.0",
+        "--all",
+        "--phases",
+        "100",
+        "--wait-timeout",
+        "3",
+    ]);
+    let id = r["id"].as_str().unwrap().to_string();
+    assert_eq!(r["targetCount"], 2);
+    // sk-b never shows up within 3 s: it is skipped and the rollout ends without it.
+    let done = wait_rollout(&server, &jwt, &id, "completed").await;
+    assert_eq!(done["progress"]["succeeded"], 1, "{done}");
+    assert_eq!(done["progress"]["skipped"], 1, "{done}");
+    assert_eq!(done["progress"]["failed"], 0, "{done}");
+    let (_, audited) = transitions(&server, &jwt, &id).await.pop().unwrap();
+    assert!(audited.contains("1 skipped"), "{audited}");
+    // It comes online later and is offered the release it missed.
+    let args = agent_args(&kit);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = Agent::start(&server, &tmp.path().join("sk-b"), &args).await?;
+    b.provision(&server, &jwt, "sk-b").await?;
+    wait_for_version(&server, &jwt, "sk-b", "1.1.0").await;
+    let h = wait_for("sk-b's late update succeeded", Duration::from_secs(30), || async {
+        let h = history(&server, &jwt, "sk-b").await;
+        (h.first().is_some_and(|u| u["state"] == "succeeded")).then_some(h)
+    })
+    .await?;
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["rolloutId"], id.as_str());
     Ok(())
 }
 
@@ -668,7 +758,11 @@ async fn a_device_that_never_answers_an_offer_times_out_as_a_failure() -> anyhow
     assert_eq!(offer["url"], "/firmware/1.1.0");
     assert_eq!(offer["manifest"]["signature"].as_str().unwrap().len(), 128);
     let stopped = wait_rollout(&server, &jwt, &rollout, "stopped").await;
-    assert_eq!(stopped["progress"]["failed"], 1, "{stopped}");
+    assert_eq!(stopped["progress"]["timedOut"], 1, "{stopped}");
+    assert_eq!(
+        stopped["progress"]["halt"], "too_many_failures",
+        "{stopped}"
+    );
     let h = history(&server, &jwt, "mute-dev").await;
     assert_eq!(h[0]["state"], "failed");
     assert_eq!(h[0]["error"], "timed out");

@@ -278,7 +278,8 @@ impl Rollout {
         r.halt = snapshot.halt;
         r.forgiven = snapshot.forgiven;
         r.wait_until = snapshot.wait_until;
-        r.wait_expired = now >= snapshot.wait_until;
+        // Checked again at the next timeout: offline targets may be skipped now.
+        r.wait_expired = false;
         r.admitted = match snapshot.state {
             State::Scheduled => 0,
             State::Running { phase } | State::Paused { phase } | State::Stopped { phase } => {
@@ -410,12 +411,11 @@ impl Rollout {
         self.wall_offset = offset;
     }
 
-    /// Targets whose state changed since the last call, with their state now.
-    pub fn take_changes(&mut self) -> Vec<(&str, DeviceState)> {
-        let changed = std::mem::take(&mut self.changed);
-        changed
+    /// Targets whose state changed since the last call: `(index in targets, state now)`.
+    pub fn take_changes(&mut self) -> Vec<(usize, DeviceState)> {
+        std::mem::take(&mut self.changed)
             .into_iter()
-            .map(|i| (self.targets[i].as_str(), self.devices[i]))
+            .map(|i| (i, self.devices[i]))
             .collect()
     }
 

@@ -204,7 +204,6 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     .context("downlink stopped")?;
     republish_retained(&store, &downlink).await?;
     dispatcher.attach(downlink.clone());
-    ota.attach(downlink, crate::rollouts::spawn(store.clone(), ota.clone()));
     spawn_presence(
         store.clone(),
         broker.control.clone(),
@@ -228,6 +227,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     } else {
         crate::leader::Leadership::alone()
     };
+    ota.attach(
+        downlink,
+        crate::rollouts::spawn(store.clone(), ota.clone(), leadership.clone()),
+    );
     spawn_sweepers(
         store.clone(),
         config.heartbeat_timeout(),

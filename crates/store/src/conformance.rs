@@ -912,6 +912,7 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         targets: Vec::new(),
         offers: Vec::new(),
         answered_control: None,
+        cancel_unstarted: None,
     };
     store
         .save_rollout(&save(RolloutState::Running, Some(1)))

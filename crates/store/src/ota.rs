@@ -8,7 +8,7 @@ use sqlx::{Any, Row, Transaction};
 use super::{Store, StoreResult, UpdateState, now_ms};
 
 /// States an update is still open in (SQL list).
-const OPEN: &str = "('offered', 'started', 'in_progress')";
+pub(super) const OPEN: &str = "('offered', 'started', 'in_progress')";
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -184,6 +184,38 @@ impl Store {
         .collect()
     }
 
+    /// Rollouts the planner still drives (scheduled, running, paused), without their targets.
+    pub async fn open_rollouts(&self) -> StoreResult<Vec<RolloutRow>> {
+        sqlx::query(
+            "SELECT * FROM rollouts WHERE state IN ('scheduled', 'running', 'paused') ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(rollout_from)
+        .collect()
+    }
+
+    /// Targets saved as in flight whose update has ended since (reported through any
+    /// replica): `(position, outcome)`.
+    pub async fn rollout_outcomes_in_flight(
+        &self,
+        id: &str,
+    ) -> StoreResult<Vec<(i64, UpdateState)>> {
+        sqlx::query(
+            "SELECT t.position, u.state FROM rollout_targets t JOIN ota_updates u \
+             ON u.rollout_id = t.rollout_id AND u.device_id = t.device_id \
+             WHERE t.rollout_id = $1 AND t.state = 'in_flight' \
+             AND u.state IN ('succeeded', 'failed', 'rolled_back')",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("position")?, super::states::state(r, "state")?)))
+        .collect()
+    }
+
     /// Leaves an operator's pause, resume or abort for the leader (taken by a replica that
     /// does not lead). `false` if there is no such rollout.
     pub async fn request_rollout_control(
@@ -200,6 +232,16 @@ impl Store {
                 .execute(&self.pool)
                 .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Withdraws the request `op` (answered by a refusal), unless another replaced it.
+    pub async fn clear_rollout_control(&self, id: &str, op: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE rollouts SET control = NULL WHERE id = $1 AND control = $2")
+            .bind(id)
+            .bind(op)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Operators' requests waiting for the leader: `(rollout, op, actor)`.
@@ -261,6 +303,8 @@ pub struct RolloutSave<'a> {
     pub offers: Vec<NewOffer<'a>>,
     /// The operator's request this decision answered, cleared unless another replaced it.
     pub answered_control: Option<&'a str>,
+    /// The rollout ended: its offers not started yet are cancelled with this reason.
+    pub cancel_unstarted: Option<&'a str>,
 }
 
 pub(super) async fn save_rollout_in(
@@ -293,6 +337,37 @@ pub(super) async fn save_rollout_in(
         .bind(*since)
         .bind(save.id)
         .bind(*position)
+        .execute(&mut **tx)
+        .await?;
+    }
+    // A target the planner gave up on: its open offer counts as failed.
+    let timed_out = format!(
+        "UPDATE ota_updates SET state = 'failed', error = 'timed out', updated_at = $1 \
+         WHERE rollout_id = $2 AND state IN {} AND device_id = \
+         (SELECT device_id FROM rollout_targets WHERE rollout_id = $3 AND position = $4)",
+        super::ota::OPEN
+    );
+    for (position, _, _) in save
+        .targets
+        .iter()
+        .filter(|(_, s, _)| *s == TargetState::TimedOut)
+    {
+        sqlx::query(&timed_out)
+            .bind(now_ms())
+            .bind(save.id)
+            .bind(save.id)
+            .bind(*position)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some(why) = save.cancel_unstarted {
+        sqlx::query(
+            "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
+             WHERE rollout_id = $3 AND state = 'offered'",
+        )
+        .bind(why)
+        .bind(now_ms())
+        .bind(save.id)
         .execute(&mut **tx)
         .await?;
     }

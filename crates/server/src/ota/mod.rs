@@ -68,7 +68,8 @@ impl OtaService {
         Ok(update)
     }
 
-    async fn publish(&self, update: &UpdateRow, release: &ReleaseRow) {
+    /// Sends a recorded offer (stored first: a lost publish is re-sent at the next session).
+    pub async fn publish(&self, update: &UpdateRow, release: &ReleaseRow) {
         let Some(downlink) = self.downlink.get() else {
             return;
         };

@@ -16,8 +16,8 @@ use super::releases::find;
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
-use crate::rollouts::{Control, Event, Settings};
-use flotilla_store::{RolloutRow, UpdateState};
+use crate::rollouts::{Applied, Control, Event, Settings};
+use flotilla_store::{RolloutRow, TargetState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -151,40 +151,30 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, row).await?)))
 }
 
-/// A rollout with its progress: live counts from the planner while it runs, from the
-/// recorded offers once it has ended.
+/// A rollout with its progress: its saved state, why it halted, and its targets counted by
+/// state as the leader last saved them (the same on every replica).
 async fn view(state: &AppState, row: RolloutRow) -> ApiResult<Value> {
-    let (reply, rx) = oneshot::channel();
-    state
-        .ota
-        .notify(Event::Progress {
-            id: row.id.clone(),
-            reply,
-        })
-        .await;
-    let live = rx.await.ok().flatten();
+    let counts = crate::rollouts::target_counts(&state.store, &row.id).await?;
+    let count = |s: TargetState| counts.get(&s).copied().unwrap_or(0);
     let mut per_state: HashMap<&'static str, usize> = HashMap::new();
     for (_, s) in state.store.rollout_outcomes(&row.id).await? {
         *per_state.entry(s.as_str()).or_default() += 1;
     }
-    let offered = per_state.values().sum::<usize>();
     let mut v = serde_json::to_value(&row).map_err(|e| ApiError::Internal(e.into()))?;
     v["targetCount"] = json!(row.targets.len());
     v["updates"] = json!(per_state);
-    v["progress"] = match live {
-        Some(p) => serde_json::to_value(p).unwrap_or(Value::Null),
-        None => {
-            let count = |s: UpdateState| per_state.get(s.as_str()).copied().unwrap_or(0);
-            json!({
-                "state": row.state,
-                "phase": row.phase,
-                "waiting": row.targets.len().saturating_sub(offered),
-                "inFlight": count(UpdateState::Offered) + count(UpdateState::Started) + count(UpdateState::InProgress),
-                "succeeded": count(UpdateState::Succeeded),
-                "failed": count(UpdateState::Failed) + count(UpdateState::RolledBack),
-            })
-        }
-    };
+    v["progress"] = json!({
+        "state": row.state,
+        "phase": row.phase,
+        "halt": row.halt,
+        "reason": row.reason,
+        "waiting": count(TargetState::Waiting),
+        "inFlight": count(TargetState::InFlight),
+        "succeeded": count(TargetState::Succeeded),
+        "failed": count(TargetState::Failed),
+        "timedOut": count(TargetState::TimedOut),
+        "skipped": count(TargetState::Skipped),
+    });
     if let Some(obj) = v.as_object_mut() {
         obj.remove("targets");
     }
@@ -223,7 +213,7 @@ async fn control(
     State(state): State<AppState>,
     user: AuthUser,
     Path((id, action)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     user.require_operator()?;
     let op: Control = serde_json::from_value(json!(action))
         .map_err(|_| ApiError::NotFound("no such rollout action (pause, resume, abort)"))?;
@@ -239,10 +229,25 @@ async fn control(
         })
         .await;
     match rx.await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(Applied::Done(_))) => {}
+        // Another replica leads: it takes the request from the rollout within a second or
+        // two; answer with the state it reached, or as requested (202) if it has not yet.
+        Ok(Ok(Applied::Requested)) => {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let row = find_rollout(&state, &user, &id).await?;
+                if row.control.is_none() {
+                    return Ok((StatusCode::OK, Json(view(&state, row).await?)));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok((StatusCode::ACCEPTED, Json(view(&state, row).await?)));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         Ok(Err(why)) => return Err(ApiError::Conflict(why)),
         Err(_) => return Err(ApiError::Internal(anyhow::anyhow!("rollout task gone"))),
     }
     let row = find_rollout(&state, &user, &id).await?;
-    Ok(Json(view(&state, row).await?))
+    Ok((StatusCode::OK, Json(view(&state, row).await?)))
 }

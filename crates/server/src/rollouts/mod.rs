@@ -1,0 +1,665 @@
+//! Drives staged rollouts. One task per server owns the [`flotilla_rollout::Rollout`] planners
+//! of every open rollout while this server leads ([`crate::leader`]); it feeds them what
+//! happens (devices coming online, updates finishing, time passing, operator controls) and
+//! carries out what they decide.
+//!
+//! Every decision is saved before it is acted on, in one transaction fenced by the lease: the
+//! rollout's state and timers, each target that changed, and the offers it made, which are
+//! published after the commit. So a server that restarts, or takes over from a leader that
+//! died, restores each planner where it was ([`restore`]) — same phase, same counts, same
+//! timers — without replaying offers or writing transitions again.
+//!
+//! What other replicas see reaches the leader through the database, re-read every second:
+//! new rollouts, operators' controls (a replica that does not lead leaves them on the rollout
+//! row), outcomes ingested elsewhere, and who is online. Events from this server's own ingest
+//! and API only make that quicker.
+
+mod restore;
+mod settings;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_rollout::{Action, DeviceState, Halt, Outcome, Rollout, State};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::leader::{Leadership, Sweep};
+use crate::ota::OtaService;
+use flotilla_store::{
+    AuditRecord, Finished, NewOffer, ReleaseRow, RolloutRow, RolloutSave, RolloutState, Store,
+    StoreResult, TargetState, UpdateRow, UpdateState,
+};
+use restore::{Clock, stored_halt, stored_target};
+pub use restore::{phase_of, rollout_state};
+pub use settings::Settings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl Control {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Pause => "pause",
+            Control::Resume => "resume",
+            Control::Abort => "abort",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Control> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+/// What became of an operator's control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Carried out here (this server leads); the rollout's state now.
+    Done(RolloutState),
+    /// Left on the rollout for the leader.
+    Requested,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// A rollout was created.
+    Start(String),
+    DeviceOnline(String),
+    Finished(Finished),
+    Control {
+        id: String,
+        op: Control,
+        actor: String,
+        reply: oneshot::Sender<Result<Applied, String>>,
+    },
+    ReleaseBlocked(String),
+}
+
+struct Active {
+    planner: Rollout,
+    release: ReleaseRow,
+    created_by: Option<i64>,
+    /// The last transition in words, saved with the next decision.
+    reason: Option<String>,
+}
+
+struct Manager {
+    store: Store,
+    ota: Arc<OtaService>,
+    leadership: Leadership,
+    clock: Clock,
+    active: HashMap<String, Active>,
+    leading: bool,
+}
+
+/// Starts the rollout task; returns where to send it events.
+pub fn spawn(store: Store, ota: Arc<OtaService>, leadership: Leadership) -> mpsc::Sender<Event> {
+    let (tx, rx) = mpsc::channel(4096);
+    let manager = Manager {
+        store,
+        ota,
+        leadership,
+        clock: Clock::new(),
+        active: HashMap::new(),
+        leading: false,
+    };
+    tokio::spawn(manager.run(rx));
+    tx
+}
+
+/// The decisions a drain turns into one save.
+#[derive(Default)]
+struct Decisions {
+    offers: Vec<String>,
+    transitions: Vec<State>,
+}
+
+impl Manager {
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut ticks = 0u64;
+        loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) if self.leading => self.handle(event).await,
+                    Some(event) => self.handle_as_follower(event).await,
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.follow_the_lease().await;
+                    if !self.leading {
+                        continue;
+                    }
+                    let (now, offset) = (self.clock.now(), self.clock.wall_offset());
+                    for a in self.active.values_mut() {
+                        a.planner.set_wall_offset(offset);
+                        if a.planner.poll_timeout().is_some_and(|t| t <= now) {
+                            a.planner.handle_timeout(now);
+                        }
+                    }
+                    if ticks.is_multiple_of(2) {
+                        self.read_shared().await;
+                    }
+                    if ticks.is_multiple_of(4) {
+                        self.resync_online().await;
+                    }
+                }
+            }
+            if self.leading {
+                self.drain_all().await;
+            }
+        }
+    }
+
+    /// Starts leading (restoring every open rollout) or stops (dropping the planners) as the
+    /// lease comes and goes.
+    async fn follow_the_lease(&mut self) {
+        let leading = self.leadership.is_leader();
+        if leading && !self.leading {
+            tracing::info!("leading: restoring open rollouts");
+            self.leading = true;
+            self.load_open().await;
+        } else if !leading && self.leading {
+            tracing::info!(
+                rollouts = self.active.len(),
+                "no longer leading: rollouts left to the leader"
+            );
+            self.stop_leading();
+        }
+    }
+
+    fn stop_leading(&mut self) {
+        self.leading = false;
+        self.active.clear();
+    }
+
+    async fn handle(&mut self, event: Event) {
+        let now = self.clock.now();
+        match event {
+            Event::Start(id) => {
+                if let Ok(Some(row)) = self.store.rollout(&id).await {
+                    self.load(&row).await;
+                }
+            }
+            Event::DeviceOnline(device) => {
+                for a in self.active.values_mut() {
+                    a.planner.handle_online(now, &device);
+                }
+            }
+            Event::Finished(f) => {
+                if let (Some(a), Some(outcome)) = (
+                    f.rollout_id.as_ref().and_then(|id| self.active.get_mut(id)),
+                    outcome_of(f.state),
+                ) {
+                    a.planner.handle_outcome(now, f.device_id.as_str(), outcome);
+                }
+            }
+            Event::Control {
+                id,
+                op,
+                actor,
+                reply,
+            } => {
+                let result = self.control(&id, op, &actor, None).await;
+                let _ = reply.send(result.map(Applied::Done));
+            }
+            Event::ReleaseBlocked(version) => self.release_blocked(&version),
+        }
+    }
+
+    /// Another server leads: what must reach it goes through the database.
+    async fn handle_as_follower(&mut self, event: Event) {
+        match event {
+            Event::Control {
+                id,
+                op,
+                actor,
+                reply,
+            } => {
+                let result = match self
+                    .store
+                    .request_rollout_control(&id, op.as_str(), &actor)
+                    .await
+                {
+                    Ok(true) => Ok(Applied::Requested),
+                    Ok(false) => Err("no such rollout".to_string()),
+                    Err(e) => Err(format!("the request was not saved: {e}")),
+                };
+                let _ = reply.send(result);
+            }
+            Event::ReleaseBlocked(version) => {
+                // The leader aborts them when it next reads the release; ask at once as well.
+                if let Ok(rows) = self.store.open_rollouts().await {
+                    for row in rows.iter().filter(|r| r.version == version) {
+                        if let Err(e) = self
+                            .store
+                            .request_rollout_control(&row.id, "abort", "system:release-blocked")
+                            .await
+                        {
+                            tracing::warn!(error = %e, rollout = %row.id, "abort request not saved");
+                        }
+                    }
+                }
+            }
+            // The leader reads these from the database.
+            Event::Start(_) | Event::DeviceOnline(_) | Event::Finished(_) => {}
+        }
+    }
+
+    fn release_blocked(&mut self, version: &str) {
+        for a in self
+            .active
+            .values_mut()
+            .filter(|a| a.release.version == version)
+        {
+            a.release.blocked = true;
+            a.planner.abort();
+        }
+    }
+
+    /// Applies an operator's control (here, or left on the row by another replica and
+    /// `answering` it), saves the decision and audits it; the rollout's state after.
+    async fn control(
+        &mut self,
+        id: &str,
+        op: Control,
+        actor: &str,
+        answering: Option<&str>,
+    ) -> Result<RolloutState, String> {
+        let result = self.apply(id, op).await;
+        if result.is_ok() {
+            self.drain(id, answering).await;
+        } else if let Some(op) = answering {
+            // Refused: the request is answered all the same.
+            if let Err(e) = self.store.clear_rollout_control(id, op).await {
+                tracing::warn!(error = %e, rollout = id, "clearing a refused request failed");
+            }
+        }
+        let result = result.map(|_| {
+            self.active
+                .get(id)
+                .map(|a| rollout_state(a.planner.state()))
+                .unwrap_or(RolloutState::Aborted)
+        });
+        self.store
+            .audit(AuditRecord {
+                actor,
+                action: match op {
+                    Control::Pause => "rollout.pause",
+                    Control::Resume => "rollout.resume",
+                    Control::Abort => "rollout.abort",
+                },
+                target: Some(id),
+                result: if result.is_ok() { "success" } else { "refused" },
+                detail: result.as_ref().err().cloned(),
+            })
+            .await;
+        result
+    }
+
+    async fn apply(&mut self, id: &str, op: Control) -> Result<(), String> {
+        if !self.active.contains_key(id) {
+            // A rollout that stopped itself is not driven; an override or abort brings it back.
+            let row = match self.store.rollout(id).await {
+                Ok(Some(row)) => row,
+                Ok(None) => return Err("no such rollout".into()),
+                Err(e) => return Err(format!("loading the rollout failed: {e}")),
+            };
+            if !(row.state.is_open() || row.state == RolloutState::Stopped && op != Control::Pause)
+            {
+                return Err(format!("rollout is {}", row.state.as_str()));
+            }
+            self.load(&row).await;
+        }
+        let now = self.clock.now();
+        let a = self
+            .active
+            .get_mut(id)
+            .ok_or_else(|| "rollout could not be restored".to_string())?;
+        let before = a.planner.state();
+        match op {
+            Control::Pause => a.planner.pause(),
+            Control::Resume => a.planner.resume(now),
+            Control::Abort => a.planner.abort(),
+        }
+        if a.planner.state() == before && op != Control::Pause {
+            return Err(format!(
+                "cannot {} a {} rollout",
+                op.as_str(),
+                rollout_state(before).as_str()
+            ));
+        }
+        Ok(())
+    }
+
+    async fn load_open(&mut self) {
+        match self.store.open_rollouts().await {
+            Ok(rows) => {
+                for row in &rows {
+                    if !self.active.contains_key(&row.id) {
+                        self.load(row).await;
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "loading rollouts failed"),
+        }
+    }
+
+    /// Restores the planner of a stored rollout where its last saved decision left it.
+    async fn load(&mut self, row: &RolloutRow) {
+        if let Err(e) = self.try_load(row).await {
+            tracing::error!(error = %e, rollout = %row.id, "rollout not restored");
+        }
+    }
+
+    async fn try_load(&mut self, row: &RolloutRow) -> anyhow::Result<()> {
+        let settings: Settings = serde_json::from_value(row.config.clone())?;
+        let release = self
+            .store
+            .release(&row.version)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("release {} missing", row.version))?;
+        let targets = self.store.rollout_targets(&row.id).await?;
+        let snapshot = restore::snapshot(row, &targets, &self.clock);
+        let ids = targets.into_iter().map(|t| t.device_id).collect();
+        let now = self.clock.now();
+        let mut planner = Rollout::restore(settings.planner_config(), ids, snapshot, now)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        planner.set_wall_offset(self.clock.wall_offset());
+        for device in self.store.online_devices().await? {
+            planner.handle_online(now, &device);
+        }
+        planner.handle_timeout(now);
+        if release.blocked {
+            planner.abort();
+        }
+        self.active.insert(
+            row.id.clone(),
+            Active {
+                planner,
+                release,
+                created_by: row.created_by,
+                reason: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// What other replicas wrote: new rollouts, operators' requests, releases blocked, and
+    /// outcomes of updates in flight.
+    async fn read_shared(&mut self) {
+        self.load_open().await;
+        match self.store.rollout_controls().await {
+            Ok(requests) => {
+                for (id, op, actor) in requests {
+                    match Control::parse(&op) {
+                        Some(c) => {
+                            let _ = self.control(&id, c, &actor, Some(&op)).await;
+                        }
+                        None => {
+                            tracing::warn!(rollout = %id, op, actor, "unknown rollout control dropped");
+                            let _ = self.store.clear_rollout_control(&id, &op).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading rollout controls failed"),
+        }
+        let now = self.clock.now();
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            let version = self.active[&id].release.version.clone();
+            if let Ok(Some(r)) = self.store.release(&version).await
+                && r.blocked
+            {
+                self.release_blocked(&version);
+            }
+            if self.active[&id].planner.counts().in_flight == 0 {
+                continue;
+            }
+            match self.store.rollout_outcomes_in_flight(&id).await {
+                Ok(ended) => {
+                    let Some(a) = self.active.get_mut(&id) else {
+                        continue;
+                    };
+                    for (position, state) in ended {
+                        let device = usize::try_from(position)
+                            .ok()
+                            .and_then(|p| a.planner.targets().get(p).cloned());
+                        if let (Some(device), Some(outcome)) = (device, outcome_of(state)) {
+                            a.planner.handle_outcome(now, &device, outcome);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, rollout = %id, "reading outcomes failed"),
+            }
+        }
+    }
+
+    /// Presence changes arrive as events; a periodic look at who is online also catches
+    /// offline transitions and what other replicas saw.
+    async fn resync_online(&mut self) {
+        if self.active.is_empty() {
+            return;
+        }
+        let Ok(online) = self.store.online_devices().await else {
+            return;
+        };
+        let online: HashSet<String> = online.into_iter().collect();
+        let now = self.clock.now();
+        for a in self.active.values_mut() {
+            for target in a.planner.targets().to_vec() {
+                if online.contains(&target) {
+                    a.planner.handle_online(now, &target);
+                } else {
+                    a.planner.handle_offline(now, &target);
+                }
+            }
+        }
+    }
+
+    async fn drain_all(&mut self) {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            self.drain(&id, None).await;
+        }
+    }
+
+    /// Saves what a planner decided since the last drain, then carries it out: offers are
+    /// published and transitions audited only once the save committed.
+    async fn drain(&mut self, id: &str, answering: Option<&str>) {
+        let Some(a) = self.active.get_mut(id) else {
+            return;
+        };
+        let mut decided = Decisions::default();
+        while let Some(action) = a.planner.poll_action() {
+            match action {
+                Action::Notify(device) => decided.offers.push(device),
+                Action::Transition(state) => decided.transitions.push(state),
+            }
+        }
+        let changes = a.planner.take_changes();
+        if changes.is_empty()
+            && decided.offers.is_empty()
+            && decided.transitions.is_empty()
+            && answering.is_none()
+        {
+            return;
+        }
+        let state = a.planner.state();
+        let ended = matches!(
+            state,
+            State::Completed | State::Stopped { .. } | State::Aborted
+        );
+        if let Some(&last) = decided.transitions.last() {
+            a.reason = Some(describe(last, a));
+        }
+        // Devices skipped to the end get the release when they come back (the offer is
+        // re-sent when their next session starts).
+        let mut late: Vec<String> = Vec::new();
+        if state == State::Completed && !a.release.blocked {
+            late = a
+                .planner
+                .targets()
+                .iter()
+                .filter(|t| a.planner.device(t) == Some(DeviceState::Skipped))
+                .cloned()
+                .collect();
+        }
+        let offer_ids: Vec<(flotilla_proto::DeviceId, String)> = decided
+            .offers
+            .iter()
+            .chain(late.iter())
+            .filter_map(|d| flotilla_proto::DeviceId::parse(d).ok())
+            .map(|d| {
+                (
+                    d,
+                    format!("ota-{}", hex::encode(rand::random::<[u8; 12]>())),
+                )
+            })
+            .collect();
+        let cancel = matches!(state, State::Stopped { .. } | State::Aborted)
+            .then(|| format!("rollout {}", rollout_state(state).as_str()));
+        let save = RolloutSave {
+            id,
+            state: rollout_state(state),
+            phase: phase_of(state),
+            halt: a.planner.halt().map(stored_halt),
+            reason: a.reason.as_deref(),
+            wait_until: (a.planner.wait_until() < u64::MAX)
+                .then(|| self.clock.wall_of(a.planner.wait_until())),
+            forgiven_failed: a.planner.forgiven().failed as i64,
+            forgiven_succeeded: a.planner.forgiven().succeeded as i64,
+            targets: changes
+                .iter()
+                .map(|&(i, d)| {
+                    let (s, since) = stored_target(d, &self.clock);
+                    (i as i64, s, since)
+                })
+                .collect(),
+            offers: offer_ids
+                .iter()
+                .map(|(device_id, offer)| NewOffer {
+                    id: offer,
+                    device_id,
+                    version: &a.release.version,
+                    force: false,
+                    rollout_id: Some(id),
+                    created_by: a.created_by,
+                })
+                .collect(),
+            answered_control: answering,
+            cancel_unstarted: cancel.as_deref(),
+        };
+        let saved = save_fenced(&self.store, &self.leadership, &save).await;
+        let release = a.release.clone();
+        let reason = a.reason.clone();
+        match saved {
+            Ok(Some(offers)) => {
+                for offer in &offers {
+                    self.ota.publish(offer, &release).await;
+                }
+                for t in decided.transitions {
+                    self.audit_transition(id, t, reason.as_deref()).await;
+                }
+                if ended {
+                    self.active.remove(id);
+                }
+            }
+            Ok(None) => {
+                tracing::warn!(rollout = id, "lost the lease: decision not saved");
+                self.stop_leading();
+            }
+            Err(e) => {
+                // Memory is ahead of the database now: restore from what was saved.
+                tracing::error!(error = %e, rollout = id, "saving a rollout decision failed; restoring it");
+                self.active.remove(id);
+            }
+        }
+    }
+
+    async fn audit_transition(&self, rollout: &str, state: State, reason: Option<&str>) {
+        let name = rollout_state(state).as_str();
+        tracing::info!(rollout, state = name, reason, "rollout transition");
+        self.store
+            .audit(AuditRecord {
+                actor: "system:rollouts",
+                action: "rollout.transition",
+                target: Some(rollout),
+                result: name,
+                detail: reason.map(str::to_string),
+            })
+            .await;
+    }
+}
+
+/// Saves under the lease: `None` if this server no longer holds it.
+async fn save_fenced(
+    store: &Store,
+    leadership: &Leadership,
+    save: &RolloutSave<'_>,
+) -> StoreResult<Option<Vec<UpdateRow>>> {
+    match leadership.sweep(store).await? {
+        None => Ok(None),
+        Some(Sweep::Alone(store)) => store.save_rollout(save).await.map(Some),
+        Some(Sweep::Fenced(mut tx)) => {
+            let offers = tx.save_rollout(save).await?;
+            tx.commit().await?;
+            Ok(Some(offers))
+        }
+    }
+}
+
+/// A transition in words, for the audit log and the rollout's progress.
+fn describe(state: State, a: &Active) -> String {
+    let c = a.planner.counts();
+    match state {
+        State::Stopped { phase } | State::Paused { phase } if a.planner.halt().is_some() => {
+            let why = match a.planner.halt() {
+                Some(Halt::PhaseBelowSuccessThreshold) => "too few successes",
+                _ => "too many failures",
+            };
+            let verb = if matches!(state, State::Stopped { .. }) {
+                "stopped"
+            } else {
+                "paused"
+            };
+            format!(
+                "{verb} itself in phase {}: {why} ({} failed, {} timed out, {} succeeded, {} skipped)",
+                phase + 1,
+                c.failed,
+                c.timed_out,
+                c.succeeded,
+                c.skipped
+            )
+        }
+        State::Aborted if a.release.blocked => "aborted: release blocked".to_string(),
+        State::Running { phase } => format!("phase {} running", phase + 1),
+        State::Completed if c.skipped > 0 => format!(
+            "completed: {} succeeded, {} failed, {} timed out, {} skipped (offered when they return)",
+            c.succeeded, c.failed, c.timed_out, c.skipped
+        ),
+        _ => rollout_state(state).as_str().to_string(),
+    }
+}
+
+fn outcome_of(state: UpdateState) -> Option<Outcome> {
+    match state {
+        UpdateState::Succeeded => Some(Outcome::Succeeded),
+        UpdateState::Failed => Some(Outcome::Failed),
+        UpdateState::RolledBack => Some(Outcome::RolledBack),
+        _ => None,
+    }
+}
+
+/// Counts of a rollout's targets by state, as saved.
+pub async fn target_counts(store: &Store, id: &str) -> StoreResult<HashMap<TargetState, i64>> {
+    Ok(store.rollout_target_counts(id).await?.into_iter().collect())
+}
