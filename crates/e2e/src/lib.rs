@@ -628,6 +628,7 @@ pub mod mqtt;
 
 pub mod bench;
 pub mod proxy;
+pub mod release_kit;
 
 /// The `flotilla` CLI with its own session file, pointed at a server.
 pub struct Cli {

@@ -6,75 +6,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_e2e::proxy::CuttingProxy;
-use flotilla_e2e::{Agent, Cli, Server, bin, wait_for};
+use flotilla_e2e::release_kit::Kit;
+use flotilla_e2e::{Agent, Cli, Server, wait_for};
 use serde_json::{Value, json};
-
-/// The operator's offline release kit: a key pair made by the CLI.
-struct Kit {
-    dir: PathBuf,
-}
-
-impl Kit {
-    fn new(dir: &Path) -> Kit {
-        let out = Command::new(bin("flotilla"))
-            .args(["release", "keygen", "--out"])
-            .arg(dir.join("release"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Kit {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn public_key(&self) -> String {
-        self.dir.join("release.pub").display().to_string()
-    }
-
-    /// Builds an agent image and signs it; returns the image path (manifest beside it).
-    fn release(&self, version: &str, behaviour: &str) -> PathBuf {
-        let image = self.dir.join(format!("fw-{version}.bin"));
-        let out = Command::new(bin("flotilla-agent"))
-            .args([
-                "image",
-                "--version",
-                version,
-                "--behaviour",
-                behaviour,
-                "--out",
-            ])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = Command::new(bin("flotilla"))
-            .args(["release", "sign"])
-            .arg(&image)
-            .args(["--version", version, "--hardware", "esp32c3", "--key"])
-            .arg(self.dir.join("release.key"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        image
-    }
-}
 
 /// A server trusting a fresh release key, its admin, and the CLI logged in as that admin.
 async fn rig(
@@ -716,10 +654,14 @@ async fn a_rollout_skips_a_device_that_stays_offline_finishes_and_updates_it_whe
     let b = Agent::start(&server, &tmp.path().join("sk-b"), &args).await?;
     b.provision(&server, &jwt, "sk-b").await?;
     wait_for_version(&server, &jwt, "sk-b", "1.1.0").await;
-    let h = wait_for("sk-b's late update succeeded", Duration::from_secs(30), || async {
-        let h = history(&server, &jwt, "sk-b").await;
-        (h.first().is_some_and(|u| u["state"] == "succeeded")).then_some(h)
-    })
+    let h = wait_for(
+        "sk-b's late update succeeded",
+        Duration::from_secs(30),
+        || async {
+            let h = history(&server, &jwt, "sk-b").await;
+            (h.first().is_some_and(|u| u["state"] == "succeeded")).then_some(h)
+        },
+    )
     .await?;
     assert_eq!(h.len(), 1);
     assert_eq!(h[0]["rolloutId"], id.as_str());

@@ -336,3 +336,147 @@ async fn failed_certificate_requests_spread_over_two_replicas_are_refused_at_the
         .unwrap();
     assert_eq!(status, 401);
 }
+
+/// The rollout's transitions in the audit log, oldest first.
+async fn transitions(server: &Server, admin: &str, rollout: &str) -> Vec<String> {
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=rollout.transition&limit=1000",
+            Some(admin),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut out: Vec<String> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["target"] == rollout)
+        .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
+        .collect();
+    out.reverse();
+    out
+}
+
+async fn rollout_of(server: &Server, admin: &str, id: &str) -> Option<Value> {
+    let (status, r) = server
+        .call("GET", &format!("/api/rollouts/{id}"), Some(admin), None)
+        .await
+        .ok()?;
+    (status == 200).then_some(r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_that_takes_over() {
+    use flotilla_e2e::release_kit::Kit;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let kit = Kit::new(tmp.path());
+    let key = kit.public_key();
+    let mut a = Server::start_on_postgres(&["--release-key", &key])
+        .await
+        .unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let mut b = a.start_replica(&["--release-key", &key]).await.unwrap();
+    let a_leads = flotilla_e2e::wait_for("one leader", Duration::from_secs(20), || async {
+        let (la, lb) = (is_leader(&a, &admin).await?, is_leader(&b, &admin).await?);
+        (la != lb).then_some(la)
+    })
+    .await
+    .unwrap();
+    let (leader, follower) = if a_leads { (&mut a, &b) } else { (&mut b, &a) };
+
+    // Everything is asked of the replica that does not lead. Ten devices that never connect.
+    for i in 0..10 {
+        let (status, body) = follower
+            .call(
+                "POST",
+                "/api/device/register",
+                Some(&admin),
+                Some(json!({"deviceId": format!("away-{i}"), "name": "away"})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    let cli = flotilla_e2e::Cli::new(follower, &tmp.path().join("session.json"));
+    let login = cli.run(&["login", "--email", "admin@x.io", "--password", "admin-pass"]);
+    assert!(login.status.success());
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let r = cli.json(&[
+        "rollout",
+        "create",
+        "1.1.0",
+        "--all",
+        "--phases",
+        "50,100",
+        "--wait-timeout",
+        "6",
+    ]);
+    let id = r["id"].as_str().unwrap().to_string();
+    flotilla_e2e::wait_for("the leader starts it", Duration::from_secs(10), || async {
+        let r = rollout_of(follower, &admin, &id).await?;
+        (r["progress"]["state"] == "running").then_some(())
+    })
+    .await
+    .unwrap();
+    // A pause asked of the follower is carried out by the leader.
+    let (status, paused) = follower
+        .call(
+            "POST",
+            &format!("/api/rollouts/{id}/pause"),
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, paused["state"].as_str()),
+        (200, Some("paused")),
+        "{paused}"
+    );
+    let (status, resumed) = follower
+        .call(
+            "POST",
+            &format!("/api/rollouts/{id}/resume"),
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, resumed["state"].as_str()),
+        (200, Some("running")),
+        "{resumed}"
+    );
+
+    // SIGKILL the leader mid-phase: the follower takes the lease, restores the rollout and
+    // ends it — every target skipped, each transition written once.
+    leader.proc.kill_hard();
+    let done = flotilla_e2e::wait_for(
+        "the survivor completes it",
+        Duration::from_secs(60),
+        || async {
+            let r = rollout_of(follower, &admin, &id).await?;
+            (r["progress"]["state"] == "completed").then_some(r)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(done["progress"]["skipped"], 10, "{done}");
+    assert_eq!(is_leader(follower, &admin).await, Some(true));
+    let t = transitions(follower, &admin, &id).await;
+    assert_eq!(
+        t,
+        [
+            "phase 1 running",
+            "paused",
+            "phase 1 running",
+            "phase 2 running",
+            "completed: 0 succeeded, 0 failed, 0 timed out, 10 skipped (offered when they return)"
+        ],
+        "each transition once, by one leader"
+    );
+}

@@ -1,0 +1,70 @@
+//! The operator's offline release kit for tests: a signing key pair made by the CLI, and
+//! agent images built and signed with it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::bin;
+
+/// The operator's offline release kit: a key pair made by the CLI.
+pub struct Kit {
+    /// Where the key pair and the images are.
+    pub dir: PathBuf,
+}
+
+impl Kit {
+    pub fn new(dir: &Path) -> Kit {
+        let out = Command::new(bin("flotilla"))
+            .args(["release", "keygen", "--out"])
+            .arg(dir.join("release"))
+            .output()
+            .expect("running a release tool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Kit {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn public_key(&self) -> String {
+        self.dir.join("release.pub").display().to_string()
+    }
+
+    /// Builds an agent image and signs it; returns the image path (manifest beside it).
+    pub fn release(&self, version: &str, behaviour: &str) -> PathBuf {
+        let image = self.dir.join(format!("fw-{version}.bin"));
+        let out = Command::new(bin("flotilla-agent"))
+            .args([
+                "image",
+                "--version",
+                version,
+                "--behaviour",
+                behaviour,
+                "--out",
+            ])
+            .arg(&image)
+            .output()
+            .expect("running a release tool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(bin("flotilla"))
+            .args(["release", "sign"])
+            .arg(&image)
+            .args(["--version", version, "--hardware", "esp32c3", "--key"])
+            .arg(self.dir.join("release.key"))
+            .output()
+            .expect("running a release tool");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        image
+    }
+}
