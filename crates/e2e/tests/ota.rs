@@ -712,6 +712,74 @@ async fn a_device_that_never_answers_an_offer_times_out_as_a_failure() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_offer_while_the_device_downloads_a_rollouts_release_is_refused_with_409()
+-> anyhow::Result<()> {
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let id = server.enroll(&jwt, "busy-dev").await?;
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    dev.subscribe("devices/busy-dev/ota").await?;
+    dev.publish(
+        "devices/busy-dev/status",
+        br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
+    )
+    .await?;
+    wait_for_version(&server, &jwt, "busy-dev", "1.0.0").await;
+    for v in ["1.1.0", "1.2.0"] {
+        let image = kit.release(v, "normal");
+        cli.json(&["release", "publish", image.to_str().unwrap()]);
+    }
+    let r = cli.json(&["rollout", "create", "1.1.0", "--devices", "busy-dev"]);
+    let rollout = r["id"].as_str().unwrap().to_string();
+    let (_, payload) = dev.message(Duration::from_secs(10)).await?;
+    let offer: Value = serde_json::from_slice(&payload)?;
+    let offer_id = offer["id"].as_str().unwrap().to_string();
+    // The device is downloading the rollout's release.
+    let report = json!({"status": "IN_PROGRESS", "id": offer_id, "progress": 40});
+    dev.publish(
+        "devices/busy-dev/ota/status",
+        report.to_string().into_bytes(),
+    )
+    .await?;
+    wait_for(
+        "the download is recorded",
+        Duration::from_secs(10),
+        || async {
+            let h = history(&server, &jwt, "busy-dev").await;
+            (h.first()?["state"] == "in_progress").then_some(())
+        },
+    )
+    .await?;
+    let (status, body) = server
+        .call(
+            "POST",
+            "/api/ota/busy-dev/start",
+            Some(&jwt),
+            Some(json!({"version": "1.2.0"})),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.to_string().contains(&offer_id),
+        "names the update in the way: {body}"
+    );
+    // Nothing changed: the rollout's update is still the device's only one, and it ends as
+    // the device reports.
+    let h = history(&server, &jwt, "busy-dev").await;
+    assert_eq!(h.len(), 1);
+    let done = json!({"status": "SUCCESS", "id": offer_id, "version": "1.1.0"});
+    dev.publish("devices/busy-dev/ota/status", done.to_string().into_bytes())
+        .await?;
+    dev.publish(
+        "devices/busy-dev/status",
+        br#"{"online":true,"fw":"1.1.0","hw":"esp32c3"}"#.to_vec(),
+    )
+    .await?;
+    let completed = wait_rollout(&server, &jwt, &rollout, "completed").await;
+    assert_eq!(completed["progress"]["succeeded"], 1, "{completed}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_made_before_the_device_subscribed_reaches_it_when_it_subscribes()
 -> anyhow::Result<()> {
     let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;

@@ -467,6 +467,21 @@ impl Rollout {
         self.evaluate(now);
     }
 
+    /// The offer could not be made (the device is busy with another update): the target waits
+    /// again, as if offline until it is next seen online.
+    pub fn handle_offer_refused(&mut self, now: u64, id: &str) {
+        let Some(&i) = self.index.get(id) else { return };
+        if !matches!(self.devices[i], DeviceState::InFlight { .. }) {
+            return;
+        }
+        self.in_flight -= 1;
+        self.set(i, DeviceState::Waiting);
+        self.waiting += 1;
+        self.online[i] = false;
+        self.trim_deadlines();
+        self.evaluate(now);
+    }
+
     pub fn pause(&mut self) {
         if let State::Running { phase } = self.state {
             self.enter(State::Paused { phase });

@@ -307,7 +307,10 @@ fn a_stopped_rollout_resumed_by_an_override_stops_again_on_new_failures() {
     assert_eq!(r.state(), State::Running { phase: 0 });
     let run = drive(r, &peers, now, 24 * HOUR);
     assert_eq!(run.r.state(), State::Stopped { phase: 0 });
-    assert!(!run.offers.is_empty(), "it offered again after the override");
+    assert!(
+        !run.offers.is_empty(),
+        "it offered again after the override"
+    );
     assert!(stopped_after + run.offers.len() < 100);
 }
 
@@ -414,4 +417,28 @@ fn the_start_time_is_wall_clock() {
     assert_eq!(r.poll_timeout(), Some(1_000));
     r.handle_timeout(1_000);
     assert_eq!(r.state(), State::Running { phase: 0 });
+}
+
+#[test]
+fn a_target_busy_with_another_update_waits_and_is_offered_when_seen_again() {
+    let mut r = Rollout::new(
+        Config {
+            phases: vec![100.0],
+            ..config()
+        },
+        ids(2),
+        0,
+    );
+    r.handle_online(0, "dev-00000");
+    assert_eq!(
+        r.poll_action(),
+        Some(Action::Transition(State::Running { phase: 0 }))
+    );
+    assert_eq!(r.poll_action(), Some(Action::Notify("dev-00000".into())));
+    r.handle_offer_refused(10, "dev-00000");
+    assert_eq!(r.device("dev-00000"), Some(DeviceState::Waiting));
+    assert_eq!(r.counts().in_flight, 0);
+    assert_eq!(r.poll_action(), None, "not offered again until seen online");
+    r.handle_online(2_000, "dev-00000");
+    assert_eq!(r.poll_action(), Some(Action::Notify("dev-00000".into())));
 }

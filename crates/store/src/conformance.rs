@@ -754,13 +754,29 @@ async fn ota_offers_and_reports(store: &Store) {
         store.register_device(&dev(d), d, o).await.unwrap();
     }
     let u1 = store
-        .create_update("u1", &dev("d"), "1.1.0", false, None, Some(o))
+        .create_update(&NewOffer {
+            id: "u1",
+            device_id: &dev("d"),
+            version: "1.1.0",
+            force: false,
+            rollout_id: None,
+            created_by: Some(o),
+            supersede_started: false,
+        })
         .await
         .unwrap();
     assert_eq!(u1.state, UpdateState::Offered);
     // A newer offer cancels the open one.
     store
-        .create_update("u2", &dev("d"), "1.2.0", true, Some("r1"), Some(o))
+        .create_update(&NewOffer {
+            id: "u2",
+            device_id: &dev("d"),
+            version: "1.2.0",
+            force: true,
+            rollout_id: Some("r1"),
+            created_by: Some(o),
+            supersede_started: false,
+        })
         .await
         .unwrap();
     assert!(!store.has_open_update(&dev("d"), "1.1.0").await.unwrap());
@@ -838,11 +854,27 @@ async fn ota_offers_and_reports(store: &Store) {
     );
 
     store
-        .create_update("u3", &dev("e"), "1.2.0", false, Some("r2"), None)
+        .create_update(&NewOffer {
+            id: "u3",
+            device_id: &dev("e"),
+            version: "1.2.0",
+            force: false,
+            rollout_id: Some("r2"),
+            created_by: None,
+            supersede_started: false,
+        })
         .await
         .unwrap();
     store
-        .create_update("u4", &dev("f"), "1.2.0", false, Some("r2"), None)
+        .create_update(&NewOffer {
+            id: "u4",
+            device_id: &dev("f"),
+            version: "1.2.0",
+            force: false,
+            rollout_id: Some("r2"),
+            created_by: None,
+            supersede_started: false,
+        })
         .await
         .unwrap();
     store.time_out_update("r2", &dev("e")).await.unwrap();
@@ -946,13 +978,15 @@ async fn rollouts_and_their_outcomes(store: &Store) {
                 force: false,
                 rollout_id: Some("r1"),
                 created_by: Some(o),
+                supersede_started: false,
             }],
             ..save(RolloutState::Stopped, Some(0))
         })
         .await
         .unwrap();
-    assert_eq!(offers.len(), 1);
-    assert_eq!(offers[0].rollout_id.as_deref(), Some("r1"));
+    assert_eq!(offers.made.len(), 1);
+    assert!(offers.busy.is_empty());
+    assert_eq!(offers.made[0].rollout_id.as_deref(), Some("r1"));
     assert_eq!(store.unstarted_updates(&d2).await.unwrap().len(), 1);
     let targets = store.rollout_targets("r1").await.unwrap();
     assert_eq!(
@@ -984,6 +1018,40 @@ async fn rollouts_and_their_outcomes(store: &Store) {
             4
         )
     );
+    // A device working on an update is not offered another: the decision saves, and says so.
+    sqlx::query("UPDATE ota_updates SET state = 'started' WHERE id = 'u-r1'")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let again = NewOffer {
+        id: "u-r1-again",
+        device_id: &d2,
+        version: "1.2.0",
+        force: false,
+        rollout_id: Some("r1"),
+        created_by: Some(o),
+        supersede_started: false,
+    };
+    let saved = store
+        .save_rollout(&RolloutSave {
+            offers: vec![again.clone()],
+            ..save(RolloutState::Stopped, Some(0))
+        })
+        .await
+        .unwrap();
+    assert_eq!((saved.made.len(), saved.busy), (0, vec![d2.clone()]));
+    assert!(matches!(
+        store.create_update(&again).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let superseding = store
+        .create_update(&NewOffer {
+            supersede_started: true,
+            ..again
+        })
+        .await
+        .unwrap();
+    assert_eq!(superseding.id, "u-r1-again");
     // An operator's request waits for the leader until a decision answers it.
     assert!(
         store
@@ -1212,8 +1280,16 @@ async fn concurrent_offers_leave_one_open(store: &Store) {
                 let s = store.clone();
                 let id = format!("u{round}-{i}");
                 tokio::spawn(async move {
-                    s.create_update(&id, &dev("d"), "1.2.0", false, None, None)
-                        .await
+                    s.create_update(&NewOffer {
+                        id: &id,
+                        device_id: &dev("d"),
+                        version: "1.2.0",
+                        force: false,
+                        rollout_id: None,
+                        created_by: None,
+                        supersede_started: false,
+                    })
+                    .await
                 })
             })
             .collect();

@@ -114,7 +114,7 @@ impl FencedTx {
     pub async fn save_rollout(
         &mut self,
         save: &super::RolloutSave<'_>,
-    ) -> StoreResult<Vec<super::UpdateRow>> {
+    ) -> StoreResult<super::SavedOffers> {
         super::rollouts::save_rollout_in(&mut self.0, save).await
     }
 

@@ -45,7 +45,7 @@ pub use ingest::WriteTx;
 pub use leases::{FencedTx, Held};
 pub use ota::{Finished, NewOffer, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
-pub use rollouts::{RolloutRow, RolloutSave, TargetRow};
+pub use rollouts::{RolloutRow, RolloutSave, SavedOffers, TargetRow};
 pub use states::{
     CommandState, RevokeReason, Role, RolloutHalt, RolloutState, TargetState, UpdateState,
 };

@@ -68,29 +68,17 @@ pub struct NewOffer<'a> {
     pub force: bool,
     pub rollout_id: Option<&'a str>,
     pub created_by: Option<i64>,
+    /// Replace an update the device has started (a rollout's offer) instead of refusing.
+    pub supersede_started: bool,
 }
 
 impl Store {
-    /// Records a new offer, replacing (cancelling) any open one for the device.
-    pub async fn create_update(
-        &self,
-        id: &str,
-        device_id: &DeviceId,
-        version: &str,
-        force: bool,
-        rollout_id: Option<&str>,
-        created_by: Option<i64>,
-    ) -> StoreResult<UpdateRow> {
-        let offer = NewOffer {
-            id,
-            device_id,
-            version,
-            force,
-            rollout_id,
-            created_by,
-        };
+    /// Records a new offer, replacing (cancelling) any open one for the device that it has not
+    /// started — or, unless `offer.supersede_started`, refusing (conflict) while the device is
+    /// working on one.
+    pub async fn create_update(&self, offer: &NewOffer<'_>) -> StoreResult<UpdateRow> {
         let mut tx = self.pool.begin().await?;
-        let row = create_update_in(&mut tx, &offer).await?;
+        let row = create_update_in(&mut tx, offer).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -300,6 +288,20 @@ pub(super) async fn create_update_in(
     // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
     // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
     super::devices::lock_device(tx, offer.device_id.as_str()).await?;
+    if !offer.supersede_started {
+        let busy: Option<(String, String)> = sqlx::query_as(
+            "SELECT id, state FROM ota_updates WHERE device_id = $1 \
+             AND state IN ('started', 'in_progress') LIMIT 1",
+        )
+        .bind(offer.device_id.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some((id, state)) = busy {
+            return Err(super::StoreError::Conflict(
+                format!("the device is working on update {id} ({state})").into(),
+            ));
+        }
+    }
     sqlx::query(&format!(
         "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
          WHERE device_id = $2 AND state IN {OPEN}"

@@ -142,7 +142,7 @@ impl Store {
 
     /// Saves what the planner decided: the rollout's state, the targets that changed and the
     /// offers to send (recorded here, sent by the caller after the commit).
-    pub async fn save_rollout(&self, save: &RolloutSave<'_>) -> StoreResult<Vec<UpdateRow>> {
+    pub async fn save_rollout(&self, save: &RolloutSave<'_>) -> StoreResult<SavedOffers> {
         let mut tx = self.pool.begin().await?;
         let offers = save_rollout_in(&mut tx, save).await?;
         tx.commit().await?;
@@ -307,10 +307,18 @@ pub struct RolloutSave<'a> {
     pub cancel_unstarted: Option<&'a str>,
 }
 
+/// The offers a saved decision made, and the devices it could not offer to now.
+#[derive(Debug, Default)]
+pub struct SavedOffers {
+    pub made: Vec<UpdateRow>,
+    /// Working on another update (an operator's): not offered.
+    pub busy: Vec<flotilla_proto::DeviceId>,
+}
+
 pub(super) async fn save_rollout_in(
     tx: &mut Transaction<'_, Any>,
     save: &RolloutSave<'_>,
-) -> StoreResult<Vec<UpdateRow>> {
+) -> StoreResult<SavedOffers> {
     sqlx::query(
         "UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), halt = $3, \
          reason = COALESCE($4, reason), wait_until = $5, forgiven_failed = $6, \
@@ -371,9 +379,14 @@ pub(super) async fn save_rollout_in(
         .execute(&mut **tx)
         .await?;
     }
-    let mut offers = Vec::with_capacity(save.offers.len());
+    let mut saved = SavedOffers::default();
     for offer in &save.offers {
-        offers.push(create_update_in(tx, offer).await?);
+        match create_update_in(tx, offer).await {
+            Ok(row) => saved.made.push(row),
+            // Refused before anything was written: the device is busy with another update.
+            Err(super::StoreError::Conflict(_)) => saved.busy.push(offer.device_id.clone()),
+            Err(e) => return Err(e),
+        }
     }
-    Ok(offers)
+    Ok(saved)
 }

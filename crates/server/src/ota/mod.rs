@@ -62,7 +62,15 @@ impl OtaService {
         let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
         let update = self
             .store
-            .create_update(&id, device, &release.version, force, rollout_id, created_by)
+            .create_update(&flotilla_store::NewOffer {
+                id: &id,
+                device_id: device,
+                version: &release.version,
+                force,
+                rollout_id,
+                created_by,
+                supersede_started: false,
+            })
             .await?;
         self.publish(&update, release).await;
         Ok(update)

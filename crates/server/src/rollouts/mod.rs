@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::leader::{Leadership, Sweep};
 use crate::ota::OtaService;
 use flotilla_store::{
-    AuditRecord, Finished, NewOffer, ReleaseRow, RolloutRow, RolloutSave, RolloutState, Store,
-    StoreResult, TargetState, UpdateRow, UpdateState,
+    AuditRecord, Finished, NewOffer, ReleaseRow, RolloutRow, RolloutSave, RolloutState,
+    SavedOffers, Store, StoreResult, TargetState, UpdateState,
 };
 use restore::{Clock, stored_halt, stored_target};
 pub use restore::{phase_of, rollout_state};
@@ -553,6 +553,9 @@ impl Manager {
                     force: false,
                     rollout_id: Some(id),
                     created_by: a.created_by,
+                    // A device working on an operator's update is not interrupted: the
+                    // target waits until it is seen online again.
+                    supersede_started: false,
                 })
                 .collect(),
             answered_control: answering,
@@ -563,8 +566,14 @@ impl Manager {
         let reason = a.reason.clone();
         match saved {
             Ok(Some(offers)) => {
-                for offer in &offers {
+                for offer in &offers.made {
                     self.ota.publish(offer, &release).await;
+                }
+                if let Some(a) = self.active.get_mut(id) {
+                    let now = self.clock.now();
+                    for device in &offers.busy {
+                        a.planner.handle_offer_refused(now, device.as_str());
+                    }
                 }
                 for t in decided.transitions {
                     self.audit_transition(id, t, reason.as_deref()).await;
@@ -605,7 +614,7 @@ async fn save_fenced(
     store: &Store,
     leadership: &Leadership,
     save: &RolloutSave<'_>,
-) -> StoreResult<Option<Vec<UpdateRow>>> {
+) -> StoreResult<Option<SavedOffers>> {
     match leadership.sweep(store).await? {
         None => Ok(None),
         Some(Sweep::Alone(store)) => store.save_rollout(save).await.map(Some),

@@ -104,7 +104,9 @@ fn planner_target(t: &TargetRow, clock: &Clock) -> DeviceState {
         TargetState::Waiting => DeviceState::Waiting,
         // An offer without a time (not written by this server) counts from now.
         TargetState::InFlight => DeviceState::InFlight {
-            since: t.since.map_or_else(|| clock.now(), |w| clock.planner_time_of(w)),
+            since: t
+                .since
+                .map_or_else(|| clock.now(), |w| clock.planner_time_of(w)),
         },
         TargetState::Succeeded => DeviceState::Succeeded,
         TargetState::Failed => DeviceState::Failed,
@@ -119,7 +121,9 @@ pub fn snapshot(row: &RolloutRow, targets: &[TargetRow], clock: &Clock) -> Snaps
         state: planner_state(row),
         halt: row.halt.map(planner_halt),
         devices: targets.iter().map(|t| planner_target(t, clock)).collect(),
-        wait_until: row.wait_until.map_or(u64::MAX, |w| clock.planner_time_of(w)),
+        wait_until: row
+            .wait_until
+            .map_or(u64::MAX, |w| clock.planner_time_of(w)),
         forgiven: Forgiven {
             failed: row.forgiven_failed.max(0) as usize,
             succeeded: row.forgiven_succeeded.max(0) as usize,

@@ -124,7 +124,12 @@ async fn start(
     let update = state
         .ota
         .offer(&device.device_id, &release, body.force, None, Some(user.id))
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // Working on another update: it finishes (or fails) before a new one is offered.
+            flotilla_store::StoreError::Conflict(why) => ApiError::Conflict(why.to_string()),
+            e => e.into(),
+        })?;
     super::audit(
         &state,
         &user,
