@@ -1,9 +1,10 @@
-//! Which server runs the background sweeps (command expiry, presence timeouts). On PostgreSQL,
+//! Which server runs the background work: the sweeps (command expiry, presence timeouts) and
+//! the rollout planners ([`crate::rollouts`]). On PostgreSQL,
 //! where replicas share the database, one of them holds the `background` lease
 //! ([`flotilla_store::Store::hold_lease`]), renews it every third of its time to live, and
 //! runs each sweep in a transaction fenced by the lease's epoch, so a replica that lost the
 //! lease (paused, cut off) cannot write after another took it. On SQLite one process owns the
-//! database and always leads. Rollout planners do not follow the lease yet (issue 8).
+//! database and always leads.
 
 use std::time::Duration;
 

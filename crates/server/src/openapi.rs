@@ -369,7 +369,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "post",
         "/api/rollouts",
-        "Create a staged rollout: {version, target: {hardware|tag|devices|all}, phases or exponential {startPercent, factor}, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, maxConcurrent, startAt, maintenanceWindow {start, end}}",
+        "Create a staged rollout: {version, target: {hardware|tag|devices|all}, phases or exponential {startPercent, factor}, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, waitTimeoutSecs (offline targets skipped after), onFailure (stop|pause), maxConcurrent, startAt, maintenanceWindow {start, end}}",
         Auth::User,
         Some(|| {
             object(
@@ -402,7 +402,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "post",
         "/api/rollouts/{id}/{action}",
-        "pause, resume or abort a rollout",
+        "pause, resume or abort a rollout; resume also overrides a rollout that stopped or paused itself (the failures so far are forgiven). 202 when another replica leads and has not carried it out within 5 s",
         Auth::User,
         None,
         200,
@@ -473,7 +473,7 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("get", "/api/ota/{deviceId}/history") => &[404],
         ("post", "/api/rollouts") => &[400, 404, 409, 413],
         ("get", "/api/rollouts/{id}") => &[404],
-        ("post", "/api/rollouts/{id}/{action}") => &[404, 409],
+        ("post", "/api/rollouts/{id}/{action}") => &[202, 404, 409],
         ("get", "/firmware/{version}") => &[206, 401, 403, 404, 410, 416],
         _ => &[],
     }
