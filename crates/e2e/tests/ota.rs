@@ -708,6 +708,29 @@ async fn a_device_that_never_answers_an_offer_times_out_as_a_failure() -> anyhow
     let h = history(&server, &jwt, "mute-dev").await;
     assert_eq!(h[0]["state"], "failed");
     assert_eq!(h[0]["error"], "timed out");
+    // An operator overrides the stop: the timeout is forgiven, and with nothing left to offer
+    // the rollout completes. The override is audited under the operator's name.
+    let resumed = cli.json(&["rollout", "resume", &rollout]);
+    assert_eq!(resumed["state"], "completed", "{resumed}");
+    assert_eq!(resumed["forgivenFailed"], 1, "{resumed}");
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=rollout.resume",
+            Some(&jwt),
+            None,
+        )
+        .await?;
+    let entry = &audit[0];
+    assert_eq!(
+        (entry["result"].as_str(), entry["target"].as_str()),
+        (Some("success"), Some(rollout.as_str())),
+        "{audit}"
+    );
+    assert!(
+        entry["actor"].as_str().unwrap().starts_with("user:"),
+        "{audit}"
+    );
     Ok(())
 }
 
