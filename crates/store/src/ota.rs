@@ -288,6 +288,23 @@ pub(super) async fn create_update_in(
     // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
     // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
     super::devices::lock_device(tx, offer.device_id.as_str()).await?;
+    let replaced = if offer.supersede_started {
+        OPEN
+    } else {
+        "('offered')"
+    };
+    sqlx::query(&format!(
+        "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
+         WHERE device_id = $2 AND state IN {replaced}"
+    ))
+    .bind(now)
+    .bind(offer.device_id.as_str())
+    .execute(&mut **tx)
+    .await?;
+    // Checked after the first write, which on SQLite takes the write lock (a read first would
+    // make the transaction a reader that cannot upgrade while another writes). A refusal has
+    // changed nothing: the update cancelled above is only an unstarted one, and there is none
+    // beside a started one (one open update per device).
     if !offer.supersede_started {
         let busy: Option<(String, String)> = sqlx::query_as(
             "SELECT id, state FROM ota_updates WHERE device_id = $1 \
@@ -302,14 +319,6 @@ pub(super) async fn create_update_in(
             ));
         }
     }
-    sqlx::query(&format!(
-        "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
-         WHERE device_id = $2 AND state IN {OPEN}"
-    ))
-    .bind(now)
-    .bind(offer.device_id.as_str())
-    .execute(&mut **tx)
-    .await?;
     let row = sqlx::query(
         "INSERT INTO ota_updates (id, device_id, version, force, rollout_id, state, created_by, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, 'offered', $6, $7, $8) RETURNING *",
