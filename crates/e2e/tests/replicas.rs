@@ -452,9 +452,37 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
         "{resumed}"
     );
 
-    // SIGKILL the leader mid-phase: the follower takes the lease, restores the rollout and
-    // ends it — every target skipped, each transition written once.
+    // SIGKILL the leader mid-phase: the follower takes the lease, restores the rollout in
+    // its phase, and (every target skipped, nothing shows the release works) it stops itself.
     leader.proc.kill_hard();
+    let stopped = flotilla_e2e::wait_for(
+        "the survivor ends phase 1",
+        Duration::from_secs(60),
+        || async {
+            let r = rollout_of(follower, &admin, &id).await?;
+            (r["progress"]["state"] == "stopped").then_some(r)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stopped["progress"]["halt"], "no_device_reached",
+        "{stopped}"
+    );
+    assert_eq!(stopped["progress"]["skipped"], 5, "{stopped}");
+    assert_eq!(is_leader(follower, &admin).await, Some(true));
+    // The operator overrides; the rest is skipped too and the rollout completes.
+    let (status, resumed) = follower
+        .call(
+            "POST",
+            &format!("/api/rollouts/{id}/resume"),
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{resumed}");
+    assert_eq!(resumed["overrides"], 1, "{resumed}");
     let done = flotilla_e2e::wait_for(
         "the survivor completes it",
         Duration::from_secs(60),
@@ -466,7 +494,6 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
     .await
     .unwrap();
     assert_eq!(done["progress"]["skipped"], 10, "{done}");
-    assert_eq!(is_leader(follower, &admin).await, Some(true));
     let t = transitions(follower, &admin, &id).await;
     assert_eq!(
         t,
@@ -474,9 +501,11 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
             "phase 1 running",
             "paused",
             "phase 1 running",
+            "stopped itself in phase 1: every device was skipped, none succeeded yet (0 failed, 0 timed out, 0 succeeded, 5 skipped)",
+            "phase 1 running",
             "phase 2 running",
             "completed: 0 succeeded, 0 failed, 0 timed out, 10 skipped (offered when they return)"
         ],
-        "each transition once, by one leader"
+        "each transition once, by one leader at a time"
     );
 }

@@ -125,6 +125,9 @@ pub enum Halt {
     TooManyFailures,
     /// A phase ended with fewer successes than `success_threshold` asks.
     PhaseBelowSuccessThreshold,
+    /// A phase ended with every device skipped and no success so far: nothing shows the
+    /// release works.
+    NoDeviceReached,
 }
 
 /// How a device's update ended, as it reported.
@@ -198,6 +201,8 @@ pub struct Counts {
 pub struct Forgiven {
     pub failed: usize,
     pub succeeded: usize,
+    /// How many times an operator overrode a halt.
+    pub overrides: usize,
 }
 
 /// What [`Rollout::restore`] needs to rebuild a planner where it was: everything else follows
@@ -229,7 +234,7 @@ pub struct Rollout {
     succeeded: usize,
     failed: usize,
     skipped: usize,
-    /// Admitted targets still waiting (all of them in the current phase).
+    /// Admitted targets in the waiting state.
     waiting: usize,
     forgiven: Forgiven,
     /// When waiting targets of the current phase that are offline are skipped; once passed
@@ -302,6 +307,14 @@ impl Rollout {
                 DeviceState::Failed | DeviceState::TimedOut => r.failed += 1,
                 DeviceState::Skipped => r.skipped += 1,
             }
+        }
+        if r.forgiven.failed > r.failed || r.forgiven.succeeded > r.succeeded {
+            return Err("more failures or successes forgiven than there are".into());
+        }
+        // An offer dated in the future (a clock that stepped back) counts from now.
+        for (since, i) in &mut in_flight {
+            *since = (*since).min(now);
+            r.devices[*i] = DeviceState::InFlight { since: *since };
         }
         in_flight.sort_unstable();
         r.in_flight = in_flight.len();
@@ -468,8 +481,31 @@ impl Rollout {
     }
 
     /// The offer could not be made (the device is busy with another update): the target waits
-    /// again, as if offline until it is next seen online.
+    /// again, as if offline until it is next seen online — or is skipped, once the waiting
+    /// deadline has passed.
     pub fn handle_offer_refused(&mut self, now: u64, id: &str) {
+        let Some(&i) = self.index.get(id) else { return };
+        if !matches!(self.devices[i], DeviceState::InFlight { .. }) {
+            return;
+        }
+        self.in_flight -= 1;
+        self.online[i] = false;
+        if self.wait_expired {
+            // Past the waiting deadline a device that cannot take the release now is skipped
+            // (and tried again when it is next seen online while the rollout runs).
+            self.set(i, DeviceState::Skipped);
+            self.skipped += 1;
+        } else {
+            self.set(i, DeviceState::Waiting);
+            self.waiting += 1;
+        }
+        self.trim_deadlines();
+        self.evaluate(now);
+    }
+
+    /// An offer decided but not made after all (the rollout halted or was paused before it
+    /// was sent): the target waits again.
+    pub fn handle_offer_withdrawn(&mut self, id: &str) {
         let Some(&i) = self.index.get(id) else { return };
         if !matches!(self.devices[i], DeviceState::InFlight { .. }) {
             return;
@@ -477,9 +513,10 @@ impl Rollout {
         self.in_flight -= 1;
         self.set(i, DeviceState::Waiting);
         self.waiting += 1;
-        self.online[i] = false;
+        if self.online[i] {
+            self.ready.insert(i);
+        }
         self.trim_deadlines();
-        self.evaluate(now);
     }
 
     pub fn pause(&mut self) {
@@ -496,6 +533,7 @@ impl Rollout {
                 self.forgiven = Forgiven {
                     failed: self.failed,
                     succeeded: self.succeeded,
+                    overrides: self.forgiven.overrides + 1,
                 };
             }
             // Time spent paused does not count against offline targets.
@@ -532,6 +570,16 @@ impl Rollout {
             }
         }
         self.trim_deadlines();
+        if matches!(self.state, State::Running { .. })
+            && !self.wait_expired
+            && now >= self.wait_until
+            && let Some(w) = self.config.window.filter(|w| !w.contains(self.wall(now)))
+        {
+            // Nobody could have been offered it while the window was closed: wait on.
+            self.wait_until = self
+                .mono(w.next_open(self.wall(now)))
+                .saturating_add(self.config.wait_timeout_ms);
+        }
         if matches!(self.state, State::Running { .. })
             && !self.wait_expired
             && now >= self.wait_until
@@ -661,21 +709,28 @@ impl Rollout {
         let State::Running { phase } = self.state else {
             return;
         };
-        let failed = self.failed - self.forgiven.failed;
-        let succeeded = self.succeeded - self.forgiven.succeeded;
+        let failed = self.failed.saturating_sub(self.forgiven.failed);
+        let succeeded = self.succeeded.saturating_sub(self.forgiven.succeeded);
         if failed >= self.config.min_failures.max(1)
             && failed as f64 >= self.config.failure_threshold * (failed + succeeded) as f64
         {
             self.halt_with(phase, Halt::TooManyFailures);
             return;
         }
-        // Skipped devices that came back are offered before the phase can end without them.
+        // Skipped devices that came back are offered (window permitting) before the phase can
+        // end without them.
         self.dispatch(now);
         let finished = self.succeeded + self.failed + self.skipped;
         if finished == self.admitted {
-            let counted = self.admitted - self.skipped - self.forgiven.failed;
+            let counted = self
+                .admitted
+                .saturating_sub(self.skipped + self.forgiven.failed);
             if (self.succeeded as f64) < self.config.success_threshold * counted as f64 {
                 self.halt_with(phase, Halt::PhaseBelowSuccessThreshold);
+                return;
+            }
+            if self.succeeded == 0 && counted == 0 && self.forgiven.overrides == 0 {
+                self.halt_with(phase, Halt::NoDeviceReached);
                 return;
             }
             if self.admitted == self.targets.len() {

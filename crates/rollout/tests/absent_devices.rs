@@ -239,11 +239,121 @@ fn a_skipped_device_that_returns_while_the_rollout_runs_is_offered_and_counted_o
 #[test]
 fn a_device_offline_for_good_is_skipped_and_the_rollout_still_ends() {
     let mut peers = vec![Peer::Answers(Outcome::Succeeded); 50];
-    peers[0] = Peer::Absent;
+    peers[10] = Peer::Absent;
     let run = drive(Rollout::new(config(), ids(50), 0), &peers, 0, 24 * HOUR);
     assert_eq!(run.r.state(), State::Completed);
-    assert_eq!(run.r.device("dev-00000"), Some(DeviceState::Skipped));
+    assert_eq!(run.r.device("dev-00010"), Some(DeviceState::Skipped));
     assert_eq!(run.r.counts().skipped, 1);
+}
+
+#[test]
+fn a_phase_whose_devices_were_all_skipped_does_not_pass_for_a_release_nobody_ran() {
+    // The 1% canary (one device of 50) is offline: nothing shows the release works.
+    let mut peers = vec![Peer::Answers(Outcome::Succeeded); 50];
+    peers[0] = Peer::Absent;
+    let run = drive(Rollout::new(config(), ids(50), 0), &peers, 0, 24 * HOUR);
+    assert_eq!(run.r.state(), State::Stopped { phase: 0 });
+    assert_eq!(run.r.halt(), Some(Halt::NoDeviceReached));
+    assert!(run.offers.is_empty());
+    // An operator's override lets it go on without the canary.
+    let (mut r, now) = (run.r, run.now);
+    r.resume(now);
+    let run = drive(r, &peers, now, 24 * HOUR);
+    assert_eq!(run.r.state(), State::Completed);
+    assert_eq!(run.r.counts().succeeded, 49);
+    assert_eq!(run.r.counts().skipped, 1);
+}
+
+#[test]
+fn offers_decided_when_the_rollout_halts_are_withdrawn_and_the_targets_wait() {
+    let mut r = Rollout::new(
+        Config {
+            phases: vec![100.0],
+            max_concurrent: 2,
+            ..config()
+        },
+        ids(4),
+        0,
+    );
+    for id in ids(4) {
+        r.handle_online(0, &id);
+    }
+    let offered: Vec<String> = std::iter::from_fn(|| r.poll_action())
+        .filter_map(|a| match a {
+            Action::Notify(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    r.pause();
+    for id in &offered {
+        r.handle_offer_withdrawn(id);
+    }
+    assert_eq!(r.counts().in_flight, 0);
+    assert_eq!(r.counts().waiting, 4);
+    r.resume(10);
+    let again = std::iter::from_fn(|| r.poll_action())
+        .filter(|a| matches!(a, Action::Notify(_)))
+        .count();
+    assert_eq!(again, 2, "offered again on resume");
+}
+
+#[test]
+fn the_waiting_deadline_does_not_run_out_while_the_maintenance_window_is_closed() {
+    use flotilla_rollout::Window;
+    // Window 02:00-04:00; created at 00:00 with one device offline and a 1 h wait.
+    let config = Config {
+        phases: vec![100.0],
+        window: Some(Window {
+            start_ms: 2 * HOUR,
+            end_ms: 4 * HOUR,
+        }),
+        ..config()
+    };
+    let mut r = Rollout::new(config, ids(2), 0);
+    r.handle_online(0, "dev-00000");
+    r.handle_timeout(HOUR + 1);
+    assert_eq!(
+        r.device("dev-00001"),
+        Some(DeviceState::Waiting),
+        "not skipped at 01:00"
+    );
+    assert_eq!(r.wait_until(), 3 * HOUR, "an hour after the window opens");
+    r.handle_timeout(3 * HOUR);
+    assert_eq!(r.device("dev-00001"), Some(DeviceState::Skipped));
+}
+
+#[test]
+fn a_restore_refuses_forgiveness_beyond_what_happened_and_clamps_future_offers() {
+    let r = Rollout::new(
+        Config {
+            phases: vec![100.0],
+            ..config()
+        },
+        ids(2),
+        0,
+    );
+    let mut s = r.snapshot();
+    s.forgiven.failed = 1;
+    assert!(Rollout::restore(config(), ids(2), s, 0).is_err());
+    let mut s = r.snapshot();
+    s.state = State::Running { phase: 0 };
+    s.devices[0] = DeviceState::InFlight { since: 10 * HOUR };
+    s.wait_until = 100 * HOUR;
+    let restored = Rollout::restore(
+        Config {
+            phases: vec![100.0],
+            ..config()
+        },
+        ids(2),
+        s,
+        HOUR,
+    )
+    .unwrap();
+    assert_eq!(
+        restored.poll_timeout(),
+        Some(HOUR + 30 * MIN),
+        "times out from now, not from the future"
+    );
 }
 
 #[test]

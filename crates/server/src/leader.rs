@@ -80,6 +80,31 @@ impl Leadership {
             .is_none_or(|s| s.epoch.borrow().is_some())
     }
 
+    /// The epoch this server leads under now (`Some(0)` alone on SQLite); `None` while
+    /// another server leads.
+    pub fn epoch(&self) -> Option<i64> {
+        match &self.shared {
+            None => Some(0),
+            Some(s) => *s.epoch.borrow(),
+        }
+    }
+
+    /// Where work begun under `epoch` writes: `None` unless the lease is still held under it
+    /// (work decided under an earlier tenure must not be saved under a later one).
+    pub async fn sweep_under<'a>(
+        &self,
+        store: &'a Store,
+        epoch: i64,
+    ) -> flotilla_store::StoreResult<Option<Sweep<'a>>> {
+        let Some(shared) = &self.shared else {
+            return Ok(Some(Sweep::Alone(store)));
+        };
+        Ok(store
+            .begin_fenced(LEASE, &shared.holder, epoch)
+            .await?
+            .map(Sweep::Fenced))
+    }
+
     /// Where a sweep writes now; `None` when another server leads.
     pub async fn sweep<'a>(
         &self,

@@ -53,6 +53,7 @@ async fn prepare(store: &Store) -> anyhow::Result<()> {
             wait_until: Some(i64::MAX / 2),
             forgiven_failed: 0,
             forgiven_succeeded: 0,
+            overrides: 0,
             targets: (0..TARGETS)
                 .filter(|&i| saved_state(i) != TargetState::Waiting)
                 .map(|i| {
@@ -97,8 +98,10 @@ async fn measure(store: &Store) -> anyhow::Result<(f64, f64, f64)> {
         // The replaced rebuild: a new planner in phase 1, every presence and known outcome fed
         // through it until it is back where it was.
         let t = Instant::now();
-        let known: std::collections::HashMap<&str, TargetState> =
-            rows.iter().map(|r| (r.device_id.as_str(), r.state)).collect();
+        let known: std::collections::HashMap<&str, TargetState> = rows
+            .iter()
+            .map(|r| (r.device_id.as_str(), r.state))
+            .collect();
         let mut r = Rollout::new(
             Config {
                 max_concurrent: TARGETS,

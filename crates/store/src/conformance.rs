@@ -941,6 +941,7 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         wait_until: Some(1_000),
         forgiven_failed: 0,
         forgiven_succeeded: 0,
+        overrides: 0,
         targets: Vec::new(),
         offers: Vec::new(),
         answered_control: None,
@@ -1052,6 +1053,57 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         .await
         .unwrap();
     assert_eq!(superseding.id, "u-r1-again");
+    // A rollout that ends cancels its unstarted offers and puts their targets back to
+    // waiting (an override offers them again); a started one stays in flight.
+    store
+        .create_rollout("r3", "1.2.0", &json!({}), &["c1".into(), "c2".into()], o)
+        .await
+        .unwrap();
+    let (c1, c2) = (dev("c1"), dev("c2"));
+    let offer = |id: &'static str, device_id| NewOffer {
+        id,
+        device_id,
+        version: "1.2.0",
+        force: false,
+        rollout_id: Some("r3"),
+        created_by: None,
+        supersede_started: false,
+    };
+    let r3 = |state, cancel| RolloutSave {
+        id: "r3",
+        cancel_unstarted: cancel,
+        ..save(state, Some(0))
+    };
+    store
+        .save_rollout(&RolloutSave {
+            targets: vec![
+                (0, TargetState::InFlight, Some(1)),
+                (1, TargetState::InFlight, Some(1)),
+            ],
+            offers: vec![offer("u-c1", &c1), offer("u-c2", &c2)],
+            ..r3(RolloutState::Running, None)
+        })
+        .await
+        .unwrap();
+    sqlx::query("UPDATE ota_updates SET state = 'started' WHERE id = 'u-c1'")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    store
+        .save_rollout(&r3(RolloutState::Stopped, Some("rollout stopped")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .rollout_targets("r3")
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.state)
+            .collect::<Vec<_>>(),
+        [TargetState::InFlight, TargetState::Waiting]
+    );
+    assert!(store.unstarted_updates(&c2).await.unwrap().is_empty());
     // An operator's request waits for the leader until a decision answers it.
     assert!(
         store
@@ -1089,7 +1141,7 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         .await
         .unwrap();
     assert!(store.rollout_controls().await.unwrap().is_empty());
-    assert_eq!(store.rollouts().await.unwrap().len(), 2);
+    assert_eq!(store.rollouts().await.unwrap().len(), 3);
     assert!(store.rollout("nope").await.unwrap().is_none());
 }
 

@@ -78,9 +78,13 @@ impl Store {
     /// working on one.
     pub async fn create_update(&self, offer: &NewOffer<'_>) -> StoreResult<UpdateRow> {
         let mut tx = self.pool.begin().await?;
-        let row = create_update_in(&mut tx, offer).await?;
-        tx.commit().await?;
-        Ok(row)
+        match create_update_in(&mut tx, offer).await? {
+            Offered::Made(row) => {
+                tx.commit().await?;
+                Ok(row)
+            }
+            Offered::Busy(why) => Err(super::StoreError::Conflict(why.into())),
+        }
     }
 
     /// Offers the device has not acted on yet: re-sent when it comes back online.
@@ -280,10 +284,17 @@ fn phase_name(p: OtaPhase) -> &'static str {
 }
 
 /// Records a new offer in `tx`, replacing (cancelling) any open one for the device.
+/// What recording an offer came to.
+pub(super) enum Offered {
+    Made(UpdateRow),
+    /// Not recorded, nothing written: the device is working on another update.
+    Busy(String),
+}
+
 pub(super) async fn create_update_in(
     tx: &mut Transaction<'_, Any>,
     offer: &NewOffer<'_>,
-) -> StoreResult<UpdateRow> {
+) -> StoreResult<Offered> {
     let now = now_ms();
     // Two offers at once (an operator's and a rollout's) take turns: each cancels the one
     // before it. The schema keeps at most one open offer per device (ota_updates_one_open).
@@ -314,9 +325,9 @@ pub(super) async fn create_update_in(
         .fetch_optional(&mut **tx)
         .await?;
         if let Some((id, state)) = busy {
-            return Err(super::StoreError::Conflict(
-                format!("the device is working on update {id} ({state})").into(),
-            ));
+            return Ok(Offered::Busy(format!(
+                "the device is working on update {id} ({state})"
+            )));
         }
     }
     let row = sqlx::query(
@@ -333,5 +344,5 @@ pub(super) async fn create_update_in(
     .bind(now)
     .fetch_one(&mut **tx)
     .await?;
-    update_from(&row)
+    Ok(Offered::Made(update_from(&row)?))
 }

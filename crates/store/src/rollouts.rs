@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use sqlx::{Any, Transaction};
 
-use super::ota::{NewOffer, UpdateRow, create_update_in};
+use super::ota::{NewOffer, Offered, UpdateRow, create_update_in};
 use super::params::{Params, ROWS_PER_STATEMENT};
 use super::{RolloutHalt, RolloutState, Store, StoreResult, TargetState, UpdateState, now_ms};
 
@@ -29,6 +29,7 @@ pub struct RolloutRow {
     pub wait_until: Option<i64>,
     pub forgiven_failed: i64,
     pub forgiven_succeeded: i64,
+    pub overrides: i64,
     /// An operator's request waiting for the leader: pause, resume or abort.
     pub control: Option<String>,
     pub created_by: Option<i64>,
@@ -51,6 +52,7 @@ fn rollout_from(r: &sqlx::any::AnyRow) -> StoreResult<RolloutRow> {
         wait_until: r.try_get("wait_until")?,
         forgiven_failed: r.try_get("forgiven_failed")?,
         forgiven_succeeded: r.try_get("forgiven_succeeded")?,
+        overrides: r.try_get("overrides")?,
         control: r.try_get("control")?,
         created_by: r.try_get("created_by")?,
         created_at: r.try_get("created_at")?,
@@ -298,6 +300,7 @@ pub struct RolloutSave<'a> {
     pub wait_until: Option<i64>,
     pub forgiven_failed: i64,
     pub forgiven_succeeded: i64,
+    pub overrides: i64,
     /// Targets whose state changed: `(position, state, since)`.
     pub targets: Vec<(i64, TargetState, Option<i64>)>,
     pub offers: Vec<NewOffer<'a>>,
@@ -322,8 +325,8 @@ pub(super) async fn save_rollout_in(
     sqlx::query(
         "UPDATE rollouts SET state = $1, phase = COALESCE($2, phase), halt = $3, \
          reason = COALESCE($4, reason), wait_until = $5, forgiven_failed = $6, \
-         forgiven_succeeded = $7, updated_at = $8, \
-         control = CASE WHEN control = $9 THEN NULL ELSE control END WHERE id = $10",
+         forgiven_succeeded = $7, overrides = $8, updated_at = $9, \
+         control = CASE WHEN control = $10 THEN NULL ELSE control END WHERE id = $11",
     )
     .bind(save.state.as_str())
     .bind(save.phase.map(|p| p as i64))
@@ -332,6 +335,7 @@ pub(super) async fn save_rollout_in(
     .bind(save.wait_until)
     .bind(save.forgiven_failed)
     .bind(save.forgiven_succeeded)
+    .bind(save.overrides)
     .bind(now_ms())
     .bind(save.answered_control)
     .bind(save.id)
@@ -369,6 +373,16 @@ pub(super) async fn save_rollout_in(
             .await?;
     }
     if let Some(why) = save.cancel_unstarted {
+        // Their targets were never reached: they wait again (an override offers them anew).
+        sqlx::query(
+            "UPDATE rollout_targets SET state = 'waiting', since = NULL \
+             WHERE rollout_id = $1 AND state = 'in_flight' AND device_id IN \
+             (SELECT device_id FROM ota_updates WHERE rollout_id = $2 AND state = 'offered')",
+        )
+        .bind(save.id)
+        .bind(save.id)
+        .execute(&mut **tx)
+        .await?;
         sqlx::query(
             "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
              WHERE rollout_id = $3 AND state = 'offered'",
@@ -381,11 +395,9 @@ pub(super) async fn save_rollout_in(
     }
     let mut saved = SavedOffers::default();
     for offer in &save.offers {
-        match create_update_in(tx, offer).await {
-            Ok(row) => saved.made.push(row),
-            // Refused before anything was written: the device is busy with another update.
-            Err(super::StoreError::Conflict(_)) => saved.busy.push(offer.device_id.clone()),
-            Err(e) => return Err(e),
+        match create_update_in(tx, offer).await? {
+            Offered::Made(row) => saved.made.push(row),
+            Offered::Busy(_) => saved.busy.push(offer.device_id.clone()),
         }
     }
     Ok(saved)

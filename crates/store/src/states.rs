@@ -159,6 +159,7 @@ stored_state!(
     RolloutHalt, "rollout halt" {
         TooManyFailures => "too_many_failures",
         PhaseBelowSuccessThreshold => "phase_below_success_threshold",
+        NoDeviceReached => "no_device_reached",
     }
 );
 

@@ -69,7 +69,8 @@ impl OtaService {
                 force,
                 rollout_id,
                 created_by,
-                supersede_started: false,
+                // Forcing also replaces an update the device started (one that is stuck).
+                supersede_started: force,
             })
             .await?;
         self.publish(&update, release).await;

@@ -95,7 +95,8 @@ struct Manager {
     leadership: Leadership,
     clock: Clock,
     active: HashMap<String, Active>,
-    leading: bool,
+    /// The lease epoch the planners were restored under, while this server leads.
+    led_under: Option<i64>,
 }
 
 /// Starts the rollout task; returns where to send it events.
@@ -107,7 +108,7 @@ pub fn spawn(store: Store, ota: Arc<OtaService>, leadership: Leadership) -> mpsc
         leadership,
         clock: Clock::new(),
         active: HashMap::new(),
-        leading: false,
+        led_under: None,
     };
     tokio::spawn(manager.run(rx));
     tx
@@ -127,14 +128,14 @@ impl Manager {
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(event) if self.leading => self.handle(event).await,
+                    Some(event) if self.led_under.is_some() => self.handle(event).await,
                     Some(event) => self.handle_as_follower(event).await,
                     None => return,
                 },
                 _ = tick.tick() => {
                     ticks += 1;
                     self.follow_the_lease().await;
-                    if !self.leading {
+                    if self.led_under.is_none() {
                         continue;
                     }
                     let (now, offset) = (self.clock.now(), self.clock.wall_offset());
@@ -152,31 +153,36 @@ impl Manager {
                     }
                 }
             }
-            if self.leading {
+            if self.led_under.is_some() {
                 self.drain_all().await;
             }
         }
     }
 
     /// Starts leading (restoring every open rollout) or stops (dropping the planners) as the
-    /// lease comes and goes.
+    /// lease comes and goes. A new epoch is a new tenure — another server may have led in
+    /// between — so the planners are restored afresh from what was saved.
     async fn follow_the_lease(&mut self) {
-        let leading = self.leadership.is_leader();
-        if leading && !self.leading {
-            tracing::info!("leading: restoring open rollouts");
-            self.leading = true;
-            self.load_open().await;
-        } else if !leading && self.leading {
+        let epoch = self.leadership.epoch();
+        if epoch == self.led_under {
+            return;
+        }
+        if self.led_under.is_some() {
             tracing::info!(
                 rollouts = self.active.len(),
-                "no longer leading: rollouts left to the leader"
+                "no longer leading under this epoch: planners dropped"
             );
             self.stop_leading();
+        }
+        if let Some(epoch) = epoch {
+            tracing::info!(epoch, "leading: restoring open rollouts");
+            self.led_under = Some(epoch);
+            self.load_open().await;
         }
     }
 
     fn stop_leading(&mut self) {
-        self.leading = false;
+        self.led_under = None;
         self.active.clear();
     }
 
@@ -273,21 +279,27 @@ impl Manager {
         actor: &str,
         answering: Option<&str>,
     ) -> Result<RolloutState, String> {
-        let result = self.apply(id, op).await;
-        if result.is_ok() {
-            self.drain(id, answering).await;
-        } else if let Some(op) = answering {
+        let mut result = self.apply(id, op).await;
+        if result.is_ok() && !self.drain(id, answering).await {
+            result = Err("the decision was not saved (see the server log); try again".into());
+            // Memory may be ahead of the database: restore from what was saved.
+            self.active.remove(id);
+        } else if result.is_err()
+            && let Some(op) = answering
+        {
             // Refused: the request is answered all the same.
             if let Err(e) = self.store.clear_rollout_control(id, op).await {
                 tracing::warn!(error = %e, rollout = id, "clearing a refused request failed");
             }
         }
-        let result = result.map(|_| {
-            self.active
-                .get(id)
-                .map(|a| rollout_state(a.planner.state()))
-                .unwrap_or(RolloutState::Aborted)
-        });
+        let result = match result {
+            Ok(()) => match self.store.rollout(id).await {
+                Ok(Some(row)) => Ok(row.state),
+                Ok(None) => Err("no such rollout".to_string()),
+                Err(e) => Err(format!("reading the rollout back failed: {e}")),
+            },
+            Err(e) => Err(e),
+        };
         self.store
             .audit(AuditRecord {
                 actor,
@@ -367,11 +379,19 @@ impl Manager {
             .await?
             .ok_or_else(|| anyhow::anyhow!("release {} missing", row.version))?;
         let targets = self.store.rollout_targets(&row.id).await?;
-        let snapshot = restore::snapshot(row, &targets, &self.clock);
+        let config = settings.planner_config();
+        let snapshot = restore::snapshot(row, &targets, &self.clock, config.wait_timeout_ms);
+        // Offers saved but perhaps never sent (the last leader died between its commit and
+        // its publish): sent again; a device ignores one it is already working on.
+        let in_flight: Vec<flotilla_proto::DeviceId> = targets
+            .iter()
+            .filter(|t| t.state == TargetState::InFlight)
+            .filter_map(|t| flotilla_proto::DeviceId::parse(&t.device_id).ok())
+            .collect();
         let ids = targets.into_iter().map(|t| t.device_id).collect();
         let now = self.clock.now();
-        let mut planner = Rollout::restore(settings.planner_config(), ids, snapshot, now)
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let mut planner =
+            Rollout::restore(config, ids, snapshot, now).map_err(|e| anyhow::anyhow!(e))?;
         planner.set_wall_offset(self.clock.wall_offset());
         for device in self.store.online_devices().await? {
             planner.handle_online(now, &device);
@@ -379,6 +399,9 @@ impl Manager {
         planner.handle_timeout(now);
         if release.blocked {
             planner.abort();
+        }
+        for device in &in_flight {
+            self.ota.resend_offers(device).await;
         }
         self.active.insert(
             row.id.clone(),
@@ -473,10 +496,14 @@ impl Manager {
     }
 
     /// Saves what a planner decided since the last drain, then carries it out: offers are
-    /// published and transitions audited only once the save committed.
-    async fn drain(&mut self, id: &str, answering: Option<&str>) {
+    /// published and transitions audited only once the save committed. Whether the decision
+    /// is saved (true also when there was nothing to save).
+    async fn drain(&mut self, id: &str, answering: Option<&str>) -> bool {
+        let Some(epoch) = self.led_under else {
+            return false;
+        };
         let Some(a) = self.active.get_mut(id) else {
-            return;
+            return false;
         };
         let mut decided = Decisions::default();
         while let Some(action) = a.planner.poll_action() {
@@ -485,15 +512,22 @@ impl Manager {
                 Action::Transition(state) => decided.transitions.push(state),
             }
         }
+        let state = a.planner.state();
+        if !matches!(state, State::Running { .. }) {
+            // Decided before the rollout halted, paused or ended in the same batch of
+            // events: not sent, the targets wait again.
+            for device in decided.offers.drain(..) {
+                a.planner.handle_offer_withdrawn(&device);
+            }
+        }
         let changes = a.planner.take_changes();
         if changes.is_empty()
             && decided.offers.is_empty()
             && decided.transitions.is_empty()
             && answering.is_none()
         {
-            return;
+            return true;
         }
-        let state = a.planner.state();
         let ended = matches!(
             state,
             State::Completed | State::Stopped { .. } | State::Aborted
@@ -501,6 +535,11 @@ impl Manager {
         if let Some(&last) = decided.transitions.last() {
             a.reason = Some(describe(last, a));
         }
+        let described: Vec<(State, String)> = decided
+            .transitions
+            .iter()
+            .map(|&t| (t, describe(t, a)))
+            .collect();
         // Devices skipped to the end get the release when they come back (the offer is
         // re-sent when their next session starts).
         let mut late: Vec<String> = Vec::new();
@@ -537,6 +576,7 @@ impl Manager {
                 .then(|| self.clock.wall_of(a.planner.wait_until())),
             forgiven_failed: a.planner.forgiven().failed as i64,
             forgiven_succeeded: a.planner.forgiven().succeeded as i64,
+            overrides: a.planner.forgiven().overrides as i64,
             targets: changes
                 .iter()
                 .map(|&(i, d)| {
@@ -561,9 +601,8 @@ impl Manager {
             answered_control: answering,
             cancel_unstarted: cancel.as_deref(),
         };
-        let saved = save_fenced(&self.store, &self.leadership, &save).await;
+        let saved = save_fenced(&self.store, &self.leadership, epoch, &save).await;
         let release = a.release.clone();
-        let reason = a.reason.clone();
         match saved {
             Ok(Some(offers)) => {
                 for offer in &offers.made {
@@ -575,26 +614,29 @@ impl Manager {
                         a.planner.handle_offer_refused(now, device.as_str());
                     }
                 }
-                for t in decided.transitions {
-                    self.audit_transition(id, t, reason.as_deref()).await;
+                for (t, words) in &described {
+                    self.audit_transition(id, *t, words).await;
                 }
                 if ended {
                     self.active.remove(id);
                 }
+                true
             }
             Ok(None) => {
                 tracing::warn!(rollout = id, "lost the lease: decision not saved");
                 self.stop_leading();
+                false
             }
             Err(e) => {
                 // Memory is ahead of the database now: restore from what was saved.
                 tracing::error!(error = %e, rollout = id, "saving a rollout decision failed; restoring it");
                 self.active.remove(id);
+                false
             }
         }
     }
 
-    async fn audit_transition(&self, rollout: &str, state: State, reason: Option<&str>) {
+    async fn audit_transition(&self, rollout: &str, state: State, reason: &str) {
         let name = rollout_state(state).as_str();
         tracing::info!(rollout, state = name, reason, "rollout transition");
         self.store
@@ -603,7 +645,7 @@ impl Manager {
                 action: "rollout.transition",
                 target: Some(rollout),
                 result: name,
-                detail: reason.map(str::to_string),
+                detail: Some(reason.to_string()),
             })
             .await;
     }
@@ -613,9 +655,10 @@ impl Manager {
 async fn save_fenced(
     store: &Store,
     leadership: &Leadership,
+    epoch: i64,
     save: &RolloutSave<'_>,
 ) -> StoreResult<Option<SavedOffers>> {
-    match leadership.sweep(store).await? {
+    match leadership.sweep_under(store, epoch).await? {
         None => Ok(None),
         Some(Sweep::Alone(store)) => store.save_rollout(save).await.map(Some),
         Some(Sweep::Fenced(mut tx)) => {
@@ -633,6 +676,7 @@ fn describe(state: State, a: &Active) -> String {
         State::Stopped { phase } | State::Paused { phase } if a.planner.halt().is_some() => {
             let why = match a.planner.halt() {
                 Some(Halt::PhaseBelowSuccessThreshold) => "too few successes",
+                Some(Halt::NoDeviceReached) => "every device was skipped, none succeeded yet",
                 _ => "too many failures",
             };
             let verb = if matches!(state, State::Stopped { .. }) {

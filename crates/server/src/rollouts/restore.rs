@@ -77,6 +77,7 @@ pub fn stored_halt(h: Halt) -> RolloutHalt {
     match h {
         Halt::TooManyFailures => RolloutHalt::TooManyFailures,
         Halt::PhaseBelowSuccessThreshold => RolloutHalt::PhaseBelowSuccessThreshold,
+        Halt::NoDeviceReached => RolloutHalt::NoDeviceReached,
     }
 }
 
@@ -84,6 +85,7 @@ fn planner_halt(h: RolloutHalt) -> Halt {
     match h {
         RolloutHalt::TooManyFailures => Halt::TooManyFailures,
         RolloutHalt::PhaseBelowSuccessThreshold => Halt::PhaseBelowSuccessThreshold,
+        RolloutHalt::NoDeviceReached => Halt::NoDeviceReached,
     }
 }
 
@@ -115,18 +117,29 @@ fn planner_target(t: &TargetRow, clock: &Clock) -> DeviceState {
     }
 }
 
-/// The planner snapshot a stored rollout and its targets (in target order) describe.
-pub fn snapshot(row: &RolloutRow, targets: &[TargetRow], clock: &Clock) -> Snapshot {
+/// The planner snapshot a stored rollout and its targets (in target order) describe. A
+/// rollout saved before waiting deadlines existed gets a full `wait_timeout_ms` from now.
+pub fn snapshot(
+    row: &RolloutRow,
+    targets: &[TargetRow],
+    clock: &Clock,
+    wait_timeout_ms: u64,
+) -> Snapshot {
+    let state = planner_state(row);
+    let wait_until = match row.wait_until {
+        Some(w) => clock.planner_time_of(w),
+        None if state == State::Scheduled => u64::MAX,
+        None => clock.now().saturating_add(wait_timeout_ms),
+    };
     Snapshot {
-        state: planner_state(row),
+        state,
         halt: row.halt.map(planner_halt),
         devices: targets.iter().map(|t| planner_target(t, clock)).collect(),
-        wait_until: row
-            .wait_until
-            .map_or(u64::MAX, |w| clock.planner_time_of(w)),
+        wait_until,
         forgiven: Forgiven {
             failed: row.forgiven_failed.max(0) as usize,
             succeeded: row.forgiven_succeeded.max(0) as usize,
+            overrides: row.overrides.max(0) as usize,
         },
     }
 }

@@ -59,7 +59,8 @@ async fn check(
 struct StartRequest {
     /// Defaults to the latest release for the device's hardware.
     version: Option<String>,
-    /// Allows an older version; the device still refuses a lower security counter.
+    /// Allows an older version (the device still refuses a lower security counter), and
+    /// replaces an update the device has started instead of refusing with 409.
     #[serde(default)]
     force: bool,
 }

@@ -17,7 +17,7 @@ use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::rollouts::{Applied, Control, Event, Settings};
-use flotilla_store::{RolloutRow, TargetState};
+use flotilla_store::{RolloutRow, RolloutState, TargetState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -237,6 +237,21 @@ async fn control(
             loop {
                 let row = find_rollout(&state, &user, &id).await?;
                 if row.control.is_none() {
+                    // Answered: carried out, or refused (the state is not what the op makes).
+                    let reached = match op {
+                        Control::Pause => row.state == RolloutState::Paused,
+                        Control::Resume => {
+                            matches!(row.state, RolloutState::Running | RolloutState::Completed)
+                        }
+                        Control::Abort => row.state == RolloutState::Aborted,
+                    };
+                    if !reached {
+                        return Err(ApiError::Conflict(format!(
+                            "the leader refused to {}: rollout is {}",
+                            op.as_str(),
+                            row.state.as_str()
+                        )));
+                    }
                     return Ok((StatusCode::OK, Json(view(&state, row).await?)));
                 }
                 if tokio::time::Instant::now() >= deadline {

@@ -12,6 +12,8 @@ ALTER TABLE rollouts ADD COLUMN wait_until BIGINT;
 -- Failures and successes an operator's override accepted.
 ALTER TABLE rollouts ADD COLUMN forgiven_failed BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE rollouts ADD COLUMN forgiven_succeeded BIGINT NOT NULL DEFAULT 0;
+-- How many times an operator overrode a halt.
+ALTER TABLE rollouts ADD COLUMN overrides BIGINT NOT NULL DEFAULT 0;
 -- An operator's pause/resume/abort taken by a replica that does not lead, for the leader.
 ALTER TABLE rollouts ADD COLUMN control TEXT;
 ALTER TABLE rollouts ADD COLUMN control_actor TEXT;
@@ -32,4 +34,6 @@ UPDATE rollout_targets SET
         WHERE u.rollout_id = rollout_targets.rollout_id AND u.device_id = rollout_targets.device_id
           AND u.state IN ('offered', 'started', 'in_progress')
         ORDER BY u.created_at DESC LIMIT 1);
+-- A rollout that stopped itself before this stopped on its failures (an override forgives them).
+UPDATE rollouts SET halt = 'too_many_failures' WHERE state = 'stopped';
 CREATE INDEX rollout_targets_state ON rollout_targets(rollout_id, state);
