@@ -665,6 +665,15 @@ async fn a_rollout_skips_a_device_that_stays_offline_finishes_and_updates_it_whe
     .await?;
     assert_eq!(h.len(), 1);
     assert_eq!(h[0]["rolloutId"], id.as_str());
+    // The rollout's progress counts the late success.
+    let (_, after) = server
+        .call("GET", &format!("/api/rollouts/{id}"), Some(&jwt), None)
+        .await?;
+    assert_eq!(
+        (&after["progress"]["succeeded"], &after["progress"]["skipped"]),
+        (&json!(2), &json!(0)),
+        "{after}"
+    );
     Ok(())
 }
 

@@ -236,6 +236,30 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// A device's update of a rollout the planner no longer drives (stopped, aborted,
+    /// completed — a late offer) ended: its target shows how. Open rollouts are the leader's
+    /// to save.
+    pub async fn record_late_outcome(
+        &self,
+        rollout_id: &str,
+        device_id: &str,
+        state: TargetState,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE rollout_targets SET state = $1, since = NULL \
+             WHERE rollout_id = $2 AND device_id = $3 AND state IN ('in_flight', 'skipped') \
+             AND EXISTS (SELECT 1 FROM rollouts WHERE id = $4 \
+                 AND state IN ('completed', 'stopped', 'aborted'))",
+        )
+        .bind(state.as_str())
+        .bind(rollout_id)
+        .bind(device_id)
+        .bind(rollout_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Withdraws the request `op` (answered by a refusal), unless another replaced it.
     pub async fn clear_rollout_control(&self, id: &str, op: &str) -> StoreResult<()> {
         sqlx::query("UPDATE rollouts SET control = NULL WHERE id = $1 AND control = $2")

@@ -200,11 +200,15 @@ impl Manager {
                 }
             }
             Event::Finished(f) => {
-                if let (Some(a), Some(outcome)) = (
+                match (
                     f.rollout_id.as_ref().and_then(|id| self.active.get_mut(id)),
                     outcome_of(f.state),
                 ) {
-                    a.planner.handle_outcome(now, f.device_id.as_str(), outcome);
+                    (Some(a), Some(outcome)) => {
+                        a.planner.handle_outcome(now, f.device_id.as_str(), outcome)
+                    }
+                    (None, Some(_)) => self.record_late_outcome(&f).await,
+                    _ => {}
                 }
             }
             Event::Control {
@@ -254,8 +258,27 @@ impl Manager {
                     }
                 }
             }
+            Event::Finished(f) => self.record_late_outcome(&f).await,
             // The leader reads these from the database.
-            Event::Start(_) | Event::DeviceOnline(_) | Event::Finished(_) => {}
+            Event::Start(_) | Event::DeviceOnline(_) => {}
+        }
+    }
+
+    /// An update of a rollout no planner drives ended (a late offer, or one started before the
+    /// rollout stopped): its target row says so; the store leaves open rollouts alone.
+    async fn record_late_outcome(&self, f: &Finished) {
+        let state = match f.state {
+            UpdateState::Succeeded => TargetState::Succeeded,
+            UpdateState::Failed | UpdateState::RolledBack => TargetState::Failed,
+            _ => return,
+        };
+        if let Some(rollout) = &f.rollout_id
+            && let Err(e) = self
+                .store
+                .record_late_outcome(rollout, f.device_id.as_str(), state)
+                .await
+        {
+            tracing::warn!(error = %e, rollout, "recording a late outcome failed");
         }
     }
 
