@@ -364,6 +364,32 @@ impl Server {
         format!("mqtts://localhost:{}", self.mqtt_port)
     }
 
+    /// A rollout's transitions in the audit log, oldest first: `(state, words)`.
+    pub async fn rollout_transitions(
+        &self,
+        jwt: &str,
+        rollout: &str,
+    ) -> Result<Vec<(String, String)>> {
+        let (_, audit) = self
+            .call(
+                "GET",
+                "/api/admin/audit?action=rollout.transition&limit=1000",
+                Some(jwt),
+                None,
+            )
+            .await?;
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let mut out: Vec<(String, String)> = audit
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["target"] == rollout)
+            .map(|e| (text(&e["result"]), text(&e["detail"])))
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
     /// A raw request; returns status and JSON body (Null when the body is not JSON).
     pub async fn call(
         &self,

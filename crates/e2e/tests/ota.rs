@@ -594,31 +594,8 @@ async fn a_rollout_survives_a_server_restart_and_catches_up_a_device_that_was_of
     Ok(())
 }
 
-/// The rollout's transitions in the audit log, oldest first: `(result, detail)`.
 async fn transitions(server: &Server, jwt: &str, rollout: &str) -> Vec<(String, String)> {
-    let (_, audit) = server
-        .call(
-            "GET",
-            "/api/admin/audit?action=rollout.transition&limit=1000",
-            Some(jwt),
-            None,
-        )
-        .await
-        .unwrap();
-    let mut out: Vec<(String, String)> = audit
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["target"] == rollout)
-        .map(|e| {
-            (
-                e["result"].as_str().unwrap_or_default().to_string(),
-                e["detail"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    out.reverse();
-    out
+    server.rollout_transitions(jwt, rollout).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -670,7 +647,10 @@ async fn a_rollout_skips_a_device_that_stays_offline_finishes_and_updates_it_whe
         .call("GET", &format!("/api/rollouts/{id}"), Some(&jwt), None)
         .await?;
     assert_eq!(
-        (&after["progress"]["succeeded"], &after["progress"]["skipped"]),
+        (
+            &after["progress"]["succeeded"],
+            &after["progress"]["skipped"]
+        ),
         (&json!(2), &json!(0)),
         "{after}"
     );

@@ -337,26 +337,10 @@ async fn failed_certificate_requests_spread_over_two_replicas_are_refused_at_the
     assert_eq!(status, 401);
 }
 
-/// The rollout's transitions in the audit log, oldest first.
+/// The words of the rollout's transitions in the audit log, oldest first.
 async fn transitions(server: &Server, admin: &str, rollout: &str) -> Vec<String> {
-    let (_, audit) = server
-        .call(
-            "GET",
-            "/api/admin/audit?action=rollout.transition&limit=1000",
-            Some(admin),
-            None,
-        )
-        .await
-        .unwrap();
-    let mut out: Vec<String> = audit
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["target"] == rollout)
-        .map(|e| e["detail"].as_str().unwrap_or_default().to_string())
-        .collect();
-    out.reverse();
-    out
+    let all = server.rollout_transitions(admin, rollout).await.unwrap();
+    all.into_iter().map(|(_, words)| words).collect()
 }
 
 async fn rollout_of(server: &Server, admin: &str, id: &str) -> Option<Value> {
