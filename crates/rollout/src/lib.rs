@@ -573,9 +573,12 @@ impl Rollout {
         if matches!(self.state, State::Running { .. })
             && !self.wait_expired
             && now >= self.wait_until
-            && let Some(w) = self.config.window.filter(|w| !w.contains(self.wall(now)))
+            && let Some(w) = self.config.window.filter(|w| {
+                // Closed for the whole wait: nobody could have been offered it, wait on.
+                let began = self.wait_until.saturating_sub(self.config.wait_timeout_ms);
+                w.next_open(self.wall(began)) > self.wall(now)
+            })
         {
-            // Nobody could have been offered it while the window was closed: wait on.
             self.wait_until = self
                 .mono(w.next_open(self.wall(now)))
                 .saturating_add(self.config.wait_timeout_ms);
@@ -738,7 +741,8 @@ impl Rollout {
                 return;
             }
             self.start_phase(phase + 1, now);
-            self.dispatch(now);
+            // A phase that admits nobody new (a small fleet) ends at once.
+            self.evaluate(now);
         }
     }
 

@@ -552,3 +552,38 @@ fn a_target_busy_with_another_update_waits_and_is_offered_when_seen_again() {
     r.handle_online(2_000, "dev-00000");
     assert_eq!(r.poll_action(), Some(Action::Notify("dev-00000".into())));
 }
+
+#[test]
+fn the_waiting_deadline_is_postponed_once_even_when_the_window_is_no_longer_than_the_wait() {
+    use flotilla_rollout::Window;
+    // Window 02:00-03:00 and a 1 h wait: postponed to 03:00, when the window has closed
+    // again — the device is skipped then, not postponed day after day.
+    let config = Config {
+        phases: vec![100.0],
+        window: Some(Window {
+            start_ms: 2 * HOUR,
+            end_ms: 3 * HOUR,
+        }),
+        ..config()
+    };
+    let mut r = Rollout::new(config, ids(2), 0);
+    r.handle_online(0, "dev-00000");
+    r.handle_timeout(HOUR);
+    assert_eq!(r.wait_until(), 3 * HOUR);
+    r.handle_timeout(3 * HOUR);
+    assert_eq!(r.device("dev-00001"), Some(DeviceState::Skipped));
+}
+
+#[test]
+fn a_phase_that_admits_nobody_new_does_not_stall_a_small_fleet() {
+    // Two targets and phases 1/10/50/100%: phases 1 and 2 both admit one device.
+    let peers = vec![Peer::Answers(Outcome::Succeeded); 2];
+    let run = drive(
+        Rollout::new(Config::default(), ids(2), 0),
+        &peers,
+        0,
+        24 * HOUR,
+    );
+    assert_eq!(run.r.state(), State::Completed);
+    assert_eq!(run.r.counts().succeeded, 2);
+}

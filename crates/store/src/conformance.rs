@@ -1041,6 +1041,11 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         .await
         .unwrap();
     assert_eq!((saved.made.len(), saved.busy), (0, vec![d2.clone()]));
+    assert_eq!(
+        store.rollout_targets("r1").await.unwrap()[1].state,
+        TargetState::Waiting,
+        "a target that could not be offered is not saved in flight"
+    );
     assert!(matches!(
         store.create_update(&again).await,
         Err(StoreError::Conflict(_))

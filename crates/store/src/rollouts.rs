@@ -198,8 +198,8 @@ impl Store {
         .collect()
     }
 
-    /// Targets saved as in flight whose update has ended since (reported through any
-    /// replica): `(position, outcome)`.
+    /// Targets saved as in flight whose latest update of this rollout has ended since
+    /// (reported through any replica, or cancelled by another offer): `(position, outcome)`.
     pub async fn rollout_outcomes_in_flight(
         &self,
         id: &str,
@@ -208,7 +208,9 @@ impl Store {
             "SELECT t.position, u.state FROM rollout_targets t JOIN ota_updates u \
              ON u.rollout_id = t.rollout_id AND u.device_id = t.device_id \
              WHERE t.rollout_id = $1 AND t.state = 'in_flight' \
-             AND u.state IN ('succeeded', 'failed', 'rolled_back')",
+             AND u.state IN ('succeeded', 'failed', 'rolled_back', 'cancelled') \
+             AND u.created_at = (SELECT MAX(l.created_at) FROM ota_updates l \
+                 WHERE l.rollout_id = t.rollout_id AND l.device_id = t.device_id)",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -397,31 +399,44 @@ pub(super) async fn save_rollout_in(
             .await?;
     }
     if let Some(why) = save.cancel_unstarted {
-        // Their targets were never reached: they wait again (an override offers them anew).
-        sqlx::query(
-            "UPDATE rollout_targets SET state = 'waiting', since = NULL \
-             WHERE rollout_id = $1 AND state = 'in_flight' AND device_id IN \
-             (SELECT device_id FROM ota_updates WHERE rollout_id = $2 AND state = 'offered')",
-        )
-        .bind(save.id)
-        .bind(save.id)
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(
+        // Exactly the offers cancelled here (one a device starts meanwhile is not) were never
+        // reached: their targets wait again, and an override offers them anew.
+        let cancelled: Vec<String> = sqlx::query_scalar(
             "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
-             WHERE rollout_id = $3 AND state = 'offered'",
+             WHERE rollout_id = $3 AND state = 'offered' RETURNING device_id",
         )
         .bind(why)
         .bind(now_ms())
         .bind(save.id)
-        .execute(&mut **tx)
+        .fetch_all(&mut **tx)
         .await?;
+        for device in &cancelled {
+            sqlx::query(
+                "UPDATE rollout_targets SET state = 'waiting', since = NULL \
+                 WHERE rollout_id = $1 AND device_id = $2 AND state = 'in_flight'",
+            )
+            .bind(save.id)
+            .bind(device)
+            .execute(&mut **tx)
+            .await?;
+        }
     }
     let mut saved = SavedOffers::default();
     for offer in &save.offers {
         match create_update_in(tx, offer).await? {
             Offered::Made(row) => saved.made.push(row),
-            Offered::Busy(_) => saved.busy.push(offer.device_id.clone()),
+            Offered::Busy(_) => {
+                // Saved as waiting, not as an offer that was never made.
+                sqlx::query(
+                    "UPDATE rollout_targets SET state = 'waiting', since = NULL \
+                     WHERE rollout_id = $1 AND device_id = $2 AND state = 'in_flight'",
+                )
+                .bind(save.id)
+                .bind(offer.device_id.as_str())
+                .execute(&mut **tx)
+                .await?;
+                saved.busy.push(offer.device_id.clone())
+            }
         }
     }
     Ok(saved)

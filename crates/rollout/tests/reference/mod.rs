@@ -214,6 +214,9 @@ impl Reference {
                 return;
             }
             self.start_phase(phase + 1);
+            // A phase that admits nobody new ends at once.
+            self.evaluate(now);
+            return;
         }
         self.dispatch(now);
     }

@@ -95,6 +95,9 @@ struct Manager {
     leadership: Leadership,
     clock: Clock,
     active: HashMap<String, Active>,
+    /// Who was online at the last look, so only devices that came online since are fed as
+    /// online (one a planner set aside as busy stays aside until it is seen coming back).
+    seen_online: HashSet<String>,
     /// The lease epoch the planners were restored under, while this server leads.
     led_under: Option<i64>,
 }
@@ -108,6 +111,7 @@ pub fn spawn(store: Store, ota: Arc<OtaService>, leadership: Leadership) -> mpsc
         leadership,
         clock: Clock::new(),
         active: HashMap::new(),
+        seen_online: HashSet::new(),
         led_under: None,
     };
     tokio::spawn(manager.run(rx));
@@ -364,7 +368,7 @@ impl Manager {
             Control::Resume => a.planner.resume(now),
             Control::Abort => a.planner.abort(),
         }
-        if a.planner.state() == before && op != Control::Pause {
+        if a.planner.state() == before {
             return Err(format!(
                 "cannot {} a {} rollout",
                 op.as_str(),
@@ -479,8 +483,16 @@ impl Manager {
                         let device = usize::try_from(position)
                             .ok()
                             .and_then(|p| a.planner.targets().get(p).cloned());
-                        if let (Some(device), Some(outcome)) = (device, outcome_of(state)) {
-                            a.planner.handle_outcome(now, &device, outcome);
+                        match (device, outcome_of(state)) {
+                            (Some(device), Some(outcome)) => {
+                                a.planner.handle_outcome(now, &device, outcome)
+                            }
+                            // Replaced by another offer (an operator's): not a failure; the
+                            // target waits, or is skipped past its deadline.
+                            (Some(device), None) if state == UpdateState::Cancelled => {
+                                a.planner.handle_offer_refused(now, &device)
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -502,13 +514,14 @@ impl Manager {
         let now = self.clock.now();
         for a in self.active.values_mut() {
             for target in a.planner.targets().to_vec() {
-                if online.contains(&target) {
-                    a.planner.handle_online(now, &target);
-                } else {
+                if !online.contains(&target) {
                     a.planner.handle_offline(now, &target);
+                } else if !self.seen_online.contains(&target) {
+                    a.planner.handle_online(now, &target);
                 }
             }
         }
+        self.seen_online = online;
     }
 
     async fn drain_all(&mut self) {
