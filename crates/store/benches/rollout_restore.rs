@@ -64,6 +64,7 @@ async fn prepare(store: &Store) -> anyhow::Result<()> {
             offers: Vec::new(),
             answered_control: None,
             cancel_unstarted: None,
+            audit: Vec::new(),
         })
         .await?;
     Ok(())

@@ -1,5 +1,5 @@
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
 
 use super::{Store, StoreResult, now_ms};
 
@@ -24,9 +24,29 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
+const INSERT: &str =
+    "INSERT INTO audit (at, actor, action, target, result, detail) VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Records `rec` in `tx`: it stands or falls with the change it describes.
+pub(super) async fn audit_in(
+    tx: &mut Transaction<'_, Any>,
+    rec: &AuditRecord<'_>,
+) -> StoreResult<()> {
+    sqlx::query(INSERT)
+        .bind(now_ms())
+        .bind(rec.actor)
+        .bind(rec.action)
+        .bind(rec.target)
+        .bind(rec.result)
+        .bind(rec.detail.as_deref())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 impl Store {
     pub async fn audit(&self, rec: AuditRecord<'_>) {
-        let r = sqlx::query("INSERT INTO audit (at, actor, action, target, result, detail) VALUES ($1, $2, $3, $4, $5, $6)")
+        let r = sqlx::query(INSERT)
             .bind(now_ms())
             .bind(rec.actor)
             .bind(rec.action)

@@ -946,6 +946,7 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         offers: Vec::new(),
         answered_control: None,
         cancel_unstarted: None,
+        audit: Vec::new(),
     };
     store
         .save_rollout(&save(RolloutState::Running, Some(1)))
@@ -1003,6 +1004,32 @@ async fn rollouts_and_their_outcomes(store: &Store) {
     assert_eq!(
         store.rollout_target_counts("r2").await.unwrap(),
         [(TargetState::Waiting, 2_500)]
+    );
+    // The decision's audit records are written with it.
+    store
+        .save_rollout(&RolloutSave {
+            audit: vec![AuditRecord {
+                actor: "system:rollouts",
+                action: "rollout.transition",
+                target: Some("r1"),
+                result: "stopped",
+                detail: Some("stopped itself".into()),
+            }],
+            halt: Some(RolloutHalt::TooManyFailures),
+            reason: Some("stopped itself"),
+            forgiven_failed: 3,
+            forgiven_succeeded: 4,
+            ..save(RolloutState::Stopped, Some(0))
+        })
+        .await
+        .unwrap();
+    let audited = store
+        .audit_entries(10, Some("rollout.transition"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (audited.len(), audited[0].target.as_deref()),
+        (1, Some("r1"))
     );
     let r1 = store.rollout("r1").await.unwrap().unwrap();
     assert_eq!(

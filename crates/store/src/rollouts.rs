@@ -334,6 +334,8 @@ pub struct RolloutSave<'a> {
     pub answered_control: Option<&'a str>,
     /// The rollout ended: its offers not started yet are cancelled with this reason.
     pub cancel_unstarted: Option<&'a str>,
+    /// What the decision did, for the audit log (its transitions), written with it.
+    pub audit: Vec<super::AuditRecord<'a>>,
 }
 
 /// The offers a saved decision made, and the devices it could not offer to now.
@@ -420,6 +422,9 @@ pub(super) async fn save_rollout_in(
             .execute(&mut **tx)
             .await?;
         }
+    }
+    for rec in &save.audit {
+        super::audit::audit_in(tx, rec).await?;
     }
     let mut saved = SavedOffers::default();
     for offer in &save.offers {

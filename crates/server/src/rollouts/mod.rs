@@ -4,8 +4,8 @@
 //! carries out what they decide.
 //!
 //! Every decision is saved before it is acted on, in one transaction fenced by the lease: the
-//! rollout's state and timers, each target that changed, and the offers it made, which are
-//! published after the commit. So a server that restarts, or takes over from a leader that
+//! rollout's state and timers, each target that changed, the offers it made (published after
+//! the commit) and the audit records of its transitions. So a server that restarts, or takes over from a leader that
 //! died, restores each planner where it was ([`restore`]) — same phase, same counts, same
 //! timers — without replaying offers or writing transitions again.
 //!
@@ -531,8 +531,8 @@ impl Manager {
         }
     }
 
-    /// Saves what a planner decided since the last drain, then carries it out: offers are
-    /// published and transitions audited only once the save committed. Whether the decision
+    /// Saves what a planner decided since the last drain (with the audit of its transitions),
+    /// then carries it out: offers are published only once the save committed. Whether the decision
     /// is saved (true also when there was nothing to save).
     async fn drain(&mut self, id: &str, answering: Option<&str>) -> bool {
         let Some(epoch) = self.led_under else {
@@ -636,6 +636,16 @@ impl Manager {
                 .collect(),
             answered_control: answering,
             cancel_unstarted: cancel.as_deref(),
+            audit: described
+                .iter()
+                .map(|(t, words)| AuditRecord {
+                    actor: "system:rollouts",
+                    action: "rollout.transition",
+                    target: Some(id),
+                    result: rollout_state(*t).as_str(),
+                    detail: Some(words.clone()),
+                })
+                .collect(),
         };
         let saved = save_fenced(&self.store, &self.leadership, epoch, &save).await;
         let release = a.release.clone();
@@ -651,7 +661,8 @@ impl Manager {
                     }
                 }
                 for (t, words) in &described {
-                    self.audit_transition(id, *t, words).await;
+                    let state = rollout_state(*t).as_str();
+                    tracing::info!(rollout = id, state, reason = %words, "rollout transition");
                 }
                 if ended {
                     self.active.remove(id);
@@ -670,20 +681,6 @@ impl Manager {
                 false
             }
         }
-    }
-
-    async fn audit_transition(&self, rollout: &str, state: State, reason: &str) {
-        let name = rollout_state(state).as_str();
-        tracing::info!(rollout, state = name, reason, "rollout transition");
-        self.store
-            .audit(AuditRecord {
-                actor: "system:rollouts",
-                action: "rollout.transition",
-                target: Some(rollout),
-                result: name,
-                detail: Some(reason.to_string()),
-            })
-            .await;
     }
 }
 
