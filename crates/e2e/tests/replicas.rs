@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use flotilla_e2e::Server;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use std::time::Duration;
 
 fn header_of(token: &str) -> Value {
     let part = token.split('.').next().unwrap();
@@ -343,6 +344,25 @@ async fn transitions(server: &Server, admin: &str, rollout: &str) -> Vec<String>
     all.into_iter().map(|(_, words)| words).collect()
 }
 
+async fn control(server: &Server, admin: &str, id: &str, op: &str) -> (u16, Value) {
+    let path = format!("/api/rollouts/{id}/{op}");
+    server.call("POST", &path, Some(admin), None).await.unwrap()
+}
+
+/// Waits (up to 60 s) until the rollout, as `server` reports it, is in `state`.
+async fn wait_state(server: &Server, admin: &str, id: &str, state: &str) -> Value {
+    flotilla_e2e::wait_for(
+        &format!("rollout {state}"),
+        Duration::from_secs(60),
+        || async {
+            let r = rollout_of(server, admin, id).await?;
+            (r["progress"]["state"] == state).then_some(r)
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn rollout_of(server: &Server, admin: &str, id: &str) -> Option<Value> {
     let (status, r) = server
         .call("GET", &format!("/api/rollouts/{id}"), Some(admin), None)
@@ -354,7 +374,6 @@ async fn rollout_of(server: &Server, admin: &str, id: &str) -> Option<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_that_takes_over() {
     use flotilla_e2e::release_kit::Kit;
-    use std::time::Duration;
     let tmp = tempfile::tempdir().unwrap();
     let kit = Kit::new(tmp.path());
     let key = kit.public_key();
@@ -407,29 +426,13 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
     .await
     .unwrap();
     // A pause asked of the follower is carried out by the leader.
-    let (status, paused) = follower
-        .call(
-            "POST",
-            &format!("/api/rollouts/{id}/pause"),
-            Some(&admin),
-            None,
-        )
-        .await
-        .unwrap();
+    let (status, paused) = control(follower, &admin, &id, "pause").await;
     assert_eq!(
         (status, paused["state"].as_str()),
         (200, Some("paused")),
         "{paused}"
     );
-    let (status, resumed) = follower
-        .call(
-            "POST",
-            &format!("/api/rollouts/{id}/resume"),
-            Some(&admin),
-            None,
-        )
-        .await
-        .unwrap();
+    let (status, resumed) = control(follower, &admin, &id, "resume").await;
     assert_eq!(
         (status, resumed["state"].as_str()),
         (200, Some("running")),
@@ -439,16 +442,7 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
     // SIGKILL the leader mid-phase: the follower takes the lease, restores the rollout in
     // its phase, and (every target skipped, nothing shows the release works) it stops itself.
     leader.proc.kill_hard();
-    let stopped = flotilla_e2e::wait_for(
-        "the survivor ends phase 1",
-        Duration::from_secs(60),
-        || async {
-            let r = rollout_of(follower, &admin, &id).await?;
-            (r["progress"]["state"] == "stopped").then_some(r)
-        },
-    )
-    .await
-    .unwrap();
+    let stopped = wait_state(follower, &admin, &id, "stopped").await;
     assert_eq!(
         stopped["progress"]["halt"], "no_device_reached",
         "{stopped}"
@@ -456,27 +450,10 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
     assert_eq!(stopped["progress"]["skipped"], 5, "{stopped}");
     assert_eq!(is_leader(follower, &admin).await, Some(true));
     // The operator overrides; the rest is skipped too and the rollout completes.
-    let (status, resumed) = follower
-        .call(
-            "POST",
-            &format!("/api/rollouts/{id}/resume"),
-            Some(&admin),
-            None,
-        )
-        .await
-        .unwrap();
+    let (status, resumed) = control(follower, &admin, &id, "resume").await;
     assert_eq!(status, 200, "{resumed}");
     assert_eq!(resumed["overrides"], 1, "{resumed}");
-    let done = flotilla_e2e::wait_for(
-        "the survivor completes it",
-        Duration::from_secs(60),
-        || async {
-            let r = rollout_of(follower, &admin, &id).await?;
-            (r["progress"]["state"] == "completed").then_some(r)
-        },
-    )
-    .await
-    .unwrap();
+    let done = wait_state(follower, &admin, &id, "completed").await;
     assert_eq!(done["progress"]["skipped"], 10, "{done}");
     let t = transitions(follower, &admin, &id).await;
     assert_eq!(

@@ -1,4 +1,6 @@
 use serde::Serialize;
+use sqlx::any::AnyArguments;
+use sqlx::query::Query;
 use sqlx::{Any, Row, Transaction};
 
 use super::{Store, StoreResult, now_ms};
@@ -27,11 +29,8 @@ pub struct AuditEntry {
 const INSERT: &str =
     "INSERT INTO audit (at, actor, action, target, result, detail) VALUES ($1, $2, $3, $4, $5, $6)";
 
-/// Records `rec` in `tx`: it stands or falls with the change it describes.
-pub(super) async fn audit_in(
-    tx: &mut Transaction<'_, Any>,
-    rec: &AuditRecord<'_>,
-) -> StoreResult<()> {
+/// The insert of `rec`, ready to run on a pool or in a transaction.
+fn insert<'q>(rec: &'q AuditRecord<'_>) -> Query<'q, Any, AnyArguments<'q>> {
     sqlx::query(INSERT)
         .bind(now_ms())
         .bind(rec.actor)
@@ -39,22 +38,20 @@ pub(super) async fn audit_in(
         .bind(rec.target)
         .bind(rec.result)
         .bind(rec.detail.as_deref())
-        .execute(&mut **tx)
-        .await?;
+}
+
+/// Records `rec` in `tx`: it stands or falls with the change it describes.
+pub(super) async fn audit_in(
+    tx: &mut Transaction<'_, Any>,
+    rec: &AuditRecord<'_>,
+) -> StoreResult<()> {
+    insert(rec).execute(&mut **tx).await?;
     Ok(())
 }
 
 impl Store {
     pub async fn audit(&self, rec: AuditRecord<'_>) {
-        let r = sqlx::query(INSERT)
-            .bind(now_ms())
-            .bind(rec.actor)
-            .bind(rec.action)
-            .bind(rec.target)
-            .bind(rec.result)
-            .bind(rec.detail.as_deref())
-            .execute(&self.pool)
-            .await;
+        let r = insert(&rec).execute(&self.pool).await;
         if let Err(e) = r {
             // Losing an audit line must be loud: it is the record of who did what.
             tracing::error!(error = %e, action = rec.action, actor = rec.actor, "failed to write audit record");
