@@ -1471,7 +1471,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
     user(&a, "one@x", Role::Admin).await;
 }
 

@@ -538,6 +538,9 @@ mod tests {
              INSERT INTO commands (id, device_id, name, args, state, created_at, expires_at) SELECT 'c' || k, 'd' || (k % 5000), 'led', '{}', CASE WHEN k % 100 = 0 THEN 'queued' ELSE 'succeeded' END, k, k FROM n;
              WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 20000)
              INSERT INTO audit (at, actor, action, result) SELECT k, 'a', 'action.' || (k % 40), 'success' FROM n;
+             WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 5000)
+             INSERT INTO rollouts (id, version, config, state, created_at, updated_at) SELECT 'r' || k, '1.0.0', '{}', CASE WHEN k % 500 = 0 THEN 'running' ELSE 'completed' END, k, k FROM n;
+             ANALYZE;
 ",
         )
         .execute(&store.pool)
@@ -547,6 +550,8 @@ mod tests {
             (commands::OPEN_COMMAND_DUE, "commands_expiry"),
             (devices::SILENT_DEVICE_EXISTS, "devices_presence"),
             (audit::AUDIT_BY_ACTION, "audit_action"),
+            (rollouts::OPEN_ROLLOUTS, "rollouts_state"),
+            (rollouts::PENDING_CONTROLS, "rollouts_pending_control"),
         ] {
             let plan = plan(&store, sql).await;
             assert!(

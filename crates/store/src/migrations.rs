@@ -75,6 +75,11 @@ const SQLITE: Embedded = &[
         "rollout target states",
         include_str!("../migrations/sqlite/0012_rollout_target_states.sql"),
     ),
+    (
+        13,
+        "rollout lookups",
+        include_str!("../migrations/sqlite/0013_rollout_lookups.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -117,6 +122,11 @@ const POSTGRES: Embedded = &[
         8,
         "rollout target states",
         include_str!("../migrations/postgres/0008_rollout_target_states.sql"),
+    ),
+    (
+        9,
+        "rollout lookups",
+        include_str!("../migrations/postgres/0009_rollout_lookups.sql"),
     ),
 ];
 

@@ -188,14 +188,12 @@ impl Store {
 
     /// Rollouts the planner still drives (scheduled, running, paused), without their targets.
     pub async fn open_rollouts(&self) -> StoreResult<Vec<RolloutRow>> {
-        sqlx::query(
-            "SELECT * FROM rollouts WHERE state IN ('scheduled', 'running', 'paused') ORDER BY created_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(rollout_from)
-        .collect()
+        sqlx::query(OPEN_ROLLOUTS)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(rollout_from)
+            .collect()
     }
 
     /// Targets saved as in flight whose latest update of this rollout has ended since
@@ -274,12 +272,9 @@ impl Store {
 
     /// Operators' requests waiting for the leader: `(rollout, op, actor)`.
     pub async fn rollout_controls(&self) -> StoreResult<Vec<(String, String, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT id, control, COALESCE(control_actor, '') FROM rollouts \
-             WHERE control IS NOT NULL ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(sqlx::query_as(PENDING_CONTROLS)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// How each target's update of this rollout ended so far (to rebuild the planner).
@@ -446,3 +441,8 @@ pub(super) async fn save_rollout_in(
     }
     Ok(saved)
 }
+
+/// Read by the leader every second (indexed: `rollouts_state`, `rollouts_pending_control`).
+pub(super) const OPEN_ROLLOUTS: &str = "SELECT * FROM rollouts WHERE state IN ('scheduled', 'running', 'paused') ORDER BY created_at, id";
+pub(super) const PENDING_CONTROLS: &str = "SELECT id, control, COALESCE(control_actor, '') \
+     FROM rollouts WHERE control IS NOT NULL ORDER BY id";
