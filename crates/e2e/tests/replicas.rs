@@ -438,6 +438,27 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
         (200, Some("running")),
         "{resumed}"
     );
+    // Asked of the follower, recorded there under the asker; carried out by the leader.
+    let (_, audit) = follower
+        .call(
+            "GET",
+            "/api/admin/audit?action=rollout.pause",
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap();
+    let results: Vec<&str> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["target"] == id.as_str()
+                && e["actor"].as_str().is_some_and(|a| a.starts_with("user:"))
+        })
+        .filter_map(|e| e["result"].as_str())
+        .collect();
+    assert_eq!(results, ["success", "requested"], "newest first: {audit}");
 
     // SIGKILL the leader mid-phase: the follower takes the lease, restores the rollout in
     // its phase, and (every target skipped, nothing shows the release works) it stops itself.

@@ -246,6 +246,20 @@ impl Manager {
                     Ok(false) => Err("no such rollout".to_string()),
                     Err(e) => Err(format!("the request was not saved: {e}")),
                 };
+                // Recorded here under who asked; the leader audits what became of it.
+                self.store
+                    .audit(AuditRecord {
+                        actor: &actor,
+                        action: control_action(op),
+                        target: Some(&id),
+                        result: if result.is_ok() {
+                            "requested"
+                        } else {
+                            "refused"
+                        },
+                        detail: result.as_ref().err().cloned(),
+                    })
+                    .await;
                 let _ = reply.send(result);
             }
             Event::ReleaseBlocked(version) => {
@@ -330,11 +344,7 @@ impl Manager {
         self.store
             .audit(AuditRecord {
                 actor,
-                action: match op {
-                    Control::Pause => "rollout.pause",
-                    Control::Resume => "rollout.resume",
-                    Control::Abort => "rollout.abort",
-                },
+                action: control_action(op),
                 target: Some(id),
                 result: if result.is_ok() { "success" } else { "refused" },
                 detail: result.as_ref().err().cloned(),
@@ -733,6 +743,14 @@ fn describe(state: State, a: &Active) -> String {
             c.succeeded, c.failed, c.timed_out, c.skipped
         ),
         _ => rollout_state(state).as_str().to_string(),
+    }
+}
+
+fn control_action(op: Control) -> &'static str {
+    match op {
+        Control::Pause => "rollout.pause",
+        Control::Resume => "rollout.resume",
+        Control::Abort => "rollout.abort",
     }
 }
 
