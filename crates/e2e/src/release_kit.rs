@@ -14,15 +14,10 @@ pub struct Kit {
 
 impl Kit {
     pub fn new(dir: &Path) -> Kit {
-        let out = Command::new(bin("flotilla"))
-            .args(["release", "keygen", "--out"])
-            .arg(dir.join("release"))
-            .output()
-            .expect("running a release tool");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            Command::new(bin("flotilla"))
+                .args(["release", "keygen", "--out"])
+                .arg(dir.join("release")),
         );
         Kit {
             dir: dir.to_path_buf(),
@@ -36,35 +31,35 @@ impl Kit {
     /// Builds an agent image and signs it; returns the image path (manifest beside it).
     pub fn release(&self, version: &str, behaviour: &str) -> PathBuf {
         let image = self.dir.join(format!("fw-{version}.bin"));
-        let out = Command::new(bin("flotilla-agent"))
-            .args([
-                "image",
-                "--version",
-                version,
-                "--behaviour",
-                behaviour,
-                "--out",
-            ])
-            .arg(&image)
-            .output()
-            .expect("running a release tool");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            Command::new(bin("flotilla-agent"))
+                .args([
+                    "image",
+                    "--version",
+                    version,
+                    "--behaviour",
+                    behaviour,
+                    "--out",
+                ])
+                .arg(&image),
         );
-        let out = Command::new(bin("flotilla"))
-            .args(["release", "sign"])
-            .arg(&image)
-            .args(["--version", version, "--hardware", "esp32c3", "--key"])
-            .arg(self.dir.join("release.key"))
-            .output()
-            .expect("running a release tool");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            Command::new(bin("flotilla"))
+                .args(["release", "sign"])
+                .arg(&image)
+                .args(["--version", version, "--hardware", "esp32c3", "--key"])
+                .arg(self.dir.join("release.key")),
         );
         image
     }
+}
+
+/// Runs a release tool; it must succeed (its stderr is the failure report).
+fn succeed(cmd: &mut Command) {
+    let out = cmd.output().expect("running a release tool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -110,15 +110,9 @@ impl Leadership {
         &self,
         store: &'a Store,
     ) -> flotilla_store::StoreResult<Option<Sweep<'a>>> {
-        let Some(shared) = &self.shared else {
-            return Ok(Some(Sweep::Alone(store)));
-        };
-        let Some(epoch) = *shared.epoch.borrow() else {
-            return Ok(None);
-        };
-        Ok(store
-            .begin_fenced(LEASE, &shared.holder, epoch)
-            .await?
-            .map(Sweep::Fenced))
+        match self.epoch() {
+            Some(epoch) => self.sweep_under(store, epoch).await,
+            None => Ok(None),
+        }
     }
 }

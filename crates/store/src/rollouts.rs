@@ -290,7 +290,7 @@ impl Store {
         .collect()
     }
 
-    /// Device ids online right now, among `ids`.
+    /// Device ids online right now.
     pub async fn online_devices(&self) -> StoreResult<Vec<String>> {
         Ok(
             sqlx::query_scalar("SELECT device_id FROM devices WHERE online = 1")

@@ -762,8 +762,3 @@ fn outcome_of(state: UpdateState) -> Option<Outcome> {
         _ => None,
     }
 }
-
-/// Counts of a rollout's targets by state, as saved.
-pub async fn target_counts(store: &Store, id: &str) -> StoreResult<HashMap<TargetState, i64>> {
-    Ok(store.rollout_target_counts(id).await?.into_iter().collect())
-}

@@ -154,7 +154,12 @@ async fn create(
 /// A rollout with its progress: its saved state, why it halted, and its targets counted by
 /// state as the leader last saved them (the same on every replica).
 async fn view(state: &AppState, row: RolloutRow) -> ApiResult<Value> {
-    let counts = crate::rollouts::target_counts(&state.store, &row.id).await?;
+    let counts: HashMap<TargetState, i64> = state
+        .store
+        .rollout_target_counts(&row.id)
+        .await?
+        .into_iter()
+        .collect();
     let count = |s: TargetState| counts.get(&s).copied().unwrap_or(0);
     let mut per_state: HashMap<&'static str, usize> = HashMap::new();
     for (_, s) in state.store.rollout_outcomes(&row.id).await? {
