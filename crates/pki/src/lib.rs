@@ -51,6 +51,8 @@ pub enum PkiError {
     NoCa(PathBuf),
     #[error("not a hex serial number: {0:?}")]
     BadSerial(String),
+    #[error("certificate validity out of range")]
+    BadValidity,
 }
 
 /// A certificate to list in a revocation list.
@@ -205,6 +207,22 @@ impl CertificateAuthority {
         csr_pem: &str,
         device_id: &str,
     ) -> Result<IssuedCertificate, PkiError> {
+        self.sign_device_csr_valid_for(
+            csr_pem,
+            device_id,
+            std::time::Duration::from_secs(DEVICE_VALIDITY_DAYS as u64 * 86_400),
+        )
+    }
+
+    /// [`CertificateAuthority::sign_device_csr`] with a validity of the caller's choosing
+    /// (the server's `--device-cert-validity`).
+    pub fn sign_device_csr_valid_for(
+        &self,
+        csr_pem: &str,
+        device_id: &str,
+        validity: std::time::Duration,
+    ) -> Result<IssuedCertificate, PkiError> {
+        let validity = Duration::try_from(validity).map_err(|_| PkiError::BadValidity)?;
         // from_pem verifies the CSR's self-signature: proof the requester holds the key.
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
@@ -221,14 +239,14 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(serial);
         params.not_before = now - Duration::minutes(5);
-        params.not_after = now + Duration::days(DEVICE_VALIDITY_DAYS);
+        params.not_after = now + validity;
         params.use_authority_key_identifier_extension = true;
         csr.params = params;
         let cert = csr.signed_by(&self.issuer)?;
         Ok(IssuedCertificate {
             certificate_pem: cert.pem(),
             serial_hex,
-            not_after_unix: (now + Duration::days(DEVICE_VALIDITY_DAYS)).unix_timestamp(),
+            not_after_unix: (now + validity).unix_timestamp(),
         })
     }
 
@@ -316,6 +334,14 @@ fn csr_for_key(key: &KeyPair, device_id: &str) -> Result<String, PkiError> {
 pub fn certificate_identity(cert_pem: &str) -> Option<(String, String)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     certificate_identity_der(&pem.contents)
+}
+
+/// A PEM certificate's validity, `(not_before, not_after)` in Unix seconds.
+pub fn certificate_validity(cert_pem: &str) -> Option<(i64, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// The serial number and CN of a DER certificate (as a TLS peer presents it).

@@ -47,6 +47,16 @@ pub struct ServerConfig {
         default_value_t = 90
     )]
     pub heartbeat_timeout_secs: u64,
+    /// Lifetime of the device certificates the server issues, in seconds (default 397 days,
+    /// the longest public CAs use). Devices renew theirs before it ends (`flotilla-agent
+    /// --renew-at`), so a short life limits what a stolen key is worth.
+    #[arg(
+        long = "device-cert-validity",
+        env = "FLOTILLA_DEVICE_CERT_VALIDITY",
+        default_value_t = flotilla_pki::DEVICE_VALIDITY_DAYS as u64 * 86_400,
+        value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
+    )]
+    pub device_cert_validity_secs: u64,
     /// Lifetime of login tokens, in seconds.
     #[arg(long = "jwt-ttl", env = "FLOTILLA_JWT_TTL", default_value_t = 12 * 3600)]
     pub jwt_ttl_secs: u64,
@@ -289,6 +299,10 @@ impl ServerConfig {
             per_address,
             deadline: Duration::from_secs(self.mqtt_handshake_timeout_secs.max(1)),
         }
+    }
+
+    pub fn device_cert_validity(&self) -> Duration {
+        Duration::from_secs(self.device_cert_validity_secs)
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

@@ -1,4 +1,4 @@
-//! The HTTPS listener devices talk to (`--device-addr`): `/sign-csr`, `/ca.pem` and firmware
+//! The HTTPS listener devices talk to (`--device-addr`): `/sign-csr`, `/renew`, `/ca.pem` and firmware
 //! downloads. Client certificates are requested and verified against our CA when
 //! offered, but not required, because a device has none before `/sign-csr`.
 
@@ -23,6 +23,7 @@ use crate::routes;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::sign_csr::router())
+        .merge(routes::renew::router())
         .merge(routes::firmware::router())
         .route("/ca.pem", axum::routing::get(routes::meta::ca_pem))
         .layer(DefaultBodyLimit::max(16 * 1024))

@@ -20,6 +20,7 @@ mod metrics;
 mod openapi;
 mod ota;
 mod passwords;
+mod renewal;
 mod rollouts;
 mod routes;
 mod server;

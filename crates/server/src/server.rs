@@ -206,6 +206,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     dispatcher.attach(downlink.clone());
     spawn_presence(
         store.clone(),
+        gate.clone(),
         broker.control.clone(),
         dispatcher.clone(),
         ota.clone(),
@@ -352,6 +353,7 @@ async fn republish_retained(store: &Store, downlink: &Downlink) -> anyhow::Resul
 /// came back; a session that starts gets what waits for it.
 fn spawn_presence(
     store: Store,
+    gate: Arc<DeviceGate>,
     broker: Arc<dyn BrokerControl>,
     dispatcher: Arc<Dispatcher>,
     ota: Arc<OtaService>,
@@ -369,6 +371,18 @@ fn spawn_presence(
                             }
                             flotilla_proto::Channel::Ota => ota.resend_offers(&device_id).await,
                             _ => {}
+                        }
+                    });
+                }
+                BrokerEvent::RenewedCertificateUsed { device_id, serial } => {
+                    let (store, gate) = (store.clone(), gate.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            crate::renewal::promote(&store, &gate, &device_id, &serial, "connected")
+                                .await
+                        {
+                            // The device confirms over /renew/confirm, or connects again.
+                            tracing::warn!(device_id = %device_id, error = %e, "promoting a renewed certificate failed");
                         }
                     });
                 }

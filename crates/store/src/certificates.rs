@@ -20,6 +20,30 @@ pub struct RevokedCertificate {
     pub reason: RevokeReason,
 }
 
+/// Why a device may not renew its certificate now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalRefusal {
+    /// The certificate presented is not the device's current one: revoked, superseded, or
+    /// the pending one (which needs no renewal).
+    NotCurrent,
+    Blocked,
+    /// The device was issued a certificate less than the minimum interval ago.
+    TooSoon {
+        retry_after_ms: i64,
+    },
+}
+
+/// What came of a device showing a certificate it was issued by renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// It is current now; `superseded` (the one it renewed) is revoked.
+    Promoted { superseded: Option<String> },
+    /// It already was.
+    AlreadyCurrent,
+    /// It is neither current nor pending (revoked, superseded, or the device is gone).
+    Unknown,
+}
+
 /// What an external broker must refuse now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BrokerDenials {
@@ -51,7 +75,8 @@ impl Store {
         // Only the serial read above: a certificate issued in between is not cleared unseen
         // (the caller gets a conflict and may revoke again).
         let cleared = sqlx::query(
-            "UPDATE devices SET cert_serial = NULL, cert_not_after = NULL \
+            "UPDATE devices SET cert_serial = NULL, cert_not_after = NULL, \
+             cert_pending_serial = NULL, cert_pending_not_after = NULL, cert_pending_issued_at = NULL \
              WHERE device_id = $1 AND cert_serial = $2",
         )
         .bind(device_id.as_str())
@@ -68,6 +93,98 @@ impl Store {
         revoke_current_in(&mut tx, device_id, RevokeReason::Revoked).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Whether `device_id` may renew the certificate `presented_serial` now: `Ok(())` if so.
+    /// A cheap read, so a refused request costs no signature; [`Store::renew_device_certificate`]
+    /// decides again in its transaction.
+    pub async fn renewal_refusal(
+        &self,
+        device_id: &DeviceId,
+        presented_serial: &str,
+        min_interval_ms: i64,
+    ) -> StoreResult<Result<(), RenewalRefusal>> {
+        let mut conn = self.pool.acquire().await?;
+        renewal_check(&mut conn, device_id, presented_serial, min_interval_ms).await
+    }
+
+    /// Records `issued` as `device_id`'s pending certificate, renewing `presented_serial`,
+    /// which stays valid until the device uses the new one ([`Store::promote_device_certificate`]).
+    /// A pending certificate issued earlier and never used is revoked.
+    pub async fn renew_device_certificate(
+        &self,
+        device_id: &DeviceId,
+        presented_serial: &str,
+        issued: &flotilla_pki::IssuedCertificate,
+        min_interval_ms: i64,
+    ) -> StoreResult<Result<(), RenewalRefusal>> {
+        let mut tx = self.pool.begin().await?;
+        if let Err(refused) =
+            renewal_check(&mut tx, device_id, presented_serial, min_interval_ms).await?
+        {
+            return Ok(Err(refused));
+        }
+        let not_after_ms = issued.not_after_unix.saturating_mul(1000);
+        // Takes the device row's lock: a concurrent renewal waits here, then revokes ours below.
+        let updated = sqlx::query(
+            "UPDATE devices SET cert_pending_serial = $1, cert_pending_not_after = $2, \
+             cert_pending_issued_at = $3 WHERE device_id = $4 AND cert_serial = $5 AND blocked = 0",
+        )
+        .bind(&issued.serial_hex)
+        .bind(not_after_ms)
+        .bind(now_ms())
+        .bind(device_id.as_str())
+        .bind(presented_serial)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Ok(Err(RenewalRefusal::NotCurrent));
+        }
+        revoke_all_but_in(&mut tx, device_id, presented_serial).await?;
+        insert_issued_in(&mut tx, device_id, &issued.serial_hex, not_after_ms).await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// `device_id` has shown its pending certificate `serial` (it connected with it): that one
+    /// becomes current and every other certificate of the device is revoked as superseded.
+    pub async fn promote_device_certificate(
+        &self,
+        device_id: &DeviceId,
+        serial: &str,
+    ) -> StoreResult<Promotion> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT cert_serial, cert_pending_serial FROM devices WHERE device_id = $1",
+        )
+        .bind(device_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Promotion::Unknown);
+        };
+        let current: Option<String> = row.try_get("cert_serial")?;
+        if current.as_deref() == Some(serial) {
+            return Ok(Promotion::AlreadyCurrent);
+        }
+        let promoted = sqlx::query(
+            "UPDATE devices SET cert_serial = cert_pending_serial, \
+             cert_not_after = cert_pending_not_after, cert_pending_serial = NULL, \
+             cert_pending_not_after = NULL, cert_pending_issued_at = NULL \
+             WHERE device_id = $1 AND cert_pending_serial = $2",
+        )
+        .bind(device_id.as_str())
+        .bind(serial)
+        .execute(&mut *tx)
+        .await?;
+        if promoted.rows_affected() != 1 {
+            return Ok(Promotion::Unknown);
+        }
+        revoke_all_but_in(&mut tx, device_id, serial).await?;
+        tx.commit().await?;
+        Ok(Promotion::Promoted {
+            superseded: current,
+        })
     }
 
     /// What an external broker must refuse, as of now.
@@ -117,6 +234,15 @@ pub(super) async fn record_issued_in(
     not_after_ms: i64,
 ) -> StoreResult<()> {
     revoke_current_in(tx, device_id, RevokeReason::Superseded).await?;
+    insert_issued_in(tx, device_id, serial_hex, not_after_ms).await
+}
+
+async fn insert_issued_in(
+    tx: &mut Transaction<'_, Any>,
+    device_id: &DeviceId,
+    serial_hex: &str,
+    not_after_ms: i64,
+) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO certificates (serial, device_id, not_after, issued_at) VALUES ($1, $2, $3, $4)",
     )
@@ -144,4 +270,62 @@ async fn revoke_current_in(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Revokes, as superseded, every unrevoked certificate of `device_id` but `kept`.
+async fn revoke_all_but_in(
+    tx: &mut Transaction<'_, Any>,
+    device_id: &DeviceId,
+    kept: &str,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE certificates SET revoked_at = $1, revoke_reason = $2 \
+         WHERE device_id = $3 AND revoked_at IS NULL AND serial <> $4",
+    )
+    .bind(now_ms())
+    .bind(RevokeReason::Superseded.as_str())
+    .bind(device_id.as_str())
+    .bind(kept)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The refusal, if any, of a renewal of `presented_serial` now.
+async fn renewal_check(
+    conn: &mut sqlx::AnyConnection,
+    device_id: &DeviceId,
+    presented_serial: &str,
+    min_interval_ms: i64,
+) -> StoreResult<Result<(), RenewalRefusal>> {
+    let row = sqlx::query(
+        "SELECT d.cert_serial, d.blocked, \
+         (SELECT MAX(c.issued_at) FROM certificates c WHERE c.device_id = d.device_id) AS last_issued \
+         FROM devices d WHERE d.device_id = $1",
+    )
+    .bind(device_id.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Err(crate::StoreError::NotFound);
+    };
+    if row.try_get::<i64, _>("blocked")? != 0 {
+        return Ok(Err(RenewalRefusal::Blocked));
+    }
+    let current: Option<String> = row.try_get("cert_serial")?;
+    if current.as_deref() != Some(presented_serial) {
+        return Ok(Err(RenewalRefusal::NotCurrent));
+    }
+    let last_issued: Option<i64> = row.try_get("last_issued")?;
+    if let Some(last) = last_issued {
+        let wait = last
+            .saturating_add(min_interval_ms)
+            .saturating_sub(now_ms());
+        if wait > 0 {
+            return Ok(Err(RenewalRefusal::TooSoon {
+                retry_after_ms: wait,
+            }));
+        }
+    }
+    Ok(Ok(()))
 }

@@ -49,6 +49,7 @@ on_both_backends!(
     concurrent_tag_replacements_leave_one_set,
     a_block_committed_while_a_message_is_stored_wins,
     revoked_and_superseded_certificates_reach_the_broker_denials,
+    a_renewed_certificate_is_valid_beside_the_old_one_until_it_is_used,
     token_keys_are_published_once_and_found_by_id,
     attempts_are_counted_in_windows_given_back_and_cleared,
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
@@ -250,8 +251,14 @@ async fn devices_register_list_block_and_tag(store: &Store) {
         Err(crate::StoreError::NotFound)
     ));
     let gate = store.gate_snapshot().await.unwrap();
-    assert!(gate.contains(&("dev1".into(), true, None)));
-    assert!(gate.contains(&("bobs".into(), false, None)));
+    let entry = |id: &str, blocked| GateEntry {
+        device_id: id.into(),
+        blocked,
+        serial: None,
+        pending_serial: None,
+    };
+    assert!(gate.contains(&entry("dev1", true)));
+    assert!(gate.contains(&entry("bobs", false)));
     assert!(!store.toggle_device_block(&dev("dev1")).await.unwrap());
 }
 
@@ -1590,6 +1597,142 @@ async fn revoked_and_superseded_certificates_reach_the_broker_denials(store: &St
     let denials = store.broker_denials().await.unwrap();
     assert_eq!(denials.denied_devices, vec![dev("c"), dev("d")]);
     assert_eq!(denials.revoked.len(), 2);
+}
+
+fn gate_of(entries: &[GateEntry], device: &str) -> (Option<String>, Option<String>) {
+    let e = entries.iter().find(|e| e.device_id == device).unwrap();
+    (e.serial.clone(), e.pending_serial.clone())
+}
+
+fn revoked_serials(denials: &BrokerDenials) -> Vec<(&str, RevokeReason)> {
+    denials
+        .revoked
+        .iter()
+        .map(|r| (r.serial_hex.as_str(), r.reason))
+        .collect()
+}
+
+async fn a_renewed_certificate_is_valid_beside_the_old_one_until_it_is_used(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    let later = 1_900_000_000;
+    let pair = |a: &str, b: Option<&str>| (Some(a.to_string()), b.map(String::from));
+    provision(store, o, "t1", "a", &issued("a1", later)).await;
+    assert_eq!(
+        store.renewal_refusal(&dev("a"), "a1", 0).await.unwrap(),
+        Ok(())
+    );
+    let renew = |presented: &'static str, serial: &'static str, interval: i64| async move {
+        store
+            .renew_device_certificate(&dev("a"), presented, &issued(serial, later), interval)
+            .await
+            .unwrap()
+    };
+    assert_eq!(renew("a1", "a2", 0).await, Ok(()));
+    assert_eq!(
+        gate_of(&store.gate_snapshot().await.unwrap(), "a"),
+        pair("a1", Some("a2"))
+    );
+    // Both stay valid: nothing is denied or listed yet.
+    assert_eq!(
+        store.broker_denials().await.unwrap(),
+        BrokerDenials::default()
+    );
+    // Only the current certificate renews, and not twice within the interval.
+    assert_eq!(renew("a2", "x", 0).await, Err(RenewalRefusal::NotCurrent));
+    assert!(matches!(
+        renew("a1", "x", 600_000).await,
+        Err(RenewalRefusal::TooSoon { retry_after_ms }) if retry_after_ms > 0 && retry_after_ms <= 600_000
+    ));
+    // A second renewal replaces the unused pending one, which is revoked.
+    assert_eq!(renew("a1", "a3", 0).await, Ok(()));
+    assert_eq!(
+        revoked_serials(&store.broker_denials().await.unwrap()),
+        vec![("a2", RevokeReason::Superseded)]
+    );
+    assert_eq!(
+        store
+            .promote_device_certificate(&dev("a"), "a2")
+            .await
+            .unwrap(),
+        Promotion::Unknown
+    );
+    assert_eq!(
+        store
+            .promote_device_certificate(&dev("a"), "a3")
+            .await
+            .unwrap(),
+        Promotion::Promoted {
+            superseded: Some("a1".into())
+        }
+    );
+    assert_eq!(
+        store
+            .promote_device_certificate(&dev("a"), "a3")
+            .await
+            .unwrap(),
+        Promotion::AlreadyCurrent
+    );
+    assert_eq!(
+        gate_of(&store.gate_snapshot().await.unwrap(), "a"),
+        pair("a3", None)
+    );
+    let denials = store.broker_denials().await.unwrap();
+    assert!(denials.denied_devices.is_empty());
+    assert_eq!(
+        revoked_serials(&denials),
+        vec![
+            ("a1", RevokeReason::Superseded),
+            ("a2", RevokeReason::Superseded)
+        ]
+    );
+    let a = store.device(&dev("a")).await.unwrap().unwrap();
+    assert!(a.provisioned);
+
+    // Re-provisioning and an admin's revocation take the pending certificate with them.
+    assert_eq!(renew("a3", "a4", 0).await, Ok(()));
+    provision(store, o, "t2", "a", &issued("a5", later)).await;
+    assert_eq!(
+        gate_of(&store.gate_snapshot().await.unwrap(), "a"),
+        pair("a5", None)
+    );
+    assert_eq!(
+        store
+            .promote_device_certificate(&dev("a"), "a4")
+            .await
+            .unwrap(),
+        Promotion::Unknown
+    );
+    assert_eq!(renew("a5", "a6", 0).await, Ok(()));
+    assert!(store.revoke_device_certificate(&dev("a")).await.unwrap());
+    let gate = store.gate_snapshot().await.unwrap();
+    assert_eq!(gate_of(&gate, "a"), (None, None));
+    let denials = store.broker_denials().await.unwrap();
+    assert_eq!(denials.denied_devices, vec![dev("a")]);
+    let listed: Vec<&str> = denials
+        .revoked
+        .iter()
+        .map(|r| r.serial_hex.as_str())
+        .collect();
+    assert_eq!(listed, vec!["a1", "a2", "a3", "a4", "a5", "a6"]);
+
+    // A blocked device does not renew; an unknown one is not found.
+    provision(store, o, "t3", "b", &issued("b1", later)).await;
+    store.toggle_device_block(&dev("b")).await.unwrap();
+    assert_eq!(
+        store.renewal_refusal(&dev("b"), "b1", 0).await.unwrap(),
+        Err(RenewalRefusal::Blocked)
+    );
+    assert_eq!(
+        store
+            .renew_device_certificate(&dev("b"), "b1", &issued("b2", later), 0)
+            .await
+            .unwrap(),
+        Err(RenewalRefusal::Blocked)
+    );
+    assert!(matches!(
+        store.renewal_refusal(&dev("nobody"), "x", 0).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 async fn token_keys_are_published_once_and_found_by_id(store: &Store) {

@@ -32,6 +32,17 @@ pub struct DeviceRow {
     pub created_at: i64,
 }
 
+/// What the broker's gate needs to know of a device at CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateEntry {
+    pub device_id: String,
+    pub blocked: bool,
+    /// The serial of its current certificate.
+    pub serial: Option<String>,
+    /// The serial of a certificate issued by renewal and not used yet; valid too.
+    pub pending_serial: Option<String>,
+}
+
 fn device_from(row: &sqlx::any::AnyRow) -> StoreResult<DeviceRow> {
     let cert_serial: Option<String> = row.try_get("cert_serial")?;
     let device_id: String = row.try_get("device_id")?;
@@ -184,17 +195,19 @@ impl Store {
     }
 
     /// Ids of blocked devices and the current certificate serial of every device, for the broker gate.
-    pub async fn gate_snapshot(&self) -> StoreResult<Vec<(String, bool, Option<String>)>> {
-        let rows = sqlx::query("SELECT device_id, blocked, cert_serial FROM devices")
-            .fetch_all(&self.pool)
-            .await?;
+    pub async fn gate_snapshot(&self) -> StoreResult<Vec<GateEntry>> {
+        let rows =
+            sqlx::query("SELECT device_id, blocked, cert_serial, cert_pending_serial FROM devices")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
-                Ok((
-                    r.try_get("device_id")?,
-                    r.try_get::<i64, _>("blocked")? != 0,
-                    r.try_get("cert_serial")?,
-                ))
+                Ok(GateEntry {
+                    device_id: r.try_get("device_id")?,
+                    blocked: r.try_get::<i64, _>("blocked")? != 0,
+                    serial: r.try_get("cert_serial")?,
+                    pending_serial: r.try_get("cert_pending_serial")?,
+                })
             })
             .collect()
     }

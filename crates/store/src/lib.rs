@@ -37,9 +37,9 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
 pub use audit::{AuditEntry, AuditRecord};
-pub use certificates::{BrokerDenials, RevokedCertificate};
+pub use certificates::{BrokerDenials, Promotion, RenewalRefusal, RevokedCertificate};
 pub use commands::CommandRow;
-pub use devices::{DeviceRow, DeviceUpdate, TelemetryRow};
+pub use devices::{DeviceRow, DeviceUpdate, GateEntry, TelemetryRow};
 pub use error::{StoreError, StoreResult};
 pub use ingest::WriteTx;
 pub use leases::{FencedTx, Held};

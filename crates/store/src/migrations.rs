@@ -80,6 +80,11 @@ const SQLITE: Embedded = &[
         "rollout lookups",
         include_str!("../migrations/sqlite/0013_rollout_lookups.sql"),
     ),
+    (
+        14,
+        "certificate renewal",
+        include_str!("../migrations/sqlite/0014_certificate_renewal.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -127,6 +132,11 @@ const POSTGRES: Embedded = &[
         9,
         "rollout lookups",
         include_str!("../migrations/postgres/0009_rollout_lookups.sql"),
+    ),
+    (
+        10,
+        "certificate renewal",
+        include_str!("../migrations/postgres/0010_certificate_renewal.sql"),
     ),
 ];
 

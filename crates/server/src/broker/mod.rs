@@ -277,6 +277,9 @@ pub enum BrokerEvent {
         device_id: DeviceId,
         channel: Channel,
     },
+    /// A device connected with the certificate it was issued by renewal: it holds the new
+    /// key, so the old certificate can go.
+    RenewedCertificateUsed { device_id: DeviceId, serial: String },
 }
 
 /// Session attribute keys.
@@ -308,8 +311,9 @@ fn listener_of(lid: u16) -> Option<Listener> {
     }
 }
 
-/// The identity and gate decision for a CONNECT.
-fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<Identity, String> {
+/// The identity and gate decision for a CONNECT, with the serial of the renewed certificate
+/// it used if that is not current yet.
+fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<(Identity, Option<String>), String> {
     let cert = info.cert();
     let cn = cert.and_then(|c| c.common_name.as_deref());
     let listener = listener_of(info.id().lid()).ok_or("unknown listener")?;
@@ -322,9 +326,10 @@ fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<Identity, String> {
     if let Some(lw) = info.last_will() {
         check_will(&lw)?;
     }
+    let mut renewed = None;
     if let Identity::Device(id) = &who {
         let serial = cert.and_then(|c| c.serial.as_deref());
-        gate.check(id.as_str(), serial).map_err(|r| {
+        let admitted = gate.check(id.as_str(), serial).map_err(|r| {
             match r {
                 gate::Refusal::UnknownDevice => "unknown device",
                 gate::Refusal::Blocked => "device is blocked",
@@ -332,8 +337,11 @@ fn admit(gate: &DeviceGate, info: &ConnectInfo) -> Result<Identity, String> {
             }
             .to_string()
         })?;
+        if let gate::Admitted::Pending(serial) = admitted {
+            renewed = Some(serial);
+        }
     }
-    Ok(who)
+    Ok((who, renewed))
 }
 
 /// A device's will may only say it went offline, at once: a delayed will could land after the
@@ -487,7 +495,7 @@ impl Hooks {
     async fn hook(&self, param: &Parameter<'_>, acc: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(info) => {
-                let admitted = admit(&self.gate, info).and_then(|who| match who {
+                let admitted = admit(&self.gate, info).and_then(|(who, _)| match who {
                     Identity::Device(id)
                         if !self.limiter.may_connect(id.as_str(), Instant::now()) =>
                     {
@@ -512,11 +520,17 @@ impl Hooks {
                     Err(e) => Err(e.to_string()),
                 };
                 match admitted {
-                    Ok(who) => {
+                    Ok((who, renewed)) => {
                         let device = match &who {
                             Identity::Device(id) => Some(id.clone()),
                             Identity::Service(_) => None,
                         };
+                        if let (Some(device_id), Some(serial)) = (&device, renewed) {
+                            let _ = self.events.send(BrokerEvent::RenewedCertificateUsed {
+                                device_id: device_id.clone(),
+                                serial,
+                            });
+                        }
                         if session.id.lid == DEVICE_LISTENER
                             && let Some(addr) = session.id.remote_addr
                         {

@@ -10,6 +10,7 @@ pub mod ota;
 pub mod provisioning;
 pub mod range;
 pub mod releases;
+pub mod renew;
 pub mod rollouts;
 pub mod sign_csr;
 

@@ -97,7 +97,11 @@ async fn sign_csr(
     }
     // Signing verifies the CSR; the certificate is only released if the token is redeemed,
     // and a refused token leaves nothing behind.
-    let issued = match state.ca.sign_device_csr(&body.csr, device.as_str()) {
+    let issued = match state.ca.sign_device_csr_valid_for(
+        &body.csr,
+        device.as_str(),
+        state.config.device_cert_validity(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             fail(e.to_string()).await;

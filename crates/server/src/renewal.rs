@@ -1,0 +1,44 @@
+//! A renewed certificate becomes the device's only one when the device uses it: connecting to
+//! the embedded broker with it, or `POST /renew/confirm` presenting it (the way with an
+//! external broker, where the server does not see certificates). Until then the old one stays
+//! valid, so a device that lost the answer to `/renew`, or lost power before storing it, still
+//! connects.
+
+use std::time::Duration;
+
+use flotilla_proto::DeviceId;
+use flotilla_store::{AuditRecord, Promotion, Store, StoreResult};
+
+use crate::broker::gate::DeviceGate;
+
+/// A device is issued at most one certificate in this time: a device that lost an answer asks
+/// again later, and a compromised one cannot fill the revocation list.
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Makes `serial`, which `device_id` was issued by renewal and has just used (`how`), its
+/// current certificate and revokes the one it renewed; audited.
+pub async fn promote(
+    store: &Store,
+    gate: &DeviceGate,
+    device_id: &DeviceId,
+    serial: &str,
+    how: &str,
+) -> StoreResult<Promotion> {
+    let promotion = store.promote_device_certificate(device_id, serial).await?;
+    if let Promotion::Promoted { superseded } = &promotion {
+        gate.set_serial(device_id.as_str(), serial);
+        let actor = format!("device:{device_id}");
+        let old = superseded.as_deref().unwrap_or("none");
+        store
+            .audit(AuditRecord {
+                actor: &actor,
+                action: "certificate.promote",
+                target: Some(device_id.as_str()),
+                result: "success",
+                detail: Some(format!("serial {serial} replaces {old} ({how})")),
+            })
+            .await;
+        tracing::info!(device_id = %device_id, serial, superseded = old, "renewed certificate in use");
+    }
+    Ok(promotion)
+}

@@ -1,0 +1,8 @@
+-- A device renewing its certificate holds two valid ones for a while: the current one, and the
+-- pending one it was just issued. The pending one becomes current when the device connects with
+-- it (or confirms it over mTLS); the old one is then revoked as superseded.
+ALTER TABLE devices ADD COLUMN cert_pending_serial TEXT;
+ALTER TABLE devices ADD COLUMN cert_pending_not_after BIGINT;
+ALTER TABLE devices ADD COLUMN cert_pending_issued_at BIGINT;
+-- The security report reads certificates about to expire.
+CREATE INDEX devices_cert_not_after ON devices(cert_not_after) WHERE cert_serial IS NOT NULL;
