@@ -8,6 +8,7 @@ mod download;
 mod flash;
 mod image;
 mod nvs;
+mod renew;
 mod runner;
 mod sensors;
 mod sim;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use flotilla_device_core::renewal::RenewalPolicy;
 use flotilla_device_core::{BackoffConfig, Config};
 
 use runner::{DeviceEnv, Exit, Network, Runner};
@@ -137,6 +139,9 @@ pub struct DeviceFlags {
     /// A new image not confirmed this long after boot restarts (and counts as a crash).
     #[arg(long, default_value_t = 300, global = true)]
     ota_deadline_secs: u64,
+    /// Renew the device certificate once this share of its life has passed.
+    #[arg(long, default_value_t = 0.667, value_parser = parse_share, global = true)]
+    renew_at: f64,
     /// Simulated Wi-Fi networks in range, comma-separated.
     #[arg(
         long,
@@ -209,7 +214,18 @@ impl DeviceFlags {
             http,
             slot_len: self.slot_size,
             factory,
+            renewal: RenewalPolicy {
+                at_permille: (self.renew_at * 1000.0).round() as u16,
+                ..RenewalPolicy::default()
+            },
         })
+    }
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=0.99).contains(&v) => Ok(v),
+        _ => Err("a share of the certificate's life between 0.01 and 0.99".into()),
     }
 }
 

@@ -32,6 +32,20 @@ pub struct Nvs {
 pub const KEY_FILE: &str = "device.key";
 pub const CERT_FILE: &str = "device.pem";
 pub const CA_FILE: &str = "ca.pem";
+/// A renewal's key and certificate until the device has connected with them. The key is
+/// written first and removed last, so `next.pem` without `next.key` means a promotion was
+/// cut half-way (the key already moved).
+const NEXT_KEY_FILE: &str = "next.key";
+const NEXT_CERT_FILE: &str = "next.pem";
+/// Present while the server has not yet heard that the renewed certificate is in use.
+const CONFIRM_FILE: &str = "renewal.confirm";
+
+/// A certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub cert: String,
+    pub key: String,
+}
 const RECORD_FILE: &str = "nvs.json";
 /// The download's resume offset: its own file, written by the download task while the
 /// device task writes the record.
@@ -40,9 +54,76 @@ const OTA_OFFSET_FILE: &str = "ota.offset";
 impl Nvs {
     pub fn open(dir: &Path) -> anyhow::Result<Nvs> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Nvs {
+        let nvs = Nvs {
             dir: dir.to_path_buf(),
+        };
+        nvs.finish_interrupted_renewal()?;
+        Ok(nvs)
+    }
+
+    /// After a power cut: a promotion cut after the key moved is completed; a renewal cut
+    /// before its certificate arrived is dropped (the next one makes a fresh key).
+    fn finish_interrupted_renewal(&self) -> anyhow::Result<()> {
+        let (key, cert) = (self.path(NEXT_KEY_FILE), self.path(NEXT_CERT_FILE));
+        match (key.exists(), cert.exists()) {
+            (false, true) => fs::rename(&cert, self.path(CERT_FILE))?,
+            (true, false) => fs::remove_file(&key)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The certificate the device connects with, and its key.
+    pub fn credentials(&self) -> Option<Credentials> {
+        Some(Credentials {
+            cert: self.read_string(CERT_FILE)?,
+            key: self.read_string(KEY_FILE)?,
         })
+    }
+
+    /// A renewed certificate not used yet.
+    pub fn next_credentials(&self) -> Option<Credentials> {
+        Some(Credentials {
+            cert: self.read_string(NEXT_CERT_FILE)?,
+            key: self.read_string(NEXT_KEY_FILE)?,
+        })
+    }
+
+    /// The first half of a renewal: the fresh key, before its CSR leaves the device.
+    pub fn store_next_key(&self, key_pem: &str) -> anyhow::Result<()> {
+        self.write_atomic(NEXT_KEY_FILE, key_pem.as_bytes(), true)
+    }
+
+    /// The second half: the certificate the server issued for it.
+    pub fn store_next_cert(&self, cert_pem: &str) -> anyhow::Result<()> {
+        if !self.path(NEXT_KEY_FILE).exists() {
+            anyhow::bail!("no renewal key to go with the certificate");
+        }
+        self.write_atomic(NEXT_CERT_FILE, cert_pem.as_bytes(), false)
+    }
+
+    /// The device connected with the renewed certificate: it becomes the one it uses. Each
+    /// step is one rename; [`Nvs::open`] completes a promotion cut half-way.
+    pub fn promote_next(&self) -> anyhow::Result<()> {
+        self.write_atomic(CONFIRM_FILE, b"", false)?;
+        fs::rename(self.path(NEXT_KEY_FILE), self.path(KEY_FILE))?;
+        fs::rename(self.path(NEXT_CERT_FILE), self.path(CERT_FILE))?;
+        Ok(())
+    }
+
+    /// The renewed certificate is not wanted (its connection was refused, or the current one
+    /// still works): certificate first, so a half-removed pair is never a promotion.
+    pub fn discard_next(&self) {
+        let _ = fs::remove_file(self.path(NEXT_CERT_FILE));
+        let _ = fs::remove_file(self.path(NEXT_KEY_FILE));
+    }
+
+    pub fn confirm_pending(&self) -> bool {
+        self.path(CONFIRM_FILE).exists()
+    }
+
+    pub fn confirmed(&self) {
+        let _ = fs::remove_file(self.path(CONFIRM_FILE));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -91,6 +172,8 @@ impl Nvs {
             Persist::ClearProvisioning => {
                 r.provisioning = None;
                 let _ = fs::remove_file(self.path(CERT_FILE));
+                self.discard_next();
+                self.confirmed();
             }
             Persist::UnstableBoots(n) => r.unstable_boots = *n,
             Persist::SeqHighWater(n) => r.seq_high_water = *n,
@@ -128,5 +211,85 @@ impl Nvs {
         f.sync_all()?;
         fs::rename(&tmp, self.path(name))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nvs_with_renewal() -> (tempfile::TempDir, Nvs) {
+        let dir = tempfile::tempdir().unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        nvs.write_atomic(KEY_FILE, b"old-key", true).unwrap();
+        nvs.write_atomic(CERT_FILE, b"old-cert", false).unwrap();
+        nvs.store_next_key("new-key").unwrap();
+        nvs.store_next_cert("new-cert").unwrap();
+        (dir, nvs)
+    }
+
+    fn pair(c: Option<Credentials>) -> Option<(String, String)> {
+        c.map(|c| (c.cert, c.key))
+    }
+
+    #[test]
+    fn a_promotion_cut_after_the_key_moved_is_completed_at_power_on() {
+        let (dir, nvs) = nvs_with_renewal();
+        // The power fails between promote_next's two renames.
+        fs::rename(nvs.path(NEXT_KEY_FILE), nvs.path(KEY_FILE)).unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        assert_eq!(
+            pair(nvs.credentials()),
+            Some(("new-cert".into(), "new-key".into()))
+        );
+        assert!(nvs.next_credentials().is_none());
+    }
+
+    #[test]
+    fn a_renewal_cut_before_its_certificate_leaves_the_old_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        nvs.write_atomic(KEY_FILE, b"old-key", true).unwrap();
+        nvs.write_atomic(CERT_FILE, b"old-cert", false).unwrap();
+        nvs.store_next_key("new-key").unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        assert_eq!(
+            pair(nvs.credentials()),
+            Some(("old-cert".into(), "old-key".into()))
+        );
+        assert!(!nvs.path(NEXT_KEY_FILE).exists());
+        assert!(nvs.store_next_cert("orphan").is_err());
+    }
+
+    #[test]
+    fn promotion_and_discard_leave_one_whole_pair() {
+        let (dir, nvs) = nvs_with_renewal();
+        nvs.promote_next().unwrap();
+        assert!(nvs.confirm_pending());
+        let nvs = Nvs::open(dir.path()).unwrap();
+        assert_eq!(
+            pair(nvs.credentials()),
+            Some(("new-cert".into(), "new-key".into()))
+        );
+        nvs.confirmed();
+        assert!(!nvs.confirm_pending());
+
+        let (_dir, nvs) = nvs_with_renewal();
+        nvs.discard_next();
+        assert!(nvs.next_credentials().is_none());
+        assert_eq!(
+            pair(nvs.credentials()),
+            Some(("old-cert".into(), "old-key".into()))
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            nvs.store_next_key("k").unwrap();
+            let mode = fs::metadata(nvs.path(NEXT_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

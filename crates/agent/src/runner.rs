@@ -19,9 +19,11 @@ use tokio::time::Instant;
 use crate::download::{self, Retry, Start};
 use crate::flash::{self, FLASH_FILE, FileFlash};
 use crate::image::{Behaviour, ImageHeader};
-use crate::nvs::{CA_FILE, CERT_FILE, KEY_FILE, Nvs};
+use crate::nvs::{CA_FILE, Nvs};
+use crate::renew::RenewFailure;
 use crate::sensors::SimulatedBoard;
-use crate::{boot, csr};
+use crate::{boot, csr, renew};
+use flotilla_device_core::renewal::{Renewal, RenewalPolicy, RenewalRetry};
 
 /// A simulated Wi-Fi network visible to the device.
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +49,8 @@ pub struct DeviceEnv {
     pub slot_len: usize,
     /// The image this build was flashed with at the factory (slot 0 before any update).
     pub factory: ImageHeader,
+    /// When the device certificate is renewed.
+    pub renewal: RenewalPolicy,
 }
 
 /// How a run of the device ended.
@@ -79,6 +83,7 @@ enum Input {
     Csr(Result<(), CsrFailure>),
     OtaProgress(u64),
     OtaFinished(Result<(), String>),
+    Renewed(Result<(), RenewFailure>),
     Mqtt {
         generation: u64,
         event: MqttEvent,
@@ -151,6 +156,23 @@ pub struct Runner {
     layout: Layout,
     behaviour: Behaviour,
     download: Option<tokio::task::JoinHandle<()>>,
+    renewal: RenewalState,
+}
+
+/// Where the certificate renewal stands, in the shell.
+struct RenewalState {
+    /// When to look at the certificate's age again; `None` until connected.
+    check_at: Option<Instant>,
+    /// A `/renew` request is out.
+    in_flight: bool,
+    retry: RenewalRetry,
+    rng: flotilla_device_core::Rng,
+    /// The next connection tries the renewed certificate, if there is one.
+    try_next: bool,
+    /// The current connection was made with the renewed certificate.
+    connection_uses_next: bool,
+    /// The current connection reached CONNACK.
+    connected: bool,
 }
 
 impl Runner {
@@ -185,6 +207,15 @@ impl Runner {
             layout,
             behaviour: header.behaviour,
             download: None,
+            renewal: RenewalState {
+                check_at: None,
+                in_flight: false,
+                retry: RenewalRetry::default(),
+                rng: flotilla_device_core::Rng::new(rand::random()),
+                try_next: true,
+                connection_uses_next: false,
+                connected: false,
+            },
         };
         Ok((runner, DeviceHandle { tx }))
     }
@@ -233,8 +264,10 @@ impl Runner {
                         self.disconnect(Some("shutdown")).await;
                         return Exit::Shutdown;
                     }
+                    Some(Input::Renewed(result)) => self.renewed(result).await,
                     Some(input) => self.handle(input),
                 },
+                _ = sleep_until(self.renewal.check_at) => self.check_renewal(),
                 _ = sleep_until(deadline) => {
                     let values: SensorValues = self.board.sample();
                     self.device.handle_sensor_values(values);
@@ -280,9 +313,13 @@ impl Runner {
                 self.device.handle_ota_finished(now, result)
             }
             Input::Mqtt { generation, event } if generation == self.generation => match event {
-                MqttEvent::Connected => self.device.handle_mqtt_connected(now),
+                MqttEvent::Connected => {
+                    self.connected_with_credentials();
+                    self.device.handle_mqtt_connected(now)
+                }
                 MqttEvent::Disconnected => {
                     self.mqtt = None;
+                    self.connection_lost();
                     self.device.handle_mqtt_disconnected(now);
                 }
                 MqttEvent::Message { topic, payload } => {
@@ -290,7 +327,7 @@ impl Runner {
                 }
             },
             Input::Mqtt { .. } => {} // from a connection we already dropped
-            Input::Shutdown => {}
+            Input::Shutdown | Input::Renewed(_) => {}
         }
     }
 
@@ -409,9 +446,14 @@ impl Runner {
     async fn connect(&mut self, client_id: &str, will: Publish) {
         self.disconnect(None).await;
         self.generation += 1;
-        let (Some(cert), Some(key), Some(ca)) = (
-            self.nvs.read_string(CERT_FILE),
-            self.nvs.read_string(KEY_FILE),
+        let next = match self.renewal.try_next {
+            true => self.nvs.next_credentials(),
+            false => None,
+        };
+        self.renewal.connection_uses_next = next.is_some();
+        self.renewal.connected = false;
+        let (Some(credentials), Some(ca)) = (
+            next.or_else(|| self.nvs.credentials()),
             self.nvs.read_string(CA_FILE),
         ) else {
             tracing::error!(device = %self.label, "certificate files missing");
@@ -451,7 +493,7 @@ impl Runner {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
             ca: ca.into_bytes(),
             alpn: None,
-            client_auth: Some((cert.into_bytes(), key.into_bytes())),
+            client_auth: Some((credentials.cert.into_bytes(), credentials.key.into_bytes())),
         }));
         let (client, eventloop) = AsyncClient::new(options, 64);
         self.mqtt = Some(client);
@@ -541,13 +583,12 @@ impl Runner {
 
     /// HTTPS with the device certificate, trusting only the baked-in CA.
     fn download_client(&self) -> anyhow::Result<reqwest::Client> {
-        let (Some(cert), Some(key)) = (
-            self.nvs.read_string(CERT_FILE),
-            self.nvs.read_string(KEY_FILE),
-        ) else {
+        let Some(credentials) = self.nvs.credentials() else {
             anyhow::bail!("no device certificate");
         };
-        let identity = reqwest::Identity::from_pem(format!("{cert}\n{key}").as_bytes())?;
+        let identity = reqwest::Identity::from_pem(
+            format!("{}\n{}", credentials.cert, credentials.key).as_bytes(),
+        )?;
         Ok(reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
@@ -559,6 +600,118 @@ impl Runner {
             .read_timeout(Duration::from_secs(30))
             .build()?)
     }
+}
+
+/// Certificate renewal: when to ask, and which certificate a connection uses.
+impl Runner {
+    /// A connection was accepted: a renewed certificate it used is now the device's own; one
+    /// it did not use while the current one still works was never seen by the server.
+    fn connected_with_credentials(&mut self) {
+        let r = &mut self.renewal;
+        r.connected = true;
+        r.try_next = true;
+        if r.connection_uses_next {
+            r.connection_uses_next = false;
+            match self.nvs.promote_next() {
+                Ok(()) => {
+                    tracing::info!(device = %self.label, "connected with the renewed certificate")
+                }
+                Err(e) => {
+                    tracing::error!(device = %self.label, error = %e, "keeping the renewed certificate failed")
+                }
+            }
+        } else if self.nvs.next_credentials().is_some() {
+            self.nvs.discard_next();
+        }
+        if self.nvs.confirm_pending() {
+            let (env, nvs, label) = (self.env.clone(), self.nvs.clone(), self.label.clone());
+            tokio::spawn(async move {
+                if let Err(e) = renew::confirm(&env, &nvs).await {
+                    // Confirmed at the next connection instead.
+                    tracing::warn!(device = %label, error = %format!("{e:#}"), "confirming the renewed certificate failed");
+                }
+            });
+        }
+        self.renewal.check_at = Some(Instant::now());
+    }
+
+    /// A connection that never got through: if it tried one certificate while there are two,
+    /// the next attempt tries the other.
+    fn connection_lost(&mut self) {
+        let r = &mut self.renewal;
+        if !r.connected && self.nvs.next_credentials().is_some() {
+            r.try_next = !r.connection_uses_next;
+        }
+        r.connected = false;
+        r.check_at = None;
+    }
+
+    fn check_renewal(&mut self) {
+        self.renewal.check_at = None;
+        // Only while connected: a renewal then reconnects with the new certificate.
+        if self.renewal.in_flight || self.device.state() != State::MqttConnected {
+            return;
+        }
+        let Some(device_id) = self.device.device_id().map(|d| d.to_string()) else {
+            return;
+        };
+        let Some(credentials) = self.nvs.credentials() else {
+            return;
+        };
+        let Some((not_before, not_after)) = flotilla_pki::certificate_validity(&credentials.cert)
+        else {
+            tracing::error!(device = %self.label, "the device certificate cannot be read");
+            return;
+        };
+        match self.env.renewal.decide(unix_ms(), not_before, not_after) {
+            Renewal::NotYet { check_in_ms } => {
+                self.renewal.check_at = Some(Instant::now() + Duration::from_millis(check_in_ms));
+            }
+            Renewal::Due => {
+                self.renewal.in_flight = true;
+                tracing::info!(device = %self.label, "renewing the device certificate");
+                let (env, nvs, tx) = (self.env.clone(), self.nvs.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let result = renew::renew(&env, &nvs, &device_id).await;
+                    let _ = tx.send(Input::Renewed(result)).await;
+                });
+            }
+        }
+    }
+
+    async fn renewed(&mut self, result: Result<(), RenewFailure>) {
+        self.renewal.in_flight = false;
+        let at_least = match result {
+            Ok(()) => {
+                self.renewal.retry.succeeded();
+                self.renewal.try_next = true;
+                // A clean DISCONNECT (no will): the device is back before anyone marks it
+                // offline, now with the new certificate.
+                self.disconnect(None).await;
+                self.connection_lost();
+                let now = self.now();
+                self.device.handle_mqtt_disconnected(now);
+                return;
+            }
+            Err(RenewFailure::Later { retry_after }) => retry_after.unwrap_or_default(),
+            Err(RenewFailure::Refused(why)) => {
+                tracing::warn!(device = %self.label, why, "certificate renewal refused");
+                Duration::from_secs(3600)
+            }
+        };
+        let r = &mut self.renewal;
+        let delay = r
+            .retry
+            .next_delay_ms(&mut r.rng, at_least.as_millis() as u64);
+        r.check_at = Some(Instant::now() + Duration::from_millis(delay));
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// An offer's URL is usually a path on the device listener the device already trusts.

@@ -27,6 +27,7 @@ mod device;
 pub mod install;
 pub mod ota;
 mod provisioning;
+pub mod renewal;
 mod rng;
 pub mod slots;
 

@@ -11,9 +11,12 @@ use flotilla_store::{AuditRecord, Promotion, Store, StoreResult};
 
 use crate::broker::gate::DeviceGate;
 
-/// A device is issued at most one certificate in this time: a device that lost an answer asks
-/// again later, and a compromised one cannot fill the revocation list.
-pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(600);
+/// A device renews at most once in this time (10 minutes, or a quarter of a
+/// certificate's life if that is shorter): a device that lost an answer asks again later, and
+/// a compromised one cannot fill the revocation list.
+pub fn min_renewal_interval(validity: Duration) -> Duration {
+    (validity / 4).min(Duration::from_secs(600))
+}
 
 /// Makes `serial`, which `device_id` was issued by renewal and has just used (`how`), its
 /// current certificate and revokes the one it renewed; audited.

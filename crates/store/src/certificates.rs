@@ -27,7 +27,7 @@ pub enum RenewalRefusal {
     /// the pending one (which needs no renewal).
     NotCurrent,
     Blocked,
-    /// The device was issued a certificate less than the minimum interval ago.
+    /// The device renewed less than the minimum interval ago.
     TooSoon {
         retry_after_ms: i64,
     },
@@ -76,7 +76,7 @@ impl Store {
         // (the caller gets a conflict and may revoke again).
         let cleared = sqlx::query(
             "UPDATE devices SET cert_serial = NULL, cert_not_after = NULL, \
-             cert_pending_serial = NULL, cert_pending_not_after = NULL, cert_pending_issued_at = NULL \
+             cert_pending_serial = NULL, cert_pending_not_after = NULL \
              WHERE device_id = $1 AND cert_serial = $2",
         )
         .bind(device_id.as_str())
@@ -128,7 +128,7 @@ impl Store {
         // Takes the device row's lock: a concurrent renewal waits here, then revokes ours below.
         let updated = sqlx::query(
             "UPDATE devices SET cert_pending_serial = $1, cert_pending_not_after = $2, \
-             cert_pending_issued_at = $3 WHERE device_id = $4 AND cert_serial = $5 AND blocked = 0",
+             cert_renewed_at = $3 WHERE device_id = $4 AND cert_serial = $5 AND blocked = 0",
         )
         .bind(&issued.serial_hex)
         .bind(not_after_ms)
@@ -170,7 +170,7 @@ impl Store {
         let promoted = sqlx::query(
             "UPDATE devices SET cert_serial = cert_pending_serial, \
              cert_not_after = cert_pending_not_after, cert_pending_serial = NULL, \
-             cert_pending_not_after = NULL, cert_pending_issued_at = NULL \
+             cert_pending_not_after = NULL \
              WHERE device_id = $1 AND cert_pending_serial = $2",
         )
         .bind(device_id.as_str())
@@ -299,9 +299,7 @@ async fn renewal_check(
     min_interval_ms: i64,
 ) -> StoreResult<Result<(), RenewalRefusal>> {
     let row = sqlx::query(
-        "SELECT d.cert_serial, d.blocked, \
-         (SELECT MAX(c.issued_at) FROM certificates c WHERE c.device_id = d.device_id) AS last_issued \
-         FROM devices d WHERE d.device_id = $1",
+        "SELECT cert_serial, blocked, cert_renewed_at FROM devices WHERE device_id = $1",
     )
     .bind(device_id.as_str())
     .fetch_optional(&mut *conn)
@@ -316,8 +314,8 @@ async fn renewal_check(
     if current.as_deref() != Some(presented_serial) {
         return Ok(Err(RenewalRefusal::NotCurrent));
     }
-    let last_issued: Option<i64> = row.try_get("last_issued")?;
-    if let Some(last) = last_issued {
+    let last_renewed: Option<i64> = row.try_get("cert_renewed_at")?;
+    if let Some(last) = last_renewed {
         let wait = last
             .saturating_add(min_interval_ms)
             .saturating_sub(now_ms());

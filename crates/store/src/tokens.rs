@@ -99,7 +99,7 @@ impl Store {
         }
         sqlx::query(
             "UPDATE devices SET cert_serial = $1, cert_not_after = $2, cert_pending_serial = NULL, \
-             cert_pending_not_after = NULL, cert_pending_issued_at = NULL WHERE device_id = $3",
+             cert_pending_not_after = NULL WHERE device_id = $3",
         )
         .bind(&issued.serial_hex)
         .bind(issued.not_after_unix * 1000)

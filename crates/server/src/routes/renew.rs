@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::device_listener::PeerIdentity;
 use crate::error::{ApiError, JsonBody};
-use crate::renewal::{MIN_RENEWAL_INTERVAL, promote};
+use crate::renewal::{min_renewal_interval, promote};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -65,7 +65,7 @@ fn refused(refusal: RenewalRefusal) -> Response {
             (
                 StatusCode::TOO_MANY_REQUESTS,
                 [(header::RETRY_AFTER, secs.to_string())],
-                Json(json!({ "error": "a certificate was issued to this device recently; try again later" })),
+                Json(json!({ "error": "this device renewed its certificate recently; try again later" })),
             )
                 .into_response()
         }
@@ -78,7 +78,7 @@ async fn renew(
     JsonBody(body): JsonBody<Renew>,
 ) -> Result<Response, ApiError> {
     let (device, serial) = presenting_device(&peer)?;
-    let min_interval = MIN_RENEWAL_INTERVAL.as_millis() as i64;
+    let min_interval = min_renewal_interval(state.config.device_cert_validity()).as_millis() as i64;
     let fail = |detail: String| audit(&state, &device, "certificate.renew", "failure", detail);
     if body.csr.len() > 8 * 1024 {
         fail("CSR too large".into()).await;
