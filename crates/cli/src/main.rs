@@ -83,6 +83,15 @@ enum Cmd {
         #[command(subcommand)]
         action: fleet_ota::RolloutCmd,
     },
+    /// The fleet security report (admins): certificates expiring within DAYS, blocked or
+    /// revoked devices still connected, crash loops, devices never seen since provisioning.
+    Security {
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Crashed boots that make a crash loop.
+        #[arg(long, default_value_t = 3)]
+        crashes: u32,
+    },
     /// The audit log (admins).
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -376,6 +385,15 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
                     r["state"].as_str().unwrap_or_default()
                 )
             });
+            Ok(())
+        }
+        Cmd::Security { days, crashes } => {
+            let r = api
+                .get(&format!(
+                    "/api/admin/security?days={days}&crashes={crashes}"
+                ))
+                .await?;
+            print_out(json_out, &r, table::security);
             Ok(())
         }
         Cmd::Audit { limit } => {

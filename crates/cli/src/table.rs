@@ -31,20 +31,112 @@ fn print(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn span(s: i64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 fn age(ms: &Value) -> String {
     let Some(ms) = ms.as_i64() else {
         return "never".into();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let s = (now - ms).max(0) / 1000;
-    match s {
-        0..60 => format!("{s}s ago"),
-        60..3600 => format!("{}m ago", s / 60),
-        _ => format!("{}h ago", s / 3600),
+    format!("{} ago", span((now_ms() - ms).max(0) / 1000))
+}
+
+/// How long until a Unix-ms moment, or how long ago it passed.
+fn until(ms: &Value) -> String {
+    let Some(ms) = ms.as_i64() else {
+        return "-".into();
+    };
+    let s = (ms - now_ms()) / 1000;
+    if s >= 0 {
+        format!("in {}", span(s))
+    } else {
+        format!("{} ago", span(-s))
     }
+}
+
+fn rows_of(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(|a| a.iter().map(row).collect())
+        .unwrap_or_default()
+}
+
+/// The security report, one section per finding; empty sections say so.
+pub fn security(report: &Value) {
+    let section =
+        |title: &str, list: &Value, headers: &[&str], row: &dyn Fn(&Value) -> Vec<String>| {
+            let rows = rows_of(list, row);
+            println!("{title}: {}", rows.len());
+            if !rows.is_empty() {
+                print(headers, rows);
+            }
+            println!();
+        };
+    let days = cell(&report["horizonDays"]);
+    section(
+        &format!("Certificates expiring within {days} days"),
+        &report["expiringCertificates"],
+        &["DEVICE", "EXPIRES", "RENEWAL", "ONLINE", "LAST SEEN"],
+        &|e| {
+            vec![
+                cell(&e["deviceId"]),
+                until(&e["notAfter"]),
+                if e["renewalPending"] == true {
+                    "pending"
+                } else {
+                    "-"
+                }
+                .into(),
+                cell(&e["online"]),
+                age(&e["lastSeen"]),
+            ]
+        },
+    );
+    section(
+        "Blocked or revoked devices still connected",
+        &report["deniedButConnected"],
+        &["DEVICE", "BLOCKED", "REVOKED", "LAST SEEN"],
+        &|d| {
+            vec![
+                cell(&d["deviceId"]),
+                cell(&d["blocked"]),
+                cell(&d["revoked"]),
+                age(&d["lastSeen"]),
+            ]
+        },
+    );
+    section(
+        "Devices in crash loops",
+        &report["crashLoops"],
+        &["DEVICE", "CRASHES", "UPTIME", "FIRMWARE", "LAST SEEN"],
+        &|c| {
+            vec![
+                cell(&c["deviceId"]),
+                cell(&c["crashes"]),
+                c["uptime"].as_i64().map_or("-".into(), span),
+                cell(&c["firmwareVersion"]),
+                age(&c["lastSeen"]),
+            ]
+        },
+    );
+    section(
+        "Devices never seen since provisioning",
+        &report["neverSeen"],
+        &["DEVICE", "NAME", "REGISTERED"],
+        &|n| vec![cell(&n["deviceId"]), cell(&n["name"]), age(&n["createdAt"])],
+    );
 }
 
 pub fn devices(list: &Value) {

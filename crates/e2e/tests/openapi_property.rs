@@ -190,7 +190,8 @@ async fn random_requests_get_only_documented_statuses_and_never_a_5xx() -> anyho
         } else {
             ""
         };
-        let on_device_listener = path == "/sign-csr" || path.starts_with("/firmware");
+        let on_device_listener =
+            path == "/sign-csr" || path.starts_with("/renew") || path.starts_with("/firmware");
         let (client, base) = if on_device_listener {
             (&device_api, server.backend_url())
         } else {

@@ -50,6 +50,7 @@ on_both_backends!(
     a_block_committed_while_a_message_is_stored_wins,
     revoked_and_superseded_certificates_reach_the_broker_denials,
     a_renewed_certificate_is_valid_beside_the_old_one_until_it_is_used,
+    the_security_report_lists_what_needs_attention_and_nothing_else,
     token_keys_are_published_once_and_found_by_id,
     attempts_are_counted_in_windows_given_back_and_cleared,
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
@@ -1733,6 +1734,96 @@ async fn a_renewed_certificate_is_valid_beside_the_old_one_until_it_is_used(stor
         store.renewal_refusal(&dev("nobody"), "x", 0).await,
         Err(StoreError::NotFound)
     ));
+}
+
+async fn the_security_report_lists_what_needs_attention_and_nothing_else(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    let day = 86_400;
+    let now = now_ms() / 1000;
+    provision(store, o, "t1", "soon", &issued("s1", now + 3 * day)).await;
+    provision(store, o, "t2", "sooner", &issued("s2", now + day)).await;
+    provision(store, o, "t3", "later", &issued("l1", now + 90 * day)).await;
+    provision(store, o, "t4", "revoked", &issued("r1", now + 90 * day)).await;
+    provision(store, o, "t5", "blocked", &issued("b1", now + 90 * day)).await;
+    provision(store, o, "t6", "crashy", &issued("c1", now + 90 * day)).await;
+    // Registered, never provisioned: not "never seen since provisioning".
+    store
+        .register_device(&dev("bare"), "bare", o)
+        .await
+        .unwrap();
+    store
+        .renew_device_certificate(&dev("soon"), "s1", &issued("s1b", now + 90 * day), 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .revoke_device_certificate(&dev("revoked"))
+            .await
+            .unwrap()
+    );
+    store.toggle_device_block(&dev("blocked")).await.unwrap();
+    let mut tx = store.begin_write().await.unwrap();
+    let beat = |crashes: u32| -> flotilla_proto::Heartbeat {
+        message(json!({"heap": 1, "fw": "1.0.0", "uptime": 12, "crashes": crashes}))
+    };
+    for (device, crashes) in [("crashy", 5), ("later", 2), ("sooner", 3)] {
+        tx.apply_update(&dev(device), &DeviceUpdate::Heartbeat(beat(crashes)), 20)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let report = store
+        .security_report((now + 7 * day) * 1000, 3, 100)
+        .await
+        .unwrap();
+    let ids = |v: Vec<&str>| v.into_iter().map(String::from).collect::<Vec<_>>();
+    let expiring: Vec<(String, bool)> = report
+        .expiring_certificates
+        .iter()
+        .map(|e| (e.device_id.clone(), e.renewal_pending))
+        .collect();
+    assert_eq!(
+        expiring,
+        vec![("sooner".into(), false), ("soon".into(), true)]
+    );
+    assert_eq!(
+        report.expiring_certificates[0].not_after,
+        (now + day) * 1000
+    );
+    let denied: Vec<(String, bool, bool)> = report
+        .denied_devices
+        .iter()
+        .map(|d| (d.device_id.clone(), d.blocked, d.revoked))
+        .collect();
+    assert_eq!(
+        denied,
+        vec![
+            ("blocked".into(), true, false),
+            ("revoked".into(), false, true)
+        ]
+    );
+    let crashing: Vec<String> = report
+        .crash_loops
+        .iter()
+        .map(|c| c.device_id.clone())
+        .collect();
+    assert_eq!(crashing, ids(vec!["crashy", "sooner"]));
+    assert_eq!(report.crash_loops[0].crashes, 5);
+    let never: Vec<String> = report
+        .never_seen
+        .iter()
+        .map(|n| n.device_id.clone())
+        .collect();
+    assert_eq!(never, ids(vec!["soon", "blocked"]));
+    // The limit holds for each list.
+    let one = store
+        .security_report((now + 7 * day) * 1000, 3, 1)
+        .await
+        .unwrap();
+    assert_eq!(one.expiring_certificates.len(), 1);
+    assert_eq!(one.crash_loops.len(), 1);
 }
 
 async fn token_keys_are_published_once_and_found_by_id(store: &Store) {

@@ -21,6 +21,7 @@ mod ota;
 mod params;
 mod releases;
 mod rollouts;
+mod security;
 mod states;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testdb;
@@ -46,6 +47,9 @@ pub use leases::{FencedTx, Held};
 pub use ota::{Finished, NewOffer, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
 pub use rollouts::{RolloutRow, RolloutSave, SavedOffers, TargetRow};
+pub use security::{
+    CrashingDevice, DeniedDevice, ExpiringCertificate, NeverSeenDevice, SecurityReport,
+};
 pub use states::{
     CommandState, RevokeReason, Role, RolloutHalt, RolloutState, TargetState, UpdateState,
 };

@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/api/admin/audit", get(audit))
         .route("/api/admin/stats", get(stats))
+        .route("/api/admin/security", get(security_report))
         .route("/api/admin/dead-letters", get(dead_letters))
 }
 
@@ -223,6 +224,46 @@ async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<
         fields.insert("leader".into(), state.leadership.is_leader().into());
     }
     Ok(Json(stats))
+}
+
+#[derive(Deserialize)]
+struct SecurityQuery {
+    days: Option<i64>,
+    crashes: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// The fleet security report: certificates expiring within `days` (default 30), blocked or
+/// revoked devices still connected, devices reporting at least `crashes` (default 3) crashed
+/// boots, and provisioned devices never seen; at most `limit` (default 500) of each.
+async fn security_report(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Query(q): Query<SecurityQuery>,
+) -> ApiResult<Json<Value>> {
+    user.require_admin()?;
+    let days = q.days.unwrap_or(30);
+    if !(0..=3650).contains(&days) {
+        return Err(ApiError::bad("days must be between 0 and 3650"));
+    }
+    let crashes = q.crashes.unwrap_or(3).max(1);
+    let limit = q.limit.unwrap_or(500).clamp(1, 5000);
+    let horizon = flotilla_store::now_ms().saturating_add(days * 86_400_000);
+    let report = state.store.security_report(horizon, crashes, limit).await?;
+    // The database's presence flag, or what the broker says now (an embedded broker knows).
+    let mut connected = Vec::new();
+    for d in report.denied_devices {
+        if d.online || state.broker.is_connected(&d.device_id).await {
+            connected.push(d);
+        }
+    }
+    Ok(Json(json!({
+        "horizonDays": days,
+        "expiringCertificates": report.expiring_certificates,
+        "deniedButConnected": connected,
+        "crashLoops": report.crash_loops,
+        "neverSeen": report.never_seen,
+    })))
 }
 
 async fn dead_letters(
