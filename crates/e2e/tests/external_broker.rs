@@ -257,3 +257,62 @@ async fn ingest_through_mosquitto_stores_every_acknowledged_message_across_a_ser
     );
     assert_eq!(rows.len(), unique.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_certificates_rotate_while_the_server_runs() {
+    let mut server = Server::start(&[]).await.unwrap();
+    let admin = server.admin("admin@x.io").await.unwrap();
+    let id = server.enroll(&admin, "dev-0").await.unwrap();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let mut mosquitto = Mosquitto::start(broker_dir.path(), &server.data_dir(), "r1")
+        .await
+        .unwrap();
+    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
+    // The links' certificates live 20 s: renewed after ~13 s, the first ones gone after 20.
+    server.set_args(&[
+        "--broker-url",
+        &url,
+        "--replica-id",
+        "r1",
+        "--service-cert-validity",
+        "20",
+    ]);
+    server.restart().await.unwrap();
+    let mut device = connect_device(mosquitto.device_port, &id).await.unwrap();
+    let mut sent: BTreeSet<_> = publish(&mut device, "dev-0", 0..5)
+        .await
+        .into_iter()
+        .collect();
+    wait_stored(&server, &sent).await.unwrap();
+    let sessions = link_count(&server, &admin, "sessions").await;
+
+    // Past the first certificates' end, the broker restarts: the links must reconnect, and
+    // Mosquitto accepts only an unexpired certificate.
+    tokio::time::sleep(Duration::from_secs(24)).await;
+    drop(device);
+    mosquitto.restart().await.unwrap();
+    wait_count(&server, &admin, "sessions", sessions + 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", mosquitto.log()));
+    let mut device = connect_device(mosquitto.device_port, &id).await.unwrap();
+    sent.extend(publish(&mut device, "dev-0", 5..10).await);
+    wait_stored(&server, &sent).await.unwrap();
+    // The downlink too: a command reaches the device.
+    device.subscribe("devices/dev-0/command").await.unwrap();
+    let (status, body) = server
+        .call(
+            "POST",
+            "/api/device/dev-0/commands",
+            Some(&admin),
+            Some(serde_json::json!({"name": "ping"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (topic, _) = device.message(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(topic, "devices/dev-0/command");
+    assert!(
+        server.log().contains("renewed service certificate"),
+        "the renewal is logged"
+    );
+}

@@ -107,6 +107,9 @@ pub const SERVICE_PREFIX: &str = "svc:";
 /// Device certificates live this long; re-provisioning or renewal replaces them.
 pub const DEVICE_VALIDITY_DAYS: i64 = 397;
 
+/// How long the server's own client certificates live; the server renews them while running.
+pub const SERVICE_VALIDITY_DAYS: i64 = 30;
+
 impl CertificateAuthority {
     /// Loads the CA that exists in `dir`; never creates one.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
@@ -175,13 +178,28 @@ impl CertificateAuthority {
         self.issue_keyed(params, Duration::days(365))
     }
 
-    /// A client certificate for one of the server's own MQTT clients, CN `svc:<name>`.
+    /// A client certificate for one of the server's own MQTT clients, CN `svc:<name>`, valid
+    /// [`SERVICE_VALIDITY_DAYS`].
     pub fn issue_service_certificate(&self, service: &str) -> Result<KeyedCertificate, PkiError> {
+        self.issue_service_certificate_valid_for(
+            service,
+            std::time::Duration::from_secs(SERVICE_VALIDITY_DAYS as u64 * 86_400),
+        )
+    }
+
+    /// [`CertificateAuthority::issue_service_certificate`] with a validity of the caller's
+    /// choosing (the server's `--service-cert-validity`).
+    pub fn issue_service_certificate_valid_for(
+        &self,
+        service: &str,
+        validity: std::time::Duration,
+    ) -> Result<KeyedCertificate, PkiError> {
+        let validity = Duration::try_from(validity).map_err(|_| PkiError::BadValidity)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&format!("{SERVICE_PREFIX}{service}"));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        self.issue_keyed(params, Duration::days(30))
+        self.issue_keyed(params, validity)
     }
 
     /// A short-lived client certificate with CN `device_id` and a fresh key, never recorded:

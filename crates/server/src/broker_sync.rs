@@ -248,12 +248,11 @@ async fn take_over(
     let cert = ca.issue_takeover_certificate(device, time::Duration::minutes(5))?;
     // The same client set-up as the server's own links (clean start, TLS with a client
     // certificate), under the device's name.
-    let link = crate::service_link::ServiceLink {
+    let mut link = crate::service_link::ServiceLink {
         host: url.host.clone(),
         port: url.port,
         ca_pem: broker_ca_pem.to_string(),
-        cert_pem: cert.certificate_pem,
-        key_pem: cert.private_key_pem,
+        identity: crate::rotation::fixed(cert),
     };
     let (client, mut events) = AsyncClient::new(link.options(device), 4);
     tokio::time::timeout(Duration::from_secs(10), async {

@@ -57,6 +57,16 @@ pub struct ServerConfig {
         value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
     )]
     pub device_cert_validity_secs: u64,
+    /// Lifetime of the certificates the server's own MQTT clients (downlink, ingest) show the
+    /// broker, in seconds (default 30 days); each is renewed after two thirds of it while the
+    /// server runs.
+    #[arg(
+        long = "service-cert-validity",
+        env = "FLOTILLA_SERVICE_CERT_VALIDITY",
+        default_value_t = flotilla_pki::SERVICE_VALIDITY_DAYS as u64 * 86_400,
+        value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
+    )]
+    pub service_cert_validity_secs: u64,
     /// Lifetime of login tokens, in seconds.
     #[arg(long = "jwt-ttl", env = "FLOTILLA_JWT_TTL", default_value_t = 12 * 3600)]
     pub jwt_ttl_secs: u64,
@@ -303,6 +313,10 @@ impl ServerConfig {
 
     pub fn device_cert_validity(&self) -> Duration {
         Duration::from_secs(self.device_cert_validity_secs)
+    }
+
+    pub fn service_cert_validity(&self) -> Duration {
+        Duration::from_secs(self.service_cert_validity_secs)
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

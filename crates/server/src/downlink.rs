@@ -46,10 +46,11 @@ impl std::fmt::Debug for Downlink {
 impl Downlink {
     /// Connects and starts the runner. The receiver turns true on each confirmed connection.
     pub fn start(link: &ServiceLink, client_id: &str) -> (Downlink, watch::Receiver<bool>) {
+        let mut link = link.clone();
         let (client, eventloop) = AsyncClient::new(link.options(client_id), QUEUE);
         let connected = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready) = watch::channel(false);
-        tokio::spawn(run(eventloop, connected.clone(), ready_tx));
+        tokio::spawn(run(eventloop, link, connected.clone(), ready_tx));
         (Downlink { client, connected }, ready)
     }
 
@@ -69,8 +70,16 @@ impl Downlink {
     }
 }
 
-async fn run(mut eventloop: EventLoop, connected: Arc<AtomicBool>, ready: watch::Sender<bool>) {
+async fn run(
+    mut eventloop: EventLoop,
+    mut link: ServiceLink,
+    connected: Arc<AtomicBool>,
+    ready: watch::Sender<bool>,
+) {
     loop {
+        if link.refresh(&mut eventloop.options) {
+            tracing::info!("downlink: renewed service certificate ready for the next connection");
+        }
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected.store(true, Ordering::Relaxed);

@@ -22,6 +22,7 @@ mod ota;
 mod passwords;
 mod renewal;
 mod rollouts;
+mod rotation;
 mod routes;
 mod server;
 mod service_link;

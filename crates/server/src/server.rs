@@ -79,9 +79,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
     let writer_handle = writer.clone();
     let (broker_events, broker_said) = tokio::sync::mpsc::unbounded_channel();
+    // Each service client's certificate, renewed while the server runs.
+    let service_identity = |service: String| {
+        let (ca, validity) = (ca.clone(), config.service_cert_validity());
+        crate::rotation::keep_fresh("service certificate", validity, move || {
+            Ok(ca.issue_service_certificate_valid_for(&service, validity)?)
+        })
+    };
     let broker = match config.external_broker()? {
         None => {
-            let service = ca.issue_service_certificate("server")?;
+            let identity = service_identity("server".into())?;
             let (embedded, addrs) = broker::start(
                 config.mqtt_addr,
                 config.mqtt_admission(),
@@ -104,8 +111,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     host: connect_host(addrs.internal),
                     port: addrs.internal.port(),
                     ca_pem: ca.certificate_pem().to_string(),
-                    cert_pem: service.certificate_pem,
-                    key_pem: service.private_key_pem,
+                    identity,
                 },
                 downlink_id: format!(
                     "{}server-downlink-{}",
@@ -132,13 +138,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             // that takes the client id from the certificate (use_username_as_clientid) lets
             // nobody else take over its session.
             let link_as = |service: &str| -> anyhow::Result<(ServiceLink, String)> {
-                let cert = ca.issue_service_certificate(service)?;
                 let link = ServiceLink {
                     host: url.host.clone(),
                     port: url.port,
                     ca_pem: ca_pem.clone(),
-                    cert_pem: cert.certificate_pem,
-                    key_pem: cert.private_key_pem,
+                    identity: service_identity(service.to_string())?,
                 };
                 Ok((link, format!("{}{service}", flotilla_pki::SERVICE_PREFIX)))
             };
@@ -150,7 +154,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             let (ingest_link, ingest_id) =
                 link_as(&format!("server-ingest-{}", config.replica_id))?;
             let mut ingest = IngestLink::start(
-                ingest_link.options(&ingest_id),
+                ingest_link,
+                &ingest_id,
                 ingest_filters(),
                 writer,
                 gate.clone(),

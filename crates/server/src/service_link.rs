@@ -1,10 +1,13 @@
-//! How the server's own MQTT client (the downlink) reaches the broker and proves who it is: a
-//! `svc:` certificate from the server's CA, on the broker's internal listener.
+//! How the server's own MQTT clients (the downlink, the ingest link) reach the broker and
+//! prove who they are: a `svc:` certificate from the server's CA, renewed while the server
+//! runs ([`crate::rotation`]); each client takes the new one at its next connection.
 
 use std::time::Duration;
 
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport};
+
+use crate::rotation::Identity;
 
 /// Where the broker is and the service certificate to show it.
 #[derive(Clone)]
@@ -12,8 +15,7 @@ pub struct ServiceLink {
     pub host: String,
     pub port: u16,
     pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
+    pub identity: Identity,
 }
 
 impl std::fmt::Debug for ServiceLink {
@@ -26,7 +28,7 @@ impl std::fmt::Debug for ServiceLink {
 }
 
 impl ServiceLink {
-    pub fn options(&self, client_id: &str) -> MqttOptions {
+    pub fn options(&mut self, client_id: &str) -> MqttOptions {
         let mut o = MqttOptions::new(client_id, &self.host, self.port);
         o.set_keep_alive(Duration::from_secs(15));
         o.set_clean_start(true);
@@ -37,14 +39,31 @@ impl ServiceLink {
         o.set_network_options(net);
         // rumqttc otherwise sizes its in-flight table for 65,535 publishes (~10 MB).
         o.set_outgoing_inflight_upper_limit(256);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        o.set_transport(self.transport());
+        o
+    }
+
+    /// The TLS set-up with the current certificate, marked as seen.
+    fn transport(&mut self) -> Transport {
+        let cert = self.identity.borrow_and_update();
+        Transport::tls_with_config(TlsConfiguration::Simple {
             ca: self.ca_pem.clone().into_bytes(),
             alpn: None,
             client_auth: Some((
-                self.cert_pem.clone().into_bytes(),
-                self.key_pem.clone().into_bytes(),
+                cert.certificate_pem.clone().into_bytes(),
+                cert.private_key_pem.clone().into_bytes(),
             )),
-        }));
-        o
+        })
+    }
+
+    /// If the certificate was renewed since `options` was made, puts the new one in, for the
+    /// next connection (the open one stays: a broker checks a certificate at the handshake
+    /// only, and dropping it could lose what is in flight). Whether it did.
+    pub fn refresh(&mut self, options: &mut MqttOptions) -> bool {
+        if !self.identity.has_changed().unwrap_or(false) {
+            return false;
+        }
+        options.set_transport(self.transport());
+        true
     }
 }

@@ -30,11 +30,12 @@ use bytes::Bytes;
 use flotilla_proto::Topic;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::writer::{Inbound, Writer};
 use crate::broker::gate::DeviceGate;
+use crate::service_link::ServiceLink;
 
 /// Messages the broker may have in flight to this client; each holds a task until committed.
 pub const RECEIVE_MAXIMUM: u16 = 1024;
@@ -84,11 +85,13 @@ impl IngestLink {
     /// Connects with `options` (a persistent session with manual acks is set here), subscribes
     /// to `filters` at QoS 1 at every session start, and starts the runner.
     pub fn start(
-        mut options: MqttOptions,
+        mut link: ServiceLink,
+        client_id: &str,
         filters: Vec<String>,
         writer: Writer,
         gate: Arc<DeviceGate>,
     ) -> IngestLink {
+        let mut options = link.options(client_id);
         options
             .set_clean_start(false)
             .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
@@ -110,6 +113,7 @@ impl IngestLink {
             gate,
             waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             state: state_tx,
+            link,
         };
         tokio::spawn(runner.run(eventloop));
         IngestLink { stats, state }
@@ -139,12 +143,19 @@ struct Runner {
     /// Also how the runner reaches the client and the stats.
     acker: Acker,
     state: watch::Sender<State>,
+    /// Its certificate, renewed while the server runs.
+    link: ServiceLink,
 }
 
 impl Runner {
-    async fn run(self, mut eventloop: EventLoop) {
+    async fn run(mut self, mut eventloop: EventLoop) {
         let mut current = 0;
         loop {
+            if self.link.refresh(&mut eventloop.options) {
+                tracing::info!(
+                    "ingest link: renewed service certificate ready for the next connection"
+                );
+            }
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.acker.stats.sessions.fetch_add(1, Ordering::Relaxed);
