@@ -514,6 +514,7 @@ impl Runner {
                 fw: None,
                 hw: None,
                 reason: Some(reason.into()),
+                config: None,
             };
             let topic = flotilla_proto::Topic::new(id, flotilla_proto::Channel::Status);
             let _ = client

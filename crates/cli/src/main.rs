@@ -114,6 +114,23 @@ enum DeviceCmd {
     Block {
         id: String,
     },
+    /// Show the device's desired and reported configuration; with options, replace the
+    /// desired one (it reaches the device retained on devices/ID/config).
+    Config {
+        id: String,
+        /// Seconds between telemetry readings.
+        #[arg(long)]
+        telemetry: Option<u32>,
+        /// Seconds between heartbeats.
+        #[arg(long)]
+        heartbeat: Option<u32>,
+        #[arg(long, value_parser = on_off)]
+        pot: Option<bool>,
+        #[arg(long, value_parser = on_off)]
+        switch: Option<bool>,
+        #[arg(long, value_parser = on_off)]
+        temp: Option<bool>,
+    },
     /// Replace a device's tags (comma-separated; empty to clear).
     Tag {
         id: String,
@@ -302,6 +319,36 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
                     .get(&format!("/api/device/{}", api::segment(&id)))
                     .await?;
                 print_out(json_out, &d, table::key_values);
+                Ok(())
+            }
+            DeviceCmd::Config {
+                id,
+                telemetry,
+                heartbeat,
+                pot,
+                switch,
+                temp,
+            } => {
+                let path = format!("/api/device/{}/config", api::segment(&id));
+                let mut desired = serde_json::Map::new();
+                let fields = [
+                    ("telemetry_interval_s", telemetry.map(Value::from)),
+                    ("heartbeat_interval_s", heartbeat.map(Value::from)),
+                    ("pot", pot.map(Value::from)),
+                    ("switch", switch.map(Value::from)),
+                    ("temp", temp.map(Value::from)),
+                ];
+                for (name, value) in fields {
+                    if let Some(v) = value {
+                        desired.insert(name.into(), v);
+                    }
+                }
+                let view = if desired.is_empty() {
+                    api.get(&path).await?
+                } else {
+                    api.put_json(&path, &Value::Object(desired)).await?
+                };
+                print_out(json_out, &view, table::device_config);
                 Ok(())
             }
             DeviceCmd::Tag { id, tags } => {
@@ -541,6 +588,14 @@ fn run_release(action: &ReleaseCmd, json_out: bool) -> Result<(), ApiFailure> {
         }
     }
     Ok(())
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "ON" | "true" => Ok(true),
+        "off" | "OFF" | "false" => Ok(false),
+        _ => Err("on or off".into()),
+    }
 }
 
 fn print_out(json_out: bool, value: &Value, human: impl FnOnce(&Value)) {

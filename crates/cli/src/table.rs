@@ -209,3 +209,35 @@ pub fn key_values(v: &Value) {
         }
     }
 }
+
+/// A device's twin: each field desired and reported, and whether they agree.
+pub fn device_config(view: &Value) {
+    let fields = [
+        "telemetry_interval_s",
+        "heartbeat_interval_s",
+        "pot",
+        "switch",
+        "temp",
+    ];
+    let rows = fields
+        .iter()
+        .map(|f| {
+            let differs = view["differences"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|x| x == f));
+            vec![
+                f.to_string(),
+                cell(&view["desired"][f]),
+                cell(&view["reported"][f]),
+                if differs { "differs" } else { "" }.to_string(),
+            ]
+        })
+        .collect();
+    print(&["FIELD", "DESIRED", "REPORTED", ""], rows);
+    let sync = if view["inSync"] == true {
+        "in sync"
+    } else {
+        "not in sync"
+    };
+    println!("{sync}; reported {}", age(&view["reportedAt"]));
+}

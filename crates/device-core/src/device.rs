@@ -616,6 +616,7 @@ impl Device {
                 fw: None,
                 hw: None,
                 reason: Some("connection lost".to_string()),
+                config: None,
             }),
             retain: true,
         };
@@ -658,8 +659,21 @@ impl Device {
             fw: Some(self.config.firmware_version.clone()),
             hw: Some(self.config.hardware.clone()),
             reason: None,
+            config: Some(self.applied_config()),
         };
         self.publish(Channel::Status, encode(&status), true);
+    }
+
+    /// What the device runs with now, every field set: the reported half of the twin.
+    pub fn applied_config(&self) -> DesiredConfig {
+        let [pot, switch, temp] = self.enabled;
+        DesiredConfig {
+            telemetry_interval_s: Some((self.config.telemetry_ms / 1000) as u32),
+            heartbeat_interval_s: Some((self.config.heartbeat_ms / 1000) as u32),
+            pot: Some(pot),
+            switch: Some(switch),
+            temp: Some(temp),
+        }
     }
 
     fn publish_heartbeat(&mut self, now: Millis) {
@@ -836,19 +850,22 @@ impl Device {
                 self.enabled[sensor_index(sensor)] = on;
             }
         }
-        // Intervals below one second would flood the broker; clamp rather than obey.
+        // Intervals below one second would flood the broker; clamp rather than obey (and
+        // report what was applied, so the server sees the difference).
+        let clamp = |s: u32| u64::from(s.clamp(1, flotilla_proto::MAX_INTERVAL_S)) * 1000;
         if let Some(s) = config.telemetry_interval_s {
-            self.config.telemetry_ms = u64::from(s.max(1)) * 1000;
+            self.config.telemetry_ms = clamp(s);
             if self.timers.telemetry.is_some() {
                 self.timers.telemetry = Some(now + self.config.telemetry_ms);
             }
         }
         if let Some(s) = config.heartbeat_interval_s {
-            self.config.heartbeat_ms = u64::from(s.max(1)) * 1000;
+            self.config.heartbeat_ms = clamp(s);
             if self.timers.heartbeat.is_some() {
                 self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
             }
         }
+        self.publish_status(true);
     }
 }
 

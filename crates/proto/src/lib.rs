@@ -30,8 +30,8 @@ mod version;
 pub use device_id::{DeviceId, DeviceIdError};
 pub use manifest::{FirmwareManifest, OtaOffer, SignedManifest};
 pub use messages::{
-    Command, CommandReply, CommandStatus, DesiredConfig, Heartbeat, LedState, OtaPhase, OtaStatus,
-    SensorKind, Status, Telemetry,
+    Command, CommandReply, CommandStatus, DesiredConfig, Heartbeat, LedState, MAX_INTERVAL_S,
+    OtaPhase, OtaStatus, SensorKind, Status, Telemetry,
 };
 pub use topic::{Channel, Direction, Topic, TopicError};
 pub use version::{FirmwareVersion, VersionError};

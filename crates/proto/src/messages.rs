@@ -59,6 +59,10 @@ pub struct Status {
     /// Why the device went offline, when it knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The configuration the device runs with now (every field set), after applying the
+    /// desired configuration it was sent: the "reported" half of the device twin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<DesiredConfig>,
 }
 
 /// `devices/{id}/telemetry`: one reading of the enabled sensors.
@@ -156,12 +160,17 @@ pub struct OtaStatus {
     pub error: Option<String>,
 }
 
+/// The longest telemetry or heartbeat interval a desired configuration may ask for (a day).
+pub const MAX_INTERVAL_S: u32 = 86_400;
+
 /// `devices/{id}/config`: retained desired configuration. Absent fields leave the device's
 /// current setting unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredConfig {
+    /// Seconds between telemetry readings; 1 to [`MAX_INTERVAL_S`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry_interval_s: Option<u32>,
+    /// Seconds between heartbeats; 1 to [`MAX_INTERVAL_S`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval_s: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

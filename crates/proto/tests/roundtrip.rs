@@ -50,8 +50,9 @@ proptest! {
     }
 
     #[test]
-    fn status(online in any::<bool>(), led in opt(led()), brightness in opt(0u8..=100), fw in opt(text()), reason in opt(text())) {
-        round_trip(&Status { online, led, brightness, fw, hw: None, reason });
+    fn status(online in any::<bool>(), led in opt(led()), brightness in opt(0u8..=100), fw in opt(text()), reason in opt(text()), interval in opt(any::<u32>()), temp in opt(any::<bool>())) {
+        let config = interval.map(|s| DesiredConfig { telemetry_interval_s: Some(s), temp, ..DesiredConfig::default() });
+        round_trip(&Status { online, led, brightness, fw, hw: None, reason, config });
     }
 
     #[test]

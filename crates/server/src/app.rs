@@ -55,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::auth::router())
         .merge(routes::devices::router())
         .merge(routes::commands::router())
+        .merge(routes::config::router())
         .merge(routes::admin::router())
         .merge(routes::provisioning::router())
         .merge(routes::releases::router())

@@ -75,6 +75,11 @@ impl Dispatcher {
         let _ = self.downlink.set(downlink);
     }
 
+    /// The server's MQTT client, once it is connected the first time.
+    pub fn downlink(&self) -> Option<&Downlink> {
+        self.downlink.get()
+    }
+
     /// Publishes a command to its device (QoS 1) without waiting on the broker. If the
     /// device is offline or the downlink is busy, [`Dispatcher::flush_pending`] sends it again
     /// when the device's next session starts.

@@ -9,6 +9,7 @@ mod commands;
 mod config;
 mod conn_limits;
 mod demo;
+mod device_config;
 mod device_listener;
 mod downlink;
 mod error;

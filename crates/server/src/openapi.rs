@@ -280,6 +280,33 @@ pub const OPERATIONS: &[Operation] = &[
         200,
     ),
     (
+        "get",
+        "/api/device/{deviceId}/config",
+        "The device twin: desired and reported configuration, inSync and the fields that differ",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
+        "put",
+        "/api/device/{deviceId}/config",
+        "Replace the desired configuration (intervals 1 to 86400 s, sensor switches); published retained on devices/{id}/config",
+        Auth::User,
+        Some(|| {
+            object(
+                &[
+                    ("telemetry_interval_s", s("integer")),
+                    ("heartbeat_interval_s", s("integer")),
+                    ("pot", s("boolean")),
+                    ("switch", s("boolean")),
+                    ("temp", s("boolean")),
+                ],
+                &[],
+            )
+        }),
+        200,
+    ),
+    (
         "put",
         "/api/device/{deviceId}/tags",
         "Replace a device's tags (rollouts can target a tag)",
@@ -490,6 +517,8 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("post", "/renew/confirm") => &[401, 403],
         ("get", "/api/admin/security") => &[400],
         ("put", "/api/device/{deviceId}/tags") => &[400, 404, 413],
+        ("get", "/api/device/{deviceId}/config") => &[404],
+        ("put", "/api/device/{deviceId}/config") => &[400, 404, 413],
         ("post", "/api/releases") => &[400, 409, 413],
         ("get", "/api/releases/{version}") => &[404],
         ("get", "/api/releases/{version}/download") => &[404, 409],

@@ -218,6 +218,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         broker_said,
     );
     spawn_ingest_consumer(
+        store.clone(),
         ota.clone(),
         dispatcher.clone(),
         !broker.reports_sessions,
@@ -368,13 +369,21 @@ fn spawn_presence(
         while let Some(event) = events.recv().await {
             match event {
                 BrokerEvent::Subscribed { device_id, channel } => {
-                    let (dispatcher, ota) = (dispatcher.clone(), ota.clone());
+                    let (dispatcher, ota, store) = (dispatcher.clone(), ota.clone(), store.clone());
                     tokio::spawn(async move {
                         match channel {
                             flotilla_proto::Channel::Command => {
                                 dispatcher.flush_pending(&device_id).await
                             }
                             flotilla_proto::Channel::Ota => ota.resend_offers(&device_id).await,
+                            flotilla_proto::Channel::Config => {
+                                crate::device_config::resend_if_out_of_sync(
+                                    &store,
+                                    &dispatcher,
+                                    &device_id,
+                                )
+                                .await
+                            }
                             _ => {}
                         }
                     });
@@ -418,6 +427,7 @@ fn spawn_presence(
 /// `resend_on_online` (a broker that does not report sessions) a device coming online also
 /// gets what waits for it.
 fn spawn_ingest_consumer(
+    store: Store,
     ota: Arc<OtaService>,
     dispatcher: Arc<Dispatcher>,
     resend_on_online: bool,
@@ -429,10 +439,17 @@ fn spawn_ingest_consumer(
                 IngestEvent::CameOnline(device) => {
                     ota.device_online(&device);
                     if resend_on_online {
-                        let (dispatcher, ota) = (dispatcher.clone(), ota.clone());
+                        let (dispatcher, ota, store) =
+                            (dispatcher.clone(), ota.clone(), store.clone());
                         tokio::spawn(async move {
                             dispatcher.flush_pending(&device).await;
                             ota.resend_offers(&device).await;
+                            crate::device_config::resend_if_out_of_sync(
+                                &store,
+                                &dispatcher,
+                                &device,
+                            )
+                            .await;
                         });
                     }
                 }

@@ -51,6 +51,7 @@ on_both_backends!(
     revoked_and_superseded_certificates_reach_the_broker_denials,
     a_renewed_certificate_is_valid_beside_the_old_one_until_it_is_used,
     the_security_report_lists_what_needs_attention_and_nothing_else,
+    desired_and_reported_config_are_kept_apart,
     token_keys_are_published_once_and_found_by_id,
     attempts_are_counted_in_windows_given_back_and_cleared,
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
@@ -1824,6 +1825,68 @@ async fn the_security_report_lists_what_needs_attention_and_nothing_else(store: 
         .unwrap();
     assert_eq!(one.expiring_certificates.len(), 1);
     assert_eq!(one.crash_loops.len(), 1);
+}
+
+async fn desired_and_reported_config_are_kept_apart(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device(&dev("a"), "a", o).await.unwrap();
+    assert_eq!(
+        store.device_config(&dev("a")).await.unwrap(),
+        Some(ConfigRow::default())
+    );
+    assert_eq!(store.device_config(&dev("nobody")).await.unwrap(), None);
+    let desired = flotilla_proto::DesiredConfig {
+        telemetry_interval_s: Some(5),
+        temp: Some(false),
+        ..Default::default()
+    };
+    assert!(store.set_desired_config(&dev("a"), &desired).await.unwrap());
+    assert!(
+        !store
+            .set_desired_config(&dev("nobody"), &desired)
+            .await
+            .unwrap()
+    );
+    let row = store.device_config(&dev("a")).await.unwrap().unwrap();
+    assert_eq!(row.desired, Some(desired.clone()));
+    assert!(row.desired_at.is_some());
+    assert_eq!(row.reported, None);
+
+    // The device's status carries what it applied; a status without it keeps the last one.
+    let status = |config: Option<serde_json::Value>| -> flotilla_proto::Status {
+        let mut v = json!({"online": true});
+        if let Some(c) = config {
+            v["config"] = c;
+        }
+        message(v)
+    };
+    let applied = json!({"telemetry_interval_s": 5, "heartbeat_interval_s": 30,
+                         "pot": true, "switch": true, "temp": false});
+    let mut tx = store.begin_write().await.unwrap();
+    tx.apply_update(
+        &dev("a"),
+        &DeviceUpdate::Status(status(Some(applied.clone()))),
+        20,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let reported_at = store
+        .device_config(&dev("a"))
+        .await
+        .unwrap()
+        .unwrap()
+        .reported_at;
+    let mut tx = store.begin_write().await.unwrap();
+    tx.apply_update(&dev("a"), &DeviceUpdate::Status(status(None)), 20)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let row = store.device_config(&dev("a")).await.unwrap().unwrap();
+    assert_eq!(row.reported, Some(message(applied)));
+    assert_eq!(row.reported_at, reported_at);
+    assert!(reported_at.is_some());
+    assert_eq!(row.desired, Some(desired), "the desired half is untouched");
 }
 
 async fn token_keys_are_published_once_and_found_by_id(store: &Store) {

@@ -369,7 +369,10 @@ pub(super) async fn apply_update(
                 "UPDATE devices SET online = $1, last_seen = CASE WHEN $1 = 1 THEN $2 ELSE last_seen END, \
                  disconnect_reason = CASE WHEN $1 = 1 THEN NULL ELSE COALESCE($3, 'offline') END, \
                  led_state = COALESCE($4, led_state), led_brightness = COALESCE($5, led_brightness), \
-                 fw_version = COALESCE($6, fw_version), hardware = COALESCE($7, hardware) WHERE device_id = $8",
+                 fw_version = COALESCE($6, fw_version), hardware = COALESCE($7, hardware), \
+                 reported_config = COALESCE($9, reported_config), \
+                 reported_config_at = CASE WHEN $9 IS NULL THEN reported_config_at ELSE $2 END \
+                 WHERE device_id = $8",
             )
             .bind(i64::from(st.online))
             .bind(now)
@@ -379,6 +382,7 @@ pub(super) async fn apply_update(
             .bind(st.fw.as_deref())
             .bind(st.hw.as_deref().map(|h| flotilla_proto::truncate_chars(h, 32)))
             .bind(device_id)
+            .bind(st.config.as_ref().map(|c| serde_json::to_string(c).unwrap_or_default()))
             .execute(&mut **tx)
             .await?;
         }

@@ -12,6 +12,7 @@ mod certificates;
 mod commands;
 #[cfg(test)]
 mod conformance;
+mod device_config;
 mod devices;
 mod error;
 mod ingest;
@@ -40,6 +41,7 @@ use sqlx::{AnyPool, Executor};
 pub use audit::{AuditEntry, AuditRecord};
 pub use certificates::{BrokerDenials, Promotion, RenewalRefusal, RevokedCertificate};
 pub use commands::CommandRow;
+pub use device_config::ConfigRow;
 pub use devices::{DeviceRow, DeviceUpdate, GateEntry, TelemetryRow};
 pub use error::{StoreError, StoreResult};
 pub use ingest::WriteTx;

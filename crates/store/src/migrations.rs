@@ -85,6 +85,11 @@ const SQLITE: Embedded = &[
         "certificate renewal",
         include_str!("../migrations/sqlite/0014_certificate_renewal.sql"),
     ),
+    (
+        15,
+        "device config",
+        include_str!("../migrations/sqlite/0015_device_config.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -137,6 +142,11 @@ const POSTGRES: Embedded = &[
         10,
         "certificate renewal",
         include_str!("../migrations/postgres/0010_certificate_renewal.sql"),
+    ),
+    (
+        11,
+        "device config",
+        include_str!("../migrations/postgres/0011_device_config.sql"),
     ),
 ];
 

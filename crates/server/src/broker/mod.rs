@@ -460,7 +460,7 @@ impl Hooks {
 impl Hooks {
     /// Tells the server a device's session started on `channel`, once per session and channel.
     async fn session_started(&self, session: &Session, device_id: &DeviceId, channel: Channel) {
-        if !matches!(channel, Channel::Command | Channel::Ota) {
+        if !matches!(channel, Channel::Command | Channel::Ota | Channel::Config) {
             return;
         }
         let first = {
@@ -547,7 +547,7 @@ impl Hooks {
                         if let Some(device_id) = device
                             && session.session_present().await.unwrap_or(false)
                         {
-                            for channel in [Channel::Command, Channel::Ota] {
+                            for channel in [Channel::Command, Channel::Ota, Channel::Config] {
                                 self.session_started(session, &device_id, channel).await;
                             }
                         }

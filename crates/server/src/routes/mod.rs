@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod commands;
+pub mod config;
 pub mod devices;
 pub mod firmware;
 pub mod meta;
