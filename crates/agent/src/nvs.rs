@@ -106,15 +106,26 @@ impl Nvs {
     /// step is one rename; [`Nvs::open`] completes a promotion cut half-way.
     pub fn promote_next(&self) -> anyhow::Result<()> {
         self.write_atomic(CONFIRM_FILE, b"", false)?;
+        // Each rename made durable before the next, so a power cut cannot keep the second
+        // and lose the first (the state `open` would read as a renewal cut short).
         fs::rename(self.path(NEXT_KEY_FILE), self.path(KEY_FILE))?;
+        self.sync_dir()?;
         fs::rename(self.path(NEXT_CERT_FILE), self.path(CERT_FILE))?;
+        self.sync_dir()?;
         Ok(())
     }
 
-    /// The renewed certificate is not wanted (its connection was refused, or the current one
-    /// still works): certificate first, so a half-removed pair is never a promotion.
+    /// Makes the directory's entries (renames, removals) durable.
+    fn sync_dir(&self) -> anyhow::Result<()> {
+        fs::File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// The renewed certificate is not wanted (the server refuses it): certificate first, so a
+    /// half-removed pair is never a promotion.
     pub fn discard_next(&self) {
         let _ = fs::remove_file(self.path(NEXT_CERT_FILE));
+        let _ = self.sync_dir();
         let _ = fs::remove_file(self.path(NEXT_KEY_FILE));
     }
 
@@ -210,7 +221,7 @@ impl Nvs {
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, self.path(name))?;
-        Ok(())
+        self.sync_dir()
     }
 }
 

@@ -94,18 +94,31 @@ pub async fn renew(env: &DeviceEnv, nvs: &Nvs, device_id: &str) -> Result<(), Re
     Ok(())
 }
 
-/// Tells the server the renewed certificate is in use, presenting it.
-pub async fn confirm(env: &DeviceEnv, nvs: &Nvs) -> anyhow::Result<()> {
-    let current = nvs
-        .credentials()
-        .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+/// Presents `credentials` to `/renew/confirm`: `Ok(true)` if the server now holds them as the
+/// device's current certificate, `Ok(false)` if it refuses them (revoked, never issued).
+pub async fn confirm_with(env: &DeviceEnv, credentials: &Credentials) -> anyhow::Result<bool> {
     let url = format!("{}/renew/confirm", env.backend_url.trim_end_matches('/'));
-    let status = client_with(env, &current)?
+    let status = client_with(env, credentials)?
         .post(&url)
         .send()
         .await?
         .status();
-    anyhow::ensure!(status.is_success(), "confirm answered {status}");
+    match status {
+        s if s.is_success() => Ok(true),
+        reqwest::StatusCode::FORBIDDEN | reqwest::StatusCode::UNAUTHORIZED => Ok(false),
+        s => anyhow::bail!("confirm answered {s}"),
+    }
+}
+
+/// Tells the server the renewed certificate, now the device's own, is in use.
+pub async fn confirm(env: &DeviceEnv, nvs: &Nvs) -> anyhow::Result<()> {
+    let current = nvs
+        .credentials()
+        .ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+    anyhow::ensure!(
+        confirm_with(env, &current).await?,
+        "the server refused the certificate"
+    );
     nvs.confirmed();
     Ok(())
 }

@@ -84,6 +84,9 @@ enum Input {
     OtaProgress(u64),
     OtaFinished(Result<(), String>),
     Renewed(Result<(), RenewFailure>),
+    /// What the server said of a renewed pair the device holds but did not connect with:
+    /// valid (now current) or refused; `None` if it could not be asked.
+    NextChecked(Option<bool>),
     Mqtt {
         generation: u64,
         event: MqttEvent,
@@ -265,6 +268,7 @@ impl Runner {
                         return Exit::Shutdown;
                     }
                     Some(Input::Renewed(result)) => self.renewed(result).await,
+                    Some(Input::NextChecked(valid)) => self.next_checked(valid).await,
                     Some(input) => self.handle(input),
                 },
                 _ = sleep_until(self.renewal.check_at) => self.check_renewal(),
@@ -327,7 +331,7 @@ impl Runner {
                 }
             },
             Input::Mqtt { .. } => {} // from a connection we already dropped
-            Input::Shutdown | Input::Renewed(_) => {}
+            Input::Shutdown | Input::Renewed(_) | Input::NextChecked(_) => {}
         }
     }
 
@@ -605,8 +609,9 @@ impl Runner {
 
 /// Certificate renewal: when to ask, and which certificate a connection uses.
 impl Runner {
-    /// A connection was accepted: a renewed certificate it used is now the device's own; one
-    /// it did not use while the current one still works was never seen by the server.
+    /// A connection was accepted: a renewed certificate it used is now the device's own. If
+    /// the old one got through while a renewed pair waits, the server is asked about the pair
+    /// (another replica may have made it current already; or it was never recorded).
     fn connected_with_credentials(&mut self) {
         let r = &mut self.renewal;
         r.connected = true;
@@ -621,19 +626,53 @@ impl Runner {
                     tracing::error!(device = %self.label, error = %e, "keeping the renewed certificate failed")
                 }
             }
-        } else if self.nvs.next_credentials().is_some() {
-            self.nvs.discard_next();
-        }
-        if self.nvs.confirm_pending() {
-            let (env, nvs, label) = (self.env.clone(), self.nvs.clone(), self.label.clone());
+        } else if let Some(next) = self.nvs.next_credentials() {
+            let (env, tx) = (self.env.clone(), self.tx.clone());
             tokio::spawn(async move {
-                if let Err(e) = renew::confirm(&env, &nvs).await {
-                    // Confirmed at the next connection instead.
-                    tracing::warn!(device = %label, error = %format!("{e:#}"), "confirming the renewed certificate failed");
-                }
+                let valid = renew::confirm_with(&env, &next).await.ok();
+                let _ = tx.send(Input::NextChecked(valid)).await;
             });
         }
+        self.confirm_if_pending();
         self.renewal.check_at = Some(Instant::now());
+    }
+
+    /// The server has not heard yet that the renewed certificate is in use: tell it.
+    fn confirm_if_pending(&self) {
+        if !self.nvs.confirm_pending() {
+            return;
+        }
+        let (env, nvs, label) = (self.env.clone(), self.nvs.clone(), self.label.clone());
+        tokio::spawn(async move {
+            if let Err(e) = renew::confirm(&env, &nvs).await {
+                // Tried again at the next renewal check and the next connection.
+                tracing::warn!(device = %label, error = %format!("{e:#}"), "confirming the renewed certificate failed");
+            }
+        });
+    }
+
+    async fn next_checked(&mut self, valid: Option<bool>) {
+        match valid {
+            // Current now at the server (which revoked the old one): use it.
+            Some(true) => {
+                if let Err(e) = self.nvs.promote_next() {
+                    tracing::error!(device = %self.label, error = %e, "keeping the renewed certificate failed");
+                    return;
+                }
+                self.nvs.confirmed();
+                self.reconnect().await;
+            }
+            Some(false) => self.nvs.discard_next(),
+            None => {} // asked again at the next connection
+        }
+    }
+
+    /// Drops the connection cleanly (no will) so the device connects again at once.
+    async fn reconnect(&mut self) {
+        self.disconnect(None).await;
+        self.connection_lost();
+        let now = self.now();
+        self.device.handle_mqtt_disconnected(now);
     }
 
     /// A connection that never got through: if it tried one certificate while there are two,
@@ -651,6 +690,12 @@ impl Runner {
         self.renewal.check_at = None;
         // Only while connected: a renewal then reconnects with the new certificate.
         if self.renewal.in_flight || self.device.state() != State::MqttConnected {
+            return;
+        }
+        if self.nvs.confirm_pending() {
+            // The certificate it holds is still pending at the server: confirm, not renew.
+            self.confirm_if_pending();
+            self.renewal.check_at = Some(Instant::now() + Duration::from_secs(60));
             return;
         }
         let Some(device_id) = self.device.device_id().map(|d| d.to_string()) else {
@@ -688,10 +733,7 @@ impl Runner {
                 self.renewal.try_next = true;
                 // A clean DISCONNECT (no will): the device is back before anyone marks it
                 // offline, now with the new certificate.
-                self.disconnect(None).await;
-                self.connection_lost();
-                let now = self.now();
-                self.device.handle_mqtt_disconnected(now);
+                self.reconnect().await;
                 return;
             }
             Err(RenewFailure::Later { retry_after }) => retry_after.unwrap_or_default(),

@@ -98,19 +98,15 @@ async fn audit(server: &Server, admin: &str, action: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_renews_its_certificate_keeps_connecting_and_its_old_serial_is_then_refused() {
-    // Certificates live 30 s (+5 min back-dated): at 95 % of that the agent renews ~14 s in.
-    let server = Server::start(&["--device-cert-validity", "30"])
+    // Certificates live 40 s (+5 s back-dated): at two thirds the agent renews ~25 s in.
+    let server = Server::start(&["--device-cert-validity", "40"])
         .await
         .unwrap();
     let admin = server.admin("admin@x.io").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(
-        &server,
-        dir.path(),
-        &["--renew-at", "0.95", "--heartbeat-secs", "2"],
-    )
-    .await
-    .unwrap();
+    let agent = Agent::start(&server, dir.path(), &["--heartbeat-secs", "2"])
+        .await
+        .unwrap();
     agent.provision(&server, &admin, "dev-renew").await.unwrap();
     wait_for("device online", Duration::from_secs(30), || async {
         let d = server.device(&admin, "dev-renew").await.ok()?;
@@ -148,12 +144,16 @@ async fn the_agent_renews_its_certificate_keeps_connecting_and_its_old_serial_is
     );
     assert_ne!(now.key_pem, first.key_pem, "for a key made on the device");
     assert_eq!(promoted["actor"], "device:dev-renew");
-    let detail = promoted["detail"].as_str().unwrap();
+    // The oldest promotion (the list is newest first) replaced the first certificate.
+    let promotions = audit(&server, &admin, "certificate.promote").await;
+    let detail = promotions.last().unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
-        detail.contains(&serial(&now)) && detail.contains(&serial(&first)),
+        detail.ends_with(&format!("replaces {} (connected)", serial(&first))),
         "{detail}"
     );
-    assert!(detail.contains("connected"), "{detail}");
     let renewals = audit(&server, &admin, "certificate.renew").await;
     assert!(
         renewals.iter().any(|e| e["result"] == "success"),
@@ -181,7 +181,7 @@ async fn the_agent_renews_its_certificate_keeps_connecting_and_its_old_serial_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_is_refused_to_strangers_old_certificates_blocked_devices_and_bad_csrs() {
-    // A quarter of this life (15 min) is more than the 10 min cap: one renewal per 10 min.
+    // One renewal per quarter of this life (15 min).
     let mut server = Server::start(&["--device-cert-validity", "3600"])
         .await
         .unwrap();
@@ -207,7 +207,7 @@ async fn renewal_is_refused_to_strangers_old_certificates_blocked_devices_and_ba
     let (status, _, _, retry_after) = renew(&server, Some(&a), "dev-a", None).await;
     assert_eq!(status, 429);
     let secs: u64 = retry_after.unwrap().parse().unwrap();
-    assert!((1..=600).contains(&secs), "{secs}");
+    assert!((1..=900).contains(&secs), "{secs}");
 
     // Until the new one is used, both are valid, across a restart.
     server.restart().await.unwrap();

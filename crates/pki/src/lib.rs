@@ -256,7 +256,9 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(serial);
-        params.not_before = now - Duration::minutes(5);
+        // Back-dated for a device clock a little behind, by less than an eighth of the life,
+        // so a short-lived certificate's life is mostly ahead of it.
+        params.not_before = now - Duration::minutes(5).min(validity / 8);
         params.not_after = now + validity;
         params.use_authority_key_identifier_extension = true;
         csr.params = params;

@@ -98,24 +98,20 @@ struct Written {
     crl_issued: Instant,
 }
 
-/// Each device's (blocked, current serial, pending serial), to see whose session must end.
-type Sessions = HashMap<String, (bool, Option<String>, Option<String>)>;
+/// Each device's (blocked, current serial), to see whose session must end.
+type Sessions = HashMap<String, (bool, Option<String>)>;
 
 /// Devices whose open session must end since `before`: blocked now, or holding another
-/// certificate (or none) than then — unless the new one is the renewal it was issued then,
-/// which it confirmed from a session it opened with it. Devices new since then had no session
-/// to end.
+/// certificate (or none) than then. A renewal counts: the session open may be one made with
+/// the old certificate (a confirm over HTTPS says nothing about it), so it is ended and the
+/// device reconnects with the new one. Devices new since then had no session to end.
 fn sessions_to_end(before: &Sessions, now: &Sessions) -> Vec<String> {
     let mut ended: Vec<String> = now
         .iter()
-        .filter(|(id, (blocked, serial, _))| {
-            before
-                .get(*id)
-                .is_some_and(|(was_blocked, was_serial, was_pending)| {
-                    let renewed = serial.is_some() && serial == was_pending;
-                    (*blocked && !was_blocked)
-                        || (was_serial.is_some() && serial != was_serial && !renewed)
-                })
+        .filter(|(id, (blocked, serial))| {
+            before.get(*id).is_some_and(|(was_blocked, was_serial)| {
+                (*blocked && !was_blocked) || (was_serial.is_some() && serial != was_serial)
+            })
         })
         .map(|(id, _)| id.clone())
         .collect();
@@ -139,7 +135,7 @@ pub async fn run(
         let snapshot = match &args.broker_device_url {
             Some(_) => Some(store.gate_snapshot().await.map(|rows| {
                 rows.into_iter()
-                    .map(|r| (r.device_id, (r.blocked, r.serial, r.pending_serial)))
+                    .map(|r| (r.device_id, (r.blocked, r.serial)))
                     .collect::<Sessions>()
             })),
             None => None,
@@ -321,41 +317,36 @@ mod tests {
 
     #[test]
     fn sessions_end_when_a_device_is_blocked_revoked_or_given_another_certificate() {
-        let s = |rows: &[(&str, bool, Option<&str>, Option<&str>)]| -> Sessions {
+        let s = |rows: &[(&str, bool, Option<&str>)]| -> Sessions {
             rows.iter()
-                .map(|(id, b, serial, pending)| {
-                    (
-                        id.to_string(),
-                        (*b, serial.map(String::from), pending.map(String::from)),
-                    )
-                })
+                .map(|(id, b, serial)| (id.to_string(), (*b, serial.map(String::from))))
                 .collect()
         };
         let before = s(&[
-            ("kept", false, Some("1"), None),
-            ("blocked", false, Some("2"), None),
-            ("unblocked", true, Some("3"), None),
-            ("revoked", false, Some("4"), None),
-            ("reprovisioned", false, Some("5"), None),
-            ("provisioned", false, None, None),
-            ("renewing", false, Some("9"), Some("a")),
-            ("renewed", false, Some("b"), Some("c")),
+            ("kept", false, Some("1")),
+            ("blocked", false, Some("2")),
+            ("unblocked", true, Some("3")),
+            ("revoked", false, Some("4")),
+            ("reprovisioned", false, Some("5")),
+            ("provisioned", false, None),
+            ("renewing", false, Some("9")),
+            ("renewed", false, Some("b")),
         ]);
         let now = s(&[
-            ("kept", false, Some("1"), None),
-            ("blocked", true, Some("2"), None),
-            ("unblocked", false, Some("3"), None),
-            ("revoked", false, None, None),
-            ("reprovisioned", false, Some("6"), None),
-            ("provisioned", false, Some("7"), None),
-            ("new", false, Some("8"), None),
-            ("renewing", false, Some("9"), Some("a")),
-            // The renewal it was issued is current: its session is the one opened with it.
-            ("renewed", false, Some("c"), None),
+            ("kept", false, Some("1")),
+            ("blocked", true, Some("2")),
+            ("unblocked", false, Some("3")),
+            ("revoked", false, None),
+            ("reprovisioned", false, Some("6")),
+            ("provisioned", false, Some("7")),
+            ("new", false, Some("8")),
+            ("renewing", false, Some("9")),
+            // Renewed: the session may still be one made with the old certificate.
+            ("renewed", false, Some("c")),
         ]);
         assert_eq!(
             sessions_to_end(&before, &now),
-            ["blocked", "reprovisioned", "revoked"]
+            ["blocked", "renewed", "reprovisioned", "revoked"]
         );
         assert!(sessions_to_end(&now, &now).is_empty());
     }

@@ -49,7 +49,7 @@ pub struct ServerConfig {
     pub heartbeat_timeout_secs: u64,
     /// Lifetime of the device certificates the server issues, in seconds (default 397 days,
     /// the longest public CAs use). Devices renew theirs before it ends (`flotilla-agent
-    /// --renew-at`), so a short life limits what a stolen key is worth.
+    /// --renew-at`); a stolen key can renew too, so revoke a device you suspect.
     #[arg(
         long = "device-cert-validity",
         env = "FLOTILLA_DEVICE_CERT_VALIDITY",

@@ -11,11 +11,11 @@ use flotilla_store::{AuditRecord, Promotion, Store, StoreResult};
 
 use crate::broker::gate::DeviceGate;
 
-/// A device renews at most once in this time (10 minutes, or a quarter of a
-/// certificate's life if that is shorter): a device that lost an answer asks again later, and
-/// a compromised one cannot fill the revocation list.
+/// A device renews at most once in this time (a day, or a quarter of a certificate's life if
+/// that is shorter): a device that lost an answer asks again later, and a compromised one adds
+/// at most one revoked serial a day to the CRL.
 pub fn min_renewal_interval(validity: Duration) -> Duration {
-    (validity / 4).min(Duration::from_secs(600))
+    (validity / 4).min(Duration::from_secs(86_400))
 }
 
 /// Makes `serial`, which `device_id` was issued by renewal and has just used (`how`), its
@@ -29,7 +29,7 @@ pub async fn promote(
 ) -> StoreResult<Promotion> {
     let promotion = store.promote_device_certificate(device_id, serial).await?;
     if let Promotion::Promoted { superseded } = &promotion {
-        gate.set_serial(device_id.as_str(), serial);
+        gate.refresh(store, device_id).await?;
         let actor = format!("device:{device_id}");
         let old = superseded.as_deref().unwrap_or("none");
         store

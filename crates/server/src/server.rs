@@ -389,14 +389,27 @@ fn spawn_presence(
                     });
                 }
                 BrokerEvent::RenewedCertificateUsed { device_id, serial } => {
-                    let (store, gate) = (store.clone(), gate.clone());
+                    let (store, gate, broker) = (store.clone(), gate.clone(), broker.clone());
                     tokio::spawn(async move {
-                        if let Err(e) =
-                            crate::renewal::promote(&store, &gate, &device_id, &serial, "connected")
-                                .await
+                        match crate::renewal::promote(
+                            &store,
+                            &gate,
+                            &device_id,
+                            &serial,
+                            "connected",
+                        )
+                        .await
                         {
+                            Ok(flotilla_store::Promotion::Unknown) => {
+                                // Revoked or replaced between the gate's check and now.
+                                let _ = gate.refresh(&store, &device_id).await;
+                                broker.kick(device_id.as_str()).await;
+                            }
+                            Ok(_) => {}
                             // The device confirms over /renew/confirm, or connects again.
-                            tracing::warn!(device_id = %device_id, error = %e, "promoting a renewed certificate failed");
+                            Err(e) => {
+                                tracing::warn!(device_id = %device_id, error = %e, "promoting a renewed certificate failed")
+                            }
                         }
                     });
                 }

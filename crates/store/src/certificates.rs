@@ -60,7 +60,7 @@ impl Store {
     /// embedded gate refuses its serial and an external broker's CRL lists it. Whether it had
     /// one; [`StoreError::NotFound`](crate::StoreError::NotFound) when there is no such device.
     pub async fn revoke_device_certificate(&self, device_id: &DeviceId) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_immediate().await?;
         let current: Option<Option<String>> =
             sqlx::query_scalar("SELECT cert_serial FROM devices WHERE device_id = $1")
                 .bind(device_id.as_str())
@@ -118,27 +118,41 @@ impl Store {
         issued: &flotilla_pki::IssuedCertificate,
         min_interval_ms: i64,
     ) -> StoreResult<Result<(), RenewalRefusal>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_immediate().await?;
         if let Err(refused) =
             renewal_check(&mut tx, device_id, presented_serial, min_interval_ms).await?
         {
             return Ok(Err(refused));
         }
         let not_after_ms = issued.not_after_unix.saturating_mul(1000);
-        // Takes the device row's lock: a concurrent renewal waits here, then revokes ours below.
+        // Takes the device row's lock and checks again under it: of concurrent renewals one
+        // passes, the others find the interval not over and are refused.
+        let now = now_ms();
         let updated = sqlx::query(
             "UPDATE devices SET cert_pending_serial = $1, cert_pending_not_after = $2, \
-             cert_renewed_at = $3 WHERE device_id = $4 AND cert_serial = $5 AND blocked = 0",
+             cert_renewed_at = $3 WHERE device_id = $4 AND cert_serial = $5 AND blocked = 0 \
+             AND (cert_renewed_at IS NULL OR cert_renewed_at <= $6)",
         )
         .bind(&issued.serial_hex)
         .bind(not_after_ms)
-        .bind(now_ms())
+        .bind(now)
         .bind(device_id.as_str())
         .bind(presented_serial)
+        .bind(now.saturating_sub(min_interval_ms))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() != 1 {
-            return Ok(Err(RenewalRefusal::NotCurrent));
+            // Someone else changed the row since the check: say why, as of now.
+            drop(tx);
+            return Ok(
+                match self
+                    .renewal_refusal(device_id, presented_serial, min_interval_ms)
+                    .await?
+                {
+                    Err(refusal) => Err(refusal),
+                    Ok(()) => Err(RenewalRefusal::NotCurrent),
+                },
+            );
         }
         revoke_all_but_in(&mut tx, device_id, presented_serial).await?;
         insert_issued_in(&mut tx, device_id, &issued.serial_hex, not_after_ms).await?;
@@ -153,7 +167,7 @@ impl Store {
         device_id: &DeviceId,
         serial: &str,
     ) -> StoreResult<Promotion> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_immediate().await?;
         let row = sqlx::query(
             "SELECT cert_serial, cert_pending_serial FROM devices WHERE device_id = $1",
         )
@@ -167,18 +181,30 @@ impl Store {
         if current.as_deref() == Some(serial) {
             return Ok(Promotion::AlreadyCurrent);
         }
+        // A blocked device keeps the certificates it has; it does not swap them.
         let promoted = sqlx::query(
             "UPDATE devices SET cert_serial = cert_pending_serial, \
              cert_not_after = cert_pending_not_after, cert_pending_serial = NULL, \
              cert_pending_not_after = NULL \
-             WHERE device_id = $1 AND cert_pending_serial = $2",
+             WHERE device_id = $1 AND cert_pending_serial = $2 AND blocked = 0",
         )
         .bind(device_id.as_str())
         .bind(serial)
         .execute(&mut *tx)
         .await?;
         if promoted.rows_affected() != 1 {
-            return Ok(Promotion::Unknown);
+            // A concurrent promotion of the same serial (connect and confirm at once) may
+            // have committed since the read: it is current then, not unknown.
+            drop(tx);
+            let now_current: Option<Option<String>> =
+                sqlx::query_scalar("SELECT cert_serial FROM devices WHERE device_id = $1")
+                    .bind(device_id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            return Ok(match now_current.flatten().as_deref() == Some(serial) {
+                true => Promotion::AlreadyCurrent,
+                false => Promotion::Unknown,
+            });
         }
         revoke_all_but_in(&mut tx, device_id, serial).await?;
         tx.commit().await?;

@@ -52,6 +52,7 @@ on_both_backends!(
     a_renewed_certificate_is_valid_beside_the_old_one_until_it_is_used,
     the_security_report_lists_what_needs_attention_and_nothing_else,
     desired_and_reported_config_are_kept_apart,
+    concurrent_renewals_issue_one_certificate,
     token_keys_are_published_once_and_found_by_id,
     attempts_are_counted_in_windows_given_back_and_cleared,
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
@@ -1768,7 +1769,8 @@ async fn the_security_report_lists_what_needs_attention_and_nothing_else(store: 
     let beat = |crashes: u32| -> flotilla_proto::Heartbeat {
         message(json!({"heap": 1, "fw": "1.0.0", "uptime": 12, "crashes": crashes}))
     };
-    for (device, crashes) in [("crashy", 5), ("later", 2), ("sooner", 3)] {
+    // The revoked device still reports (as through an external broker nobody synced).
+    for (device, crashes) in [("crashy", 5), ("later", 2), ("sooner", 3), ("revoked", 0)] {
         tx.apply_update(&dev(device), &DeviceUpdate::Heartbeat(beat(crashes)), 20)
             .await
             .unwrap();
@@ -1793,18 +1795,13 @@ async fn the_security_report_lists_what_needs_attention_and_nothing_else(store: 
         report.expiring_certificates[0].not_after,
         (now + day) * 1000
     );
+    // Blocked but never online: not listed; revoked and reporting: listed.
     let denied: Vec<(String, bool, bool)> = report
-        .denied_devices
+        .denied_but_connected
         .iter()
         .map(|d| (d.device_id.clone(), d.blocked, d.revoked))
         .collect();
-    assert_eq!(
-        denied,
-        vec![
-            ("blocked".into(), true, false),
-            ("revoked".into(), false, true)
-        ]
-    );
+    assert_eq!(denied, vec![("revoked".into(), false, true)]);
     let crashing: Vec<String> = report
         .crash_loops
         .iter()
@@ -1825,6 +1822,43 @@ async fn the_security_report_lists_what_needs_attention_and_nothing_else(store: 
         .unwrap();
     assert_eq!(one.expiring_certificates.len(), 1);
     assert_eq!(one.crash_loops.len(), 1);
+}
+
+async fn concurrent_renewals_issue_one_certificate(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    provision(store, o, "t1", "a", &issued("a1", 1_900_000_000)).await;
+    let attempts = (0..8).map(|k| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .renew_device_certificate(
+                    &dev("a"),
+                    "a1",
+                    &issued(&format!("n{k}"), 1_900_000_000),
+                    600_000,
+                )
+                .await
+                .unwrap()
+        })
+    });
+    let results: Vec<_> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(()) | Err(RenewalRefusal::TooSoon { .. }))),
+        "{results:?}"
+    );
+    // Nothing was revoked: the refused ones issued nothing.
+    assert!(store.broker_denials().await.unwrap().revoked.is_empty());
 }
 
 async fn desired_and_reported_config_are_kept_apart(store: &Store) {

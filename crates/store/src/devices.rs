@@ -195,6 +195,26 @@ impl Store {
     }
 
     /// Ids of blocked devices and the current certificate serial of every device, for the broker gate.
+    /// One device's [`GateEntry`]; `None` if there is no such device.
+    pub async fn gate_entry(&self, device_id: &DeviceId) -> StoreResult<Option<GateEntry>> {
+        let row = sqlx::query(
+            "SELECT device_id, blocked, cert_serial, cert_pending_serial FROM devices \
+             WHERE device_id = $1",
+        )
+        .bind(device_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(GateEntry {
+                device_id: r.try_get("device_id")?,
+                blocked: r.try_get::<i64, _>("blocked")? != 0,
+                serial: r.try_get("cert_serial")?,
+                pending_serial: r.try_get("cert_pending_serial")?,
+            })
+        })
+        .transpose()
+    }
+
     pub async fn gate_snapshot(&self) -> StoreResult<Vec<GateEntry>> {
         let rows =
             sqlx::query("SELECT device_id, blocked, cert_serial, cert_pending_serial FROM devices")

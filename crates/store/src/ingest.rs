@@ -76,11 +76,17 @@ impl Store {
     /// a second writer waits in the busy timeout instead of failing when its read upgrades;
     /// PostgreSQL locks the rows it writes.
     pub async fn begin_write(&self) -> StoreResult<WriteTx> {
-        let tx = match self.backend {
+        Ok(WriteTx(self.begin_immediate().await?))
+    }
+
+    /// A transaction that reads then writes: on SQLite it takes the write lock at once, so
+    /// a commit by another writer between its read and its write cannot fail it
+    /// (SQLITE_BUSY_SNAPSHOT); PostgreSQL's row locks do that job there.
+    pub(super) async fn begin_immediate(&self) -> StoreResult<Transaction<'static, Any>> {
+        Ok(match self.backend {
             super::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             super::Backend::Postgres => self.pool.begin().await?,
-        };
-        Ok(WriteTx(tx))
+        })
     }
 
     /// A transaction for several reads that must agree (one snapshot): SQLite's deferred

@@ -1,6 +1,6 @@
 //! The fleet security report: what an operator should look at before it becomes an outage
 //! or a breach — certificates about to expire, devices refused by the broker that are still
-//! marked connected, devices in crash loops, devices provisioned and never seen since.
+//! marked online, devices in crash loops, devices provisioned and never seen since.
 
 use serde::Serialize;
 use sqlx::Row;
@@ -21,15 +21,14 @@ pub struct ExpiringCertificate {
     pub last_seen: Option<i64>,
 }
 
-/// A device the broker must refuse (blocked, or revoked and not provisioned since).
+/// A device the broker must refuse (blocked, or revoked and not provisioned since) that its
+/// last message says is online.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct DeniedDevice {
     pub device_id: String,
     pub blocked: bool,
     pub revoked: bool,
-    /// What the database says; the caller adds what the broker says.
-    pub online: bool,
     pub last_seen: Option<i64>,
 }
 
@@ -59,7 +58,7 @@ pub struct NeverSeenDevice {
 #[serde(rename_all = "camelCase")]
 pub struct SecurityReport {
     pub expiring_certificates: Vec<ExpiringCertificate>,
-    pub denied_devices: Vec<DeniedDevice>,
+    pub denied_but_connected: Vec<DeniedDevice>,
     pub crash_loops: Vec<CrashingDevice>,
     pub never_seen: Vec<NeverSeenDevice>,
 }
@@ -98,12 +97,14 @@ impl Store {
             })
         })
         .collect::<StoreResult<_>>()?;
-        // The same rule as the broker denials: blocked, or revoked with nothing issued since.
+        // The same rule as the broker denials (blocked, or revoked with nothing issued since),
+        // among devices marked online: with an external broker, a sign that broker-sync is not
+        // running; with the embedded one, which closes them at once, it stays empty.
         let denied = sqlx::query(
-            "SELECT device_id, blocked, cert_serial, online, last_seen FROM devices d \
-             WHERE d.blocked = 1 OR (d.cert_serial IS NULL AND EXISTS \
-                 (SELECT 1 FROM certificates c WHERE c.device_id = d.device_id)) \
-             ORDER BY online DESC, device_id LIMIT $1",
+            "SELECT device_id, blocked, cert_serial, last_seen FROM devices d \
+             WHERE d.online = 1 AND (d.blocked = 1 OR (d.cert_serial IS NULL AND EXISTS \
+                 (SELECT 1 FROM certificates c WHERE c.device_id = d.device_id))) \
+             ORDER BY last_seen DESC, device_id LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -114,7 +115,6 @@ impl Store {
                 device_id: r.try_get("device_id")?,
                 blocked: r.try_get::<i64, _>("blocked")? != 0,
                 revoked: r.try_get::<Option<String>, _>("cert_serial")?.is_none(),
-                online: r.try_get::<i64, _>("online")? != 0,
                 last_seen: r.try_get("last_seen")?,
             })
         })
@@ -158,7 +158,7 @@ impl Store {
         tx.commit().await?;
         Ok(SecurityReport {
             expiring_certificates: expiring,
-            denied_devices: denied,
+            denied_but_connected: denied,
             crash_loops,
             never_seen,
         })

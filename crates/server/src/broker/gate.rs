@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
 use flotilla_pki::normalize_serial;
-use flotilla_store::GateEntry;
+use flotilla_proto::DeviceId;
+use flotilla_store::{GateEntry, Store, StoreResult};
 
 /// The certificates a device may connect with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -20,6 +21,9 @@ pub struct DeviceGate {
     blocked: RwLock<HashSet<String>>,
     /// device id -> the serials it may use (re-provisioning and renewal revoke the others).
     serials: RwLock<HashMap<String, Serials>>,
+    /// Held from reading a device's row to writing it here ([`DeviceGate::refresh`]), so of
+    /// two changes the later read is the one that stays.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 /// Why a device was refused at connect.
@@ -67,6 +71,26 @@ impl DeviceGate {
             .unwrap_or_else(|p| p.into_inner());
         *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = blocked;
         *self.serials.write().unwrap_or_else(|p| p.into_inner()) = serials;
+    }
+
+    /// After a change to a device's row has committed: takes the row as it is now (one
+    /// indexed read), rather than applying the change itself, so a concurrent change (a
+    /// revocation during a renewal) can never be undone by the slower of the two.
+    pub async fn refresh(&self, store: &Store, device_id: &DeviceId) -> StoreResult<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
+        let entry = store.gate_entry(device_id).await?;
+        let id = device_id.as_str();
+        self.set_blocked(id, entry.as_ref().is_some_and(|e| e.blocked));
+        match entry.and_then(|e| e.serial.map(|s| (s, e.pending_serial))) {
+            Some((current, pending)) => {
+                self.set_serial(id, &current);
+                if let Some(p) = pending {
+                    self.set_pending(id, &p);
+                }
+            }
+            None => self.forget_serial(id),
+        }
+        Ok(())
     }
 
     pub fn set_blocked(&self, device_id: &str, blocked: bool) {

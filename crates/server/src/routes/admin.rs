@@ -120,7 +120,7 @@ async fn block_device(
         .toggle_device_block(&id)
         .await
         .map_err(no_such_device)?;
-    state.gate.set_blocked(&device_id, blocked);
+    state.gate.refresh(&state.store, &id).await?;
     if blocked {
         disconnect(&state, &id, "blocked").await;
     }
@@ -187,7 +187,7 @@ async fn revoke_device_certificate(
             "the device holds no certificate to revoke".into(),
         ));
     }
-    state.gate.forget_serial(id.as_str());
+    state.gate.refresh(&state.store, &id).await?;
     disconnect(&state, &id, "certificate revoked").await;
     audit_device(&state, &user, "admin.device.revoke", &id).await;
     Ok(Json(json!({ "deviceId": id, "revoked": true })))
@@ -250,17 +250,10 @@ async fn security_report(
     let limit = q.limit.unwrap_or(500).clamp(1, 5000);
     let horizon = flotilla_store::now_ms().saturating_add(days * 86_400_000);
     let report = state.store.security_report(horizon, crashes, limit).await?;
-    // The database's presence flag, or what the broker says now (an embedded broker knows).
-    let mut connected = Vec::new();
-    for d in report.denied_devices {
-        if d.online || state.broker.is_connected(&d.device_id).await {
-            connected.push(d);
-        }
-    }
     Ok(Json(json!({
         "horizonDays": days,
         "expiringCertificates": report.expiring_certificates,
-        "deniedButConnected": connected,
+        "deniedButConnected": report.denied_but_connected,
         "crashLoops": report.crash_loops,
         "neverSeen": report.never_seen,
     })))

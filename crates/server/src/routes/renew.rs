@@ -118,7 +118,10 @@ async fn renew(
         fail(format!("serial {serial}: {refusal:?}")).await;
         return Ok(refused(refusal));
     }
-    state.gate.set_pending(device.as_str(), &issued.serial_hex);
+    // Committed: the answer goes out. A failure is logged; replicas refresh the gate anyway.
+    if let Err(e) = state.gate.refresh(&state.store, &device).await {
+        tracing::warn!(device_id = %device, error = %e, "updating the gate failed");
+    }
     audit(
         &state,
         &device,

@@ -118,7 +118,10 @@ async fn sign_csr(
             if let Some(shared) = &state.shared_limits {
                 shared.anonymous_succeeded(Anonymous::SignCsr, from).await;
             }
-            state.gate.set_serial(device.as_str(), &issued.serial_hex);
+            // Committed: the answer goes out. A failure is logged; replicas refresh the gate anyway.
+            if let Err(e) = state.gate.refresh(&state.store, &device).await {
+                tracing::warn!(device_id = %device, error = %e, "updating the gate failed");
+            }
             // Any session still using an older certificate is now revoked: close it.
             state.broker.kick(device.as_str()).await;
             audit(
