@@ -21,8 +21,11 @@ pub enum RenewFailure {
     Refused(String),
 }
 
-/// An HTTPS client presenting `credentials`, trusting only the baked-in CA.
-pub fn client_with(env: &DeviceEnv, credentials: &Credentials) -> anyhow::Result<reqwest::Client> {
+/// HTTPS presenting `credentials`, trusting only the baked-in CA; the caller adds timeouts.
+pub fn mtls_builder(
+    env: &DeviceEnv,
+    credentials: &Credentials,
+) -> anyhow::Result<reqwest::ClientBuilder> {
     let identity = reqwest::Identity::from_pem(
         format!("{}\n{}", credentials.cert, credentials.key).as_bytes(),
     )?;
@@ -33,7 +36,12 @@ pub fn client_with(env: &DeviceEnv, credentials: &Credentials) -> anyhow::Result
             env.server_ca_pem.as_bytes(),
         )?)
         .identity(identity)
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(10)))
+}
+
+/// A client for the short requests of a renewal.
+fn client_with(env: &DeviceEnv, credentials: &Credentials) -> anyhow::Result<reqwest::Client> {
+    Ok(mtls_builder(env, credentials)?
         .timeout(Duration::from_secs(30))
         .build()?)
 }

@@ -591,17 +591,8 @@ impl Runner {
         let Some(credentials) = self.nvs.credentials() else {
             anyhow::bail!("no device certificate");
         };
-        let identity = reqwest::Identity::from_pem(
-            format!("{}\n{}", credentials.cert, credentials.key).as_bytes(),
-        )?;
-        Ok(reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(
-                self.env.server_ca_pem.as_bytes(),
-            )?)
-            .identity(identity)
-            .connect_timeout(Duration::from_secs(10))
+        // No overall timeout: an image takes as long as it takes; a stalled read does not.
+        Ok(renew::mtls_builder(&self.env, &credentials)?
             .read_timeout(Duration::from_secs(30))
             .build()?)
     }

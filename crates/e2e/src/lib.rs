@@ -707,6 +707,20 @@ impl Cli {
         child.wait_with_output().expect("running flotilla")
     }
 
+    /// `flotilla login`, the password on standard input; panics unless it succeeds.
+    pub fn login(&self, email: &str, password: &str) {
+        let out = self.run_with(
+            &["login", "--email", email, "--password-stdin"],
+            &[],
+            &format!("{password}\n"),
+        );
+        assert!(
+            out.status.success(),
+            "login: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs with `--json`; panics with stderr unless it succeeds.
     pub fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["--json"];

@@ -110,16 +110,7 @@ async fn desired_config_reaches_the_device_and_is_reported_back() {
 
     // The CLI sets and shows the same.
     let cli = Cli::new(&server, &server.dir.path().join("session.json"));
-    let out = cli.run_with(
-        &["login", "--email", "admin@x.io", "--password-stdin"],
-        &[],
-        "admin-pass\n",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli.login("admin@x.io", "admin-pass");
     let set = cli.json(&["device", "config", "dev-cfg", "--pot", "off"]);
     assert_eq!(set["desired"], json!({"pot": false}));
     wait_reported(&server, &admin, "pot", json!(false)).await;

@@ -107,16 +107,7 @@ async fn the_security_report_names_expiring_crashing_and_never_seen_devices() {
 
     // The CLI shows the same report.
     let cli = Cli::new(&server, &server.dir.path().join("session.json"));
-    let out = cli.run_with(
-        &["login", "--email", "admin@x.io", "--password-stdin"],
-        &[],
-        "admin-pass\n",
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli.login("admin@x.io", "admin-pass");
     let json = cli.json(&["security", "--days", "7"]);
     assert_eq!(ids(&json["expiringCertificates"]), ["dev-short"]);
     let text = cli.run(&["security", "--days", "7"]);

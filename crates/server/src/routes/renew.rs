@@ -13,6 +13,7 @@ use flotilla_store::{AuditRecord, Promotion, RenewalRefusal};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::sign_csr::{certificate_answer, refresh_gate, sign};
 use crate::app::AppState;
 use crate::device_listener::PeerIdentity;
 use crate::error::{ApiError, JsonBody};
@@ -99,15 +100,11 @@ async fn renew(
         fail(format!("serial {serial}: {refusal:?}")).await;
         return Ok(refused(refusal));
     }
-    let issued = match state.ca.sign_device_csr_valid_for(
-        &body.csr,
-        device.as_str(),
-        state.config.device_cert_validity(),
-    ) {
+    let issued = match sign(&state, &body.csr, &device) {
         Ok(c) => c,
         Err(e) => {
-            fail(e.to_string()).await;
-            return Err(ApiError::bad(e.to_string()));
+            fail(e.clone()).await;
+            return Err(ApiError::bad(e));
         }
     };
     if let Err(refusal) = state
@@ -118,10 +115,7 @@ async fn renew(
         fail(format!("serial {serial}: {refusal:?}")).await;
         return Ok(refused(refusal));
     }
-    // Committed: the answer goes out. A failure is logged; replicas refresh the gate anyway.
-    if let Err(e) = state.gate.refresh(&state.store, &device).await {
-        tracing::warn!(device_id = %device, error = %e, "updating the gate failed");
-    }
+    refresh_gate(&state, &device).await;
     audit(
         &state,
         &device,
@@ -130,11 +124,7 @@ async fn renew(
         format!("serial {} renews {serial}", issued.serial_hex),
     )
     .await;
-    Ok(Json(json!({
-        "certificate": { "content": issued.certificate_pem },
-        "ca_certificate": { "content": state.ca.certificate_pem() },
-    }))
-    .into_response())
+    Ok(Json(certificate_answer(&state, &issued)).into_response())
 }
 
 /// The device presents the certificate it was issued by renewal: that one becomes current.

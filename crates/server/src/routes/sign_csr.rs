@@ -18,6 +18,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::routes::ClientAddr;
 use crate::shared_limits::{Anonymous, and_shared};
+use flotilla_pki::IssuedCertificate;
 use flotilla_store::{AuditRecord, TokenClaim};
 
 pub fn router() -> Router<AppState> {
@@ -97,15 +98,11 @@ async fn sign_csr(
     }
     // Signing verifies the CSR; the certificate is only released if the token is redeemed,
     // and a refused token leaves nothing behind.
-    let issued = match state.ca.sign_device_csr_valid_for(
-        &body.csr,
-        device.as_str(),
-        state.config.device_cert_validity(),
-    ) {
+    let issued = match sign(&state, &body.csr, &device) {
         Ok(c) => c,
         Err(e) => {
-            fail(e.to_string()).await;
-            return Err(ApiError::bad(e.to_string()));
+            fail(e.clone()).await;
+            return Err(ApiError::bad(e));
         }
     };
     match state
@@ -118,10 +115,7 @@ async fn sign_csr(
             if let Some(shared) = &state.shared_limits {
                 shared.anonymous_succeeded(Anonymous::SignCsr, from).await;
             }
-            // Committed: the answer goes out. A failure is logged; replicas refresh the gate anyway.
-            if let Err(e) = state.gate.refresh(&state.store, &device).await {
-                tracing::warn!(device_id = %device, error = %e, "updating the gate failed");
-            }
+            refresh_gate(&state, &device).await;
             // Any session still using an older certificate is now revoked: close it.
             state.broker.kick(device.as_str()).await;
             audit(
@@ -129,10 +123,7 @@ async fn sign_csr(
                 format!("serial {} owner {owner_id}", issued.serial_hex),
             )
             .await;
-            Ok(Json(json!({
-                "certificate": { "content": issued.certificate_pem },
-                "ca_certificate": { "content": state.ca.certificate_pem() },
-            })))
+            Ok(Json(certificate_answer(&state, &issued)))
         }
         claim => {
             let (detail, error) =
@@ -140,6 +131,34 @@ async fn sign_csr(
             fail(detail.into()).await;
             Err(error)
         }
+    }
+}
+
+/// Signs a device's CSR for the configured validity; the error says what is wrong with it.
+pub(super) fn sign(
+    state: &AppState,
+    csr: &str,
+    device: &DeviceId,
+) -> Result<IssuedCertificate, String> {
+    state
+        .ca
+        .sign_device_csr_valid_for(csr, device.as_str(), state.config.device_cert_validity())
+        .map_err(|e| e.to_string())
+}
+
+/// What a device that was issued a certificate is answered (seed 004's shape).
+pub(super) fn certificate_answer(state: &AppState, issued: &IssuedCertificate) -> Value {
+    json!({
+        "certificate": { "content": issued.certificate_pem },
+        "ca_certificate": { "content": state.ca.certificate_pem() },
+    })
+}
+
+/// After a change to a device's certificates committed: the gate re-reads the device. The
+/// answer goes out whatever happens here; a failure is logged (replicas refresh it anyway).
+pub(super) async fn refresh_gate(state: &AppState, device: &DeviceId) {
+    if let Err(e) = state.gate.refresh(&state.store, device).await {
+        tracing::warn!(device_id = %device, error = %e, "updating the gate failed");
     }
 }
 
