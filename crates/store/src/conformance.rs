@@ -53,6 +53,7 @@ on_both_backends!(
     the_security_report_lists_what_needs_attention_and_nothing_else,
     desired_and_reported_config_are_kept_apart,
     concurrent_renewals_issue_one_certificate,
+    rollout_candidates_are_chosen_by_target_owner_block_and_hardware,
     token_keys_are_published_once_and_found_by_id,
     attempts_are_counted_in_windows_given_back_and_cleared,
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
@@ -1481,7 +1482,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(applied, (1..=11).collect::<Vec<i64>>());
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -1822,6 +1823,82 @@ async fn the_security_report_lists_what_needs_attention_and_nothing_else(store: 
         .unwrap();
     assert_eq!(one.expiring_certificates.len(), 1);
     assert_eq!(one.crash_loops.len(), 1);
+}
+
+async fn rollout_candidates_are_chosen_by_target_owner_block_and_hardware(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    let other = user(store, "p@x", Role::Operator).await;
+    for id in ["a", "b", "c", "d", "e"] {
+        store.register_device(&dev(id), id, o).await.unwrap();
+    }
+    store.register_device(&dev("z"), "z", other).await.unwrap();
+    let status = |hw: &str, fw: &str| -> flotilla_proto::Status {
+        message(json!({"online": true, "hw": hw, "fw": fw}))
+    };
+    let mut tx = store.begin_write().await.unwrap();
+    for (id, hw) in [
+        ("a", "c3"),
+        ("b", "c3"),
+        ("c", "s3"),
+        ("d", "c3"),
+        ("z", "c3"),
+    ] {
+        tx.apply_update(&dev(id), &DeviceUpdate::Status(status(hw, "1.0.0")), 20)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // e says no hardware: a candidate for any.
+    store.toggle_device_block(&dev("d")).await.unwrap();
+    store
+        .set_device_tags(&dev("b"), &["lab".to_string()])
+        .await
+        .unwrap();
+    let ids = |s: Selection| -> Vec<String> {
+        s.candidates
+            .into_iter()
+            .map(|c| c.device_id.to_string())
+            .collect()
+    };
+    let pick = |owner, selector| async move {
+        store
+            .rollout_candidates(owner, selector, "c3")
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        ids(pick(Some(o), TargetSelector::All).await),
+        ["a", "b", "e"]
+    );
+    assert_eq!(
+        ids(pick(None, TargetSelector::All).await),
+        ["a", "b", "e", "z"]
+    );
+    assert_eq!(
+        ids(pick(Some(o), TargetSelector::Hardware("c3")).await),
+        ["a", "b"]
+    );
+    assert_eq!(ids(pick(Some(o), TargetSelector::Tag("lab")).await), ["b"]);
+    let listed = ["e".to_string(), "a".to_string(), "c".to_string()];
+    let chosen = pick(Some(o), TargetSelector::Devices(&listed)).await;
+    assert_eq!(chosen.unknown, None);
+    assert_eq!(
+        chosen.candidates[0].firmware_version.as_deref(),
+        Some("1.0.0")
+    );
+    assert_eq!(ids(chosen), ["a", "e"]);
+    // Another owner's device, or none at all, is unknown to this caller.
+    let foreign = ["a".to_string(), "z".to_string(), "nobody".to_string()];
+    let chosen = pick(Some(o), TargetSelector::Devices(&foreign)).await;
+    assert_eq!(chosen.unknown.as_deref(), Some("z"));
+    // More ids than one statement takes.
+    let many: Vec<String> = (0..2500)
+        .map(|k| format!("x{k}"))
+        .chain(["b".to_string()])
+        .collect();
+    let chosen = pick(Some(o), TargetSelector::Devices(&many)).await;
+    assert_eq!(chosen.unknown.as_deref(), Some("x0"));
+    assert_eq!(ids(chosen), ["b"]);
 }
 
 async fn concurrent_renewals_issue_one_certificate(store: &Store) {

@@ -21,6 +21,7 @@ mod migrations;
 mod ota;
 mod params;
 mod releases;
+mod rollout_candidates;
 mod rollouts;
 mod security;
 mod states;
@@ -48,6 +49,7 @@ pub use ingest::WriteTx;
 pub use leases::{FencedTx, Held};
 pub use ota::{Finished, NewOffer, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
+pub use rollout_candidates::{Candidate, Selection, TargetSelector};
 pub use rollouts::{RolloutRow, RolloutSave, SavedOffers, TargetRow};
 pub use security::{
     CrashingDevice, DeniedDevice, ExpiringCertificate, NeverSeenDevice, SecurityReport,

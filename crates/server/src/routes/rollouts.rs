@@ -17,7 +17,7 @@ use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
 use crate::rollouts::{Applied, Control, Event, Settings};
-use flotilla_store::{RolloutRow, RolloutState, TargetState};
+use flotilla_store::{RolloutRow, RolloutState, TargetSelector, TargetState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -86,39 +86,37 @@ async fn create(
             "target must name exactly one of hardware, tag, devices or all",
         ));
     }
-    let visible = state.store.devices_of(user.owner_filter()).await?;
-    if let Some(ids) = &t.devices {
-        if ids.is_empty() || ids.len() > 100_000 {
-            return Err(ApiError::bad(
-                "target.devices must list 1 to 100000 devices",
-            ));
-        }
-        let known: std::collections::HashSet<&str> =
-            visible.iter().map(|d| d.device_id.as_str()).collect();
-        if let Some(missing) = ids.iter().find(|id| !known.contains(id.as_str())) {
-            return Err(ApiError::bad(format!(
-                "target.devices: no such device '{}'",
-                flotilla_proto::truncate_chars(missing, 64)
-            )));
-        }
+    if let Some(ids) = &t.devices
+        && (ids.is_empty() || ids.len() > 100_000)
+    {
+        return Err(ApiError::bad(
+            "target.devices must list 1 to 100000 devices",
+        ));
+    }
+    let selector = match (&t.hardware, &t.tag, &t.devices) {
+        (Some(h), _, _) => TargetSelector::Hardware(h),
+        (_, Some(tag), _) => TargetSelector::Tag(tag),
+        (_, _, Some(ids)) => TargetSelector::Devices(ids),
+        _ => TargetSelector::All,
+    };
+    let selection = state
+        .store
+        .rollout_candidates(user.owner_filter(), selector, &release.hardware)
+        .await?;
+    if let Some(missing) = &selection.unknown {
+        return Err(ApiError::bad(format!(
+            "target.devices: no such device '{}'",
+            flotilla_proto::truncate_chars(missing, 64)
+        )));
     }
     let offered: FirmwareVersion = release
         .version
         .parse()
         .map_err(|_| ApiError::Conflict("release version unreadable".into()))?;
-    let listed: std::collections::HashSet<&str> =
-        t.devices.iter().flatten().map(String::as_str).collect();
-    // Devices that already run this version or newer, or other hardware, are not targets.
-    let targets: Vec<String> = visible
-        .iter()
-        .filter(|d| match (&t.hardware, &t.tag, &t.devices) {
-            (Some(h), _, _) => d.hardware.as_deref() == Some(h.as_str()),
-            (_, Some(tag), _) => d.tags.contains(tag),
-            (_, _, Some(_)) => listed.contains(d.device_id.as_str()),
-            _ => true,
-        })
-        .filter(|d| !d.blocked)
-        .filter(|d| d.hardware.as_deref().is_none_or(|h| h == release.hardware))
+    // Devices that already run this version or newer are not targets.
+    let targets: Vec<String> = selection
+        .candidates
+        .into_iter()
         .filter(|d| {
             d.firmware_version
                 .as_deref()
