@@ -91,7 +91,10 @@ impl Nvs {
 
     /// The first half of a renewal: the fresh key, before its CSR leaves the device.
     pub fn store_next_key(&self, key_pem: &str) -> anyhow::Result<()> {
-        self.write_atomic(NEXT_KEY_FILE, key_pem.as_bytes(), true)
+        self.write_atomic(NEXT_KEY_FILE, key_pem.as_bytes(), true)?;
+        // Durable before the certificate can be: `next.pem` without `next.key` must only ever
+        // mean a promotion cut half-way.
+        self.sync_dir()
     }
 
     /// The second half: the certificate the server issued for it.
@@ -221,7 +224,7 @@ impl Nvs {
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, self.path(name))?;
-        self.sync_dir()
+        Ok(())
     }
 }
 

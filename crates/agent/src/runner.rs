@@ -240,11 +240,7 @@ impl Runner {
         let now = self.now();
         let stored = self.stored.take().unwrap_or_else(|| self.nvs.load());
         self.device.handle_boot(now, stored);
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.device.handle_wall_clock(now, unix_ms);
+        self.device.handle_wall_clock(now, unix_ms().max(0) as u64);
         if self.behaviour == Behaviour::CrashAtBoot {
             // Let the boot's NVS writes (the crash counter) land, then "crash".
             let _ = self.perform_actions().await;

@@ -12,34 +12,28 @@ use crate::commands::Dispatcher;
 /// The fields the device does not (yet) run as desired; empty when in sync. A field the
 /// desired configuration leaves out is the device's own business.
 pub fn differences(desired: &DesiredConfig, reported: Option<&DesiredConfig>) -> Vec<&'static str> {
+    fn differs<T: PartialEq>(wanted: Option<T>, has: Option<T>) -> bool {
+        wanted.is_some() && wanted != has
+    }
     let empty = DesiredConfig::default();
     let r = reported.unwrap_or(&empty);
-    let mut differ = Vec::new();
-    let mut check = |name, wanted: Option<u32>, has: Option<u32>| {
-        if wanted.is_some() && wanted != has {
-            differ.push(name);
-        }
-    };
-    check(
-        "telemetry_interval_s",
-        desired.telemetry_interval_s,
-        r.telemetry_interval_s,
-    );
-    check(
-        "heartbeat_interval_s",
-        desired.heartbeat_interval_s,
-        r.heartbeat_interval_s,
-    );
-    for (name, wanted, has) in [
-        ("pot", desired.pot, r.pot),
-        ("switch", desired.switch, r.switch),
-        ("temp", desired.temp, r.temp),
-    ] {
-        if wanted.is_some() && wanted != has {
-            differ.push(name);
-        }
-    }
-    differ
+    let d = desired;
+    [
+        (
+            "telemetry_interval_s",
+            differs(d.telemetry_interval_s, r.telemetry_interval_s),
+        ),
+        (
+            "heartbeat_interval_s",
+            differs(d.heartbeat_interval_s, r.heartbeat_interval_s),
+        ),
+        ("pot", differs(d.pot, r.pot)),
+        ("switch", differs(d.switch, r.switch)),
+        ("temp", differs(d.temp, r.temp)),
+    ]
+    .into_iter()
+    .filter_map(|(name, differ)| differ.then_some(name))
+    .collect()
 }
 
 /// Publishes `config` retained for `device_id`; whether the downlink took it.

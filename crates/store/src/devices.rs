@@ -43,6 +43,18 @@ pub struct GateEntry {
     pub pending_serial: Option<String>,
 }
 
+const GATE_COLUMNS: &str =
+    "SELECT device_id, blocked, cert_serial, cert_pending_serial FROM devices";
+
+fn gate_entry_from(r: &sqlx::any::AnyRow) -> StoreResult<GateEntry> {
+    Ok(GateEntry {
+        device_id: r.try_get("device_id")?,
+        blocked: r.try_get::<i64, _>("blocked")? != 0,
+        serial: r.try_get("cert_serial")?,
+        pending_serial: r.try_get("cert_pending_serial")?,
+    })
+}
+
 fn device_from(row: &sqlx::any::AnyRow) -> StoreResult<DeviceRow> {
     let cert_serial: Option<String> = row.try_get("cert_serial")?;
     let device_id: String = row.try_get("device_id")?;
@@ -197,39 +209,17 @@ impl Store {
     /// Ids of blocked devices and the current certificate serial of every device, for the broker gate.
     /// One device's [`GateEntry`]; `None` if there is no such device.
     pub async fn gate_entry(&self, device_id: &DeviceId) -> StoreResult<Option<GateEntry>> {
-        let row = sqlx::query(
-            "SELECT device_id, blocked, cert_serial, cert_pending_serial FROM devices \
-             WHERE device_id = $1",
-        )
-        .bind(device_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(GateEntry {
-                device_id: r.try_get("device_id")?,
-                blocked: r.try_get::<i64, _>("blocked")? != 0,
-                serial: r.try_get("cert_serial")?,
-                pending_serial: r.try_get("cert_pending_serial")?,
-            })
-        })
-        .transpose()
+        let sql = format!("{GATE_COLUMNS} WHERE device_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(device_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(gate_entry_from).transpose()
     }
 
     pub async fn gate_snapshot(&self) -> StoreResult<Vec<GateEntry>> {
-        let rows =
-            sqlx::query("SELECT device_id, blocked, cert_serial, cert_pending_serial FROM devices")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(GateEntry {
-                    device_id: r.try_get("device_id")?,
-                    blocked: r.try_get::<i64, _>("blocked")? != 0,
-                    serial: r.try_get("cert_serial")?,
-                    pending_serial: r.try_get("cert_pending_serial")?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(GATE_COLUMNS).fetch_all(&self.pool).await?;
+        rows.iter().map(gate_entry_from).collect()
     }
 
     pub async fn mark_offline(&self, device_id: &DeviceId, reason: &str) -> StoreResult<bool> {
