@@ -1,8 +1,8 @@
 //! The device twin on the server: the desired configuration goes out retained on
 //! `devices/{id}/config` (the broker keeps it for a device that is offline; the embedded
 //! broker's copy survives a restart), and again whenever a device's session starts while what it
-//! reports differs — so a publish lost to a downlink that was down is repaired at the next
-//! session.
+//! reports differs, meant to repair a publish the downlink could not take (that path has no
+//! test of its own yet).
 
 use flotilla_proto::{Channel, DesiredConfig, DeviceId, Topic, encode};
 use flotilla_store::Store;
