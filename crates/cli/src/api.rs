@@ -132,6 +132,26 @@ impl Api {
             .await
     }
 
+    /// A text resource (the CA certificate), not JSON.
+    pub async fn get_text(&self, path: &str) -> Result<String, ApiFailure> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ApiFailure::other(format!("cannot reach {}: {e}", self.base)))?;
+        if !resp.status().is_success() {
+            return Err(ApiFailure::other(format!(
+                "{url}: HTTP {}",
+                resp.status().as_u16()
+            )));
+        }
+        resp.text()
+            .await
+            .map_err(|e| ApiFailure::other(format!("reading {url}: {e}")))
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiFailure> {
         let req = self.http.post(format!("{}{path}", self.base));
         let req = if body.is_null() { req } else { req.json(body) };

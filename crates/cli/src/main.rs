@@ -4,6 +4,7 @@
 //! 2 bad usage, 3 not authenticated or not allowed, 4 not found.
 
 mod api;
+mod audit;
 mod fleet_ota;
 mod release;
 mod table;
@@ -92,10 +93,32 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         crashes: u32,
     },
-    /// The audit log (admins).
+    /// The audit log (admins): the newest records, or `verify` / `export` of its hash chain.
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        #[command(subcommand)]
+        action: Option<AuditCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the whole hash chain here: every record links to the one before, every
+    /// checkpoint is signed by the CA. Names the first record that does not hold; exit 1.
+    Verify {
+        /// The CA certificate to check checkpoint signatures with (default: the server's
+        /// /ca.pem, which trusts the server you are checking; pin your own copy).
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+    },
+    /// Write records after seq AFTER to OUT as JSON lines; once they are on disk the server
+    /// may remove them when retention says they are old enough.
+    Export {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
     },
 }
 
@@ -443,9 +466,56 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
             print_out(json_out, &r, table::security);
             Ok(())
         }
-        Cmd::Audit { limit } => {
+        Cmd::Audit {
+            action: Some(action),
+            ..
+        } => run_audit(&api, action, json_out).await,
+        Cmd::Audit {
+            limit,
+            action: None,
+        } => {
             let r = api.get(&format!("/api/admin/audit?limit={limit}")).await?;
             print_out(json_out, &r, table::audit);
+            Ok(())
+        }
+    }
+}
+
+async fn run_audit(api: &Api, action: AuditCmd, json_out: bool) -> Result<(), ApiFailure> {
+    match action {
+        AuditCmd::Verify { ca } => {
+            let ca_pem = match &ca {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| ApiFailure::other(format!("reading {}: {e}", path.display())))?,
+                None => api.get_text("/ca.pem").await?,
+            };
+            match audit::verify(api, &ca_pem).await? {
+                Ok(s) => {
+                    let head = flotilla_audit::to_hex(&s.head);
+                    let r = json!({ "intact": true, "records": s.records, "firstSeq": s.first_seq,
+                        "lastSeq": s.last_seq, "head": head, "checkpoints": s.checkpoints });
+                    print_out(json_out, &r, |_| {
+                        println!(
+                            "audit chain intact: {} records (seq {}..{}), {} signed checkpoints\nhead {}:{}",
+                            s.records, s.first_seq, s.last_seq, s.checkpoints, s.last_seq, head
+                        )
+                    });
+                    Ok(())
+                }
+                Err(b) => {
+                    if json_out {
+                        println!("{}", json!({ "intact": false, "break": b.to_string() }));
+                    }
+                    Err(ApiFailure::other(format!("audit chain broken: {b}")))
+                }
+            }
+        }
+        AuditCmd::Export { out, after } => {
+            let (count, last) = audit::export(api, after, &out).await?;
+            let r = json!({ "records": count, "lastSeq": last, "file": out });
+            print_out(json_out, &r, |_| {
+                println!("{count} records through seq {last} in {}", out.display())
+            });
             Ok(())
         }
     }

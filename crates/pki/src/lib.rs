@@ -169,6 +169,12 @@ impl CertificateAuthority {
         &self.certificate_pem
     }
 
+    /// Signs a statement the server makes about its own records (audit checkpoints) with the
+    /// CA key: ECDSA P-256 over SHA-256, DER. Anyone holding the CA certificate can check it.
+    pub fn sign_statement(&self, statement: &[u8]) -> Result<Vec<u8>, PkiError> {
+        Ok(rcgen::SigningKey::sign(self.issuer.key(), statement)?)
+    }
+
     /// A TLS server certificate for `hosts` (DNS names or IP addresses), with a fresh key.
     pub fn issue_server_certificate(&self, hosts: &[String]) -> Result<KeyedCertificate, PkiError> {
         let mut params = CertificateParams::new(hosts.to_vec())?;
@@ -354,6 +360,14 @@ fn csr_for_key(key: &KeyPair, device_id: &str) -> Result<String, PkiError> {
 pub fn certificate_identity(cert_pem: &str) -> Option<(String, String)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     certificate_identity_der(&pem.contents)
+}
+
+/// The SubjectPublicKeyInfo (DER) of a PEM certificate: what a signature by its key is
+/// checked against.
+pub fn certificate_public_key_der(cert_pem: &str) -> Option<Vec<u8>> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.public_key().raw.to_vec())
 }
 
 /// A PEM certificate's validity, `(not_before, not_after)` in Unix seconds.

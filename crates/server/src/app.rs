@@ -57,6 +57,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::commands::router())
         .merge(routes::config::router())
         .merge(routes::admin::router())
+        .merge(routes::audit::router())
         .merge(routes::provisioning::router())
         .merge(routes::releases::router())
         .merge(routes::ota::router())

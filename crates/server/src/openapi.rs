@@ -227,6 +227,35 @@ pub const OPERATIONS: &[Operation] = &[
     ),
     (
         "get",
+        "/api/admin/audit/chain",
+        "The audit hash chain, oldest first: records after seq `after` (0), at most `limit` (1,000; 10,000), each with its seq, prevHash and hash (what `flotilla audit verify` checks)",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/admin/audit/checkpoints",
+        "Signed audit checkpoints (seq, hash, at, removed, signature by the CA key): where removed records ended, and heads the log must still reach",
+        Auth::Admin,
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/admin/audit/exported",
+        "Mark the audit log exported through seq `through` (clamped to the head, never lowered): retention may then remove those records once old enough; audited",
+        Auth::Admin,
+        Some(|| {
+            object(
+                &[("through", json!({ "type": "integer", "minimum": 0 }))],
+                &["through"],
+            )
+        }),
+        200,
+    ),
+    (
+        "get",
         "/api/admin/dead-letters",
         "Device messages that could not be stored, with the reason, newest first (?limit=)",
         Auth::Admin,
@@ -512,6 +541,8 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("post", "/api/admin/device/{deviceId}/block") => &[404],
         ("post", "/api/admin/device/{deviceId}/revoke") => &[404, 409],
         ("get", "/api/admin/audit") | ("get", "/api/admin/dead-letters") => &[400],
+        ("get", "/api/admin/audit/chain") => &[400],
+        ("post", "/api/admin/audit/exported") => &[400, 413],
         ("post", "/sign-csr") => &[400, 401, 403, 409, 413, 429],
         ("post", "/renew") => &[400, 401, 403, 413, 429],
         ("post", "/renew/confirm") => &[401, 403],

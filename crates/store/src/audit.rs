@@ -1,9 +1,8 @@
+use flotilla_audit::{ChainedRecord, Checkpoint, Fields, Hash, from_hex, record_hash, to_hex};
 use serde::Serialize;
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
 use sqlx::{Any, Row, Transaction};
 
-use super::{Store, StoreResult, now_ms};
+use super::{Store, StoreError, StoreResult, now_ms};
 
 /// A security-relevant event to record: who did what to what, and how it ended.
 #[derive(Debug, Clone)]
@@ -26,32 +25,136 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
-const INSERT: &str =
-    "INSERT INTO audit (at, actor, action, target, result, detail) VALUES ($1, $2, $3, $4, $5, $6)";
+const INSERT: &str = "INSERT INTO audit (at, actor, action, target, result, detail, seq, prev_hash, hash) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-/// The insert of `rec`, ready to run on a pool or in a transaction.
-fn insert<'q>(rec: &'q AuditRecord<'_>) -> Query<'q, Any, AnyArguments<'q>> {
+/// The next link of the chain: takes the head's row lock (SQLite's write lock) until `tx` ends,
+/// so records are chained in the order they commit, and returns (seq, previous hash).
+async fn next_link(tx: &mut Transaction<'_, Any>) -> StoreResult<(u64, Hash)> {
+    let (seq, prev): (i64, String) =
+        sqlx::query_as("UPDATE audit_chain SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+            .fetch_one(&mut **tx)
+            .await?;
+    let prev = from_hex(&prev).ok_or_else(|| corrupt("the audit chain head's hash"))?;
+    Ok((seq as u64, prev))
+}
+
+async fn set_head(tx: &mut Transaction<'_, Any>, hash: &Hash) -> StoreResult<()> {
+    sqlx::query("UPDATE audit_chain SET hash = $1 WHERE id = 1")
+        .bind(to_hex(hash))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Refused(format!("{what} is not a 64-digit hex hash").into())
+}
+
+/// Records `rec` in `tx`, chained to the record before it: it stands or falls with the change
+/// it describes.
+pub(super) async fn audit_in(
+    tx: &mut Transaction<'_, Any>,
+    rec: &AuditRecord<'_>,
+) -> StoreResult<()> {
+    let at = now_ms();
+    let (seq, prev) = next_link(tx).await?;
+    let hash = record_hash(
+        &Fields {
+            seq,
+            at,
+            actor: rec.actor,
+            action: rec.action,
+            target: rec.target,
+            result: rec.result,
+            detail: rec.detail.as_deref(),
+        },
+        &prev,
+    );
     sqlx::query(INSERT)
-        .bind(now_ms())
+        .bind(at)
         .bind(rec.actor)
         .bind(rec.action)
         .bind(rec.target)
         .bind(rec.result)
         .bind(rec.detail.as_deref())
+        .bind(seq as i64)
+        .bind(to_hex(&prev))
+        .bind(to_hex(&hash))
+        .execute(&mut **tx)
+        .await?;
+    set_head(tx, &hash).await
 }
 
-/// Records `rec` in `tx`: it stands or falls with the change it describes.
-pub(super) async fn audit_in(
-    tx: &mut Transaction<'_, Any>,
-    rec: &AuditRecord<'_>,
-) -> StoreResult<()> {
-    insert(rec).execute(&mut **tx).await?;
-    Ok(())
+/// Chains the rows written before the chain existed (no seq), in id order. Run at open.
+pub(super) async fn seal_unchained(store: &Store) -> StoreResult<u64> {
+    let mut tx = store.begin_immediate().await?;
+    let rows = sqlx::query(
+        "SELECT id, at, actor, action, target, result, detail FROM audit WHERE seq IS NULL ORDER BY id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in &rows {
+        let (seq, prev) = next_link(&mut tx).await?;
+        let (actor, action, result): (String, String, String) = (
+            row.try_get("actor")?,
+            row.try_get("action")?,
+            row.try_get("result")?,
+        );
+        let (target, detail): (Option<String>, Option<String>) =
+            (row.try_get("target")?, row.try_get("detail")?);
+        let hash = record_hash(
+            &Fields {
+                seq,
+                at: row.try_get("at")?,
+                actor: &actor,
+                action: &action,
+                target: target.as_deref(),
+                result: &result,
+                detail: detail.as_deref(),
+            },
+            &prev,
+        );
+        sqlx::query("UPDATE audit SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4")
+            .bind(seq as i64)
+            .bind(to_hex(&prev))
+            .bind(to_hex(&hash))
+            .bind(row.try_get::<i64, _>("id")?)
+            .execute(&mut *tx)
+            .await?;
+        set_head(&mut tx, &hash).await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+/// The chain's head and how far an operator has exported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHead {
+    /// 0 while the log is empty.
+    pub seq: u64,
+    pub hash: Hash,
+    pub exported_through: u64,
+}
+
+/// The records retention may remove: those up to `seq`, the last exported record older than
+/// the cutoff; `hash` is that record's, for the checkpoint that stands in for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRemoval {
+    pub seq: u64,
+    pub hash: Hash,
+    pub count: u64,
 }
 
 impl Store {
     pub async fn audit(&self, rec: AuditRecord<'_>) {
-        let r = insert(&rec).execute(&self.pool).await;
+        let r = async {
+            let mut tx = self.begin_immediate().await?;
+            audit_in(&mut tx, &rec).await?;
+            tx.commit().await?;
+            StoreResult::Ok(())
+        }
+        .await;
         if let Err(e) = r {
             // Losing an audit line must be loud: it is the record of who did what.
             tracing::error!(error = %e, action = rec.action, actor = rec.actor, "failed to write audit record");
@@ -92,6 +195,133 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Up to `limit` chained records after `after_seq`, oldest first.
+    pub async fn audit_chain(&self, after_seq: u64, limit: i64) -> StoreResult<Vec<ChainedRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, seq, at, actor, action, target, result, detail, prev_hash, hash FROM audit \
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq as i64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ChainedRecord {
+                    seq: r.try_get::<i64, _>("seq")? as u64,
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    result: r.try_get("result")?,
+                    detail: r.try_get("detail")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn audit_checkpoints(&self) -> StoreResult<Vec<Checkpoint>> {
+        let rows: Vec<(i64, String, i64, i64, String)> = sqlx::query_as(
+            "SELECT seq, hash, at, removed, signature FROM audit_checkpoints ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, hash, at, removed, signature)| Checkpoint {
+                seq: seq as u64,
+                hash,
+                at,
+                removed: removed as u64,
+                signature,
+            })
+            .collect())
+    }
+
+    pub async fn audit_head(&self) -> StoreResult<AuditHead> {
+        let (seq, hash, exported_through): (i64, String, i64) =
+            sqlx::query_as("SELECT seq, hash, exported_through FROM audit_chain WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(AuditHead {
+            seq: seq as u64,
+            hash: from_hex(&hash).ok_or_else(|| corrupt("the audit chain head's hash"))?,
+            exported_through: exported_through as u64,
+        })
+    }
+
+    /// Records that an operator holds a copy of the log through `through` (never beyond the
+    /// head, never backwards); returns the mark now in force.
+    pub async fn mark_audit_exported(&self, through: u64) -> StoreResult<u64> {
+        let through = i64::try_from(through).unwrap_or(i64::MAX);
+        let (mark,): (i64,) = sqlx::query_as(
+            "UPDATE audit_chain SET exported_through = CASE \
+               WHEN $1 > seq THEN seq WHEN $1 > exported_through THEN $1 ELSE exported_through END \
+             WHERE id = 1 RETURNING exported_through",
+        )
+        .bind(through)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(mark as u64)
+    }
+
+    /// What retention may remove of the log: exported records, through the last one written
+    /// before `before_ms`. `None` when there is nothing.
+    pub async fn audit_removal(&self, before_ms: i64) -> StoreResult<Option<AuditRemoval>> {
+        let mut tx = self.begin_read().await?;
+        let last: Option<(i64, String)> = sqlx::query_as(
+            "SELECT seq, hash FROM audit WHERE seq = (SELECT MAX(seq) FROM audit \
+               WHERE at < $1 AND seq <= (SELECT exported_through FROM audit_chain WHERE id = 1))",
+        )
+        .bind(before_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((seq, hash)) = last else {
+            return Ok(None);
+        };
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit WHERE seq <= $1")
+            .bind(seq)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(AuditRemoval {
+            seq: seq as u64,
+            hash: from_hex(&hash).ok_or_else(|| corrupt("an audit record's hash"))?,
+            count: count as u64,
+        }))
+    }
+
+    /// Stores a signed checkpoint and, when it stands for removed records (`removed > 0`),
+    /// deletes the records through its seq in the same transaction. Returns the rows deleted.
+    pub async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<u64> {
+        let mut tx = self.begin_immediate().await?;
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, hash, at, removed, signature) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(checkpoint.seq as i64)
+        .bind(&checkpoint.hash)
+        .bind(checkpoint.at)
+        .bind(checkpoint.removed as i64)
+        .bind(&checkpoint.signature)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = if checkpoint.removed > 0 {
+            sqlx::query("DELETE FROM audit WHERE seq <= $1")
+                .bind(checkpoint.seq as i64)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+        } else {
+            0
+        };
+        tx.commit().await?;
+        Ok(deleted)
     }
 }
 

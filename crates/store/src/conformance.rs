@@ -44,6 +44,7 @@ on_both_backends!(
     ota_offers_and_reports,
     rollouts_and_their_outcomes,
     audit_and_fleet_figures,
+    the_audit_log_is_a_chain_that_names_the_first_edited_record,
     concurrent_registrations_of_one_id_give_it_one_owner,
     concurrent_offers_leave_one_open,
     concurrent_tag_replacements_leave_one_set,
@@ -1188,6 +1189,112 @@ async fn rollouts_and_their_outcomes(store: &Store) {
     assert!(store.rollout("nope").await.unwrap().is_none());
 }
 
+/// A stand-in signature for checkpoints: the statement's SHA-256 (the server signs with its
+/// CA key; that is tested where the key is).
+fn test_signature(statement: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(statement).to_vec()
+}
+
+async fn verify_chain(store: &Store) -> Result<flotilla_audit::Summary, flotilla_audit::Break> {
+    let checkpoints = store.audit_checkpoints().await.unwrap();
+    let mut v = flotilla_audit::Verifier::new(&checkpoints, |m, s| test_signature(m) == s)?;
+    let mut after = 0;
+    loop {
+        let page = store.audit_chain(after, 7).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in &page {
+            v.push_record(r)?;
+        }
+    }
+    v.finish()
+}
+
+async fn the_audit_log_is_a_chain_that_names_the_first_edited_record(store: &Store) {
+    // Rows from before the chain existed are chained when the store opens.
+    for actor in ["old:1", "old:2"] {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, action, result) VALUES (1, $1, 'legacy', 'success')",
+        )
+        .bind(actor)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    }
+    assert_eq!(super::audit::seal_unchained(store).await.unwrap(), 2);
+    // Appends that race are chained in commit order, each once.
+    let writes = (0..18).map(|i| {
+        let store = store.clone();
+        async move {
+            let detail = format!("write {i}");
+            store
+                .audit(AuditRecord {
+                    actor: "user:1",
+                    action: "admin.device.block",
+                    target: Some("dev"),
+                    result: "success",
+                    detail: Some(detail),
+                })
+                .await
+        }
+    });
+    futures::future::join_all(writes).await;
+    let s = verify_chain(store).await.unwrap();
+    assert_eq!((s.records, s.first_seq, s.last_seq), (20, 1, 20));
+    let head = store.audit_head().await.unwrap();
+    assert_eq!((head.seq, head.hash), (20, s.head));
+
+    // The export mark never passes the head nor goes back.
+    assert_eq!(store.mark_audit_exported(8).await.unwrap(), 8);
+    assert_eq!(store.mark_audit_exported(5).await.unwrap(), 8);
+    assert!(store.audit_removal(0).await.unwrap().is_none());
+    let removal = store.audit_removal(now_ms() + 1).await.unwrap().unwrap();
+    assert_eq!((removal.seq, removal.count), (8, 8));
+    let checkpoint = |seq: u64, hash: &flotilla_audit::Hash, removed: u64| {
+        let statement = flotilla_audit::Checkpoint::statement(seq, hash, 5, removed);
+        flotilla_audit::Checkpoint {
+            seq,
+            hash: flotilla_audit::to_hex(hash),
+            at: 5,
+            removed,
+            signature: hex_of(&test_signature(&statement)),
+        }
+    };
+    let removed = store
+        .add_audit_checkpoint(&checkpoint(removal.seq, &removal.hash, removal.count))
+        .await
+        .unwrap();
+    assert_eq!(removed, 8);
+    assert_eq!(
+        store
+            .add_audit_checkpoint(&checkpoint(20, &head.hash, 0))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.mark_audit_exported(u64::MAX).await.unwrap(), 20);
+    let s = verify_chain(store).await.unwrap();
+    assert_eq!(
+        (s.records, s.first_seq, s.last_seq, s.checkpoints),
+        (12, 9, 20, 2)
+    );
+
+    // One edited row: the verifier names it.
+    sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE seq = 12")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    match verify_chain(store).await {
+        Err(flotilla_audit::Break::Record { seq: 12, .. }) => {}
+        other => panic!("an edited record went unnoticed: {other:?}"),
+    }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 async fn audit_and_fleet_figures(store: &Store) {
     for (i, action) in ["user.login", "device.block", "user.login"]
         .iter()
@@ -1482,7 +1589,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, (1..=11).collect::<Vec<i64>>());
+    assert_eq!(applied, (1..=12).collect::<Vec<i64>>());
     user(&a, "one@x", Role::Admin).await;
 }
 

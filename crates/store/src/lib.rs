@@ -39,7 +39,7 @@ use anyhow::Context;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
-pub use audit::{AuditEntry, AuditRecord};
+pub use audit::{AuditEntry, AuditHead, AuditRecord, AuditRemoval};
 pub use certificates::{BrokerDenials, Promotion, RenewalRefusal, RevokedCertificate};
 pub use commands::CommandRow;
 pub use device_config::ConfigRow;
@@ -406,7 +406,17 @@ impl Store {
         migrations::run(&pool, backend)
             .await
             .context("running migrations")?;
-        Ok(Store { pool, backend })
+        let store = Store { pool, backend };
+        let sealed = audit::seal_unchained(&store)
+            .await
+            .context("chaining audit records written before the chain")?;
+        if sealed > 0 {
+            tracing::info!(
+                records = sealed,
+                "chained audit records written before the chain"
+            );
+        }
+        Ok(store)
     }
 
     /// A SQLite file (tests).

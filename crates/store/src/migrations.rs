@@ -90,6 +90,11 @@ const SQLITE: Embedded = &[
         "device config",
         include_str!("../migrations/sqlite/0015_device_config.sql"),
     ),
+    (
+        16,
+        "audit chain",
+        include_str!("../migrations/sqlite/0016_audit_chain.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -147,6 +152,11 @@ const POSTGRES: Embedded = &[
         11,
         "device config",
         include_str!("../migrations/postgres/0011_device_config.sql"),
+    ),
+    (
+        12,
+        "audit chain",
+        include_str!("../migrations/postgres/0012_audit_chain.sql"),
     ),
 ];
 

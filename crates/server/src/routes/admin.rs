@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, JsonBody};
-use flotilla_store::{AuditEntry, AuditRecord, DeviceRow, Role, UserChange, UserRow};
+use flotilla_store::{AuditRecord, DeviceRow, Role, UserChange, UserRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -20,7 +20,6 @@ pub fn router() -> Router<AppState> {
             "/api/admin/device/{device_id}/revoke",
             post(revoke_device_certificate),
         )
-        .route("/api/admin/audit", get(audit))
         .route("/api/admin/stats", get(stats))
         .route("/api/admin/security", get(security_report))
         .route("/api/admin/dead-letters", get(dead_letters))
@@ -191,27 +190,6 @@ async fn revoke_device_certificate(
     disconnect(&state, &id, "certificate revoked").await;
     audit_device(&state, &user, "admin.device.revoke", &id).await;
     Ok(Json(json!({ "deviceId": id, "revoked": true })))
-}
-
-#[derive(Deserialize)]
-struct AuditQuery {
-    limit: Option<i64>,
-    action: Option<String>,
-}
-
-async fn audit(
-    State(state): State<AppState>,
-    user: AuthUser,
-    Query(q): Query<AuditQuery>,
-) -> ApiResult<Json<Vec<AuditEntry>>> {
-    user.require_admin()?;
-    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
-    Ok(Json(
-        state
-            .store
-            .audit_entries(limit, q.action.as_deref())
-            .await?,
-    ))
 }
 
 async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Value>> {

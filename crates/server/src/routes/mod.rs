@@ -1,6 +1,7 @@
 //! HTTP handlers, one module per resource, each with its own `router()`.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod commands;
 pub mod config;

@@ -1,0 +1,23 @@
+-- The audit log as a hash chain (crates/audit): each record's position (seq, in commit
+-- order), the hash of the record before it and its own. Rows written before this migration
+-- are chained, in id order, when the store opens. audit_chain holds the head (its row lock
+-- puts appends in order) and how far an operator has exported the log; audit_checkpoints
+-- the signed statements that let the log start after removed records and catch a cut tail.
+ALTER TABLE audit ADD COLUMN seq INTEGER;
+ALTER TABLE audit ADD COLUMN prev_hash TEXT;
+ALTER TABLE audit ADD COLUMN hash TEXT;
+CREATE UNIQUE INDEX audit_seq ON audit(seq);
+CREATE TABLE audit_chain (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    exported_through INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO audit_chain (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+CREATE TABLE audit_checkpoints (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    removed INTEGER NOT NULL,
+    signature TEXT NOT NULL
+);
