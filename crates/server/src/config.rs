@@ -67,6 +67,9 @@ pub struct ServerConfig {
         value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
     )]
     pub service_cert_validity_secs: u64,
+    /// What is kept how long.
+    #[command(flatten)]
+    pub retention: RetentionConfig,
     /// Lifetime of login tokens, in seconds.
     #[arg(long = "jwt-ttl", env = "FLOTILLA_JWT_TTL", default_value_t = 12 * 3600)]
     pub jwt_ttl_secs: u64,
@@ -257,6 +260,117 @@ impl std::str::FromStr for BrokerUrl {
     }
 }
 
+/// How long each kind of row is kept, and how often retention runs (`crate::retention`).
+/// An age is a number with a unit, `s`, `m`, `h` or `d` (`30d`); `0` keeps rows forever.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RetentionConfig {
+    /// Telemetry readings, by when they were received.
+    #[arg(
+        long = "retain-telemetry",
+        env = "FLOTILLA_RETAIN_TELEMETRY",
+        default_value = "30d"
+    )]
+    pub telemetry: Age,
+    /// At most this many readings per device (its newest sequence numbers); 0: no cap.
+    #[arg(
+        long = "retain-telemetry-per-device",
+        env = "FLOTILLA_RETAIN_TELEMETRY_PER_DEVICE",
+        default_value_t = 1_000_000
+    )]
+    pub telemetry_per_device: u64,
+    /// OTA status reports.
+    #[arg(
+        long = "retain-ota-events",
+        env = "FLOTILLA_RETAIN_OTA_EVENTS",
+        default_value = "180d"
+    )]
+    pub ota_events: Age,
+    /// Succeeded, failed and expired commands, from when they finished.
+    #[arg(
+        long = "retain-commands",
+        env = "FLOTILLA_RETAIN_COMMANDS",
+        default_value = "30d"
+    )]
+    pub commands: Age,
+    /// Provisioning tokens, from when they expired (used or not).
+    #[arg(
+        long = "retain-tokens",
+        env = "FLOTILLA_RETAIN_TOKENS",
+        default_value = "7d"
+    )]
+    pub tokens: Age,
+    /// Device messages that could not be stored.
+    #[arg(
+        long = "retain-dead-letters",
+        env = "FLOTILLA_RETAIN_DEAD_LETTERS",
+        default_value = "30d"
+    )]
+    pub dead_letters: Age,
+    /// Audit records, once exported (`flotilla audit export`); a signed checkpoint stands in
+    /// for the ones removed.
+    #[arg(
+        long = "retain-audit",
+        env = "FLOTILLA_RETAIN_AUDIT",
+        default_value = "365d"
+    )]
+    pub audit: Age,
+    /// Seconds between retention runs (the first one a minute after start, or sooner).
+    #[arg(
+        long = "retention-interval",
+        env = "FLOTILLA_RETENTION_INTERVAL",
+        default_value_t = 3600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub interval_secs: u64,
+    /// Rows one statement deletes: a batch is a short transaction, so ingest waits at most one.
+    #[arg(
+        long = "retention-batch",
+        env = "FLOTILLA_RETENTION_BATCH",
+        default_value_t = 2_000,
+        value_parser = clap::value_parser!(i64).range(1..=100_000)
+    )]
+    pub batch: i64,
+}
+
+/// A retention age: `0` (keep forever) or a number with a unit, `s`, `m`, `h` or `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Age(pub Option<Duration>);
+
+impl std::str::FromStr for Age {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Age, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Age(None));
+        }
+        let bad =
+            || format!("not an age: {s:?} (a number and s, m, h or d, as in 30d; 0 keeps forever)");
+        let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let (n, unit) = s.split_at(unit_at);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let secs = match unit {
+            "s" => Some(n),
+            "m" => n.checked_mul(60),
+            "h" => n.checked_mul(3_600),
+            "d" => n.checked_mul(86_400),
+            _ => None,
+        }
+        .filter(|secs| (1..=100 * 365 * 86_400).contains(secs))
+        .ok_or_else(bad)?;
+        Ok(Age(Some(Duration::from_secs(secs))))
+    }
+}
+
+impl Serialize for Age {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str("0"),
+            Some(d) => s.serialize_str(&format!("{}s", d.as_secs())),
+        }
+    }
+}
+
 impl ServerConfig {
     /// Host names for the server certificate, defaults first, without duplicates.
     pub fn certificate_hosts(&self) -> Vec<String> {
@@ -392,6 +506,41 @@ mod tests {
         }
         let argv = std::iter::once("flotilla-server").chain(args.iter().copied());
         Cli::try_parse_from(argv).unwrap().config
+    }
+
+    #[test]
+    fn retention_ages_take_a_unit_and_zero_keeps_forever() {
+        use super::Age;
+        use std::time::Duration;
+        let secs = |s: &str| s.parse::<Age>().map(|a| a.0.map(|d| d.as_secs()));
+        assert_eq!(secs("0"), Ok(None));
+        assert_eq!(secs("90s"), Ok(Some(90)));
+        assert_eq!(secs("15m"), Ok(Some(900)));
+        assert_eq!(secs("12h"), Ok(Some(43_200)));
+        assert_eq!(secs("30d"), Ok(Some(2_592_000)));
+        for bad in [
+            "",
+            "30",
+            "d",
+            "-1d",
+            "1w",
+            "0d",
+            "1.5d",
+            "99999999999999999999d",
+            "36501d",
+        ] {
+            assert!(bad.parse::<Age>().is_err(), "{bad}");
+        }
+        let config = parsed(&["--retain-audit", "0", "--retain-telemetry", "2h"]);
+        assert_eq!(config.retention.audit, Age(None));
+        assert_eq!(
+            config.retention.telemetry,
+            Age(Some(Duration::from_secs(7_200)))
+        );
+        assert_eq!(
+            config.retention.commands,
+            Age(Some(Duration::from_secs(30 * 86_400)))
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod openapi;
 mod ota;
 mod passwords;
 mod renewal;
+mod retention;
 mod rollouts;
 mod rotation;
 mod routes;

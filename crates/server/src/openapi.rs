@@ -482,7 +482,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "get",
         "/api/admin/stats",
-        "Fleet-wide counts",
+        "Fleet-wide counts; `storage`: rows per kind retention removes, audit records and checkpoints, database bytes, and what the last retention run of each kind removed",
         Auth::Admin,
         None,
         200,

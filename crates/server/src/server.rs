@@ -243,6 +243,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.heartbeat_timeout(),
         leadership.clone(),
     );
+    crate::retention::spawn(
+        store.clone(),
+        ca.clone(),
+        config.retention.clone(),
+        leadership.clone(),
+    );
 
     let shared_limits =
         replicated.then(|| crate::shared_limits::SharedLimits::start(store.clone()));

@@ -243,6 +243,13 @@ impl Store {
             .collect())
     }
 
+    pub async fn newest_audit_checkpoint_seq(&self) -> StoreResult<Option<u64>> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM audit_checkpoints")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq.map(|s| s as u64))
+    }
+
     pub async fn audit_head(&self) -> StoreResult<AuditHead> {
         let (seq, hash, exported_through): (i64, String, i64) =
             sqlx::query_as("SELECT seq, hash, exported_through FROM audit_chain WHERE id = 1")
@@ -297,7 +304,8 @@ impl Store {
     }
 
     /// Stores a signed checkpoint and, when it stands for removed records (`removed > 0`),
-    /// deletes the records through its seq in the same transaction. Returns the rows deleted.
+    /// deletes the records through its seq; either way the head checkpoints it supersedes go,
+    /// in the same transaction. Returns the rows deleted.
     pub async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<u64> {
         let mut tx = self.begin_immediate().await?;
         sqlx::query(
@@ -311,7 +319,20 @@ impl Store {
         .bind(&checkpoint.signature)
         .execute(&mut *tx)
         .await?;
+        if checkpoint.removed == 0 {
+            // The newest head vouches for every record before it (their hashes chain into
+            // it), so older heads say nothing more.
+            sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq < $1")
+                .bind(checkpoint.seq as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         let deleted = if checkpoint.removed > 0 {
+            // Heads marked before it vouch for nothing that is still there.
+            sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq <= $1")
+                .bind(checkpoint.seq as i64)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("DELETE FROM audit WHERE seq <= $1")
                 .bind(checkpoint.seq as i64)
                 .execute(&mut *tx)

@@ -45,6 +45,7 @@ on_both_backends!(
     rollouts_and_their_outcomes,
     audit_and_fleet_figures,
     the_audit_log_is_a_chain_that_names_the_first_edited_record,
+    retention_removes_old_rows_of_each_kind_and_nothing_else,
     concurrent_registrations_of_one_id_give_it_one_owner,
     concurrent_offers_leave_one_open,
     concurrent_tag_replacements_leave_one_set,
@@ -1291,6 +1292,151 @@ async fn the_audit_log_is_a_chain_that_names_the_first_edited_record(store: &Sto
     }
 }
 
+async fn run_sql(store: &Store, sql: &str, binds: &[i64]) {
+    let mut q = sqlx::query(sql);
+    for b in binds {
+        q = q.bind(*b);
+    }
+    q.execute(&store.pool).await.unwrap();
+}
+
+async fn count(store: &Store, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+}
+
+async fn retention_removes_old_rows_of_each_kind_and_nothing_else(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for d in ["d", "e"] {
+        store.register_device(&dev(d), d, o).await.unwrap();
+    }
+    let (old, cutoff, fresh) = (1_000i64, 5_000i64, 9_000i64);
+    // d: ten old readings and ten fresh; e: thirty fresh, to trim to its newest ten.
+    for seq in 1..=20 {
+        let at = if seq <= 10 { old } else { fresh };
+        run_sql(
+            store,
+            "INSERT INTO telemetry (device_id, seq, received_at) VALUES ('d', $1, $2)",
+            &[seq, at],
+        )
+        .await;
+    }
+    for seq in 1..=30 {
+        run_sql(
+            store,
+            "INSERT INTO telemetry (device_id, seq, received_at) VALUES ('e', $1, $2)",
+            &[seq, fresh],
+        )
+        .await;
+    }
+    for (i, at) in [old, old, fresh].into_iter().enumerate() {
+        run_sql(
+            store,
+            "INSERT INTO ota_events (update_id, at, status) VALUES ('u', $1, 'downloading')",
+            &[at],
+        )
+        .await;
+        run_sql(
+            store,
+            "INSERT INTO dead_letters (topic, payload, reason, at) VALUES ('t', '', 'r', $1)",
+            &[at],
+        )
+        .await;
+        let token = format!(
+            "INSERT INTO provisioning_tokens (token_hash, owner_id, expires_at, created_at) VALUES ('h{i}', $1, $2, 0)"
+        );
+        run_sql(store, &token, &[o, at]).await;
+    }
+    // Finished long ago, finished lately, and open since long ago (never removed by age).
+    for (id, state, completed) in [
+        ("c1", "succeeded", Some(old)),
+        ("c2", "failed", Some(fresh)),
+        ("c3", "queued", None),
+    ] {
+        sqlx::query("INSERT INTO commands (id, device_id, name, args, state, created_at, expires_at, completed_at) VALUES ($1, 'd', 'ping', '{}', $2, 0, 0, $3)")
+            .bind(id).bind(state).bind(completed)
+            .execute(&store.pool).await.unwrap();
+    }
+
+    for kind in RetentionKind::ALL {
+        let mut removed = 0;
+        loop {
+            let n = store.delete_expired(kind, cutoff, 3).await.unwrap();
+            assert!(n <= 3, "{kind:?} deleted {n} in a batch of 3");
+            if n == 0 {
+                break;
+            }
+            removed += n;
+        }
+        let expected = match kind {
+            RetentionKind::Telemetry => 10,
+            RetentionKind::FinishedCommands => 1,
+            _ => 2,
+        };
+        assert_eq!(removed, expected, "{kind:?}");
+        store
+            .record_retention_run(kind.as_str(), 7, removed)
+            .await
+            .unwrap();
+    }
+    let mut trimmed = 0;
+    for device in store.device_ids_after(None, 10).await.unwrap() {
+        loop {
+            let n = store.trim_device_telemetry(&device, 10, 4).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            trimmed += n;
+        }
+    }
+    assert_eq!(trimmed, 20);
+    assert_eq!(
+        store.device_ids_after(Some(&dev("d")), 10).await.unwrap(),
+        vec![dev("e")]
+    );
+    assert_eq!(
+        count(
+            store,
+            "SELECT COUNT(*) FROM telemetry WHERE device_id = 'd' AND seq > 10"
+        )
+        .await,
+        10
+    );
+    assert_eq!(
+        count(
+            store,
+            "SELECT MIN(seq) FROM telemetry WHERE device_id = 'e'"
+        )
+        .await,
+        21
+    );
+    let c: Vec<String> = sqlx::query_scalar("SELECT id FROM commands ORDER BY id")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(c, ["c2", "c3"]);
+    store.record_retention_run("telemetry", 8, 5).await.unwrap();
+    let f = store.storage_figures().await.unwrap();
+    assert_eq!(
+        (
+            f.telemetry_rows,
+            f.ota_events,
+            f.commands,
+            f.provisioning_tokens,
+            f.dead_letters
+        ),
+        (20, 1, 2, 1, 1)
+    );
+    assert!(f.database_bytes > 0);
+    let telemetry = f.retention.iter().find(|r| r.kind == "telemetry").unwrap();
+    assert_eq!(
+        (telemetry.at, telemetry.deleted, telemetry.total_deleted),
+        (8, 5, 15)
+    );
+}
+
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1589,7 +1735,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, (1..=12).collect::<Vec<i64>>());
+    assert_eq!(applied, (1..=13).collect::<Vec<i64>>());
     user(&a, "one@x", Role::Admin).await;
 }
 

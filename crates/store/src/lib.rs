@@ -21,6 +21,7 @@ mod migrations;
 mod ota;
 mod params;
 mod releases;
+mod retention;
 mod rollout_candidates;
 mod rollouts;
 mod security;
@@ -49,6 +50,7 @@ pub use ingest::WriteTx;
 pub use leases::{FencedTx, Held};
 pub use ota::{Finished, NewOffer, UpdateRow};
 pub use releases::{NewRelease, ReleaseRow};
+pub use retention::{RetentionKind, RetentionRun, StorageFigures};
 pub use rollout_candidates::{Candidate, Selection, TargetSelector};
 pub use rollouts::{RolloutRow, RolloutSave, SavedOffers, TargetRow};
 pub use security::{

@@ -95,6 +95,11 @@ const SQLITE: Embedded = &[
         "audit chain",
         include_str!("../migrations/sqlite/0016_audit_chain.sql"),
     ),
+    (
+        17,
+        "retention",
+        include_str!("../migrations/sqlite/0017_retention.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -157,6 +162,11 @@ const POSTGRES: Embedded = &[
         12,
         "audit chain",
         include_str!("../migrations/postgres/0012_audit_chain.sql"),
+    ),
+    (
+        13,
+        "retention",
+        include_str!("../migrations/postgres/0013_retention.sql"),
     ),
 ];
 

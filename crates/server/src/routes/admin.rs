@@ -200,6 +200,11 @@ async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<
             fields.insert("ingestLink".into(), link);
         }
         fields.insert("leader".into(), state.leadership.is_leader().into());
+        let storage = state.store.storage_figures().await?;
+        fields.insert(
+            "storage".into(),
+            serde_json::to_value(storage).unwrap_or_default(),
+        );
     }
     Ok(Json(stats))
 }
