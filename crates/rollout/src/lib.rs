@@ -39,6 +39,11 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+mod health;
+
+use health::{Group, Health};
+pub use health::{HealthFigures, HealthGate, Metric, Rates, Sample};
+
 /// Rollout parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -61,6 +66,9 @@ pub struct Config {
     pub start_at_ms: u64,
     /// Offers are made only inside this daily window (devices already updating finish).
     pub window: Option<Window>,
+    /// Halts when the new version's devices crash or reboot more, or heartbeat less, than
+    /// the old version's ([`HealthGate`]); off by default.
+    pub health: HealthGate,
 }
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -106,6 +114,7 @@ impl Default for Config {
             max_concurrent: 100,
             start_at_ms: 0,
             window: None,
+            health: HealthGate::default(),
         }
     }
 }
@@ -128,6 +137,8 @@ pub enum Halt {
     /// A phase ended with every device skipped and no success so far: nothing shows the
     /// release works.
     NoDeviceReached,
+    /// The health gate found the new version worse at this ([`Rollout::health`] has the rates).
+    Unhealthy(Metric),
 }
 
 /// How a device's update ended, as it reported.
@@ -253,6 +264,10 @@ pub struct Rollout {
     actions: VecDeque<Action>,
     /// Targets whose state changed since [`Rollout::take_changes`].
     changed: BTreeSet<usize>,
+    health: Health,
+    /// With the health gate on: when the current phase's devices had all finished, while the
+    /// phase waits for the gate to have seen enough before the next one starts.
+    finished_at: Option<u64>,
 }
 
 impl Rollout {
@@ -329,7 +344,13 @@ impl Rollout {
             .map(|(i, t)| (t.clone(), i))
             .collect();
         let n = targets.len();
+        let mut health = Health::new(config.health, n);
+        for (i, d) in devices.iter().enumerate() {
+            health.moved(i, group_of(*d), now);
+        }
         Rollout {
+            health,
+            finished_at: None,
             config,
             targets,
             index,
@@ -435,6 +456,7 @@ impl Rollout {
     // ----- inputs -----
 
     pub fn handle_online(&mut self, now: u64, id: &str) {
+        self.tick(now);
         if let Some(&i) = self.index.get(id) {
             self.online[i] = true;
             if i < self.admitted
@@ -447,6 +469,7 @@ impl Rollout {
     }
 
     pub fn handle_offline(&mut self, now: u64, id: &str) {
+        self.tick(now);
         if let Some(&i) = self.index.get(id) {
             self.online[i] = false;
             self.ready.remove(&i);
@@ -464,6 +487,7 @@ impl Rollout {
     /// A device reported how its update ended. Reports for devices never offered the release,
     /// or already finished, are ignored.
     pub fn handle_outcome(&mut self, now: u64, id: &str, outcome: Outcome) {
+        self.tick(now);
         let Some(&i) = self.index.get(id) else { return };
         if !matches!(self.devices[i], DeviceState::InFlight { .. }) {
             return;
@@ -484,6 +508,7 @@ impl Rollout {
     /// again, as if offline until it is next seen online — or is skipped, once the waiting
     /// deadline has passed.
     pub fn handle_offer_refused(&mut self, now: u64, id: &str) {
+        self.tick(now);
         let Some(&i) = self.index.get(id) else { return };
         if !matches!(self.devices[i], DeviceState::InFlight { .. }) {
             return;
@@ -519,6 +544,21 @@ impl Rollout {
         self.trim_deadlines();
     }
 
+    /// A heartbeat of a target, for the health gate: its crash count and uptime.
+    pub fn handle_heartbeat(&mut self, now: u64, id: &str, sample: Sample) {
+        self.tick(now);
+        let Some(&i) = self.index.get(id) else { return };
+        self.health.heartbeat(i, now, sample);
+        if self.config.health.is_enabled() {
+            self.evaluate(now);
+        }
+    }
+
+    /// The rates the health gate compares, per device-hour, as of `now`.
+    pub fn health(&self, now: u64) -> HealthFigures {
+        self.health.figures(now)
+    }
+
     pub fn pause(&mut self) {
         if let State::Running { phase } = self.state {
             self.enter(State::Paused { phase });
@@ -529,7 +569,9 @@ impl Rollout {
     /// [`OnFailure::Pause`]) overrides the halt: the failures so far are forgiven.
     pub fn resume(&mut self, now: u64) {
         if let State::Paused { phase } | State::Stopped { phase } = self.state {
+            self.tick(now);
             if self.halt.take().is_some() {
+                self.health.forget(now);
                 self.forgiven = Forgiven {
                     failed: self.failed,
                     succeeded: self.succeeded,
@@ -554,6 +596,7 @@ impl Rollout {
     }
 
     pub fn handle_timeout(&mut self, now: u64) {
+        self.tick(now);
         if self.state == State::Scheduled && self.wall(now) >= self.config.start_at_ms {
             self.start_phase(0, now);
         }
@@ -628,7 +671,11 @@ impl Rollout {
             }
             _ => None,
         };
-        [deadline, skip, opens].into_iter().flatten().min()
+        let held = self
+            .finished_at
+            .filter(|_| running)
+            .map(|since| since.saturating_add(self.config.wait_timeout_ms));
+        [deadline, skip, opens, held].into_iter().flatten().min()
     }
 
     // ----- internals -----
@@ -641,10 +688,15 @@ impl Rollout {
         (wall as i64).saturating_sub(self.wall_offset).max(0) as u64
     }
 
+    fn tick(&mut self, now: u64) {
+        self.last_now = self.last_now.max(now);
+    }
+
     fn set(&mut self, i: usize, state: DeviceState) {
         if self.devices[i] == DeviceState::Waiting && i < self.admitted {
             self.waiting -= 1;
         }
+        self.health.moved(i, group_of(state), self.last_now);
         self.devices[i] = state;
         self.changed.insert(i);
     }
@@ -664,7 +716,9 @@ impl Rollout {
     fn halt_with(&mut self, phase: usize, why: Halt) {
         self.halt = Some(why);
         match (why, self.config.on_failure) {
-            (Halt::TooManyFailures, OnFailure::Pause) => self.enter(State::Paused { phase }),
+            (Halt::TooManyFailures | Halt::Unhealthy(_), OnFailure::Pause) => {
+                self.enter(State::Paused { phase })
+            }
             _ => self.enter(State::Stopped { phase }),
         }
     }
@@ -692,6 +746,7 @@ impl Rollout {
             }
         }
         self.admitted = end;
+        self.finished_at = None;
         self.wait_until = now.saturating_add(self.config.wait_timeout_ms);
         self.wait_expired = false;
         self.enter(State::Running { phase });
@@ -720,10 +775,17 @@ impl Rollout {
             self.halt_with(phase, Halt::TooManyFailures);
             return;
         }
+        if let Some(metric) = self.health.verdict(now) {
+            self.halt_with(phase, Halt::Unhealthy(metric));
+            return;
+        }
         // Skipped devices that came back are offered (window permitting) before the phase can
         // end without them.
         self.dispatch(now);
         let finished = self.succeeded + self.failed + self.skipped;
+        if finished == self.admitted && !self.gate_has_seen_enough(now) {
+            return;
+        }
         if finished == self.admitted {
             let counted = self
                 .admitted
@@ -744,6 +806,16 @@ impl Rollout {
             // A phase that admits nobody new (a small fleet) ends at once.
             self.evaluate(now);
         }
+    }
+
+    /// With the gate on, a finished phase holds the next one back until the gate has seen
+    /// `min_observed_ms` of the new version, or for at most `wait_timeout_ms` (so it ends).
+    fn gate_has_seen_enough(&mut self, now: u64) -> bool {
+        if !self.config.health.is_enabled() || self.admitted == self.targets.len() {
+            return true;
+        }
+        let since = *self.finished_at.get_or_insert(now);
+        self.health.has_seen_enough(now) || now.saturating_sub(since) >= self.config.wait_timeout_ms
     }
 
     fn dispatch(&mut self, now: u64) {
@@ -769,5 +841,15 @@ impl Rollout {
             self.actions
                 .push_back(Action::Notify(self.targets[i].clone()));
         }
+    }
+}
+
+/// Which version a target in `state` runs, for the health gate; `None` while it updates or
+/// after it failed.
+fn group_of(state: DeviceState) -> Option<Group> {
+    match state {
+        DeviceState::Waiting | DeviceState::Skipped => Some(Group::Old),
+        DeviceState::Succeeded => Some(Group::New),
+        _ => None,
     }
 }

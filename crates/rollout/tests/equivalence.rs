@@ -55,6 +55,7 @@ proptest! {
             max_concurrent,
             start_at_ms: 1_000,
             window: None,
+            health: flotilla_rollout::HealthGate::default(),
         };
         let targets: Vec<String> = (0..n).map(|i| format!("d{i}")).collect();
         let mut a = Rollout::new(config.clone(), targets.clone(), 0);

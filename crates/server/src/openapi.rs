@@ -441,7 +441,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "post",
         "/api/rollouts",
-        "Create a staged rollout: {version, target: {hardware|tag|devices|all}, phases or exponential {startPercent, factor}, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, waitTimeoutSecs (offline targets skipped after), onFailure (stop|pause), maxConcurrent, startAt, maintenanceWindow {start, end}}",
+        "Create a staged rollout: {version, target: {hardware|tag|devices|all}, phases or exponential {startPercent, factor}, successThreshold, failureThreshold, minFailures, deviceTimeoutSecs, waitTimeoutSecs (offline targets skipped after), onFailure (stop|pause), maxConcurrent, startAt, maintenanceWindow {start, end}, health {maxCrashRatio, maxRebootRatio, minHeartbeatRatio, minObservedSecs, minEvents}}",
         Auth::User,
         Some(|| {
             object(

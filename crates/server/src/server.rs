@@ -473,6 +473,7 @@ fn spawn_ingest_consumer(
                     }
                 }
                 IngestEvent::Finished(f) => ota.finished(f).await,
+                IngestEvent::Heartbeat(device, sample) => ota.heartbeat(&device, sample),
             }
         }
     });

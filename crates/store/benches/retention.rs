@@ -63,7 +63,7 @@ async fn ingest(store: Store, stop: Arc<AtomicBool>, stored: Arc<AtomicU64>, fir
             .map(|_| {
                 let d = ids[next % DEVICES].clone();
                 next += 1;
-                if next % DEVICES == 0 {
+                if next.is_multiple_of(DEVICES) {
                     seq += 1;
                 }
                 let t = Telemetry {

@@ -160,6 +160,9 @@ stored_state!(
         TooManyFailures => "too_many_failures",
         PhaseBelowSuccessThreshold => "phase_below_success_threshold",
         NoDeviceReached => "no_device_reached",
+        UnhealthyCrashes => "unhealthy_crashes",
+        UnhealthyReboots => "unhealthy_reboots",
+        UnhealthyHeartbeats => "unhealthy_heartbeats",
     }
 );
 

@@ -53,6 +53,8 @@ pub enum IngestEvent {
     CameOnline(DeviceId),
     /// A report ended one of the device's updates.
     Finished(Finished),
+    /// A heartbeat was stored: its health facts, for the rollouts' health gate.
+    Heartbeat(DeviceId, flotilla_rollout::Sample),
 }
 
 /// The writer stopped (the server is shutting down).
@@ -317,6 +319,13 @@ async fn commit<'a>(
                 if tx.apply_update(device, update, now).await? {
                     changes.push(IngestEvent::CameOnline(device.clone()));
                 }
+                if let DeviceUpdate::Heartbeat(hb) = update {
+                    let sample = flotilla_rollout::Sample {
+                        crashes: hb.crashes,
+                        uptime_s: hb.uptime,
+                    };
+                    changes.push(IngestEvent::Heartbeat(device.clone(), sample));
+                }
             }
             Item::Reply(device, reply) => {
                 tx.apply_reply(device, reply, now).await?;
@@ -564,8 +573,9 @@ mod tests {
                 changes
             }
             .into_iter()
-            .map(|e| match e {
-                IngestEvent::CameOnline(d) => d.to_string(),
+            .filter_map(|e| match e {
+                IngestEvent::CameOnline(d) => Some(d.to_string()),
+                IngestEvent::Heartbeat(..) => None,
                 other => panic!("{other:?}"),
             })
             .collect();

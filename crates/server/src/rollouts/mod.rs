@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_rollout::{Action, DeviceState, Halt, Outcome, Rollout, State};
+use flotilla_rollout::{Action, DeviceState, Halt, Metric, Outcome, Rollout, State};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,6 +71,7 @@ pub enum Event {
     /// A rollout was created.
     Start(String),
     DeviceOnline(String),
+    Heartbeat(String, flotilla_rollout::Sample),
     Finished(Finished),
     Control {
         id: String,
@@ -203,6 +204,11 @@ impl Manager {
                     a.planner.handle_online(now, &device);
                 }
             }
+            Event::Heartbeat(device, sample) => {
+                for a in self.active.values_mut() {
+                    a.planner.handle_heartbeat(now, &device, sample);
+                }
+            }
             Event::Finished(f) => {
                 match (
                     f.rollout_id.as_ref().and_then(|id| self.active.get_mut(id)),
@@ -262,6 +268,9 @@ impl Manager {
                     .await;
                 let _ = reply.send(result);
             }
+            // The leader's own ingest feeds its gate; another replica's heartbeats do not
+            // reach it (docs/operations.md).
+            Event::Heartbeat(..) => {}
             Event::ReleaseBlocked(version) => {
                 // The leader aborts them when it next reads the release; ask at once as well.
                 if let Ok(rows) = self.store.open_rollouts().await {
@@ -551,6 +560,7 @@ impl Manager {
         let Some(a) = self.active.get_mut(id) else {
             return false;
         };
+        let now = self.clock.now();
         let mut decided = Decisions::default();
         while let Some(action) = a.planner.poll_action() {
             match action {
@@ -579,12 +589,12 @@ impl Manager {
             State::Completed | State::Stopped { .. } | State::Aborted
         );
         if let Some(&last) = decided.transitions.last() {
-            a.reason = Some(describe(last, a));
+            a.reason = Some(describe(last, a, now));
         }
         let described: Vec<(State, String)> = decided
             .transitions
             .iter()
-            .map(|&t| (t, describe(t, a)))
+            .map(|&t| (t, describe(t, a, now)))
             .collect();
         // Devices skipped to the end get the release when they come back (the offer is
         // re-sent when their next session starts).
@@ -713,14 +723,29 @@ async fn save_fenced(
 }
 
 /// A transition in words, for the audit log and the rollout's progress.
-fn describe(state: State, a: &Active) -> String {
+fn describe(state: State, a: &Active, now: u64) -> String {
     let c = a.planner.counts();
     match state {
         State::Stopped { phase } | State::Paused { phase } if a.planner.halt().is_some() => {
+            let health = |metric: Metric| {
+                let f = a.planner.health(now);
+                let (what, new, old) = match metric {
+                    Metric::Crashes => ("crash", f.new.crashes, f.old.crashes),
+                    Metric::Reboots => ("reboot", f.new.reboots, f.old.reboots),
+                    Metric::Heartbeats => ("heartbeat", f.new.heartbeats, f.old.heartbeats),
+                };
+                format!(
+                    "devices on {} {what} {:.2} times per device-hour, devices on the old version {:.2}",
+                    a.release.version, new, old
+                )
+            };
             let why = match a.planner.halt() {
-                Some(Halt::PhaseBelowSuccessThreshold) => "too few successes",
-                Some(Halt::NoDeviceReached) => "every device was skipped, none succeeded yet",
-                _ => "too many failures",
+                Some(Halt::PhaseBelowSuccessThreshold) => "too few successes".to_string(),
+                Some(Halt::NoDeviceReached) => {
+                    "every device was skipped, none succeeded yet".to_string()
+                }
+                Some(Halt::Unhealthy(metric)) => health(metric),
+                _ => "too many failures".to_string(),
             };
             let verb = if matches!(state, State::Stopped { .. }) {
                 "stopped"

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use flotilla_rollout::{DeviceState, Forgiven, Halt, Snapshot, State};
+use flotilla_rollout::{DeviceState, Forgiven, Halt, Metric, Snapshot, State};
 use flotilla_store::{RolloutHalt, RolloutRow, RolloutState, TargetRow, TargetState, now_ms};
 
 /// Planner time: milliseconds on a monotonic clock, starting at the wall clock's reading when
@@ -78,6 +78,9 @@ pub fn stored_halt(h: Halt) -> RolloutHalt {
         Halt::TooManyFailures => RolloutHalt::TooManyFailures,
         Halt::PhaseBelowSuccessThreshold => RolloutHalt::PhaseBelowSuccessThreshold,
         Halt::NoDeviceReached => RolloutHalt::NoDeviceReached,
+        Halt::Unhealthy(Metric::Crashes) => RolloutHalt::UnhealthyCrashes,
+        Halt::Unhealthy(Metric::Reboots) => RolloutHalt::UnhealthyReboots,
+        Halt::Unhealthy(Metric::Heartbeats) => RolloutHalt::UnhealthyHeartbeats,
     }
 }
 
@@ -86,6 +89,9 @@ fn planner_halt(h: RolloutHalt) -> Halt {
         RolloutHalt::TooManyFailures => Halt::TooManyFailures,
         RolloutHalt::PhaseBelowSuccessThreshold => Halt::PhaseBelowSuccessThreshold,
         RolloutHalt::NoDeviceReached => Halt::NoDeviceReached,
+        RolloutHalt::UnhealthyCrashes => Halt::Unhealthy(Metric::Crashes),
+        RolloutHalt::UnhealthyReboots => Halt::Unhealthy(Metric::Reboots),
+        RolloutHalt::UnhealthyHeartbeats => Halt::Unhealthy(Metric::Heartbeats),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Rollout parameters as the API takes them (camelCase JSON), validated, and stored with the
 //! rollout; [`Settings::planner_config`] turns them into the planner's.
 
-use flotilla_rollout::{Config, OnFailure, Window};
+use flotilla_rollout::{Config, HealthGate, OnFailure, Window};
 use serde::{Deserialize, Serialize};
 
 /// Rollout parameters as the API takes them (camelCase JSON), stored with the rollout.
@@ -36,6 +36,69 @@ pub struct Settings {
     /// Offer only inside this daily UTC window, e.g. `{"start":"23:00","end":"01:00"}`.
     #[serde(default)]
     pub maintenance_window: Option<MaintenanceWindow>,
+    /// Stop (or pause, with `onFailure`) when devices on the new version crash or reboot
+    /// more, or heartbeat less, than devices on the old one.
+    #[serde(default)]
+    pub health: Option<HealthSettings>,
+}
+
+/// The health gate's thresholds (`flotilla_rollout::HealthGate`); a ratio left out is not
+/// judged. A finished phase waits (at most `waitTimeoutSecs`) until the new version has
+/// been observed for `minObservedSecs` of device-time before the next phase starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthSettings {
+    pub max_crash_ratio: Option<f64>,
+    pub max_reboot_ratio: Option<f64>,
+    pub min_heartbeat_ratio: Option<f64>,
+    #[serde(default = "default_observed")]
+    pub min_observed_secs: u64,
+    #[serde(default = "default_events")]
+    pub min_events: u64,
+}
+
+fn default_observed() -> u64 {
+    3600
+}
+fn default_events() -> u64 {
+    3
+}
+
+impl HealthSettings {
+    fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("health.maxCrashRatio", self.max_crash_ratio),
+            ("health.maxRebootRatio", self.max_reboot_ratio),
+            ("health.minHeartbeatRatio", self.min_heartbeat_ratio),
+        ] {
+            if v.is_some_and(|r| !r.is_finite() || r <= 0.0 || r > 1000.0) {
+                return Err(format!("{name} must be in (0, 1000]"));
+            }
+        }
+        if self.max_crash_ratio.is_none()
+            && self.max_reboot_ratio.is_none()
+            && self.min_heartbeat_ratio.is_none()
+        {
+            return Err(
+                "health needs at least one of maxCrashRatio, maxRebootRatio, minHeartbeatRatio"
+                    .into(),
+            );
+        }
+        if self.min_observed_secs == 0 || self.min_observed_secs > 30 * 24 * 3600 {
+            return Err("health.minObservedSecs must be 1 to 2592000".into());
+        }
+        Ok(())
+    }
+
+    fn gate(&self) -> HealthGate {
+        HealthGate {
+            max_crash_ratio: self.max_crash_ratio,
+            max_reboot_ratio: self.max_reboot_ratio,
+            min_heartbeat_ratio: self.min_heartbeat_ratio,
+            min_observed_ms: self.min_observed_secs * 1000,
+            min_events: self.min_events,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +225,9 @@ impl Settings {
         if self.max_concurrent == 0 {
             return Err("maxConcurrent must be at least 1".into());
         }
+        if let Some(h) = &self.health {
+            h.validate()?;
+        }
         Ok(())
     }
 
@@ -183,6 +249,10 @@ impl Settings {
                 .maintenance_window
                 .as_ref()
                 .and_then(|w| w.window().ok()),
+            health: self
+                .health
+                .as_ref()
+                .map_or_else(HealthGate::default, HealthSettings::gate),
         }
     }
 }
@@ -195,6 +265,40 @@ mod tests {
         let mut s: Settings = serde_json::from_value(json).map_err(|e| e.to_string())?;
         s.validate()?;
         Ok(s)
+    }
+
+    #[test]
+    fn health_thresholds_are_checked_and_reach_the_planner() {
+        let ok = settings(serde_json::json!({
+            "health": { "maxCrashRatio": 2.0, "minHeartbeatRatio": 0.5, "minObservedSecs": 600 }
+        }))
+        .unwrap();
+        let gate = ok.planner_config().health;
+        assert_eq!(
+            (
+                gate.max_crash_ratio,
+                gate.max_reboot_ratio,
+                gate.min_heartbeat_ratio
+            ),
+            (Some(2.0), None, Some(0.5))
+        );
+        assert_eq!((gate.min_observed_ms, gate.min_events), (600_000, 3));
+        assert!(
+            !settings(serde_json::json!({}))
+                .unwrap()
+                .planner_config()
+                .health
+                .is_enabled()
+        );
+        for bad in [
+            serde_json::json!({ "health": {} }),
+            serde_json::json!({ "health": { "maxCrashRatio": 0 } }),
+            serde_json::json!({ "health": { "maxCrashRatio": -1 } }),
+            serde_json::json!({ "health": { "maxRebootRatio": 2, "minObservedSecs": 0 } }),
+            serde_json::json!({ "health": { "maxCrashRatio": 2, "bakeSecs": 5 } }),
+        ] {
+            assert!(settings(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]
