@@ -828,3 +828,93 @@ async fn an_offer_made_before_the_device_subscribed_reaches_it_when_it_subscribe
     assert!(dev.message(Duration::from_millis(800)).await.is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_gated_rollout_stops_when_its_updated_device_crashes_more_than_the_rest()
+-> anyhow::Result<()> {
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let ids = ["hg-0", "hg-1", "hg-2", "hg-3"];
+    let mut devices = Vec::new();
+    for id in ids {
+        let identity = server.enroll(&jwt, id).await?;
+        let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &identity).await?;
+        dev.subscribe(&format!("devices/{id}/ota")).await?;
+        dev.publish(
+            &format!("devices/{id}/status"),
+            br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
+        )
+        .await?;
+        wait_for_version(&server, &jwt, id, "1.0.0").await;
+        devices.push(dev);
+    }
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let body = json!({
+        "version": "1.1.0",
+        "target": { "devices": ids },
+        "phases": [25, 100],
+        "health": { "maxCrashRatio": 2, "minObservedSecs": 2, "minEvents": 3 },
+    });
+    let (status, created) = server
+        .call("POST", "/api/rollouts", Some(&jwt), Some(body))
+        .await?;
+    assert_eq!(status, 201, "{created}");
+    let rollout = created["id"].as_str().unwrap().to_string();
+
+    // The first phase offers the release to one device, which installs it.
+    let (topic, payload) = devices[0].message(Duration::from_secs(10)).await?;
+    assert_eq!(topic, "devices/hg-0/ota");
+    let offer: Value = serde_json::from_slice(&payload)?;
+    let done = json!({"status": "SUCCESS", "id": offer["id"], "version": "1.1.0"});
+    devices[0]
+        .publish("devices/hg-0/ota/status", done.to_string().into_bytes())
+        .await?;
+    devices[0]
+        .publish(
+            "devices/hg-0/status",
+            br#"{"online":true,"fw":"1.1.0","hw":"esp32c3"}"#.to_vec(),
+        )
+        .await?;
+    wait_for_version(&server, &jwt, "hg-0", "1.1.0").await;
+
+    // Heartbeats: the updated device crashes at every beat, the others never.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut beat = 0u32;
+    let stopped = loop {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the gate never stopped it"
+        );
+        beat += 1;
+        for (i, (dev, id)) in devices.iter_mut().zip(ids).enumerate() {
+            let (fw, crashes, uptime) = if i == 0 {
+                ("1.1.0", beat, 1)
+            } else {
+                ("1.0.0", 0, 100 + beat)
+            };
+            let hb =
+                format!(r#"{{"heap":1000,"fw":"{fw}","uptime":{uptime},"crashes":{crashes}}}"#);
+            dev.publish(&format!("devices/{id}/health"), hb.into_bytes())
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (_, r) = server
+            .call("GET", &format!("/api/rollouts/{rollout}"), Some(&jwt), None)
+            .await?;
+        if r["progress"]["state"] != "running" {
+            break r;
+        }
+    };
+    assert_eq!(stopped["progress"]["state"], "stopped", "{stopped}");
+    assert_eq!(
+        stopped["progress"]["halt"], "unhealthy_crashes",
+        "{stopped}"
+    );
+    assert_eq!(stopped["progress"]["phase"], 0, "{stopped}");
+    let reason = stopped["progress"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("devices on 1.1.0 crash"), "{reason}");
+    // The other three were never offered it.
+    assert_eq!(stopped["progress"]["succeeded"], 1, "{stopped}");
+    assert_eq!(stopped["progress"]["waiting"], 3, "{stopped}");
+    Ok(())
+}
