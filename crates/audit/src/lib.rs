@@ -10,9 +10,11 @@
 //! signature check of its own choosing.
 //!
 //! What it can and cannot show: someone who can write the database but does not hold the CA
-//! key can rewrite records after the newest checkpoint and recompute every later hash; that is
-//! caught only when the head they left differs from one recorded elsewhere (the verifier prints
-//! it). Every change before the newest checkpoint is caught.
+//! key can rewrite records after the newest checkpoint and recompute every later hash, and can
+//! delete head checkpoints (nothing links to them); that is caught only against a head noted
+//! elsewhere, which the verifier prints and takes back as [`Verifier::expect`]. Every change
+//! before a checkpoint still in the log, or before an expected head, is caught; so is a prefix
+//! removed without a signed removal checkpoint.
 //!
 //! ```
 //! use flotilla_audit::{Fields, Verifier, GENESIS, record_hash};
@@ -138,6 +140,21 @@ impl Checkpoint {
     }
 }
 
+/// A signature check for [`Verifier::new`]: ECDSA P-256 (DER) by the key whose
+/// SubjectPublicKeyInfo is `spki_der` (the CA certificate's).
+pub fn p256_signature_check(
+    spki_der: &[u8],
+) -> Result<impl Fn(&[u8], &[u8]) -> bool + use<>, String> {
+    use p256::ecdsa::signature::Verifier as _;
+    use p256::ecdsa::{Signature, VerifyingKey};
+    use p256::pkcs8::DecodePublicKey;
+    let key = VerifyingKey::from_public_key_der(spki_der)
+        .map_err(|e| format!("the key is not ECDSA P-256: {e}"))?;
+    Ok(move |statement: &[u8], signature: &[u8]| {
+        Signature::from_der(signature).is_ok_and(|sig| key.verify(statement, &sig).is_ok())
+    })
+}
+
 /// Hex of a hash, as the store keeps it.
 pub fn to_hex(hash: &Hash) -> String {
     hex::encode(hash)
@@ -179,10 +196,18 @@ pub struct Summary {
     pub checkpoints: usize,
 }
 
+/// A hash the chain must hold at a seq, and whether records up to it were removed (only a
+/// removal lets the log start after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Anchor {
+    hash: Hash,
+    removal: bool,
+}
+
 /// Checks a chain fed record by record in seq order (so a large log streams through).
 #[derive(Debug)]
 pub struct Verifier {
-    anchors: BTreeMap<u64, Hash>,
+    anchors: BTreeMap<u64, Anchor>,
     last: Option<(u64, Hash)>,
     first_seq: u64,
     records: u64,
@@ -207,8 +232,18 @@ impl Verifier {
             ) {
                 return Err(bad("its signature does not verify with the CA key"));
             }
-            if anchors.insert(c.seq, hash).is_some_and(|h| h != hash) {
-                return Err(bad("two signed checkpoints give it different hashes"));
+            let anchor = Anchor {
+                hash,
+                removal: c.removed > 0,
+            };
+            match anchors.insert(c.seq, anchor) {
+                Some(a) if a.hash != hash => {
+                    return Err(bad("two signed checkpoints give it different hashes"));
+                }
+                Some(a) if a.removal => {
+                    anchors.insert(c.seq, a);
+                }
+                _ => {}
             }
         }
         Ok(Verifier {
@@ -217,6 +252,38 @@ impl Verifier {
             first_seq: 0,
             records: 0,
         })
+    }
+
+    /// Adds a head the caller noted earlier (a [`Summary`]'s `last_seq` and `head`): the chain
+    /// must still hold `hash` at `seq`. It is trusted as given, so it catches what a signed
+    /// head catches even if that checkpoint was deleted since.
+    pub fn expect(&mut self, seq: u64, hash: Hash) -> Result<(), Break> {
+        let anchor = Anchor {
+            hash,
+            removal: false,
+        };
+        match self.anchors.get(&seq) {
+            Some(a) if a.hash != hash => Err(Break::Checkpoint {
+                seq,
+                why: "the expected head differs from the signed checkpoint at its seq",
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.anchors.insert(seq, anchor);
+                Ok(())
+            }
+        }
+    }
+
+    /// Continues a chain known to hold `hash` at `seq` (checked before): the next record
+    /// pushed must be `seq + 1` and link to it. What the server uses before it signs a head.
+    pub fn continuing(seq: u64, hash: Hash) -> Verifier {
+        Verifier {
+            anchors: BTreeMap::new(),
+            last: (seq > 0).then_some((seq, hash)),
+            first_seq: 0,
+            records: 0,
+        }
     }
 
     /// Checks the next record: `id` is its row id (to name it), `prev` and `hash` what the
@@ -232,10 +299,14 @@ impl Verifier {
         let bad = |why| Break::Record { seq, id, why };
         match self.last {
             None => {
-                let links_to = if seq == 1 {
-                    Some(GENESIS)
-                } else {
-                    self.anchors.get(&(seq - 1)).copied()
+                let links_to = match seq.checked_sub(1) {
+                    None => return Err(bad("its seq is 0")),
+                    Some(0) => Some(GENESIS),
+                    Some(before) => self
+                        .anchors
+                        .get(&before)
+                        .filter(|a| a.removal)
+                        .map(|a| a.hash),
                 };
                 match links_to {
                     None => {
@@ -250,7 +321,6 @@ impl Verifier {
                     }
                     Some(_) => {}
                 }
-                self.first_seq = seq;
             }
             Some((last_seq, last_hash)) => {
                 if seq != last_seq + 1 {
@@ -268,10 +338,13 @@ impl Verifier {
                 "its contents do not match its hash (the record was altered)",
             ));
         }
-        if self.anchors.get(&seq).is_some_and(|a| a != hash) {
+        if self.anchors.get(&seq).is_some_and(|a| a.hash != *hash) {
             return Err(bad(
                 "its hash differs from the signed checkpoint at its seq",
             ));
+        }
+        if self.records == 0 {
+            self.first_seq = seq;
         }
         self.last = Some((seq, *hash));
         self.records += 1;
@@ -426,6 +499,76 @@ mod tests {
         wrong.hash = to_hex(&[9; 32]);
         wrong.signature = sign(&Checkpoint::statement(4, &[9; 32], 5, 4));
         assert_eq!(broken_at(verify(&records[4..], &[wrong])), 5);
+    }
+
+    #[test]
+    fn a_head_checkpoint_does_not_let_the_log_start_after_it() {
+        let records = chain(10);
+        let head = checkpoint_at(&records, 4, 0);
+        assert_eq!(broken_at(verify(&records[4..], &[head])), 5);
+        // A removal and a head at the same seq: the removal counts, in either order.
+        let removal = checkpoint_at(&records, 4, 4);
+        let head = checkpoint_at(&records, 4, 0);
+        for order in [[head.clone(), removal.clone()], [removal, head]] {
+            assert_eq!(verify(&records[4..], &order).unwrap().first_seq, 5);
+        }
+    }
+
+    #[test]
+    fn an_expected_head_catches_a_rewritten_tail_whose_checkpoint_was_deleted() {
+        let records = chain(10);
+        let noted = verify(&records[..8], &[]).unwrap();
+        let mut rewritten = records.clone();
+        let mut prev = from_hex(&rewritten[4].hash).unwrap();
+        for r in rewritten[5..].iter_mut() {
+            r.actor = "user:0".into();
+            r.prev_hash = to_hex(&prev);
+            let h = record_hash(&r.fields(), &prev);
+            r.hash = to_hex(&h);
+            prev = h;
+        }
+        let check = |records: &[ChainedRecord]| {
+            let mut v = Verifier::new(&[], signature_ok)?;
+            v.expect(noted.last_seq, noted.head)?;
+            for r in records {
+                v.push_record(r)?;
+            }
+            v.finish()
+        };
+        assert_eq!(check(&records).unwrap().last_seq, 10);
+        assert_eq!(broken_at(check(&rewritten)), 8);
+        assert!(matches!(
+            check(&records[..7]),
+            Err(Break::Truncated { checkpoint: 8, .. })
+        ));
+    }
+
+    #[test]
+    fn a_continuing_verifier_checks_only_what_follows_a_known_point() {
+        let records = chain(10);
+        let known = from_hex(&records[5].hash).unwrap();
+        let mut v = Verifier::continuing(6, known);
+        for r in &records[6..] {
+            v.push_record(r).unwrap();
+        }
+        assert_eq!(v.finish().unwrap().last_seq, 10);
+        let mut v = Verifier::continuing(6, known);
+        assert!(
+            v.push_record(&records[7]).is_err(),
+            "a gap after the known point"
+        );
+        let mut v = Verifier::continuing(5, known);
+        assert!(
+            v.push_record(&records[6]).is_err(),
+            "a link to another hash"
+        );
+    }
+
+    #[test]
+    fn a_seq_of_zero_is_a_break_not_a_panic() {
+        let mut r = chain(1).remove(0);
+        r.seq = 0;
+        assert_eq!(broken_at(verify(&[r], &[])), 0);
     }
 
     #[test]

@@ -5,10 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use flotilla_audit::{Break, ChainedRecord, Checkpoint, Summary, Verifier};
-use p256::ecdsa::signature::Verifier as _;
-use p256::ecdsa::{Signature, VerifyingKey};
-use p256::pkcs8::DecodePublicKey;
+use flotilla_audit::{Break, ChainedRecord, Checkpoint, Hash, Summary, Verifier};
 use serde_json::json;
 
 use crate::api::{Api, ApiFailure};
@@ -19,18 +16,16 @@ const PAGE: usize = 1_000;
 pub fn ca_signature_ok(ca_pem: &str) -> Result<impl Fn(&[u8], &[u8]) -> bool, ApiFailure> {
     let spki = flotilla_pki::certificate_public_key_der(ca_pem)
         .ok_or_else(|| ApiFailure::other("the CA certificate is not a PEM certificate"))?;
-    let key = VerifyingKey::from_public_key_der(&spki)
-        .map_err(|e| ApiFailure::other(format!("the CA key is not ECDSA P-256: {e}")))?;
-    Ok(move |statement: &[u8], signature: &[u8]| {
-        Signature::from_der(signature).is_ok_and(|sig| key.verify(statement, &sig).is_ok())
-    })
+    flotilla_audit::p256_signature_check(&spki)
+        .map_err(|e| ApiFailure::other(format!("the CA certificate: {e}")))
 }
 
-/// Every record after `after`, oldest first, handed to `each` one page at a time.
+/// Every record after `after`, oldest first, handed to `each` one page at a time until it
+/// returns `false`.
 async fn each_page(
     api: &Api,
     mut after: u64,
-    mut each: impl FnMut(&[ChainedRecord]) -> Result<(), ApiFailure>,
+    mut each: impl FnMut(&[ChainedRecord]) -> Result<bool, ApiFailure>,
 ) -> Result<(), ApiFailure> {
     loop {
         let page = api
@@ -47,12 +42,32 @@ async fn each_page(
             return Err(ApiFailure::other("the server sent records out of order"));
         }
         after = last.seq;
-        each(&page)?;
+        if !each(&page)? {
+            return Ok(());
+        }
     }
 }
 
-/// The outcome of a verification: the chain's summary, or where it breaks.
-pub async fn verify(api: &Api, ca_pem: &str) -> Result<Result<Summary, Break>, ApiFailure> {
+/// The outcome of a verification: the chain's summary, or where it breaks. `expect` is a head
+/// noted from an earlier run (`seq`, hash) that the chain must still hold. A break is checked
+/// a second time before it is reported, since retention removing records between the
+/// download of the checkpoints and of the records looks like a break.
+pub async fn verify(
+    api: &Api,
+    ca_pem: &str,
+    expect: Option<(u64, Hash)>,
+) -> Result<Result<Summary, Break>, ApiFailure> {
+    match verify_once(api, ca_pem, expect).await? {
+        Err(_) => verify_once(api, ca_pem, expect).await,
+        intact => Ok(intact),
+    }
+}
+
+async fn verify_once(
+    api: &Api,
+    ca_pem: &str,
+    expect: Option<(u64, Hash)>,
+) -> Result<Result<Summary, Break>, ApiFailure> {
     let checkpoints: Vec<Checkpoint> =
         serde_json::from_value(api.get("/api/admin/audit/checkpoints").await?)
             .map_err(|e| ApiFailure::other(format!("the server sent no checkpoints: {e}")))?;
@@ -60,22 +75,36 @@ pub async fn verify(api: &Api, ca_pem: &str) -> Result<Result<Summary, Break>, A
         Ok(v) => v,
         Err(b) => return Ok(Err(b)),
     };
+    if let Some((seq, hash)) = expect
+        && let Err(b) = verifier.expect(seq, hash)
+    {
+        return Ok(Err(b));
+    }
     let mut broken = None;
     each_page(api, 0, |page| {
         for r in page {
-            if broken.is_none()
-                && let Err(b) = verifier.push_record(r)
-            {
+            if let Err(b) = verifier.push_record(r) {
                 broken = Some(b);
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     })
     .await?;
     Ok(match broken {
         Some(b) => Err(b),
         None => verifier.finish(),
     })
+}
+
+/// A head as `verify` prints it, `SEQ:HASH`.
+pub fn parse_head(s: &str) -> Result<(u64, Hash), String> {
+    let (seq, hash) = s
+        .split_once(':')
+        .ok_or("a head is SEQ:HASH, as `audit verify` prints it")?;
+    let seq = seq.parse().map_err(|_| format!("{seq:?} is not a seq"))?;
+    let hash = flotilla_audit::from_hex(hash).ok_or("the hash is not 64 hex digits")?;
+    Ok((seq, hash))
 }
 
 /// Writes every record after `after` to `out` as JSON lines, synced to disk, and then tells
@@ -95,15 +124,18 @@ pub async fn export(api: &Api, after: u64, out: &Path) -> Result<(u64, u64), Api
             writeln!(w, "{line}").map_err(fail)?;
             (count, last) = (count + 1, r.seq);
         }
-        Ok(())
+        Ok(true)
     })
     .await?;
     let file = w.into_inner().map_err(|e| fail(e.into_error()))?;
     // The mark goes to the server only once the copy is on disk.
     file.sync_all().map_err(fail)?;
     if count > 0 {
-        api.post("/api/admin/audit/exported", &json!({ "through": last }))
-            .await?;
+        api.post(
+            "/api/admin/audit/exported",
+            &json!({ "after": after, "through": last }),
+        )
+        .await?;
     }
     Ok((count, last))
 }
@@ -112,6 +144,15 @@ pub async fn export(api: &Api, after: u64, out: &Path) -> Result<(u64, u64), Api
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_head_parses_as_verify_prints_it() {
+        let hash = format!("{:064x}", 7);
+        assert_eq!(parse_head(&format!("12:{hash}")).unwrap().0, 12);
+        for bad in ["12", "x:00", &format!("12:{}", &hash[1..])] {
+            assert!(parse_head(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_checkpoint_signed_by_the_ca_verifies_and_a_changed_one_does_not() {

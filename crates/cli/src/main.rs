@@ -111,6 +111,11 @@ enum AuditCmd {
         /// /ca.pem, which trusts the server you are checking; pin your own copy).
         #[arg(long)]
         ca: Option<std::path::PathBuf>,
+        /// A head an earlier verify printed (`SEQ:HASH`), kept where the server cannot reach:
+        /// the chain must still hold it, which catches a tail rewritten after it even when the
+        /// signed head checkpoints were deleted.
+        #[arg(long, value_parser = audit::parse_head)]
+        expect: Option<(u64, flotilla_audit::Hash)>,
     },
     /// Write records after seq AFTER to OUT as JSON lines; once they are on disk the server
     /// may remove them when retention says they are old enough.
@@ -483,13 +488,13 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
 
 async fn run_audit(api: &Api, action: AuditCmd, json_out: bool) -> Result<(), ApiFailure> {
     match action {
-        AuditCmd::Verify { ca } => {
+        AuditCmd::Verify { ca, expect } => {
             let ca_pem = match &ca {
                 Some(path) => std::fs::read_to_string(path)
                     .map_err(|e| ApiFailure::other(format!("reading {}: {e}", path.display())))?,
                 None => api.get_text("/ca.pem").await?,
             };
-            match audit::verify(api, &ca_pem).await? {
+            match audit::verify(api, &ca_pem, expect).await? {
                 Ok(s) => {
                     let head = flotilla_audit::to_hex(&s.head);
                     let r = json!({ "intact": true, "records": s.records, "firstSeq": s.first_seq,

@@ -95,7 +95,7 @@ async fn editing_one_audit_row_in_the_database_makes_audit_verify_fail_at_it() {
             "POST",
             "/api/admin/audit/exported",
             Some(&operator),
-            Some(serde_json::json!({ "through": 1 })),
+            Some(serde_json::json!({ "after": 0, "through": 1 })),
         )
         .await
         .unwrap();

@@ -161,6 +161,25 @@ async fn retention_removes_what_it_should_and_nothing_else() {
     .await
     .unwrap();
 
+    // What each kind removed is recorded after it (the audit kind after its audit record).
+    wait_for(
+        "the audit removal recorded",
+        Duration::from_secs(30),
+        || async {
+            let (_, stats) = server
+                .call("GET", "/api/admin/stats", Some(&admin), None)
+                .await
+                .ok()?;
+            let done = stats["storage"]["retention"]
+                .as_array()?
+                .iter()
+                .any(|r| r["kind"] == "audit" && r["totalDeleted"].as_i64() == Some(through));
+            done.then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
     // Nothing else went.
     assert_eq!(
         count(
@@ -258,4 +277,84 @@ async fn retention_removes_what_it_should_and_nothing_else() {
     assert_eq!(total("telemetryPerDevice"), Some(10), "{stats}");
     assert_eq!(total("finishedCommands"), Some(1), "{stats}");
     assert_eq!(total("audit"), Some(through), "{stats}");
+
+    // The head is signed once the server has checked the chain into it; the CLI takes a head
+    // it printed earlier back as --expect.
+    let head_signed = || async {
+        let (_, v) = server
+            .call(
+                "GET",
+                "/api/admin/audit/chain?after=0&limit=10000",
+                Some(&admin),
+                None,
+            )
+            .await
+            .ok()?;
+        let last = v.as_array()?.last()?.clone();
+        let (_, c) = server
+            .call("GET", "/api/admin/audit/checkpoints", Some(&admin), None)
+            .await
+            .ok()?;
+        let signed = c
+            .as_array()?
+            .iter()
+            .any(|c| c["removed"] == 0 && c["seq"] == last["seq"] && c["hash"] == last["hash"]);
+        signed.then(|| format!("{}:{}", last["seq"], last["hash"].as_str().unwrap()))
+    };
+    let head = wait_for("the head signed", Duration::from_secs(30), head_signed)
+        .await
+        .unwrap();
+    let ca_arg = ca.to_str().unwrap();
+    let with_head = cli.json(&["audit", "verify", "--ca", ca_arg, "--expect", &head]);
+    assert_eq!(with_head["intact"], true, "{with_head}");
+
+    // Someone with the database cuts the newest record: the signed head catches it.
+    let (head_seq, _) = head.split_once(':').unwrap();
+    let head_seq: i64 = head_seq.parse().unwrap();
+    sqlx::query("DELETE FROM audit WHERE seq = $1")
+        .bind(head_seq)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let cut = cli.run(&["audit", "verify", "--ca", ca_arg]);
+    assert_eq!(cut.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&cut.stderr).contains("removed from its end"),
+        "{}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    // ... and deletes the signed head too. The server, checking before it signs the head
+    // again, refuses and audits it; the noted head still catches the cut.
+    sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    wait_for(
+        "the broken chain reported",
+        Duration::from_secs(30),
+        || async {
+            let (_, audited) = server
+                .call(
+                    "GET",
+                    "/api/admin/audit?action=audit.chain_broken",
+                    Some(&admin),
+                    None,
+                )
+                .await
+                .ok()?;
+            (!audited.as_array()?.is_empty()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let (_, c) = server
+        .call("GET", "/api/admin/audit/checkpoints", Some(&admin), None)
+        .await
+        .unwrap();
+    assert!(
+        c.as_array().unwrap().iter().all(|c| c["removed"] != 0),
+        "a broken chain's head was signed: {c}"
+    );
+    let noted = cli.run(&["audit", "verify", "--ca", ca_arg, "--expect", &head]);
+    assert_eq!(noted.status.code(), Some(1));
 }

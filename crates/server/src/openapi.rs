@@ -244,12 +244,15 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "post",
         "/api/admin/audit/exported",
-        "Mark the audit log exported through seq `through` (clamped to the head, never lowered): retention may then remove those records once old enough; audited",
+        "Mark the audit log exported from after seq `after` through seq `through` (clamped to the head, never lowered; 409 when `after` is past the mark, a gap nobody holds): retention may then remove those records once old enough; audited",
         Auth::Admin,
         Some(|| {
             object(
-                &[("through", json!({ "type": "integer", "minimum": 0 }))],
-                &["through"],
+                &[
+                    ("after", json!({ "type": "integer", "minimum": 0 })),
+                    ("through", json!({ "type": "integer", "minimum": 0 })),
+                ],
+                &["after", "through"],
             )
         }),
         200,
@@ -542,7 +545,7 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("post", "/api/admin/device/{deviceId}/revoke") => &[404, 409],
         ("get", "/api/admin/audit") | ("get", "/api/admin/dead-letters") => &[400],
         ("get", "/api/admin/audit/chain") => &[400],
-        ("post", "/api/admin/audit/exported") => &[400, 413],
+        ("post", "/api/admin/audit/exported") => &[400, 409, 413],
         ("post", "/sign-csr") => &[400, 401, 403, 409, 413, 429],
         ("post", "/renew") => &[400, 401, 403, 413, 429],
         ("post", "/renew/confirm") => &[401, 403],

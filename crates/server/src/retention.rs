@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_audit::{Checkpoint, Hash};
+use flotilla_audit::{Break, Checkpoint, Hash, Verifier};
 use flotilla_pki::CertificateAuthority;
-use flotilla_store::{AuditRecord, RetentionKind, Store, StoreError, StoreResult};
+use flotilla_store::{AuditHead, AuditRecord, RetentionKind, Store, StoreError, StoreResult};
 
 use crate::config::RetentionConfig;
 use crate::leader::Leadership;
@@ -18,6 +18,8 @@ use crate::leader::Leadership;
 const PAUSE: Duration = Duration::from_millis(10);
 /// Devices read per page while capping readings per device.
 const DEVICE_PAGE: i64 = 500;
+/// Audit records read per page while checking the chain before its head is signed.
+const AUDIT_PAGE: i64 = 1_000;
 
 pub fn spawn(
     store: Store,
@@ -63,8 +65,34 @@ fn before(now: i64, age: Duration) -> i64 {
     now.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// What a run removed, kind by kind, and the first error it met.
+#[derive(Default)]
+struct Run {
+    removed: Vec<(&'static str, u64)>,
+    failed: Option<StoreError>,
+}
+
+impl Run {
+    /// Keeps what one kind removed (in `/api/admin/stats` at once, so a later failure does
+    /// not lose it), or its error; the run goes on with the next kind either way.
+    async fn note(&mut self, store: &Store, now: i64, kind: &'static str, r: StoreResult<u64>) {
+        let r = match r {
+            Ok(n) => store.record_retention_run(kind, now, n).await.map(|()| n),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(n) => self.removed.push((kind, n)),
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "retention of one kind failed");
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+}
+
 /// One run at wall-clock `now`: what it removed, per kind (`telemetryPerDevice` and `audit`
-/// beside the [`RetentionKind`]s). Stops early when this server stops leading.
+/// beside the [`RetentionKind`]s), or the first error after every kind was tried and the head
+/// marked. Stops early when this server stops leading.
 pub async fn run_once(
     store: &Store,
     ca: &CertificateAuthority,
@@ -72,34 +100,28 @@ pub async fn run_once(
     leadership: &Leadership,
     now: i64,
 ) -> StoreResult<Vec<(&'static str, u64)>> {
-    let mut removed = Vec::new();
+    let mut run = Run::default();
     for kind in RetentionKind::ALL {
         let Some(age) = config.age_of(kind) else {
             continue;
         };
-        let cutoff = before(now, age);
-        let n = drain(
-            store,
-            leadership,
-            config.batch,
-            Batch::Expired(kind, cutoff),
-        )
-        .await?;
-        removed.push((kind.as_str(), n));
+        let expired = Batch::Expired(kind, before(now, age));
+        let r = drain(store, leadership, config.batch, expired).await;
+        run.note(store, now, kind.as_str(), r).await;
     }
     if config.telemetry_per_device > 0 {
-        let n = cap_readings_per_device(store, config, leadership).await?;
-        removed.push(("telemetryPerDevice", n));
+        let r = cap_readings_per_device(store, config, leadership).await;
+        run.note(store, now, "telemetryPerDevice", r).await;
     }
     if let Some(age) = config.audit.0 {
-        let n = remove_exported_audit(store, ca, before(now, age), now).await?;
-        removed.push(("audit", n));
+        let r = remove_exported_audit(store, ca, before(now, age), now).await;
+        run.note(store, now, "audit", r).await;
     }
-    for (kind, n) in &removed {
-        store.record_retention_run(kind, now, *n).await?;
+    let marked = mark_audit_head(store, ca, now).await;
+    match run.failed {
+        Some(e) => Err(e),
+        None => marked.map(|()| run.removed),
     }
-    mark_audit_head(store, ca, now).await?;
-    Ok(removed)
 }
 
 /// One statement's worth of removal.
@@ -207,15 +229,95 @@ async fn remove_exported_audit(
 }
 
 /// A signed checkpoint of the chain's head when it moved since the last one, so a tail cut
-/// or rewritten before it shows in `flotilla audit verify`.
+/// or rewritten before it shows in `flotilla audit verify` while the checkpoint stays. It is
+/// signed only after the records since the newest checkpoint (whose signature is checked
+/// too) were verified to chain into the head: the server never vouches for a chain it has
+/// not checked. A break is logged, audited, and leaves the head unsigned.
 async fn mark_audit_head(store: &Store, ca: &CertificateAuthority, now: i64) -> StoreResult<()> {
     let head = store.audit_head().await?;
-    let newest = store.newest_audit_checkpoint_seq().await?;
-    if head.seq == 0 || newest.is_some_and(|seq| seq >= head.seq) {
+    let newest = store.audit_checkpoints().await?.pop();
+    if head.seq == 0 || newest.as_ref().is_some_and(|c| c.seq >= head.seq) {
         return Ok(());
+    }
+    if let Err(b) = verify_since(store, ca, newest.as_ref(), &head).await? {
+        tracing::error!(%b, "the audit chain does not hold: its head is left unsigned");
+        let detail = b.to_string();
+        // Once per break, not once per run.
+        let said = store
+            .audit_entries(1, Some("audit.chain_broken"))
+            .await?
+            .pop()
+            .and_then(|e| e.detail);
+        if said.as_deref() != Some(&detail) {
+            store
+                .audit(AuditRecord {
+                    actor: "system",
+                    action: "audit.chain_broken",
+                    target: None,
+                    result: "failure",
+                    detail: Some(detail),
+                })
+                .await;
+        }
+        return Err(StoreError::Refused(
+            format!("the audit chain does not hold: {b}").into(),
+        ));
     }
     store
         .add_audit_checkpoint(&checkpoint(ca, head.seq, &head.hash, now, 0)?)
         .await?;
     Ok(())
+}
+
+/// Checks the records after `from` (a checkpoint this CA signed, or the start of the log)
+/// up to `head`, page by page.
+async fn verify_since(
+    store: &Store,
+    ca: &CertificateAuthority,
+    from: Option<&Checkpoint>,
+    head: &AuditHead,
+) -> StoreResult<Result<(), Break>> {
+    let mut verifier = match from {
+        None => Verifier::continuing(0, flotilla_audit::GENESIS),
+        Some(c) => {
+            let Some(hash) = flotilla_audit::from_hex(&c.hash) else {
+                return Ok(Err(Break::Checkpoint {
+                    seq: c.seq,
+                    why: "its hash is not 64 hex digits",
+                }));
+            };
+            let check = flotilla_pki::certificate_public_key_der(ca.certificate_pem())
+                .and_then(|spki| flotilla_audit::p256_signature_check(&spki).ok());
+            let statement = Checkpoint::statement(c.seq, &hash, c.at, c.removed);
+            let signed = check
+                .zip(hex::decode(&c.signature).ok())
+                .is_some_and(|(check, sig)| check(&statement, &sig));
+            if !signed {
+                return Ok(Err(Break::Checkpoint {
+                    seq: c.seq,
+                    why: "its signature does not verify with the CA key",
+                }));
+            }
+            Verifier::continuing(c.seq, hash)
+        }
+    };
+    let mut after = from.map_or(0, |c| c.seq);
+    while after < head.seq {
+        let page = store.audit_chain(after, AUDIT_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in page.iter().filter(|r| r.seq <= head.seq) {
+            if let Err(b) = verifier.push_record(r) {
+                return Ok(Err(b));
+            }
+        }
+    }
+    Ok(match verifier.finish() {
+        Ok(s) if s.last_seq == head.seq && s.head == head.hash => Ok(()),
+        Ok(s) => Err(Break::Truncated {
+            last: s.last_seq,
+            checkpoint: head.seq,
+        }),
+        Err(b) => Err(b),
+    })
 }

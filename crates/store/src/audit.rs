@@ -86,11 +86,20 @@ pub(super) async fn audit_in(
     set_head(tx, &hash).await
 }
 
-/// Chains the rows written before the chain existed (no seq), in id order. Run at open.
+/// Chains the rows written before the chain existed (no seq, and an id below every chained
+/// row's), in id order. Run at open. A row without a seq written after the chain began did
+/// not come through this code: it is left out of the chain and reported loudly, never
+/// laundered into it.
 pub(super) async fn seal_unchained(store: &Store) -> StoreResult<u64> {
     let mut tx = store.begin_immediate().await?;
+    // The head's row lock first, so replicas opening together seal one after the other.
+    sqlx::query("UPDATE audit_chain SET seq = seq WHERE id = 1")
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query(
-        "SELECT id, at, actor, action, target, result, detail FROM audit WHERE seq IS NULL ORDER BY id",
+        "SELECT id, at, actor, action, target, result, detail FROM audit WHERE seq IS NULL \
+           AND id < COALESCE((SELECT MIN(id) FROM audit WHERE seq IS NOT NULL), 9223372036854775807) \
+         ORDER BY id",
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -115,16 +124,27 @@ pub(super) async fn seal_unchained(store: &Store) -> StoreResult<u64> {
             },
             &prev,
         );
-        sqlx::query("UPDATE audit SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4")
-            .bind(seq as i64)
-            .bind(to_hex(&prev))
-            .bind(to_hex(&hash))
-            .bind(row.try_get::<i64, _>("id")?)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE audit SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4 AND seq IS NULL",
+        )
+        .bind(seq as i64)
+        .bind(to_hex(&prev))
+        .bind(to_hex(&hash))
+        .bind(row.try_get::<i64, _>("id")?)
+        .execute(&mut *tx)
+        .await?;
         set_head(&mut tx, &hash).await?;
     }
+    let (stray,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit WHERE seq IS NULL")
+        .fetch_one(&mut *tx)
+        .await?;
     tx.commit().await?;
+    if stray > 0 {
+        tracing::error!(
+            rows = stray,
+            "audit rows without a place in the chain were written after it began: someone wrote the table directly"
+        );
+    }
     Ok(rows.len() as u64)
 }
 
@@ -243,13 +263,6 @@ impl Store {
             .collect())
     }
 
-    pub async fn newest_audit_checkpoint_seq(&self) -> StoreResult<Option<u64>> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM audit_checkpoints")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(seq.map(|s| s as u64))
-    }
-
     pub async fn audit_head(&self) -> StoreResult<AuditHead> {
         let (seq, hash, exported_through): (i64, String, i64) =
             sqlx::query_as("SELECT seq, hash, exported_through FROM audit_chain WHERE id = 1")
@@ -262,19 +275,29 @@ impl Store {
         })
     }
 
-    /// Records that an operator holds a copy of the log through `through` (never beyond the
-    /// head, never backwards); returns the mark now in force.
-    pub async fn mark_audit_exported(&self, through: u64) -> StoreResult<u64> {
+    /// Records that an operator holds a copy of the log from after `after` through `through`
+    /// (the mark never passes the head nor goes back); returns the mark now in force. A copy
+    /// that starts past the mark would leave a gap nobody holds: that is a conflict.
+    pub async fn mark_audit_exported(&self, after: u64, through: u64) -> StoreResult<u64> {
         let through = i64::try_from(through).unwrap_or(i64::MAX);
-        let (mark,): (i64,) = sqlx::query_as(
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let mark: Option<(i64,)> = sqlx::query_as(
             "UPDATE audit_chain SET exported_through = CASE \
                WHEN $1 > seq THEN seq WHEN $1 > exported_through THEN $1 ELSE exported_through END \
-             WHERE id = 1 RETURNING exported_through",
+             WHERE id = 1 AND $2 <= exported_through RETURNING exported_through",
         )
         .bind(through)
-        .fetch_one(&self.pool)
+        .bind(after)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(mark as u64)
+        match mark {
+            Some((mark,)) => Ok(mark as u64),
+            None => Err(StoreError::Conflict(
+                "the copy starts after the records exported so far: export from the mark"
+                    .to_string()
+                    .into(),
+            )),
+        }
     }
 
     /// What retention may remove of the log: exported records, through the last one written
@@ -308,6 +331,15 @@ impl Store {
     /// in the same transaction. Returns the rows deleted.
     pub async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<u64> {
         let mut tx = self.begin_immediate().await?;
+        if checkpoint.removed > 0 {
+            // Heads marked at or before it vouch for nothing that will still be there; a head
+            // at its very seq must give way before the insert, or the removal would not be
+            // stored and the log would start after nothing signed.
+            sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq <= $1")
+                .bind(checkpoint.seq as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(
             "INSERT INTO audit_checkpoints (seq, hash, at, removed, signature) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
@@ -328,11 +360,6 @@ impl Store {
                 .await?;
         }
         let deleted = if checkpoint.removed > 0 {
-            // Heads marked before it vouch for nothing that is still there.
-            sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq <= $1")
-                .bind(checkpoint.seq as i64)
-                .execute(&mut *tx)
-                .await?;
             sqlx::query("DELETE FROM audit WHERE seq <= $1")
                 .bind(checkpoint.seq as i64)
                 .execute(&mut *tx)

@@ -1247,8 +1247,13 @@ async fn the_audit_log_is_a_chain_that_names_the_first_edited_record(store: &Sto
     assert_eq!((head.seq, head.hash), (20, s.head));
 
     // The export mark never passes the head nor goes back.
-    assert_eq!(store.mark_audit_exported(8).await.unwrap(), 8);
-    assert_eq!(store.mark_audit_exported(5).await.unwrap(), 8);
+    assert_eq!(store.mark_audit_exported(0, 8).await.unwrap(), 8);
+    assert_eq!(store.mark_audit_exported(0, 5).await.unwrap(), 8);
+    // A copy that starts past the mark leaves a gap nobody holds.
+    assert!(matches!(
+        store.mark_audit_exported(9, 12).await,
+        Err(crate::StoreError::Conflict(_))
+    ));
     assert!(store.audit_removal(0).await.unwrap().is_none());
     let removal = store.audit_removal(now_ms() + 1).await.unwrap().unwrap();
     assert_eq!((removal.seq, removal.count), (8, 8));
@@ -1262,11 +1267,24 @@ async fn the_audit_log_is_a_chain_that_names_the_first_edited_record(store: &Sto
             signature: hex_of(&test_signature(&statement)),
         }
     };
+    // A head marked at the very seq the removal reaches gives way to the removal.
+    store
+        .add_audit_checkpoint(&checkpoint(removal.seq, &removal.hash, 0))
+        .await
+        .unwrap();
     let removed = store
         .add_audit_checkpoint(&checkpoint(removal.seq, &removal.hash, removal.count))
         .await
         .unwrap();
     assert_eq!(removed, 8);
+    let anchors = store.audit_checkpoints().await.unwrap();
+    assert_eq!(
+        anchors
+            .iter()
+            .map(|c| (c.seq, c.removed))
+            .collect::<Vec<_>>(),
+        [(8, 8)]
+    );
     assert_eq!(
         store
             .add_audit_checkpoint(&checkpoint(20, &head.hash, 0))
@@ -1274,12 +1292,23 @@ async fn the_audit_log_is_a_chain_that_names_the_first_edited_record(store: &Sto
             .unwrap(),
         0
     );
-    assert_eq!(store.mark_audit_exported(u64::MAX).await.unwrap(), 20);
+    assert_eq!(store.mark_audit_exported(8, u64::MAX).await.unwrap(), 20);
     let s = verify_chain(store).await.unwrap();
     assert_eq!(
         (s.records, s.first_seq, s.last_seq, s.checkpoints),
         (12, 9, 20, 2)
     );
+
+    // A row written into the table directly, after the chain began, is not chained at the
+    // next open.
+    run_sql(
+        store,
+        "INSERT INTO audit (at, actor, action, result) VALUES ($1, 'intruder', 'x', 'success')",
+        &[now_ms()],
+    )
+    .await;
+    assert_eq!(super::audit::seal_unchained(store).await.unwrap(), 0);
+    assert_eq!(verify_chain(store).await.unwrap().last_seq, 20);
 
     // One edited row: the verifier names it.
     sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE seq = 12")

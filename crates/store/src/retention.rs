@@ -129,21 +129,28 @@ impl Store {
     }
 
     /// Deletes up to `batch` of `device`'s readings that are not among its newest `keep`
-    /// sequence numbers (seq > newest − keep stays), so at most `keep` readings remain.
+    /// sequence numbers (seq > newest − keep stays), so at most `keep` readings remain. The
+    /// numbers are the device's own: a device that jumps its seq ahead loses its older
+    /// readings sooner, never another device's. A device under the cap costs one indexed read
+    /// and no write.
     pub async fn trim_device_telemetry(
         &self,
         device: &DeviceId,
         keep: u64,
         batch: i64,
     ) -> StoreResult<u64> {
-        let newest: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM telemetry WHERE device_id = $1")
+        let (oldest, newest): (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT MIN(seq), MAX(seq) FROM telemetry WHERE device_id = $1")
                 .bind(device.as_str())
                 .fetch_one(&self.pool)
                 .await?;
-        let Some(below) = newest.and_then(|n| n.checked_sub(i64::try_from(keep).ok()?)) else {
+        let below = newest.and_then(|n| n.checked_sub(i64::try_from(keep).ok()?));
+        let (Some(oldest), Some(below)) = (oldest, below) else {
             return Ok(0);
         };
+        if oldest > below {
+            return Ok(0);
+        }
         Ok(sqlx::query(
             "DELETE FROM telemetry WHERE (device_id, seq) IN \
              (SELECT device_id, seq FROM telemetry WHERE device_id = $1 AND seq <= $2 LIMIT $3)",

@@ -418,9 +418,6 @@ pub(super) async fn save_rollout_in(
             .await?;
         }
     }
-    for rec in &save.audit {
-        super::audit::audit_in(tx, rec).await?;
-    }
     let mut saved = SavedOffers::default();
     for offer in &save.offers {
         match create_update_in(tx, offer).await? {
@@ -438,6 +435,11 @@ pub(super) async fn save_rollout_in(
                 saved.busy.push(offer.device_id.clone())
             }
         }
+    }
+    // Last, so the chain head's lock (which every audited action takes) is held only for
+    // the rest of this transaction, not while the offers are written.
+    for rec in &save.audit {
+        super::audit::audit_in(tx, rec).await?;
     }
     Ok(saved)
 }

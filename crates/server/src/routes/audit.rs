@@ -73,18 +73,23 @@ async fn checkpoints(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Exported {
+    /// The seq the copy starts after: past the current mark is a gap, refused (409).
+    after: u64,
     through: u64,
 }
 
-/// An operator says they hold a copy of the log through seq `through`; retention may then
-/// remove those records once they are old enough. Audited.
+/// An operator says they hold a copy of the log from after seq `after` through seq
+/// `through`; retention may then remove those records once they are old enough. Audited.
 async fn exported(
     State(state): State<AppState>,
     user: AuthUser,
     JsonBody(body): JsonBody<Exported>,
 ) -> ApiResult<Json<Value>> {
     user.require_admin()?;
-    let mark = state.store.mark_audit_exported(body.through).await?;
+    let mark = state
+        .store
+        .mark_audit_exported(body.after, body.through)
+        .await?;
     let actor = user.actor();
     state
         .store
