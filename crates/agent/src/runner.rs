@@ -81,8 +81,10 @@ enum Input {
         connected: bool,
     },
     Csr(Result<(), CsrFailure>),
-    OtaProgress(u64),
-    OtaFinished(Result<(), String>),
+    /// Bytes received by download number `.0`.
+    OtaProgress(u64, u64),
+    /// How download number `.0` ended; one cancelled since is ignored.
+    OtaFinished(u64, Result<(), String>),
     Renewed(Result<(), RenewFailure>),
     /// What the server said of a renewed pair the device holds but did not connect with:
     /// valid (now current) or refused; `None` if it could not be asked.
@@ -159,6 +161,9 @@ pub struct Runner {
     layout: Layout,
     behaviour: Behaviour,
     download: Option<tokio::task::JoinHandle<()>>,
+    /// Numbers downloads, so the progress and result of a cancelled one are told apart from
+    /// the next one's.
+    download_number: u64,
     renewal: RenewalState,
 }
 
@@ -210,6 +215,7 @@ impl Runner {
             layout,
             behaviour: header.behaviour,
             download: None,
+            download_number: 0,
             renewal: RenewalState {
                 check_at: None,
                 in_flight: false,
@@ -304,8 +310,13 @@ impl Runner {
             Input::Wifi { connected: true } => self.device.handle_wifi_connected(now),
             Input::Wifi { connected: false } => self.device.handle_wifi_lost(now),
             Input::Csr(result) => self.device.handle_csr_result(now, result),
-            Input::OtaProgress(received) => self.device.handle_ota_progress(now, received),
-            Input::OtaFinished(result) => {
+            Input::OtaProgress(number, received) => {
+                if number == self.download_number {
+                    self.device.handle_ota_progress(now, received)
+                }
+            }
+            Input::OtaFinished(number, _) if number != self.download_number => {}
+            Input::OtaFinished(_, result) => {
                 self.download = None;
                 if let Err(e) = &result {
                     tracing::warn!(device = %self.label, error = %e, "update failed");
@@ -405,6 +416,12 @@ impl Runner {
                     manifest,
                     resume,
                 } => self.start_download(offer, manifest, resume),
+                Action::CancelDownload => {
+                    if let Some(download) = self.download.take() {
+                        download.abort();
+                    }
+                    self.download_number += 1;
+                }
                 Action::ActivateImage => {
                     let result = self.open_flash().and_then(|mut f| {
                         let slot = self.layout.inactive_slot(&f);
@@ -545,6 +562,8 @@ impl Runner {
         let url = resolve_url(&self.env.backend_url, &offer.url);
         let client = self.download_client();
         let label = self.label.clone();
+        self.download_number += 1;
+        let number = self.download_number;
         tracing::info!(device = %label, %url, version = %manifest.version, resume, "downloading update");
         self.download = Some(tokio::spawn(async move {
             let result = async {
@@ -561,6 +580,7 @@ impl Runner {
                     nvs: nvs.clone(),
                     sync: flash.sync_handle().map_err(|e| e.to_string())?,
                     tx: tx.clone(),
+                    number,
                 };
                 let retry = Retry {
                     attempts: 20,
@@ -578,7 +598,7 @@ impl Runner {
                 flash.sync().map_err(|e| e.to_string())
             }
             .await;
-            let _ = tx.send(Input::OtaFinished(result)).await;
+            let _ = tx.send(Input::OtaFinished(number, result)).await;
         }));
     }
 
@@ -757,6 +777,8 @@ struct AgentProgress {
     nvs: Nvs,
     sync: std::fs::File,
     tx: mpsc::Sender<Input>,
+    /// Which download this is ([`Runner::download_number`]).
+    number: u64,
 }
 
 impl download::Progress for AgentProgress {
@@ -770,7 +792,7 @@ impl download::Progress for AgentProgress {
     }
 
     fn received(&mut self, received: u64) {
-        let _ = self.tx.try_send(Input::OtaProgress(received));
+        let _ = self.tx.try_send(Input::OtaProgress(self.number, received));
     }
 }
 

@@ -18,6 +18,8 @@ pub enum OtaCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Cancel the device's open update; a device downloading it stops and reports FAILED.
+    Cancel { device: String },
     /// Is there a newer release for this device?
     Check { device: String },
     /// A device's updates and every status it reported.
@@ -150,6 +152,18 @@ pub async fn run_ota(api: &Api, cmd: OtaCmd, json_out: bool) -> Result<(), ApiFa
                     r["version"].as_str().unwrap_or_default(),
                     r["id"].as_str().unwrap_or_default(),
                     r["state"].as_str().unwrap_or_default()
+                )
+            });
+        }
+        OtaCmd::Cancel { device } => {
+            let r = api
+                .post(&format!("/api/ota/{}/cancel", segment(&device)), &json!({}))
+                .await?;
+            print_out(json_out, &r, |r| {
+                println!(
+                    "cancelled update {} ({}) of {device}",
+                    r["id"].as_str().unwrap_or_default(),
+                    r["version"].as_str().unwrap_or_default()
                 )
             });
         }

@@ -181,6 +181,9 @@ pub enum Action {
         manifest: FirmwareManifest,
         resume: bool,
     },
+    /// Stop the download [`Action::Download`] started and forget its result: the server
+    /// withdrew the update. What was written stays in the inactive slot, never activated.
+    CancelDownload,
     /// Mark the freshly written inactive slot to boot next (otadata NEW).
     ActivateImage,
     /// The running image passed its health check: mark it VALID.
@@ -482,6 +485,8 @@ impl Device {
             Channel::Ota => {
                 if let Ok(offer) = decode::<OtaOffer>(payload) {
                     self.ota_offer(now, offer);
+                } else if let Ok(cancel) = decode::<flotilla_proto::OtaCancel>(payload) {
+                    self.ota_cancel(&cancel.cancel);
                 }
             }
             _ => {}

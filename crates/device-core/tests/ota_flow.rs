@@ -286,3 +286,74 @@ fn the_bootloader_rolls_back_after_three_unconfirmed_boots() {
     let again = layout.power_on(&mut flash, 0, 3).unwrap();
     assert_eq!((again.slot, again.rolled_back), (0, false));
 }
+
+fn cancel(sim: &mut Sim, id: &str) {
+    let message = encode(&flotilla_proto::OtaCancel { cancel: id.into() });
+    sim.device
+        .handle_message(sim.now, "devices/dev-1/ota", &message);
+    sim.drain();
+}
+
+#[test]
+fn a_cancel_stops_its_download_reports_failed_and_frees_the_device_for_the_next_offer() {
+    let mut sim = Sim::connected(config("1.2.0"));
+    sim.device.handle_wall_clock(0, 1_850_000_000_000);
+    send(&mut sim, &offer("u1", "1.3.0", 1));
+    sim.device.handle_ota_progress(sim.now, 4_000);
+    sim.drain();
+    sim.take_log();
+
+    // Another update's cancel changes nothing.
+    cancel(&mut sim, "u0");
+    assert!(sim.take_log().is_empty());
+    assert!(sim.device.ota_busy());
+
+    cancel(&mut sim, "u1");
+    let log = sim.take_log();
+    let pos = |a: &Action| log.iter().position(|x| x == a);
+    assert!(pos(&Action::CancelDownload).is_some(), "{log:?}");
+    assert!(pos(&Action::Persist(Persist::OtaJob(None))).is_some());
+    sim.log = log;
+    let reports = ota_reports(&mut sim);
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].status, OtaPhase::Failed);
+    assert_eq!(reports[0].id.as_deref(), Some("u1"));
+    assert!(reports[0].error.as_deref().unwrap().contains("cancelled"));
+    assert!(!sim.device.ota_busy());
+    sim.take_log();
+
+    // The shell's late result for the cancelled download is ignored: nothing is activated.
+    sim.device.handle_ota_finished(sim.now, Ok(()));
+    sim.drain();
+    assert!(!sim.log.contains(&Action::ActivateImage));
+    // A second cancel of it is ignored; the next offer downloads.
+    cancel(&mut sim, "u1");
+    assert!(sim.take_log().is_empty());
+    send(&mut sim, &offer("u2", "1.3.0", 1));
+    assert!(
+        sim.log
+            .iter()
+            .any(|a| matches!(a, Action::Download { offer, .. } if offer.id == "u2"))
+    );
+}
+
+#[test]
+fn a_cancel_after_the_image_was_installed_is_too_late_and_the_outcome_follows() {
+    let mut sim = booted(
+        "1.3.0",
+        Stored {
+            booted: BootedImage::PendingVerify,
+            ota_awaiting: Some(Awaiting {
+                id: "u1".into(),
+                version: "1.3.0".into(),
+            }),
+            ..Stored::default()
+        },
+    );
+    cancel(&mut sim, "u1");
+    assert!(!sim.log.contains(&Action::CancelDownload));
+    sim.run_until(CONFIRM_MS + 1);
+    let reports = ota_reports(&mut sim);
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].status, OtaPhase::Success);
+}

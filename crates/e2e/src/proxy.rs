@@ -1,5 +1,7 @@
 //! A TCP proxy that cuts connections: forwards both ways, but closes each connection once the
-//! server has sent it a chosen number of bytes — a link that drops mid-download.
+//! server has sent it a chosen number of bytes — a link that drops mid-download — or, started
+//! with [`CuttingProxy::stalling`], holds it open without forwarding another byte: a server
+//! that stalls.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,23 @@ impl CuttingProxy {
     pub async fn start(
         target: SocketAddr,
         budget: impl Fn(usize) -> usize + Send + Sync + 'static,
+    ) -> anyhow::Result<CuttingProxy> {
+        Self::run(target, budget, false).await
+    }
+
+    /// Like [`CuttingProxy::start`], but a connection past its budget stays open and silent
+    /// (counted in `cuts`) until the client closes it.
+    pub async fn stalling(
+        target: SocketAddr,
+        budget: impl Fn(usize) -> usize + Send + Sync + 'static,
+    ) -> anyhow::Result<CuttingProxy> {
+        Self::run(target, budget, true).await
+    }
+
+    async fn run(
+        target: SocketAddr,
+        budget: impl Fn(usize) -> usize + Send + Sync + 'static,
+        stall: bool,
     ) -> anyhow::Result<CuttingProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -62,6 +81,11 @@ impl CuttingProxy {
                             cuts.fetch_add(1, Ordering::SeqCst);
                             break;
                         }
+                    }
+                    if stall && sent >= limit {
+                        // Silent until the client gives up and closes its side.
+                        let _ = up.await;
+                        return;
                     }
                     up.abort();
                 });

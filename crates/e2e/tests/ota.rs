@@ -918,3 +918,167 @@ async fn a_health_gated_rollout_stops_when_its_updated_device_crashes_more_than_
     assert_eq!(stopped["progress"]["waiting"], 3, "{stopped}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_update_stops_the_download_on_the_device_which_then_takes_the_next_offer()
+-> anyhow::Result<()> {
+    let (tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    // Until `stall` is cleared, a connection to the device listener stalls after 400 KB (the
+    // image is 1.5 MiB; certificate signing needs far less).
+    let target = format!("127.0.0.1:{}", server.device_port).parse()?;
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stalling = stall.clone();
+    let proxy = CuttingProxy::stalling(target, move |_| {
+        if stalling.load(std::sync::atomic::Ordering::SeqCst) {
+            400_000
+        } else {
+            usize::MAX
+        }
+    })
+    .await?;
+    let args = agent_args(&kit);
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let backend = format!("https://localhost:{}", proxy.addr.port());
+    args.extend(["--backend-url", &backend]);
+    let agent = Agent::start(&server, &tmp.path().join("ota-cancel"), &args).await?;
+    agent.provision(&server, &jwt, "ota-cancel").await?;
+    wait_for_version(&server, &jwt, "ota-cancel", "1.0.0").await;
+    for v in ["1.1.0", "1.2.0"] {
+        let image = kit.release(v, "normal");
+        cli.json(&["release", "publish", image.to_str().unwrap()]);
+    }
+    cli.json(&["ota", "send", "ota-cancel", "1.1.0"]);
+    wait_for(
+        "the download under way",
+        Duration::from_secs(30),
+        || async {
+            let h = history(&server, &jwt, "ota-cancel").await;
+            (h.first()?["state"] == "in_progress").then_some(())
+        },
+    )
+    .await?;
+    // While it downloads, a new offer is refused ...
+    let (status, body) = server
+        .call(
+            "POST",
+            "/api/ota/ota-cancel/start",
+            Some(&jwt),
+            Some(json!({"version": "1.2.0"})),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    // ... until the operator cancels it: the device stops and says so.
+    let cancelled = cli.json(&["ota", "cancel", "ota-cancel"]);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    let h = wait_for(
+        "the device's FAILED report",
+        Duration::from_secs(30),
+        || async {
+            let h = history(&server, &jwt, "ota-cancel").await;
+            statuses(h.first()?)
+                .contains(&"FAILED".to_string())
+                .then_some(h)
+        },
+    )
+    .await
+    .inspect_err(|_| eprintln!("{}", agent.log()))?;
+    assert_eq!(h[0]["state"], "cancelled");
+    let failed = h[0]["events"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled by the server"),
+        "{failed}"
+    );
+    let (status, body) = server
+        .call("POST", "/api/ota/ota-cancel/cancel", Some(&jwt), None)
+        .await?;
+    assert_eq!(status, 404, "nothing left to cancel: {body}");
+    let (_, audited) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=ota.cancel",
+            Some(&jwt),
+            None,
+        )
+        .await?;
+    assert_eq!(audited.as_array().unwrap().len(), 1, "{audited}");
+
+    // The device is free: the next offer downloads (the link passes now) and installs.
+    stall.store(false, std::sync::atomic::Ordering::SeqCst);
+    cli.json(&["ota", "send", "ota-cancel", "1.2.0"]);
+    wait_for_version(&server, &jwt, "ota-cancel", "1.2.0").await;
+    assert!(proxy.cuts.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    drop(agent);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_rollouts_update_frees_its_target_without_a_failure_and_reaches_a_device_that_was_away()
+-> anyhow::Result<()> {
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let id = server.enroll(&jwt, "away-dev").await?;
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    dev.subscribe("devices/away-dev/ota").await?;
+    dev.publish(
+        "devices/away-dev/status",
+        br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
+    )
+    .await?;
+    wait_for_version(&server, &jwt, "away-dev", "1.0.0").await;
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let r = cli.json(&["rollout", "create", "1.1.0", "--devices", "away-dev"]);
+    let rollout = r["id"].as_str().unwrap().to_string();
+    let (_, payload) = dev.message(Duration::from_secs(10)).await?;
+    let offer: Value = serde_json::from_slice(&payload)?;
+    let offer_id = offer["id"].as_str().unwrap().to_string();
+    let report = json!({"status": "IN_PROGRESS", "id": offer_id, "progress": 40});
+    dev.publish(
+        "devices/away-dev/ota/status",
+        report.to_string().into_bytes(),
+    )
+    .await?;
+    wait_for("the download recorded", Duration::from_secs(10), || async {
+        let h = history(&server, &jwt, "away-dev").await;
+        (h.first()?["state"] == "in_progress").then_some(())
+    })
+    .await?;
+
+    cli.json(&["ota", "cancel", "away-dev"]);
+    let (_, payload) = dev.message(Duration::from_secs(10)).await?;
+    let cancel: Value = serde_json::from_slice(&payload)?;
+    assert_eq!(cancel, json!({ "cancel": offer_id }));
+    // The rollout hears it: the target waits again, no failure counted.
+    let r = wait_for(
+        "the target waiting again",
+        Duration::from_secs(15),
+        || async {
+            let (_, r) = server
+                .call("GET", &format!("/api/rollouts/{rollout}"), Some(&jwt), None)
+                .await
+                .ok()?;
+            (r["progress"]["inFlight"] == 0).then_some(r)
+        },
+    )
+    .await?;
+    assert_eq!(r["progress"]["failed"], 0, "{r}");
+    assert_eq!(r["progress"]["state"], "running", "{r}");
+
+    // A device that was away when the cancel went out gets it at its next session.
+    drop(dev);
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    dev.subscribe("devices/away-dev/ota").await?;
+    // The rollout may offer again too: look for the cancel among what arrives.
+    let mut arrived = Vec::new();
+    while let Ok((_, payload)) = dev.message(Duration::from_secs(5)).await {
+        let v: Value = serde_json::from_slice(&payload)?;
+        if v.get("cancel").is_some() {
+            arrived.push(v);
+            break;
+        }
+    }
+    assert_eq!(arrived, [json!({ "cancel": offer_id })]);
+    Ok(())
+}

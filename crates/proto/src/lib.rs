@@ -28,7 +28,7 @@ mod topic;
 mod version;
 
 pub use device_id::{DeviceId, DeviceIdError};
-pub use manifest::{FirmwareManifest, OtaOffer, SignedManifest};
+pub use manifest::{FirmwareManifest, OtaCancel, OtaOffer, SignedManifest};
 pub use messages::{
     Command, CommandReply, CommandStatus, DesiredConfig, Heartbeat, LedState, MAX_INTERVAL_S,
     OtaPhase, OtaStatus, SensorKind, Status, Telemetry,

@@ -47,3 +47,12 @@ pub struct OtaOffer {
     #[serde(default)]
     pub force: bool,
 }
+
+/// `devices/{id}/ota`, beside offers: the server withdrew offer `cancel` (an operator
+/// cancelled it, or a newer offer replaced it). A device downloading that update stops and
+/// reports it FAILED; one that already installed it, or never started it, ignores this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaCancel {
+    pub cancel: String,
+}

@@ -426,6 +426,14 @@ pub const OPERATIONS: &[Operation] = &[
         202,
     ),
     (
+        "post",
+        "/api/ota/{deviceId}/cancel",
+        "Cancel the device's open update and tell the device (it stops downloading and reports FAILED; an installed image is past recall); a rollout's target waits again; audited",
+        Auth::User,
+        None,
+        200,
+    ),
+    (
         "get",
         "/api/ota/{deviceId}/history",
         "A device's updates with every status it reported",
@@ -561,6 +569,7 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("get", "/api/ota/{deviceId}/check") => &[404],
         ("post", "/api/ota/{deviceId}/start") => &[400, 404, 409, 413],
         ("get", "/api/ota/{deviceId}/history") => &[404],
+        ("post", "/api/ota/{deviceId}/cancel") => &[404],
         ("post", "/api/rollouts") => &[400, 404, 409, 413],
         ("get", "/api/rollouts/{id}") => &[404],
         ("post", "/api/rollouts/{id}/{action}") => &[202, 404, 409],

@@ -778,9 +778,10 @@ async fn ota_offers_and_reports(store: &Store) {
         })
         .await
         .unwrap();
-    assert_eq!(u1.state, UpdateState::Offered);
-    // A newer offer cancels the open one.
-    store
+    assert_eq!(u1.update.state, UpdateState::Offered);
+    assert!(u1.withdrawn.is_empty());
+    // A newer offer cancels the open one, and says which, for the device to be told.
+    let u2 = store
         .create_update(&NewOffer {
             id: "u2",
             device_id: &dev("d"),
@@ -792,8 +793,23 @@ async fn ota_offers_and_reports(store: &Store) {
         })
         .await
         .unwrap();
+    assert_eq!(
+        u2.withdrawn,
+        [crate::Withdrawn {
+            device_id: dev("d"),
+            update_id: "u1".into()
+        }]
+    );
     assert!(!store.has_open_update(&dev("d"), "1.1.0").await.unwrap());
     assert!(store.has_open_update(&dev("d"), "1.2.0").await.unwrap());
+    let since = now_ms() - 60_000;
+    assert_eq!(
+        store
+            .cancelled_updates_since(&dev("d"), since)
+            .await
+            .unwrap(),
+        ["u1"]
+    );
     assert_eq!(store.unstarted_updates(&dev("d")).await.unwrap().len(), 1);
 
     let report = |v: serde_json::Value| -> flotilla_proto::OtaStatus { message(v) };
@@ -1097,7 +1113,37 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         })
         .await
         .unwrap();
-    assert_eq!(superseding.id, "u-r1-again");
+    assert_eq!(superseding.update.id, "u-r1-again");
+    assert_eq!(
+        superseding
+            .withdrawn
+            .iter()
+            .map(|w| w.update_id.as_str())
+            .collect::<Vec<_>>(),
+        ["u-r1"],
+        "the started update it replaced, for the device to be told"
+    );
+    // An operator cancels the device's open update, whatever its state; then there is none.
+    let cancelled = store
+        .cancel_open_update(&d2, "cancelled by user:1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            cancelled.id.as_str(),
+            cancelled.state,
+            cancelled.rollout_id.as_deref()
+        ),
+        ("u-r1-again", UpdateState::Cancelled, Some("r1"))
+    );
+    assert!(
+        store
+            .cancel_open_update(&d2, "again")
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A rollout that ends cancels its unstarted offers and puts their targets back to
     // waiting (an override offers them again); a started one stays in flight.
     store
@@ -1134,10 +1180,18 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         .execute(&store.pool)
         .await
         .unwrap();
-    store
+    let stopped = store
         .save_rollout(&r3(RolloutState::Stopped, Some("rollout stopped")))
         .await
         .unwrap();
+    assert_eq!(
+        stopped.withdrawn,
+        [crate::Withdrawn {
+            device_id: c2.clone(),
+            update_id: "u-c2".into()
+        }],
+        "the unstarted offer a stopped rollout cancels, for its device to be told"
+    );
     assert_eq!(
         store
             .rollout_targets("r3")

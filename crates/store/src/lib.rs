@@ -48,7 +48,7 @@ pub use devices::{DeviceRow, DeviceUpdate, GateEntry, TelemetryRow};
 pub use error::{StoreError, StoreResult};
 pub use ingest::WriteTx;
 pub use leases::{FencedTx, Held};
-pub use ota::{Finished, NewOffer, UpdateRow};
+pub use ota::{Finished, MadeOffer, NewOffer, UpdateRow, Withdrawn};
 pub use releases::{NewRelease, ReleaseRow};
 pub use retention::{RetentionKind, RetentionRun, StorageFigures};
 pub use rollout_candidates::{Candidate, Selection, TargetSelector};

@@ -59,6 +59,21 @@ pub struct Finished {
     pub state: UpdateState,
 }
 
+/// An open update the server cancelled (replaced by a newer offer, or cancelled by an
+/// operator or a halted rollout): the device is told, in case it started it meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withdrawn {
+    pub device_id: DeviceId,
+    pub update_id: String,
+}
+
+/// A recorded offer and the open updates it replaced.
+#[derive(Debug, Clone)]
+pub struct MadeOffer {
+    pub update: UpdateRow,
+    pub withdrawn: Vec<Withdrawn>,
+}
+
 /// An offer of a release to one device, as recorded before it is sent.
 #[derive(Debug, Clone)]
 pub struct NewOffer<'a> {
@@ -76,15 +91,53 @@ impl Store {
     /// Records a new offer, replacing (cancelling) any open one for the device that it has not
     /// started — or, unless `offer.supersede_started`, refusing (conflict) while the device is
     /// working on one.
-    pub async fn create_update(&self, offer: &NewOffer<'_>) -> StoreResult<UpdateRow> {
+    pub async fn create_update(&self, offer: &NewOffer<'_>) -> StoreResult<MadeOffer> {
         let mut tx = self.pool.begin().await?;
         match create_update_in(&mut tx, offer).await? {
-            Offered::Made(row) => {
+            Offered::Made(made) => {
                 tx.commit().await?;
-                Ok(row)
+                Ok(made)
             }
             Offered::Busy(why) => Err(super::StoreError::Conflict(why.into())),
         }
+    }
+
+    /// Cancels the device's open update, whatever its state, with `why`; `None` when it has
+    /// none. The device is to be told ([`Withdrawn`]); its planner reads the cancellation.
+    pub async fn cancel_open_update(
+        &self,
+        device_id: &DeviceId,
+        why: &str,
+    ) -> StoreResult<Option<UpdateRow>> {
+        let mut tx = self.pool.begin().await?;
+        super::devices::lock_device(&mut tx, device_id.as_str()).await?;
+        let row = sqlx::query(&format!(
+            "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
+             WHERE device_id = $3 AND state IN {OPEN} RETURNING *"
+        ))
+        .bind(truncate_chars(why, 200))
+        .bind(now_ms())
+        .bind(device_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.as_ref().map(update_from).transpose()
+    }
+
+    /// Ids of the device's updates cancelled at or after `since_ms` (at most 10, newest first).
+    pub async fn cancelled_updates_since(
+        &self,
+        device_id: &DeviceId,
+        since_ms: i64,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM ota_updates WHERE device_id = $1 AND state = 'cancelled' \
+             AND updated_at >= $2 ORDER BY updated_at DESC LIMIT 10",
+        )
+        .bind(device_id.as_str())
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Offers the device has not acted on yet: re-sent when it comes back online.
@@ -286,7 +339,7 @@ fn phase_name(p: OtaPhase) -> &'static str {
 /// Records a new offer in `tx`, replacing (cancelling) any open one for the device.
 /// What recording an offer came to.
 pub(super) enum Offered {
-    Made(UpdateRow),
+    Made(MadeOffer),
     /// Not recorded, nothing written: the device is working on another update.
     Busy(String),
 }
@@ -304,13 +357,13 @@ pub(super) async fn create_update_in(
     } else {
         "('offered')"
     };
-    sqlx::query(&format!(
+    let withdrawn: Vec<String> = sqlx::query_scalar(&format!(
         "UPDATE ota_updates SET state = 'cancelled', error = 'superseded by a newer offer', updated_at = $1 \
-         WHERE device_id = $2 AND state IN {replaced}"
+         WHERE device_id = $2 AND state IN {replaced} RETURNING id"
     ))
     .bind(now)
     .bind(offer.device_id.as_str())
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
     // Checked after the first write, which on SQLite takes the write lock (a read first would
     // make the transaction a reader that cannot upgrade while another writes). A refusal has
@@ -344,5 +397,14 @@ pub(super) async fn create_update_in(
     .bind(now)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(Offered::Made(update_from(&row)?))
+    Ok(Offered::Made(MadeOffer {
+        update: update_from(&row)?,
+        withdrawn: withdrawn
+            .into_iter()
+            .map(|update_id| Withdrawn {
+                device_id: offer.device_id.clone(),
+                update_id,
+            })
+            .collect(),
+    }))
 }

@@ -339,6 +339,9 @@ pub struct SavedOffers {
     pub made: Vec<UpdateRow>,
     /// Working on another update (an operator's): not offered.
     pub busy: Vec<flotilla_proto::DeviceId>,
+    /// Open updates cancelled by this save (unstarted offers of a halted rollout, or ones a
+    /// new offer replaced): the devices are told.
+    pub withdrawn: Vec<super::ota::Withdrawn>,
 }
 
 pub(super) async fn save_rollout_in(
@@ -395,19 +398,26 @@ pub(super) async fn save_rollout_in(
             .execute(&mut **tx)
             .await?;
     }
+    let mut withdrawn = Vec::new();
     if let Some(why) = save.cancel_unstarted {
         // Exactly the offers cancelled here (one a device starts meanwhile is not) were never
         // reached: their targets wait again, and an override offers them anew.
-        let cancelled: Vec<String> = sqlx::query_scalar(
+        let cancelled: Vec<(String, String)> = sqlx::query_as(
             "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
-             WHERE rollout_id = $3 AND state = 'offered' RETURNING device_id",
+             WHERE rollout_id = $3 AND state = 'offered' RETURNING device_id, id",
         )
         .bind(why)
         .bind(now_ms())
         .bind(save.id)
         .fetch_all(&mut **tx)
         .await?;
-        for device in &cancelled {
+        for (device, update_id) in &cancelled {
+            if let Ok(device_id) = flotilla_proto::DeviceId::parse(device) {
+                withdrawn.push(super::ota::Withdrawn {
+                    device_id,
+                    update_id: update_id.clone(),
+                });
+            }
             sqlx::query(
                 "UPDATE rollout_targets SET state = 'waiting', since = NULL \
                  WHERE rollout_id = $1 AND device_id = $2 AND state = 'in_flight'",
@@ -418,10 +428,16 @@ pub(super) async fn save_rollout_in(
             .await?;
         }
     }
-    let mut saved = SavedOffers::default();
+    let mut saved = SavedOffers {
+        withdrawn,
+        ..SavedOffers::default()
+    };
     for offer in &save.offers {
         match create_update_in(tx, offer).await? {
-            Offered::Made(row) => saved.made.push(row),
+            Offered::Made(made) => {
+                saved.made.push(made.update);
+                saved.withdrawn.extend(made.withdrawn);
+            }
             Offered::Busy(_) => {
                 // Saved as waiting, not as an offer that was never made.
                 sqlx::query(

@@ -175,6 +175,23 @@ impl Device {
         self.start_job(now, offer, false);
     }
 
+    /// The server withdrew offer `id`. Only its download stops (reported FAILED): an image
+    /// already installed is past recall, and its outcome (SUCCESS or ROLLED_BACK) follows.
+    pub(super) fn ota_cancel(&mut self, id: &str) {
+        if !self.ota.job.as_ref().is_some_and(|j| j.id == id) {
+            return;
+        }
+        let Some(job) = self.ota.job.take() else {
+            return;
+        };
+        if self.ota.downloading {
+            self.actions.push_back(Action::CancelDownload);
+        }
+        self.ota.downloading = false;
+        self.persist(Persist::OtaJob(None));
+        self.report_failed(&job, "cancelled by the server");
+    }
+
     fn start_job(&mut self, now: Millis, offer: OtaOffer, resume: bool) {
         let version: FirmwareVersion =
             self.config

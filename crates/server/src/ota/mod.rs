@@ -9,12 +9,15 @@ pub mod keys;
 
 use std::sync::{Arc, OnceLock};
 
-use flotilla_proto::{Channel, DeviceId, OtaOffer, SignedManifest, Topic, encode};
+use flotilla_proto::{Channel, DeviceId, OtaCancel, OtaOffer, SignedManifest, Topic, encode};
 use tokio::sync::mpsc;
 
 use crate::downlink::Downlink;
 use crate::rollouts;
-use flotilla_store::{Finished, ReleaseRow, Store, UpdateRow};
+use flotilla_store::{Finished, ReleaseRow, Store, UpdateRow, Withdrawn};
+
+/// How long a cancel is sent again at each session start.
+const CANCEL_RESEND_MS: i64 = 86_400_000;
 
 pub use artifacts::Artifacts;
 pub use keys::TrustedKeys;
@@ -60,7 +63,7 @@ impl OtaService {
         created_by: Option<i64>,
     ) -> flotilla_store::StoreResult<UpdateRow> {
         let id = format!("ota-{}", hex::encode(rand::random::<[u8; 12]>()));
-        let update = self
+        let made = self
             .store
             .create_update(&flotilla_store::NewOffer {
                 id: &id,
@@ -73,8 +76,46 @@ impl OtaService {
                 supersede_started: force,
             })
             .await?;
-        self.publish(&update, release).await;
-        Ok(update)
+        self.withdraw(&made.withdrawn);
+        self.publish(&made.update, release).await;
+        Ok(made.update)
+    }
+
+    /// Cancels the device's open update with `why` and tells the device; `None` when it has
+    /// none. A rollout that made it reads the cancellation from the database (its target
+    /// waits again, not a failure).
+    pub async fn cancel(
+        &self,
+        device: &DeviceId,
+        why: &str,
+    ) -> flotilla_store::StoreResult<Option<UpdateRow>> {
+        let cancelled = self.store.cancel_open_update(device, why).await?;
+        if let Some(u) = &cancelled {
+            self.withdraw(&[Withdrawn {
+                device_id: u.device_id.clone(),
+                update_id: u.id.clone(),
+            }]);
+        }
+        Ok(cancelled)
+    }
+
+    /// Tells devices their cancelled updates are withdrawn (`OtaCancel`), so one that started
+    /// downloading stops. Sent again at each session start for a day ([`Self::resend_offers`]),
+    /// for a device that was not connected; the firmware endpoint also refuses the image to
+    /// a cancelled update, so a download resumed after a drop fails.
+    pub fn withdraw(&self, withdrawn: &[Withdrawn]) {
+        let Some(downlink) = self.downlink.get() else {
+            return;
+        };
+        for w in withdrawn {
+            let topic = Topic::new(&w.device_id, Channel::Ota);
+            let cancel = OtaCancel {
+                cancel: w.update_id.clone(),
+            };
+            if let Err(e) = downlink.publish(topic.as_str(), encode(&cancel), false) {
+                tracing::warn!(error = %e, update = %w.update_id, "OTA cancel not sent");
+            }
+        }
     }
 
     /// Sends a recorded offer (stored first: a lost publish is re-sent at the next session).
@@ -98,8 +139,22 @@ impl OtaService {
     }
 
     /// A device's session started (it subscribed to its offers): send again every offer it
-    /// has not started.
+    /// has not started, and the cancels of updates cancelled in the last day.
     pub async fn resend_offers(&self, device_id: &DeviceId) {
+        let since = flotilla_store::now_ms() - CANCEL_RESEND_MS;
+        match self.store.cancelled_updates_since(device_id, since).await {
+            Ok(ids) => {
+                let withdrawn: Vec<Withdrawn> = ids
+                    .into_iter()
+                    .map(|update_id| Withdrawn {
+                        device_id: device_id.clone(),
+                        update_id,
+                    })
+                    .collect();
+                self.withdraw(&withdrawn);
+            }
+            Err(e) => tracing::warn!(error = %e, "loading cancelled updates failed"),
+        }
         match self.store.unstarted_updates(device_id).await {
             Ok(updates) => {
                 for u in &updates {

@@ -671,6 +671,7 @@ impl Manager {
         let release = a.release.clone();
         match saved {
             Ok(Some(offers)) => {
+                self.ota.withdraw(&offers.withdrawn);
                 for offer in &offers.made {
                     self.ota.publish(offer, &release).await;
                 }

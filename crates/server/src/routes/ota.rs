@@ -19,6 +19,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/ota/{device_id}/check", get(check))
         .route("/api/ota/{device_id}/start", post(start))
+        .route("/api/ota/{device_id}/cancel", post(cancel))
         .route("/api/ota/{device_id}/history", get(history))
         .route("/api/firmware/distribution", get(distribution))
 }
@@ -60,7 +61,8 @@ struct StartRequest {
     /// Defaults to the latest release for the device's hardware.
     version: Option<String>,
     /// Allows an older version (the device still refuses a lower security counter), and
-    /// replaces an update the device has started instead of refusing with 409.
+    /// replaces an update the device has started instead of refusing with 409 (the device is
+    /// told to stop it, as by `POST /api/ota/{id}/cancel`).
     #[serde(default)]
     force: bool,
 }
@@ -146,6 +148,34 @@ async fn start(
     )
     .await;
     Ok((StatusCode::ACCEPTED, Json(update)))
+}
+
+/// Cancels the device's open update (offered, started or downloading) and tells the device,
+/// which stops downloading and reports FAILED; an image already installed is past recall.
+/// A rollout's target waits again (not a failure). 404 when there is none. Audited.
+async fn cancel(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(device_id): Path<String>,
+) -> ApiResult<Json<UpdateRow>> {
+    user.require_operator()?;
+    let device = visible_device(&state, &user, &device_id).await?;
+    let why = format!("cancelled by {}", user.actor());
+    let cancelled = state
+        .ota
+        .cancel(&device.device_id, &why)
+        .await?
+        .ok_or(ApiError::NotFound("the device has no open update"))?;
+    super::audit(
+        &state,
+        &user,
+        "ota.cancel",
+        device.device_id.as_str(),
+        "success",
+        Some(format!("{} {}", cancelled.id, cancelled.version)),
+    )
+    .await;
+    Ok(Json(cancelled))
 }
 
 async fn history(
