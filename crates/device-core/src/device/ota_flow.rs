@@ -178,10 +178,7 @@ impl Device {
     /// The server withdrew offer `id`. Only its download stops (reported FAILED): an image
     /// already installed is past recall, and its outcome (SUCCESS or ROLLED_BACK) follows.
     pub(super) fn ota_cancel(&mut self, id: &str) {
-        if !self.ota.job.as_ref().is_some_and(|j| j.id == id) {
-            return;
-        }
-        let Some(job) = self.ota.job.take() else {
+        let Some(job) = self.ota.job.take_if(|j| j.id == id) else {
             return;
         };
         if self.ota.downloading {
