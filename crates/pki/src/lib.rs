@@ -175,13 +175,24 @@ impl CertificateAuthority {
         Ok(rcgen::SigningKey::sign(self.issuer.key(), statement)?)
     }
 
-    /// A TLS server certificate for `hosts` (DNS names or IP addresses), with a fresh key.
+    /// A TLS server certificate for `hosts` (DNS names or IP addresses), with a fresh key,
+    /// valid 365 days.
     pub fn issue_server_certificate(&self, hosts: &[String]) -> Result<KeyedCertificate, PkiError> {
+        self.issue_server_certificate_valid_for(hosts, std::time::Duration::from_secs(365 * 86_400))
+    }
+
+    /// [`CertificateAuthority::issue_server_certificate`] with a chosen life.
+    pub fn issue_server_certificate_valid_for(
+        &self,
+        hosts: &[String],
+        validity: std::time::Duration,
+    ) -> Result<KeyedCertificate, PkiError> {
+        let validity = Duration::try_from(validity).map_err(|_| PkiError::BadValidity)?;
         let mut params = CertificateParams::new(hosts.to_vec())?;
         params.distinguished_name = name("flotilla-server");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        self.issue_keyed(params, Duration::days(365))
+        self.issue_keyed(params, validity)
     }
 
     /// A client certificate for one of the server's own MQTT clients, CN `svc:<name>`, valid

@@ -67,6 +67,16 @@ pub struct ServerConfig {
         value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
     )]
     pub service_cert_validity_secs: u64,
+    /// Lifetime of the server's TLS certificate (HTTPS device listener, MQTT device listener),
+    /// in seconds (default 365 days); renewed after two thirds of it while the server runs,
+    /// shown to every handshake from then on.
+    #[arg(
+        long = "server-cert-validity",
+        env = "FLOTILLA_SERVER_CERT_VALIDITY",
+        default_value_t = 365 * 86_400,
+        value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
+    )]
+    pub server_cert_validity_secs: u64,
     /// What is kept how long.
     #[command(flatten)]
     pub retention: RetentionConfig,
@@ -431,6 +441,10 @@ impl ServerConfig {
 
     pub fn service_cert_validity(&self) -> Duration {
         Duration::from_secs(self.service_cert_validity_secs)
+    }
+
+    pub fn server_cert_validity(&self) -> Duration {
+        Duration::from_secs(self.server_cert_validity_secs)
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {

@@ -8,16 +8,19 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use flotilla_pki::KeyedCertificate;
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::app::AppState;
 use crate::conn_limits::ConnectionGate;
 use crate::listener::Transport;
+use crate::rotation::Identity;
 use crate::routes;
 
 pub fn router(state: AppState) -> Router {
@@ -40,7 +43,51 @@ pub fn router(state: AppState) -> Router {
 #[derive(Debug, Clone)]
 pub struct PeerIdentity(pub Option<(String, String)>);
 
-pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<TlsAcceptor> {
+/// The server certificate each handshake shows: the identity's current one, so a renewed
+/// certificate is in use from the handshake after it was issued (open connections keep theirs).
+#[derive(Debug)]
+struct CurrentCertificate(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.read().ok().map(|k| k.clone())
+    }
+}
+
+fn certified_key(cert: &KeyedCertificate) -> anyhow::Result<Arc<CertifiedKey>> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.certificate_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .context("server certificate")?;
+    let key =
+        PrivateKeyDer::from_pem_slice(cert.private_key_pem.as_bytes()).context("server key")?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider)?))
+}
+
+/// The device listener's TLS set-up: client certificates checked against `ca_pem` when
+/// offered, the server certificate taken from `identity` as it is renewed.
+pub fn tls_acceptor(ca_pem: &str, mut identity: Identity) -> anyhow::Result<TlsAcceptor> {
+    let current = Arc::new(CurrentCertificate(std::sync::RwLock::new(certified_key(
+        &identity.borrow_and_update(),
+    )?)));
+    let updating = current.clone();
+    tokio::spawn(async move {
+        while identity.changed().await.is_ok() {
+            let renewed = certified_key(&identity.borrow_and_update());
+            match renewed {
+                Ok(key) => {
+                    if let Ok(mut slot) = updating.0.write() {
+                        *slot = key;
+                    }
+                    tracing::info!("device listener: renewed server certificate in use");
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "device listener: renewed server certificate unusable; keeping the current one")
+                }
+            }
+        }
+    });
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.context("CA certificate")?)?;
@@ -48,13 +95,9 @@ pub fn tls_acceptor(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Resu
     let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
         .allow_unauthenticated()
         .build()?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .context("server certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("server key")?;
     let mut config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(current);
     // HTTP/1.1 only: crate::listener's module doc says why.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))

@@ -49,6 +49,21 @@ pub fn keep_fresh(
     Ok(rx)
 }
 
+/// Writes a certificate and its key (mode 0600) where a reader that takes paths finds them,
+/// each replaced in one rename so a reader never sees half a file.
+pub fn write_files(
+    cert: &KeyedCertificate,
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let next = |p: &std::path::Path| p.with_extension("next");
+    flotilla_pki::write_secret_file(&next(key_path), cert.private_key_pem.as_bytes())?;
+    std::fs::rename(next(key_path), key_path)?;
+    std::fs::write(next(cert_path), &cert.certificate_pem)?;
+    std::fs::rename(next(cert_path), cert_path)?;
+    Ok(())
+}
+
 /// An identity that never changes (a short-lived one used once).
 pub fn fixed(cert: KeyedCertificate) -> Identity {
     watch::channel(Arc::new(cert)).1

@@ -195,10 +195,33 @@ impl Shed {
     }
 }
 
-/// Accepts on `public` until the process ends, relaying admitted connections to `broker`.
+/// The loopback port of rmqtt's current device listener: it changes when the server
+/// certificate is renewed (rmqtt reads its certificate once, so a new listener is bound).
+#[derive(Debug)]
+pub struct BrokerPort(std::sync::atomic::AtomicU16);
+
+impl BrokerPort {
+    pub fn new(port: u16) -> BrokerPort {
+        BrokerPort(std::sync::atomic::AtomicU16::new(port))
+    }
+
+    pub fn set(&self, port: u16) {
+        self.0.store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from((
+            [127, 0, 0, 1],
+            self.0.load(std::sync::atomic::Ordering::SeqCst),
+        ))
+    }
+}
+
+/// Accepts on `public` until the process ends, relaying admitted connections to `broker`'s
+/// port at the time each arrives.
 pub fn spawn(
     public: TcpListener,
-    broker: SocketAddr,
+    broker: Arc<BrokerPort>,
     admission: Admission,
     arrivals: Arc<Arrivals>,
 ) {
@@ -239,6 +262,7 @@ pub fn spawn(
                 shed.note("same address and port already arriving", from);
                 continue;
             };
+            let broker = broker.addr();
             tokio::spawn(async move {
                 let _open = open;
                 let _ = device.set_nodelay(true);

@@ -21,7 +21,7 @@ pub mod limits;
 
 use flotilla_proto::truncate_chars as truncate;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -33,7 +33,7 @@ use rmqtt::codec::types::QoS;
 use rmqtt::codec::v5::{PublishAckReason, SubscribeAckReason};
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
-use rmqtt::net::Builder;
+use rmqtt::net::{Builder, Listener as RmqttListener};
 use rmqtt::server::MqttServer;
 use rmqtt::session::Session;
 use rmqtt::types::{
@@ -124,17 +124,29 @@ impl BrokerControl for External {
     }
 }
 
-/// Files the TLS listener reads (rmqtt takes paths only).
-#[derive(Debug)]
-pub struct TlsFiles<'a> {
-    pub ca: &'a Path,
-    pub cert: &'a Path,
-    pub key: &'a Path,
+/// Files a TLS listener reads (rmqtt takes paths only, and reads them once, when the
+/// listener is made).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
-/// Listener ids: devices connect to one, the server's own clients to the other.
+/// The broker's TLS: the device listener shows the server certificate `identity` holds and is
+/// bound anew (its files rewritten) each time it is renewed; the loopback listener for the
+/// server's own clients has a certificate of its own.
+pub struct BrokerTls {
+    pub devices: TlsFiles,
+    pub identity: crate::rotation::Identity,
+    pub internal: TlsFiles,
+}
+
+/// Listener ids: devices connect to the first, the server's own clients to the second; a
+/// device listener bound for a renewed certificate takes the next free id from the third on.
 const DEVICE_LISTENER: u16 = 1;
 const INTERNAL_LISTENER: u16 = 2;
+const FIRST_RENEWED_DEVICE_LISTENER: u16 = 3;
 
 /// Where the broker listens.
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +172,7 @@ pub struct BrokerDeps {
 pub async fn start(
     addr: SocketAddr,
     admission: front_door::Admission,
-    tls: TlsFiles<'_>,
+    tls: BrokerTls,
     deps: BrokerDeps,
 ) -> anyhow::Result<(Arc<Embedded>, BrokerAddrs)> {
     let arrivals = Arc::new(front_door::Arrivals::default());
@@ -193,49 +205,26 @@ pub async fn start(
     }
     register.start().await;
 
-    let path = |p: &Path| p.to_string_lossy().to_string();
-    let tls_listener = |name: &str, laddr: SocketAddr| {
-        Builder::new()
-            .name(name)
-            .laddr(laddr)
-            .allow_anonymous(false)
-            .reuseaddr(Some(true))
-            // Nagle plus delayed ACKs would add ~40 ms to every CONNECT/CONNACK exchange.
-            .nodelay(true)
-            .tls_cross_certificate(true)
-            .tls_client_ca_certs(Some(path(tls.ca)))
-            .tls_cert(Some(path(tls.cert)))
-            .tls_key(Some(path(tls.key)))
-            .collect_cert_info(true)
-    };
-    // Devices reach this listener only through the front door, which tells it their address.
-    // A port of its own, not 0: rmqtt keys its CONNECT executors by the configured port, and
-    // the internal listener's is 0, so devices would queue with the server's own clients.
-    let loopback = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|probe| probe.local_addr())
-        .context("choosing a loopback port for the broker's device listener")?;
-    let devices = tls_listener("mqtt/devices", loopback)
-        .proxy_protocol(true)
-        .proxy_protocol_timeout(std::time::Duration::from_secs(1))
-        .handshake_timeout(admission.deadline)
-        .max_packet_size(MAX_PACKET)
-        .max_handshaking_limit(4096)
-        .bind()
-        .context("binding the broker's device listener")?;
+    let devices = device_listener(&tls.devices, admission.deadline)?;
     let public = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding MQTT listener on {addr}"))?;
-    let internal = tls_listener("mqtt/internal", SocketAddr::from(([127, 0, 0, 1], 0)))
-        .max_packet_size(64 * 1024)
-        .max_inflight(std::num::NonZeroU16::new(4096).unwrap_or(std::num::NonZeroU16::MIN))
-        .max_mqueue_len(1_000_000)
-        .bind()
-        .context("binding internal MQTT listener")?;
+    let internal = tls_listener(
+        "mqtt/internal",
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &tls.internal,
+    )
+    .max_packet_size(64 * 1024)
+    .max_inflight(std::num::NonZeroU16::new(4096).unwrap_or(std::num::NonZeroU16::MIN))
+    .max_mqueue_len(1_000_000)
+    .bind()
+    .context("binding internal MQTT listener")?;
     let addrs = BrokerAddrs {
         devices: public.local_addr()?,
         internal: internal.local_addr()?,
     };
-    front_door::spawn(public, devices.local_addr()?, admission, arrivals);
+    let port = Arc::new(front_door::BrokerPort::new(devices.local_addr()?.port()));
+    front_door::spawn(public, port.clone(), admission, arrivals);
     // Explicit listener ids: the ports may be ephemeral, and rmqtt keys listeners by id.
     let server = MqttServer::new(scx.clone())
         .listener_by_id(
@@ -247,12 +236,95 @@ pub async fn start(
             INTERNAL_LISTENER,
         )
         .build();
+    run(server);
+    spawn_renewed_device_listeners(scx.clone(), tls, admission.deadline, port);
+    Ok((Arc::new(Embedded { scx }), addrs))
+}
+
+fn run(server: MqttServer) {
     tokio::spawn(async move {
         if let Err(e) = server.run().await {
             tracing::error!(error = %e, "MQTT broker stopped");
         }
     });
-    Ok((Arc::new(Embedded { scx }), addrs))
+}
+
+fn tls_listener(name: &str, laddr: SocketAddr, files: &TlsFiles) -> Builder {
+    let path = |p: &Path| p.to_string_lossy().to_string();
+    Builder::new()
+        .name(name)
+        .laddr(laddr)
+        .allow_anonymous(false)
+        .reuseaddr(Some(true))
+        // Nagle plus delayed ACKs would add ~40 ms to every CONNECT/CONNACK exchange.
+        .nodelay(true)
+        .tls_cross_certificate(true)
+        .tls_client_ca_certs(Some(path(&files.ca)))
+        .tls_cert(Some(path(&files.cert)))
+        .tls_key(Some(path(&files.key)))
+        .collect_cert_info(true)
+}
+
+/// The listener devices reach through the front door, which tells it their address. A port
+/// of its own, not 0: rmqtt keys its CONNECT executors by the configured port, and the
+/// internal listener's is 0, so devices would queue with the server's own clients.
+fn device_listener(
+    files: &TlsFiles,
+    handshake: std::time::Duration,
+) -> anyhow::Result<RmqttListener> {
+    let loopback = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|probe| probe.local_addr())
+        .context("choosing a loopback port for the broker's device listener")?;
+    tls_listener("mqtt/devices", loopback, files)
+        .proxy_protocol(true)
+        .proxy_protocol_timeout(std::time::Duration::from_secs(1))
+        .handshake_timeout(handshake)
+        .max_packet_size(MAX_PACKET)
+        .max_handshaking_limit(4096)
+        .bind()
+        .context("binding the broker's device listener")
+}
+
+/// rmqtt reads a listener's certificate once: for each renewed server certificate, its files
+/// are rewritten and a new device listener is bound with it; the front door sends new
+/// connections there. Sessions on the old one go on (a certificate is checked at the
+/// handshake only); the old listener stays bound on loopback, reached by nobody.
+fn spawn_renewed_device_listeners(
+    scx: ServerContext,
+    tls: BrokerTls,
+    handshake: std::time::Duration,
+    port: Arc<front_door::BrokerPort>,
+) {
+    let BrokerTls {
+        devices: files,
+        mut identity,
+        ..
+    } = tls;
+    tokio::spawn(async move {
+        let mut lid = FIRST_RENEWED_DEVICE_LISTENER;
+        while identity.changed().await.is_ok() {
+            let cert = identity.borrow_and_update().clone();
+            let bound = crate::rotation::write_files(&cert, &files.cert, &files.key)
+                .and_then(|()| device_listener(&files, handshake))
+                .and_then(|l| {
+                    let local = l.local_addr()?;
+                    Ok((l.tls().context("configuring MQTT TLS")?, local))
+                });
+            match bound {
+                Ok((listener, local)) => {
+                    run(MqttServer::new(scx.clone())
+                        .listener_by_id(listener, lid)
+                        .build());
+                    port.set(local.port());
+                    tracing::info!(listener = lid, %local, "MQTT device listener: renewed server certificate in use");
+                    lid = lid.saturating_add(1);
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "MQTT device listener: renewed server certificate not taken up; keeping the current one")
+                }
+            }
+        }
+    });
 }
 
 /// rmqtt takes one boxed handler per hook type; all of them share one `Hooks`.
@@ -307,6 +379,7 @@ fn listener_of(lid: u16) -> Option<Listener> {
     match lid {
         DEVICE_LISTENER => Some(Listener::Devices),
         INTERNAL_LISTENER => Some(Listener::Internal),
+        l if l >= FIRST_RENEWED_DEVICE_LISTENER => Some(Listener::Devices),
         _ => None,
     }
 }
@@ -531,7 +604,7 @@ impl Hooks {
                                 serial,
                             });
                         }
-                        if session.id.lid == DEVICE_LISTENER
+                        if listener_of(session.id.lid) == Some(Listener::Devices)
                             && let Some(addr) = session.id.remote_addr
                         {
                             // The front door stops counting it as arriving.
