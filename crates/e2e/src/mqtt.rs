@@ -226,6 +226,23 @@ impl Session {
         .await
     }
 
+    /// The next message delivered to this client, with its retain flag (set only on a copy
+    /// the broker held retained and sent at subscription).
+    pub async fn message_with_retain(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(String, Vec<u8>, bool)> {
+        self.next(timeout, |p| match p {
+            Packet::Publish(m) => Some((
+                String::from_utf8_lossy(&m.topic).into_owned(),
+                m.payload.to_vec(),
+                m.retain,
+            )),
+            _ => None,
+        })
+        .await
+    }
+
     /// True once the broker has closed the connection, false if it is still open at the deadline.
     pub async fn closed_within(&mut self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;

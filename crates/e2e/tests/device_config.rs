@@ -1,7 +1,8 @@
 //! The device twin against the real server and a virtual device (flotilla-agent): the desired
 //! configuration reaches the device retained, the device reports what it applied, and the API
 //! shows both and whether they differ — also for a device that was offline when it was set.
-//! Bad input changes nothing; viewers and strangers cannot set it; every change is audited.
+//! Bad input changes nothing; viewers and strangers cannot set it; every change is audited. A
+//! device whose report differs from the desired document is sent it again at its next session.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -11,8 +12,12 @@ use flotilla_e2e::{Agent, Cli, Server, wait_for};
 use serde_json::{Value, json};
 
 async fn config(server: &Server, jwt: &str) -> Value {
+    config_of(server, jwt, "dev-cfg").await
+}
+
+async fn config_of(server: &Server, jwt: &str, id: &str) -> Value {
     let (status, body) = server
-        .call("GET", "/api/device/dev-cfg/config", Some(jwt), None)
+        .call("GET", &format!("/api/device/{id}/config"), Some(jwt), None)
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
@@ -135,4 +140,81 @@ async fn desired_config_reaches_the_device_and_is_reported_back() {
     );
     assert!(entries.iter().all(|e| e["target"] == "dev-cfg"));
     drop(agent);
+}
+
+/// What reaches a fresh session of `id` on its config topic within a few seconds: each
+/// message's payload and whether it came as the broker's retained copy.
+async fn config_on_subscribe(
+    server: &Server,
+    id: &flotilla_e2e::DeviceIdentity,
+) -> Vec<(Value, bool)> {
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, id)
+        .await
+        .unwrap();
+    dev.subscribe(&format!("devices/{}/config", id.device_id))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok((_, payload, retained)) = dev.message_with_retain(Duration::from_secs(3)).await {
+        got.push((serde_json::from_slice(&payload).unwrap(), retained));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_run_as_desired_is_sent_the_config_again_when_its_session_starts() {
+    let server = Server::start(&[]).await.unwrap();
+    let admin = server.admin("admin@x.io").await.unwrap();
+    let id = server.enroll(&admin, "cfg-raw").await.unwrap();
+    let desired = json!({"heartbeat_interval_s": 9});
+    let (status, body) = server
+        .call(
+            "PUT",
+            "/api/device/cfg-raw/config",
+            Some(&admin),
+            Some(desired.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The device reports that it runs something else: out of sync. At its next session it
+    // gets the retained copy and, besides, the server's own resend.
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id)
+        .await
+        .unwrap();
+    let other = json!({"online": true, "fw": "1.0.0", "config": {"telemetry_interval_s": 10,
+        "heartbeat_interval_s": 30, "pot": true, "switch": true, "temp": true}});
+    dev.publish("devices/cfg-raw/status", other.to_string().into_bytes())
+        .await
+        .unwrap();
+    wait_for("the report stored", Duration::from_secs(10), || async {
+        let c = config_of(&server, &admin, "cfg-raw").await;
+        (c["reported"]["heartbeat_interval_s"] == 30).then_some(())
+    })
+    .await
+    .unwrap();
+    drop(dev);
+    let out_of_sync = config_on_subscribe(&server, &id).await;
+    assert_eq!(
+        out_of_sync,
+        [(desired.clone(), true), (desired.clone(), false)],
+        "the retained copy, then the resend"
+    );
+
+    // In sync: the retained copy alone.
+    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id)
+        .await
+        .unwrap();
+    let applied = json!({"online": true, "fw": "1.0.0", "config": {"telemetry_interval_s": 10,
+        "heartbeat_interval_s": 9, "pot": true, "switch": true, "temp": true}});
+    dev.publish("devices/cfg-raw/status", applied.to_string().into_bytes())
+        .await
+        .unwrap();
+    wait_for("in sync", Duration::from_secs(10), || async {
+        (config_of(&server, &admin, "cfg-raw").await["inSync"] == true).then_some(())
+    })
+    .await
+    .unwrap();
+    drop(dev);
+    assert_eq!(config_on_subscribe(&server, &id).await, [(desired, true)]);
 }

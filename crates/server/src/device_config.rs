@@ -1,8 +1,8 @@
 //! The device twin on the server: the desired configuration goes out retained on
 //! `devices/{id}/config` (the broker keeps it for a device that is offline; the embedded
 //! broker's copy survives a restart), and again whenever a device's session starts while what it
-//! reports differs, meant to repair a publish the downlink could not take (that path has no
-//! test of its own yet).
+//! reports differs, meant to repair a publish the downlink could not take
+//! (`crates/e2e/tests/device_config.rs` shows the resend and its absence when in sync).
 
 use flotilla_proto::{Channel, DesiredConfig, DeviceId, Topic, encode};
 use flotilla_store::Store;
