@@ -161,6 +161,9 @@ pub struct Runner {
     layout: Layout,
     behaviour: Behaviour,
     download: Option<tokio::task::JoinHandle<()>>,
+    /// A cancelled download, until it has stopped: the next one waits for it, so the two never
+    /// write the slot at once.
+    cancelled: Option<tokio::task::JoinHandle<()>>,
     /// Numbers downloads, so the progress and result of a cancelled one are told apart from
     /// the next one's.
     download_number: u64,
@@ -215,6 +218,7 @@ impl Runner {
             layout,
             behaviour: header.behaviour,
             download: None,
+            cancelled: None,
             download_number: 0,
             renewal: RenewalState {
                 check_at: None,
@@ -419,6 +423,7 @@ impl Runner {
                 Action::CancelDownload => {
                     if let Some(download) = self.download.take() {
                         download.abort();
+                        self.cancelled = Some(download);
                     }
                     self.download_number += 1;
                 }
@@ -565,7 +570,11 @@ impl Runner {
         self.download_number += 1;
         let number = self.download_number;
         tracing::info!(device = %label, %url, version = %manifest.version, resume, "downloading update");
+        let cancelled = self.cancelled.take();
         self.download = Some(tokio::spawn(async move {
+            if let Some(previous) = cancelled {
+                let _ = previous.await;
+            }
             let result = async {
                 let client = client.map_err(|e| format!("TLS client: {e:#}"))?;
                 let mut flash = FileFlash::open(&nvs.path(FLASH_FILE), &layout)

@@ -208,6 +208,8 @@ struct Anchor {
 #[derive(Debug)]
 pub struct Verifier {
     anchors: BTreeMap<u64, Anchor>,
+    /// Seqs given to [`Verifier::expect`] not yet met in the records.
+    expected: std::collections::BTreeSet<u64>,
     last: Option<(u64, Hash)>,
     first_seq: u64,
     records: u64,
@@ -248,6 +250,7 @@ impl Verifier {
         }
         Ok(Verifier {
             anchors,
+            expected: Default::default(),
             last: None,
             first_seq: 0,
             records: 0,
@@ -267,9 +270,13 @@ impl Verifier {
                 seq,
                 why: "the expected head differs from the signed checkpoint at its seq",
             }),
-            Some(_) => Ok(()),
+            Some(_) => {
+                self.expected.insert(seq);
+                Ok(())
+            }
             None => {
                 self.anchors.insert(seq, anchor);
+                self.expected.insert(seq);
                 Ok(())
             }
         }
@@ -280,6 +287,7 @@ impl Verifier {
     pub fn continuing(seq: u64, hash: Hash) -> Verifier {
         Verifier {
             anchors: BTreeMap::new(),
+            expected: Default::default(),
             last: (seq > 0).then_some((seq, hash)),
             first_seq: 0,
             records: 0,
@@ -323,7 +331,7 @@ impl Verifier {
                 }
             }
             Some((last_seq, last_hash)) => {
-                if seq != last_seq + 1 {
+                if last_seq.checked_add(1) != Some(seq) {
                     return Err(bad("the records just before it are missing"));
                 }
                 if last_hash != *prev {
@@ -346,6 +354,7 @@ impl Verifier {
         if self.records == 0 {
             self.first_seq = seq;
         }
+        self.expected.remove(&seq);
         self.last = Some((seq, *hash));
         self.records += 1;
         Ok(())
@@ -370,6 +379,14 @@ impl Verifier {
             && checkpoint > last
         {
             return Err(Break::Truncated { last, checkpoint });
+        }
+        // An expected head before the first record kept was not checked: say so rather than
+        // pass it.
+        if let Some(&seq) = self.expected.first() {
+            return Err(Break::Checkpoint {
+                seq,
+                why: "the expected head is no longer in the log (removed by retention?): check it against your export and note the new head",
+            });
         }
         Ok(Summary {
             records: self.records,
@@ -437,6 +454,21 @@ mod tests {
             v.push_record(r)?;
         }
         v.finish()
+    }
+
+    /// The chain with every record from seq 6 on changed and every hash after recomputed, as
+    /// someone with the database but not the CA key can.
+    fn rewrite_from_seq_6(records: &[ChainedRecord]) -> Vec<ChainedRecord> {
+        let mut rewritten = records.to_vec();
+        let mut prev = from_hex(&rewritten[4].hash).unwrap();
+        for r in rewritten[5..].iter_mut() {
+            r.actor = "user:0".into();
+            r.prev_hash = to_hex(&prev);
+            let h = record_hash(&r.fields(), &prev);
+            r.hash = to_hex(&h);
+            prev = h;
+        }
+        rewritten
     }
 
     fn broken_at(result: Result<Summary, Break>) -> u64 {
@@ -518,15 +550,7 @@ mod tests {
     fn an_expected_head_catches_a_rewritten_tail_whose_checkpoint_was_deleted() {
         let records = chain(10);
         let noted = verify(&records[..8], &[]).unwrap();
-        let mut rewritten = records.clone();
-        let mut prev = from_hex(&rewritten[4].hash).unwrap();
-        for r in rewritten[5..].iter_mut() {
-            r.actor = "user:0".into();
-            r.prev_hash = to_hex(&prev);
-            let h = record_hash(&r.fields(), &prev);
-            r.hash = to_hex(&h);
-            prev = h;
-        }
+        let rewritten = rewrite_from_seq_6(&records);
         let check = |records: &[ChainedRecord]| {
             let mut v = Verifier::new(&[], signature_ok)?;
             v.expect(noted.last_seq, noted.head)?;
@@ -541,6 +565,19 @@ mod tests {
             check(&records[..7]),
             Err(Break::Truncated { checkpoint: 8, .. })
         ));
+    }
+
+    #[test]
+    fn an_expected_head_that_retention_removed_is_reported_not_passed() {
+        let records = chain(10);
+        let noted = verify(&records[..3], &[]).unwrap();
+        let removal = checkpoint_at(&records, 4, 4);
+        let mut v = Verifier::new(std::slice::from_ref(&removal), signature_ok).unwrap();
+        v.expect(noted.last_seq, noted.head).unwrap();
+        for r in &records[4..] {
+            v.push_record(r).unwrap();
+        }
+        assert!(matches!(v.finish(), Err(Break::Checkpoint { seq: 3, .. })));
     }
 
     #[test]
@@ -583,15 +620,7 @@ mod tests {
             })
         ));
         // A tail rewritten from seq 6 on, every hash recomputed, still differs at seq 8.
-        let mut rewritten = records.clone();
-        let mut prev = from_hex(&rewritten[4].hash).unwrap();
-        for r in rewritten[5..].iter_mut() {
-            r.actor = "user:0".into();
-            r.prev_hash = to_hex(&prev);
-            let h = record_hash(&r.fields(), &prev);
-            r.hash = to_hex(&h);
-            prev = h;
-        }
+        let rewritten = rewrite_from_seq_6(&records);
         assert_eq!(verify(&rewritten, &[]).unwrap().last_seq, 10);
         assert_eq!(broken_at(verify(&rewritten, &[head])), 8);
     }

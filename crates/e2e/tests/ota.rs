@@ -723,32 +723,41 @@ async fn a_device_that_never_answers_an_offer_times_out_as_a_failure() -> anyhow
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_manual_offer_while_the_device_downloads_a_rollouts_release_is_refused_with_409()
--> anyhow::Result<()> {
-    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
-    let id = server.enroll(&jwt, "busy-dev").await?;
+/// A device played by hand, on 1.0.0, that took a rollout's offer of 1.1.0 (1.2.0 is
+/// published too) and reports it downloading: its identity, session, rollout and offer id.
+async fn downloading_a_rollouts_release(
+    server: &Server,
+    jwt: &str,
+    cli: &Cli,
+    kit: &Kit,
+    device: &str,
+) -> anyhow::Result<(
+    flotilla_e2e::DeviceIdentity,
+    flotilla_e2e::mqtt::Session,
+    String,
+    String,
+)> {
+    let id = server.enroll(jwt, device).await?;
     let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
-    dev.subscribe("devices/busy-dev/ota").await?;
+    dev.subscribe(&format!("devices/{device}/ota")).await?;
     dev.publish(
-        "devices/busy-dev/status",
+        &format!("devices/{device}/status"),
         br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
     )
     .await?;
-    wait_for_version(&server, &jwt, "busy-dev", "1.0.0").await;
+    wait_for_version(server, jwt, device, "1.0.0").await;
     for v in ["1.1.0", "1.2.0"] {
         let image = kit.release(v, "normal");
         cli.json(&["release", "publish", image.to_str().unwrap()]);
     }
-    let r = cli.json(&["rollout", "create", "1.1.0", "--devices", "busy-dev"]);
+    let r = cli.json(&["rollout", "create", "1.1.0", "--devices", device]);
     let rollout = r["id"].as_str().unwrap().to_string();
     let (_, payload) = dev.message(Duration::from_secs(10)).await?;
     let offer: Value = serde_json::from_slice(&payload)?;
     let offer_id = offer["id"].as_str().unwrap().to_string();
-    // The device is downloading the rollout's release.
     let report = json!({"status": "IN_PROGRESS", "id": offer_id, "progress": 40});
     dev.publish(
-        "devices/busy-dev/ota/status",
+        &format!("devices/{device}/ota/status"),
         report.to_string().into_bytes(),
     )
     .await?;
@@ -756,11 +765,20 @@ async fn a_manual_offer_while_the_device_downloads_a_rollouts_release_is_refused
         "the download is recorded",
         Duration::from_secs(10),
         || async {
-            let h = history(&server, &jwt, "busy-dev").await;
+            let h = history(server, jwt, device).await;
             (h.first()?["state"] == "in_progress").then_some(())
         },
     )
     .await?;
+    Ok((id, dev, rollout, offer_id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_offer_while_the_device_downloads_a_rollouts_release_is_refused_with_409()
+-> anyhow::Result<()> {
+    let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let (_, mut dev, rollout, offer_id) =
+        downloading_a_rollouts_release(&server, &jwt, &cli, &kit, "busy-dev").await?;
     let (status, body) = server
         .call(
             "POST",
@@ -1018,50 +1036,24 @@ async fn a_cancelled_update_stops_the_download_on_the_device_which_then_takes_th
 async fn cancelling_a_rollouts_update_frees_its_target_without_a_failure_and_reaches_a_device_that_was_away()
 -> anyhow::Result<()> {
     let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
-    let id = server.enroll(&jwt, "away-dev").await?;
-    let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
-    dev.subscribe("devices/away-dev/ota").await?;
-    dev.publish(
-        "devices/away-dev/status",
-        br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
-    )
-    .await?;
-    wait_for_version(&server, &jwt, "away-dev", "1.0.0").await;
-    let image = kit.release("1.1.0", "normal");
-    cli.json(&["release", "publish", image.to_str().unwrap()]);
-    let r = cli.json(&["rollout", "create", "1.1.0", "--devices", "away-dev"]);
-    let rollout = r["id"].as_str().unwrap().to_string();
-    let (_, payload) = dev.message(Duration::from_secs(10)).await?;
-    let offer: Value = serde_json::from_slice(&payload)?;
-    let offer_id = offer["id"].as_str().unwrap().to_string();
-    let report = json!({"status": "IN_PROGRESS", "id": offer_id, "progress": 40});
-    dev.publish(
-        "devices/away-dev/ota/status",
-        report.to_string().into_bytes(),
-    )
-    .await?;
-    wait_for("the download recorded", Duration::from_secs(10), || async {
-        let h = history(&server, &jwt, "away-dev").await;
-        (h.first()?["state"] == "in_progress").then_some(())
-    })
-    .await?;
+    let (id, mut dev, rollout, offer_id) =
+        downloading_a_rollouts_release(&server, &jwt, &cli, &kit, "away-dev").await?;
 
     cli.json(&["ota", "cancel", "away-dev"]);
     let (_, payload) = dev.message(Duration::from_secs(10)).await?;
     let cancel: Value = serde_json::from_slice(&payload)?;
     assert_eq!(cancel, json!({ "cancel": offer_id }));
-    // The rollout hears it: the target waits again, no failure counted.
-    let r = wait_for(
-        "the target waiting again",
-        Duration::from_secs(15),
-        || async {
-            let (_, r) = server
-                .call("GET", &format!("/api/rollouts/{rollout}"), Some(&jwt), None)
-                .await
-                .ok()?;
-            (r["progress"]["inFlight"] == 0).then_some(r)
-        },
-    )
+    // The rollout hears it: the target is not failed; it waits, or (seen online again) is
+    // offered anew.
+    let r = wait_for("the target freed", Duration::from_secs(15), || async {
+        let (_, r) = server
+            .call("GET", &format!("/api/rollouts/{rollout}"), Some(&jwt), None)
+            .await
+            .ok()?;
+        let h = history(&server, &jwt, "away-dev").await;
+        let freed = r["progress"]["inFlight"] == 0 || h.first()?["id"] != offer_id.as_str();
+        freed.then_some(r)
+    })
     .await?;
     assert_eq!(r["progress"]["failed"], 0, "{r}");
     assert_eq!(r["progress"]["state"], "running", "{r}");

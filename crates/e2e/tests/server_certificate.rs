@@ -1,5 +1,6 @@
 //! The server's TLS certificate renews while the server runs (issue 9): on a 15 s certificate,
-//! both device-facing listeners (HTTPS, MQTT) show a new one after two thirds of its life; a
+//! the HTTPS device listener and the embedded broker's device and internal listeners show a new
+//! one after two thirds of its life; a
 //! device session opened before keeps working past the old certificate's expiry, and new
 //! connections, which would fail against the expired one, succeed.
 
@@ -8,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_e2e::mqtt::connect_device;
+use flotilla_e2e::mqtt::{Outcome, connect, connect_device};
 use flotilla_e2e::{DeviceIdentity, Server, wait_for};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -56,8 +57,10 @@ async fn the_server_certificate_renews_while_running_and_sessions_outlive_the_ol
     let early = server.enroll(&jwt, "early").await.unwrap();
     let https = server.device_port;
     let mqtt = server.mqtt_port;
+    let internal = server.mqtt_internal_port;
     let first = served_certificate(https, &early).await.unwrap();
     assert_eq!(served_certificate(mqtt, &early).await.unwrap(), first);
+    assert_eq!(served_certificate(internal, &early).await.unwrap(), first);
     // Its end, from the copy in the data dir (the one shown, until it is renewed).
     let pem = std::fs::read_to_string(server.data_dir().join("server.pem")).unwrap();
     assert_eq!(pem_der(&pem), first);
@@ -73,7 +76,11 @@ async fn the_server_certificate_renews_while_running_and_sessions_outlive_the_ol
         .unwrap();
 
     // Both listeners take up the renewed certificate.
-    for (what, port) in [("HTTPS", https), ("MQTT", mqtt)] {
+    for (what, port) in [
+        ("HTTPS", https),
+        ("MQTT", mqtt),
+        ("internal MQTT", internal),
+    ] {
         let (id, first) = (&early, &first);
         wait_for(
             &format!("a renewed certificate on {what}"),
@@ -85,6 +92,7 @@ async fn the_server_certificate_renews_while_running_and_sessions_outlive_the_ol
     }
     let renewed = served_certificate(https, &early).await.unwrap();
     assert_eq!(served_certificate(mqtt, &early).await.unwrap(), renewed);
+    assert_eq!(served_certificate(internal, &early).await.unwrap(), renewed);
 
     // Past the first certificate's end: new connections still succeed, and the session
     // opened under it still carries messages.
@@ -109,6 +117,21 @@ async fn the_server_certificate_renews_while_running_and_sessions_outlive_the_ol
         )
         .await
         .unwrap();
+    // The rebound internal listener takes the server's own kind of client, and still refuses
+    // a device there.
+    let ca = flotilla_pki::CertificateAuthority::load(&server.data_dir()).unwrap();
+    let svc = ca.issue_service_certificate("probe").unwrap();
+    let svc_auth = Some((svc.certificate_pem.as_str(), svc.private_key_pem.as_str()));
+    let ca_pem = server.ca_pem();
+    assert!(matches!(
+        connect(internal, &ca_pem, svc_auth, "svc:probe").await,
+        Outcome::Connected(_)
+    ));
+    let device_auth = Some((late.cert_pem.as_str(), late.key_pem.as_str()));
+    assert!(matches!(
+        connect(internal, &ca_pem, device_auth, "late").await,
+        Outcome::Refused(_)
+    ));
     for (id, fw) in [("early", "1.0.1"), ("late", "1.0.0")] {
         wait_for(
             &format!("{id} reporting {fw}"),

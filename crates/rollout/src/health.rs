@@ -1,11 +1,14 @@
 //! The health gate: devices already on the new version against devices still on the old one,
 //! over the same period, from what their heartbeats say — crashed boots (the heartbeat's
 //! `crashes`, counted since the last clean start), reboots (its `uptime` going back) and the
-//! heartbeats themselves. Rates are per device-hour from each device's first heartbeat in its
-//! group: the old version's group holds targets that wait (or were skipped), the new one's
-//! targets that succeeded; devices updating, failed or timed out count for neither. That first
-//! heartbeat only starts the clock and sets the baseline, so the update's own reboot is not
-//! counted, and a device that goes silent after it lowers its group's heartbeat rate.
+//! heartbeats themselves. Rates are per device-hour: the old version's group holds targets that
+//! wait (or were skipped), counted from their first heartbeat there (an offline device is not
+//! observed); the new one's holds targets that succeeded, counted from the success (they were
+//! online to report it), so a release whose devices fall silent right after lowers its
+//! heartbeat rate. Devices updating, failed or timed out count for neither. A device's first
+//! heartbeat in a group sets its baseline, so the update's own reboot is not counted, and each
+//! heartbeat adds at most one crash: a device that lies about its count weighs no more than
+//! one that crashes at every beat.
 //!
 //! Observation is in the planner's memory: a restored planner starts observing afresh, and an
 //! operator's override of a halt starts it afresh too.
@@ -120,16 +123,27 @@ impl Tally {
 pub(crate) struct Health {
     gate: HealthGate,
     groups: [Tally; 2],
-    /// Per target: its group, and since its first heartbeat there, when that was and its
-    /// last (crashes, uptime).
+    /// Per target: its group, and once it is observed there, since when and its last
+    /// (crashes, uptime).
     member: Vec<Option<(Group, Option<Heard>)>>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Heard {
     since: u64,
-    crashes: u32,
-    uptime: u64,
+    /// `None` until its first heartbeat in the group.
+    last: Option<(u32, u64)>,
+}
+
+impl Tally {
+    fn enter(&mut self, now: u64) -> Heard {
+        self.members += 1;
+        self.entered += u128::from(now);
+        Heard {
+            since: now,
+            last: None,
+        }
+    }
 }
 
 impl Health {
@@ -152,7 +166,10 @@ impl Health {
             t.entered -= u128::from(heard.since);
             t.closed_ms += u128::from(now.saturating_sub(heard.since));
         }
-        self.member[i] = group.map(|g| (g, None));
+        // The new version's targets are observed from their success on.
+        let observed =
+            (group == Some(Group::New)).then(|| self.groups[Group::New as usize].enter(now));
+        self.member[i] = group.map(|g| (g, observed));
     }
 
     pub(crate) fn heartbeat(&mut self, i: usize, now: u64, sample: Sample) {
@@ -163,22 +180,21 @@ impl Health {
         let crashes = sample.crashes.unwrap_or(0);
         let uptime = sample.uptime_s.unwrap_or(u64::MAX);
         match heard {
+            // An old-version target heard for the first time: observed from now.
             None => {
-                t.members += 1;
-                t.entered += u128::from(now);
-                *heard = Some(Heard {
-                    since: now,
-                    crashes,
-                    uptime,
-                });
+                let mut h = t.enter(now);
+                h.last = Some((crashes, uptime));
+                *heard = Some(h);
             }
             Some(h) => {
                 t.heartbeats += 1;
-                t.crashes += u64::from(crashes.saturating_sub(h.crashes));
-                if uptime < h.uptime {
-                    t.reboots += 1;
+                if let Some((last_crashes, last_uptime)) = h.last {
+                    t.crashes += u64::from(crashes > last_crashes);
+                    if uptime < last_uptime {
+                        t.reboots += 1;
+                    }
                 }
-                (h.crashes, h.uptime) = (crashes, uptime);
+                h.last = Some((crashes, uptime));
             }
         }
     }

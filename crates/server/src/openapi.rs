@@ -428,7 +428,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "post",
         "/api/ota/{deviceId}/cancel",
-        "Cancel the device's open update and tell the device (it stops downloading and reports FAILED; an installed image is past recall); a rollout's target waits again; audited",
+        "Cancel the device's open update and tell the device (it stops downloading and reports FAILED); 409 once its image is all downloaded (past recall: its outcome follows); a rollout's target waits again; audited",
         Auth::User,
         None,
         200,
@@ -569,7 +569,7 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("get", "/api/ota/{deviceId}/check") => &[404],
         ("post", "/api/ota/{deviceId}/start") => &[400, 404, 409, 413],
         ("get", "/api/ota/{deviceId}/history") => &[404],
-        ("post", "/api/ota/{deviceId}/cancel") => &[404],
+        ("post", "/api/ota/{deviceId}/cancel") => &[404, 409],
         ("post", "/api/rollouts") => &[400, 404, 409, 413],
         ("get", "/api/rollouts/{id}") => &[404],
         ("post", "/api/rollouts/{id}/{action}") => &[202, 404, 409],

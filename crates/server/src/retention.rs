@@ -114,7 +114,11 @@ pub async fn run_once(
         run.note(store, now, "telemetryPerDevice", r).await;
     }
     if let Some(age) = config.audit.0 {
-        let r = remove_exported_audit(store, ca, before(now, age), now).await;
+        // Records are removed (and a checkpoint signed over them) only from a chain that holds.
+        let r = match check_chain(store, ca).await {
+            Ok(()) => remove_exported_audit(store, ca, before(now, age), now).await,
+            Err(e) => Err(e),
+        };
         run.note(store, now, "audit", r).await;
     }
     let marked = mark_audit_head(store, ca, now).await;
@@ -239,15 +243,35 @@ async fn mark_audit_head(store: &Store, ca: &CertificateAuthority, now: i64) -> 
     if head.seq == 0 || newest.as_ref().is_some_and(|c| c.seq >= head.seq) {
         return Ok(());
     }
-    if let Err(b) = verify_since(store, ca, newest.as_ref(), &head).await? {
-        tracing::error!(%b, "the audit chain does not hold: its head is left unsigned");
+    held_since(store, ca, newest.as_ref(), &head).await?;
+    store
+        .add_audit_checkpoint(&checkpoint(ca, head.seq, &head.hash, now, 0)?)
+        .await?;
+    Ok(())
+}
+
+/// Whether the chain holds from its newest checkpoint into its head (an error when not).
+async fn check_chain(store: &Store, ca: &CertificateAuthority) -> StoreResult<()> {
+    let head = store.audit_head().await?;
+    let newest = store.audit_checkpoints().await?.pop();
+    if newest.as_ref().is_some_and(|c| c.seq >= head.seq) {
+        return Ok(());
+    }
+    held_since(store, ca, newest.as_ref(), &head).await
+}
+
+/// [`verify_since`], with a break logged, audited once and returned as an error.
+async fn held_since(
+    store: &Store,
+    ca: &CertificateAuthority,
+    newest: Option<&Checkpoint>,
+    head: &AuditHead,
+) -> StoreResult<()> {
+    if let Err(b) = verify_since(store, ca, newest, head).await? {
+        tracing::error!(%b, "the audit chain does not hold: nothing of it is signed or removed");
         let detail = b.to_string();
         // Once per break, not once per run.
-        let said = store
-            .audit_entries(1, Some("audit.chain_broken"))
-            .await?
-            .pop()
-            .and_then(|e| e.detail);
+        let said = store.newest_chained_detail("audit.chain_broken").await?;
         if said.as_deref() != Some(&detail) {
             store
                 .audit(AuditRecord {
@@ -263,9 +287,6 @@ async fn mark_audit_head(store: &Store, ca: &CertificateAuthority, now: i64) -> 
             format!("the audit chain does not hold: {b}").into(),
         ));
     }
-    store
-        .add_audit_checkpoint(&checkpoint(ca, head.seq, &head.hash, now, 0)?)
-        .await?;
     Ok(())
 }
 

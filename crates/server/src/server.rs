@@ -47,9 +47,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let ca = Arc::new(CertificateAuthority::load_or_create(&data)?);
     // The server's TLS certificate, renewed while it runs; in server.pem and server.key too,
     // for what reads files (the embedded broker, a Mosquitto in tests).
-    let hosts = config.certificate_hosts();
     let server_identity = {
-        let (ca, hosts, validity) = (ca.clone(), hosts.clone(), config.server_cert_validity());
+        let (ca, hosts) = (ca.clone(), config.certificate_hosts());
+        let validity = config.server_cert_validity();
         crate::rotation::keep_fresh("server certificate", validity, move || {
             Ok(ca.issue_server_certificate_valid_for(&hosts, validity)?)
         })?
@@ -71,15 +71,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if replicated {
         spawn_gate_refresh(store.clone(), gate.clone());
     }
-    let ca_path = data.join(flotilla_pki::CA_CERT_FILE);
     let tls = BrokerTls {
-        devices: TlsFiles {
-            ca: ca_path.clone(),
+        files: TlsFiles {
+            ca: data.join(flotilla_pki::CA_CERT_FILE),
             cert: cert_path.clone(),
             key: key_path.clone(),
         },
         identity: server_identity.clone(),
-        internal: internal_tls_files(&ca, &hosts, &data, ca_path)?,
     };
     let (ingest_events, ingested) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -324,30 +322,6 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     shutdown_signal().await;
     Ok(())
 }
-
-/// The embedded broker's loopback listener for the server's own clients: a certificate of its
-/// own, issued at every start for [`INTERNAL_CERT_VALIDITY`]. Its clients reach it by a port
-/// fixed when they were made, so it cannot be rebound for a renewed certificate as the device
-/// listener is; its key sits in the data dir beside the CA key, which is the greater secret.
-fn internal_tls_files(
-    ca: &CertificateAuthority,
-    hosts: &[String],
-    data: &std::path::Path,
-    ca_path: std::path::PathBuf,
-) -> anyhow::Result<TlsFiles> {
-    let cert = ca.issue_server_certificate_valid_for(hosts, INTERNAL_CERT_VALIDITY)?;
-    let files = TlsFiles {
-        ca: ca_path,
-        cert: data.join("internal.pem"),
-        key: data.join("internal.key"),
-    };
-    crate::rotation::write_files(&cert, &files.cert, &files.key)?;
-    Ok(files)
-}
-
-/// Ten years: longer than a server runs between restarts.
-const INTERNAL_CERT_VALIDITY: std::time::Duration =
-    std::time::Duration::from_secs(10 * 365 * 86_400);
 
 /// What the server took from the broker it uses, embedded or external.
 struct BrokerSide {

@@ -1123,7 +1123,7 @@ async fn rollouts_and_their_outcomes(store: &Store) {
         ["u-r1"],
         "the started update it replaced, for the device to be told"
     );
-    // An operator cancels the device's open update, whatever its state; then there is none.
+    // An operator cancels the device's open update (started here); then there is none.
     let cancelled = store
         .cancel_open_update(&d2, "cancelled by user:1")
         .await
@@ -1144,6 +1144,24 @@ async fn rollouts_and_their_outcomes(store: &Store) {
             .unwrap()
             .is_none()
     );
+    // An update whose image is all downloaded is past recall.
+    store
+        .create_update(&NewOffer {
+            id: "u-r1-installing",
+            ..again
+        })
+        .await
+        .unwrap();
+    run_sql(
+        store,
+        "UPDATE ota_updates SET state = 'in_progress', progress = 100 WHERE id = 'u-r1-installing'",
+        &[],
+    )
+    .await;
+    assert!(matches!(
+        store.cancel_open_update(&d2, "late").await,
+        Err(StoreError::Conflict(_))
+    ));
     // A rollout that ends cancels its unstarted offers and puts their targets back to
     // waiting (an override offers them again); a started one stays in flight.
     store

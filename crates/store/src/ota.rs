@@ -102,8 +102,10 @@ impl Store {
         }
     }
 
-    /// Cancels the device's open update, whatever its state, with `why`; `None` when it has
-    /// none. The device is to be told ([`Withdrawn`]); its planner reads the cancellation.
+    /// Cancels the device's open update with `why`; `None` when it has none. One whose image
+    /// is all downloaded (progress 100: installed, or about to boot) is past recall: a
+    /// conflict, and its outcome follows from the device. The device is to be told
+    /// ([`Withdrawn`]); its planner reads the cancellation.
     pub async fn cancel_open_update(
         &self,
         device_id: &DeviceId,
@@ -113,13 +115,27 @@ impl Store {
         super::devices::lock_device(&mut tx, device_id.as_str()).await?;
         let row = sqlx::query(&format!(
             "UPDATE ota_updates SET state = 'cancelled', error = $1, updated_at = $2 \
-             WHERE device_id = $3 AND state IN {OPEN} RETURNING *"
+             WHERE device_id = $3 AND state IN {OPEN} \
+             AND NOT (state = 'in_progress' AND COALESCE(progress, 0) >= 100) RETURNING *"
         ))
         .bind(truncate_chars(why, 200))
         .bind(now_ms())
         .bind(device_id.as_str())
         .fetch_optional(&mut *tx)
         .await?;
+        if row.is_none() {
+            let installed: Option<(String,)> = sqlx::query_as(&format!(
+                "SELECT id FROM ota_updates WHERE device_id = $1 AND state IN {OPEN} LIMIT 1"
+            ))
+            .bind(device_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((id,)) = installed {
+                return Err(super::StoreError::Conflict(
+                    format!("update {id} is downloaded and installing: its outcome follows").into(),
+                ));
+            }
+        }
         tx.commit().await?;
         row.as_ref().map(update_from).transpose()
     }

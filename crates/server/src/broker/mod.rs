@@ -133,20 +133,18 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// The broker's TLS: the device listener shows the server certificate `identity` holds and is
-/// bound anew (its files rewritten) each time it is renewed; the loopback listener for the
-/// server's own clients has a certificate of its own.
+/// The broker's TLS: both listeners show the server certificate `identity` holds, written to
+/// `files`, and are bound anew each time it is renewed.
 pub struct BrokerTls {
-    pub devices: TlsFiles,
+    pub files: TlsFiles,
     pub identity: crate::rotation::Identity,
-    pub internal: TlsFiles,
 }
 
-/// Listener ids: devices connect to the first, the server's own clients to the second; a
-/// device listener bound for a renewed certificate takes the next free id from the third on.
+/// Listener ids: devices connect to the first, the server's own clients to the second. The
+/// listeners bound for a renewed certificate take the next pair: odd ids are device
+/// listeners, even ones internal (rmqtt never reuses an id).
 const DEVICE_LISTENER: u16 = 1;
 const INTERNAL_LISTENER: u16 = 2;
-const FIRST_RENEWED_DEVICE_LISTENER: u16 = 3;
 
 /// Where the broker listens.
 #[derive(Debug, Clone, Copy)]
@@ -205,48 +203,44 @@ pub async fn start(
     }
     register.start().await;
 
-    let devices = device_listener(&tls.devices, admission.deadline)?;
+    let (devices, devices_addr) = device_listener(&tls.files, admission.deadline)?;
     let public = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding MQTT listener on {addr}"))?;
-    let internal = tls_listener(
-        "mqtt/internal",
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        &tls.internal,
-    )
-    .max_packet_size(64 * 1024)
-    .max_inflight(std::num::NonZeroU16::new(4096).unwrap_or(std::num::NonZeroU16::MIN))
-    .max_mqueue_len(1_000_000)
-    .bind()
-    .context("binding internal MQTT listener")?;
+    let (internal, internal_addr) =
+        internal_listener(&tls.files, SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let addrs = BrokerAddrs {
         devices: public.local_addr()?,
-        internal: internal.local_addr()?,
+        internal: internal_addr,
     };
-    let port = Arc::new(front_door::BrokerPort::new(devices.local_addr()?.port()));
+    let port = Arc::new(front_door::BrokerPort::new(devices_addr.port()));
     front_door::spawn(public, port.clone(), admission, arrivals);
     // Explicit listener ids: the ports may be ephemeral, and rmqtt keys listeners by id.
-    let server = MqttServer::new(scx.clone())
-        .listener_by_id(
-            devices.tls().context("configuring MQTT TLS")?,
-            DEVICE_LISTENER,
-        )
-        .listener_by_id(
-            internal.tls().context("configuring internal MQTT TLS")?,
-            INTERNAL_LISTENER,
-        )
-        .build();
-    run(server);
-    spawn_renewed_device_listeners(scx.clone(), tls, admission.deadline, port);
+    // Each listener runs in a server of its own, so the internal one can be stopped alone.
+    let devices = run(MqttServer::new(scx.clone())
+        .listener_by_id(devices, DEVICE_LISTENER)
+        .build());
+    let internal = run(MqttServer::new(scx.clone())
+        .listener_by_id(internal, INTERNAL_LISTENER)
+        .build());
+    let renewal = Renewal {
+        scx: scx.clone(),
+        handshake: admission.deadline,
+        device_port: port,
+        devices,
+        internal_addr,
+        internal,
+    };
+    renewal.spawn(tls);
     Ok((Arc::new(Embedded { scx }), addrs))
 }
 
-fn run(server: MqttServer) {
+fn run(server: MqttServer) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = server.run().await {
             tracing::error!(error = %e, "MQTT broker stopped");
         }
-    });
+    })
 }
 
 fn tls_listener(name: &str, laddr: SocketAddr, files: &TlsFiles) -> Builder {
@@ -265,66 +259,122 @@ fn tls_listener(name: &str, laddr: SocketAddr, files: &TlsFiles) -> Builder {
         .collect_cert_info(true)
 }
 
-/// The listener devices reach through the front door, which tells it their address. A port
-/// of its own, not 0: rmqtt keys its CONNECT executors by the configured port, and the
-/// internal listener's is 0, so devices would queue with the server's own clients.
+/// The listener devices reach through the front door, which tells it their address, ready
+/// for TLS with `files`. A port of its own, not 0: rmqtt keys its CONNECT executors by the
+/// configured port, and the internal listener's is 0, so devices would queue with the
+/// server's own clients.
 fn device_listener(
     files: &TlsFiles,
     handshake: std::time::Duration,
-) -> anyhow::Result<RmqttListener> {
+) -> anyhow::Result<(RmqttListener, SocketAddr)> {
     let loopback = std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|probe| probe.local_addr())
         .context("choosing a loopback port for the broker's device listener")?;
-    tls_listener("mqtt/devices", loopback, files)
+    let l = tls_listener("mqtt/devices", loopback, files)
         .proxy_protocol(true)
         .proxy_protocol_timeout(std::time::Duration::from_secs(1))
         .handshake_timeout(handshake)
         .max_packet_size(MAX_PACKET)
         .max_handshaking_limit(4096)
         .bind()
-        .context("binding the broker's device listener")
+        .context("binding the broker's device listener")?;
+    let local = l.local_addr()?;
+    Ok((l.tls().context("configuring MQTT TLS")?, local))
 }
 
-/// rmqtt reads a listener's certificate once: for each renewed server certificate, its files
-/// are rewritten and a new device listener is bound with it; the front door sends new
-/// connections there. Sessions on the old one go on (a certificate is checked at the
-/// handshake only); the old listener stays bound on loopback, reached by nobody.
-fn spawn_renewed_device_listeners(
+/// The loopback listener for the server's own clients (the downlink), with a deep queue and a
+/// wide in-flight window, ready for TLS with `files`.
+fn internal_listener(
+    files: &TlsFiles,
+    addr: SocketAddr,
+) -> anyhow::Result<(RmqttListener, SocketAddr)> {
+    let l = tls_listener("mqtt/internal", addr, files)
+        .max_packet_size(64 * 1024)
+        .max_inflight(std::num::NonZeroU16::new(4096).unwrap_or(std::num::NonZeroU16::MIN))
+        .max_mqueue_len(1_000_000)
+        .bind()
+        .context("binding internal MQTT listener")?;
+    let local = l.local_addr()?;
+    Ok((l.tls().context("configuring internal MQTT TLS")?, local))
+}
+
+/// rmqtt reads a listener's certificate once, so each renewed server certificate is taken up
+/// by binding new listeners with it (its files rewritten first). Sessions on the old ones go on
+/// (a certificate is checked at the handshake only).
+/// - Devices: a new loopback listener; the front door sends new connections there, then the
+///   old one is stopped.
+/// - The server's own clients hold the internal port: its listener is stopped and bound again
+///   on the same port (a client connecting in between is refused and retries).
+struct Renewal {
     scx: ServerContext,
-    tls: BrokerTls,
     handshake: std::time::Duration,
-    port: Arc<front_door::BrokerPort>,
-) {
-    let BrokerTls {
-        devices: files,
-        mut identity,
-        ..
-    } = tls;
-    tokio::spawn(async move {
-        let mut lid = FIRST_RENEWED_DEVICE_LISTENER;
-        while identity.changed().await.is_ok() {
-            let cert = identity.borrow_and_update().clone();
-            let bound = crate::rotation::write_files(&cert, &files.cert, &files.key)
-                .and_then(|()| device_listener(&files, handshake))
-                .and_then(|l| {
-                    let local = l.local_addr()?;
-                    Ok((l.tls().context("configuring MQTT TLS")?, local))
-                });
-            match bound {
-                Ok((listener, local)) => {
-                    run(MqttServer::new(scx.clone())
-                        .listener_by_id(listener, lid)
-                        .build());
-                    port.set(local.port());
-                    tracing::info!(listener = lid, %local, "MQTT device listener: renewed server certificate in use");
-                    lid = lid.saturating_add(1);
+    device_port: Arc<front_door::BrokerPort>,
+    devices: tokio::task::JoinHandle<()>,
+    internal_addr: SocketAddr,
+    internal: tokio::task::JoinHandle<()>,
+}
+
+impl Renewal {
+    fn spawn(mut self, tls: BrokerTls) {
+        let BrokerTls {
+            files,
+            mut identity,
+        } = tls;
+        tokio::spawn(async move {
+            let mut renewals: u16 = 0;
+            while identity.changed().await.is_ok() {
+                let cert = identity.borrow_and_update().clone();
+                if let Err(e) = crate::rotation::write_files(&cert, &files.cert, &files.key) {
+                    tracing::error!(error = %format!("{e:#}"), "MQTT: renewed server certificate not written; keeping the current one");
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "MQTT device listener: renewed server certificate not taken up; keeping the current one")
+                // rmqtt never forgets a listener id and panics on one used before.
+                let Some(devices) = renewals
+                    .checked_add(1)
+                    .and_then(|n| n.checked_mul(2))
+                    .and_then(|n| n.checked_add(DEVICE_LISTENER))
+                    .filter(|&n| n < u16::MAX)
+                else {
+                    tracing::error!(
+                        "MQTT: no listener ids left for a renewed certificate; restart the server to take it up"
+                    );
+                    continue;
+                };
+                renewals += 1;
+                let internal = devices + 1;
+                if let Err(e) = self.renew_devices(&files, devices) {
+                    tracing::error!(error = %format!("{e:#}"), "MQTT device listener: renewed server certificate not taken up; keeping the current one");
+                }
+                if let Err(e) = self.renew_internal(&files, internal).await {
+                    tracing::error!(error = %format!("{e:#}"), "MQTT internal listener: renewed server certificate not taken up");
                 }
             }
-        }
-    });
+        });
+    }
+
+    fn renew_devices(&mut self, files: &TlsFiles, lid: u16) -> anyhow::Result<()> {
+        let (listener, local) = device_listener(files, self.handshake)?;
+        let renewed = run(MqttServer::new(self.scx.clone())
+            .listener_by_id(listener, lid)
+            .build());
+        self.device_port.set(local.port());
+        // Only the front door connects to it, and it no longer does.
+        std::mem::replace(&mut self.devices, renewed).abort();
+        tracing::info!(listener = lid, %local, "MQTT device listener: renewed server certificate in use");
+        Ok(())
+    }
+
+    async fn renew_internal(&mut self, files: &TlsFiles, lid: u16) -> anyhow::Result<()> {
+        // Stopping the server task drops its listener (connections run in tasks of their own).
+        self.internal.abort();
+        let _ = (&mut self.internal).await;
+        let (listener, _) = internal_listener(files, self.internal_addr)?;
+        self.internal = run(MqttServer::new(self.scx.clone())
+            .listener_by_id(listener, lid)
+            .build());
+        tracing::info!(listener = lid, addr = %self.internal_addr, "MQTT internal listener: renewed server certificate in use");
+        Ok(())
+    }
 }
 
 /// rmqtt takes one boxed handler per hook type; all of them share one `Hooks`.
@@ -375,12 +425,13 @@ struct Hooks {
     arrivals: Arc<front_door::Arrivals>,
 }
 
+/// Which listener `lid` is: odd ids devices ([`DEVICE_LISTENER`] and its renewals), even ones
+/// internal ([`INTERNAL_LISTENER`] and its renewals).
 fn listener_of(lid: u16) -> Option<Listener> {
     match lid {
-        DEVICE_LISTENER => Some(Listener::Devices),
-        INTERNAL_LISTENER => Some(Listener::Internal),
-        l if l >= FIRST_RENEWED_DEVICE_LISTENER => Some(Listener::Devices),
-        _ => None,
+        0 => None,
+        l if l % 2 == DEVICE_LISTENER % 2 => Some(Listener::Devices),
+        _ => Some(Listener::Internal),
     }
 }
 

@@ -151,7 +151,7 @@ async fn start(
 }
 
 /// Cancels the device's open update (offered, started or downloading) and tells the device,
-/// which stops downloading and reports FAILED; an image already installed is past recall.
+/// which stops downloading and reports FAILED; an image all downloaded is past recall (409).
 /// A rollout's target waits again (not a failure). 404 when there is none. Audited.
 async fn cancel(
     State(state): State<AppState>,
@@ -164,7 +164,11 @@ async fn cancel(
     let cancelled = state
         .ota
         .cancel(&device.device_id, &why)
-        .await?
+        .await
+        .map_err(|e| match e {
+            flotilla_store::StoreError::Conflict(why) => ApiError::Conflict(why.to_string()),
+            e => e.into(),
+        })?
         .ok_or(ApiError::NotFound("the device has no open update"))?;
     super::audit(
         &state,
