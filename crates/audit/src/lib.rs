@@ -261,6 +261,10 @@ impl Verifier {
     /// must still hold `hash` at `seq`. It is trusted as given, so it catches what a signed
     /// head catches even if that checkpoint was deleted since.
     pub fn expect(&mut self, seq: u64, hash: Hash) -> Result<(), Break> {
+        if seq == 0 {
+            // The empty log's head: nothing to hold.
+            return Ok(());
+        }
         let anchor = Anchor {
             hash,
             removal: false,
@@ -327,7 +331,12 @@ impl Verifier {
                             "it does not link to the signed checkpoint before it (a record or the checkpoint was altered)",
                         ));
                     }
-                    Some(_) => {}
+                    Some(_) => {
+                        // Linking to it proves an expected head there too.
+                        if let Some(before) = seq.checked_sub(1) {
+                            self.expected.remove(&before);
+                        }
+                    }
                 }
             }
             Some((last_seq, last_hash)) => {
@@ -578,6 +587,15 @@ mod tests {
             v.push_record(r).unwrap();
         }
         assert!(matches!(v.finish(), Err(Break::Checkpoint { seq: 3, .. })));
+        // A head noted exactly where retention cut is proven by the link to its checkpoint.
+        let at_cut = verify(&records[..4], &[]).unwrap();
+        let mut v = Verifier::new(std::slice::from_ref(&removal), signature_ok).unwrap();
+        v.expect(at_cut.last_seq, at_cut.head).unwrap();
+        v.expect(0, GENESIS).unwrap();
+        for r in &records[4..] {
+            v.push_record(r).unwrap();
+        }
+        assert_eq!(v.finish().unwrap().first_seq, 5);
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! observed); the new one's holds targets that succeeded, counted from the success (they were
 //! online to report it), so a release whose devices fall silent right after lowers its
 //! heartbeat rate. Devices updating, failed or timed out count for neither. A device's first
-//! heartbeat in a group sets its baseline, so the update's own reboot is not counted, and each
-//! heartbeat adds at most one crash: a device that lies about its count weighs no more than
-//! one that crashes at every beat.
+//! heartbeat in a group sets its baseline, so the update's own reboot is not counted. A device
+//! is heard at most once per [`MIN_HEARD_GAP_MS`] and each time adds at most one crash, so one
+//! that lies about its count, or beats as fast as the broker lets it, weighs no more than one
+//! that crashes every five seconds (in a fleet of thousands, too little to hide a crashy
+//! release; in a small first phase, enough to stop one, which is the safe side).
 //!
 //! Observation is in the planner's memory: a restored planner starts observing afresh, and an
 //! operator's override of a halt starts it afresh too.
@@ -128,11 +130,15 @@ pub(crate) struct Health {
     member: Vec<Option<(Group, Option<Heard>)>>,
 }
 
+/// A device's heartbeats closer together than this count once.
+pub const MIN_HEARD_GAP_MS: u64 = 5_000;
+
 #[derive(Debug, Clone, Copy)]
 struct Heard {
     since: u64,
-    /// `None` until its first heartbeat in the group.
-    last: Option<(u32, u64)>,
+    /// `None` until its first heartbeat in the group; then when it was last heard and what
+    /// it said (crashes, uptime).
+    last: Option<(u64, u32, u64)>,
 }
 
 impl Tally {
@@ -183,18 +189,21 @@ impl Health {
             // An old-version target heard for the first time: observed from now.
             None => {
                 let mut h = t.enter(now);
-                h.last = Some((crashes, uptime));
+                h.last = Some((now, crashes, uptime));
                 *heard = Some(h);
             }
             Some(h) => {
-                t.heartbeats += 1;
-                if let Some((last_crashes, last_uptime)) = h.last {
+                if let Some((at, last_crashes, last_uptime)) = h.last {
+                    if now < at.saturating_add(MIN_HEARD_GAP_MS) {
+                        return;
+                    }
                     t.crashes += u64::from(crashes > last_crashes);
                     if uptime < last_uptime {
                         t.reboots += 1;
                     }
                 }
-                h.last = Some((crashes, uptime));
+                t.heartbeats += 1;
+                h.last = Some((now, crashes, uptime));
             }
         }
     }

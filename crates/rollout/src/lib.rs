@@ -42,7 +42,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 mod health;
 
 use health::{Group, Health};
-pub use health::{HealthFigures, HealthGate, Metric, Rates, Sample};
+pub use health::{HealthFigures, HealthGate, MIN_HEARD_GAP_MS, Metric, Rates, Sample};
 
 /// Rollout parameters.
 #[derive(Debug, Clone, PartialEq)]

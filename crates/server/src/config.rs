@@ -67,8 +67,8 @@ pub struct ServerConfig {
         value_parser = clap::value_parser!(u64).range(10..=825 * 86_400)
     )]
     pub service_cert_validity_secs: u64,
-    /// Lifetime of the server's TLS certificate (HTTPS device listener, MQTT device listener),
-    /// in seconds (default 365 days); renewed after two thirds of it while the server runs,
+    /// Lifetime of the server's TLS certificate (HTTPS device listener, the embedded broker's
+    /// device and internal listeners), in seconds (default 365 days); renewed after two thirds of it while the server runs,
     /// shown to every handshake from then on.
     #[arg(
         long = "server-cert-validity",

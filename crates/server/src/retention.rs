@@ -114,7 +114,8 @@ pub async fn run_once(
         run.note(store, now, "telemetryPerDevice", r).await;
     }
     if let Some(age) = config.audit.0 {
-        // Records are removed (and a checkpoint signed over them) only from a chain that holds.
+        // Records are removed (and a checkpoint signed over them) only from a chain that holds
+        // into its head, and over a range checked in full.
         let r = match check_chain(store, ca).await {
             Ok(()) => remove_exported_audit(store, ca, before(now, age), now).await,
             Err(e) => Err(e),
@@ -208,6 +209,19 @@ async fn remove_exported_audit(
     let Some(removal) = store.audit_removal(cutoff).await? else {
         return Ok(0);
     };
+    // The records to go are those since the last removal: checked into the one the new
+    // checkpoint will vouch for, so it never signs over an edited record.
+    let last_removal = store
+        .audit_checkpoints()
+        .await?
+        .into_iter()
+        .rfind(|c| c.removed > 0 && c.seq < removal.seq);
+    let through = AuditHead {
+        seq: removal.seq,
+        hash: removal.hash,
+        exported_through: removal.seq,
+    };
+    held_since(store, ca, last_removal.as_ref(), &through).await?;
     let deleted = store
         .add_audit_checkpoint(&checkpoint(
             ca,

@@ -50,7 +50,9 @@ pub fn keep_fresh(
 }
 
 /// Writes a certificate and its key (mode 0600) where a reader that takes paths finds them,
-/// each replaced in one rename so a reader never sees half a file.
+/// each replaced in one rename so a reader never sees half a file. The pair is not swapped at
+/// once: the key goes first, so a reader outside this process may see the new key with the
+/// old certificate for a moment (the embedded broker reads them only after this returns).
 pub fn write_files(
     cert: &KeyedCertificate,
     cert_path: &std::path::Path,

@@ -229,7 +229,9 @@ pub async fn start(
         device_port: port,
         devices,
         internal_addr,
-        internal,
+        internal: Some(internal),
+        next_device_id: DEVICE_LISTENER + 2,
+        next_internal_id: INTERNAL_LISTENER + 2,
     };
     renewal.spawn(tls);
     Ok((Arc::new(Embedded { scx }), addrs))
@@ -301,18 +303,28 @@ fn internal_listener(
 /// rmqtt reads a listener's certificate once, so each renewed server certificate is taken up
 /// by binding new listeners with it (its files rewritten first). Sessions on the old ones go on
 /// (a certificate is checked at the handshake only).
-/// - Devices: a new loopback listener; the front door sends new connections there, then the
-///   old one is stopped.
+/// - Devices: a new loopback listener; the front door sends new connections there, and the
+///   old one is stopped once a handshake's time has passed.
 /// - The server's own clients hold the internal port: its listener is stopped and bound again
 ///   on the same port (a client connecting in between is refused and retries).
+///
+/// A step that fails is tried again every [`RENEWAL_RETRY`] until it is taken up: the old
+/// certificate has a third of its life left.
 struct Renewal {
     scx: ServerContext,
     handshake: std::time::Duration,
     device_port: Arc<front_door::BrokerPort>,
     devices: tokio::task::JoinHandle<()>,
     internal_addr: SocketAddr,
-    internal: tokio::task::JoinHandle<()>,
+    /// `None` while it is not bound (stopped for a rebind that then failed).
+    internal: Option<tokio::task::JoinHandle<()>>,
+    /// The next listener ids: odd for devices, even for internal (rmqtt never forgets one and
+    /// panics on one used before).
+    next_device_id: u16,
+    next_internal_id: u16,
 }
+
+const RENEWAL_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Renewal {
     fn spawn(mut self, tls: BrokerTls) {
@@ -321,57 +333,97 @@ impl Renewal {
             mut identity,
         } = tls;
         tokio::spawn(async move {
-            let mut renewals: u16 = 0;
-            while identity.changed().await.is_ok() {
+            // What each listener shows: the certificate it was bound with.
+            let first = identity.borrow_and_update().clone();
+            let mut in_use = (first.clone(), first);
+            let mut behind = false;
+            loop {
+                if behind {
+                    tokio::select! {
+                        changed = identity.changed() => if changed.is_err() { return },
+                        _ = tokio::time::sleep(RENEWAL_RETRY) => {}
+                    }
+                } else if identity.changed().await.is_err() {
+                    return;
+                }
                 let cert = identity.borrow_and_update().clone();
-                if let Err(e) = crate::rotation::write_files(&cert, &files.cert, &files.key) {
-                    tracing::error!(error = %format!("{e:#}"), "MQTT: renewed server certificate not written; keeping the current one");
-                    continue;
-                }
-                // rmqtt never forgets a listener id and panics on one used before.
-                let Some(devices) = renewals
-                    .checked_add(1)
-                    .and_then(|n| n.checked_mul(2))
-                    .and_then(|n| n.checked_add(DEVICE_LISTENER))
-                    .filter(|&n| n < u16::MAX)
-                else {
-                    tracing::error!(
-                        "MQTT: no listener ids left for a renewed certificate; restart the server to take it up"
-                    );
-                    continue;
-                };
-                renewals += 1;
-                let internal = devices + 1;
-                if let Err(e) = self.renew_devices(&files, devices) {
-                    tracing::error!(error = %format!("{e:#}"), "MQTT device listener: renewed server certificate not taken up; keeping the current one");
-                }
-                if let Err(e) = self.renew_internal(&files, internal).await {
-                    tracing::error!(error = %format!("{e:#}"), "MQTT internal listener: renewed server certificate not taken up");
-                }
+                behind = !self.take_up(&files, &cert, &mut in_use).await;
             }
         });
     }
 
-    fn renew_devices(&mut self, files: &TlsFiles, lid: u16) -> anyhow::Result<()> {
+    /// Brings both listeners onto `cert`; whether both are.
+    async fn take_up(
+        &mut self,
+        files: &TlsFiles,
+        cert: &Arc<flotilla_pki::KeyedCertificate>,
+        in_use: &mut (
+            Arc<flotilla_pki::KeyedCertificate>,
+            Arc<flotilla_pki::KeyedCertificate>,
+        ),
+    ) -> bool {
+        let fail = |what: &str, e: anyhow::Error| {
+            tracing::error!(error = %format!("{e:#}"), "MQTT {what}: renewed server certificate not taken up yet; retrying");
+            false
+        };
+        if let Err(e) = crate::rotation::write_files(cert, &files.cert, &files.key) {
+            return fail("listeners", e);
+        }
+        let mut done = true;
+        if !Arc::ptr_eq(&in_use.0, cert) {
+            match self.renew_devices(files) {
+                Ok(()) => in_use.0 = cert.clone(),
+                Err(e) => done = fail("device listener", e),
+            }
+        }
+        if !Arc::ptr_eq(&in_use.1, cert) || self.internal.is_none() {
+            match self.renew_internal(files).await {
+                Ok(()) => in_use.1 = cert.clone(),
+                Err(e) => done = fail("internal listener", e),
+            }
+        }
+        done
+    }
+
+    fn take_id(next: &mut u16) -> anyhow::Result<u16> {
+        let id = *next;
+        *next = id
+            .checked_add(2)
+            .ok_or_else(|| anyhow::anyhow!("no listener ids left: restart the server"))?;
+        Ok(id)
+    }
+
+    fn renew_devices(&mut self, files: &TlsFiles) -> anyhow::Result<()> {
         let (listener, local) = device_listener(files, self.handshake)?;
+        let lid = Self::take_id(&mut self.next_device_id)?;
         let renewed = run(MqttServer::new(self.scx.clone())
             .listener_by_id(listener, lid)
             .build());
         self.device_port.set(local.port());
-        // Only the front door connects to it, and it no longer does.
-        std::mem::replace(&mut self.devices, renewed).abort();
+        // The front door no longer sends connections to the old one; those it sent a moment
+        // ago get a handshake's time to arrive.
+        let old = std::mem::replace(&mut self.devices, renewed);
+        let grace = self.handshake + std::time::Duration::from_secs(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            old.abort();
+        });
         tracing::info!(listener = lid, %local, "MQTT device listener: renewed server certificate in use");
         Ok(())
     }
 
-    async fn renew_internal(&mut self, files: &TlsFiles, lid: u16) -> anyhow::Result<()> {
-        // Stopping the server task drops its listener (connections run in tasks of their own).
-        self.internal.abort();
-        let _ = (&mut self.internal).await;
+    async fn renew_internal(&mut self, files: &TlsFiles) -> anyhow::Result<()> {
+        // Stopping the server task drops its listener (connections run in tasks of their own),
+        // which frees the port for the new one.
+        if let Some(old) = self.internal.take() {
+            old.abort();
+            let _ = old.await;
+        }
         let (listener, _) = internal_listener(files, self.internal_addr)?;
-        self.internal = run(MqttServer::new(self.scx.clone())
+        let lid = Self::take_id(&mut self.next_internal_id)?;
+        self.internal = Some(run(MqttServer::new(self.scx.clone())
             .listener_by_id(listener, lid)
-            .build());
+            .build()));
         tracing::info!(listener = lid, addr = %self.internal_addr, "MQTT internal listener: renewed server certificate in use");
         Ok(())
     }
