@@ -24,6 +24,12 @@ const OLD: Behaviour = Behaviour {
     heartbeats: true,
 };
 
+/// As healthy as the old version, but never heartbeating.
+const SILENT: Behaviour = Behaviour {
+    heartbeats: false,
+    ..OLD
+};
+
 struct Device {
     new: bool,
     uptime_s: u64,
@@ -125,6 +131,14 @@ fn config(gate: HealthGate) -> Config {
     }
 }
 
+/// Every measure, with heartbeats judged.
+fn heartbeat_gate() -> HealthGate {
+    HealthGate {
+        min_heartbeat_ratio: Some(0.5),
+        ..every_measure()
+    }
+}
+
 fn every_measure() -> HealthGate {
     HealthGate {
         max_crash_ratio: Some(2.0),
@@ -166,14 +180,7 @@ fn a_release_whose_devices_crash_more_stops_in_its_first_phase_with_the_reason()
 
 #[test]
 fn a_release_whose_devices_fall_silent_stops_on_heartbeats() {
-    let silent = Behaviour {
-        crash_every_min: 50 * 60,
-        heartbeats: false,
-    };
-    let gate = HealthGate {
-        min_heartbeat_ratio: Some(0.5),
-        ..every_measure()
-    };
+    let (silent, gate) = (SILENT, heartbeat_gate());
     let mut sim = Sim::new(config(gate), silent);
     // Beats twice after its update, then falls silent.
     sim.new = Behaviour {
@@ -216,15 +223,11 @@ fn without_a_gate_a_crashy_release_is_not_stopped_by_health() {
 
 #[test]
 fn a_gated_rollout_whose_new_devices_are_never_heard_still_ends() {
-    let silent = Behaviour {
-        crash_every_min: 50 * 60,
-        heartbeats: false,
-    };
     let gate = HealthGate {
         max_crash_ratio: Some(2.0),
         ..HealthGate::default()
     };
-    let mut sim = Sim::new(config(gate), silent);
+    let mut sim = Sim::new(config(gate), SILENT);
     sim.run_for(24 * 7);
     assert_eq!(sim.r.state(), State::Completed);
     // Each of the two held phases waited at most the waiting deadline (an hour); the last
@@ -271,14 +274,7 @@ fn one_old_device_lying_about_its_crashes_does_not_hide_a_crashy_release() {
 
 #[test]
 fn a_release_whose_devices_are_silent_from_their_success_on_stops_on_heartbeats() {
-    let silent = Behaviour {
-        crash_every_min: 50 * 60,
-        heartbeats: false,
-    };
-    let gate = HealthGate {
-        min_heartbeat_ratio: Some(0.5),
-        ..every_measure()
-    };
+    let (silent, gate) = (SILENT, heartbeat_gate());
     // Not one beat after the update: the new version's devices are observed from their
     // success on, so their silence counts.
     let mut sim = Sim::new(config(gate), silent);
