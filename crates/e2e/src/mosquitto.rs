@@ -55,7 +55,12 @@ impl BrokerFiles {
 /// devices send, its downlink writes what they receive. (Mosquitto's ACL cannot say which
 /// topics may be retained.)
 pub fn acl(replica: &str) -> String {
-    format!(
+    acl_for(&[replica])
+}
+
+/// [`acl`] for several replicas: the device patterns once, each replica's two clients.
+pub fn acl_for(replicas: &[&str]) -> String {
+    let mut out = String::from(
         "pattern write devices/%u/health
 pattern write devices/%u/status
 pattern write devices/%u/telemetry
@@ -64,7 +69,11 @@ pattern write devices/%u/ota/status
 pattern read devices/%u/command
 pattern read devices/%u/ota
 pattern read devices/%u/config
-
+",
+    );
+    for replica in replicas {
+        out.push_str(&format!(
+            "
 user svc:server-ingest-{replica}
 topic read devices/+/health
 topic read devices/+/status
@@ -77,7 +86,9 @@ topic write devices/+/command
 topic write devices/+/ota
 topic write devices/+/config
 "
-    )
+        ));
+    }
+    out
 }
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -92,6 +103,17 @@ impl Mosquitto {
     pub async fn start(dir: &Path, tls_dir: &Path, replica: &str) -> Result<Mosquitto> {
         let files = BrokerFiles::prepare(dir, tls_dir, replica)?;
         std::fs::copy(&files.acl_base, &files.acl)?;
+        Self::launch(dir, &files, false).await
+    }
+
+    /// [`Mosquitto::start`] for several server replicas sharing the broker.
+    pub async fn start_for_replicas(
+        dir: &Path,
+        tls_dir: &Path,
+        replicas: &[&str],
+    ) -> Result<Mosquitto> {
+        let files = BrokerFiles::prepare(dir, tls_dir, replicas.first().copied().unwrap_or("r1"))?;
+        std::fs::write(&files.acl, acl_for(replicas))?;
         Self::launch(dir, &files, false).await
     }
 
