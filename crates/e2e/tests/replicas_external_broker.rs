@@ -2,7 +2,8 @@
 //! devices send numbered telemetry through the broker, which shares it between the replicas'
 //! ingest sessions. Every message the broker acknowledged is stored exactly once, both replicas
 //! ingested some, and a command created on one replica comes back answered whichever replica
-//! ingested the device's reply.
+//! ingested the device's reply. A replica SIGKILLed while devices publish, then restarted with
+//! its replica id, loses nothing the broker acknowledged.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -26,12 +27,16 @@ async fn received(server: &Server, admin: &str) -> u64 {
     stats["ingestLink"]["received"].as_u64().unwrap_or(0)
 }
 
-/// Publishes `READINGS` numbered readings as `device`, each after the PUBACK for the one
+/// Publishes `readings` numbered readings as `device`, each after the PUBACK for the one
 /// before; what the broker acknowledged.
-async fn send_readings(mut session: Session, device: String) -> (Session, Vec<(String, u64)>) {
+async fn send_readings(
+    mut session: Session,
+    device: String,
+    readings: u64,
+) -> (Session, Vec<(String, u64)>) {
     let topic = format!("devices/{device}/telemetry");
     let mut acked = Vec::new();
-    for seq in 0..READINGS {
+    for seq in 0..readings {
         let reason = session
             .publish(&topic, format!(r#"{{"seq":{seq},"pot":7}}"#))
             .await
@@ -71,7 +76,7 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
     let sends = sessions
         .into_iter()
         .zip(&ids)
-        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone())));
+        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), READINGS)));
     let mut sent = BTreeSet::new();
     let mut sessions = Vec::new();
     for done in futures::future::join_all(sends).await {
@@ -151,4 +156,69 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         received(&b, &admin).await > before_b,
         "no reply went through replica B"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_sigkilled_while_devices_publish_and_restarted_loses_nothing_acknowledged() {
+    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let mut ids = Vec::new();
+    for k in 0..50 {
+        ids.push(a.enroll(&admin, &format!("dev-{k:02}")).await.unwrap());
+    }
+    let broker_dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start_for_replicas(broker_dir.path(), &a.data_dir(), &["r1", "r2"])
+        .await
+        .unwrap();
+    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
+    a.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
+    a.restart().await.unwrap();
+    let admin = a.login("admin@x.io", "admin-pass").await.unwrap();
+    let mut b = a
+        .start_replica(&["--broker-url", &url, "--replica-id", "r2"])
+        .await
+        .unwrap();
+    let mut sessions = Vec::new();
+    for id in &ids {
+        sessions.push(connect_device(mosquitto.device_port, id).await.unwrap());
+    }
+    // The devices publish while B is killed and while it is away: B is killed once both
+    // replicas have ingested some.
+    let sends: Vec<_> = sessions
+        .into_iter()
+        .zip(&ids)
+        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 400)))
+        .collect();
+    wait_for(
+        "both replicas ingesting",
+        Duration::from_secs(30),
+        || async {
+            let (ra, rb) = (received(&a, &admin).await, received(&b, &admin).await);
+            (ra > 200 && rb > 200).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    b.proc.kill_hard();
+    let mut sent = BTreeSet::new();
+    for done in futures::future::join_all(sends).await {
+        sent.extend(done.unwrap().1);
+    }
+    assert_eq!(sent.len(), 50 * 400, "every publish was acknowledged");
+    // Its session at the broker kept what was shared to it; back with the same id, it takes
+    // that up.
+    b.restart().await.unwrap();
+    let stored = wait_for(
+        "every acknowledged reading stored",
+        Duration::from_secs(60),
+        || async {
+            let rows = a.database.stored_readings().await.ok()?;
+            (rows.len() >= sent.len()).then_some(rows)
+        },
+    )
+    .await
+    .unwrap();
+    let unique: BTreeSet<(String, u64)> = stored.iter().cloned().collect();
+    assert_eq!(unique, sent);
+    assert_eq!(stored.len(), unique.len());
 }
