@@ -47,19 +47,28 @@ async fn send_readings(
     (session, acked)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and_answer_commands() {
+/// Replicas `a` (r1) and `b` (r2) on one PostgreSQL behind one Mosquitto, and `devices`
+/// enrolled devices connected to it.
+struct Rig {
+    a: Server,
+    b: Server,
+    admin: String,
+    ids: Vec<flotilla_e2e::DeviceIdentity>,
+    sessions: Vec<Session>,
+    _broker: (tempfile::TempDir, Mosquitto),
+}
+
+async fn rig(devices: usize) -> Rig {
     let mut a = Server::start_on_postgres(&[]).await.unwrap();
     let admin = a.admin("admin@x.io").await.unwrap();
     let mut ids = Vec::new();
-    for k in 0..DEVICES {
+    for k in 0..devices {
         ids.push(a.enroll(&admin, &format!("dev-{k:03}")).await.unwrap());
     }
     let broker_dir = tempfile::tempdir().unwrap();
-    let _mosquitto = Mosquitto::start_for_replicas(broker_dir.path(), &a.data_dir(), &["r1", "r2"])
+    let mosquitto = Mosquitto::start_for_replicas(broker_dir.path(), &a.data_dir(), &["r1", "r2"])
         .await
         .unwrap();
-    let mosquitto = &_mosquitto;
     let url = format!("mqtts://localhost:{}", mosquitto.service_port);
     a.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
     a.restart().await.unwrap();
@@ -68,11 +77,31 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         .start_replica(&["--broker-url", &url, "--replica-id", "r2"])
         .await
         .unwrap();
-
     let mut sessions = Vec::new();
     for id in &ids {
         sessions.push(connect_device(mosquitto.device_port, id).await.unwrap());
     }
+    Rig {
+        a,
+        b,
+        admin,
+        ids,
+        sessions,
+        _broker: (broker_dir, mosquitto),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and_answer_commands() {
+    let Rig {
+        a,
+        b,
+        admin,
+        ids,
+        sessions,
+        // Bound, not `..`: the broker runs until the test ends.
+        _broker,
+    } = rig(DEVICES).await;
     let sends = sessions
         .into_iter()
         .zip(&ids)
@@ -160,28 +189,15 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_sigkilled_while_devices_publish_and_restarted_loses_nothing_acknowledged() {
-    let mut a = Server::start_on_postgres(&[]).await.unwrap();
-    let admin = a.admin("admin@x.io").await.unwrap();
-    let mut ids = Vec::new();
-    for k in 0..50 {
-        ids.push(a.enroll(&admin, &format!("dev-{k:02}")).await.unwrap());
-    }
-    let broker_dir = tempfile::tempdir().unwrap();
-    let mosquitto = Mosquitto::start_for_replicas(broker_dir.path(), &a.data_dir(), &["r1", "r2"])
-        .await
-        .unwrap();
-    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
-    a.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
-    a.restart().await.unwrap();
-    let admin = a.login("admin@x.io", "admin-pass").await.unwrap();
-    let mut b = a
-        .start_replica(&["--broker-url", &url, "--replica-id", "r2"])
-        .await
-        .unwrap();
-    let mut sessions = Vec::new();
-    for id in &ids {
-        sessions.push(connect_device(mosquitto.device_port, id).await.unwrap());
-    }
+    let Rig {
+        a,
+        mut b,
+        admin,
+        ids,
+        sessions,
+        // Bound, not `..`: the broker runs until the test ends.
+        _broker,
+    } = rig(50).await;
     // The devices publish while B is killed and while it is away: B is killed once both
     // replicas have ingested some.
     let sends: Vec<_> = sessions
