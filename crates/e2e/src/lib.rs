@@ -131,6 +131,17 @@ impl Server {
         Self::start_on(Some(database::Database::postgres().await?), extra, &[]).await
     }
 
+    /// Starts on the PostgreSQL database at `url`, which the test owns (a
+    /// [`postgres_cluster::PostgresCluster`] of its own).
+    pub async fn start_on_url(url: &str, extra: &[&str]) -> Result<Server> {
+        Self::start_on(
+            Some(database::Database::SharedPostgres(url.to_string())),
+            extra,
+            &[],
+        )
+        .await
+    }
+
     /// A second replica beside this server (which must be on PostgreSQL): its own data dir
     /// holding the same CA (the shared secret replicas mount), the same database, its own
     /// embedded broker and listeners.
@@ -651,6 +662,7 @@ impl Agent {
 pub mod database;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod postgres_cluster;
 
 pub mod bench;
 pub mod proxy;

@@ -2,12 +2,15 @@
 //! devices send numbered telemetry through the broker, which shares it between the replicas'
 //! ingest sessions. Every message the broker acknowledged is stored exactly once, both replicas
 //! ingested some, and a command created on one replica comes back answered whichever replica
-//! ingested the device's reply. A replica SIGKILLed while devices publish, then restarted with
-//! its replica id, loses nothing the broker acknowledged.
+//! ingested the device's reply. A replica SIGKILLed while devices publish loses nothing the
+//! broker acknowledged, whether it is restarted with its replica id or left dead (the other
+//! replica drains its session once its ingest lease lapsed).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flotilla_e2e::mosquitto::Mosquitto;
@@ -27,16 +30,16 @@ async fn received(server: &Server, admin: &str) -> u64 {
     stats["ingestLink"]["received"].as_u64().unwrap_or(0)
 }
 
-/// Publishes `readings` numbered readings as `device`, each after the PUBACK for the one
+/// Publishes the readings numbered `seqs` as `device`, each after the PUBACK for the one
 /// before; what the broker acknowledged.
 async fn send_readings(
     mut session: Session,
     device: String,
-    readings: u64,
+    seqs: std::ops::Range<u64>,
 ) -> (Session, Vec<(String, u64)>) {
     let topic = format!("devices/{device}/telemetry");
     let mut acked = Vec::new();
-    for seq in 0..readings {
+    for seq in seqs {
         let reason = session
             .publish(&topic, format!(r#"{{"seq":{seq},"pot":7}}"#))
             .await
@@ -58,8 +61,8 @@ struct Rig {
     _broker: (tempfile::TempDir, Mosquitto),
 }
 
-async fn rig(devices: usize) -> Rig {
-    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+async fn rig(devices: usize, extra: &[&str]) -> Rig {
+    let mut a = Server::start_on_postgres(extra).await.unwrap();
     let admin = a.admin("admin@x.io").await.unwrap();
     let mut ids = Vec::new();
     for k in 0..devices {
@@ -70,13 +73,15 @@ async fn rig(devices: usize) -> Rig {
         .await
         .unwrap();
     let url = format!("mqtts://localhost:{}", mosquitto.service_port);
-    a.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
+    let args = |replica: &'static str| {
+        let mut args = vec!["--broker-url", url.as_str(), "--replica-id", replica];
+        args.extend_from_slice(extra);
+        args
+    };
+    a.set_args(&args("r1"));
     a.restart().await.unwrap();
     let admin = a.login("admin@x.io", "admin-pass").await.unwrap();
-    let b = a
-        .start_replica(&["--broker-url", &url, "--replica-id", "r2"])
-        .await
-        .unwrap();
+    let b = a.start_replica(&args("r2")).await.unwrap();
     let mut sessions = Vec::new();
     for id in &ids {
         sessions.push(connect_device(mosquitto.device_port, id).await.unwrap());
@@ -101,11 +106,11 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         sessions,
         // Bound, not `..`: the broker runs until the test ends.
         _broker,
-    } = rig(DEVICES).await;
+    } = rig(DEVICES, &[]).await;
     let sends = sessions
         .into_iter()
         .zip(&ids)
-        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), READINGS)));
+        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 0..READINGS)));
     let mut sent = BTreeSet::new();
     let mut sessions = Vec::new();
     for done in futures::future::join_all(sends).await {
@@ -114,22 +119,7 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         sessions.push(session);
     }
     assert_eq!(sent.len(), DEVICES * READINGS as usize);
-    let stored = wait_for(
-        "every acknowledged reading stored",
-        Duration::from_secs(60),
-        || async {
-            let rows = a.database.stored_readings().await.ok()?;
-            (rows.len() >= sent.len()).then_some(rows)
-        },
-    )
-    .await
-    .unwrap();
-    let unique: BTreeSet<(String, u64)> = stored.iter().cloned().collect();
-    assert_eq!(
-        unique, sent,
-        "stored differs from what the broker acknowledged"
-    );
-    assert_eq!(stored.len(), unique.len(), "a reading was stored twice");
+    assert_stored_exactly(&a, &sent).await;
     let (by_a, by_b) = (received(&a, &admin).await, received(&b, &admin).await);
     assert!(
         by_a > 0 && by_b > 0,
@@ -189,6 +179,23 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_sigkilled_while_devices_publish_and_restarted_loses_nothing_acknowledged() {
+    replica_b_sigkilled_while_devices_publish(Then::Restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_sigkilled_while_devices_publish_and_left_dead_has_its_share_stored_by_the_other()
+{
+    replica_b_sigkilled_while_devices_publish(Then::LeaveDead).await;
+}
+
+enum Then {
+    /// B comes back with its replica id.
+    Restart,
+    /// B never returns: A drains its session once B's ingest lease lapsed.
+    LeaveDead,
+}
+
+async fn replica_b_sigkilled_while_devices_publish(then: Then) {
     let Rig {
         a,
         mut b,
@@ -197,13 +204,13 @@ async fn a_replica_sigkilled_while_devices_publish_and_restarted_loses_nothing_a
         sessions,
         // Bound, not `..`: the broker runs until the test ends.
         _broker,
-    } = rig(50).await;
+    } = rig(50, &[]).await;
     // The devices publish while B is killed and while it is away: B is killed once both
     // replicas have ingested some.
     let sends: Vec<_> = sessions
         .into_iter()
         .zip(&ids)
-        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 400)))
+        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 0..400)))
         .collect();
     wait_for(
         "both replicas ingesting",
@@ -215,26 +222,266 @@ async fn a_replica_sigkilled_while_devices_publish_and_restarted_loses_nothing_a
     )
     .await
     .unwrap();
-    b.proc.kill_hard();
+    if let Then::LeaveDead = then {
+        // B dies holding messages it took and could not commit (the database stalls their
+        // inserts): they stay unacknowledged in its session, which only a drain can store.
+        let stall = a.database.stall_telemetry().await.unwrap();
+        let taken = received(&b, &admin).await;
+        wait_for(
+            "B taking messages it cannot commit",
+            Duration::from_secs(30),
+            || async { (received(&b, &admin).await >= taken + 200).then_some(()) },
+        )
+        .await
+        .unwrap();
+        b.proc.kill_hard();
+        drop(stall);
+    } else {
+        b.proc.kill_hard();
+    }
     let mut sent = BTreeSet::new();
+    let mut sessions = Vec::new();
     for done in futures::future::join_all(sends).await {
-        sent.extend(done.unwrap().1);
+        let (session, acked) = done.unwrap();
+        sent.extend(acked);
+        sessions.push(session);
     }
     assert_eq!(sent.len(), 50 * 400, "every publish was acknowledged");
-    // Its session at the broker kept what was shared to it; back with the same id, it takes
-    // that up.
-    b.restart().await.unwrap();
+    match then {
+        // Its session at the broker kept what was shared to it; back with the same id, it
+        // takes that up (or finds it drained by A, if A was quicker).
+        Then::Restart => b.restart().await.unwrap(),
+        Then::LeaveDead => {}
+    }
+    assert_stored_exactly(&a, &sent).await;
+    if let Then::LeaveDead = then {
+        let adopted = wait_for("A drained B's session", Duration::from_secs(30), || async {
+            let (_, stats) = a
+                .call("GET", "/api/admin/stats", Some(&admin), None)
+                .await
+                .ok()?;
+            (stats["ingestLink"]["adopted"] != 0).then_some(stats)
+        })
+        .await
+        .unwrap();
+        assert_eq!(adopted["ingestLink"]["adopted"], 1, "{adopted}");
+        // Every message drained was acknowledged to the broker, none left in B's session.
+        assert_eq!(adopted["ingestLink"]["unsentAcks"], 0, "{adopted}");
+        // B's session no longer takes a share: what the devices send now is all stored.
+        let more = sessions
+            .into_iter()
+            .zip(&ids)
+            .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 400..420)));
+        for done in futures::future::join_all(more).await {
+            sent.extend(done.unwrap().1);
+        }
+        assert_stored_exactly(&a, &sent).await;
+    }
+}
+
+/// Waits for `sent` to be stored, then checks nothing else and nothing twice was.
+async fn assert_stored_exactly(server: &Server, sent: &BTreeSet<(String, u64)>) {
     let stored = wait_for(
         "every acknowledged reading stored",
         Duration::from_secs(60),
         || async {
-            let rows = a.database.stored_readings().await.ok()?;
+            let rows = server.database.stored_readings().await.ok()?;
             (rows.len() >= sent.len()).then_some(rows)
         },
     )
     .await
     .unwrap();
     let unique: BTreeSet<(String, u64)> = stored.iter().cloned().collect();
-    assert_eq!(unique, sent);
-    assert_eq!(stored.len(), unique.len());
+    assert_eq!(&unique, sent, "stored differs from what the broker acknowledged");
+    assert_eq!(stored.len(), unique.len(), "a reading was stored twice");
+}
+
+/// A scripted device on the new firmware's side of an update: reports `fw` 1.0.0, and answers
+/// each offer with SUCCESS after `delay` (and reports the offered version). Every offer id it
+/// received, in order, once `stop` is set.
+async fn answer_offers(
+    mut session: Session,
+    device: String,
+    delay: Duration,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
+    session
+        .subscribe(&format!("devices/{device}/ota"))
+        .await
+        .unwrap();
+    let status = |fw: &str| json!({"online": true, "fw": fw, "hw": "esp32c3"}).to_string();
+    session
+        .publish(&format!("devices/{device}/status"), status("1.0.0"))
+        .await
+        .unwrap();
+    let mut offers = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((_, payload)) = session.message(Duration::from_millis(300)).await else {
+            continue;
+        };
+        let offer: Value = serde_json::from_slice(&payload).unwrap();
+        // The version is in the signed manifest, a JSON document of its own.
+        let manifest: Option<Value> = offer["manifest"]["manifest"]
+            .as_str()
+            .and_then(|m| serde_json::from_str(m).ok());
+        let version = manifest.as_ref().and_then(|m| m["version"].as_str());
+        let (Some(id), Some(version)) = (offer["id"].as_str(), version) else {
+            continue; // a cancel, or anything else that is no offer
+        };
+        offers.push(id.to_string());
+        tokio::time::sleep(delay).await;
+        let done = json!({"status": "SUCCESS", "id": id, "version": version});
+        session
+            .publish(&format!("devices/{device}/ota/status"), done.to_string())
+            .await
+            .unwrap();
+        session
+            .publish(&format!("devices/{device}/status"), status(version))
+            .await
+            .unwrap();
+    }
+    offers
+}
+
+async fn leads(server: &Server, admin: &str) -> Option<bool> {
+    let (status, stats) = server
+        .call("GET", "/api/admin/stats", Some(admin), None)
+        .await
+        .ok()?;
+    (status == 200).then(|| stats["leader"].as_bool())?
+}
+
+async fn rollout(server: &Server, admin: &str, id: &str) -> Option<Value> {
+    let (status, r) = server
+        .call("GET", &format!("/api/rollouts/{id}"), Some(admin), None)
+        .await
+        .ok()?;
+    (status == 200).then_some(r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_offer_once() {
+    use flotilla_e2e::release_kit::Kit;
+    const FLEET: usize = 30;
+    let tmp = tempfile::tempdir().unwrap();
+    let kit = Kit::new(tmp.path());
+    let key = kit.public_key();
+    let Rig {
+        mut a,
+        mut b,
+        admin,
+        ids,
+        sessions,
+        _broker,
+    } = rig(FLEET, &["--release-key", &key]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let devices: Vec<_> = sessions
+        .into_iter()
+        .zip(&ids)
+        .map(|(s, id)| {
+            tokio::spawn(answer_offers(
+                s,
+                id.device_id.clone(),
+                Duration::from_millis(1500),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let a_leads = wait_for("one leader", Duration::from_secs(20), || async {
+        let (la, lb) = (leads(&a, &admin).await?, leads(&b, &admin).await?);
+        (la != lb).then_some(la)
+    })
+    .await
+    .unwrap();
+    let (leader, survivor) = if a_leads { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let cli = flotilla_e2e::Cli::new(survivor, &tmp.path().join("session.json"));
+    let login = cli.run(&["login", "--email", "admin@x.io", "--password", "admin-pass"]);
+    assert!(login.status.success());
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let created = cli.json(&[
+        "rollout",
+        "create",
+        "1.1.0",
+        "--all",
+        "--phases",
+        "10,40,100",
+        "--wait-timeout",
+        "60",
+    ]);
+    let id = created["id"].as_str().unwrap().to_string();
+    // Mid-rollout: some devices updated, most not yet offered.
+    wait_for("the first phase done", Duration::from_secs(60), || async {
+        let r = rollout(survivor, &admin, &id).await?;
+        (r["progress"]["succeeded"].as_u64()? >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+    let killed_at = std::time::Instant::now();
+    leader.proc.kill_hard();
+    wait_for(
+        "the survivor takes the lease",
+        Duration::from_secs(30),
+        || async { leads(survivor, &admin).await?.then_some(()) },
+    )
+    .await
+    .unwrap();
+    let took_over = killed_at.elapsed();
+    let done = wait_for("the rollout completes", Duration::from_secs(120), || async {
+        let r = rollout(survivor, &admin, &id).await?;
+        (r["state"] == "completed").then_some(r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(done["progress"]["succeeded"], FLEET, "{done}");
+    stop.store(true, Ordering::Relaxed);
+    for (offers, id) in futures::future::join_all(devices).await.into_iter().zip(&ids) {
+        let offers = offers.unwrap();
+        let distinct: BTreeSet<&String> = offers.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            1,
+            "{} got offers {offers:?}: one update each",
+            id.device_id
+        );
+    }
+    // Each device has one update: nothing offered twice, by the old leader or the new.
+    for id in &ids {
+        let (_, history) = survivor
+            .call(
+                "GET",
+                &format!("/api/ota/{}/history", id.device_id),
+                Some(&admin),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            history["updates"].as_array().map(Vec::len),
+            Some(1),
+            "{}: {history}",
+            id.device_id
+        );
+    }
+    // Each transition recorded once: the old leader's tenure ended before the new one's
+    // began (a decision of the old one saved after the takeover would repeat a phase).
+    let transitions: Vec<String> = survivor
+        .rollout_transitions(&admin, &id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, words)| words)
+        .collect();
+    assert_eq!(
+        transitions,
+        [
+            "phase 1 running",
+            "phase 2 running",
+            "phase 3 running",
+            "completed"
+        ],
+        "each transition once"
+    );
+    // The lease's TTL (10 s) plus a renewal interval (3.3 s) bound the takeover.
+    assert!(took_over < Duration::from_secs(20), "took {took_over:?}");
 }

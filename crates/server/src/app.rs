@@ -41,6 +41,7 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The ingest writer, for its queue depth.
     pub writer: crate::ingest::writer::Writer,
+    pub command_waits: Arc<crate::command_waits::CommandWaits>,
 }
 
 impl std::fmt::Debug for AppState {

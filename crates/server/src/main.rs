@@ -5,6 +5,7 @@ mod app;
 mod auth;
 mod broker;
 mod broker_sync;
+mod command_waits;
 mod commands;
 mod config;
 mod conn_limits;

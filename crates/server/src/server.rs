@@ -162,14 +162,36 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 .and_then(|mut a| a.next())
                 .with_context(|| format!("resolving the broker host {}", url.host))?;
             let (ingest_link, ingest_id) =
-                link_as(&format!("server-ingest-{}", config.replica_id))?;
+                link_as(&crate::ingest::handover::session_service(&config.replica_id))?;
+            // With replicas, the ingest session is this replica's to use while it holds its
+            // lease, and a peer's that lapsed is drained by whoever takes its lease.
+            let claim = if replicated {
+                crate::ingest::handover::claim_own(store.clone(), config.replica_id.clone())
+            } else {
+                crate::ingest::link::always()
+            };
+            let adopter_link = ingest_link.clone();
             let mut ingest = IngestLink::start(
                 ingest_link,
                 &ingest_id,
                 ingest_filters(),
-                writer,
+                writer.clone(),
                 gate.clone(),
+                claim,
             );
+            if replicated {
+                crate::ingest::handover::Adopter {
+                    store: store.clone(),
+                    ca: ca.clone(),
+                    broker: adopter_link,
+                    replica: config.replica_id.clone(),
+                    filters: ingest_filters(),
+                    writer,
+                    gate: gate.clone(),
+                    stats: ingest.stats.clone(),
+                }
+                .spawn();
+            }
             tokio::time::timeout(std::time::Duration::from_secs(30), ingest.subscribed())
                 .await
                 .context("ingest did not subscribe on the external broker within 30 s")?
@@ -262,6 +284,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     let shared_limits =
         replicated.then(|| crate::shared_limits::SharedLimits::start(store.clone()));
+    let command_waits = crate::command_waits::CommandWaits::start(&store).await?;
     let state = AppState {
         store,
         jwt,
@@ -279,6 +302,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config: config.clone(),
         metrics,
         writer: writer_handle,
+        command_waits,
     };
     let acceptor = device_listener::tls_acceptor(ca.certificate_pem(), server_identity)?;
     let device = device_listener::serve(

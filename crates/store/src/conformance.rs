@@ -1836,7 +1836,7 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
             .fetch_all(&a.pool)
             .await
             .unwrap();
-    assert_eq!(applied, (1..=13).collect::<Vec<i64>>());
+    assert_eq!(applied, (1..=14).collect::<Vec<i64>>());
     user(&a, "one@x", Role::Admin).await;
 }
 
@@ -2446,6 +2446,21 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
     store.release_lease("bg", "b").await.unwrap();
     assert_eq!(epoch(store, "bg", "a").await, 3);
     assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_none());
+
+    // Lapsed leases are found by prefix; a prefix is literal ('_' is no wildcard).
+    store.hold_lease("ingest:r1", "r1", long).await.unwrap().unwrap();
+    store.hold_lease("ingest:r2", "r2", 0).await.unwrap().unwrap();
+    store.hold_lease("ingest_r3", "r3", 0).await.unwrap().unwrap();
+    store.hold_lease("bg", "a", 0).await.unwrap().unwrap();
+    assert_eq!(
+        store.lapsed_leases("ingest:").await.unwrap(),
+        vec!["ingest:r2".to_string()]
+    );
+    // Ended by its holder only; then it is gone, and taken afresh at epoch 1.
+    assert!(!store.end_lease("ingest:r2", "r1").await.unwrap());
+    assert!(store.end_lease("ingest:r2", "r2").await.unwrap());
+    assert!(store.lapsed_leases("ingest:").await.unwrap().is_empty());
+    assert_eq!(epoch(store, "ingest:r2", "r1").await, 1);
 }
 
 async fn a_takeover_waits_for_work_begun_under_the_old_epoch(store: &Store) {

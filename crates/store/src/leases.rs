@@ -64,6 +64,33 @@ impl Store {
         Ok(())
     }
 
+    /// Names of the leases starting with `prefix` that have lapsed (their holder stopped
+    /// renewing, or gave them up), in name order.
+    pub async fn lapsed_leases(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM leases WHERE substr(name, 1, length($1)) = $2 \
+             AND expires_at <= $3 ORDER BY name",
+        )
+        .bind(prefix)
+        .bind(prefix)
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(names)
+    }
+
+    /// Removes the lease `name` if `holder` holds it: the work it guarded is over, and it is
+    /// no longer anyone's to take over (the next to take it starts afresh at epoch 1).
+    /// Whether it was removed.
+    pub async fn end_lease(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// A transaction for work done under the lease: `None` (and nothing begun) unless
     /// `holder` still holds `name` under `epoch` and it has not lapsed. The lease row stays
     /// locked until the transaction ends.

@@ -9,6 +9,7 @@
 mod attempts;
 mod audit;
 mod certificates;
+mod command_notices;
 mod commands;
 #[cfg(test)]
 mod conformance;
@@ -40,6 +41,7 @@ use anyhow::Context;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
+pub use command_notices::CommandNotices;
 pub use audit::{AuditEntry, AuditHead, AuditRecord, AuditRemoval};
 pub use certificates::{BrokerDenials, Promotion, RenewalRefusal, RevokedCertificate};
 pub use commands::CommandRow;
@@ -323,6 +325,8 @@ impl serde::Serialize for DatabaseUrl {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Where a listener for change notices connects (PostgreSQL only).
+    notices: Option<String>,
 }
 
 /// (key, value) rows as each key's values, in the order read (a listing's tags or targets,
@@ -408,7 +412,15 @@ impl Store {
         migrations::run(&pool, backend)
             .await
             .context("running migrations")?;
-        let store = Store { pool, backend };
+        let notices = match url {
+            DatabaseUrl::Postgres(url) => Some(url.clone()),
+            DatabaseUrl::Sqlite(_) => None,
+        };
+        let store = Store {
+            pool,
+            backend,
+            notices,
+        };
         let sealed = audit::seal_unchained(&store)
             .await
             .context("chaining audit records written before the chain")?;

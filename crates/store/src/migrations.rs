@@ -168,6 +168,11 @@ const POSTGRES: Embedded = &[
         "retention",
         include_str!("../migrations/postgres/0013_retention.sql"),
     ),
+    (
+        14,
+        "command notify",
+        include_str!("../migrations/postgres/0014_command_notify.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -107,6 +107,16 @@ stored_state!(
     }
 );
 
+impl CommandState {
+    /// Answered or expired: it changes no more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandState::Succeeded | CommandState::Failed | CommandState::Expired
+        )
+    }
+}
+
 impl UpdateState {
     pub fn is_final(self) -> bool {
         matches!(

@@ -120,6 +120,8 @@ impl BrokerControl for External {
             "acked": s.acked.load(Relaxed),
             "staleAcks": s.stale_acks.load(Relaxed),
             "blocked": s.blocked.load(Relaxed),
+            "adopted": s.adopted.load(Relaxed),
+            "unsentAcks": s.unsent_acks.load(Relaxed),
         }))
     }
 }

@@ -21,6 +21,11 @@
 //!
 //! Messages from devices the gate says are blocked are acknowledged and dropped: the server
 //! cannot disconnect them from an external broker.
+//!
+//! The link connects only while its [`Claim`] allows: with replicas, the session is the
+//! replica's to use only while it holds its ingest lease, so a peer draining the session of a
+//! replica it took for dead ([`super::handover`]) and the replica itself never take it from
+//! each other in turn.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,6 +67,30 @@ pub struct LinkStats {
     pub stale_acks: AtomicU64,
     /// Messages from blocked devices, acknowledged and dropped.
     pub blocked: AtomicU64,
+    /// Sessions of lapsed peers this server took over and drained.
+    pub adopted: AtomicU64,
+    /// Acks that found the client's queue full ([`REQUEST_QUEUE`]).
+    pub unsent_acks: AtomicU64,
+}
+
+/// Whether a link may connect now. A link that lost its claim stays on the connection it has
+/// (the broker ends it when another client takes the session) and waits before the next.
+pub type Claim = watch::Receiver<bool>;
+
+/// A claim that always holds: the only server on its broker session.
+pub fn always() -> Claim {
+    watch::channel(true).1
+}
+
+/// The options of a link that keeps its session: a persistent session with manual acks.
+pub fn session_options(link: &mut ServiceLink, client_id: &str) -> rumqttc::v5::MqttOptions {
+    let mut options = link.options(client_id);
+    options
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+        .set_manual_acks(true)
+        .set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    options
 }
 
 /// Where the link stands.
@@ -82,38 +111,25 @@ pub struct IngestLink {
 }
 
 impl IngestLink {
-    /// Connects with `options` (a persistent session with manual acks is set here), subscribes
-    /// to `filters` at QoS 1 at every session start, and starts the runner.
+    /// Connects as `client_id` whenever `claim` allows, subscribes to `filters` at QoS 1 at
+    /// every session start, and starts the runner.
     pub fn start(
         mut link: ServiceLink,
         client_id: &str,
         filters: Vec<String>,
         writer: Writer,
         gate: Arc<DeviceGate>,
+        claim: Claim,
     ) -> IngestLink {
-        let mut options = link.options(client_id);
-        options
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
-            .set_manual_acks(true)
-            .set_receive_maximum(Some(RECEIVE_MAXIMUM));
-        // Room for an ack of every message that may wait and the subscription: try_ack never
-        // finds the queue full.
-        let (client, eventloop) = AsyncClient::new(options, MAX_WAITING + 16);
+        let (client, eventloop) = new_client(session_options(&mut link, client_id));
         let stats = Arc::new(LinkStats::default());
         let (state_tx, state) = watch::channel(State::Connecting);
         let runner = Runner {
-            acker: Acker {
-                client,
-                stats: stats.clone(),
-                connection: Arc::new(Mutex::new(0)),
-            },
+            intake: Intake::new(client, writer, gate, stats.clone()),
             filters,
-            writer,
-            gate,
-            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
             state: state_tx,
             link,
+            claim,
         };
         tokio::spawn(runner.run(eventloop));
         IngestLink { stats, state }
@@ -134,23 +150,44 @@ impl IngestLink {
     }
 }
 
+/// Acks (and the odd subscription) the client's queue holds before `try_ack` fails. A
+/// message's permit is given back once its ack is queued, not once it is sent, and rumqttc's
+/// event loop takes one request from the queue per packet it reads from the network at
+/// most, so while a broker floods the link (Mosquitto sends a resumed session's whole backlog,
+/// beyond the receive maximum) acks pile up here faster than they leave. Measured: a drain of
+/// a few thousand queued messages overflowed a queue of 2,064 (the bound this replaced).
+/// The queue grows as it fills, so its size costs nothing until used.
+const REQUEST_QUEUE: usize = 64 * 1024;
+
+/// A client for a link; see [`REQUEST_QUEUE`].
+pub fn new_client(options: rumqttc::v5::MqttOptions) -> (AsyncClient, EventLoop) {
+    AsyncClient::new(options, REQUEST_QUEUE)
+}
+
 struct Runner {
     filters: Vec<String>,
-    writer: Writer,
-    gate: Arc<DeviceGate>,
-    /// One permit for each message taken and not yet committed.
-    waiting: Arc<Semaphore>,
     /// Also how the runner reaches the client and the stats.
-    acker: Acker,
+    intake: Intake,
     state: watch::Sender<State>,
     /// Its certificate, renewed while the server runs.
     link: ServiceLink,
+    claim: Claim,
 }
 
 impl Runner {
     async fn run(mut self, mut eventloop: EventLoop) {
         let mut current = 0;
+        let mut connected = false;
         loop {
+            if !connected {
+                if !*self.claim.borrow() {
+                    tracing::info!("ingest link: waiting for this replica's ingest lease");
+                }
+                if self.claim.wait_for(|may| *may).await.is_err() {
+                    return;
+                }
+                connected = true;
+            }
             if self.link.refresh(&mut eventloop.options) {
                 tracing::info!(
                     "ingest link: renewed service certificate ready for the next connection"
@@ -158,9 +195,9 @@ impl Runner {
             }
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    self.acker.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                    self.intake.acker.stats.sessions.fetch_add(1, Ordering::Relaxed);
                     if ack.session_present {
-                        self.acker.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                        self.intake.acker.stats.resumed.fetch_add(1, Ordering::Relaxed);
                     }
                     // Sent at every session start: a broker that lost the session lost the
                     // subscription with it.
@@ -168,7 +205,7 @@ impl Runner {
                         .filters
                         .iter()
                         .map(|f| Filter::new(f, QoS::AtLeastOnce));
-                    if let Err(e) = self.acker.client.try_subscribe_many(filters) {
+                    if let Err(e) = self.intake.acker.client.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "ingest link could not subscribe");
                     }
                     tracing::info!(resumed = ack.session_present, "ingest link connected");
@@ -190,16 +227,17 @@ impl Runner {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     // At the bound, wait here: the broker holds what is not taken yet.
-                    let Ok(permit) = self.waiting.clone().acquire_owned().await else {
+                    let Some(permit) = self.intake.permit().await else {
                         return;
                     };
-                    self.take(current, publish, permit);
+                    self.intake.take(current, publish, permit);
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    connected = false;
                     let _ = self.state.send(State::Connecting);
                     {
-                        let mut connection = self.acker.lock();
+                        let mut connection = self.intake.acker.lock();
                         *connection += 1;
                         current = *connection;
                         // The event loop dropped the acks queued so far when the connection
@@ -222,8 +260,59 @@ impl Runner {
         }
     }
 
+}
+
+/// The taking half of a link: hands each message to the writer and acks it after its commit,
+/// on the connection it came on.
+pub struct Intake {
+    writer: Writer,
+    gate: Arc<DeviceGate>,
+    /// One permit for each message taken and not yet committed.
+    waiting: Arc<Semaphore>,
+    acker: Acker,
+}
+
+impl Intake {
+    pub fn new(
+        client: AsyncClient,
+        writer: Writer,
+        gate: Arc<DeviceGate>,
+        stats: Arc<LinkStats>,
+    ) -> Intake {
+        Intake {
+            writer,
+            gate,
+            waiting: Arc::new(Semaphore::new(MAX_WAITING)),
+            acker: Acker {
+                client,
+                stats,
+                connection: Arc::new(Mutex::new(0)),
+            },
+        }
+    }
+
+    /// Room for one more message; waits at the bound. `None` once closed (never, in practice).
+    pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.waiting.clone().acquire_owned().await.ok()
+    }
+
+    /// Whether every message taken so far is committed (and its ack queued) or dropped.
+    pub fn idle(&self) -> bool {
+        self.waiting.available_permits() == MAX_WAITING
+    }
+
+    /// The connection is gone: acks of its messages are dropped from now on.
+    pub fn close_connection(&self) {
+        *self.acker.lock() += 1;
+    }
+
+    /// The number acks of the connection that is open now go by.
+    pub fn connection(&self) -> u64 {
+        *self.acker.lock()
+    }
+
     /// Hands a message to the writer; its ack follows the commit.
-    fn take(&self, connection: u64, publish: Publish, permit: OwnedSemaphorePermit) {
+    pub fn take(&self, connection: u64, publish: Publish, permit: OwnedSemaphorePermit) {
         self.acker.stats.received.fetch_add(1, Ordering::Relaxed);
         let Ok(topic) = std::str::from_utf8(&publish.topic).map(str::to_string) else {
             // Not a topic any device may use; nothing to store, and redelivery would not help.
@@ -286,10 +375,13 @@ impl Acker {
             Ok(()) => {
                 self.stats.acked.fetch_add(1, Ordering::Relaxed);
             }
-            // Cannot happen while the queue has room for every waiting message. If it did, the
-            // message would hold one slot of the broker's window until the next reconnect,
-            // when the broker sends it again.
-            Err(e) => tracing::error!(error = %e, "ingest link could not queue an ack"),
+            // The message holds one slot of the broker's window until the next reconnect, when
+            // the broker sends it again (and the store keeps it once). Counted: a test
+            // asserts none.
+            Err(e) => {
+                self.stats.unsent_acks.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "ingest link could not queue an ack");
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! device's PUBACK until they are committed (`crate::broker`), so the broker never acknowledges
 //! what is not on disk.
 
+pub mod handover;
 pub mod link;
 pub mod writer;
 

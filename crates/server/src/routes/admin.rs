@@ -196,6 +196,17 @@ async fn stats(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<
     user.require_admin()?;
     let mut stats = state.store.stats().await?;
     if let Some(fields) = stats.as_object_mut() {
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let waits = &state.command_waits;
+            fields.insert(
+                "commandWaits".into(),
+                serde_json::json!({
+                    "woken": waits.woken.load(Relaxed),
+                    "reread": waits.reread.load(Relaxed),
+                }),
+            );
+        }
         if let Some(link) = state.broker.link_stats() {
             fields.insert("ingestLink".into(), link);
         }

@@ -1,4 +1,6 @@
-use axum::extract::{Path, State};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -8,6 +10,7 @@ use serde_json::Value;
 use super::visible_device;
 use crate::app::AppState;
 use crate::auth::AuthUser;
+use crate::command_waits::MAX_WAIT_SECS;
 use crate::commands::{DEFAULT_TTL_SECS, MAX_TTL_SECS, validate};
 use crate::error::{ApiError, ApiResult, JsonBody};
 use flotilla_store::{CommandRow, now_ms};
@@ -94,16 +97,35 @@ async fn list(
     Ok(Json(state.store.commands_of(&device.device_id, 200).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    /// Seconds to wait for the command to finish (answered or expired) before answering.
+    wait: Option<u64>,
+}
+
+/// A command; with `?wait=SECS` (at most 30) once it has finished, or as it stands when the
+/// wait ends.
 async fn show(
     State(state): State<AppState>,
     user: AuthUser,
     Path((device_id, command_id)): Path<(String, String)>,
+    Query(query): Query<ShowQuery>,
 ) -> ApiResult<Json<CommandRow>> {
     let device = visible_device(&state, &user, &device_id).await?;
+    let wait = match query.wait {
+        Some(secs) if secs > MAX_WAIT_SECS => {
+            return Err(ApiError::BadRequest(format!(
+                "wait is at most {MAX_WAIT_SECS} seconds"
+            )));
+        }
+        secs => Duration::from_secs(secs.unwrap_or(0)),
+    };
     let command = state
-        .store
-        .command(&command_id)
-        .await?
-        .filter(|c| c.device_id == device.device_id);
+        .command_waits
+        .finished(&state.store, &command_id, wait, |c| {
+            c.device_id == device.device_id
+        })
+        .await?;
     Ok(Json(command.ok_or(ApiError::NotFound("no such command"))?))
 }
