@@ -144,12 +144,32 @@ async fn unanswered_commands_expire() -> anyhow::Result<()> {
         )
         .await?;
     let cmd_id = cmd["id"].as_str().unwrap().to_string();
-    let expired = wait_for("expired", Duration::from_secs(5), || async {
-        let c = command_state(&server, &jwt, "sleepy", &cmd_id).await?;
-        (c["state"] == "expired").then_some(c)
-    })
-    .await?;
+    let path = format!("/api/device/sleepy/commands/{cmd_id}");
+    // Without a wait, as it stands; a wait past the limit is refused.
+    let (status, now) = server.call("GET", &path, Some(&jwt), None).await?;
+    assert_eq!(
+        (status, now["state"].as_str()),
+        (200, Some("queued")),
+        "{now}"
+    );
+    let (status, body) = server
+        .call("GET", &format!("{path}?wait=31"), Some(&jwt), None)
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    // A request waiting for it answers once the sweep expired it (before its own deadline:
+    // the state says which).
+    let (status, expired) = server
+        .call("GET", &format!("{path}?wait=20"), Some(&jwt), None)
+        .await?;
+    assert_eq!(status, 200, "{expired}");
+    assert_eq!(expired["state"], "expired", "{expired}");
     assert!(expired["completedAt"].is_number());
+    // Someone else's command is not found, waiting or not.
+    let other = server.user("other@example.com").await?;
+    let (status, _) = server
+        .call("GET", &format!("{path}?wait=1"), Some(&other), None)
+        .await?;
+    assert_eq!(status, 404);
     Ok(())
 }
 

@@ -135,7 +135,6 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         .await
         .unwrap();
     let before_b = received(&b, &admin).await;
-    let mut created = Vec::new();
     for _ in 0..6 {
         let (status, cmd) = a
             .call(
@@ -151,30 +150,41 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         let command: Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(command["id"], cmd["id"]);
         let reply = json!({"id": command["id"], "status": "succeeded", "result": {"pong": true}});
-        session
-            .publish(&format!("devices/{device}/reply"), reply.to_string())
-            .await
-            .unwrap();
-        created.push(cmd["id"].as_str().unwrap().to_string());
-    }
-    for id in &created {
-        let path = format!("/api/device/{device}/commands/{id}");
-        wait_for(
-            "the reply read back on A",
-            Duration::from_secs(15),
-            || async {
-                let (_, c) = a.call("GET", &path, Some(&admin), None).await.ok()?;
-                (c["state"] == "succeeded").then_some(())
-            },
-        )
-        .await
-        .unwrap();
+        // A request on A waits for the command while the device answers; whichever replica
+        // ingests the reply, the wait ends with it.
+        let path = format!(
+            "/api/device/{device}/commands/{}?wait=20",
+            command["id"].as_str().unwrap()
+        );
+        let (waited, published) = tokio::join!(a.call("GET", &path, Some(&admin), None), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            session
+                .publish(&format!("devices/{device}/reply"), reply.to_string())
+                .await
+        });
+        published.unwrap();
+        let (status, waited) = waited.unwrap();
+        assert_eq!(status, 200, "{waited}");
+        assert_eq!(waited["state"], "succeeded", "{waited}");
     }
     // Nothing but these replies went up meanwhile: B ingested some of them.
     assert!(
         received(&b, &admin).await > before_b,
         "no reply went through replica B"
     );
+    // The waits ended on the database's notices (a reply committed by B wakes A), or on a
+    // re-read when a notice came late.
+    let (_, stats) = a
+        .call("GET", "/api/admin/stats", Some(&admin), None)
+        .await
+        .unwrap();
+    let waits = &stats["commandWaits"];
+    assert_eq!(
+        waits["woken"].as_u64().unwrap() + waits["reread"].as_u64().unwrap(),
+        6,
+        "{waits}"
+    );
+    assert!(waits["woken"].as_u64().unwrap() >= 1, "{waits}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +302,10 @@ async fn assert_stored_exactly(server: &Server, sent: &BTreeSet<(String, u64)>) 
     .await
     .unwrap();
     let unique: BTreeSet<(String, u64)> = stored.iter().cloned().collect();
-    assert_eq!(&unique, sent, "stored differs from what the broker acknowledged");
+    assert_eq!(
+        &unique, sent,
+        "stored differs from what the broker acknowledged"
+    );
     assert_eq!(stored.len(), unique.len(), "a reading was stored twice");
 }
 
@@ -393,7 +406,11 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     })
     .await
     .unwrap();
-    let (leader, survivor) = if a_leads { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (leader, survivor) = if a_leads {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
     let cli = flotilla_e2e::Cli::new(survivor, &tmp.path().join("session.json"));
     let login = cli.run(&["login", "--email", "admin@x.io", "--password", "admin-pass"]);
     assert!(login.status.success());
@@ -427,15 +444,23 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     .await
     .unwrap();
     let took_over = killed_at.elapsed();
-    let done = wait_for("the rollout completes", Duration::from_secs(120), || async {
-        let r = rollout(survivor, &admin, &id).await?;
-        (r["state"] == "completed").then_some(r)
-    })
+    let done = wait_for(
+        "the rollout completes",
+        Duration::from_secs(120),
+        || async {
+            let r = rollout(survivor, &admin, &id).await?;
+            (r["state"] == "completed").then_some(r)
+        },
+    )
     .await
     .unwrap();
     assert_eq!(done["progress"]["succeeded"], FLEET, "{done}");
     stop.store(true, Ordering::Relaxed);
-    for (offers, id) in futures::future::join_all(devices).await.into_iter().zip(&ids) {
+    for (offers, id) in futures::future::join_all(devices)
+        .await
+        .into_iter()
+        .zip(&ids)
+    {
         let offers = offers.unwrap();
         let distinct: BTreeSet<&String> = offers.iter().collect();
         assert_eq!(

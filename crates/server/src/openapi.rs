@@ -138,7 +138,7 @@ pub const OPERATIONS: &[Operation] = &[
     (
         "get",
         "/api/device/{deviceId}/commands/{commandId}",
-        "One command: queued, delivered, succeeded, failed or expired",
+        "One command: queued, delivered, succeeded, failed or expired (?wait=SECS, at most 30: answers once it finished, or when the wait ends)",
         Auth::User,
         None,
         200,
@@ -545,7 +545,7 @@ pub fn errors(method: &str, path: &str) -> &'static [u16] {
         ("post", "/api/device/{deviceId}/led") => &[400, 404, 409, 413],
         ("post", "/api/device/{deviceId}/commands") => &[400, 404, 409, 413],
         ("get", "/api/device/{deviceId}/commands") => &[404],
-        ("get", "/api/device/{deviceId}/commands/{commandId}") => &[404],
+        ("get", "/api/device/{deviceId}/commands/{commandId}") => &[400, 404],
         ("post", "/api/provisioning/tokens") => &[400, 409, 413],
         ("post", "/api/admin/user/{userId}/block") => &[404, 409],
         ("post", "/api/admin/user/{userId}/role") => &[400, 404, 409, 413],

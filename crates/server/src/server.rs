@@ -161,8 +161,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 .ok()
                 .and_then(|mut a| a.next())
                 .with_context(|| format!("resolving the broker host {}", url.host))?;
-            let (ingest_link, ingest_id) =
-                link_as(&crate::ingest::handover::session_service(&config.replica_id))?;
+            let (ingest_link, ingest_id) = link_as(&crate::ingest::handover::session_service(
+                &config.replica_id,
+            ))?;
             // With replicas, the ingest session is this replica's to use while it holds its
             // lease, and a peer's that lapsed is drained by whoever takes its lease.
             let claim = if replicated {

@@ -1840,6 +1840,39 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
     user(&a, "one@x", Role::Admin).await;
 }
 
+/// A command's state change committed through one store reaches a listener of another (two
+/// replicas) as a notice naming it; a write that leaves the state alone sends none, and SQLite
+/// has no notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_state_changes_are_noticed_by_every_listener_on_postgres() {
+    let db = TestDb::postgres().await;
+    let (writer, other) = (db.store(), Store::open(&db.url).await.unwrap());
+    let mut notices = other.command_notices().await.unwrap().unwrap();
+    let o = user(writer, "o@x", Role::Operator).await;
+    writer.register_device(&dev("d"), "d", o).await.unwrap();
+    let far = now_ms() + 600_000;
+    for id in ["c1", "c2"] {
+        writer
+            .create_command(id, &dev("d"), "ping", &json!({}), o, far)
+            .await
+            .unwrap();
+    }
+    // Creating c1 and c2 is no state change: the first notice names c3, which the sweep
+    // expires.
+    writer
+        .create_command("c3", &dev("d"), "ping", &json!({}), o, now_ms() - 1)
+        .await
+        .unwrap();
+    assert_eq!(writer.expire_commands().await.unwrap(), 1);
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), notices.next())
+        .await
+        .expect("a notice within 5 s")
+        .unwrap();
+    assert_eq!(next, "c3");
+    let sqlite = TestDb::sqlite().await;
+    assert!(sqlite.store().command_notices().await.unwrap().is_none());
+}
+
 /// Something other than this code wrote a device id no device can have: listing the devices
 /// fails with a refusal naming it, instead of handing the id on.
 async fn a_stored_device_id_that_is_not_valid_refuses_the_read(store: &Store) {
@@ -2448,9 +2481,21 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
     assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_none());
 
     // Lapsed leases are found by prefix; a prefix is literal ('_' is no wildcard).
-    store.hold_lease("ingest:r1", "r1", long).await.unwrap().unwrap();
-    store.hold_lease("ingest:r2", "r2", 0).await.unwrap().unwrap();
-    store.hold_lease("ingest_r3", "r3", 0).await.unwrap().unwrap();
+    store
+        .hold_lease("ingest:r1", "r1", long)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .hold_lease("ingest:r2", "r2", 0)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .hold_lease("ingest_r3", "r3", 0)
+        .await
+        .unwrap()
+        .unwrap();
     store.hold_lease("bg", "a", 0).await.unwrap().unwrap();
     assert_eq!(
         store.lapsed_leases("ingest:").await.unwrap(),

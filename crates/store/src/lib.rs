@@ -41,9 +41,9 @@ use anyhow::Context;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor};
 
-pub use command_notices::CommandNotices;
 pub use audit::{AuditEntry, AuditHead, AuditRecord, AuditRemoval};
 pub use certificates::{BrokerDenials, Promotion, RenewalRefusal, RevokedCertificate};
+pub use command_notices::CommandNotices;
 pub use commands::CommandRow;
 pub use device_config::ConfigRow;
 pub use devices::{DeviceRow, DeviceUpdate, GateEntry, TelemetryRow};

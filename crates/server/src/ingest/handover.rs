@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_pki::CertificateAuthority;
 use flotilla_store::Store;
-use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::Event;
+use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::sync::watch;
 
 use super::link::{self, Claim, Intake, LinkStats};
@@ -160,7 +160,10 @@ impl Adopter {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    if !matches!(store.hold_lease(&lease, &holder, ttl_ms()).await, Ok(Some(_))) {
+                    if !matches!(
+                        store.hold_lease(&lease, &holder, ttl_ms()).await,
+                        Ok(Some(_))
+                    ) {
                         let _ = lost_tx.send(true);
                         return;
                     }
@@ -329,4 +332,3 @@ async fn watch_drain(
         }
     }
 }
-

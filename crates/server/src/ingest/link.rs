@@ -195,9 +195,17 @@ impl Runner {
             }
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    self.intake.acker.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                    self.intake
+                        .acker
+                        .stats
+                        .sessions
+                        .fetch_add(1, Ordering::Relaxed);
                     if ack.session_present {
-                        self.intake.acker.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                        self.intake
+                            .acker
+                            .stats
+                            .resumed
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     // Sent at every session start: a broker that lost the session lost the
                     // subscription with it.
@@ -259,7 +267,6 @@ impl Runner {
             }
         }
     }
-
 }
 
 /// The taking half of a link: hands each message to the writer and acks it after its commit,
