@@ -59,6 +59,9 @@ enum Cmd {
         device: String,
         #[arg(value_parser = ["on", "off", "ON", "OFF"])]
         state: String,
+        /// Wait up to SECS for the device's answer; fails unless it succeeded.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
     },
     /// Send a command: led, led_brightness, sensor, reboot, ping.
     Command {
@@ -68,6 +71,9 @@ enum Cmd {
         args: Option<String>,
         #[arg(long)]
         ttl: Option<u64>,
+        /// Wait up to SECS for the device's answer; fails unless it succeeded.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
     },
     /// Releases: signing offline (the key never leaves this machine), publishing, blocking.
     Release {
@@ -416,13 +422,21 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
             });
             Ok(())
         }
-        Cmd::Led { device, state } => {
+        Cmd::Led {
+            device,
+            state,
+            wait,
+        } => {
             let r = api
                 .post(
                     &format!("/api/device/{}/led", api::segment(&device)),
                     &json!({ "state": state.to_uppercase() }),
                 )
                 .await?;
+            if let Some(secs) = wait {
+                let id = r["commandId"].as_str().unwrap_or_default();
+                return answered(&api, &device, id, secs, json_out).await;
+            }
             print_out(json_out, &r, |r| {
                 println!(
                     "command {} {}",
@@ -437,6 +451,7 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
             name,
             args,
             ttl,
+            wait,
         } => {
             let args: Value = match args {
                 Some(a) => serde_json::from_str(&a)
@@ -453,6 +468,10 @@ async fn run(cli: Cli) -> Result<(), ApiFailure> {
                     &body,
                 )
                 .await?;
+            if let Some(secs) = wait {
+                let id = r["id"].as_str().unwrap_or_default();
+                return answered(&api, &device, id, secs, json_out).await;
+            }
             print_out(json_out, &r, |r| {
                 println!(
                     "command {} {}",
@@ -681,5 +700,45 @@ fn print_out(json_out: bool, value: &Value, human: impl FnOnce(&Value)) {
         );
     } else {
         human(value);
+    }
+}
+
+/// Waits up to `secs` for command `id` to finish (the server holds each request up to 25 s),
+/// prints it, and fails unless it succeeded.
+async fn answered(
+    api: &api::Api,
+    device: &str,
+    id: &str,
+    secs: u64,
+    json_out: bool,
+) -> Result<(), ApiFailure> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let path = format!(
+        "/api/device/{}/commands/{}",
+        api::segment(device),
+        api::segment(id)
+    );
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let r = api
+            .get(&format!("{path}?wait={}", left.as_secs().min(25)))
+            .await?;
+        let state = r["state"].as_str().unwrap_or_default().to_string();
+        let finished = matches!(state.as_str(), "succeeded" | "failed" | "expired");
+        if finished || left.as_secs() == 0 {
+            print_out(json_out, &r, |r| {
+                println!("command {id} {state}");
+                if let Some(e) = r["error"].as_str() {
+                    println!("error: {e}");
+                }
+            });
+            return match state.as_str() {
+                "succeeded" => Ok(()),
+                _ if finished => Err(ApiFailure::other(format!("command {id} {state}"))),
+                _ => Err(ApiFailure::other(format!(
+                    "command {id} still {state} after {secs} s"
+                ))),
+            };
+        }
     }
 }

@@ -669,6 +669,7 @@ pub mod proxy;
 pub mod release_kit;
 
 /// The `flotilla` CLI with its own session file, pointed at a server.
+#[derive(Clone)]
 pub struct Cli {
     http: String,
     pub session: PathBuf,

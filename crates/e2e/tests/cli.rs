@@ -229,3 +229,56 @@ fn release_keys_sign_and_verify_offline() {
         .success()
     );
 }
+
+/// `--wait` holds the CLI until the device answered: 0 when it succeeded, 1 with the state
+/// when it did not answer in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_with_wait_exits_with_the_devices_answer() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("wait@example.com").await?;
+    let tmp = tempfile::tempdir()?;
+    let cli = Cli::new(&server, &tmp.path().join("session.json"));
+    let login = cli.run(&[
+        "login",
+        "--email",
+        "wait@example.com",
+        "--password",
+        "secret-pass",
+    ]);
+    anyhow::ensure!(login.status.success(), "{login:?}");
+    let id = server.enroll(&jwt, "wait-1").await?;
+
+    // Nobody answers: still queued when the wait ends.
+    let unanswered = cli.run(&["command", "wait-1", "ping", "--wait", "1"]);
+    assert_eq!(unanswered.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unanswered.stderr).contains("still queued after 1 s"),
+        "{unanswered:?}"
+    );
+
+    let mut device = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
+    device.subscribe("devices/wait-1/command").await?;
+    let waiting = {
+        let cli = cli.clone();
+        tokio::task::spawn_blocking(move || cli.run(&["led", "wait-1", "on", "--wait", "20"]))
+    };
+    // The first command was delivered when the device subscribed; answer the LED one.
+    loop {
+        let (_, payload) = device.message(std::time::Duration::from_secs(10)).await?;
+        let command: Value = serde_json::from_slice(&payload)?;
+        if command["name"] == "led" {
+            let reply = serde_json::json!({"id": command["id"], "status": "succeeded", "result": {"state": "ON"}});
+            device
+                .publish("devices/wait-1/reply", reply.to_string())
+                .await?;
+            break;
+        }
+    }
+    let answered = waiting.await?;
+    assert!(answered.status.success(), "{answered:?}");
+    assert!(
+        String::from_utf8_lossy(&answered.stdout).contains("succeeded"),
+        "{answered:?}"
+    );
+    Ok(())
+}

@@ -171,6 +171,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             } else {
                 crate::ingest::link::always()
             };
+            let own_claim = claim.clone();
             let adopter_link = ingest_link.clone();
             let mut ingest = IngestLink::start(
                 ingest_link,
@@ -182,6 +183,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             );
             if replicated {
                 crate::ingest::handover::Adopter {
+                    own: own_claim,
                     store: store.clone(),
                     ca: ca.clone(),
                     broker: adopter_link,

@@ -2498,13 +2498,21 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
         .unwrap();
     store.hold_lease("bg", "a", 0).await.unwrap().unwrap();
     assert_eq!(
-        store.lapsed_leases("ingest:").await.unwrap(),
+        store.lapsed_leases("ingest:", 0).await.unwrap(),
         vec!["ingest:r2".to_string()]
+    );
+    // Not yet lapsed for a minute.
+    assert!(
+        store
+            .lapsed_leases("ingest:", long)
+            .await
+            .unwrap()
+            .is_empty()
     );
     // Ended by its holder only; then it is gone, and taken afresh at epoch 1.
     assert!(!store.end_lease("ingest:r2", "r1").await.unwrap());
     assert!(store.end_lease("ingest:r2", "r2").await.unwrap());
-    assert!(store.lapsed_leases("ingest:").await.unwrap().is_empty());
+    assert!(store.lapsed_leases("ingest:", 0).await.unwrap().is_empty());
     assert_eq!(epoch(store, "ingest:r2", "r1").await, 1);
 }
 

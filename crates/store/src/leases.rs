@@ -64,16 +64,16 @@ impl Store {
         Ok(())
     }
 
-    /// Names of the leases starting with `prefix` that have lapsed (their holder stopped
-    /// renewing, or gave them up), in name order.
-    pub async fn lapsed_leases(&self, prefix: &str) -> StoreResult<Vec<String>> {
+    /// Names of the leases starting with `prefix` that lapsed at least `for_ms` ago (their
+    /// holder stopped renewing, or gave them up), in name order.
+    pub async fn lapsed_leases(&self, prefix: &str, for_ms: i64) -> StoreResult<Vec<String>> {
         let names: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM leases WHERE substr(name, 1, length($1)) = $2 \
              AND expires_at <= $3 ORDER BY name",
         )
         .bind(prefix)
         .bind(prefix)
-        .bind(now_ms())
+        .bind(now_ms().saturating_sub(for_ms))
         .fetch_all(&self.pool)
         .await?;
         Ok(names)

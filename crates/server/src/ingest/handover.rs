@@ -38,6 +38,10 @@ const PREFIX: &str = "ingest:";
 pub const TTL: Duration = Duration::from_secs(10);
 /// How often replicas look for lapsed peers.
 const SCAN: Duration = Duration::from_secs(3);
+/// How long past its lapse a peer's lease is left to its holder: after an outage of the
+/// database that every replica saw, each renews its own lease within a renewal interval of
+/// the database's return, long before a peer would take it.
+const GRACE: Duration = TTL;
 /// A session is drained once nothing arrived for this long after it was unsubscribed and
 /// everything taken is committed.
 const QUIET: Duration = Duration::from_secs(2);
@@ -92,6 +96,11 @@ pub fn claim_own(store: Store, replica: String) -> Claim {
 
 /// What an adopter needs to drain a peer's session.
 pub struct Adopter {
+    /// This replica's own claim: a replica that does not hold its own lease (cut off from
+    /// the database, or drained itself) adopts nobody, so two replicas that both lost their
+    /// leases never unsubscribe each other's sessions and leave the broker without a
+    /// subscriber.
+    pub own: Claim,
     pub store: Store,
     pub ca: Arc<CertificateAuthority>,
     /// The broker, with a certificate to be replaced by one for the peer's session.
@@ -120,7 +129,11 @@ impl Adopter {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SCAN).await;
-                let lapsed = match self.store.lapsed_leases(PREFIX).await {
+                if !*self.own.borrow() {
+                    continue;
+                }
+                let grace = i64::try_from(GRACE.as_millis()).unwrap_or(i64::MAX);
+                let lapsed = match self.store.lapsed_leases(PREFIX, grace).await {
                     Ok(lapsed) => lapsed,
                     Err(e) => {
                         tracing::warn!(error = %e, "looking for lapsed ingest leases failed");
