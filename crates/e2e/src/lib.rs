@@ -376,6 +376,30 @@ impl Server {
     }
 
     /// A rollout's transitions in the audit log, oldest first: `(state, words)`.
+    /// `GET /api/admin/stats` as `admin`; `None` unless it answers 200 (a replica whose
+    /// database is down does not).
+    pub async fn stats(&self, admin: &str) -> Option<Value> {
+        let (status, stats) = self
+            .call("GET", "/api/admin/stats", Some(admin), None)
+            .await
+            .ok()?;
+        (status == 200).then_some(stats)
+    }
+
+    /// Whether this replica runs the background work, as its stats say.
+    pub async fn leads(&self, admin: &str) -> Option<bool> {
+        self.stats(admin).await?["leader"].as_bool()
+    }
+
+    /// `GET /api/rollouts/{id}`; `None` unless it answers 200.
+    pub async fn rollout(&self, jwt: &str, id: &str) -> Option<Value> {
+        let (status, r) = self
+            .call("GET", &format!("/api/rollouts/{id}"), Some(jwt), None)
+            .await
+            .ok()?;
+        (status == 200).then_some(r)
+    }
+
     pub async fn rollout_transitions(
         &self,
         jwt: &str,

@@ -197,14 +197,6 @@ async fn failed_logins_spread_over_two_replicas_lock_at_the_shared_limit_not_twi
     assert_eq!(refusals, 1, "{audit}");
 }
 
-async fn is_leader(server: &Server, admin: &str) -> Option<bool> {
-    let (status, stats) = server
-        .call("GET", "/api/admin/stats", Some(admin), None)
-        .await
-        .ok()?;
-    (status == 200).then(|| stats["leader"].as_bool()).flatten()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed() {
     let mut a = Server::start_on_postgres(&[]).await.unwrap();
@@ -212,7 +204,7 @@ async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed
     let mut b = a.start_replica(&[]).await.unwrap();
     let leaders =
         flotilla_e2e::wait_for("one leader", std::time::Duration::from_secs(20), || async {
-            let (la, lb) = (is_leader(&a, &admin).await?, is_leader(&b, &admin).await?);
+            let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
             (la != lb).then_some((la, lb))
         })
         .await
@@ -228,7 +220,7 @@ async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed
     flotilla_e2e::wait_for(
         "the survivor leads",
         std::time::Duration::from_secs(30),
-        || async { is_leader(survivor, &admin).await.filter(|l| *l) },
+        || async { survivor.leads(&admin).await.filter(|l| *l) },
     )
     .await
     .unwrap();
@@ -355,20 +347,12 @@ async fn wait_state(server: &Server, admin: &str, id: &str, state: &str) -> Valu
         &format!("rollout {state}"),
         Duration::from_secs(60),
         || async {
-            let r = rollout_of(server, admin, id).await?;
+            let r = server.rollout(admin, id).await?;
             (r["progress"]["state"] == state).then_some(r)
         },
     )
     .await
     .unwrap()
-}
-
-async fn rollout_of(server: &Server, admin: &str, id: &str) -> Option<Value> {
-    let (status, r) = server
-        .call("GET", &format!("/api/rollouts/{id}"), Some(admin), None)
-        .await
-        .ok()?;
-    (status == 200).then_some(r)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +367,7 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
     let admin = a.admin("admin@x.io").await.unwrap();
     let mut b = a.start_replica(&["--release-key", &key]).await.unwrap();
     let a_leads = flotilla_e2e::wait_for("one leader", Duration::from_secs(20), || async {
-        let (la, lb) = (is_leader(&a, &admin).await?, is_leader(&b, &admin).await?);
+        let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
         (la != lb).then_some(la)
     })
     .await
@@ -420,7 +404,7 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
     ]);
     let id = r["id"].as_str().unwrap().to_string();
     flotilla_e2e::wait_for("the leader starts it", Duration::from_secs(10), || async {
-        let r = rollout_of(follower, &admin, &id).await?;
+        let r = follower.rollout(&admin, &id).await?;
         (r["progress"]["state"] == "running").then_some(())
     })
     .await
@@ -469,7 +453,7 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
         "{stopped}"
     );
     assert_eq!(stopped["progress"]["skipped"], 5, "{stopped}");
-    assert_eq!(is_leader(follower, &admin).await, Some(true));
+    assert_eq!(follower.leads(&admin).await, Some(true));
     // The operator overrides; the rest is skipped too and the rollout completes.
     let (status, resumed) = control(follower, &admin, &id, "resume").await;
     assert_eq!(status, 200, "{resumed}");

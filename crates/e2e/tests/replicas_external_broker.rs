@@ -356,22 +356,6 @@ async fn answer_offers(
     offers
 }
 
-async fn leads(server: &Server, admin: &str) -> Option<bool> {
-    let (status, stats) = server
-        .call("GET", "/api/admin/stats", Some(admin), None)
-        .await
-        .ok()?;
-    (status == 200).then(|| stats["leader"].as_bool())?
-}
-
-async fn rollout(server: &Server, admin: &str, id: &str) -> Option<Value> {
-    let (status, r) = server
-        .call("GET", &format!("/api/rollouts/{id}"), Some(admin), None)
-        .await
-        .ok()?;
-    (status == 200).then_some(r)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_offer_once() {
     use flotilla_e2e::release_kit::Kit;
@@ -401,7 +385,7 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
         })
         .collect();
     let a_leads = wait_for("one leader", Duration::from_secs(20), || async {
-        let (la, lb) = (leads(&a, &admin).await?, leads(&b, &admin).await?);
+        let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
         (la != lb).then_some(la)
     })
     .await
@@ -429,7 +413,7 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     let id = created["id"].as_str().unwrap().to_string();
     // Mid-rollout: some devices updated, most not yet offered.
     wait_for("the first phase done", Duration::from_secs(60), || async {
-        let r = rollout(survivor, &admin, &id).await?;
+        let r = survivor.rollout(&admin, &id).await?;
         (r["progress"]["succeeded"].as_u64()? >= 3).then_some(())
     })
     .await
@@ -439,7 +423,7 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     wait_for(
         "the survivor takes the lease",
         Duration::from_secs(30),
-        || async { leads(survivor, &admin).await?.then_some(()) },
+        || async { survivor.leads(&admin).await?.then_some(()) },
     )
     .await
     .unwrap();
@@ -448,7 +432,7 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
         "the rollout completes",
         Duration::from_secs(120),
         || async {
-            let r = rollout(survivor, &admin, &id).await?;
+            let r = survivor.rollout(&admin, &id).await?;
             (r["state"] == "completed").then_some(r)
         },
     )

@@ -75,19 +75,7 @@ async fn publish_until(port: u16, id: DeviceIdentity, stop: Arc<AtomicBool>) -> 
 }
 
 async fn received(server: &Server, admin: &str) -> Option<u64> {
-    let (status, stats) = server
-        .call("GET", "/api/admin/stats", Some(admin), None)
-        .await
-        .ok()?;
-    (status == 200).then(|| stats["ingestLink"]["received"].as_u64())?
-}
-
-async fn leads(server: &Server, admin: &str) -> Option<bool> {
-    let (status, stats) = server
-        .call("GET", "/api/admin/stats", Some(admin), None)
-        .await
-        .ok()?;
-    (status == 200).then(|| stats["leader"].as_bool())?
+    server.stats(admin).await?["ingestLink"]["received"].as_u64()
 }
 
 /// Waits until both replicas have taken `more` messages beyond `from` each.
@@ -194,7 +182,7 @@ async fn readings_acknowledged_while_postgres_crashes_and_mosquitto_restarts_are
         acked.len()
     );
     let one_leader = wait_for("one leader again", Duration::from_secs(30), || async {
-        let (la, lb) = (leads(&a, &admin).await?, leads(&b, &admin).await?);
+        let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
         (la != lb).then_some(())
     })
     .await;
