@@ -18,11 +18,15 @@ pub const REREAD: Duration = Duration::from_secs(1);
 const REREAD_ALONE: Duration = Duration::from_millis(250);
 /// The longest wait one request may ask for.
 pub const MAX_WAIT_SECS: u64 = 30;
+/// Requests waiting at once, across users; past it a request answers at once, as without a
+/// wait (each waiting request re-reads the database every [`REREAD`]).
+const MAX_WAITING: usize = 256;
 
 #[derive(Debug)]
 pub struct CommandWaits {
     changed: broadcast::Sender<String>,
     notices: bool,
+    waiting: tokio::sync::Semaphore,
     /// Waits that ended because a notice named their command.
     pub woken: AtomicU64,
     /// Waits that found their command finished on a timed re-read.
@@ -37,6 +41,7 @@ impl CommandWaits {
         let waits = Arc::new(CommandWaits {
             changed: changed.clone(),
             notices: listener.is_some(),
+            waiting: tokio::sync::Semaphore::new(MAX_WAITING),
             woken: AtomicU64::new(0),
             reread: AtomicU64::new(0),
         });
@@ -68,6 +73,8 @@ impl CommandWaits {
     ) -> StoreResult<Option<CommandRow>> {
         // Subscribed before the first read: a change committed after it is noticed.
         let mut changed = self.changed.subscribe();
+        let slot = self.waiting.try_acquire().ok();
+        let wait = if slot.is_some() { wait } else { Duration::ZERO };
         let deadline = tokio::time::Instant::now() + wait;
         let reread = if self.notices { REREAD } else { REREAD_ALONE };
         let mut woken = false;

@@ -183,7 +183,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             );
             if replicated {
                 crate::ingest::handover::Adopter {
-                    own: own_claim,
+                    own: own_claim.clone(),
+                    link: ingest.clone(),
                     store: store.clone(),
                     ca: ca.clone(),
                     broker: adopter_link,
@@ -195,6 +196,15 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 }
                 .spawn();
             }
+            // A peer may be draining this replica's session: however long that takes, the
+            // link connects once it is over.
+            let mut own = own_claim;
+            if !*own.borrow() {
+                tracing::info!("waiting for this replica's ingest lease before connecting");
+            }
+            own.wait_for(|held| *held)
+                .await
+                .context("the ingest lease holder stopped")?;
             tokio::time::timeout(std::time::Duration::from_secs(30), ingest.subscribed())
                 .await
                 .context("ingest did not subscribe on the external broker within 30 s")?

@@ -1841,8 +1841,8 @@ async fn two_servers_opening_a_fresh_postgres_database_at_once_migrate_it_once()
 }
 
 /// A command's state change committed through one store reaches a listener of another (two
-/// replicas) as a notice naming it; a write that leaves the state alone sends none, and SQLite
-/// has no notices.
+/// replicas) as a notice naming it; creating a command (no change of state) sends none, and
+/// SQLite has no notices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_state_changes_are_noticed_by_every_listener_on_postgres() {
     let db = TestDb::postgres().await;
@@ -2492,10 +2492,11 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
         .unwrap()
         .unwrap();
     store
-        .hold_lease("ingest_r3", "r3", 0)
+        .hold_lease("ingestXr3", "r3", 0)
         .await
         .unwrap()
         .unwrap();
+    assert!(store.lapsed_leases("ingest_", 0).await.unwrap().is_empty());
     store.hold_lease("bg", "a", 0).await.unwrap().unwrap();
     assert_eq!(
         store.lapsed_leases("ingest:", 0).await.unwrap(),
@@ -2509,10 +2510,27 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
             .unwrap()
             .is_empty()
     );
-    // Ended by its holder only; then it is gone, and taken afresh at epoch 1.
-    assert!(!store.end_lease("ingest:r2", "r1").await.unwrap());
-    assert!(store.end_lease("ingest:r2", "r2").await.unwrap());
+    // A lapsed lease is taken over; one held is not.
+    let taken = store
+        .take_lapsed_lease("ingest:r2", "r1/adopting", long)
+        .await;
+    assert_eq!(taken.unwrap().unwrap().epoch, 2);
+    assert_eq!(
+        store
+            .take_lapsed_lease("ingest:r1", "x", long)
+            .await
+            .unwrap(),
+        None
+    );
+    // Ended by its holder only; then it is gone: never taken over again, and taken afresh
+    // at epoch 1 by whoever holds it next.
+    assert!(!store.end_lease("ingest:r2", "r2").await.unwrap());
+    assert!(store.end_lease("ingest:r2", "r1/adopting").await.unwrap());
     assert!(store.lapsed_leases("ingest:", 0).await.unwrap().is_empty());
+    assert_eq!(
+        store.take_lapsed_lease("ingest:r2", "x", 0).await.unwrap(),
+        None
+    );
     assert_eq!(epoch(store, "ingest:r2", "r1").await, 1);
 }
 

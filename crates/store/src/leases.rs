@@ -64,6 +64,29 @@ impl Store {
         Ok(())
     }
 
+    /// Takes the lease `name` for `holder` only if it exists and has lapsed (under a higher
+    /// epoch); `None` otherwise. Unlike [`Store::hold_lease`] it never creates one.
+    pub async fn take_lapsed_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> StoreResult<Option<Held>> {
+        let now = now_ms();
+        let expires_at = now + ttl_ms;
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "UPDATE leases SET holder = $1, epoch = epoch + 1, expires_at = $2 \
+             WHERE name = $3 AND expires_at <= $4 RETURNING epoch",
+        )
+        .bind(holder)
+        .bind(expires_at)
+        .bind(name)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(epoch.map(|epoch| Held { epoch, expires_at }))
+    }
+
     /// Names of the leases starting with `prefix` that lapsed at least `for_ms` ago (their
     /// holder stopped renewing, or gave them up), in name order.
     pub async fn lapsed_leases(&self, prefix: &str, for_ms: i64) -> StoreResult<Vec<String>> {

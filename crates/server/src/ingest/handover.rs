@@ -46,7 +46,7 @@ const GRACE: Duration = TTL;
 /// everything taken is committed.
 const QUIET: Duration = Duration::from_secs(2);
 /// The certificate an adopter connects with: one drain's worth.
-const ADOPTER_CERT: Duration = Duration::from_secs(24 * 3600);
+const ADOPTER_CERT: Duration = Duration::from_secs(3600);
 
 fn ttl_ms() -> i64 {
     i64::try_from(TTL.as_millis()).unwrap_or(i64::MAX)
@@ -76,10 +76,18 @@ pub fn claim_own(store: Store, replica: String) -> Claim {
         let mut tick = tokio::time::interval(TTL / 3);
         loop {
             tick.tick().await;
-            let held = match store.hold_lease(&lease, &replica, ttl_ms()).await {
-                Ok(held) => held.is_some(),
-                Err(e) => {
+            // Bounded, so the claim is never older than two thirds of the lease: a renewal
+            // hanging on the database withdraws it before the lease can lapse and a peer
+            // take the session.
+            let renewal = store.hold_lease(&lease, &replica, ttl_ms());
+            let held = match tokio::time::timeout(TTL / 3, renewal).await {
+                Ok(Ok(held)) => held.is_some(),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "renewing the ingest lease failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!("renewing the ingest lease timed out");
                     false
                 }
             };
@@ -101,6 +109,9 @@ pub struct Adopter {
     /// leases never unsubscribe each other's sessions and leave the broker without a
     /// subscriber.
     pub own: Claim,
+    /// This replica's own link: one whose session is not subscribed (reconnecting, refused)
+    /// adopts nobody either, so some session always takes what the broker is sent.
+    pub link: link::IngestLink,
     pub store: Store,
     pub ca: Arc<CertificateAuthority>,
     /// The broker, with a certificate to be replaced by one for the peer's session.
@@ -129,7 +140,7 @@ impl Adopter {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SCAN).await;
-                if !*self.own.borrow() {
+                if !*self.own.borrow() || !self.link.is_subscribed() {
                     continue;
                 }
                 let grace = i64::try_from(GRACE.as_millis()).unwrap_or(i64::MAX);
@@ -156,7 +167,9 @@ impl Adopter {
     async fn adopt(&self, lease: &str, peer: &str) {
         // Not a replica id (they have no '/'): nobody else holds a lease under this name.
         let holder = format!("{}/adopting", self.replica);
-        match self.store.hold_lease(lease, &holder, ttl_ms()).await {
+        // Only a lease that still exists and has lapsed: one another adopter ended meanwhile
+        // is not made again.
+        match self.store.take_lapsed_lease(lease, &holder, ttl_ms()).await {
             Ok(Some(_)) => {}
             Ok(None) => return,
             Err(e) => {
@@ -252,7 +265,20 @@ impl Adopter {
                         }
                         lock(&progress).unsubscribing = Some(self.filters.len());
                     }
-                    Event::Incoming(Packet::UnsubAck(_)) => {
+                    Event::Incoming(Packet::UnsubAck(ack)) => {
+                        // Refused, the session would go on taking its share with nobody to
+                        // drain it.
+                        use rumqttc::v5::mqttbytes::v5::UnsubAckReason;
+                        if let Some(refused) = ack.reasons.iter().find(|r| {
+                            !matches!(
+                                r,
+                                UnsubAckReason::Success | UnsubAckReason::NoSubscriptionExisted
+                            )
+                        }) {
+                            anyhow::bail!(
+                                "the broker refused to unsubscribe the session: {refused:?}"
+                            );
+                        }
                         let mut p = lock(&progress);
                         p.unsubscribing = p.unsubscribing.map(|n| n.saturating_sub(1));
                         p.last_heard = Instant::now();
@@ -272,13 +298,23 @@ impl Adopter {
                         intake.take(connection, publish, permit);
                     }
                     Event::Outgoing(rumqttc::Outgoing::Disconnect) => {
-                        return match lock(&progress).stop {
-                            Some(Stop::Drained) => Ok(Drained::Done),
-                            Some(Stop::NoSession) => Ok(Drained::NoSession),
+                        let stop = lock(&progress).stop;
+                        let drained = match stop {
+                            Some(Stop::Drained) => Drained::Done,
+                            Some(Stop::NoSession) => Drained::NoSession,
                             Some(Stop::LeaseLost) | None => {
                                 anyhow::bail!("the ingest lease was lost")
                             }
                         };
+                        // What the broker sent before it read the DISCONNECT (an ack frees a
+                        // slot of its window, and it sends the next queued message at once)
+                        // would stay unacked in a session nobody drains: read until it closes.
+                        closed_without_more(&mut eventloop).await?;
+                        anyhow::ensure!(
+                            !intake.lost_any(),
+                            "a message of the session could not be acknowledged"
+                        );
+                        return Ok(drained);
                     }
                     _ => {}
                 }
@@ -327,8 +363,12 @@ async fn watch_drain(
             if p.stop.is_some() {
                 return;
             }
-            let drained =
-                p.unsubscribing == Some(0) && intake.idle() && p.last_heard.elapsed() >= QUIET;
+            // Quiet counts from the last commit too: a broker sends the next queued message
+            // when an ack frees a slot of its window.
+            if !intake.idle() {
+                p.last_heard = Instant::now();
+            }
+            let drained = p.unsubscribing == Some(0) && p.last_heard.elapsed() >= QUIET;
             let why = if *lost.borrow() {
                 Some(Stop::LeaseLost)
             } else {
@@ -342,6 +382,23 @@ async fn watch_drain(
                 tracing::warn!(error = %e, "could not ask a drain to disconnect");
             }
             return;
+        }
+    }
+}
+
+/// Polls until the broker closes the connection after a DISCONNECT; an error if a message
+/// arrives first (it is left unacked, for the next drain) or the close takes over 5 s.
+async fn closed_without_more(eventloop: &mut rumqttc::v5::EventLoop) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        // Cancelling here drops nothing of ours: every ack was sent before the DISCONNECT.
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Err(_)) => return Ok(()),
+            Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                anyhow::bail!("a message arrived after the DISCONNECT")
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => anyhow::bail!("the broker did not close the connection within 5 s"),
         }
     }
 }

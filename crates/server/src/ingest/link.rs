@@ -24,8 +24,8 @@
 //!
 //! The link connects only while its [`Claim`] allows: with replicas, the session is the
 //! replica's to use only while it holds its ingest lease, so a peer draining the session of a
-//! replica it took for dead ([`super::handover`]) and the replica itself never take it from
-//! each other in turn.
+//! replica it took for dead ([`super::handover`]) and the replica itself do not take it from
+//! each other in turn (as long as their clocks agree: leases compare them).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -133,6 +133,11 @@ impl IngestLink {
         };
         tokio::spawn(runner.run(eventloop));
         IngestLink { stats, state }
+    }
+
+    /// Whether the broker confirmed this session's subscriptions and it is connected.
+    pub fn is_subscribed(&self) -> bool {
+        *self.state.borrow() == State::Subscribed
     }
 
     /// Waits until the broker confirmed the subscriptions; an error says why it refused one.
@@ -294,6 +299,7 @@ impl Intake {
                 client,
                 stats,
                 connection: Arc::new(Mutex::new(0)),
+                unsent: Arc::new(AtomicU64::new(0)),
             },
         }
     }
@@ -311,6 +317,12 @@ impl Intake {
     /// The connection is gone: acks of its messages are dropped from now on.
     pub fn close_connection(&self) {
         *self.acker.lock() += 1;
+    }
+
+    /// Whether a message taken here was neither stored nor acknowledged (its ack found the
+    /// queue full, or the writer stopped): the broker still holds it.
+    pub fn lost_any(&self) -> bool {
+        self.acker.unsent.load(Ordering::Relaxed) > 0
     }
 
     /// The number acks of the connection that is open now go by.
@@ -346,6 +358,8 @@ impl Intake {
         tokio::spawn(async move {
             if writer.store(msg).await.is_ok() {
                 acker.ack(connection, &publish);
+            } else {
+                acker.unsent.fetch_add(1, Ordering::Relaxed);
             }
             drop(permit);
         });
@@ -361,6 +375,8 @@ struct Acker {
     /// number its message came with; the runner moves it on, under the lock, before anything
     /// can be sent on the next connection.
     connection: Arc<Mutex<u64>>,
+    /// Messages of this intake neither stored nor acknowledged.
+    unsent: Arc<AtomicU64>,
 }
 
 impl Acker {
@@ -387,6 +403,7 @@ impl Acker {
             // asserts none.
             Err(e) => {
                 self.stats.unsent_acks.fetch_add(1, Ordering::Relaxed);
+                self.unsent.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "ingest link could not queue an ack");
             }
         }

@@ -98,7 +98,6 @@ async fn list(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ShowQuery {
     /// Seconds to wait for the command to finish (answered or expired) before answering.
     wait: Option<u64>,
