@@ -23,11 +23,15 @@ const DEVICES: usize = 200;
 const READINGS: u64 = 20;
 
 async fn received(server: &Server, admin: &str) -> u64 {
-    let (_, stats) = server
-        .call("GET", "/api/admin/stats", Some(admin), None)
-        .await
-        .unwrap();
-    stats["ingestLink"]["received"].as_u64().unwrap_or(0)
+    link_count(server, admin, "received").await
+}
+
+/// A counter of the server's ingest link (0 while it does not answer).
+async fn link_count(server: &Server, admin: &str, name: &str) -> u64 {
+    match server.stats(admin).await {
+        Some(stats) => stats["ingestLink"][name].as_u64().unwrap_or(0),
+        None => 0,
+    }
 }
 
 /// Publishes the readings numbered `seqs` as `device`, each after the PUBACK for the one
@@ -69,9 +73,11 @@ async fn rig(devices: usize, extra: &[&str]) -> Rig {
         ids.push(a.enroll(&admin, &format!("dev-{k:03}")).await.unwrap());
     }
     let broker_dir = tempfile::tempdir().unwrap();
-    let mosquitto = Mosquitto::start_for_replicas(broker_dir.path(), &a.data_dir(), &["r1", "r2"])
-        .await
-        .unwrap();
+    // r3 is allowed too, for a test that starts a third replica.
+    let mosquitto =
+        Mosquitto::start_for_replicas(broker_dir.path(), &a.data_dir(), &["r1", "r2", "r3"])
+            .await
+            .unwrap();
     let url = format!("mqtts://localhost:{}", mosquitto.service_port);
     let args = |replica: &'static str| {
         let mut args = vec!["--broker-url", url.as_str(), "--replica-id", replica];
@@ -493,4 +499,73 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     );
     // The lease's TTL (10 s) plus a renewal interval (3.3 s) bound the takeover.
     assert!(took_over < Duration::from_secs(20), "took {took_over:?}");
+}
+
+/// Two survivors find the same dead peer: exactly one drains its session, and together they
+/// store everything the broker acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_survivors_race_for_a_dead_replicas_session_and_one_drains_it() {
+    let Rig {
+        a,
+        b,
+        admin,
+        ids,
+        sessions,
+        _broker,
+    } = rig(30, &[]).await;
+    let url = format!("mqtts://localhost:{}", _broker.1.service_port);
+    let mut c = a
+        .start_replica(&["--broker-url", &url, "--replica-id", "r3"])
+        .await
+        .unwrap();
+    let sends: Vec<_> = sessions
+        .into_iter()
+        .zip(&ids)
+        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 0..300)))
+        .collect();
+    wait_for(
+        "three replicas ingesting",
+        Duration::from_secs(30),
+        || async {
+            let r = [
+                received(&a, &admin).await,
+                received(&b, &admin).await,
+                received(&c, &admin).await,
+            ];
+            r.iter().all(|n| *n > 100).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // C dies holding messages it could not commit.
+    let stall = a.database.stall_telemetry().await.unwrap();
+    let taken = received(&c, &admin).await;
+    wait_for(
+        "C taking messages it cannot commit",
+        Duration::from_secs(30),
+        || async { (received(&c, &admin).await >= taken + 100).then_some(()) },
+    )
+    .await
+    .unwrap();
+    c.proc.kill_hard();
+    drop(stall);
+    let mut sent = BTreeSet::new();
+    for done in futures::future::join_all(sends).await {
+        sent.extend(done.unwrap().1);
+    }
+    assert_stored_exactly(&a, &sent).await;
+    let adopted = || async {
+        link_count(&a, &admin, "adopted").await + link_count(&b, &admin, "adopted").await
+    };
+    wait_for("a survivor drained C", Duration::from_secs(30), || async {
+        (adopted().await > 0).then_some(())
+    })
+    .await
+    .unwrap();
+    // Three more scans: the ended lease is not taken again by the other survivor.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(adopted().await, 1);
+    for survivor in [&a, &b] {
+        assert_eq!(link_count(survivor, &admin, "unsentAcks").await, 0);
+    }
 }
