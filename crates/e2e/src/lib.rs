@@ -100,6 +100,22 @@ impl Proc {
     }
 }
 
+/// Environment that runs a process on a wall clock `offset` away from this machine's (as
+/// libfaketime reads it: "+60s", "-2m"), through Debian's libfaketime (scripts/setup installs
+/// it). The monotonic clock stays true, so timers and timeouts run as they would.
+pub fn skewed_clock_env(offset: &str) -> Result<Vec<(String, String)>> {
+    let lib = std::fs::read_dir("/usr/lib")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .context("libfaketime not found under /usr/lib/*/faketime (Debian's faketime package)")?;
+    Ok(vec![
+        ("LD_PRELOAD".into(), lib.display().to_string()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ])
+}
+
 /// A running flotilla-server.
 pub struct Server {
     pub dir: tempfile::TempDir,
@@ -128,7 +144,15 @@ impl Server {
 
     /// Starts on a fresh PostgreSQL database whatever the run's mode.
     pub async fn start_on_postgres(extra: &[&str]) -> Result<Server> {
-        Self::start_on(Some(database::Database::postgres().await?), extra, &[]).await
+        Self::start_on_postgres_with_env(extra, &[]).await
+    }
+
+    /// [`Server::start_on_postgres`] with extra environment variables.
+    pub async fn start_on_postgres_with_env(
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server> {
+        Self::start_on(Some(database::Database::postgres().await?), extra, env).await
     }
 
     /// Starts on the PostgreSQL database at `url`, which the test owns (a
@@ -146,6 +170,15 @@ impl Server {
     /// holding the same CA (the shared secret replicas mount), the same database, its own
     /// embedded broker and listeners.
     pub async fn start_replica(&self, extra: &[&str]) -> Result<Server> {
+        self.start_replica_with_env(extra, &[]).await
+    }
+
+    /// [`Server::start_replica`] with extra environment variables.
+    pub async fn start_replica_with_env(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server> {
         anyhow::ensure!(
             self.database.is_postgres(),
             "replicas share a PostgreSQL database"
@@ -157,7 +190,7 @@ impl Server {
             std::fs::copy(self.data_dir().join(f), data.join(f))?;
         }
         let database = database::Database::SharedPostgres(self.database.url());
-        Self::start_in(dir, Some(database), extra, &[]).await
+        Self::start_in(dir, Some(database), extra, env).await
     }
 
     async fn start_on(

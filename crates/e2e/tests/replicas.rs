@@ -475,3 +475,47 @@ async fn a_rollout_is_driven_by_the_leader_alone_and_carried_on_by_the_replica_t
         "each transition once, by one leader at a time"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_runs_a_minute_ahead_takes_no_live_lease_and_a_dead_one_in_time() {
+    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    flotilla_e2e::wait_for("a leads", Duration::from_secs(20), || async {
+        a.leads(&admin).await.filter(|l| *l)
+    })
+    .await
+    .unwrap();
+    let skewed = flotilla_e2e::skewed_clock_env("+60s").unwrap();
+    let env: Vec<(&str, &str)> = skewed
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let b = a.start_replica_with_env(&[], &env).await.unwrap();
+    // B's clock is a minute ahead: the tokens it issues say so.
+    let from_b = b.login("admin@x.io", "admin-pass").await.unwrap();
+    let ahead =
+        claims_of(&from_b)["iat"].as_i64().unwrap() - claims_of(&admin)["iat"].as_i64().unwrap();
+    assert!(ahead >= 50, "B's clock is {ahead} s ahead of A's");
+
+    // Every lease expiry is on the database's clock: for one and a half times the lease's
+    // time to live, A keeps leading and B never does.
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < until {
+        assert_eq!(a.leads(&admin).await, Some(true), "A lost its live lease");
+        assert_eq!(b.leads(&admin).await, Some(false), "B took a live lease");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Killed, A stops renewing; B takes the lease once it lapsed on the database's clock.
+    a.proc.kill_hard();
+    let killed = std::time::Instant::now();
+    flotilla_e2e::wait_for("B leads", Duration::from_secs(30), || async {
+        b.leads(&admin).await.filter(|l| *l)
+    })
+    .await
+    .unwrap();
+    assert!(
+        killed.elapsed() >= Duration::from_secs(5),
+        "B took over {:?} after the kill, before A's lease could lapse",
+        killed.elapsed()
+    );
+}

@@ -6,13 +6,14 @@
 //! handshake; a blocked device's session is closed and its publishes refused until it is
 //! unblocked; provisioned again, the device connects with its new certificate while the old
 //! one stays refused; a device re-provisioned while its old session is open has that session
-//! closed; a device nobody touched publishes throughout.
+//! closed; a device nobody touched publishes throughout. With two replicas behind that broker,
+//! a revocation made through either reaches the broker and the other replica alike.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::mosquitto::{BrokerFiles, Mosquitto};
+use flotilla_e2e::mosquitto::{BrokerFiles, Mosquitto, acl_for};
 use flotilla_e2e::mqtt::{Session, connect_device};
 use flotilla_e2e::{DeviceIdentity, Proc, Server, wait_for};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
@@ -184,19 +185,20 @@ async fn a_revoked_device_is_disconnected_by_the_embedded_broker_and_refused_aft
     assert!(refused_by_the_gate(server.mqtt_port, &id).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync() {
-    // The embedded start makes the CA and the certificate the broker presents.
-    let mut server = Server::start(&[]).await.unwrap();
-    let admin = server.admin("admin@x.io").await.unwrap();
-    let ids: Vec<DeviceIdentity> =
-        futures::future::join_all(["dev-a", "dev-b", "dev-c"].map(|d| server.enroll(&admin, d)))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-    let broker_dir = tempfile::tempdir().unwrap();
-    let files = BrokerFiles::prepare(broker_dir.path(), &server.data_dir(), "r1").unwrap();
+/// A Mosquitto for `replicas` on the ACL and CRL that broker-sync writes from `server`'s
+/// database, presenting a certificate from the server's CA, with broker-sync running (one
+/// pass a second, SIGHUP to the broker on a change).
+struct SyncedBroker {
+    mosquitto: Mosquitto,
+    files: BrokerFiles,
+    _sync: Proc,
+    _dir: tempfile::TempDir,
+}
+
+async fn synced_broker(server: &Server, replicas: &[&str]) -> SyncedBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let files = BrokerFiles::prepare(dir.path(), &server.data_dir(), replicas[0]).unwrap();
+    std::fs::write(&files.acl_base, acl_for(replicas)).unwrap();
     // The broker's own certificate, from the server's CA, in place of the copied one.
     let issued = tempfile::tempdir().unwrap();
     let status = server
@@ -208,7 +210,7 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
         .unwrap();
     assert!(status.success(), "admin broker-cert");
     for (from, to) in [("broker.pem", "server.pem"), ("broker.key", "server.key")] {
-        std::fs::copy(issued.path().join(from), broker_dir.path().join(to)).unwrap();
+        std::fs::copy(issued.path().join(from), dir.path().join(to)).unwrap();
     }
     let sync_args = [
         "--acl-base".into(),
@@ -227,13 +229,8 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
         .status()
         .unwrap();
     assert!(status.success(), "broker-sync --once");
-    let mosquitto = Mosquitto::start_synced(broker_dir.path(), &files)
-        .await
-        .unwrap();
-    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
-    server.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
-    server.restart().await.unwrap();
-    let _sync = Proc(
+    let mosquitto = Mosquitto::start_synced(dir.path(), &files).await.unwrap();
+    let sync = Proc(
         server
             .subcommand("broker-sync")
             .unwrap()
@@ -245,6 +242,30 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
             .spawn()
             .unwrap(),
     );
+    SyncedBroker {
+        mosquitto,
+        files,
+        _sync: sync,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync() {
+    // The embedded start makes the CA and the certificate the broker presents.
+    let mut server = Server::start(&[]).await.unwrap();
+    let admin = server.admin("admin@x.io").await.unwrap();
+    let ids: Vec<DeviceIdentity> =
+        futures::future::join_all(["dev-a", "dev-b", "dev-c"].map(|d| server.enroll(&admin, d)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let broker = synced_broker(&server, &["r1"]).await;
+    let (mosquitto, files) = (&broker.mosquitto, &broker.files);
+    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
+    server.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
+    server.restart().await.unwrap();
     let port = mosquitto.device_port;
     let mut a = Device::connect(port, ids[0].clone()).await;
     let mut b = Device::connect(port, ids[1].clone()).await;
@@ -324,4 +345,64 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
         !acl.contains("user dev-"),
         "no device denied any more:\n{acl}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_revoked_through_one_of_two_replicas_behind_mosquitto_stops_and_is_refused() {
+    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let ids: Vec<DeviceIdentity> =
+        futures::future::join_all(["dev-a", "dev-b"].map(|d| a.enroll(&admin, d)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let broker = synced_broker(&a, &["r1", "r2"]).await;
+    let url = format!("mqtts://localhost:{}", broker.mosquitto.service_port);
+    a.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
+    a.restart().await.unwrap();
+    let b = a
+        .start_replica(&["--broker-url", &url, "--replica-id", "r2"])
+        .await
+        .unwrap();
+    let admin_b = b.login("admin@x.io", "admin-pass").await.unwrap();
+    let port = broker.mosquitto.device_port;
+    let mut kept = Device::connect(port, ids[0].clone()).await;
+    let mut revoked = Device::connect(port, ids[1].clone()).await;
+    for d in [&mut kept, &mut revoked] {
+        let (reason, seq) = d.publish().await;
+        assert_eq!(reason, PubAckReason::Success);
+        wait_stored(&a, &d.id.device_id, seq).await;
+    }
+
+    // Revoked through replica B; replica A and broker-sync learn it from the database.
+    admin_post(&b, &admin_b, "/api/admin/device/dev-b/revoke").await;
+    assert!(
+        revoked.session.closed_within(SYNC_WAIT).await,
+        "the revoked device's open session was not closed"
+    );
+    let why = refused(port, &ids[1])
+        .await
+        .expect("revoked certificate refused on reconnect");
+    assert!(why.to_lowercase().contains("revoked"), "{why}");
+    // Replica A reads the revocation too (a token B issued is accepted by A).
+    let device_row = a.device(&admin_b, "dev-b").await.unwrap();
+    assert_eq!(device_row["provisioned"], false);
+    // The other device's session stays and is stored through either replica.
+    let (reason, seq) = kept.publish().await;
+    assert_eq!(reason, PubAckReason::Success);
+    wait_stored(&a, "dev-a", seq).await;
+    let audit = a
+        .call(
+            "GET",
+            "/api/admin/audit?action=admin.device.revoke",
+            Some(&admin),
+            None,
+        )
+        .await
+        .unwrap()
+        .1;
+    let entries = audit.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "audited once: {audit}");
+    assert_eq!(entries[0]["target"], "dev-b");
 }

@@ -609,6 +609,17 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
             .collect();
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), expected);
         assert!(rows.iter().all(|r| r.received_at == 500));
+        // Each value as sent, the temperature at its shortest decimal form (as one at a time).
+        for r in &rows {
+            let n = r.seq * 32 + i;
+            let temp: f64 = ((0.1 * n as f64) as f32).to_string().parse().unwrap();
+            assert_eq!(
+                (r.device_ts, r.pot, r.switch, r.temp),
+                (None, Some(n % 1000), Some(n % 2 == 0), Some(temp)),
+                "d{i} seq {}",
+                r.seq
+            );
+        }
         let d = store.device(&dev(format!("d{i}"))).await.unwrap().unwrap();
         // Every device has a reading among the first 100, delivered again at 501.
         assert_eq!((d.online, d.last_seen), (true, Some(501)));
@@ -2457,6 +2468,13 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
     let long = 60_000;
     let a = store.hold_lease("bg", "a", long).await.unwrap().unwrap();
     assert_eq!(a.epoch, 1);
+    // Set on the database's clock, in Unix ms: the database runs on this machine here.
+    let local = crate::now_ms() + long;
+    assert!(
+        (a.expires_at - local).abs() < 5_000,
+        "expires at {} on the database's clock, {local} on ours",
+        a.expires_at
+    );
     assert_eq!(store.hold_lease("bg", "b", long).await.unwrap(), None);
     // Renewed in time by its holder: the same epoch.
     assert_eq!(epoch(store, "bg", "a").await, 1);

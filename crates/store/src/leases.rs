@@ -5,10 +5,24 @@
 //! ([`Store::begin_fenced`]): that check locks the lease row until the work commits, so a new
 //! holder's takeover waits for it, and work of an old holder that lost the lease is refused
 //! instead of interleaving with the new holder's.
+//!
+//! Every expiry is set and compared on the database's clock, never a replica's: replicas run
+//! on several machines whose clocks differ, and one whose clock ran ahead by more than a time
+//! to live would take every live lease, one running behind would wait that much longer for a
+//! dead holder's.
 
 use sqlx::{Any, Transaction};
 
-use super::{Store, StoreResult, now_ms};
+use super::{Backend, Store, StoreResult};
+
+/// The database's clock in Unix ms, as SQL. `clock_timestamp()`, not `now()`: PostgreSQL's
+/// `now()` stays at the transaction's start, and a fenced transaction checks the lease late.
+fn clock_ms(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+    }
+}
 
 /// A lease as held now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,29 +42,26 @@ impl Store {
         holder: &str,
         ttl_ms: i64,
     ) -> StoreResult<Option<Held>> {
-        let now = now_ms();
-        let expires_at = now + ttl_ms;
-        let epoch: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO leases (name, holder, epoch, expires_at) VALUES ($1, $2, 1, $3) \
+        let sql = format!(
+            "INSERT INTO leases (name, holder, epoch, expires_at) VALUES ($1, $2, 1, {now} + $3) \
              ON CONFLICT (name) DO UPDATE SET \
-             epoch = CASE WHEN leases.holder = $4 AND leases.expires_at > $5 THEN leases.epoch \
+             epoch = CASE WHEN leases.holder = $4 AND leases.expires_at > {now} THEN leases.epoch \
                  ELSE leases.epoch + 1 END, \
-             holder = $6, expires_at = $7 \
-             WHERE leases.holder = $8 OR leases.expires_at <= $9 \
-             RETURNING epoch",
-        )
-        .bind(name)
-        .bind(holder)
-        .bind(expires_at)
-        .bind(holder)
-        .bind(now)
-        .bind(holder)
-        .bind(expires_at)
-        .bind(holder)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(epoch.map(|epoch| Held { epoch, expires_at }))
+             holder = $5, expires_at = excluded.expires_at \
+             WHERE leases.holder = $6 OR leases.expires_at <= {now} \
+             RETURNING epoch, expires_at",
+            now = clock_ms(self.backend)
+        );
+        let held: Option<(i64, i64)> = sqlx::query_as(&sql)
+            .bind(name)
+            .bind(holder)
+            .bind(ttl_ms)
+            .bind(holder)
+            .bind(holder)
+            .bind(holder)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(held.map(|(epoch, expires_at)| Held { epoch, expires_at }))
     }
 
     /// Gives the lease up at once (a clean shutdown), so another holder need not wait for it
@@ -72,33 +83,34 @@ impl Store {
         holder: &str,
         ttl_ms: i64,
     ) -> StoreResult<Option<Held>> {
-        let now = now_ms();
-        let expires_at = now + ttl_ms;
-        let epoch: Option<i64> = sqlx::query_scalar(
-            "UPDATE leases SET holder = $1, epoch = epoch + 1, expires_at = $2 \
-             WHERE name = $3 AND expires_at <= $4 RETURNING epoch",
-        )
-        .bind(holder)
-        .bind(expires_at)
-        .bind(name)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(epoch.map(|epoch| Held { epoch, expires_at }))
+        let sql = format!(
+            "UPDATE leases SET holder = $1, epoch = epoch + 1, expires_at = {now} + $2 \
+             WHERE name = $3 AND expires_at <= {now} RETURNING epoch, expires_at",
+            now = clock_ms(self.backend)
+        );
+        let held: Option<(i64, i64)> = sqlx::query_as(&sql)
+            .bind(holder)
+            .bind(ttl_ms)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(held.map(|(epoch, expires_at)| Held { epoch, expires_at }))
     }
 
     /// Names of the leases starting with `prefix` that lapsed at least `for_ms` ago (their
     /// holder stopped renewing, or gave them up), in name order.
     pub async fn lapsed_leases(&self, prefix: &str, for_ms: i64) -> StoreResult<Vec<String>> {
-        let names: Vec<String> = sqlx::query_scalar(
+        let sql = format!(
             "SELECT name FROM leases WHERE substr(name, 1, length($1)) = $2 \
-             AND expires_at <= $3 ORDER BY name",
-        )
-        .bind(prefix)
-        .bind(prefix)
-        .bind(now_ms().saturating_sub(for_ms))
-        .fetch_all(&self.pool)
-        .await?;
+             AND expires_at <= {now} - $3 ORDER BY name",
+            now = clock_ms(self.backend)
+        );
+        let names: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(prefix)
+            .bind(prefix)
+            .bind(for_ms)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(names)
     }
 
@@ -125,16 +137,17 @@ impl Store {
     ) -> StoreResult<Option<FencedTx>> {
         let mut tx = self.pool.begin().await?;
         // A write to the row takes its lock on both engines (on SQLite, the database's).
-        let held = sqlx::query(
+        let sql = format!(
             "UPDATE leases SET epoch = epoch WHERE name = $1 AND holder = $2 AND epoch = $3 \
-             AND expires_at > $4",
-        )
-        .bind(name)
-        .bind(holder)
-        .bind(epoch)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+             AND expires_at > {now}",
+            now = clock_ms(self.backend)
+        );
+        let held = sqlx::query(&sql)
+            .bind(name)
+            .bind(holder)
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?;
         if held.rows_affected() == 1 {
             Ok(Some(FencedTx(tx)))
         } else {
