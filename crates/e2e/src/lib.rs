@@ -130,6 +130,9 @@ pub struct Server {
     env: Vec<(String, String)>,
     /// Declared after `proc`, so the server stops before its database is dropped.
     pub database: database::Database,
+    /// The Mosquitto this server runs behind in an external-broker run
+    /// ([`external_broker::enabled`]); after `proc`, so the server stops first.
+    pub broker: Option<external_broker::HarnessBroker>,
 }
 
 impl Server {
@@ -190,7 +193,11 @@ impl Server {
             std::fs::copy(self.data_dir().join(f), data.join(f))?;
         }
         let database = database::Database::SharedPostgres(self.database.url());
-        Self::start_in(dir, Some(database), extra, env).await
+        let broker = match &self.broker {
+            Some(broker) => Some(broker.for_replica()?),
+            None => None,
+        };
+        Self::start_with_broker(dir, Some(database), extra, env, broker).await
     }
 
     async fn start_on(
@@ -207,6 +214,16 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Server> {
+        Self::start_with_broker(dir, database, extra, env, None).await
+    }
+
+    async fn start_with_broker(
+        dir: tempfile::TempDir,
+        database: Option<database::Database>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        broker: Option<external_broker::HarnessBroker>,
+    ) -> Result<Server> {
         init_crypto();
         let database = match database {
             Some(d) => d,
@@ -219,7 +236,16 @@ impl Server {
         if database.is_postgres() {
             env.push(("FLOTILLA_DATABASE_URL".into(), database.url()));
         }
-        let (proc, ep) = Self::spawn(dir.path(), extra, &env).await?;
+        let broker = match broker {
+            Some(broker) => Some(broker),
+            None if external_broker::enabled() => {
+                Some(external_broker::HarnessBroker::start(dir.path(), &env).await?)
+            }
+            None => None,
+        };
+        let with_broker = external_broker::args(broker.as_ref(), extra);
+        let with_broker: Vec<&str> = with_broker.iter().map(String::as_str).collect();
+        let (proc, ep) = Self::spawn(dir.path(), &with_broker, &env).await?;
         let mut server = Server {
             http: String::new(),
             device_port: 0,
@@ -230,6 +256,7 @@ impl Server {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env,
             database,
+            broker,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -257,6 +284,8 @@ impl Server {
 
     async fn start_again(&mut self) -> Result<()> {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let extra = external_broker::args(self.broker.as_ref(), &extra);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (proc, ep) = Self::spawn(self.dir.path(), &extra, &self.env).await?;
         self.proc = proc;
         self.adopt(&ep)
@@ -272,6 +301,13 @@ impl Server {
         self.mqtt_port = port("mqtt")?;
         // Absent from servers before the internal listener was published (benchmark baselines).
         self.mqtt_internal_port = port("mqtt_internal").unwrap_or(0);
+        // Behind the harness's Mosquitto (unless the test gave a broker of its own), devices
+        // connect to its device listener.
+        if let Some(broker) = &self.broker
+            && !self.extra.iter().any(|a| a == "--broker-url")
+        {
+            self.mqtt_port = broker.device_port();
+        }
         Ok(())
     }
 
@@ -717,6 +753,7 @@ impl Agent {
 }
 
 pub mod database;
+pub mod external_broker;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod postgres_cluster;

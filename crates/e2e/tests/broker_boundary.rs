@@ -40,6 +40,9 @@ async fn connect_as(port: u16, id: &DeviceIdentity, w: Option<WillSpec>) -> Outc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::Result<()> {
+    // Behind Mosquitto the CONNECT is taken and its ACL must drop the will when it fires: the
+    // session is cut at once, and what follows checks that nothing reached dev-b.
+    let external = flotilla_e2e::external_broker::enabled();
     let server = Server::start(&[]).await?;
     let jwt = server.user("will@example.com").await?;
     let a = server.enroll(&jwt, "dev-a").await?;
@@ -66,11 +69,18 @@ async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::
         ("devices/dev-a/telemetry", r#"{"seq":1}"#),
         ("devices/+/status", r#"{"online":false}"#),
     ] {
-        let outcome = connect_as(port, &a, will(topic, payload, true)).await;
-        assert!(not_authorized(&outcome), "a will on {topic}: {outcome:?}");
+        match connect_as(port, &a, will(topic, payload, true)).await {
+            Outcome::Connected(session) if external => session.cut(),
+            Outcome::Refused(_) if external => {}
+            outcome => assert!(not_authorized(&outcome), "a will on {topic}: {outcome:?}"),
+        }
     }
     // On its own status, a will must say "offline": one saying "online" would forge presence.
+    // (Mosquitto's ACL cannot look into a payload: there a device may forge its own presence.)
     for payload in [r#"{"online":true,"led":"ON"}"#, "garbage"] {
+        if external {
+            break;
+        }
         let outcome = connect_as(port, &a, will("devices/dev-a/status", payload, true)).await;
         assert!(not_authorized(&outcome), "will {payload}: {outcome:?}");
     }
@@ -125,6 +135,11 @@ async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_publish_outside_status_is_refused() -> anyhow::Result<()> {
+    if flotilla_e2e::external_broker::embedded_only(
+        "Mosquitto's ACL cannot say which topics may be retained",
+    ) {
+        return Ok(());
+    }
     let server = Server::start(&[]).await?;
     let jwt = server.user("retain@example.com").await?;
     let a = server.enroll(&jwt, "dev-a").await?;
@@ -164,6 +179,11 @@ async fn a_retained_publish_outside_status_is_refused() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_are_refused_on_the_wrong_listener_and_forged_service_names_anywhere()
 -> anyhow::Result<()> {
+    if flotilla_e2e::external_broker::embedded_only(
+        "the test's Mosquitto admits an identity on either listener; topic rights come from its ACL",
+    ) {
+        return Ok(());
+    }
     let server = Server::start(&[]).await?;
     let jwt = server.user("listeners@example.com").await?;
     let a = server.enroll(&jwt, "dev-a").await?;
@@ -227,6 +247,11 @@ const BURST: u32 = 3000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_flooding_its_topics_is_disconnected_while_others_stay_timely()
 -> anyhow::Result<()> {
+    if flotilla_e2e::external_broker::embedded_only(
+        "per-device publish rate limits are the embedded broker's",
+    ) {
+        return Ok(());
+    }
     let server = Server::start(&[
         "--device-publish-rate",
         "10",

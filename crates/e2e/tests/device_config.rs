@@ -163,6 +163,11 @@ async fn config_on_subscribe(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_does_not_run_as_desired_is_sent_the_config_again_when_its_session_starts() {
+    if flotilla_e2e::external_broker::embedded_only(
+        "the resend follows the broker's session-start event, which an external broker does not report",
+    ) {
+        return;
+    }
     let server = Server::start(&[]).await.unwrap();
     let admin = server.admin("admin@x.io").await.unwrap();
     let id = server.enroll(&admin, "cfg-raw").await.unwrap();

@@ -828,6 +828,11 @@ async fn a_manual_offer_while_the_device_downloads_a_rollouts_release_is_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offer_made_before_the_device_subscribed_reaches_it_when_it_subscribes()
 -> anyhow::Result<()> {
+    if flotilla_e2e::external_broker::embedded_only(
+        "the offer follows the broker's subscribe event, which an external broker does not report",
+    ) {
+        return Ok(());
+    }
     let (_tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
     let id = server.enroll(&jwt, "late-ota").await?;
     // Online (its status arrived) but not yet subscribed to its OTA topic: the offer made now
@@ -1076,6 +1081,11 @@ async fn cancelling_a_rollouts_update_frees_its_target_without_a_failure_and_rea
     assert_eq!(r["progress"]["state"], "running", "{r}");
 
     // A device that was away when the cancel went out gets it at its next session.
+    if flotilla_e2e::external_broker::embedded_only(
+        "the cancel follows the broker's session-start event, which an external broker does not report",
+    ) {
+        return Ok(());
+    }
     drop(dev);
     let mut dev = flotilla_e2e::mqtt::connect_device(server.mqtt_port, &id).await?;
     dev.subscribe("devices/away-dev/ota").await?;

@@ -142,7 +142,7 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
     }
     // Subscribing: own downward channels by exact name only.
     assert!(!refused_sub(sa.subscribe("devices/dev-a/command").await?));
-    for filter in [
+    let foreign = [
         "devices/dev-b/command",
         "devices/+/command",
         "devices/#",
@@ -151,7 +151,35 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
         "$share/g/devices/dev-b/command",
         "$share/g/devices/+/health",
         "$SYS/#",
-    ] {
+    ];
+    if flotilla_e2e::external_broker::enabled() {
+        // Mosquitto's ACL grants a SUBSCRIBE and filters at delivery: nothing of dev-b's, or
+        // of anyone's health, may reach dev-a.
+        for filter in foreign {
+            sa.subscribe(filter).await?;
+        }
+        let mut sb = connect_device(port, &b).await?;
+        sb.publish("devices/dev-b/health", r#"{"heap":2,"fw":"1.0.0"}"#)
+            .await?;
+        let (s, _) = server
+            .call(
+                "POST",
+                "/api/device/dev-b/commands",
+                Some(&jwt),
+                Some(serde_json::json!({"name": "ping"})),
+            )
+            .await?;
+        assert_eq!(s, 202);
+        assert!(
+            sa.message(Duration::from_millis(1500)).await.is_err(),
+            "dev-a received another device's message"
+        );
+        // The rest checks the embedded broker's CONNECT gate; revocation.rs checks blocking
+        // and revocation on Mosquitto.
+        flotilla_e2e::external_broker::embedded_only("the CONNECT gate is the embedded broker's");
+        return Ok(());
+    }
+    for filter in foreign {
         assert!(refused_sub(sa.subscribe(filter).await?), "{filter}");
     }
 
