@@ -21,13 +21,32 @@ pub fn enabled() -> bool {
     std::env::var("FLOTILLA_E2E_BROKER").is_ok_and(|v| v == "mosquitto")
 }
 
-/// True (and the reason printed) when this is the external-broker run: the calling test checks
-/// something only the embedded broker does and returns at once.
+/// True when this is the external-broker run: the calling test checks something only the
+/// embedded broker does and returns at once. The reason goes to the file
+/// `FLOTILLA_E2E_SKIPS` names, with the test's name, for scripts/test to print (the test
+/// harness shows nothing a passing test prints).
 pub fn embedded_only(why: &str) -> bool {
-    if enabled() {
-        eprintln!("skipped behind an external broker: {why}");
+    if !enabled() {
+        return false;
     }
-    enabled()
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    eprintln!("{test}: skipped behind an external broker: {why}");
+    if let Some(path) = std::env::var_os("FLOTILLA_E2E_SKIPS") {
+        use std::io::Write;
+        let line = format!("{test}: {why}\n");
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            eprintln!("FLOTILLA_E2E_SKIPS: {e}");
+        }
+    }
+    true
 }
 
 /// Replica ids the harness broker's ACL admits.
@@ -38,6 +57,9 @@ struct Shared {
     /// Declared after the broker: broker-sync stops after it.
     _sync: Proc,
     started_replicas: AtomicUsize,
+    /// The broker's files (config, ACL, CRL, persistence, logs), its own: they outlive
+    /// whichever of the replicas sharing it is dropped first.
+    _dir: tempfile::TempDir,
 }
 
 /// The Mosquitto one test's servers run behind, and which replica a server is.
@@ -52,6 +74,8 @@ impl HarnessBroker {
     /// (its CA is made here if it is not there yet), with the server's environment `env`.
     pub async fn start(dir: &Path, env: &[(String, String)]) -> Result<HarnessBroker> {
         let data = dir.join("server");
+        let own = tempfile::tempdir()?;
+        let dir = own.path();
         let broker_dir = dir.join("broker");
         let issued = broker_dir.join("issued");
         std::fs::create_dir_all(&issued)?;
@@ -122,6 +146,7 @@ impl HarnessBroker {
                 mosquitto,
                 _sync: Proc(sync),
                 started_replicas: AtomicUsize::new(1),
+                _dir: own,
             }),
             replica: REPLICAS[0].into(),
         })

@@ -128,11 +128,12 @@ pub struct Server {
     pub client: reqwest::Client,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// The Mosquitto this server runs behind in an external-broker run
+    /// ([`external_broker::enabled`]); after `proc`, so the server stops first, and before
+    /// `database`, so broker-sync stops before its database is dropped.
+    pub broker: Option<external_broker::HarnessBroker>,
     /// Declared after `proc`, so the server stops before its database is dropped.
     pub database: database::Database,
-    /// The Mosquitto this server runs behind in an external-broker run
-    /// ([`external_broker::enabled`]); after `proc`, so the server stops first.
-    pub broker: Option<external_broker::HarnessBroker>,
 }
 
 impl Server {
@@ -255,8 +256,8 @@ impl Server {
             proc,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env,
-            database,
             broker,
+            database,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -356,17 +357,22 @@ impl Server {
         let mut proc = Proc(child);
         // The server writes its endpoints only once the broker listens and the server's own
         // MQTT client has been accepted by it (CONNACK), so everything is ready then.
-        let ep: Value = wait_for("server endpoints", Duration::from_secs(30), || {
+        // `Some(None)`: it exited, which ends the wait with an error (a test may expect that).
+        let ep: Option<Value> = wait_for("server endpoints", Duration::from_secs(30), || {
             let running = proc.is_running();
-            let ep = std::fs::read(&endpoints)
+            let ep: Option<Value> = std::fs::read(&endpoints)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             async move {
-                assert!(running, "flotilla-server exited during start-up");
-                ep
+                match ep {
+                    Some(ep) => Some(Some(ep)),
+                    None if !running => Some(None),
+                    None => None,
+                }
             }
         })
         .await?;
+        let ep = ep.context("flotilla-server exited during start-up")?;
         Ok((proc, ep))
     }
 

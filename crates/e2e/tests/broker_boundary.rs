@@ -53,6 +53,15 @@ async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::
     sb.publish("devices/dev-b/status", r#"{"online":true,"led":"OFF"}"#)
         .await?;
     sb.subscribe("devices/dev-b/command").await?;
+    // Stored before the snapshot (an external broker acknowledges before the commit).
+    wait_for("dev-b online", Duration::from_secs(10), || async {
+        let (_, d) = server
+            .call("GET", "/api/device/dev-b", Some(&jwt), None)
+            .await
+            .ok()?;
+        (d["online"] == true && d["led"] == "OFF").then_some(())
+    })
+    .await?;
     let before = snapshot(&server, &jwt, "dev-b").await?;
 
     let reboot = r#"{"id":"c-evil","name":"reboot","expires_at":4102444800}"#;
@@ -71,12 +80,14 @@ async fn a_will_aimed_at_another_devices_topic_refuses_the_connect() -> anyhow::
     ] {
         match connect_as(port, &a, will(topic, payload, true)).await {
             Outcome::Connected(session) if external => session.cut(),
-            Outcome::Refused(_) if external => {}
+            // A wildcard is no topic to publish a will on: a protocol error at CONNECT.
+            Outcome::Refused(_) if external && topic.contains('+') => {}
             outcome => assert!(not_authorized(&outcome), "a will on {topic}: {outcome:?}"),
         }
     }
     // On its own status, a will must say "offline": one saying "online" would forge presence.
-    // (Mosquitto's ACL cannot look into a payload: there a device may forge its own presence.)
+    // (Mosquitto's ACL cannot look into a payload: there a device may forge its own presence,
+    // docs/operations.md.)
     for payload in [r#"{"online":true,"led":"ON"}"#, "garbage"] {
         if external {
             break;

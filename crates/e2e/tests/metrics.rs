@@ -57,10 +57,13 @@ async fn metrics_count_what_ingest_stored_and_open_only_to_an_admin_or_the_scrap
         let text = wait_for("metrics caught up", Duration::from_secs(10), || async {
             let (status, text) = scrape(&server, Some(bearer)).await;
             assert_eq!(status, 200, "{text}");
-            // All six handed over and none waiting (an external broker acks before that).
+            // All six handed over and none waiting (an external broker acks before that), and
+            // the fleet figures (read at most every 5 s) show the device online: behind an
+            // external broker it comes online with its first message, not at CONNECT.
             let caught_up = sample(&text, "flotilla_ingest_malformed_total") == Some(1.0)
                 && sample(&text, "flotilla_ingest_received_total") == Some(6.0)
-                && sample(&text, "flotilla_ingest_queued_bytes") == Some(0.0);
+                && sample(&text, "flotilla_ingest_queued_bytes") == Some(0.0)
+                && sample(&text, "flotilla_devices_online") == Some(1.0);
             caught_up.then_some(text)
         })
         .await

@@ -518,4 +518,21 @@ async fn a_replica_whose_clock_runs_a_minute_ahead_takes_no_live_lease_and_a_dea
         "B took over {:?} after the kill, before A's lease could lapse",
         killed.elapsed()
     );
+
+    // A replica a minute behind waits no longer for a dead holder's lease than the others:
+    // on its own clock B's lease would still run for 70 s.
+    let behind = flotilla_e2e::skewed_clock_env("-60s").unwrap();
+    let env: Vec<(&str, &str)> = behind
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut b = b;
+    let c = a.start_replica_with_env(&[], &env).await.unwrap();
+    assert_eq!(c.leads(&admin).await, Some(false));
+    b.proc.kill_hard();
+    flotilla_e2e::wait_for("C leads", Duration::from_secs(25), || async {
+        c.leads(&admin).await.filter(|l| *l)
+    })
+    .await
+    .unwrap();
 }

@@ -7,7 +7,7 @@
 //! unblocked; provisioned again, the device connects with its new certificate while the old
 //! one stays refused; a device re-provisioned while its old session is open has that session
 //! closed; a device nobody touched publishes throughout. With two replicas behind that broker,
-//! a revocation made through either reaches the broker and the other replica alike.
+//! a revocation made through either reaches the broker.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -101,6 +101,18 @@ async fn refused_by_the_gate(port: u16, id: &DeviceIdentity) -> bool {
     refused(port, id)
         .await
         .is_some_and(|why| why.contains("NotAuthorized"))
+}
+
+/// The open `session` of `id` is closed by the broker on `port` within [`SYNC_WAIT`], and a
+/// reconnect fails the TLS handshake on a revoked certificate.
+async fn closed_and_refused_as_revoked(session: &mut Session, port: u16, id: &DeviceIdentity) {
+    assert!(
+        session.closed_within(SYNC_WAIT).await,
+        "{}: the open session was not closed",
+        id.device_id
+    );
+    let why = refused(port, id).await.expect("refused on reconnect");
+    assert!(why.to_lowercase().contains("revoked"), "{why}");
 }
 
 /// Whether a connection with this identity is refused at the TLS handshake (or CONNECT).
@@ -334,14 +346,7 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
     // that session is closed before the new certificate is used, and the old certificate is
     // refused from then on.
     let replaced = server.enroll(&admin, "dev-c").await.unwrap();
-    assert!(
-        c.session.closed_within(SYNC_WAIT).await,
-        "the session of a replaced certificate was not closed"
-    );
-    let why = refused(port, &ids[2])
-        .await
-        .expect("replaced certificate refused");
-    assert!(why.to_lowercase().contains("revoked"), "{why}");
+    closed_and_refused_as_revoked(&mut c.session, port, &ids[2]).await;
     let mut c2 = Device::connect(port, replaced).await;
     let seq = c2.publish_until(PubAckReason::Success).await;
     wait_stored(&server, "dev-c", seq).await;
@@ -382,15 +387,8 @@ async fn a_device_revoked_through_one_of_two_replicas_behind_mosquitto_stops_and
 
     // Revoked through replica B; replica A and broker-sync learn it from the database.
     admin_post(&b, &admin_b, "/api/admin/device/dev-b/revoke").await;
-    assert!(
-        revoked.session.closed_within(SYNC_WAIT).await,
-        "the revoked device's open session was not closed"
-    );
-    let why = refused(port, &ids[1])
-        .await
-        .expect("revoked certificate refused on reconnect");
-    assert!(why.to_lowercase().contains("revoked"), "{why}");
-    // Replica A reads the revocation too (a token B issued is accepted by A).
+    closed_and_refused_as_revoked(&mut revoked.session, port, &ids[1]).await;
+    // The device row says so through either replica.
     let device_row = a.device(&admin_b, "dev-b").await.unwrap();
     assert_eq!(device_row["provisioned"], false);
     // The other device's session stays and is stored through either replica.

@@ -153,31 +153,8 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
         "$SYS/#",
     ];
     if flotilla_e2e::external_broker::enabled() {
-        // Mosquitto's ACL grants a SUBSCRIBE and filters at delivery: nothing of dev-b's, or
-        // of anyone's health, may reach dev-a.
-        for filter in foreign {
-            sa.subscribe(filter).await?;
-        }
-        let mut sb = connect_device(port, &b).await?;
-        sb.publish("devices/dev-b/health", r#"{"heap":2,"fw":"1.0.0"}"#)
-            .await?;
-        let (s, _) = server
-            .call(
-                "POST",
-                "/api/device/dev-b/commands",
-                Some(&jwt),
-                Some(serde_json::json!({"name": "ping"})),
-            )
-            .await?;
-        assert_eq!(s, 202);
-        assert!(
-            sa.message(Duration::from_millis(1500)).await.is_err(),
-            "dev-a received another device's message"
-        );
-        // The rest checks the embedded broker's CONNECT gate; revocation.rs checks blocking
-        // and revocation on Mosquitto.
-        flotilla_e2e::external_broker::embedded_only("the CONNECT gate is the embedded broker's");
-        return Ok(());
+        drop(sa);
+        return isolation_behind_an_external_broker(&server, &jwt, &a, &b, &foreign).await;
     }
     for filter in foreign {
         assert!(refused_sub(sa.subscribe(filter).await?), "{filter}");
@@ -188,26 +165,7 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
         connect(port, &a.ca_pem, Some((&a.cert_pem, &a.key_pem)), "dev-b").await,
         Outcome::Refused(_)
     ));
-    // No client certificate.
-    assert!(matches!(
-        connect(port, &a.ca_pem, None, "dev-a").await,
-        Outcome::Refused(_)
-    ));
-    // A certificate from another CA, with the right CN.
-    let other_ca_dir = tempfile::tempdir()?;
-    let rogue_ca = flotilla_pki::CertificateAuthority::load_or_create(other_ca_dir.path())?;
-    let (rogue_key, rogue_csr) = flotilla_pki::device_key_and_csr("dev-a")?;
-    let rogue = rogue_ca.sign_device_csr(&rogue_csr, "dev-a")?;
-    assert!(matches!(
-        connect(
-            port,
-            &a.ca_pem,
-            Some((&rogue.certificate_pem, &rogue_key)),
-            "dev-a"
-        )
-        .await,
-        Outcome::Refused(_)
-    ));
+    refuses_strangers(port, &a).await?;
     // A device may not claim a service identity.
     assert!(matches!(
         connect(
@@ -529,6 +487,98 @@ async fn api_rejects_forged_tokens_and_enforces_roles_and_ownership() -> anyhow:
             .filter(|e| e["result"] == "failure")
             .count()
             >= 6
+    );
+    Ok(())
+}
+
+/// [`broker_enforces_identity_and_topic_isolation`] behind Mosquitto: it grants a SUBSCRIBE to
+/// another device's topics (SUBACK 0) and filters at delivery, takes the client id from the
+/// certificate whatever the CONNECT says, and refuses at the TLS handshake what has no
+/// certificate from the CA. Blocking and revocation there: revocation.rs.
+async fn isolation_behind_an_external_broker(
+    server: &Server,
+    jwt: &str,
+    a: &flotilla_e2e::DeviceIdentity,
+    b: &flotilla_e2e::DeviceIdentity,
+    foreign: &[&str],
+) -> anyhow::Result<()> {
+    let port = server.mqtt_port;
+    let mut sb = connect_device(port, b).await?;
+    sb.subscribe("devices/dev-b/command").await?;
+    // dev-a connects claiming dev-b's client id, and a service's: it is dev-a all the same, so
+    // dev-b's session stays (its command reaches it below) and the ingest's is untouched.
+    for claimed in ["dev-b", "svc:server-ingest-r1"] {
+        let outcome = connect(port, &a.ca_pem, Some((&a.cert_pem, &a.key_pem)), claimed).await;
+        assert!(
+            matches!(outcome, Outcome::Connected(_)),
+            "{claimed}: {outcome:?}"
+        );
+    }
+    let mut sa = connect_device(port, a).await?;
+    for filter in foreign {
+        let granted = sa.subscribe(filter).await?;
+        assert!(
+            !refused_sub(granted),
+            "Mosquitto grants {filter}: {granted:?}"
+        );
+    }
+    sb.publish("devices/dev-b/health", r#"{"heap":2,"fw":"1.0.0"}"#)
+        .await?;
+    let (s, _) = server
+        .call(
+            "POST",
+            "/api/device/dev-b/commands",
+            Some(jwt),
+            Some(json!({"name": "ping"})),
+        )
+        .await?;
+    assert_eq!(s, 202);
+    // The positive control: dev-b's health reached the server and its command reached dev-b.
+    wait_for("dev-b's health stored", Duration::from_secs(10), || async {
+        let d = server.device(jwt, "dev-b").await.ok()?;
+        (d["heap"] == 2).then_some(())
+    })
+    .await?;
+    let (topic, _) = sb.message(Duration::from_secs(10)).await?;
+    assert_eq!(topic, "devices/dev-b/command");
+    assert!(
+        sa.message(Duration::from_millis(1500)).await.is_err(),
+        "dev-a received another device's message"
+    );
+    // dev-a's own session was open all along.
+    assert_eq!(
+        sa.publish("devices/dev-a/health", r#"{"heap":3,"fw":"1.0.0"}"#)
+            .await?,
+        PubAckReason::Success
+    );
+    refuses_strangers(port, a).await?;
+    flotilla_e2e::external_broker::embedded_only(
+        "blocking and the CONNECT gate's refusals are the embedded broker's (revocation.rs tests blocking on Mosquitto)",
+    );
+    Ok(())
+}
+
+/// The broker on `port` refuses `a`'s CN without a client certificate, and with a
+/// certificate from another CA.
+async fn refuses_strangers(port: u16, a: &flotilla_e2e::DeviceIdentity) -> anyhow::Result<()> {
+    assert!(matches!(
+        connect(port, &a.ca_pem, None, &a.device_id).await,
+        Outcome::Refused(_)
+    ));
+    let other_ca_dir = tempfile::tempdir()?;
+    let rogue_ca = flotilla_pki::CertificateAuthority::load_or_create(other_ca_dir.path())?;
+    let (rogue_key, rogue_csr) = flotilla_pki::device_key_and_csr(&a.device_id)?;
+    let rogue = rogue_ca.sign_device_csr(&rogue_csr, &a.device_id)?;
+    let outcome = connect(
+        port,
+        &a.ca_pem,
+        Some((&rogue.certificate_pem, &rogue_key)),
+        &a.device_id,
+    )
+    .await;
+    assert!(
+        matches!(outcome, Outcome::Refused(_)),
+        "another CA: {outcome:?}"
     );
     Ok(())
 }

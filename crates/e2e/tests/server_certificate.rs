@@ -51,7 +51,7 @@ async fn served_certificate(port: u16, id: &DeviceIdentity) -> Option<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_certificate_renews_while_running_and_sessions_outlive_the_old_one() {
     if flotilla_e2e::external_broker::embedded_only(
-        "the certificate renewed is the embedded broker's (an external broker presents its own)",
+        "it checks the renewal on the embedded broker's two listeners together with the HTTPS one (an external broker presents a certificate of its own)",
     ) {
         return;
     }

@@ -626,6 +626,20 @@ async fn readings_in_a_batch_store_what_one_at_a_time_stores(store: &Store) {
     }
     assert!(store.telemetry(&dev("d3"), 10).await.unwrap().is_empty());
     assert!(store.telemetry(&dev("d30"), 10).await.unwrap().is_empty());
+
+    // One (device, seq) twice in a batch, with other values: the first is stored.
+    let (first, second) = (
+        message(json!({"seq": 90_000, "pot": 1})),
+        message(json!({"seq": 90_000, "pot": 2})),
+    );
+    let d0 = dev("d0");
+    let mut tx = store.begin_write().await.unwrap();
+    tx.apply_readings(&[(&d0, &first), (&d0, &second)], 600)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let newest = &store.telemetry(&d0, 1).await.unwrap()[0];
+    assert_eq!((newest.seq, newest.pot), (90_000, Some(1)));
 }
 
 async fn dead_letters_and_retained_messages(store: &Store) {
@@ -2468,7 +2482,7 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
     let long = 60_000;
     let a = store.hold_lease("bg", "a", long).await.unwrap().unwrap();
     assert_eq!(a.epoch, 1);
-    // Set on the database's clock, in Unix ms: the database runs on this machine here.
+    // In Unix ms (the database's clock is this machine's here, so this checks the units only).
     let local = crate::now_ms() + long;
     assert!(
         (a.expires_at - local).abs() < 5_000,

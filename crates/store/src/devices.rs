@@ -425,11 +425,12 @@ pub(super) async fn apply_update(
 pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE online = 1 AND last_seen < $1 \
      UNION ALL SELECT 1 FROM devices WHERE online = 1 AND last_seen IS NULL LIMIT 1";
 
-/// Stores a run of telemetry readings in a few statements, whatever their number: one SELECT
-/// for the devices' presence, multi-row INSERTs, one UPDATE. Each statement is a round trip
-/// to the database's worker thread, so this costs the same as [`apply_update`] does for a
-/// single reading. The same as calling [`apply_update`] for each reading in turn; returns the
-/// devices that came online, each once.
+/// Stores a run of telemetry readings in a few statements, whatever their number: on SQLite
+/// one SELECT for the devices' presence, multi-row INSERTs, one UPDATE (each statement is a
+/// round trip to the database's worker thread, so this costs the same as [`apply_update`]
+/// does for a single reading); on PostgreSQL one statement ([`PG_APPLY_READINGS`]). The same
+/// as calling [`apply_update`] for each reading in turn; returns the devices that came
+/// online, each once.
 pub(super) async fn apply_readings(
     tx: &mut Transaction<'_, Any>,
     readings: &[(&str, &Telemetry)],
@@ -510,13 +511,17 @@ pub(super) async fn apply_readings(
 
 /// [`apply_readings`] on PostgreSQL in one statement, whatever the number of readings: they
 /// travel as one JSON parameter, so the SQL never changes (prepared once per connection) and
-/// the batch costs one round trip. The devices are locked in id order, as above.
-const PG_APPLY_READINGS: &str = "WITH r AS (SELECT * FROM json_to_recordset($1::json) \
-         AS r(d text, s bigint, ts bigint, pot bigint, sw bigint, temp text)), \
+/// the batch is one statement besides its transaction's BEGIN and COMMIT. The devices are
+/// locked in id order, as above; of two readings with one `(device, seq)` the first is
+/// stored, as one at a time (the ordinality keeps the batch's order).
+const PG_APPLY_READINGS: &str = "WITH r AS (SELECT * FROM ROWS FROM (json_to_recordset($1::json) \
+         AS (d text, s bigint, ts bigint, pot bigint, sw bigint, temp text)) WITH ORDINALITY \
+         AS r(d, s, ts, pot, sw, temp, n)), \
      locked AS (SELECT device_id, online FROM devices WHERE blocked = 0 \
          AND device_id IN (SELECT d FROM r) ORDER BY device_id FOR UPDATE), \
      stored AS (INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) \
-         SELECT r.d, r.s, r.ts, $2, r.pot, r.sw, CAST(r.temp AS float8) FROM r JOIN locked ON locked.device_id = r.d \
+         SELECT DISTINCT ON (r.d, r.s) r.d, r.s, r.ts, $2, r.pot, r.sw, CAST(r.temp AS float8) \
+         FROM r JOIN locked ON locked.device_id = r.d ORDER BY r.d, r.s, r.n \
          ON CONFLICT DO NOTHING), \
      seen AS (UPDATE devices SET online = 1, last_seen = $3, disconnect_reason = NULL \
          FROM locked WHERE devices.device_id = locked.device_id) \
@@ -530,8 +535,7 @@ struct ReadingRow<'a> {
     ts: Option<i64>,
     pot: Option<i64>,
     sw: Option<i64>,
-    /// As text: JSON has no infinity or NaN, PostgreSQL's float8 input reads Rust's forms
-    /// of them, and the shortest decimal form is what [`f32_to_f64_shortest`] stores.
+    /// As text, the shortest decimal form: what [`f32_to_f64_shortest`] stores.
     temp: Option<String>,
 }
 

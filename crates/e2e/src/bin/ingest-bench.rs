@@ -99,8 +99,8 @@ fn parse_args() -> Result<Args> {
         }
     }
     anyhow::ensure!(
-        !flotilla_e2e::database::postgres_mode(),
-        "unset FLOTILLA_E2E_DATABASE: the modes pick the database"
+        !flotilla_e2e::database::postgres_mode() && !flotilla_e2e::external_broker::enabled(),
+        "unset FLOTILLA_E2E_DATABASE and FLOTILLA_E2E_BROKER: the modes pick the database and broker"
     );
     Ok(a)
 }

@@ -298,7 +298,7 @@ impl Pause {
 }
 
 /// One transaction over `items`. Consecutive telemetry readings, the bulk of what devices
-/// send, are stored together in a few multi-row statements (`WriteTx::apply_readings`); the
+/// send, are stored together in a few statements (`WriteTx::apply_readings`); the
 /// order of everything else is kept.
 async fn commit<'a>(
     store: &Store,
