@@ -54,6 +54,7 @@ const REPLICAS: [&str; 3] = ["r1", "r2", "r3"];
 
 struct Shared {
     mosquitto: Mosquitto,
+    files: BrokerFiles,
     /// Declared after the broker: broker-sync stops after it.
     _sync: Proc,
     started_replicas: AtomicUsize,
@@ -144,6 +145,7 @@ impl HarnessBroker {
         Ok(HarnessBroker {
             shared: Arc::new(Shared {
                 mosquitto,
+                files,
                 _sync: Proc(sync),
                 started_replicas: AtomicUsize::new(1),
                 _dir: own,
@@ -170,6 +172,11 @@ impl HarnessBroker {
 
     pub fn device_port(&self) -> u16 {
         self.shared.mosquitto.device_port
+    }
+
+    /// The ACL broker-sync writes for the broker.
+    pub fn acl_file(&self) -> &Path {
+        &self.shared.files.acl
     }
 }
 

@@ -376,6 +376,11 @@ impl Server {
         Ok((proc, ep))
     }
 
+    /// The environment the server runs with (its database URL among it).
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("server")
     }

@@ -13,9 +13,9 @@
 
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::mosquitto::{BrokerFiles, Mosquitto, acl_for};
+use flotilla_e2e::external_broker::HarnessBroker;
 use flotilla_e2e::mqtt::{Session, connect_device};
-use flotilla_e2e::{DeviceIdentity, Proc, Server, wait_for};
+use flotilla_e2e::{DeviceIdentity, Server, wait_for};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::Value;
 
@@ -202,69 +202,13 @@ async fn a_revoked_device_is_disconnected_by_the_embedded_broker_and_refused_aft
     assert!(refused_by_the_gate(server.mqtt_port, &id).await);
 }
 
-/// A Mosquitto for `replicas` on the ACL and CRL that broker-sync writes from `server`'s
-/// database, presenting a certificate from the server's CA, with broker-sync running (one
-/// pass a second, SIGHUP to the broker on a change).
-struct SyncedBroker {
-    mosquitto: Mosquitto,
-    files: BrokerFiles,
-    _sync: Proc,
-    _dir: tempfile::TempDir,
-}
-
-async fn synced_broker(server: &Server, replicas: &[&str]) -> SyncedBroker {
-    let dir = tempfile::tempdir().unwrap();
-    let files = BrokerFiles::prepare(dir.path(), &server.data_dir(), replicas[0]).unwrap();
-    std::fs::write(&files.acl_base, acl_for(replicas)).unwrap();
-    // The broker's own certificate, from the server's CA, in place of the copied one.
-    let issued = tempfile::tempdir().unwrap();
-    let status = server
-        .subcommand("admin")
+/// A Mosquitto on the ACL and CRL that broker-sync writes from `server`'s database, with a
+/// certificate from the server's CA and broker-sync running (one pass a second, SIGHUP to
+/// the broker on a change); it admits replicas r1 to r3.
+async fn synced_broker(server: &Server) -> HarnessBroker {
+    HarnessBroker::start(server.dir.path(), server.env())
+        .await
         .unwrap()
-        .args(["broker-cert", "--host", "localhost", "--out-dir"])
-        .arg(issued.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "admin broker-cert");
-    for (from, to) in [("broker.pem", "server.pem"), ("broker.key", "server.key")] {
-        std::fs::copy(issued.path().join(from), dir.path().join(to)).unwrap();
-    }
-    let sync_args = [
-        "--acl-base".into(),
-        files.acl_base.clone().into_os_string(),
-        "--acl-file".into(),
-        files.acl.clone().into_os_string(),
-        "--crl-file".into(),
-        files.crl.clone().into_os_string(),
-    ];
-    // Mosquitto does not start without its CRL: one pass first.
-    let status = server
-        .subcommand("broker-sync")
-        .unwrap()
-        .args(&sync_args)
-        .arg("--once")
-        .status()
-        .unwrap();
-    assert!(status.success(), "broker-sync --once");
-    let mosquitto = Mosquitto::start_synced(dir.path(), &files).await.unwrap();
-    let sync = Proc(
-        server
-            .subcommand("broker-sync")
-            .unwrap()
-            .args(&sync_args)
-            .arg("--broker-pid-file")
-            .arg(&files.pid)
-            .args(["--interval", "1", "--broker-device-url"])
-            .arg(format!("mqtts://localhost:{}", mosquitto.device_port))
-            .spawn()
-            .unwrap(),
-    );
-    SyncedBroker {
-        mosquitto,
-        files,
-        _sync: sync,
-        _dir: dir,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,8 +222,8 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
             .into_iter()
             .map(Result::unwrap)
             .collect();
-    let broker = synced_broker(&server, &["r1"]).await;
-    let (mosquitto, files) = (&broker.mosquitto, &broker.files);
+    let broker = synced_broker(&server).await;
+    let mosquitto = broker.mosquitto();
     let url = format!("mqtts://localhost:{}", mosquitto.service_port);
     server.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
     server.restart().await.unwrap();
@@ -350,7 +294,7 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
     let mut c2 = Device::connect(port, replaced).await;
     let seq = c2.publish_until(PubAckReason::Success).await;
     wait_stored(&server, "dev-c", seq).await;
-    let acl = std::fs::read_to_string(&files.acl).unwrap();
+    let acl = std::fs::read_to_string(broker.acl_file()).unwrap();
     assert!(
         !acl.contains("user dev-"),
         "no device denied any more:\n{acl}"
@@ -367,8 +311,8 @@ async fn a_device_revoked_through_one_of_two_replicas_behind_mosquitto_stops_and
             .into_iter()
             .map(Result::unwrap)
             .collect();
-    let broker = synced_broker(&a, &["r1", "r2"]).await;
-    let url = format!("mqtts://localhost:{}", broker.mosquitto.service_port);
+    let broker = synced_broker(&a).await;
+    let url = format!("mqtts://localhost:{}", broker.mosquitto().service_port);
     a.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
     a.restart().await.unwrap();
     let b = a
@@ -376,7 +320,7 @@ async fn a_device_revoked_through_one_of_two_replicas_behind_mosquitto_stops_and
         .await
         .unwrap();
     let admin_b = b.login("admin@x.io", "admin-pass").await.unwrap();
-    let port = broker.mosquitto.device_port;
+    let port = broker.device_port();
     let mut kept = Device::connect(port, ids[0].clone()).await;
     let mut revoked = Device::connect(port, ids[1].clone()).await;
     for d in [&mut kept, &mut revoked] {
