@@ -180,13 +180,20 @@ impl HarnessBroker {
     }
 }
 
-/// A server's arguments behind `broker`: the test's own, plus the broker and the replica id
-/// unless the test names a broker of its own.
+/// The harness broker a server with arguments `extra` runs behind: `broker`, unless the test
+/// names a broker of its own.
+pub(crate) fn in_use<'a>(
+    broker: Option<&'a HarnessBroker>,
+    extra: &[&str],
+) -> Option<&'a HarnessBroker> {
+    broker.filter(|_| !extra.contains(&"--broker-url"))
+}
+
+/// A server's arguments: the test's own, plus the harness broker and the replica id when it
+/// runs behind one ([`in_use`]).
 pub(crate) fn args(broker: Option<&HarnessBroker>, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    if let Some(broker) = broker
-        && !extra.contains(&"--broker-url")
-    {
+    if let Some(broker) = in_use(broker, extra) {
         args.extend([
             "--broker-url".into(),
             format!("mqtts://localhost:{}", broker.shared.mosquitto.service_port),

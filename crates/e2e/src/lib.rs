@@ -206,16 +206,7 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Server> {
-        Self::start_in(tempfile::tempdir()?, database, extra, env).await
-    }
-
-    async fn start_in(
-        dir: tempfile::TempDir,
-        database: Option<database::Database>,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Server> {
-        Self::start_with_broker(dir, database, extra, env, None).await
+        Self::start_with_broker(tempfile::tempdir()?, database, extra, env, None).await
     }
 
     async fn start_with_broker(
@@ -237,12 +228,12 @@ impl Server {
         if database.is_postgres() {
             env.push(("FLOTILLA_DATABASE_URL".into(), database.url()));
         }
+        // A test that names a broker of its own at start gets no harness broker.
         let broker = match broker {
-            Some(broker) => Some(broker),
-            None if external_broker::enabled() => {
+            None if external_broker::enabled() && !extra.contains(&"--broker-url") => {
                 Some(external_broker::HarnessBroker::start(dir.path(), &env).await?)
             }
-            None => None,
+            given => given,
         };
         let with_broker = external_broker::args(broker.as_ref(), extra);
         let with_broker: Vec<&str> = with_broker.iter().map(String::as_str).collect();
@@ -302,11 +293,9 @@ impl Server {
         self.mqtt_port = port("mqtt")?;
         // Absent from servers before the internal listener was published (benchmark baselines).
         self.mqtt_internal_port = port("mqtt_internal").unwrap_or(0);
-        // Behind the harness's Mosquitto (unless the test gave a broker of its own), devices
-        // connect to its device listener.
-        if let Some(broker) = &self.broker
-            && !self.extra.iter().any(|a| a == "--broker-url")
-        {
+        // Behind the harness's Mosquitto, devices connect to its device listener.
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        if let Some(broker) = external_broker::in_use(self.broker.as_ref(), &extra) {
             self.mqtt_port = broker.device_port();
         }
         Ok(())

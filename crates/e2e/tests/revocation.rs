@@ -103,6 +103,22 @@ async fn refused_by_the_gate(port: u16, id: &DeviceIdentity) -> bool {
         .is_some_and(|why| why.contains("NotAuthorized"))
 }
 
+/// The audit log holds exactly one revocation, of `device`.
+async fn assert_revoked_once_in_the_audit(server: &Server, admin: &str, device: &str) {
+    let (_, audit) = server
+        .call(
+            "GET",
+            "/api/admin/audit?action=admin.device.revoke",
+            Some(admin),
+            None,
+        )
+        .await
+        .unwrap();
+    let entries = audit.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!(entries[0]["target"], device);
+}
+
 /// The open `session` of `id` is closed by the broker on `port` within [`SYNC_WAIT`], and a
 /// reconnect fails the TLS handshake on a revoked certificate.
 async fn closed_and_refused_as_revoked(session: &mut Session, port: u16, id: &DeviceIdentity) {
@@ -176,18 +192,7 @@ async fn a_revoked_device_is_disconnected_by_the_embedded_broker_and_refused_aft
     let device_row = server.device(&admin, "dev-r").await.unwrap();
     assert_eq!(device_row["provisioned"], false);
     assert_eq!(device_row["online"], false);
-    let (_, audit) = server
-        .call(
-            "GET",
-            "/api/admin/audit?action=admin.device.revoke",
-            Some(&admin),
-            None,
-        )
-        .await
-        .unwrap();
-    let entries = audit.as_array().unwrap();
-    assert_eq!(entries.len(), 1, "{audit}");
-    assert_eq!(entries[0]["target"], "dev-r");
+    assert_revoked_once_in_the_audit(&server, &admin, "dev-r").await;
 
     server.restart().await.unwrap();
     assert!(
@@ -339,17 +344,5 @@ async fn a_device_revoked_through_one_of_two_replicas_behind_mosquitto_stops_and
     let (reason, seq) = kept.publish().await;
     assert_eq!(reason, PubAckReason::Success);
     wait_stored(&a, "dev-a", seq).await;
-    let audit = a
-        .call(
-            "GET",
-            "/api/admin/audit?action=admin.device.revoke",
-            Some(&admin),
-            None,
-        )
-        .await
-        .unwrap()
-        .1;
-    let entries = audit.as_array().unwrap();
-    assert_eq!(entries.len(), 1, "audited once: {audit}");
-    assert_eq!(entries[0]["target"], "dev-b");
+    assert_revoked_once_in_the_audit(&a, &admin, "dev-b").await;
 }
