@@ -54,6 +54,30 @@ async fn send_readings(
     (session, acked)
 }
 
+/// Publishes numbered readings from seq 0 until `stop` is raised: a test that stalls or kills
+/// a replica mid-stream needs the stream to outlast that step however loaded the machine is
+/// (a fixed count can be sent before the step begins).
+async fn send_readings_until(
+    mut session: Session,
+    device: String,
+    stop: Arc<AtomicBool>,
+) -> (Session, Vec<(String, u64)>) {
+    let topic = format!("devices/{device}/telemetry");
+    let mut acked = Vec::new();
+    for seq in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let reason = session
+            .publish(&topic, format!(r#"{{"seq":{seq},"pot":7}}"#))
+            .await
+            .unwrap();
+        assert_eq!(reason, PubAckReason::Success, "{device} seq {seq}");
+        acked.push((device.clone(), seq));
+    }
+    (session, acked)
+}
+
 /// Replicas `a` (r1) and `b` (r2) on one PostgreSQL behind one Mosquitto, and `devices`
 /// enrolled devices connected to it.
 struct Rig {
@@ -223,10 +247,11 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
     } = rig(50, &[]).await;
     // The devices publish while B is killed and while it is away: B is killed once both
     // replicas have ingested some.
+    let stop = Arc::new(AtomicBool::new(false));
     let sends: Vec<_> = sessions
         .into_iter()
         .zip(&ids)
-        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 0..400)))
+        .map(|(s, id)| tokio::spawn(send_readings_until(s, id.device_id.clone(), stop.clone())))
         .collect();
     wait_for(
         "both replicas ingesting",
@@ -255,6 +280,16 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
     } else {
         b.proc.kill_hard();
     }
+    // The devices go on while B is away, then stop.
+    let before = received(&a, &admin).await;
+    wait_for(
+        "A ingesting while B is away",
+        Duration::from_secs(30),
+        || async { (received(&a, &admin).await >= before + 200).then_some(()) },
+    )
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
     let mut sent = BTreeSet::new();
     let mut sessions = Vec::new();
     for done in futures::future::join_all(sends).await {
@@ -262,7 +297,7 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
         sent.extend(acked);
         sessions.push(session);
     }
-    assert_eq!(sent.len(), 50 * 400, "every publish was acknowledged");
+    assert!(sent.len() > 400, "{} publishes acknowledged", sent.len());
     match then {
         // Its session at the broker kept what was shared to it; back with the same id, it
         // takes that up (or finds it drained by A, if A was quicker).
@@ -284,10 +319,12 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
         // Every message drained was acknowledged to the broker, none left in B's session.
         assert_eq!(adopted["ingestLink"]["unsentAcks"], 0, "{adopted}");
         // B's session no longer takes a share: what the devices send now is all stored.
+        // Above any seq the stream reached.
+        const AFTER: u64 = 1 << 32;
         let more = sessions
             .into_iter()
             .zip(&ids)
-            .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 400..420)));
+            .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), AFTER..AFTER + 20)));
         for done in futures::future::join_all(more).await {
             sent.extend(done.unwrap().1);
         }
@@ -518,10 +555,11 @@ async fn two_survivors_race_for_a_dead_replicas_session_and_one_drains_it() {
         .start_replica(&["--broker-url", &url, "--replica-id", "r3"])
         .await
         .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
     let sends: Vec<_> = sessions
         .into_iter()
         .zip(&ids)
-        .map(|(s, id)| tokio::spawn(send_readings(s, id.device_id.clone(), 0..300)))
+        .map(|(s, id)| tokio::spawn(send_readings_until(s, id.device_id.clone(), stop.clone())))
         .collect();
     wait_for(
         "three replicas ingesting",
@@ -549,6 +587,7 @@ async fn two_survivors_race_for_a_dead_replicas_session_and_one_drains_it() {
     .unwrap();
     c.proc.kill_hard();
     drop(stall);
+    stop.store(true, Ordering::Relaxed);
     let mut sent = BTreeSet::new();
     for done in futures::future::join_all(sends).await {
         sent.extend(done.unwrap().1);
