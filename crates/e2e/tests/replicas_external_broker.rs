@@ -534,8 +534,54 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
         ],
         "each transition once"
     );
+    assert_no_write_under_an_old_epoch(survivor, &admin, &id).await;
     // The lease's TTL (10 s) plus a renewal interval (3.3 s) bound the takeover.
     assert!(took_over < Duration::from_secs(20), "took {took_over:?}");
+}
+
+/// The rollout's transitions name the replica and lease epoch that saved them
+/// (`system:rollouts@<holder>#<epoch>`): in the audit log's order their epochs never go
+/// back, each holder has one epoch, the first transition was the old leader's and the last
+/// the survivor's.
+async fn assert_no_write_under_an_old_epoch(survivor: &Server, admin: &str, rollout: &str) {
+    let (_, audit) = survivor
+        .call(
+            "GET",
+            "/api/admin/audit?action=rollout.transition&limit=1000",
+            Some(admin),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut written: Vec<(i64, String, i64)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == rollout)
+        .map(|e| {
+            let actor = e["actor"].as_str().unwrap();
+            let (holder, epoch) = actor
+                .strip_prefix("system:rollouts@")
+                .and_then(|rest| rest.rsplit_once('#'))
+                .unwrap_or_else(|| panic!("actor {actor} names no holder and epoch"));
+            (
+                e["id"].as_i64().unwrap(),
+                holder.to_string(),
+                epoch.parse().unwrap(),
+            )
+        })
+        .collect();
+    written.sort();
+    assert!(
+        written.windows(2).all(|w| w[0].2 <= w[1].2),
+        "a write under an older epoch after a newer one: {written:?}"
+    );
+    let holders: BTreeSet<(&str, i64)> = written.iter().map(|(_, h, e)| (h.as_str(), *e)).collect();
+    let names: BTreeSet<&str> = holders.iter().map(|(h, _)| *h).collect();
+    assert_eq!(holders.len(), 2, "two tenures, one epoch each: {written:?}");
+    assert_eq!(names.len(), 2, "two holders: {written:?}");
+    let (first, last) = (&written[0], &written[written.len() - 1]);
+    assert!(first.2 < last.2, "{written:?}");
 }
 
 /// Two survivors find the same dead peer: exactly one drains its session, and together they

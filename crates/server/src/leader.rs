@@ -89,6 +89,16 @@ impl Leadership {
         }
     }
 
+    /// The audit actor for `component`'s work under `epoch`: which replica wrote it, under
+    /// which tenure (`system:rollouts@r1-4f2a#3`), so the log shows that nothing was written
+    /// under an old epoch after a new one began. Just the component when alone on SQLite.
+    pub fn actor(&self, component: &str, epoch: i64) -> String {
+        match &self.shared {
+            None => format!("system:{component}"),
+            Some(s) => format!("system:{component}@{}#{epoch}", s.holder),
+        }
+    }
+
     /// Where work begun under `epoch` writes: `None` unless the lease is still held under it
     /// (work decided under an earlier tenure must not be saved under a later one).
     pub async fn sweep_under<'a>(

@@ -620,6 +620,7 @@ impl Manager {
                 )
             })
             .collect();
+        let actor = self.leadership.actor("rollouts", epoch);
         let cancel = matches!(state, State::Stopped { .. } | State::Aborted)
             .then(|| format!("rollout {}", rollout_state(state).as_str()));
         let save = RolloutSave {
@@ -659,7 +660,7 @@ impl Manager {
             audit: described
                 .iter()
                 .map(|(t, words)| AuditRecord {
-                    actor: "system:rollouts",
+                    actor: &actor,
                     action: "rollout.transition",
                     target: Some(id),
                     result: rollout_state(*t).as_str(),
