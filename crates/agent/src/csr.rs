@@ -38,13 +38,10 @@ pub async fn submit(
             CsrFailure::Transient
         })?;
     let status = response.status();
-    if status.is_client_error() {
+    if let Some(failure) = CsrFailure::from_status(status.as_u16()) {
         let body = response.text().await.unwrap_or_default();
-        tracing::warn!(device_id, %status, body = %flotilla_proto::truncate_chars(&body, 200), "CSR refused");
-        return Err(CsrFailure::Refused);
-    }
-    if !status.is_success() {
-        return Err(CsrFailure::Transient);
+        tracing::warn!(device_id, %status, ?failure, body = %flotilla_proto::truncate_chars(&body, 200), "CSR not signed");
+        return Err(failure);
     }
     let body: serde_json::Value = response.json().await.map_err(|_| CsrFailure::Transient)?;
     let cert = body["certificate"]["content"]

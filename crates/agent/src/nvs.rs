@@ -41,10 +41,20 @@ const NEXT_CERT_FILE: &str = "next.pem";
 const CONFIRM_FILE: &str = "renewal.confirm";
 
 /// A certificate and its key, PEM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Credentials {
     pub cert: String,
     pub key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // The key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
+    }
 }
 const RECORD_FILE: &str = "nvs.json";
 /// The download's resume offset: its own file, written by the download task while the
@@ -202,7 +212,8 @@ impl Nvs {
             }
             Persist::OtaReported => r.ota_awaiting = None,
         }
-        self.write_atomic(RECORD_FILE, &serde_json::to_vec_pretty(&r)?, false)
+        // The record holds the Wi-Fi password and the tokens: owner-only.
+        self.write_atomic(RECORD_FILE, &serde_json::to_vec_pretty(&r)?, true)
     }
 
     pub fn read_string(&self, name: &str) -> Option<String> {
@@ -305,5 +316,43 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn the_record_holding_wifi_password_and_tokens_is_owner_only_and_the_key_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        // An older agent left the record world-readable.
+        nvs.write_atomic(RECORD_FILE, b"{}", false).unwrap();
+        nvs.apply(&Persist::Provisioning(Provisioning {
+            ssid: "home".into(),
+            password: "wifi-secret".into(),
+            device_id: flotilla_proto::DeviceId::parse("dev-1").unwrap(),
+            provisioning_token: "token-secret".into(),
+            bearer_token: Some("bearer-secret".into()),
+        }))
+        .unwrap();
+        assert!(
+            nvs.read_string(RECORD_FILE)
+                .unwrap()
+                .contains("wifi-secret")
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(nvs.path(RECORD_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let printed = format!(
+            "{:?}",
+            Credentials {
+                cert: "the-cert".into(),
+                key: "the-private-key".into(),
+            }
+        );
+        assert!(printed.contains("the-cert") && !printed.contains("the-private-key"));
     }
 }

@@ -200,6 +200,21 @@ pub enum CsrFailure {
     Transient,
 }
 
+impl CsrFailure {
+    /// What a `/sign-csr` answer's HTTP status means for provisioning; `None` on success.
+    /// Only the token's own refusals start provisioning over: 401 (token unknown, used or
+    /// expired), 403 (bound to another device id) and 409 (the id belongs to another account).
+    /// Anything else (429 rate limited, 413, 400, 5xx) is retried later, so a busy or
+    /// misconfigured server never wipes a device's Wi-Fi and token.
+    pub fn from_status(status: u16) -> Option<CsrFailure> {
+        match status {
+            200..=299 => None,
+            401 | 403 | 409 => Some(CsrFailure::Refused),
+            _ => Some(CsrFailure::Transient),
+        }
+    }
+}
+
 /// Latest sensor values, written by the shell's drivers.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SensorValues {

@@ -123,6 +123,49 @@ fn transient_csr_failure_retries_after_backoff() {
     );
 }
 
+/// A rate-limited, oversized or failing `/sign-csr` answer keeps the provisioning and retries;
+/// only the token's own refusals (401, 403, 409) forget it.
+#[test]
+fn only_the_tokens_own_refusals_forget_provisioning() {
+    assert_eq!(CsrFailure::from_status(201), None);
+    for status in [400, 404, 408, 413, 429, 500, 502, 503] {
+        let mut sim = Sim::boot(Config::default(), Stored::default());
+        sim.device.handle_provision(0, request(), None).unwrap();
+        sim.device.handle_wifi_connected(1);
+        let failure = CsrFailure::from_status(status).expect("a failure");
+        sim.device.handle_csr_result(2, Err(failure));
+        sim.drain();
+        assert!(
+            !sim.log
+                .contains(&Action::Persist(Persist::ClearProvisioning)),
+            "{status} wiped provisioning"
+        );
+        assert_eq!(sim.device.state(), State::SubmitCsr, "{status}");
+        let at = sim.device.poll_timeout().expect("a retry is scheduled");
+        sim.take_log();
+        sim.run_until(at);
+        assert!(
+            sim.log
+                .iter()
+                .any(|a| matches!(a, Action::SubmitCsr { .. })),
+            "{status}: submitted again"
+        );
+    }
+    for status in [401, 403, 409] {
+        let mut sim = Sim::boot(Config::default(), Stored::default());
+        sim.device.handle_provision(0, request(), None).unwrap();
+        sim.device.handle_wifi_connected(1);
+        sim.device
+            .handle_csr_result(2, Err(CsrFailure::from_status(status).unwrap()));
+        sim.drain();
+        assert_eq!(sim.device.state(), State::ApMode, "{status}");
+        assert!(
+            sim.log
+                .contains(&Action::Persist(Persist::ClearProvisioning))
+        );
+    }
+}
+
 #[test]
 fn heartbeats_follow_the_interval_and_carry_version_and_crashes() {
     let config = Config {
