@@ -1,14 +1,12 @@
 //! The device state machine.
 
 use alloc::collections::VecDeque;
-use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use flotilla_proto::truncate_chars as truncate;
 
 use flotilla_proto::{
-    Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceId, Heartbeat, LedState,
-    SensorKind, Status, Telemetry, Topic, decode, encode,
+    Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceCommand, DeviceId,
+    Heartbeat, LedState, SensorKind, Status, Telemetry, Topic, decode, encode,
 };
 use serde_json::{Value, json};
 
@@ -781,7 +779,9 @@ impl Device {
         {
             self.fail(command.id, "expired");
         } else {
-            let outcome = self.run(&command);
+            let parsed = DeviceCommand::of(&command);
+            let reboot = parsed == Ok(DeviceCommand::Reboot);
+            let outcome = parsed.map(|c| self.run(c));
             let reply = match outcome {
                 Ok(result) => CommandReply {
                     id: command.id,
@@ -796,7 +796,6 @@ impl Device {
                     error: Some(error),
                 },
             };
-            let reboot = reply.status == CommandStatus::Succeeded && command.name == "reboot";
             self.reply(reply);
             if reboot {
                 self.actions.push_back(Action::Reboot);
@@ -807,48 +806,22 @@ impl Device {
         }
     }
 
-    fn run(&mut self, command: &Command) -> Result<Value, String> {
-        match command.name.as_str() {
-            "led" => {
-                let state = command
-                    .args
-                    .get("state")
-                    .cloned()
-                    .ok_or("args.state is required")?;
-                let state: LedState = serde_json::from_value(state)
-                    .map_err(|_| "args.state must be \"ON\" or \"OFF\"")?;
+    fn run(&mut self, command: DeviceCommand) -> Value {
+        match command {
+            DeviceCommand::Led(state) => {
                 self.set_led(state, self.brightness);
-                Ok(json!({ "state": state.as_str() }))
+                json!({ "state": state.as_str() })
             }
-            "led_brightness" => {
-                let value = command
-                    .args
-                    .get("value")
-                    .and_then(Value::as_u64)
-                    .filter(|v| *v <= 100);
-                let value = value.ok_or("args.value must be an integer 0-100")? as u8;
+            DeviceCommand::LedBrightness(value) => {
                 self.set_led(self.led, value);
-                Ok(json!({ "brightness": value }))
+                json!({ "brightness": value })
             }
-            "sensor" => {
-                let sensor = command
-                    .args
-                    .get("sensor")
-                    .cloned()
-                    .ok_or("args.sensor is required")?;
-                let sensor: SensorKind = serde_json::from_value(sensor)
-                    .map_err(|_| "args.sensor must be pot, switch or temp")?;
-                let enabled = command
-                    .args
-                    .get("enabled")
-                    .and_then(Value::as_bool)
-                    .ok_or("args.enabled must be a boolean")?;
+            DeviceCommand::Sensor { sensor, enabled } => {
                 self.enabled[sensor_index(sensor)] = enabled;
-                Ok(json!({ "sensor": sensor, "enabled": enabled }))
+                json!({ "sensor": sensor, "enabled": enabled })
             }
-            "reboot" => Ok(json!({ "rebooting": true })),
-            "ping" => Ok(json!({ "pong": true })),
-            other => Err(format!("unknown command '{}'", truncate(other, 32))),
+            DeviceCommand::Reboot => json!({ "rebooting": true }),
+            DeviceCommand::Ping => json!({ "pong": true }),
         }
     }
 

@@ -21,12 +21,14 @@
 
 extern crate alloc;
 
+mod device_command;
 mod device_id;
 mod manifest;
 mod messages;
 mod topic;
 mod version;
 
+pub use device_command::{COMMAND_NAMES, DeviceCommand, MAX_COMMAND_ARGS};
 pub use device_id::{DeviceId, DeviceIdError};
 pub use manifest::{FirmwareManifest, OtaCancel, OtaOffer, SignedManifest};
 pub use messages::{

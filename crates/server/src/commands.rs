@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use flotilla_proto::{Channel, Command, DeviceId, LedState, SensorKind, Topic, encode};
+use flotilla_proto::{Channel, Command, DeviceCommand, DeviceId, MAX_COMMAND_ARGS, Topic, encode};
 use serde_json::Value;
 
 use crate::leader::{Leadership, Sweep};
@@ -21,40 +21,16 @@ use flotilla_store::{CommandRow, Store};
 pub const MAX_TTL_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_TTL_SECS: u64 = 3600;
 
-/// Checks a command's name and arguments against what devices understand, so a mistake is
-/// reported to the caller now rather than by the device later.
+/// Checks a command's name and arguments against what devices understand (the same
+/// [`DeviceCommand`] parse the device runs), so a mistake is reported to the caller now
+/// rather than by the device later.
 pub fn validate(name: &str, args: &Value) -> Result<(), String> {
-    let obj = match args {
-        Value::Null => None,
-        Value::Object(m) => Some(m),
-        _ => return Err("args must be a JSON object".into()),
-    };
-    if args.to_string().len() > 1024 {
-        return Err("args must be at most 1024 bytes of JSON".into());
+    if args.to_string().len() > MAX_COMMAND_ARGS {
+        return Err(format!(
+            "args must be at most {MAX_COMMAND_ARGS} bytes of JSON"
+        ));
     }
-    let field = |k: &str| obj.and_then(|m| m.get(k));
-    match name {
-        "led" => serde_json::from_value::<LedState>(field("state").cloned().unwrap_or(Value::Null))
-            .map(|_| ())
-            .map_err(|_| "led needs args.state \"ON\" or \"OFF\"".into()),
-        "led_brightness" => match field("value").and_then(Value::as_u64) {
-            Some(v) if v <= 100 => Ok(()),
-            _ => Err("led_brightness needs args.value, an integer 0-100".into()),
-        },
-        "sensor" => {
-            serde_json::from_value::<SensorKind>(field("sensor").cloned().unwrap_or(Value::Null))
-                .map_err(|_| "sensor needs args.sensor: pot, switch or temp".to_string())?;
-            field("enabled")
-                .and_then(Value::as_bool)
-                .map(|_| ())
-                .ok_or_else(|| "sensor needs args.enabled, a boolean".into())
-        }
-        "reboot" | "ping" => Ok(()),
-        _ => Err(format!(
-            "unknown command '{}'; known: led, led_brightness, sensor, reboot, ping",
-            flotilla_proto::truncate_chars(name, 32)
-        )),
-    }
+    DeviceCommand::parse(name, args).map(|_| ())
 }
 
 #[derive(Debug)]

@@ -89,9 +89,9 @@ impl Leadership {
         }
     }
 
-    /// The audit actor for `component`'s work under `epoch`: which replica wrote it, under
-    /// which tenure (`system:rollouts@r1-4f2a#3`), so the log shows that nothing was written
-    /// under an old epoch after a new one began. Just the component when alone on SQLite.
+    /// The audit actor for `component`'s work under `epoch`: which process wrote it, under
+    /// which tenure (`system:rollouts@r1:<16 hex>#3`; the suffix is new at each start). Just
+    /// the component when alone on SQLite.
     pub fn actor(&self, component: &str, epoch: i64) -> String {
         match &self.shared {
             None => format!("system:{component}"),
