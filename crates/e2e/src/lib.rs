@@ -474,24 +474,26 @@ impl Server {
         jwt: &str,
         rollout: &str,
     ) -> Result<Vec<(String, String)>> {
-        let (_, audit) = self
-            .call(
-                "GET",
-                "/api/admin/audit?action=rollout.transition&limit=1000",
-                Some(jwt),
-                None,
-            )
-            .await?;
         let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
-        let mut out: Vec<(String, String)> = audit
-            .as_array()
-            .into_iter()
-            .flatten()
+        let mut out: Vec<(String, String)> = self
+            .audit(jwt, "rollout.transition")
+            .await?
+            .iter()
             .filter(|e| e["target"] == rollout)
             .map(|e| (text(&e["result"]), text(&e["detail"])))
             .collect();
         out.reverse();
         Ok(out)
+    }
+
+    /// The newest 1,000 audit entries with `action`, newest first.
+    pub async fn audit(&self, jwt: &str, action: &str) -> Result<Vec<Value>> {
+        let path = format!("/api/admin/audit?action={action}&limit=1000");
+        let (status, audit) = self.call("GET", &path, Some(jwt), None).await?;
+        match audit {
+            Value::Array(entries) => Ok(entries),
+            other => bail!("GET {path}: {status} {other}"),
+        }
     }
 
     /// A raw request; returns status and JSON body (Null when the body is not JSON).

@@ -37,35 +37,34 @@ async fn link_count(server: &Server, admin: &str, name: &str) -> u64 {
 /// Publishes the readings numbered `seqs` as `device`, each after the PUBACK for the one
 /// before; what the broker acknowledged.
 async fn send_readings(
-    mut session: Session,
+    session: Session,
     device: String,
     seqs: std::ops::Range<u64>,
 ) -> (Session, Vec<(String, u64)>) {
-    let topic = format!("devices/{device}/telemetry");
-    let mut acked = Vec::new();
-    for seq in seqs {
-        let reason = session
-            .publish(&topic, format!(r#"{{"seq":{seq},"pot":7}}"#))
-            .await
-            .unwrap();
-        assert_eq!(reason, PubAckReason::Success, "{device} seq {seq}");
-        acked.push((device.clone(), seq));
-    }
-    (session, acked)
+    publish_readings(session, device, seqs, || false).await
 }
 
 /// Publishes numbered readings from seq 0 until `stop` is raised: a test that stalls or kills
 /// a replica mid-stream needs the stream to outlast that step however loaded the machine is
 /// (a fixed count can be sent before the step begins).
 async fn send_readings_until(
-    mut session: Session,
+    session: Session,
     device: String,
     stop: Arc<AtomicBool>,
 ) -> (Session, Vec<(String, u64)>) {
+    publish_readings(session, device, 0.., move || stop.load(Ordering::Relaxed)).await
+}
+
+async fn publish_readings(
+    mut session: Session,
+    device: String,
+    seqs: impl Iterator<Item = u64>,
+    stopped: impl Fn() -> bool,
+) -> (Session, Vec<(String, u64)>) {
     let topic = format!("devices/{device}/telemetry");
     let mut acked = Vec::new();
-    for seq in 0.. {
-        if stop.load(Ordering::Relaxed) {
+    for seq in seqs {
+        if stopped() {
             break;
         }
         let reason = session
@@ -544,17 +543,9 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
 /// back, each holder has one epoch, the first transition was the old leader's and the last
 /// the survivor's.
 async fn assert_no_write_under_an_old_epoch(survivor: &Server, admin: &str, rollout: &str) {
-    let (_, audit) = survivor
-        .call(
-            "GET",
-            "/api/admin/audit?action=rollout.transition&limit=1000",
-            Some(admin),
-            None,
-        )
+    let mut written: Vec<(i64, String, i64)> = survivor
+        .audit(admin, "rollout.transition")
         .await
-        .unwrap();
-    let mut written: Vec<(i64, String, i64)> = audit
-        .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["target"] == rollout)

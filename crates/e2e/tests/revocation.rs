@@ -105,17 +105,8 @@ async fn refused_by_the_gate(port: u16, id: &DeviceIdentity) -> bool {
 
 /// The audit log holds exactly one revocation, of `device`.
 async fn assert_revoked_once_in_the_audit(server: &Server, admin: &str, device: &str) {
-    let (_, audit) = server
-        .call(
-            "GET",
-            "/api/admin/audit?action=admin.device.revoke",
-            Some(admin),
-            None,
-        )
-        .await
-        .unwrap();
-    let entries = audit.as_array().unwrap();
-    assert_eq!(entries.len(), 1, "{audit}");
+    let entries = server.audit(admin, "admin.device.revoke").await.unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0]["target"], device);
 }
 
