@@ -95,6 +95,29 @@ impl Proc {
         self.kill_hard();
     }
 
+    /// Freezes the process (SIGSTOP), as a machine that stalls or a VM that is paused would:
+    /// it holds its sockets and sessions but runs nothing until [`Proc::resume`].
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let sent = Command::new("kill")
+            .arg(which)
+            .arg(self.0.id().to_string())
+            .status();
+        assert!(
+            sent.is_ok_and(|s| s.success()),
+            "kill {which} {} failed",
+            self.0.id()
+        );
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.0.try_wait(), Ok(None))
     }
@@ -763,6 +786,7 @@ pub mod postgres_cluster;
 pub mod bench;
 pub mod proxy;
 pub mod release_kit;
+pub mod tls_resumption;
 
 /// The `flotilla` CLI with its own session file, pointed at a server.
 #[derive(Clone)]

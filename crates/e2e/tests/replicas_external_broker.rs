@@ -304,6 +304,16 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
         Then::LeaveDead => {}
     }
     assert_stored_exactly(&a, &sent).await;
+    // One leader: A while B stays dead, one of the two once B is back.
+    wait_for("one leader", Duration::from_secs(30), || async {
+        let la = a.leads(&admin).await?;
+        match then {
+            Then::LeaveDead => la.then_some(()),
+            Then::Restart => (la != b.leads(&admin).await?).then_some(()),
+        }
+    })
+    .await
+    .unwrap();
     if let Then::LeaveDead = then {
         let adopted = wait_for("A drained B's session", Duration::from_secs(30), || async {
             let (_, stats) = a
@@ -400,6 +410,23 @@ async fn answer_offers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_offer_once() {
+    leader_fails_mid_rollout(LeaderFailure::Killed).await;
+}
+
+/// The leader stalls (SIGSTOP) past its lease, perhaps inside a sweep's transaction, and
+/// wakes (SIGCONT) after the survivor took over and moved the rollout on: whatever it had
+/// decided before it froze is refused, and it stays a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_mid_rollout_is_replaced_and_writes_nothing_when_it_wakes() {
+    leader_fails_mid_rollout(LeaderFailure::Frozen).await;
+}
+
+enum LeaderFailure {
+    Killed,
+    Frozen,
+}
+
+async fn leader_fails_mid_rollout(failure: LeaderFailure) {
     use flotilla_e2e::release_kit::Kit;
     const FLEET: usize = 30;
     let tmp = tempfile::tempdir().unwrap();
@@ -460,8 +487,11 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     })
     .await
     .unwrap();
-    let killed_at = std::time::Instant::now();
-    leader.proc.kill_hard();
+    let failed_at = std::time::Instant::now();
+    match failure {
+        LeaderFailure::Killed => leader.proc.kill_hard(),
+        LeaderFailure::Frozen => leader.proc.freeze(),
+    }
     wait_for(
         "the survivor takes the lease",
         Duration::from_secs(30),
@@ -469,7 +499,25 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     )
     .await
     .unwrap();
-    let took_over = killed_at.elapsed();
+    let took_over = failed_at.elapsed();
+    if let LeaderFailure::Frozen = failure {
+        // The survivor moves the rollout on before the old leader wakes with what it
+        // decided under its old epoch.
+        let succeeded = survivor.rollout(&admin, &id).await.unwrap()["progress"]["succeeded"]
+            .as_u64()
+            .unwrap();
+        wait_for(
+            "the survivor moving the rollout on",
+            Duration::from_secs(60),
+            || async {
+                let r = survivor.rollout(&admin, &id).await?;
+                (r["progress"]["succeeded"].as_u64()? > succeeded).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        leader.proc.resume();
+    }
     let done = wait_for(
         "the rollout completes",
         Duration::from_secs(120),
@@ -481,6 +529,17 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
     .await
     .unwrap();
     assert_eq!(done["progress"]["succeeded"], FLEET, "{done}");
+    if let LeaderFailure::Frozen = failure {
+        // Awake, it follows once its next renewal finds the lease taken (until then its
+        // sweeps are refused by the fence).
+        wait_for(
+            "the woken leader follows",
+            Duration::from_secs(10),
+            || async { (!leader.leads(&admin).await?).then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
     stop.store(true, Ordering::Relaxed);
     for (offers, id) in futures::future::join_all(devices)
         .await
@@ -488,6 +547,9 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
         .zip(&ids)
     {
         let offers = offers.unwrap();
+        // One update id each. An offer may arrive twice: a new leader sends the in-flight
+        // offers again (the old one may have died between its commit and its publish), and
+        // a device ignores an offer it is already working on.
         let distinct: BTreeSet<&String> = offers.iter().collect();
         assert_eq!(
             distinct.len(),
@@ -534,8 +596,9 @@ async fn a_leader_sigkilled_mid_rollout_is_replaced_and_every_device_gets_its_of
         "each transition once"
     );
     assert_no_write_under_an_old_epoch(survivor, &admin, &id).await;
-    // The lease's TTL (10 s) plus a renewal interval (3.3 s) bound the takeover.
-    assert!(took_over < Duration::from_secs(20), "took {took_over:?}");
+    // The lease's TTL (10 s) plus the survivor's renewal interval (3.3 s) bound the
+    // takeover; 2 s more for the requests that notice it on a loaded machine.
+    assert!(took_over < Duration::from_secs(16), "took {took_over:?}");
 }
 
 /// The rollout's transitions name the replica and lease epoch that saved them
@@ -615,10 +678,12 @@ async fn two_survivors_race_for_a_dead_replicas_session_and_one_drains_it() {
     // C dies holding messages it could not commit.
     let stall = a.database.stall_telemetry().await.unwrap();
     let taken = received(&c, &admin).await;
+    // Some (not a count that needs a quiet machine: 100 took over 30 s once with five other
+    // tests running beside it).
     wait_for(
         "C taking messages it cannot commit",
-        Duration::from_secs(30),
-        || async { (received(&c, &admin).await >= taken + 100).then_some(()) },
+        Duration::from_secs(60),
+        || async { (received(&c, &admin).await >= taken + 20).then_some(()) },
     )
     .await
     .unwrap();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_e2e::external_broker::HarnessBroker;
 use flotilla_e2e::mqtt::{Session, connect_device};
+use flotilla_e2e::tls_resumption::ResumingClient;
 use flotilla_e2e::{DeviceIdentity, Server, wait_for};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::Value;
@@ -141,6 +142,11 @@ async fn a_revoked_device_is_disconnected_by_the_embedded_broker_and_refused_aft
     let admin = server.admin("admin@x.io").await.unwrap();
     let id = server.enroll(&admin, "dev-r").await.unwrap();
     let other = server.enroll(&admin, "dev-o").await.unwrap();
+    // A TLS session ticket from before the revocation (taken before the device's own session,
+    // which this connection would otherwise replace).
+    let tickets = ResumingClient::new(&id).unwrap();
+    let ticketed = tickets.connect(server.mqtt_port).await.unwrap();
+    assert!(ticketed.admitted(), "{ticketed:?}");
     let mut device = Device::connect(server.mqtt_port, id.clone()).await;
     let mut bystander = Device::connect(server.mqtt_port, other.clone()).await;
     assert_eq!(device.publish().await.0, PubAckReason::Success);
@@ -152,6 +158,10 @@ async fn a_revoked_device_is_disconnected_by_the_embedded_broker_and_refused_aft
         "the live session of a revoked device is closed"
     );
     assert!(refused_by_the_gate(server.mqtt_port, &id).await);
+    // The gate checks the certificate's serial at CONNECT, whether the handshake resumed a
+    // session or not.
+    let resumed = tickets.connect(server.mqtt_port).await.unwrap();
+    assert!(!resumed.admitted(), "{resumed:?}");
     let (status, body) = server
         .call("POST", "/api/admin/device/dev-r/revoke", Some(&admin), None)
         .await
@@ -224,6 +234,17 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
     server.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
     server.restart().await.unwrap();
     let port = mosquitto.device_port;
+    // dev-b's certificate holds a TLS session ticket from before its revocation, and the
+    // broker resumes sessions: a resumed handshake verifies no certificate.
+    let tickets = ResumingClient::new(&ids[1]).unwrap();
+    let first = tickets.connect(port).await.unwrap();
+    assert!(first.admitted() && !first.resumed, "{first:?}");
+    let again = tickets.connect(port).await.unwrap();
+    assert!(
+        again.admitted() && again.resumed,
+        "Mosquitto resumes: {again:?}"
+    );
+
     let mut a = Device::connect(port, ids[0].clone()).await;
     let mut b = Device::connect(port, ids[1].clone()).await;
     let mut c = Device::connect(port, ids[2].clone()).await;
@@ -281,6 +302,14 @@ async fn revocation_and_blocking_reach_an_external_mosquitto_through_broker_sync
     let seq = b2.publish_until(PubAckReason::Success).await;
     wait_stored(&server, "dev-b", seq).await;
     assert!(refused(port, &ids[1]).await.is_some());
+    // Only the CRL stands between the old certificate and the broker now (the ACL admits
+    // dev-b again), and its ticket is not honoured: broker-sync's SIGHUP made the broker a
+    // new TLS context, so the handshake is a full one and the CRL refuses it.
+    let resumed = tickets.connect(port).await.unwrap();
+    assert!(
+        !resumed.admitted() && !resumed.resumed,
+        "the revoked certificate resumed its session: {resumed:?}"
+    );
 
     // Re-provisioned while its old session is open (a stolen certificate still connected):
     // that session is closed before the new certificate is used, and the old certificate is

@@ -14,6 +14,10 @@ use tokio::sync::watch;
 pub const LEASE: &str = "background";
 /// How long a lease outlives its holder's last renewal.
 pub const TTL: Duration = Duration::from_secs(10);
+/// How long a sweep may sit idle inside its transaction before the database ends it
+/// ([`Store::begin_fenced`]): under the TTL, so a leader frozen mid-sweep has let go of the
+/// lease row by the time its lease lapses.
+pub const STALL_LIMIT: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Clone)]
 pub struct Leadership {
@@ -110,7 +114,7 @@ impl Leadership {
             return Ok(Some(Sweep::Alone(store)));
         };
         Ok(store
-            .begin_fenced(LEASE, &shared.holder, epoch)
+            .begin_fenced(LEASE, &shared.holder, epoch, STALL_LIMIT)
             .await?
             .map(Sweep::Fenced))
     }

@@ -60,7 +60,11 @@ on_both_backends!(
     attempts_are_counted_in_windows_given_back_and_cleared,
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
     a_takeover_waits_for_work_begun_under_the_old_epoch,
+    a_holder_stalled_inside_its_work_loses_it_and_does_not_hold_up_the_takeover,
 );
+
+/// A stall limit no test reaches.
+const LONG_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 async fn user(store: &Store, email: &str, role: Role) -> i64 {
     store.create_user(email, email, "hash", role).await.unwrap()
@@ -2494,23 +2498,51 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
     assert_eq!(epoch(store, "bg", "a").await, 1);
     // Another lease is another matter.
     assert_eq!(epoch(store, "other", "b").await, 1);
-    let mut work = store.begin_fenced("bg", "a", 1).await.unwrap().unwrap();
+    let mut work = store
+        .begin_fenced("bg", "a", 1, LONG_STALL)
+        .await
+        .unwrap()
+        .unwrap();
     work.expire_commands().await.unwrap();
     work.commit().await.unwrap();
-    assert!(store.begin_fenced("bg", "b", 1).await.unwrap().is_none());
+    assert!(
+        store
+            .begin_fenced("bg", "b", 1, LONG_STALL)
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // a stops renewing (a TTL of 0 lapses at once): b takes it under a higher epoch, and a's
     // work under its old epoch is refused from then on.
     store.hold_lease("bg", "a", 0).await.unwrap().unwrap();
     let b = store.hold_lease("bg", "b", long).await.unwrap().unwrap();
     assert_eq!(b.epoch, 2);
-    assert!(store.begin_fenced("bg", "a", 1).await.unwrap().is_none());
+    assert!(
+        store
+            .begin_fenced("bg", "a", 1, LONG_STALL)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store.hold_lease("bg", "a", long).await.unwrap(), None);
-    assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_some());
+    assert!(
+        store
+            .begin_fenced("bg", "b", 2, LONG_STALL)
+            .await
+            .unwrap()
+            .is_some()
+    );
     // A clean release hands it over at once.
     store.release_lease("bg", "b").await.unwrap();
     assert_eq!(epoch(store, "bg", "a").await, 3);
-    assert!(store.begin_fenced("bg", "b", 2).await.unwrap().is_none());
+    assert!(
+        store
+            .begin_fenced("bg", "b", 2, LONG_STALL)
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Lapsed leases are found by prefix; a prefix is literal ('_' is no wildcard).
     store
@@ -2569,7 +2601,7 @@ async fn a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused(store: &S
 async fn a_takeover_waits_for_work_begun_under_the_old_epoch(store: &Store) {
     let old = store.hold_lease("bg", "old", 300).await.unwrap().unwrap();
     let work = store
-        .begin_fenced("bg", "old", old.epoch)
+        .begin_fenced("bg", "old", old.epoch, LONG_STALL)
         .await
         .unwrap()
         .unwrap();
@@ -2587,4 +2619,51 @@ async fn a_takeover_waits_for_work_begun_under_the_old_epoch(store: &Store) {
     work.commit().await.unwrap();
     let new = takeover.await.unwrap().unwrap().unwrap();
     assert_eq!(new.epoch, old.epoch + 1);
+}
+
+/// The old holder stalls (frozen, paused) inside its work past its stall limit and past its
+/// lease: PostgreSQL ends that work, so the new holder takes the lapsed lease without waiting
+/// for the stalled one to come back (without the limit it waits until its own lock timeout
+/// and fails), and the stalled work, when it resumes, commits nothing.
+async fn a_holder_stalled_inside_its_work_loses_it_and_does_not_hold_up_the_takeover(
+    store: &Store,
+) {
+    if store.backend == Backend::Sqlite {
+        return; // one process owns the database: no other holder to hold up
+    }
+    let o = user(store, "o@x", Role::Operator).await;
+    store
+        .register_device(&dev("quiet"), "quiet", o)
+        .await
+        .unwrap();
+    let mut tx = store.begin_write().await.unwrap();
+    let hb: flotilla_proto::Heartbeat = message(json!({"heap": 1, "fw": "1.0.0"}));
+    tx.apply_update(&dev("quiet"), &DeviceUpdate::Heartbeat(hb), 1_000)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let old = store.hold_lease("bg", "old", 300).await.unwrap().unwrap();
+    let limit = std::time::Duration::from_millis(200);
+    let mut work = store
+        .begin_fenced("bg", "old", old.epoch, limit)
+        .await
+        .unwrap()
+        .unwrap();
+    // A write under the lease, then the stall.
+    assert_eq!(work.expire_silent_devices(2_000).await.unwrap(), ["quiet"]);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+
+    let new = store
+        .hold_lease("bg", "new", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.epoch, old.epoch + 1);
+    assert!(
+        work.commit().await.is_err(),
+        "work stalled past its limit committed"
+    );
+    let quiet = store.device(&dev("quiet")).await.unwrap().unwrap();
+    assert!(quiet.online, "the stalled work's write landed");
 }

@@ -129,13 +129,29 @@ impl Store {
     /// A transaction for work done under the lease: `None` (and nothing begun) unless
     /// `holder` still holds `name` under `epoch` and it has not lapsed. The lease row stays
     /// locked until the transaction ends.
+    ///
+    /// A holder that waits longer than `stall_limit` between two statements of the work
+    /// (paused, frozen, starved) loses it: on PostgreSQL the server ends its session, which
+    /// rolls the work back and frees the lease row, so a stalled holder cannot keep the next
+    /// one from taking the lapsed lease. Keep it well under the lease's time to live. (One
+    /// process owns a SQLite database: there is no other holder to keep waiting.)
     pub async fn begin_fenced(
         &self,
         name: &str,
         holder: &str,
         epoch: i64,
+        stall_limit: std::time::Duration,
     ) -> StoreResult<Option<FencedTx>> {
         let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            // SET takes no parameters; the value is a number formatted here.
+            let ms = stall_limit.as_millis().clamp(1, i32::MAX as u128);
+            sqlx::query(&format!(
+                "SET LOCAL idle_in_transaction_session_timeout = {ms}"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
         // A write to the row takes its lock on both engines (on SQLite, the database's).
         let sql = format!(
             "UPDATE leases SET epoch = epoch WHERE name = $1 AND holder = $2 AND epoch = $3 \
