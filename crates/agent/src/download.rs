@@ -45,8 +45,9 @@ pub enum Start {
 
 /// The device's side effects during a download, so tests can watch them.
 pub(crate) trait Progress {
-    /// Bytes up to `offset` are durably in flash; persist it for a resume after a reboot.
-    fn flushed(&mut self, offset: u64);
+    /// Bytes up to `offset` are written; make them durable and persist the offset for a
+    /// resume after a reboot.
+    fn flushed(&mut self, offset: u64) -> impl Future<Output = ()> + Send;
     /// Bytes accepted so far, for progress reports.
     fn received(&mut self, received: u64);
 }
@@ -91,7 +92,7 @@ pub(crate) async fn install<S: Source, F: Flash>(
         }
         _ => SlotWriter::begin(layout, flash, slot, manifest).map_err(describe)?,
     };
-    progress.flushed(writer.flushed());
+    progress.flushed(writer.flushed()).await;
     let mut persisted = writer.flushed();
     let mut failures = 0;
     while writer.received() < manifest.size {
@@ -136,7 +137,7 @@ async fn fetch_into<S: Source, F: Flash>(
         progress.received(writer.received());
         if writer.flushed() >= *persisted + PERSIST_EVERY {
             *persisted = writer.flushed();
-            progress.flushed(*persisted);
+            progress.flushed(*persisted).await;
         }
     }
     Ok(())
@@ -279,7 +280,7 @@ mod tests {
     }
 
     impl Progress for Watch {
-        fn flushed(&mut self, offset: u64) {
+        async fn flushed(&mut self, offset: u64) {
             self.flushed.push(offset);
         }
         fn received(&mut self, received: u64) {

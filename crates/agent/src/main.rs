@@ -4,6 +4,7 @@
 
 mod boot;
 mod csr;
+mod delivery;
 mod download;
 mod flash;
 mod image;
@@ -282,7 +283,7 @@ fn main() -> ExitCode {
 async fn run_device(flags: DeviceFlags, provision_addr: SocketAddr) -> anyhow::Result<()> {
     let env = flags.env()?;
     let nvs = nvs::Nvs::open(&flags.data_dir)?;
-    let (runner, handle) = Runner::new(env.clone(), nvs, "agent".into())?;
+    let (runner, handle) = Runner::power_on(env.clone(), nvs, "agent".into()).await?;
     let listener = tokio::net::TcpListener::bind(provision_addr)
         .await
         .with_context(|| format!("binding SoftAP server on {provision_addr}"))?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use flotilla_device_core::{Awaiting, BootedImage, Persist, Provisioning, Stored};
-use flotilla_proto::{LedState, OtaOffer};
+use flotilla_proto::{CommandReply, LedState, OtaOffer, OtaStatus};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -22,6 +22,10 @@ struct Record {
     ota_job: Option<OtaOffer>,
     #[serde(default)]
     ota_awaiting: Option<Awaiting>,
+    #[serde(default)]
+    ota_outcome: Option<OtaStatus>,
+    #[serde(default)]
+    commands_done: Vec<CommandReply>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +180,8 @@ impl Nvs {
             ota_job: r.ota_job,
             ota_awaiting: r.ota_awaiting,
             booted: BootedImage::Valid,
+            ota_outcome: r.ota_outcome,
+            commands_done: r.commands_done,
         }
     }
 
@@ -210,7 +216,15 @@ impl Nvs {
                 r.ota_job = None;
                 r.ota_awaiting = Some(awaiting.clone());
             }
-            Persist::OtaReported => r.ota_awaiting = None,
+            Persist::OtaOutcome(outcome) => {
+                r.ota_job = None;
+                r.ota_outcome = Some(outcome.clone());
+            }
+            Persist::OtaReported { id } => {
+                r.ota_awaiting.take_if(|a| a.id == *id);
+                r.ota_outcome.take_if(|o| o.id.as_ref() == Some(id));
+            }
+            Persist::CommandsDone(done) => r.commands_done = done.clone(),
         }
         // The record holds the Wi-Fi password and the tokens: owner-only.
         self.write_atomic(RECORD_FILE, &serde_json::to_vec_pretty(&r)?, true)
@@ -354,5 +368,50 @@ mod tests {
             }
         );
         assert!(printed.contains("the-cert") && !printed.contains("the-private-key"));
+    }
+
+    #[test]
+    fn an_acknowledged_outcome_clears_only_its_own_update_and_commands_done_survive_a_reload() {
+        use flotilla_proto::{CommandStatus, OtaPhase};
+        let dir = tempfile::tempdir().unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        let failed = |id: &str| OtaStatus {
+            status: OtaPhase::Failed,
+            id: Some(id.into()),
+            progress: None,
+            version: Some("1.3.0".into()),
+            error: Some("connection reset".into()),
+        };
+        nvs.apply(&Persist::OtaInstalled(Awaiting {
+            id: "u2".into(),
+            version: "1.4.0".into(),
+        }))
+        .unwrap();
+        nvs.apply(&Persist::OtaOutcome(failed("u1"))).unwrap();
+        let done = vec![CommandReply {
+            id: "r1".into(),
+            status: CommandStatus::Succeeded,
+            result: Some(serde_json::json!({"rebooting": true})),
+            error: None,
+        }];
+        nvs.apply(&Persist::CommandsDone(done.clone())).unwrap();
+        // Another update's acknowledgement changes nothing.
+        nvs.apply(&Persist::OtaReported { id: "u3".into() })
+            .unwrap();
+        let stored = nvs.load();
+        assert_eq!(stored.ota_outcome, Some(failed("u1")));
+        assert_eq!(
+            stored.ota_awaiting.as_ref().map(|a| a.id.as_str()),
+            Some("u2")
+        );
+        nvs.apply(&Persist::OtaReported { id: "u1".into() })
+            .unwrap();
+        let stored = Nvs::open(dir.path()).unwrap().load();
+        assert_eq!(stored.ota_outcome, None);
+        assert!(stored.ota_awaiting.is_some());
+        assert_eq!(stored.commands_done, done);
+        nvs.apply(&Persist::OtaReported { id: "u2".into() })
+            .unwrap();
+        assert!(nvs.load().ota_awaiting.is_none());
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flotilla_device_core::slots::Layout;
-use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State, Stored};
+use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State, Stored, Token};
 use flotilla_device_core::{ProvisionRequest, SensorValues};
 use flotilla_proto::{FirmwareManifest, OtaOffer};
 use rumqttc::v5::mqttbytes::QoS;
@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::delivery::{Acks, Delivery, Handed};
 use crate::download::{self, Retry, Start};
 use crate::flash::{self, FLASH_FILE, FileFlash};
 use crate::image::{Behaviour, ImageHeader};
@@ -99,7 +100,40 @@ enum Input {
 enum MqttEvent {
     Connected,
     Disconnected,
-    Message { topic: String, payload: Vec<u8> },
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// The broker's PUBACK for a publish that must arrive.
+    Acknowledged(Delivery),
+}
+
+/// One broker connection: the client, and the tokens of what was handed to it.
+struct Link {
+    client: AsyncClient,
+    handed: Handed,
+}
+
+impl Link {
+    /// Hands a QoS 1 publish to the connection; `false` if the connection is gone.
+    async fn publish(
+        &self,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+        token: Option<Token>,
+    ) -> bool {
+        self.handed.push(token);
+        let sent = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .is_ok();
+        if !sent {
+            self.handed.forget_last();
+        }
+        sent
+    }
 }
 
 /// Why `/provision` was refused.
@@ -110,20 +144,39 @@ pub enum ProvisionRefusal {
     DeviceGone,
 }
 
-/// A cheap, cloneable way to talk to a running device.
+/// A cheap, cloneable way to talk to a running device; [`DeviceHandle::follow`] keeps it
+/// talking to the device after a reboot (a new [`Runner`]).
 #[derive(Debug, Clone)]
 pub struct DeviceHandle {
-    tx: mpsc::Sender<Input>,
+    tx: std::sync::Arc<std::sync::Mutex<mpsc::Sender<Input>>>,
 }
 
 impl DeviceHandle {
+    fn new(tx: mpsc::Sender<Input>) -> DeviceHandle {
+        DeviceHandle {
+            tx: std::sync::Arc::new(std::sync::Mutex::new(tx)),
+        }
+    }
+
+    fn sender(&self) -> mpsc::Sender<Input> {
+        // A panic while holding it leaves a sender still worth using.
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The device rebooted into the runner `next` belongs to: this handle (and every clone
+    /// of it) talks to that one from now on.
+    pub fn follow(&self, next: &DeviceHandle) {
+        let next = next.sender();
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
     pub async fn provision(
         &self,
         request: ProvisionRequest,
         bearer: Option<String>,
     ) -> Result<(), ProvisionRefusal> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.sender()
             .send(Input::Provision {
                 request,
                 bearer,
@@ -136,12 +189,12 @@ impl DeviceHandle {
 
     pub async fn status(&self) -> Option<StatusSnapshot> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Input::Status { reply }).await.ok()?;
+        self.sender().send(Input::Status { reply }).await.ok()?;
         rx.await.ok()
     }
 
     pub async fn shutdown(&self) {
-        let _ = self.tx.send(Input::Shutdown).await;
+        let _ = self.sender().send(Input::Shutdown).await;
     }
 }
 
@@ -153,7 +206,7 @@ pub struct Runner {
     epoch: Instant,
     rx: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
-    mqtt: Option<AsyncClient>,
+    mqtt: Option<Link>,
     generation: u64,
     rssi: Option<i16>,
     label: String,
@@ -186,9 +239,28 @@ struct RenewalState {
     connected: bool,
 }
 
+/// Runs blocking storage work (fsync'd NVS writes, otadata, the bootloader's reads) on
+/// tokio's blocking pool: thousands of simulated devices share one runtime, and a device
+/// waiting for its disk must not hold up the others' keep-alives.
+pub(crate) async fn off_runtime<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 impl Runner {
+    /// Powers the device on (the bootloader reads flash and NVS) off the async runtime.
+    pub async fn power_on(
+        env: DeviceEnv,
+        nvs: Nvs,
+        label: String,
+    ) -> anyhow::Result<(Runner, DeviceHandle)> {
+        off_runtime(move || Runner::new(env, nvs, label)).await
+    }
+
     /// Powers the device on: the bootloader picks the image, whose header sets what runs.
-    pub fn new(env: DeviceEnv, nvs: Nvs, label: String) -> anyhow::Result<(Runner, DeviceHandle)> {
+    fn new(env: DeviceEnv, nvs: Nvs, label: String) -> anyhow::Result<(Runner, DeviceHandle)> {
         let (tx, rx) = mpsc::channel(64);
         let layout = flash::layout(env.slot_len);
         let booted = boot::power_on(&nvs, &layout, &env.factory)?;
@@ -230,7 +302,7 @@ impl Runner {
                 connected: false,
             },
         };
-        Ok((runner, DeviceHandle { tx }))
+        Ok((runner, DeviceHandle::new(tx)))
     }
 
     fn now(&self) -> u64 {
@@ -340,6 +412,13 @@ impl Runner {
                 MqttEvent::Message { topic, payload } => {
                     self.device.handle_message(now, &topic, &payload)
                 }
+                MqttEvent::Acknowledged(Delivery::Delivered(token)) => {
+                    self.device.handle_published(now, token)
+                }
+                MqttEvent::Acknowledged(Delivery::Refused(token)) => {
+                    tracing::warn!(device = %self.label, token = token.get(), "the broker refused a report; retrying");
+                    self.device.handle_publish_refused(now, token)
+                }
             },
             Input::Mqtt { .. } => {} // from a connection we already dropped
             Input::Shutdown | Input::Renewed(_) | Input::NextChecked(_) => {}
@@ -396,22 +475,28 @@ impl Runner {
                     self.connect(client_id.as_str(), will).await
                 }
                 Action::Subscribe(topic) => {
-                    if let Some(c) = &self.mqtt {
-                        let _ = c.subscribe(topic, QoS::AtLeastOnce).await;
+                    if let Some(link) = &self.mqtt {
+                        let _ = link.client.subscribe(topic, QoS::AtLeastOnce).await;
                     }
                 }
                 Action::Publish(p) => {
-                    if let Some(c) = &self.mqtt {
-                        let _ = c
-                            .publish(p.topic, QoS::AtLeastOnce, p.retain, p.payload)
-                            .await;
+                    let handed = match &self.mqtt {
+                        Some(link) => link.publish(p.topic, p.retain, p.payload, p.token).await,
+                        None => false,
+                    };
+                    if !handed && let Some(token) = p.token {
+                        // Kept by the core: tried again later.
+                        let now = self.now();
+                        self.device.handle_publish_refused(now, token);
                     }
                 }
                 Action::SetLed { state, brightness } => {
                     tracing::debug!(device = %self.label, led = state.as_str(), brightness, "LED")
                 }
                 Action::Persist(p) => {
-                    if let Err(e) = self.nvs.apply(&p) {
+                    // Awaited: what follows (a reply, a reboot) may rely on it being stored.
+                    let nvs = self.nvs.clone();
+                    if let Err(e) = off_runtime(move || nvs.apply(&p)).await {
                         tracing::error!(device = %self.label, error = %e, "NVS write failed");
                     }
                 }
@@ -428,14 +513,17 @@ impl Runner {
                     self.download_number += 1;
                 }
                 Action::ActivateImage => {
-                    let result = self.open_flash().and_then(|mut f| {
-                        let slot = self.layout.inactive_slot(&f);
-                        self.layout
+                    let (path, layout) = (self.nvs.path(FLASH_FILE), self.layout);
+                    let result = off_runtime(move || {
+                        let mut f = FileFlash::open(&path, &layout)?;
+                        let slot = layout.inactive_slot(&f);
+                        layout
                             .activate(&mut f, slot)
                             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                         f.sync()?;
-                        Ok(slot)
-                    });
+                        anyhow::Ok(slot)
+                    })
+                    .await;
                     match result {
                         Ok(slot) => {
                             tracing::info!(device = %self.label, slot, "new image activated")
@@ -446,12 +534,15 @@ impl Runner {
                     }
                 }
                 Action::ConfirmImage => {
-                    let result = self.open_flash().and_then(|mut f| {
-                        self.layout
+                    let (path, layout) = (self.nvs.path(FLASH_FILE), self.layout);
+                    let result = off_runtime(move || {
+                        let mut f = FileFlash::open(&path, &layout)?;
+                        layout
                             .confirm(&mut f)
                             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                        Ok(f.sync()?)
-                    });
+                        anyhow::Ok(f.sync()?)
+                    })
+                    .await;
                     match result {
                         Ok(()) => tracing::info!(device = %self.label, "image confirmed"),
                         Err(e) => {
@@ -518,14 +609,16 @@ impl Runner {
             client_auth: Some((credentials.cert.into_bytes(), credentials.key.into_bytes())),
         }));
         let (client, eventloop) = AsyncClient::new(options, 64);
-        self.mqtt = Some(client);
-        tokio::spawn(pump(self.generation, eventloop, self.tx.clone()));
+        let handed = Handed::default();
+        let acks = Acks::new(handed.clone());
+        self.mqtt = Some(Link { client, handed });
+        tokio::spawn(pump(self.generation, eventloop, acks, self.tx.clone()));
     }
 
     /// Closes the broker connection; with a reason, first says goodbye on the status topic so
     /// the server marks the device offline at once instead of waiting for a timeout.
     async fn disconnect(&mut self, reason: Option<&str>) {
-        let Some(client) = self.mqtt.take() else {
+        let Some(link) = self.mqtt.take() else {
             return;
         };
         if let (Some(reason), Some(id)) = (reason, self.device.device_id()) {
@@ -539,27 +632,22 @@ impl Runner {
                 config: None,
             };
             let topic = flotilla_proto::Topic::new(id, flotilla_proto::Channel::Status);
-            let _ = client
-                .publish(
-                    topic.as_str(),
-                    QoS::AtLeastOnce,
-                    true,
-                    flotilla_proto::encode(&status),
-                )
-                .await;
+            link.publish(
+                topic.as_str().to_string(),
+                true,
+                flotilla_proto::encode(&status),
+                None,
+            )
+            .await;
             // Best effort: give the connection task a moment to write the goodbye before the
             // process exits; a lost goodbye only delays offline until the will or the timeout.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let _ = client.disconnect().await;
+        let _ = link.client.disconnect().await;
     }
 }
 
 impl Runner {
-    fn open_flash(&self) -> anyhow::Result<FileFlash> {
-        FileFlash::open(&self.nvs.path(FLASH_FILE), &self.layout)
-    }
-
     /// Streams the image into the inactive slot in the background; the device hears back
     /// through `OtaProgress` and `OtaFinished`.
     fn start_download(&mut self, offer: OtaOffer, manifest: FirmwareManifest, resume: bool) {
@@ -587,7 +675,7 @@ impl Runner {
                 };
                 let mut progress = AgentProgress {
                     nvs: nvs.clone(),
-                    sync: flash.sync_handle().map_err(|e| e.to_string())?,
+                    sync: std::sync::Arc::new(flash.sync_handle().map_err(|e| e.to_string())?),
                     tx: tx.clone(),
                     number,
                 };
@@ -604,7 +692,7 @@ impl Runner {
                     retry,
                 };
                 download::install(&mut source, &mut flash, plan, &mut progress).await?;
-                flash.sync().map_err(|e| e.to_string())
+                off_runtime(move || flash.sync().map_err(|e| e.to_string())).await
             }
             .await;
             let _ = tx.send(Input::OtaFinished(number, result)).await;
@@ -784,18 +872,22 @@ fn resolve_url(backend: &str, url: &str) -> String {
 
 struct AgentProgress {
     nvs: Nvs,
-    sync: std::fs::File,
+    sync: std::sync::Arc<std::fs::File>,
     tx: mpsc::Sender<Input>,
     /// Which download this is ([`Runner::download_number`]).
     number: u64,
 }
 
 impl download::Progress for AgentProgress {
-    fn flushed(&mut self, offset: u64) {
-        // The offset may only claim bytes that are on disk.
-        if self.sync.sync_data().is_ok()
-            && let Err(e) = self.nvs.set_ota_offset(offset)
-        {
+    async fn flushed(&mut self, offset: u64) {
+        let (sync, nvs) = (self.sync.clone(), self.nvs.clone());
+        let persisted = off_runtime(move || {
+            // The offset may only claim bytes that are on disk.
+            sync.sync_data()?;
+            nvs.set_ota_offset(offset)
+        })
+        .await;
+        if let Err(e) = persisted {
             tracing::warn!(error = %e, "could not persist the download offset");
         }
     }
@@ -807,7 +899,7 @@ impl download::Progress for AgentProgress {
 
 /// Drives one MQTT connection until it ends, reporting to the runner. It never reconnects by
 /// itself: the device core decides when, with backoff.
-async fn pump(generation: u64, mut eventloop: EventLoop, tx: mpsc::Sender<Input>) {
+async fn pump(generation: u64, mut eventloop: EventLoop, mut acks: Acks, tx: mpsc::Sender<Input>) {
     let send = |event| {
         let tx = tx.clone();
         async move { tx.send(Input::Mqtt { generation, event }).await.is_ok() }
@@ -831,6 +923,15 @@ async fn pump(generation: u64, mut eventloop: EventLoop, tx: mpsc::Sender<Input>
                     payload: p.payload.to_vec(),
                 })
                 .await
+                {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => acks.written(pkid),
+            Ok(Event::Outgoing(rumqttc::Outgoing::AwaitAck(pkid))) => acks.collided(pkid),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(delivery) = acks.acknowledged(ack.pkid, ack.reason)
+                    && !send(MqttEvent::Acknowledged(delivery)).await
                 {
                     return;
                 }

@@ -65,8 +65,14 @@ pub async fn run(device: DeviceFlags, flags: SimFlags) -> anyhow::Result<()> {
         let id = format!("{}-{i:05}", flags.prefix);
         let nvs = Nvs::open(&device.data_dir.join(&id))?;
         let fresh = nvs.load().provisioning.is_none();
-        let (runner, handle) = Runner::new(env.clone(), nvs, id.clone())?;
-        spawn_forever(runner, env.clone(), device.data_dir.join(&id), id.clone());
+        let (runner, handle) = Runner::power_on(env.clone(), nvs, id.clone()).await?;
+        spawn_forever(
+            runner,
+            handle.clone(),
+            env.clone(),
+            device.data_dir.join(&id),
+            id.clone(),
+        );
         if fresh {
             let token: serde_json::Value = api
                 .post(format!("{base}/api/provisioning/tokens"))
@@ -124,9 +130,11 @@ pub async fn run(device: DeviceFlags, flags: SimFlags) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a virtual device; a reboot restarts it from its flash, as on the chip.
+/// Runs a virtual device; a reboot restarts it from its flash, as on the chip, and `handle`
+/// follows it to the new boot.
 fn spawn_forever(
     first: Runner,
+    handle: DeviceHandle,
     env: crate::runner::DeviceEnv,
     dir: std::path::PathBuf,
     label: String,
@@ -135,13 +143,14 @@ fn spawn_forever(
         let mut exit = first.run().await;
         while exit == Exit::Reboot {
             let Ok(nvs) = Nvs::open(&dir) else { return };
-            let (runner, _handle) = match Runner::new(env.clone(), nvs, label.clone()) {
+            let (runner, next) = match Runner::power_on(env.clone(), nvs, label.clone()).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(device = %label, error = %e, "boot failed");
                     return;
                 }
             };
+            handle.follow(&next);
             exit = runner.run().await;
         }
     });

@@ -74,6 +74,12 @@ impl CommandQueue {
         }
     }
 
+    /// A command that ran before the last reboot, with its final reply: a redelivery is
+    /// answered with that reply and not run.
+    pub fn remember_done(&mut self, reply: &CommandReply) {
+        self.remember(reply.id.clone(), Some(reply.clone()));
+    }
+
     fn remember(&mut self, id: String, reply: Option<CommandReply>) {
         if self.recent.len() >= self.recent_capacity {
             self.recent.pop_front();

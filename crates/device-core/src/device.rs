@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::commands::{CommandQueue, Refusal};
+use crate::outbox::{Outbox, Then, Token};
 use crate::provisioning::{ProvisionError, ProvisionRequest, Provisioning};
 use crate::rng::Rng;
 
 mod ota_flow;
-use flotilla_proto::{FirmwareManifest, OtaOffer};
+use flotilla_proto::{FirmwareManifest, OtaOffer, OtaStatus};
 use ota_flow::OtaFlow;
 pub use ota_flow::{Awaiting, BootedImage};
 use p256::ecdsa::VerifyingKey;
@@ -76,6 +77,11 @@ pub struct Config {
     pub ota_confirm_ms: Millis,
     /// A new image not confirmed this long after boot reboots (and counts as unstable).
     pub ota_verify_deadline_ms: Millis,
+    /// How many messages that must arrive are kept until acknowledged.
+    pub outbox_capacity: usize,
+    /// How long a reboot command waits for its reply to be acknowledged before it restarts
+    /// anyway (its id is persisted, so it never runs twice).
+    pub reboot_wait_ms: Millis,
 }
 
 impl Default for Config {
@@ -93,6 +99,8 @@ impl Default for Config {
             slot_size: 1_920 * 1024,
             ota_confirm_ms: 30_000,
             ota_verify_deadline_ms: 300_000,
+            outbox_capacity: 16,
+            reboot_wait_ms: 30_000,
         }
     }
 }
@@ -114,7 +122,16 @@ pub struct Stored {
     pub ota_awaiting: Option<Awaiting>,
     /// What the bootloader made of the running image.
     pub booted: BootedImage,
+    /// The outcome of an update that ended without installing (FAILED), not yet acknowledged
+    /// by the broker.
+    pub ota_outcome: Option<OtaStatus>,
+    /// The final replies of the last [`COMMANDS_DONE_KEPT`] commands that must not run twice
+    /// (a reboot), so a redelivery after the restart is answered, not run.
+    pub commands_done: Vec<CommandReply>,
 }
+
+/// How many executed commands that must not run twice are remembered across reboots.
+pub const COMMANDS_DONE_KEPT: usize = 8;
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,10 +139,15 @@ pub struct Publish {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// Set on a message that must arrive: publish it at QoS 1 and report its PUBACK with
+    /// [`Device::handle_published`] (or [`Device::handle_publish_refused`] for an error
+    /// reason). `None`: QoS 1 without a report; lost with the connection.
+    pub token: Option<Token>,
 }
 
 /// A value to write to non-volatile storage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+// Not `Eq`: a command reply's result is JSON.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Persist {
     Provisioning(Provisioning),
     /// Forget the provisioning data and certificate: the token was refused.
@@ -141,12 +163,21 @@ pub enum Persist {
     /// The image is written and verified: forget the job, remember what to report after the
     /// reboot. One write, so a power cut leaves one or the other.
     OtaInstalled(Awaiting),
-    /// The outcome of the update was reported.
-    OtaReported,
+    /// The job ended without installing: forget it, keep this outcome (FAILED) until it was
+    /// delivered. One write.
+    OtaOutcome(OtaStatus),
+    /// The broker acknowledged the outcome of update `id`: forget the [`Awaiting`] and the
+    /// [`Persist::OtaOutcome`] of that id (not those of another update).
+    OtaReported {
+        id: String,
+    },
+    /// The final replies of the commands that must not run twice, newest last, at most
+    /// [`COMMANDS_DONE_KEPT`]: replaces what was stored.
+    CommandsDone(Vec<CommandReply>),
 }
 
 /// Platform effects the shell performs, in the order they are polled.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     StartAccessPoint,
     ConnectWifi {
@@ -230,6 +261,8 @@ struct Timers {
     execute: Option<Millis>,
     ota_confirm: Option<Millis>,
     ota_deadline: Option<Millis>,
+    /// A reboot command waits for its reply's acknowledgement until then.
+    reboot: Option<Millis>,
 }
 
 /// The sans-IO device brain.
@@ -237,7 +270,8 @@ struct Timers {
 /// # Driving it
 /// Feed inputs with the `handle_*` methods, then drain [`Device::poll_action`] until it
 /// returns `None`, perform each action in order, and call [`Device::handle_timeout`] no
-/// later than [`Device::poll_timeout`]. The core reads no clock and draws no randomness of
+/// later than [`Device::poll_timeout`]. A [`Publish`] with a token is answered with
+/// [`Device::handle_published`] when its PUBACK arrives. The core reads no clock and draws no randomness of
 /// its own: `now` comes with every input and the jitter RNG is seeded at construction.
 #[derive(Debug)]
 pub struct Device {
@@ -261,6 +295,9 @@ pub struct Device {
     connected_at: Option<Millis>,
     timers: Timers,
     commands: CommandQueue,
+    /// Executed commands that must not run twice, persisted.
+    commands_done: VecDeque<CommandReply>,
+    outbox: Outbox,
     ota: OtaFlow,
     actions: VecDeque<Action>,
     transitions: VecDeque<State>,
@@ -273,6 +310,8 @@ impl Device {
         Device {
             backoff: Backoff::new(config.backoff),
             commands: CommandQueue::new(config.command_queue, RECENT_COMMAND_IDS),
+            commands_done: VecDeque::new(),
+            outbox: Outbox::new(config.outbox_capacity),
             config,
             state: State::Init,
             rng: Rng::new(rng_seed),
@@ -298,6 +337,7 @@ impl Device {
                 execute: None,
                 ota_confirm: None,
                 ota_deadline: None,
+                reboot: None,
             },
             ota: OtaFlow::default(),
             actions: VecDeque::new(),
@@ -332,6 +372,11 @@ impl Device {
         self.commands.len()
     }
 
+    /// Messages that must arrive and were not acknowledged yet.
+    pub fn unacknowledged(&self) -> usize {
+        self.outbox.len()
+    }
+
     /// The seed 004 `GET /status` word.
     pub fn status_word(&self) -> &'static str {
         match self.state {
@@ -360,7 +405,20 @@ impl Device {
         });
         self.has_certificate = stored.has_certificate;
         self.provisioning = stored.provisioning;
+        for reply in stored
+            .commands_done
+            .into_iter()
+            .rev()
+            .take(COMMANDS_DONE_KEPT)
+            .rev()
+        {
+            self.commands.remember_done(&reply);
+            self.commands_done.push_back(reply);
+        }
         self.ota_boot(now, stored.ota_job, stored.ota_awaiting, stored.booted);
+        if let Some(outcome) = stored.ota_outcome {
+            self.send_ota_outcome(outcome);
+        }
         self.enter(State::CheckProvisioning);
         self.after_provisioning_check();
     }
@@ -403,7 +461,7 @@ impl Device {
         if self.provisioning.is_none() || self.state == State::ApMode {
             return;
         }
-        self.stop_session_timers();
+        self.end_session();
         self.enter(State::WifiConnecting);
         self.schedule_retry(now);
     }
@@ -447,7 +505,27 @@ impl Device {
         self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
         self.timers.telemetry = Some(now + self.config.telemetry_ms);
         self.timers.stable = Some(now + self.backoff.stable_ms());
+        // What waited for a connection goes first, oldest first.
+        self.flush_outbox(now);
         self.ota_connected(now);
+    }
+
+    /// The broker acknowledged the message `token` was given to (PUBACK, success).
+    pub fn handle_published(&mut self, _now: Millis, token: Token) {
+        match self.outbox.acknowledged(token) {
+            Some(Then::OtaReported(id)) => self.persist(Persist::OtaReported { id }),
+            Some(Then::Reboot) => {
+                self.timers.reboot = None;
+                self.actions.push_back(Action::Reboot);
+            }
+            Some(Then::Nothing) | None => {}
+        }
+    }
+
+    /// The broker answered the message `token` was given to with an error reason (or the
+    /// shell could not hand it over): it is sent again [`crate::outbox::RETRY_MS`] later.
+    pub fn handle_publish_refused(&mut self, now: Millis, token: Token) {
+        self.outbox.refused(token, now);
     }
 
     /// The broker connection dropped or was refused.
@@ -461,7 +539,7 @@ impl Device {
         {
             self.backoff.reset();
         }
-        self.stop_session_timers();
+        self.end_session();
         self.enter(State::MqttConnecting);
         self.schedule_retry(now);
     }
@@ -550,6 +628,10 @@ impl Device {
         if take_due(&mut self.timers.ota_deadline, now) {
             self.ota_deadline_passed();
         }
+        if take_due(&mut self.timers.reboot, now) {
+            self.actions.push_back(Action::Reboot);
+        }
+        self.flush_outbox(now);
     }
 
     // ----- outputs -----
@@ -573,6 +655,8 @@ impl Device {
             t.execute,
             t.ota_confirm,
             t.ota_deadline,
+            t.reboot,
+            self.outbox.next_retry(),
         ]
         .into_iter()
         .flatten()
@@ -637,6 +721,7 @@ impl Device {
                 config: None,
             }),
             retain: true,
+            token: None,
         };
         self.enter(State::MqttConnecting);
         self.actions.push_back(Action::ConnectMqtt {
@@ -650,7 +735,9 @@ impl Device {
         self.timers.retry = Some(now + delay);
     }
 
-    fn stop_session_timers(&mut self) {
+    /// The connection is gone: its timers stop and nothing is in flight any more.
+    fn end_session(&mut self) {
+        self.outbox.disconnected();
         self.connected_at = None;
         self.timers.heartbeat = None;
         self.timers.telemetry = None;
@@ -666,7 +753,33 @@ impl Device {
             topic,
             payload,
             retain,
+            token: None,
         }));
+    }
+
+    /// Publishes a message that must arrive: kept in the outbox, sent now if connected and
+    /// again after every reconnect until acknowledged; `then` follows its acknowledgement.
+    fn publish_reliably(&mut self, channel: Channel, payload: Vec<u8>, then: Then) {
+        let Some(id) = self.device_id() else { return };
+        let publish = Publish {
+            topic: Topic::new(id, channel).as_str().to_string(),
+            payload,
+            retain: false,
+            token: None,
+        };
+        let connected = self.state == State::MqttConnected;
+        if let Some(now) = self.outbox.push(publish, then, connected) {
+            self.actions.push_back(Action::Publish(now));
+        }
+    }
+
+    /// Hands the shell what the outbox holds for a live connection.
+    fn flush_outbox(&mut self, now: Millis) {
+        if self.state != State::MqttConnected {
+            return;
+        }
+        let due: Vec<Publish> = self.outbox.due(now).collect();
+        self.actions.extend(due.into_iter().map(Action::Publish));
     }
 
     fn publish_status(&mut self, online: bool) {
@@ -761,10 +874,27 @@ impl Device {
     }
 
     fn reply(&mut self, reply: CommandReply) {
-        if reply.status != CommandStatus::Accepted {
+        self.reply_then(reply, Then::Nothing);
+    }
+
+    /// An ACCEPTED reply may be lost (a final one follows); a final one must arrive.
+    fn reply_then(&mut self, reply: CommandReply, then: Then) {
+        if reply.status == CommandStatus::Accepted {
+            self.publish(Channel::Reply, encode(&reply), false);
+        } else {
             self.commands.record_reply(&reply);
+            self.publish_reliably(Channel::Reply, encode(&reply), then);
         }
-        self.publish(Channel::Reply, encode(&reply), false);
+    }
+
+    /// Persists the final reply of a command that must not run twice, before it is sent.
+    fn remember_done(&mut self, reply: &CommandReply) {
+        if self.commands_done.len() >= COMMANDS_DONE_KEPT {
+            self.commands_done.pop_front();
+        }
+        self.commands_done.push_back(reply.clone());
+        let kept = self.commands_done.iter().cloned().collect();
+        self.persist(Persist::CommandsDone(kept));
     }
 
     /// Runs one queued command; the next runs on a later timeout so a long queue never
@@ -796,9 +926,14 @@ impl Device {
                     error: Some(error),
                 },
             };
-            self.reply(reply);
             if reboot {
-                self.actions.push_back(Action::Reboot);
+                // Persisted first: a redelivery after the restart is answered, not run. The
+                // restart waits for the reply's acknowledgement (or the deadline).
+                self.remember_done(&reply);
+                self.timers.reboot = Some(now + self.config.reboot_wait_ms);
+                self.reply_then(reply, Then::Reboot);
+            } else {
+                self.reply(reply);
             }
         }
         if !self.commands.is_empty() {

@@ -8,6 +8,12 @@
 //! What it does not do: any I/O. It never touches a socket, flash, a clock or an RNG; the
 //! shell performs the [`Action`]s it asks for and reports back through `handle_*` calls.
 //!
+//! It knows what was delivered: a [`Publish`] that must arrive (a final command reply, a final
+//! OTA report) carries a [`Token`], and the shell reports its PUBACK with
+//! [`Device::handle_published`] (or an error reason with [`Device::handle_publish_refused`]).
+//! Until then the core keeps it, sends it again after a reconnect, and holds back what depends
+//! on it: recording an OTA outcome as reported, the restart a `reboot` command asked for.
+//!
 //! ```
 //! use flotilla_device_core::{Action, Config, Device, State, Stored};
 //!
@@ -26,6 +32,7 @@ mod commands;
 mod device;
 pub mod install;
 pub mod ota;
+mod outbox;
 mod provisioning;
 pub mod renewal;
 mod rng;
@@ -34,8 +41,9 @@ pub mod slots;
 pub use backoff::{Backoff, BackoffConfig};
 pub use commands::{CommandQueue, Refusal};
 pub use device::{
-    Action, Awaiting, BootedImage, Config, CsrFailure, Device, Millis, Persist, Publish,
-    SensorValues, State, Stored,
+    Action, Awaiting, BootedImage, COMMANDS_DONE_KEPT, Config, CsrFailure, Device, Millis, Persist,
+    Publish, SensorValues, State, Stored,
 };
+pub use outbox::{RETRY_MS, Token};
 pub use provisioning::{ProvisionError, ProvisionRequest, Provisioning};
 pub use rng::Rng;

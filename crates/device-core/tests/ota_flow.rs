@@ -128,7 +128,10 @@ fn a_new_image_is_confirmed_only_after_staying_connected() {
     let at = sim.now;
     sim.run_until(at + CONFIRM_MS);
     assert!(sim.log.contains(&Action::ConfirmImage));
-    assert!(sim.log.contains(&Action::Persist(Persist::OtaReported)));
+    assert!(
+        sim.log
+            .contains(&Action::Persist(Persist::OtaReported { id: "u1".into() }))
+    );
     let reports = ota_reports(&mut sim);
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].status, OtaPhase::Success);
@@ -177,7 +180,10 @@ fn a_rolled_back_update_is_reported_once_with_its_offer() {
     assert_eq!(reports[0].id.as_deref(), Some("u9"));
     assert_eq!(reports[0].version.as_deref(), Some("1.3.0"));
     assert!(reports[0].error.as_deref().unwrap().contains("3 boots"));
-    assert!(sim.log.contains(&Action::Persist(Persist::OtaReported)));
+    assert!(
+        sim.log
+            .contains(&Action::Persist(Persist::OtaReported { id: "u9".into() }))
+    );
     sim.take_log();
     sim.device.handle_mqtt_disconnected(1);
     sim.device.handle_mqtt_connected(2);
@@ -256,7 +262,11 @@ fn a_download_interrupted_by_a_reboot_resumes_without_a_second_started() {
         Err("image SHA-256 does not match the manifest".into()),
     );
     sim.drain();
-    assert!(sim.log.contains(&Action::Persist(Persist::OtaJob(None))));
+    let outcome = stored_outcome(&sim).expect("the outcome is persisted with the job's end");
+    assert_eq!(
+        (outcome.status, outcome.id.as_deref()),
+        (OtaPhase::Failed, Some("u2"))
+    );
     assert_eq!(ota_reports(&mut sim)[0].status, OtaPhase::Failed);
     assert!(!sim.log.contains(&Action::ActivateImage));
 }
@@ -287,6 +297,14 @@ fn the_bootloader_rolls_back_after_three_unconfirmed_boots() {
     assert_eq!((again.slot, again.rolled_back), (0, false));
 }
 
+/// The last OTA outcome the device persisted ([`Persist::OtaOutcome`]).
+fn stored_outcome(sim: &Sim) -> Option<flotilla_proto::OtaStatus> {
+    sim.log.iter().rev().find_map(|a| match a {
+        Action::Persist(Persist::OtaOutcome(o)) => Some(o.clone()),
+        _ => None,
+    })
+}
+
 fn cancel(sim: &mut Sim, id: &str) {
     let message = encode(&flotilla_proto::OtaCancel { cancel: id.into() });
     sim.device
@@ -312,8 +330,11 @@ fn a_cancel_stops_its_download_reports_failed_and_frees_the_device_for_the_next_
     let log = sim.take_log();
     let pos = |a: &Action| log.iter().position(|x| x == a);
     assert!(pos(&Action::CancelDownload).is_some(), "{log:?}");
-    assert!(pos(&Action::Persist(Persist::OtaJob(None))).is_some());
     sim.log = log;
+    assert_eq!(
+        stored_outcome(&sim).and_then(|o| o.id),
+        Some("u1".to_string())
+    );
     let reports = ota_reports(&mut sim);
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].status, OtaPhase::Failed);

@@ -135,6 +135,62 @@ async fn device_lifecycle_end_to_end() -> anyhow::Result<()> {
     );
     assert!(readings[0]["temp"].is_number() && readings[0]["pot"].is_number());
 
+    // A reboot command: the reply is stored, the device restarts once (when the broker has
+    // acknowledged the reply, well before its 30 s fallback) and comes back.
+    let boots = |agent: &Agent| agent.log().matches(" booted").count();
+    assert_eq!(boots(&agent), 1);
+    let (s, reboot) = server
+        .call(
+            "POST",
+            "/api/device/device_0070/commands",
+            Some(&jwt),
+            Some(json!({"name":"reboot","ttlSeconds":600})),
+        )
+        .await?;
+    assert_eq!(s, 202, "{reboot}");
+    let reboot_id = reboot["id"].as_str().unwrap().to_string();
+    let asked = std::time::Instant::now();
+    let done = wait_for(
+        "reboot command succeeded",
+        Duration::from_secs(15),
+        || async {
+            let (_, c) = server
+                .call(
+                    "GET",
+                    &format!("/api/device/device_0070/commands/{reboot_id}"),
+                    Some(&jwt),
+                    None,
+                )
+                .await
+                .ok()?;
+            (c["state"] == "succeeded").then_some(c)
+        },
+    )
+    .await?;
+    assert_eq!(done["result"], json!({"rebooting": true}));
+    wait_for("the agent restarts", Duration::from_secs(20), || {
+        let n = boots(&agent);
+        async move { (n == 2).then_some(()) }
+    })
+    .await?;
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+    wait_for(
+        "back online after the reboot",
+        Duration::from_secs(30),
+        || async {
+            let d = server.device(&jwt, "device_0070").await.ok()?;
+            (d["online"] == true && d["uptime"].as_u64()? < 10).then_some(())
+        },
+    )
+    .await?;
+    // The command was delivered again at most as the broker sees fit; it ran once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(boots(&agent), 2, "{}", agent.log());
+
     // Killed without a goodbye: offline within the heartbeat timeout (the LWT is faster).
     agent.proc.kill_hard();
     let killed_at = std::time::Instant::now();

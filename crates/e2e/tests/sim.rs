@@ -28,7 +28,7 @@ async fn sim_provisions_a_fleet_in_bulk_and_connects_it() -> anyhow::Result<()> 
             "--password",
             "secret-pass",
         ])
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(server.dir.path().join("sim.out"))?)
         .stderr(Stdio::null())
         .spawn()?;
     let _sim = Proc(child);
@@ -67,5 +67,63 @@ async fn sim_provisions_a_fleet_in_bulk_and_connects_it() -> anyhow::Result<()> 
             "{id}"
         );
     }
+
+    // One device reboots on command: the simulator follows it into its new boot and counts
+    // it connected again.
+    let (s, reboot) = server
+        .call(
+            "POST",
+            "/api/device/lab-00002/commands",
+            Some(&jwt),
+            Some(serde_json::json!({"name":"reboot","ttlSeconds":600})),
+        )
+        .await?;
+    assert_eq!(s, 202, "{reboot}");
+    let command = format!(
+        "/api/device/lab-00002/commands/{}",
+        reboot["id"].as_str().unwrap()
+    );
+    wait_for(
+        "the reboot command succeeded",
+        Duration::from_secs(15),
+        || async {
+            let (_, c) = server.call("GET", &command, Some(&jwt), None).await.ok()?;
+            (c["state"] == "succeeded").then_some(())
+        },
+    )
+    .await?;
+    wait_for(
+        "lab-00002 back after its reboot",
+        Duration::from_secs(30),
+        || async {
+            let d = server.device(&jwt, "lab-00002").await.ok()?;
+            (d["online"] == true && d["uptime"].as_u64()? < 5).then_some(())
+        },
+    )
+    .await?;
+    let progress = || {
+        std::fs::read_to_string(server.dir.path().join("sim.out"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["event"] == "progress")
+            .collect::<Vec<_>>()
+    };
+    let seen = progress().len();
+    wait_for(
+        "the simulator counting all five connected after the reboot",
+        Duration::from_secs(10),
+        || {
+            let lines = progress();
+            async move {
+                lines
+                    .iter()
+                    .skip(seen)
+                    .any(|l| l["connected"] == 5)
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Action, Device, Millis, Persist};
 use crate::ota::{Running, verify_offer};
+use crate::outbox::Then;
 use crate::slots::MAX_UNCONFIRMED_BOOTS;
 
 /// An installed update whose outcome is still to be reported (kept in NVS across the reboot).
@@ -86,10 +87,7 @@ impl Device {
                 self.actions.push_back(Action::ActivateImage);
                 self.actions.push_back(Action::Reboot);
             }
-            Err(error) => {
-                self.persist(Persist::OtaJob(None));
-                self.report_failed(&job, &error);
-            }
+            Err(error) => self.job_failed(&job, &error),
         }
     }
 
@@ -115,8 +113,7 @@ impl Device {
             }
             BootedImage::RolledBack => {
                 if let Some(a) = self.ota.awaiting.take() {
-                    self.persist(Persist::OtaReported);
-                    self.publish_ota(OtaStatus {
+                    self.send_ota_outcome(OtaStatus {
                         status: OtaPhase::RolledBack,
                         id: Some(a.id),
                         progress: None,
@@ -132,9 +129,8 @@ impl Device {
                 // A power cut between install and activation, or between confirmation and
                 // its report: the running version tells which.
                 if let Some(a) = self.ota.awaiting.take() {
-                    self.persist(Persist::OtaReported);
                     let done = a.version == self.config.firmware_version;
-                    self.publish_ota(OtaStatus {
+                    self.send_ota_outcome(OtaStatus {
                         status: if done {
                             OtaPhase::Success
                         } else {
@@ -185,8 +181,7 @@ impl Device {
             self.actions.push_back(Action::CancelDownload);
         }
         self.ota.downloading = false;
-        self.persist(Persist::OtaJob(None));
-        self.report_failed(&job, "cancelled by the server");
+        self.job_failed(&job, "cancelled by the server");
     }
 
     fn start_job(&mut self, now: Millis, offer: OtaOffer, resume: bool) {
@@ -222,9 +217,10 @@ impl Device {
             Ok(m) => m,
             Err(rejection) => {
                 if resume {
-                    self.persist(Persist::OtaJob(None));
+                    self.job_failed(&offer, rejection.reason());
+                } else {
+                    self.report_failed(&offer, rejection.reason());
                 }
-                self.report_failed(&offer, rejection.reason());
                 return;
             }
         };
@@ -256,11 +252,10 @@ impl Device {
         self.ota.booted = BootedImage::Valid;
         self.timers.ota_deadline = None;
         self.actions.push_back(Action::ConfirmImage);
+        // The awaiting record stays in NVS until the broker has the SUCCESS: a power cut
+        // before that reports it again from the confirmed image.
         let awaiting = self.ota.awaiting.take();
-        if awaiting.is_some() {
-            self.persist(Persist::OtaReported);
-        }
-        self.publish_ota(OtaStatus {
+        self.send_ota_outcome(OtaStatus {
             status: OtaPhase::Success,
             id: awaiting.map(|a| a.id),
             progress: None,
@@ -277,19 +272,43 @@ impl Device {
         }
     }
 
-    /// FAILED for an offer, with why; the running image is untouched.
+    /// FAILED for an offer the device never took on (busy, refused by its checks), with
+    /// why: it must arrive, but only while this boot lasts (the server offers again).
     fn report_failed(&mut self, offer: &OtaOffer, error: &str) {
-        self.publish_ota(OtaStatus {
-            status: OtaPhase::Failed,
-            id: Some(offer.id.clone()),
-            progress: None,
-            version: Some(offered_version(offer)),
-            error: Some(truncate_chars(error, 200).to_string()),
-        });
+        let status = failed(offer, error);
+        self.publish_reliably(Channel::OtaStatus, encode(&status), Then::Nothing);
+    }
+
+    /// FAILED for the device's own job (persisted, perhaps downloading): forgotten and its
+    /// outcome kept in one NVS write, so the outcome arrives even after a reboot.
+    fn job_failed(&mut self, job: &OtaOffer, error: &str) {
+        let status = failed(job, error);
+        self.persist(Persist::OtaOutcome(status.clone()));
+        self.send_ota_outcome(status);
+    }
+
+    /// A final outcome (SUCCESS, ROLLED_BACK, FAILED): it must arrive, and once it did the
+    /// persisted record of it is dropped ([`Persist::OtaReported`]).
+    pub(super) fn send_ota_outcome(&mut self, status: OtaStatus) {
+        let then = match &status.id {
+            Some(id) => Then::OtaReported(id.clone()),
+            None => Then::Nothing,
+        };
+        self.publish_reliably(Channel::OtaStatus, encode(&status), then);
     }
 
     fn publish_ota(&mut self, status: OtaStatus) {
         self.publish(Channel::OtaStatus, encode(&status), false);
+    }
+}
+
+fn failed(offer: &OtaOffer, error: &str) -> OtaStatus {
+    OtaStatus {
+        status: OtaPhase::Failed,
+        id: Some(offer.id.clone()),
+        progress: None,
+        version: Some(offered_version(offer)),
+        error: Some(truncate_chars(error, 200).to_string()),
     }
 }
 

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use flotilla_device_core::ota::to_hex;
-use flotilla_device_core::{Action, Config, Device, Millis, Provisioning, State, Stored};
+use flotilla_device_core::{Action, Config, Device, Millis, Provisioning, State, Stored, Token};
 use flotilla_proto::{
     Command, CommandReply, DeviceId, FirmwareManifest, SignedManifest, decode, encode,
 };
@@ -18,6 +18,11 @@ pub struct Sim {
     pub now: Millis,
     pub log: Vec<Action>,
     pub transitions: Vec<State>,
+    /// The broker acknowledges every message that must arrive as soon as it is published
+    /// (a link that never drops). Off: tokens wait in `unacked` for the test.
+    pub auto_ack: bool,
+    /// Tokens of messages handed over and not acknowledged, oldest first.
+    pub unacked: Vec<Token>,
 }
 
 impl Sim {
@@ -27,6 +32,8 @@ impl Sim {
             now: 0,
             log: Vec::new(),
             transitions: Vec::new(),
+            auto_ack: true,
+            unacked: Vec::new(),
         };
         sim.device.handle_boot(0, stored);
         sim.drain();
@@ -34,12 +41,42 @@ impl Sim {
     }
 
     pub fn drain(&mut self) {
-        while let Some(a) = self.device.poll_action() {
-            self.log.push(a);
+        loop {
+            while let Some(a) = self.device.poll_action() {
+                if let Action::Publish(p) = &a
+                    && let Some(token) = p.token
+                {
+                    self.unacked.push(token);
+                }
+                self.log.push(a);
+            }
+            while let Some(s) = self.device.poll_transition() {
+                self.transitions.push(s);
+            }
+            if !self.auto_ack || self.unacked.is_empty() {
+                return;
+            }
+            for token in std::mem::take(&mut self.unacked) {
+                self.device.handle_published(self.now, token);
+            }
         }
-        while let Some(s) = self.device.poll_transition() {
-            self.transitions.push(s);
+    }
+
+    /// The broker acknowledges every message handed over so far.
+    pub fn acknowledge(&mut self) {
+        for token in std::mem::take(&mut self.unacked) {
+            self.device.handle_published(self.now, token);
         }
+        self.drain();
+    }
+
+    /// The link drops (nothing handed over is acknowledged) and comes back.
+    pub fn reconnect(&mut self) {
+        self.unacked.clear();
+        self.device.handle_mqtt_disconnected(self.now);
+        self.drain();
+        self.device.handle_mqtt_connected(self.now);
+        self.drain();
     }
 
     /// Advances simulated time to `until`, firing every timeout on the way.
