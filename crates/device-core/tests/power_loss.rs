@@ -1,90 +1,21 @@
-//! Power cuts at every flash operation of an A/B update: the device always boots a complete
-//! image, and a second update then succeeds. Also: an image that never confirms rolls back.
+//! Power cuts at every flash operation of a device's update lifecycle (a first update, its
+//! confirmation, an update that never confirms and is rolled back, a second update and its
+//! confirmation), each cut before the operation and torn part-way through it: the device always
+//! boots a complete image, the right one, and the lifecycle then completes. Also: a download
+//! cut by power loss resumes; bad images never reach activation.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use flotilla_device_core::install::{InstallError, SlotWriter};
-use flotilla_device_core::slots::{Flash, FlashError, ImageState, Layout};
+use flotilla_device_core::slots::{Flash, FlashError, ImageState, Layout, MAX_UNCONFIRMED_BOOTS};
 use flotilla_proto::FirmwareManifest;
 
 mod common;
+use common::{CUT_BLOCK as BLOCK, CutFlash};
 
 const POWER_LOST: InstallError = InstallError::Flash(FlashError::PowerLost);
 
-const BLOCK: usize = 4096;
 const SLOT_LEN: usize = 4 * BLOCK;
-
-/// NOR flash with erase blocks, write alignment, no writes to unerased bytes, and a power cut
-/// before operation number `cut_at` (a torn erase or write leaves half of it done).
-#[derive(Clone)]
-struct SimFlash {
-    mem: Vec<u8>,
-    ops: usize,
-    cut_at: Option<usize>,
-}
-
-impl SimFlash {
-    fn new(len: usize) -> Self {
-        SimFlash {
-            mem: vec![0xFF; len],
-            ops: 0,
-            cut_at: None,
-        }
-    }
-
-    fn tick(&mut self) -> bool {
-        let cut = self.cut_at == Some(self.ops);
-        self.ops += 1;
-        cut
-    }
-}
-
-impl Flash for SimFlash {
-    const ERASE_BLOCK: usize = BLOCK;
-    const WRITE_ALIGN: usize = 4;
-
-    fn read(&self, offset: usize, buf: &mut [u8]) {
-        buf.copy_from_slice(&self.mem[offset..offset + buf.len()]);
-    }
-
-    fn erase(&mut self, offset: usize) -> Result<(), FlashError> {
-        if !offset.is_multiple_of(BLOCK) || offset + BLOCK > self.mem.len() {
-            return Err(FlashError::Misaligned);
-        }
-        if self.tick() {
-            self.mem[offset..offset + BLOCK / 2].fill(0xFF); // torn erase
-            return Err(FlashError::PowerLost);
-        }
-        self.mem[offset..offset + BLOCK].fill(0xFF);
-        Ok(())
-    }
-
-    fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
-        if !offset.is_multiple_of(4)
-            || !data.len().is_multiple_of(4)
-            || offset + data.len() > self.mem.len()
-        {
-            return Err(FlashError::Misaligned);
-        }
-        if self.mem[offset..offset + data.len()]
-            .iter()
-            .any(|b| *b != 0xFF)
-        {
-            return Err(FlashError::NotErased);
-        }
-        let n = if self.tick() {
-            data.len() / 2 / 4 * 4
-        } else {
-            data.len()
-        };
-        self.mem[offset..offset + n].copy_from_slice(&data[..n]);
-        if n < data.len() {
-            Err(FlashError::PowerLost)
-        } else {
-            Ok(())
-        }
-    }
-}
 
 fn layout() -> Layout {
     Layout {
@@ -101,11 +32,11 @@ fn image(version: u8) -> Vec<u8> {
 }
 
 /// A factory chip: image 1 in slot 0, no otadata.
-fn factory() -> SimFlash {
-    let mut f = SimFlash::new(2 * BLOCK + 2 * SLOT_LEN);
+fn factory() -> CutFlash {
+    let mut f = CutFlash::new(2 * BLOCK + 2 * SLOT_LEN);
     let img = image(1);
     f.write(layout().slots[0], &img).unwrap();
-    f.ops = 0;
+    f.arm(None);
     f
 }
 
@@ -113,71 +44,181 @@ fn manifest_of(img: &[u8]) -> FirmwareManifest {
     common::manifest("2.0.0", img)
 }
 
-/// The whole update, as the device runs it: stream the image into the erased inactive slot
-/// in odd-sized chunks (as the network delivers them), check size and hash, activate, reboot,
-/// confirm after the health check.
-fn update(f: &mut SimFlash, img: &[u8]) -> Result<usize, InstallError> {
-    let l = layout();
-    let slot = l.inactive_slot(f);
-    let mut w = SlotWriter::begin(&l, f, slot, &manifest_of(img))?;
-    for chunk in img.chunks(1001) {
-        w.write(f, chunk)?;
-    }
-    w.finish(f)?;
-    l.activate(f, slot)?;
-    let booted = l.boot(f)?;
-    assert_eq!(booted, slot);
-    l.confirm(f)?;
-    Ok(slot)
-}
-
-fn slot_holds(f: &SimFlash, slot: usize, img: &[u8]) -> bool {
+fn slot_holds(f: &CutFlash, slot: usize, img: &[u8]) -> bool {
     let mut buf = vec![0u8; img.len()];
     f.read(layout().slots[slot], &mut buf);
     buf == img
 }
 
-#[test]
-fn every_power_cut_during_an_update_leaves_a_bootable_complete_image() {
-    // Count the operations of an uninterrupted update.
-    let mut clean = factory();
-    update(&mut clean, &image(2)).unwrap();
-    let total = clean.ops;
-    assert!(total > 10);
-    let mut tested = 0;
-    for cut in 0..total {
-        let mut f = factory();
-        f.cut_at = Some(cut);
-        assert_eq!(
-            update(&mut f, &image(2)).unwrap_err(),
-            POWER_LOST,
-            "cut before op {cut}"
-        );
-        // Power returns; the bootloader picks a slot.
-        f.cut_at = None;
-        let l = layout();
-        let booted = l.boot(&mut f).unwrap();
-        let expected = if booted == 0 { image(1) } else { image(2) };
-        assert!(
-            slot_holds(&f, booted, &expected),
-            "cut before op {cut}: booted slot {booted} holds a broken image"
-        );
-        l.confirm(&mut f).unwrap();
-        // A second update after the interruption succeeds and boots.
-        let slot = update(&mut f, &image(3)).unwrap();
-        assert!(slot_holds(&f, slot, &image(3)));
-        assert_eq!(l.selection(&f).unwrap().state, ImageState::Valid);
-        tested += 1;
+/// The steps of the lifecycle under test, in order.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Stream image `n` into the inactive slot, check it, activate it, reboot into it.
+    Update(u8),
+    /// The running image passed its health check.
+    Confirm,
+    /// Install image `n`, which crashes at every boot until the bootloader rolls it back.
+    Crashing(u8),
+}
+
+const LIFECYCLE: [Step; 5] = [
+    Step::Update(2),
+    Step::Confirm,
+    Step::Crashing(3),
+    Step::Update(4),
+    Step::Confirm,
+];
+
+/// The chip: its flash, and what the app keeps in NVS (written whole or not at all).
+struct Chip {
+    flash: CutFlash,
+    /// Boots since the last stable one (the app's crash counter).
+    unstable_boots: u32,
+    /// The image running now (the number `image` was made with).
+    running: u8,
+    /// Image `n`'s update was given up by the bootloader (reported ROLLED_BACK, not retried).
+    rolled_back: Option<u8>,
+}
+
+/// Which complete image `slot` holds, if any.
+fn image_in(f: &CutFlash, slot: usize) -> Option<u8> {
+    (1..=4).find(|n| slot_holds(f, slot, &image(*n)))
+}
+
+impl Chip {
+    fn factory() -> Chip {
+        Chip {
+            flash: factory(),
+            unstable_boots: 0,
+            running: 1,
+            rolled_back: None,
+        }
     }
-    assert_eq!(tested, total);
-    println!("power cut tested before each of {tested} flash operations");
+
+    /// Power-on: the bootloader picks a slot (rolling back an image that never confirmed),
+    /// which must hold a complete image; the app counts the boot.
+    fn power_on(&mut self) -> Result<(), FlashError> {
+        let l = layout();
+        let boot = l.power_on(&mut self.flash, self.unstable_boots, MAX_UNCONFIRMED_BOOTS)?;
+        let Some(running) = image_in(&self.flash, boot.slot) else {
+            panic!("slot {} booted without a complete image", boot.slot);
+        };
+        if boot.rolled_back {
+            self.rolled_back = Some(self.running);
+            self.unstable_boots = 0;
+        }
+        self.running = running;
+        self.unstable_boots += 1;
+        Ok(())
+    }
+
+    /// Runs `step` from wherever an earlier, interrupted attempt left it.
+    fn run(&mut self, step: Step) -> Result<(), InstallError> {
+        let l = layout();
+        match step {
+            Step::Update(n) | Step::Crashing(n) => {
+                if self.rolled_back == Some(n) {
+                    return Ok(());
+                }
+                if self.running != n {
+                    let img = image(n);
+                    let slot = l.inactive_slot(&self.flash);
+                    let f = &mut self.flash;
+                    let mut w = SlotWriter::begin(&l, f, slot, &manifest_of(&img))?;
+                    for chunk in img.chunks(1001) {
+                        w.write(f, chunk)?;
+                    }
+                    w.finish(f)?;
+                    l.activate(f, slot)?;
+                    self.power_on()?;
+                    assert_eq!(self.running, n, "the activated image did not boot");
+                }
+                if let Step::Crashing(_) = step {
+                    // It crashes at every boot until the bootloader gives it up.
+                    while self.rolled_back != Some(n) {
+                        assert!(self.unstable_boots <= MAX_UNCONFIRMED_BOOTS + 1);
+                        self.power_on()?;
+                    }
+                }
+            }
+            Step::Confirm => {
+                l.confirm(&mut self.flash)?;
+                self.unstable_boots = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// The images that may run after a power cut in `step`, which began with `before`.
+    fn allowed_after_a_cut(step: Step, before: u8) -> Vec<u8> {
+        match step {
+            Step::Update(n) | Step::Crashing(n) => vec![before, n],
+            Step::Confirm => vec![before],
+        }
+    }
+}
+
+#[test]
+fn every_power_cut_in_an_update_lifecycle_boots_the_right_complete_image_and_it_completes() {
+    // The operations of an uninterrupted lifecycle, and the cuts worth trying in each.
+    let mut clean = Chip::factory();
+    for step in LIFECYCLE {
+        clean.run(step).unwrap();
+    }
+    assert_eq!(clean.running, 4);
+    let cuts = clean.flash.cuts();
+    let ops = clean.flash.units.len();
+    assert!(ops > 100, "{ops} operations");
+
+    for cut in &cuts {
+        let mut chip = Chip::factory();
+        chip.flash.arm(Some(*cut));
+        let mut step_index = 0;
+        let (interrupted, before) = loop {
+            let step = LIFECYCLE[step_index];
+            let before = chip.running;
+            match chip.run(step) {
+                Ok(()) => step_index += 1,
+                Err(e) => {
+                    assert_eq!(e, POWER_LOST, "{cut:?} in {step:?}");
+                    break (step, before);
+                }
+            }
+            assert!(step_index < LIFECYCLE.len(), "{cut:?} never happened");
+        };
+        // The power comes back: the right complete image boots (checked by power_on) ...
+        chip.flash.cut = None;
+        chip.power_on().unwrap();
+        assert!(
+            Chip::allowed_after_a_cut(interrupted, before).contains(&chip.running),
+            "{cut:?} in {interrupted:?}: image {} runs",
+            chip.running
+        );
+        // ... and the interrupted step, then the rest, complete.
+        for step in &LIFECYCLE[step_index..] {
+            chip.run(*step)
+                .unwrap_or_else(|e| panic!("{cut:?}: {step:?} after the cut: {e:?}"));
+        }
+        assert_eq!(chip.running, 4, "{cut:?}");
+        assert_eq!(chip.rolled_back, Some(3), "{cut:?}");
+        let selection = layout().selection(&chip.flash).unwrap();
+        assert_eq!(selection.state, ImageState::Valid, "{cut:?}");
+    }
+    println!(
+        "power cut tested at {} interruption points ({ops} flash operations of a first update, \
+         its confirmation, a rolled-back update and a second update, each cut before it and \
+         torn part-way)",
+        cuts.len()
+    );
 }
 
 #[test]
 fn an_image_that_never_confirms_is_rolled_back_to_the_previous_slot() {
     let l = layout();
-    let mut f = factory();
-    update(&mut f, &image(2)).unwrap(); // slot 1 valid
+    let mut chip = Chip::factory();
+    chip.run(Step::Update(2)).unwrap();
+    chip.run(Step::Confirm).unwrap(); // slot 1 valid
+    let mut f = chip.flash;
     let slot = l.inactive_slot(&f);
     assert_eq!(slot, 0);
     l.erase_slot(&mut f, slot).unwrap();
@@ -206,11 +247,11 @@ fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
     let mut w = SlotWriter::begin(&l, &mut clean, 1, &m).unwrap();
     chunks.iter().for_each(|c| w.write(&mut clean, c).unwrap());
     w.finish(&mut clean).unwrap();
-    let total = clean.ops;
+    let cuts = clean.cuts();
     let mut resumed_mid_image = 0;
-    for cut in 0..total {
+    for cut in &cuts {
         let mut f = factory();
-        f.cut_at = Some(cut);
+        f.arm(Some(*cut));
         // The offset the agent persists after each chunk: only bytes already flushed.
         let mut persisted: Option<u64> = None;
         let result = (|| {
@@ -222,8 +263,8 @@ fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
             }
             w.finish(&mut f)
         })();
-        assert_eq!(result.unwrap_err(), POWER_LOST, "cut before op {cut}");
-        f.cut_at = None;
+        assert_eq!(result.unwrap_err(), POWER_LOST, "{cut:?}");
+        f.cut = None;
         // Reboot: still the old image.
         assert_eq!(l.boot(&mut f).unwrap(), 0);
         assert!(slot_holds(&f, 0, &image(1)));
@@ -240,11 +281,13 @@ fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
         w.finish(&mut f).unwrap();
         l.activate(&mut f, 1).unwrap();
         assert_eq!(l.boot(&mut f).unwrap(), 1);
-        assert!(slot_holds(&f, 1, &img), "cut before op {cut}");
+        assert!(slot_holds(&f, 1, &img), "{cut:?}");
     }
     assert!(resumed_mid_image > 0);
     println!(
-        "download resumed after a power cut before each of {total} operations ({resumed_mid_image} mid-image)"
+        "download resumed after {} power cuts, before and part-way through each operation \
+         ({resumed_mid_image} mid-image)",
+        cuts.len()
     );
 }
 
