@@ -208,6 +208,44 @@ async fn a_silent_device_goes_offline_after_the_heartbeat_timeout() -> anyhow::R
     Ok(())
 }
 
+/// A command published while its device was online but not subscribed (the broker had no one
+/// to give it to, as when the publish is lost) still reaches the device: the embedded broker
+/// sends it at the SUBSCRIBE, and behind an external broker (scale mode), which reports no
+/// SUBSCRIBE, the leader's resender publishes it again while it is not accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_published_to_nobody_reaches_its_online_device_later() -> anyhow::Result<()> {
+    let server = Server::start(&[]).await?;
+    let jwt = server.user("lost@example.com").await?;
+    let id = server.enroll(&jwt, "lost-1").await?;
+    let mut dev = connect_device(server.mqtt_port, &id).await?;
+    dev.publish(
+        "devices/lost-1/health",
+        br#"{"heap":1000,"fw":"1.0.0"}"#.to_vec(),
+    )
+    .await?;
+    wait_for("online", Duration::from_secs(10), || async {
+        (server.device(&jwt, "lost-1").await.ok()?["online"] == true).then_some(())
+    })
+    .await?;
+    let (s, cmd) = server
+        .call(
+            "POST",
+            "/api/device/lost-1/commands",
+            Some(&jwt),
+            Some(json!({"name":"ping","ttlSeconds":600})),
+        )
+        .await?;
+    assert_eq!(s, 202, "{cmd}");
+    // Published while the device was not subscribed: gone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    dev.subscribe("devices/lost-1/command").await?;
+    let (topic, payload) = dev.message(Duration::from_secs(20)).await?;
+    assert_eq!(topic, "devices/lost-1/command");
+    let wire: Value = serde_json::from_slice(&payload)?;
+    assert_eq!(wire["id"], cmd["id"]);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_command_handlers_answer_while_ingest_is_stalled() -> anyhow::Result<()> {
     // On PostgreSQL, whatever this run's mode: only there can the telemetry table be locked

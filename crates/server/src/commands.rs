@@ -1,11 +1,13 @@
 //! Commands: validation of what the API accepts, delivery on `devices/{id}/command`, and
 //! redelivery of commands that waited while the device was offline.
 //!
-//! A command is stored before it is published, so it survives a restart; it is published
-//! when created and again at each session start of its device (its SUBSCRIBE to the command
-//! topic, with the embedded broker; its first message after being offline, with an external
-//! one), until the device accepts it or it expires. The device executes each id at most once,
-//! so redelivery is harmless.
+//! A command is stored before it is published (the table is its outbox), so it survives a
+//! restart; it is published when created, again at each session start of its device (its
+//! SUBSCRIBE to the command topic, with the embedded broker; its first message after being
+//! offline, with an external one), and by the leader's resender every [`RESEND_AFTER`] while
+//! its device is online and has not accepted it (a publish lost with the replica that made
+//! it, or one the broker had no subscriber for), until it is accepted or expires. The device
+//! executes each id at most once, so redelivery is harmless.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -95,6 +97,35 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// How long a queued command of an online device waits for its ACCEPTED before the resender
+/// publishes it again.
+pub const RESEND_AFTER: Duration = Duration::from_secs(10);
+
+/// The leader publishes again the queued commands of online devices not sent for
+/// [`RESEND_AFTER`]. Not fenced: two replicas resending at a takeover only send a duplicate,
+/// which the device answers without running it again.
+pub fn spawn_resender(dispatcher: std::sync::Arc<Dispatcher>, leadership: Leadership) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RESEND_AFTER / 4);
+        loop {
+            tick.tick().await;
+            if !leadership.is_leader() {
+                continue;
+            }
+            let cutoff = flotilla_store::now_ms() - RESEND_AFTER.as_millis() as i64;
+            match dispatcher.store.commands_to_resend(cutoff, 500).await {
+                Ok(due) => {
+                    for c in &due {
+                        tracing::info!(command = %c.id, device_id = %c.device_id, "command not accepted yet; sending it again");
+                        dispatcher.send(c).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "loading commands to resend failed"),
+            }
+        }
+    });
 }
 
 /// Background upkeep: expire commands past their deadline and mark silent devices offline.

@@ -288,6 +288,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.heartbeat_timeout(),
         leadership.clone(),
     );
+    crate::commands::spawn_resender(dispatcher.clone(), leadership.clone());
     crate::retention::spawn(
         store.clone(),
         ca.clone(),

@@ -99,6 +99,28 @@ impl Store {
         rows.iter().map(command_from).collect()
     }
 
+    /// Queued commands of online devices not sent since `sent_before` (or never): what the
+    /// resender publishes again, oldest first, at most `limit`. Found through the expiry index
+    /// (`state`), so a sweep with nothing queued reads nothing.
+    pub async fn commands_to_resend(
+        &self,
+        sent_before: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<CommandRow>> {
+        let rows = sqlx::query(
+            "SELECT c.* FROM commands c JOIN devices d ON d.device_id = c.device_id \
+             WHERE c.state = 'queued' AND c.expires_at > $1 AND d.online = 1 \
+             AND (c.sent_at IS NULL OR c.sent_at < $2) \
+             ORDER BY c.created_at, c.id LIMIT $3",
+        )
+        .bind(now_ms())
+        .bind(sent_before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from).collect()
+    }
+
     pub async fn mark_command_sent(&self, id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE commands SET sent_at = $1 WHERE id = $2")
             .bind(now_ms())

@@ -61,6 +61,7 @@ on_both_backends!(
     a_lease_has_one_holder_and_work_under_a_lost_lease_is_refused,
     a_takeover_waits_for_work_begun_under_the_old_epoch,
     a_holder_stalled_inside_its_work_loses_it_and_does_not_hold_up_the_takeover,
+    queued_commands_of_online_devices_are_resent_until_accepted,
 );
 
 /// A stall limit no test reaches.
@@ -2666,4 +2667,54 @@ async fn a_holder_stalled_inside_its_work_loses_it_and_does_not_hold_up_the_take
     );
     let quiet = store.device(&dev("quiet")).await.unwrap().unwrap();
     assert!(quiet.online, "the stalled work's write landed");
+}
+
+/// The resender's query: a queued command of an online device, not sent lately, until the
+/// device accepts it; never one of an offline device, an expired one, or one sent recently.
+async fn queued_commands_of_online_devices_are_resent_until_accepted(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for d in ["on", "off"] {
+        store.register_device(&dev(d), d, o).await.unwrap();
+    }
+    let mut tx = store.begin_write().await.unwrap();
+    let hb: flotilla_proto::Heartbeat = message(json!({"heap": 1, "fw": "1.0.0"}));
+    tx.apply_update(&dev("on"), &DeviceUpdate::Heartbeat(hb), now_ms())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let far = now_ms() + 600_000;
+    for (id, device, expires) in [
+        ("c-on", "on", far),
+        ("c-off", "off", far),
+        ("c-expired", "on", now_ms() - 1),
+    ] {
+        store
+            .create_command(id, &dev(device), "ping", &json!({}), o, expires)
+            .await
+            .unwrap();
+    }
+    let due = |store: &Store, before: i64| {
+        let store = store.clone();
+        async move {
+            let rows = store.commands_to_resend(before, 100).await.unwrap();
+            rows.into_iter().map(|c| c.id).collect::<Vec<_>>()
+        }
+    };
+    // Never sent: due.
+    assert_eq!(due(store, now_ms()).await, ["c-on"]);
+    store.mark_command_sent("c-on").await.unwrap();
+    // Sent just now: not due until it is older than the cutoff.
+    assert!(due(store, now_ms() - 60_000).await.is_empty());
+    assert_eq!(due(store, now_ms() + 1).await, ["c-on"]);
+    // Accepted: never again.
+    let accepted: flotilla_proto::CommandReply =
+        message(json!({"id": "c-on", "status": "accepted"}));
+    let mut tx = store.begin_write().await.unwrap();
+    assert!(
+        tx.apply_reply(&dev("on"), &accepted, now_ms())
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    assert!(due(store, now_ms() + 1).await.is_empty());
 }
