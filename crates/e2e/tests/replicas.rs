@@ -264,6 +264,52 @@ async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed
     .unwrap();
 }
 
+/// A leader stopped cleanly (SIGTERM) gives its lease up on the way out: the row says lapsed
+/// the moment the process is gone (a SIGKILLed one leaves it live for up to the 10 s TTL), and
+/// the other replica leads at its next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_releases_its_lease_and_the_other_leads_at_once() {
+    use sqlx::Row;
+    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let mut b = a.start_replica(&[]).await.unwrap();
+    let leaders =
+        flotilla_e2e::wait_for("one leader", std::time::Duration::from_secs(20), || async {
+            let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
+            (la != lb).then_some((la, lb))
+        })
+        .await
+        .unwrap();
+    let survivor = if leaders.0 {
+        a.proc.terminate();
+        &b
+    } else {
+        b.proc.terminate();
+        &a
+    };
+    let mut conn = a.database.connect().await.unwrap();
+    let row = sqlx::query("SELECT expires_at FROM leases WHERE name = 'background'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let expires_at: i64 = row.get(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        expires_at <= now || survivor.leads(&admin).await == Some(true),
+        "the stopped leader's lease is still live until {expires_at} (now {now})"
+    );
+    flotilla_e2e::wait_for(
+        "the survivor leads",
+        std::time::Duration::from_secs(8),
+        || async { survivor.leads(&admin).await.filter(|l| *l) },
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_provisioned_and_revoked_through_one_replica_is_known_and_refused_at_the_other() {
     let a = Server::start_on_postgres(&[]).await.unwrap();

@@ -30,6 +30,8 @@ struct Shared {
     holder: String,
     /// The epoch this server holds the lease under, while it does.
     epoch: watch::Receiver<Option<i64>>,
+    /// The task renewing the lease, stopped before a release.
+    renewal: std::sync::Arc<tokio::task::AbortHandle>,
 }
 
 /// What a sweep may write through.
@@ -54,7 +56,7 @@ impl Leadership {
     pub fn compete(store: Store, holder: String) -> Leadership {
         let (tx, epoch) = watch::channel(None);
         let (renewing, me) = (store, holder.clone());
-        tokio::spawn(async move {
+        let renewal = tokio::spawn(async move {
             let mut tick = tokio::time::interval(TTL / 3);
             loop {
                 tick.tick().await;
@@ -74,7 +76,25 @@ impl Leadership {
             }
         });
         Leadership {
-            shared: Some(Shared { holder, epoch }),
+            shared: Some(Shared {
+                holder,
+                epoch,
+                renewal: std::sync::Arc::new(renewal.abort_handle()),
+            }),
+        }
+    }
+
+    /// A clean shutdown: stops renewing and gives the lease up, so another replica takes it
+    /// at its next renewal instead of waiting for it to lapse. Work begun under it still
+    /// holds the lease row until it commits; nothing begins under it afterwards.
+    pub async fn release(&self, store: &Store) {
+        let Some(shared) = &self.shared else { return };
+        shared.renewal.abort();
+        match store.release_lease(LEASE, &shared.holder).await {
+            Ok(()) => tracing::info!(holder = %shared.holder, "background lease released"),
+            Err(e) => {
+                tracing::warn!(error = %e, "releasing the background lease failed; it lapses")
+            }
         }
     }
 

@@ -299,6 +299,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let shared_limits =
         replicated.then(|| crate::shared_limits::SharedLimits::start(store.clone()));
     let command_waits = crate::command_waits::CommandWaits::start(&store).await?;
+    let releasing = (store.clone(), leadership.clone());
     let state = AppState {
         store,
         jwt,
@@ -358,6 +359,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         crate::conn_limits::ConnectionGate::new(config.http_max, config.http_per_address),
     );
     shutdown_signal().await;
+    let (store, leadership) = releasing;
+    leadership.release(&store).await;
     Ok(())
 }
 
