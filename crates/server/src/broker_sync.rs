@@ -12,14 +12,17 @@
 //! that session taken over: broker-sync connects once as the device (a certificate with its
 //! name from the CA, valid minutes, never recorded), and the broker, which takes client ids
 //! from certificates, closes the old session. Without it, a re-provisioned device's old
-//! session keeps its rights until it disconnects.
+//! session keeps its rights until it disconnects. A takeover that fails is tried again at
+//! every pass until it succeeds, and what was last seen (and what is still to take over) is
+//! kept beside the CRL (`<crl_file>.sessions.json`), so a restart of broker-sync misses no
+//! change made while it was down.
 //!
 //! It runs beside the broker (it needs to signal it and write its files), reads the database
 //! every `--interval`, and rewrites and signals only when something changed, or when the CRL
 //! is a seventh of its validity old: a broker holding a CRL past its next update refuses every
 //! device, so a sync that stops fails closed after `--crl-validity-days`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -101,6 +104,45 @@ struct Written {
 /// Each device's (blocked, current serial), to see whose session must end.
 type Sessions = HashMap<String, (bool, Option<String>)>;
 
+/// What broker-sync remembers across its restarts: the last snapshot it acted on, and the
+/// takeovers that have not succeeded yet.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SessionState {
+    seen: Sessions,
+    pending: BTreeSet<String>,
+}
+
+fn state_path(crl_file: &Path) -> PathBuf {
+    let mut name = crl_file.as_os_str().to_owned();
+    name.push(".sessions.json");
+    PathBuf::from(name)
+}
+
+impl SessionState {
+    /// `None` on the first run ever (nothing to compare with yet).
+    fn load(path: &Path) -> anyhow::Result<Option<SessionState>> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("reading broker-sync's state {}", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        replace_file(path, &serde_json::to_vec(self)?)
+    }
+
+    /// The sessions to take over now: those ended since the last snapshot and those whose
+    /// takeover failed before.
+    fn to_take_over(&self, now: &Sessions) -> Vec<String> {
+        let mut due: BTreeSet<String> = sessions_to_end(&self.seen, now).into_iter().collect();
+        due.extend(self.pending.iter().cloned());
+        due.into_iter().collect()
+    }
+}
+
 /// Devices whose open session must end since `before`: blocked now, or holding another
 /// certificate (or none) than then. A renewal counts: the session open may be one made with
 /// the old certificate (a confirm over HTTPS says nothing about it), so it is ended and the
@@ -129,7 +171,8 @@ pub async fn run(
         .with_context(|| format!("reading the base ACL {}", args.acl_base.display()))?;
     let validity = Duration::from_secs(u64::from(args.crl_validity_days.max(1)) * 86_400);
     let mut written: Option<Written> = None;
-    let mut sessions: Option<Sessions> = None;
+    let state_file = state_path(&args.crl_file);
+    let mut sessions = SessionState::load(&state_file)?;
     loop {
         // Read before the files are written: a change after this read is seen next pass.
         let snapshot = match &args.broker_device_url {
@@ -150,19 +193,25 @@ pub async fn run(
         // After the files, so the device's reconnect meets the new CRL and ACL.
         match (snapshot, &args.broker_device_url) {
             (Some(Ok(now)), Some(url)) => {
+                let mut pending = BTreeSet::new();
                 if let Some(before) = &sessions {
-                    for device in sessions_to_end(before, &now) {
+                    for device in before.to_take_over(&now) {
                         match take_over(url, &ca, &broker_ca_pem, &device).await {
                             Ok(()) => {
                                 tracing::info!(device_id = %device, "device session at the broker taken over")
                             }
                             Err(e) => {
-                                tracing::warn!(device_id = %device, error = %format!("{e:#}"), "taking over a device session failed")
+                                tracing::warn!(device_id = %device, error = %format!("{e:#}"), "taking over a device session failed; retrying at the next pass");
+                                pending.insert(device);
                             }
                         }
                     }
                 }
-                sessions = Some(now);
+                let state = SessionState { seen: now, pending };
+                if let Err(e) = state.save(&state_file) {
+                    tracing::warn!(error = %format!("{e:#}"), "saving broker-sync's state failed");
+                }
+                sessions = Some(state);
             }
             (Some(Err(e)), _) => tracing::warn!(error = %e, "reading devices failed"),
             _ => {}
@@ -349,6 +398,37 @@ mod tests {
             ["blocked", "renewed", "reprovisioned", "revoked"]
         );
         assert!(sessions_to_end(&now, &now).is_empty());
+    }
+
+    #[test]
+    fn a_failed_takeover_is_tried_again_and_a_restart_remembers_what_it_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = state_path(&dir.path().join("crl.pem"));
+        assert_eq!(SessionState::load(&path).unwrap(), None);
+        let seen: Sessions = [("stolen".to_string(), (false, Some("5".to_string())))].into();
+        let reprovisioned: Sessions =
+            [("stolen".to_string(), (false, Some("6".to_string())))].into();
+        // The pass that saw the change failed to take the session over: it stays pending,
+        // though the next snapshot shows nothing new.
+        let state = SessionState {
+            seen: reprovisioned.clone(),
+            pending: ["stolen".to_string()].into(),
+        };
+        assert_eq!(state.to_take_over(&reprovisioned), ["stolen"]);
+        // broker-sync restarts: it compares with what it saw before, not with nothing.
+        state.save(&path).unwrap();
+        let loaded = SessionState::load(&path).unwrap().unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(loaded.to_take_over(&reprovisioned), ["stolen"]);
+        let before_restart = SessionState {
+            seen,
+            pending: BTreeSet::new(),
+        };
+        before_restart.save(&path).unwrap();
+        let loaded = SessionState::load(&path).unwrap().unwrap();
+        assert_eq!(loaded.to_take_over(&reprovisioned), ["stolen"]);
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(SessionState::load(&path).is_err());
     }
 
     #[test]
