@@ -12,7 +12,7 @@ use flotilla_pki::CertificateAuthority;
 use flotilla_store::{AuditHead, AuditRecord, RetentionKind, Store, StoreError, StoreResult};
 
 use crate::config::RetentionConfig;
-use crate::leader::Leadership;
+use crate::leader::{Leadership, Sweep};
 
 /// Between two batches, so a writer waiting for the lock gets it.
 const PAUSE: Duration = Duration::from_millis(10);
@@ -144,10 +144,27 @@ async fn drain(
     batch: Batch<'_>,
 ) -> StoreResult<u64> {
     let mut total = 0;
-    while leadership.is_leader() {
-        let n = match batch {
-            Batch::Expired(kind, cutoff) => store.delete_expired(kind, cutoff, size).await?,
-            Batch::Trim(device, keep) => store.trim_device_telemetry(device, keep, size).await?,
+    loop {
+        // Each batch in a transaction fenced by the lease: a replica that lost it (paused,
+        // cut off) deletes nothing under its own settings after another took over.
+        let n = match leadership.sweep(store).await? {
+            None => break,
+            Some(Sweep::Alone(store)) => match batch {
+                Batch::Expired(kind, cutoff) => store.delete_expired(kind, cutoff, size).await?,
+                Batch::Trim(device, keep) => {
+                    store.trim_device_telemetry(device, keep, size).await?
+                }
+            },
+            Some(Sweep::Fenced(mut tx)) => {
+                let n = match batch {
+                    Batch::Expired(kind, cutoff) => tx.delete_expired(kind, cutoff, size).await?,
+                    Batch::Trim(device, keep) => {
+                        tx.trim_device_telemetry(device, keep, size).await?
+                    }
+                };
+                tx.commit().await?;
+                n
+            }
         };
         total += n;
         if n < size as u64 {

@@ -62,6 +62,7 @@ on_both_backends!(
     a_takeover_waits_for_work_begun_under_the_old_epoch,
     a_holder_stalled_inside_its_work_loses_it_and_does_not_hold_up_the_takeover,
     queued_commands_of_online_devices_are_resent_until_accepted,
+    retention_under_the_lease_deletes_only_what_its_holder_commits,
 );
 
 /// A stall limit no test reaches.
@@ -2717,4 +2718,62 @@ async fn queued_commands_of_online_devices_are_resent_until_accepted(store: &Sto
     );
     tx.commit().await.unwrap();
     assert!(due(store, now_ms() + 1).await.is_empty());
+}
+
+/// Retention deletes through the fenced transaction: nothing before its commit, and nothing
+/// at all by a holder whose lease another took over.
+async fn retention_under_the_lease_deletes_only_what_its_holder_commits(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    store.register_device(&dev("d"), "d", o).await.unwrap();
+    for seq in 1..=6 {
+        run_sql(
+            store,
+            "INSERT INTO telemetry (device_id, seq, received_at) VALUES ('d', $1, 1000)",
+            &[seq],
+        )
+        .await;
+    }
+    let count = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let lease = store.hold_lease("bg", "a", 60_000).await.unwrap().unwrap();
+    let mut tx = store
+        .begin_fenced("bg", "a", lease.epoch, LONG_STALL)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tx.delete_expired(RetentionKind::Telemetry, 5_000, 2)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(tx.trim_device_telemetry(&dev("d"), 2, 10).await.unwrap(), 2);
+    drop(tx); // not committed: rolled back
+    assert_eq!(count(store).await, 6);
+    let mut tx = store
+        .begin_fenced("bg", "a", lease.epoch, LONG_STALL)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.trim_device_telemetry(&dev("d"), 2, 10).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(store).await, 2);
+    // Another holder takes the lapsed lease: the old one begins nothing more.
+    store.hold_lease("bg", "a", 0).await.unwrap();
+    store.hold_lease("bg", "b", 60_000).await.unwrap().unwrap();
+    assert!(
+        store
+            .begin_fenced("bg", "a", lease.epoch, LONG_STALL)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

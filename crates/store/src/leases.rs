@@ -197,6 +197,26 @@ impl FencedTx {
         super::rollouts::save_rollout_in(&mut self.0, save).await
     }
 
+    /// [`Store::delete_expired`] under the lease.
+    pub async fn delete_expired(
+        &mut self,
+        kind: super::RetentionKind,
+        before_ms: i64,
+        batch: i64,
+    ) -> StoreResult<u64> {
+        super::retention::delete_expired_in(&mut self.0, kind, before_ms, batch).await
+    }
+
+    /// [`Store::trim_device_telemetry`] under the lease.
+    pub async fn trim_device_telemetry(
+        &mut self,
+        device: &flotilla_proto::DeviceId,
+        keep: u64,
+        batch: i64,
+    ) -> StoreResult<u64> {
+        super::retention::trim_device_telemetry_in(&mut self.0, device, keep, batch).await
+    }
+
     pub async fn commit(self) -> StoreResult<()> {
         Ok(self.0.commit().await?)
     }

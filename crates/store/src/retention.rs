@@ -102,12 +102,8 @@ impl Store {
         before_ms: i64,
         batch: i64,
     ) -> StoreResult<u64> {
-        Ok(sqlx::query(kind.delete_batch())
-            .bind(before_ms)
-            .bind(batch)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        let mut conn = self.pool.acquire().await?;
+        delete_expired_in(&mut conn, kind, before_ms, batch).await
     }
 
     /// Up to `limit` devices after `after` in id order, for walking the fleet in pages.
@@ -139,28 +135,8 @@ impl Store {
         keep: u64,
         batch: i64,
     ) -> StoreResult<u64> {
-        let (oldest, newest): (Option<i64>, Option<i64>) =
-            sqlx::query_as("SELECT MIN(seq), MAX(seq) FROM telemetry WHERE device_id = $1")
-                .bind(device.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-        let below = newest.and_then(|n| n.checked_sub(i64::try_from(keep).ok()?));
-        let (Some(oldest), Some(below)) = (oldest, below) else {
-            return Ok(0);
-        };
-        if oldest > below {
-            return Ok(0);
-        }
-        Ok(sqlx::query(
-            "DELETE FROM telemetry WHERE (device_id, seq) IN \
-             (SELECT device_id, seq FROM telemetry WHERE device_id = $1 AND seq <= $2 LIMIT $3)",
-        )
-        .bind(device.as_str())
-        .bind(below)
-        .bind(batch)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        let mut conn = self.pool.acquire().await?;
+        trim_device_telemetry_in(&mut conn, device, keep, batch).await
     }
 
     /// Keeps what a run of `kind` removed.
@@ -219,4 +195,51 @@ impl Store {
                 .collect(),
         })
     }
+}
+
+/// Deletes up to `batch` rows of `kind` older than `before_ms` through `conn` (the pool's or
+/// a fenced transaction's); how many.
+pub(super) async fn delete_expired_in(
+    conn: &mut sqlx::AnyConnection,
+    kind: RetentionKind,
+    before_ms: i64,
+    batch: i64,
+) -> StoreResult<u64> {
+    Ok(sqlx::query(kind.delete_batch())
+        .bind(before_ms)
+        .bind(batch)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
+}
+
+/// Deletes up to `batch` of `device`'s oldest readings beyond the newest `keep`, through `conn`.
+pub(super) async fn trim_device_telemetry_in(
+    conn: &mut sqlx::AnyConnection,
+    device: &DeviceId,
+    keep: u64,
+    batch: i64,
+) -> StoreResult<u64> {
+    let (oldest, newest): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT MIN(seq), MAX(seq) FROM telemetry WHERE device_id = $1")
+            .bind(device.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    let below = newest.and_then(|n| n.checked_sub(i64::try_from(keep).ok()?));
+    let (Some(oldest), Some(below)) = (oldest, below) else {
+        return Ok(0);
+    };
+    if oldest > below {
+        return Ok(0);
+    }
+    Ok(sqlx::query(
+        "DELETE FROM telemetry WHERE (device_id, seq) IN \
+         (SELECT device_id, seq FROM telemetry WHERE device_id = $1 AND seq <= $2 LIMIT $3)",
+    )
+    .bind(device.as_str())
+    .bind(below)
+    .bind(batch)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
 }
