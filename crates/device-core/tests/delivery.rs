@@ -11,19 +11,7 @@ use flotilla_proto::{CommandReply, CommandStatus, OtaOffer, OtaPhase, OtaStatus,
 use serde_json::json;
 
 mod common;
-use common::{Sim, key, manifest, provisioning, sign};
-
-const CONFIRM_MS: u64 = 5_000;
-
-fn config(version: &str) -> Config {
-    Config {
-        firmware_version: version.into(),
-        security_counter: 3,
-        trusted_keys: vec![*key(1).verifying_key()],
-        ota_confirm_ms: CONFIRM_MS,
-        ..Config::default()
-    }
-}
+use common::{CONFIRM_MS, Sim, key, manifest, ota_config as config, provisioning, sign};
 
 fn connected(version: &str, stored: Stored) -> Sim {
     let stored = Stored {

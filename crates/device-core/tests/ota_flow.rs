@@ -4,25 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use flotilla_device_core::{Action, Awaiting, BootedImage, Config, Persist, Stored, slots::Layout};
+use flotilla_device_core::{Action, Awaiting, BootedImage, Persist, Stored, slots::Layout};
 use flotilla_proto::{OtaOffer, OtaPhase, OtaStatus, decode, encode};
 
 mod common;
-use common::{Sim, key, manifest, provisioning, sign};
-
-const CONFIRM_MS: u64 = 5_000;
-const DEADLINE_MS: u64 = 60_000;
-
-fn config(version: &str) -> Config {
-    Config {
-        firmware_version: version.into(),
-        security_counter: 3,
-        trusted_keys: vec![*key(1).verifying_key()],
-        ota_confirm_ms: CONFIRM_MS,
-        ota_verify_deadline_ms: DEADLINE_MS,
-        ..Config::default()
-    }
-}
+use common::{
+    CONFIRM_MS, DEADLINE_MS, Sim, key, manifest, ota_config as config, provisioning, sign,
+};
 
 fn offer(id: &str, version: &str, signer: u8) -> OtaOffer {
     OtaOffer {

@@ -11,6 +11,16 @@ use serde_json::{Value, json};
 
 const HEARTBEAT_TIMEOUT_SECS: u64 = 4;
 
+/// device_0070's command `id` once it succeeded (15 s at most).
+async fn succeeded(server: &Server, jwt: &str, id: &str) -> anyhow::Result<Value> {
+    let path = format!("/api/device/device_0070/commands/{id}");
+    wait_for("the command succeeded", Duration::from_secs(15), || async {
+        let (_, c) = server.call("GET", &path, Some(jwt), None).await.ok()?;
+        (c["state"] == "succeeded").then_some(c)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_lifecycle_end_to_end() -> anyhow::Result<()> {
     let server =
@@ -84,19 +94,7 @@ async fn device_lifecycle_end_to_end() -> anyhow::Result<()> {
         .await?;
     assert_eq!(s, 202, "{led}");
     let command_id = led["commandId"].as_str().unwrap_or_default().to_string();
-    let done = wait_for("LED command succeeded", Duration::from_secs(15), || async {
-        let (_, c) = server
-            .call(
-                "GET",
-                &format!("/api/device/device_0070/commands/{command_id}"),
-                Some(&jwt),
-                None,
-            )
-            .await
-            .ok()?;
-        (c["state"] == "succeeded").then_some(c)
-    })
-    .await?;
+    let done = succeeded(&server, &jwt, &command_id).await?;
     assert_eq!(done["result"], json!({"state":"ON"}));
     assert!(done["deliveredAt"].is_number());
     wait_for("LED state ON reported", Duration::from_secs(10), || async {
@@ -150,23 +148,7 @@ async fn device_lifecycle_end_to_end() -> anyhow::Result<()> {
     assert_eq!(s, 202, "{reboot}");
     let reboot_id = reboot["id"].as_str().unwrap().to_string();
     let asked = std::time::Instant::now();
-    let done = wait_for(
-        "reboot command succeeded",
-        Duration::from_secs(15),
-        || async {
-            let (_, c) = server
-                .call(
-                    "GET",
-                    &format!("/api/device/device_0070/commands/{reboot_id}"),
-                    Some(&jwt),
-                    None,
-                )
-                .await
-                .ok()?;
-            (c["state"] == "succeeded").then_some(c)
-        },
-    )
-    .await?;
+    let done = succeeded(&server, &jwt, &reboot_id).await?;
     assert_eq!(done["result"], json!({"rebooting": true}));
     wait_for("the agent restarts", Duration::from_secs(20), || {
         let n = boots(&agent);

@@ -197,11 +197,11 @@ async fn failed_logins_spread_over_two_replicas_lock_at_the_shared_limit_not_twi
     assert_eq!(refusals, 1, "{audit}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed() {
-    let mut a = Server::start_on_postgres(&[]).await.unwrap();
+/// Replicas `a` and `b` on one PostgreSQL, an admin's token, and which of them leads.
+async fn two_replicas_one_leading() -> (Server, Server, String, (bool, bool)) {
+    let a = Server::start_on_postgres(&[]).await.unwrap();
     let admin = a.admin("admin@x.io").await.unwrap();
-    let mut b = a.start_replica(&[]).await.unwrap();
+    let b = a.start_replica(&[]).await.unwrap();
     let leaders =
         flotilla_e2e::wait_for("one leader", std::time::Duration::from_secs(20), || async {
             let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
@@ -209,6 +209,12 @@ async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed
         })
         .await
         .unwrap();
+    (a, b, admin, leaders)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed() {
+    let (mut a, mut b, admin, leaders) = two_replicas_one_leading().await;
     // SIGKILL the leader: no release, the lease has to lapse.
     let survivor = if leaders.0 {
         a.proc.kill_hard();
@@ -270,16 +276,7 @@ async fn one_replica_leads_the_sweeps_and_the_other_takes_over_when_it_is_killed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_cleanly_releases_its_lease_and_the_other_leads_at_once() {
     use sqlx::Row;
-    let mut a = Server::start_on_postgres(&[]).await.unwrap();
-    let admin = a.admin("admin@x.io").await.unwrap();
-    let mut b = a.start_replica(&[]).await.unwrap();
-    let leaders =
-        flotilla_e2e::wait_for("one leader", std::time::Duration::from_secs(20), || async {
-            let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
-            (la != lb).then_some((la, lb))
-        })
-        .await
-        .unwrap();
+    let (mut a, mut b, admin, leaders) = two_replicas_one_leading().await;
     let survivor = if leaders.0 {
         a.proc.terminate();
         &b

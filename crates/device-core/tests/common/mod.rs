@@ -154,6 +154,23 @@ pub fn provisioning() -> Provisioning {
 
 // ----- releases -----
 
+/// How long a new image must stay connected before it is confirmed, in these tests.
+pub const CONFIRM_MS: u64 = 5_000;
+/// When a new image that never confirms reboots, in these tests.
+pub const DEADLINE_MS: u64 = 60_000;
+
+/// A device running `version` that trusts releases signed by `key(1)`.
+pub fn ota_config(version: &str) -> Config {
+    Config {
+        firmware_version: version.into(),
+        security_counter: 3,
+        trusted_keys: vec![*key(1).verifying_key()],
+        ota_confirm_ms: CONFIRM_MS,
+        ota_verify_deadline_ms: DEADLINE_MS,
+        ..Config::default()
+    }
+}
+
 pub fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32].into()).unwrap()
 }
