@@ -218,6 +218,8 @@ impl Nvs {
             }
             Persist::OtaOutcome(outcome) => {
                 r.ota_job = None;
+                r.ota_awaiting
+                    .take_if(|a| outcome.id.as_ref() == Some(&a.id));
                 r.ota_outcome = Some(outcome.clone());
             }
             Persist::OtaReported { id } => {
@@ -413,5 +415,15 @@ mod tests {
         nvs.apply(&Persist::OtaReported { id: "u2".into() })
             .unwrap();
         assert!(nvs.load().ota_awaiting.is_none());
+        // A rollback's outcome replaces its own awaiting record in the same write.
+        nvs.apply(&Persist::OtaInstalled(Awaiting {
+            id: "u4".into(),
+            version: "1.5.0".into(),
+        }))
+        .unwrap();
+        nvs.apply(&Persist::OtaOutcome(failed("u4"))).unwrap();
+        let stored = nvs.load();
+        assert!(stored.ota_awaiting.is_none());
+        assert_eq!(stored.ota_outcome, Some(failed("u4")));
     }
 }

@@ -122,8 +122,8 @@ pub struct Stored {
     pub ota_awaiting: Option<Awaiting>,
     /// What the bootloader made of the running image.
     pub booted: BootedImage,
-    /// The outcome of an update that ended without installing (FAILED), not yet acknowledged
-    /// by the broker.
+    /// The outcome of an update that ended (FAILED, ROLLED_BACK), not yet acknowledged by
+    /// the broker.
     pub ota_outcome: Option<OtaStatus>,
     /// The final replies of the last [`COMMANDS_DONE_KEPT`] commands that must not run twice
     /// (a reboot), so a redelivery after the restart is answered, not run.
@@ -163,8 +163,9 @@ pub enum Persist {
     /// The image is written and verified: forget the job, remember what to report after the
     /// reboot. One write, so a power cut leaves one or the other.
     OtaInstalled(Awaiting),
-    /// The job ended without installing: forget it, keep this outcome (FAILED) until it was
-    /// delivered. One write.
+    /// An update ended (FAILED without installing, or ROLLED_BACK): forget its job, and its
+    /// [`Awaiting`] if it has this outcome's id, and keep this outcome until it was delivered.
+    /// One write.
     OtaOutcome(OtaStatus),
     /// The broker acknowledged the outcome of update `id`: forget the [`Awaiting`] and the
     /// [`Persist::OtaOutcome`] of that id (not those of another update).
@@ -415,6 +416,12 @@ impl Device {
             self.commands.remember_done(&reply);
             self.commands_done.push_back(reply);
         }
+        // The newest may be the reboot whose reply never got its PUBACK (the 30 s fallback,
+        // a power cut): the server waits for it, and nothing else would send it again. A
+        // repeat of a final reply changes nothing at the server.
+        if let Some(newest) = self.commands_done.back().cloned() {
+            self.publish_reliably(Channel::Reply, encode(&newest), Then::Nothing);
+        }
         self.ota_boot(now, stored.ota_job, stored.ota_awaiting, stored.booted);
         if let Some(outcome) = stored.ota_outcome {
             self.send_ota_outcome(outcome);
@@ -514,10 +521,11 @@ impl Device {
     pub fn handle_published(&mut self, _now: Millis, token: Token) {
         match self.outbox.acknowledged(token) {
             Some(Then::OtaReported(id)) => self.persist(Persist::OtaReported { id }),
-            Some(Then::Reboot) => {
-                self.timers.reboot = None;
+            // Unless its deadline already restarted the device.
+            Some(Then::Reboot) if self.timers.reboot.take().is_some() => {
                 self.actions.push_back(Action::Reboot);
             }
+            Some(Then::Reboot) => {}
             Some(Then::Nothing) | None => {}
         }
     }

@@ -67,9 +67,10 @@ impl Outbox {
         }
     }
 
-    /// Keeps `publish` until it is acknowledged. A full outbox lets its oldest message go
-    /// (what depended on it does not happen: an OTA outcome stays persisted and is reported
-    /// after the next boot, a reboot happens at its deadline).
+    /// Keeps `publish` until it is acknowledged. A full outbox lets its oldest plain message
+    /// go (a command reply), and only when it holds nothing else its oldest message (what
+    /// depended on it does not happen: an OTA outcome stays persisted and is reported after
+    /// the next boot, a reboot happens at its deadline).
     /// With `connected`, the message goes out at once: it is returned, with its token, for
     /// the shell.
     pub(crate) fn push(
@@ -79,7 +80,8 @@ impl Outbox {
         connected: bool,
     ) -> Option<Publish> {
         if self.entries.len() >= self.capacity {
-            self.entries.pop_front();
+            let plain = self.entries.iter().position(|e| e.then == Then::Nothing);
+            self.entries.remove(plain.unwrap_or(0));
         }
         self.next_token = self.next_token.wrapping_add(1);
         let token = Token(self.next_token);

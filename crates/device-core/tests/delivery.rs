@@ -142,10 +142,15 @@ fn a_reboot_waits_for_its_reply_and_a_redelivery_after_the_reboot_is_answered_no
     after.acknowledge();
     after.run_until(after.now + 60_000);
     assert_eq!(reboots(&after), 0, "the reboot ran twice");
+    // Its stored reply: once after the boot (the restart may have beaten its PUBACK), once
+    // for the redelivery.
     let answer = after.replies();
-    assert_eq!(answer.len(), 1);
-    assert_eq!(answer[0].status, CommandStatus::Succeeded);
-    assert_eq!(answer[0].id, "r1");
+    assert_eq!(answer.len(), 2);
+    assert!(
+        answer
+            .iter()
+            .all(|r| r.id == "r1" && r.status == CommandStatus::Succeeded)
+    );
 }
 
 #[test]
@@ -157,6 +162,67 @@ fn a_reboot_whose_reply_is_never_acknowledged_restarts_at_its_deadline() {
     assert_eq!(reboots(&sim), 0);
     sim.run_until(sim.now + 1);
     assert_eq!(reboots(&sim), 1);
+    // A PUBACK that comes late restarts nothing a second time.
+    sim.acknowledge();
+    assert_eq!(reboots(&sim), 1);
+}
+
+#[test]
+fn the_newest_persisted_reply_is_sent_again_after_a_boot() {
+    // The restart came before the reply's PUBACK (the deadline, a power cut): the server
+    // still waits for it.
+    let reply = CommandReply {
+        id: "r1".into(),
+        status: CommandStatus::Succeeded,
+        result: Some(json!({"rebooting": true})),
+        error: None,
+    };
+    let mut sim = connected(
+        "1.2.0",
+        Stored {
+            commands_done: vec![reply.clone()],
+            ..Stored::default()
+        },
+    );
+    assert_eq!(sim.replies(), [reply]);
+    sim.acknowledge();
+    assert_eq!(sim.device.unacknowledged(), 0);
+}
+
+#[test]
+fn a_rollback_reported_across_a_reboot_before_its_puback_stays_rolled_back() {
+    let awaiting = Awaiting {
+        id: "u9".into(),
+        version: "1.3.0".into(),
+    };
+    let mut sim = connected(
+        "1.2.0",
+        Stored {
+            booted: BootedImage::RolledBack,
+            ota_awaiting: Some(awaiting),
+            ..Stored::default()
+        },
+    );
+    let outcome = sim
+        .log
+        .iter()
+        .find_map(|a| match a {
+            Action::Persist(Persist::OtaOutcome(o)) => Some(o.clone()),
+            _ => None,
+        })
+        .expect("the rollback is persisted as the outcome at the boot that saw it");
+    assert_eq!(outcome.status, OtaPhase::RolledBack);
+    assert_eq!(ota_reports(&mut sim), std::slice::from_ref(&outcome));
+    // No PUBACK, and the device restarts: NVS holds the outcome (the awaiting record went
+    // with the same write), and the bootloader now says only "valid".
+    let mut after = connected(
+        "1.2.0",
+        Stored {
+            ota_outcome: Some(outcome.clone()),
+            ..Stored::default()
+        },
+    );
+    assert_eq!(ota_reports(&mut after), [outcome]);
 }
 
 #[test]
@@ -270,7 +336,22 @@ fn a_refused_publish_is_sent_again_after_the_retry_delay() {
 #[test]
 fn a_full_outbox_keeps_its_bound_and_the_newest_messages() {
     let capacity = Config::default().outbox_capacity;
-    let mut sim = connected("1.2.0", Stored::default());
+    // An OTA outcome waits for its PUBACK while a flood of commands fills the outbox: the
+    // plain replies give way, the outcome stays.
+    let outcome = OtaStatus {
+        status: OtaPhase::Failed,
+        id: Some("u7".into()),
+        progress: None,
+        version: Some("1.3.0".into()),
+        error: Some("connection reset".into()),
+    };
+    let mut sim = connected(
+        "1.2.0",
+        Stored {
+            ota_outcome: Some(outcome.clone()),
+            ..Stored::default()
+        },
+    );
     for i in 0..capacity + 4 {
         sim.command(&format!("p{i}"), "ping", json!({}));
         sim.run_until(sim.now + 1);
@@ -278,8 +359,9 @@ fn a_full_outbox_keeps_its_bound_and_the_newest_messages() {
     assert_eq!(sim.device.unacknowledged(), capacity);
     sim.take_log();
     sim.reconnect();
+    assert_eq!(ota_reports(&mut sim), [outcome]);
     let resent: Vec<String> = sim.replies().into_iter().map(|r| r.id).collect();
-    let newest: Vec<String> = (4..capacity + 4).map(|i| format!("p{i}")).collect();
+    let newest: Vec<String> = (5..capacity + 4).map(|i| format!("p{i}")).collect();
     assert_eq!(resent, newest);
     sim.acknowledge();
     assert_eq!(sim.device.unacknowledged(), 0);

@@ -78,6 +78,8 @@ struct Chip {
     running: u8,
     /// Image `n`'s update was given up by the bootloader (reported ROLLED_BACK, not retried).
     rolled_back: Option<u8>,
+    /// Image `n` was activated (its otadata entry written whole) in the step running now.
+    activated: Option<u8>,
 }
 
 /// Which complete image `slot` holds, if any.
@@ -92,6 +94,7 @@ impl Chip {
             unstable_boots: 0,
             running: 1,
             rolled_back: None,
+            activated: None,
         }
     }
 
@@ -130,6 +133,7 @@ impl Chip {
                     }
                     w.finish(f)?;
                     l.activate(f, slot)?;
+                    self.activated = Some(n);
                     self.power_on()?;
                     assert_eq!(self.running, n, "the activated image did not boot");
                 }
@@ -149,10 +153,15 @@ impl Chip {
         Ok(())
     }
 
-    /// The images that may run after a power cut in `step`, which began with `before`.
-    fn allowed_after_a_cut(step: Step, before: u8) -> Vec<u8> {
+    /// The images that may run after a power cut in `step`, which began with `before`: an
+    /// update activated before the cut must run (unless it is the crashing one, which the
+    /// bootloader may already have given up), one not activated must not.
+    fn allowed_after_a_cut(&self, step: Step, before: u8) -> Vec<u8> {
         match step {
-            Step::Update(n) | Step::Crashing(n) => vec![before, n],
+            Step::Update(n) if self.activated == Some(n) => vec![n],
+            Step::Update(_) => vec![before],
+            Step::Crashing(n) if self.activated == Some(n) => vec![before, n],
+            Step::Crashing(_) => vec![before],
             Step::Confirm => vec![before],
         }
     }
@@ -177,6 +186,7 @@ fn every_power_cut_in_an_update_lifecycle_boots_the_right_complete_image_and_it_
         let (interrupted, before) = loop {
             let step = LIFECYCLE[step_index];
             let before = chip.running;
+            chip.activated = None;
             match chip.run(step) {
                 Ok(()) => step_index += 1,
                 Err(e) => {
@@ -190,7 +200,8 @@ fn every_power_cut_in_an_update_lifecycle_boots_the_right_complete_image_and_it_
         chip.flash.cut = None;
         chip.power_on().unwrap();
         assert!(
-            Chip::allowed_after_a_cut(interrupted, before).contains(&chip.running),
+            chip.allowed_after_a_cut(interrupted, before)
+                .contains(&chip.running),
             "{cut:?} in {interrupted:?}: image {} runs",
             chip.running
         );

@@ -104,6 +104,24 @@ impl Device {
         if booted == BootedImage::PendingVerify {
             self.timers.ota_deadline = Some(now + self.config.ota_verify_deadline_ms);
         }
+        if booted == BootedImage::RolledBack
+            && let Some(a) = self.ota.awaiting.take()
+        {
+            // Only this boot knows the image was rolled back: the outcome goes to NVS in
+            // place of the awaiting record (one write), so a reboot before its PUBACK
+            // reports ROLLED_BACK again, not a FAILED guessed from the version.
+            let status = OtaStatus {
+                status: OtaPhase::RolledBack,
+                id: Some(a.id),
+                progress: None,
+                version: Some(a.version),
+                error: Some(alloc::format!(
+                    "image not confirmed after {MAX_UNCONFIRMED_BOOTS} boots; previous image restored"
+                )),
+            };
+            self.persist(Persist::OtaOutcome(status.clone()));
+            self.send_ota_outcome(status);
+        }
     }
 
     pub(super) fn ota_connected(&mut self, now: Millis) {
@@ -111,20 +129,8 @@ impl Device {
             BootedImage::PendingVerify => {
                 self.timers.ota_confirm = Some(now + self.config.ota_confirm_ms);
             }
-            BootedImage::RolledBack => {
-                if let Some(a) = self.ota.awaiting.take() {
-                    self.send_ota_outcome(OtaStatus {
-                        status: OtaPhase::RolledBack,
-                        id: Some(a.id),
-                        progress: None,
-                        version: Some(a.version),
-                        error: Some(alloc::format!(
-                            "image not confirmed after {MAX_UNCONFIRMED_BOOTS} boots; previous image restored"
-                        )),
-                    });
-                }
-                self.ota.booted = BootedImage::Valid;
-            }
+            // Its outcome was queued at boot.
+            BootedImage::RolledBack => self.ota.booted = BootedImage::Valid,
             BootedImage::Valid => {
                 // A power cut between install and activation, or between confirmation and
                 // its report: the running version tells which.
