@@ -204,12 +204,7 @@ fn a_rollback_reported_across_a_reboot_before_its_puback_stays_rolled_back() {
         },
     );
     let outcome = sim
-        .log
-        .iter()
-        .find_map(|a| match a {
-            Action::Persist(Persist::OtaOutcome(o)) => Some(o.clone()),
-            _ => None,
-        })
+        .stored_outcome()
         .expect("the rollback is persisted as the outcome at the boot that saw it");
     assert_eq!(outcome.status, OtaPhase::RolledBack);
     assert_eq!(ota_reports(&mut sim), std::slice::from_ref(&outcome));
@@ -267,14 +262,7 @@ fn a_failed_made_offline_is_persisted_and_arrives_after_reconnect() {
         .handle_ota_finished(sim.now, Err("connection reset".into()));
     sim.drain();
     assert!(ota_reports(&mut sim).is_empty());
-    let outcome = sim
-        .log
-        .iter()
-        .find_map(|a| match a {
-            Action::Persist(Persist::OtaOutcome(o)) => Some(o.clone()),
-            _ => None,
-        })
-        .expect("the FAILED is persisted");
+    let outcome = sim.stored_outcome().expect("the FAILED is persisted");
     assert_eq!(
         (outcome.status, outcome.id.as_deref()),
         (OtaPhase::Failed, Some("u5"))

@@ -250,7 +250,9 @@ fn a_download_interrupted_by_a_reboot_resumes_without_a_second_started() {
         Err("image SHA-256 does not match the manifest".into()),
     );
     sim.drain();
-    let outcome = stored_outcome(&sim).expect("the outcome is persisted with the job's end");
+    let outcome = sim
+        .stored_outcome()
+        .expect("the outcome is persisted with the job's end");
     assert_eq!(
         (outcome.status, outcome.id.as_deref()),
         (OtaPhase::Failed, Some("u2"))
@@ -285,14 +287,6 @@ fn the_bootloader_rolls_back_after_three_unconfirmed_boots() {
     assert_eq!((again.slot, again.rolled_back), (0, false));
 }
 
-/// The last OTA outcome the device persisted ([`Persist::OtaOutcome`]).
-fn stored_outcome(sim: &Sim) -> Option<flotilla_proto::OtaStatus> {
-    sim.log.iter().rev().find_map(|a| match a {
-        Action::Persist(Persist::OtaOutcome(o)) => Some(o.clone()),
-        _ => None,
-    })
-}
-
 fn cancel(sim: &mut Sim, id: &str) {
     let message = encode(&flotilla_proto::OtaCancel { cancel: id.into() });
     sim.device
@@ -320,7 +314,7 @@ fn a_cancel_stops_its_download_reports_failed_and_frees_the_device_for_the_next_
     assert!(pos(&Action::CancelDownload).is_some(), "{log:?}");
     sim.log = log;
     assert_eq!(
-        stored_outcome(&sim).and_then(|o| o.id),
+        sim.stored_outcome().and_then(|o| o.id),
         Some("u1".to_string())
     );
     let reports = ota_reports(&mut sim);

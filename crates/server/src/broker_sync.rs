@@ -208,7 +208,10 @@ pub async fn run(
                     }
                 }
                 let state = SessionState { seen: now, pending };
-                if let Err(e) = state.save(&state_file) {
+                // Written when it changed, not every pass.
+                if sessions.as_ref() != Some(&state)
+                    && let Err(e) = state.save(&state_file)
+                {
                     tracing::warn!(error = %format!("{e:#}"), "saving broker-sync's state failed");
                 }
                 sessions = Some(state);

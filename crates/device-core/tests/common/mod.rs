@@ -92,6 +92,14 @@ impl Sim {
         self.now = until;
     }
 
+    /// The last OTA outcome the device persisted (`Persist::OtaOutcome`).
+    pub fn stored_outcome(&self) -> Option<flotilla_proto::OtaStatus> {
+        self.log.iter().rev().find_map(|a| match a {
+            Action::Persist(flotilla_device_core::Persist::OtaOutcome(o)) => Some(o.clone()),
+            _ => None,
+        })
+    }
+
     pub fn take_log(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.log)
     }
