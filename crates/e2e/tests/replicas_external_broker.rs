@@ -176,6 +176,7 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         .await
         .unwrap();
     let before_b = received(&b, &admin).await;
+    let mut answered = Vec::new();
     for _ in 0..6 {
         let (status, cmd) = a
             .call(
@@ -187,9 +188,20 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
             .await
             .unwrap();
         assert_eq!(status, 202, "{cmd}");
-        let (_, payload) = session.message(Duration::from_secs(10)).await.unwrap();
-        let command: Value = serde_json::from_slice(&payload).unwrap();
-        assert_eq!(command["id"], cmd["id"]);
+        // Delivery is at least once: an earlier command may arrive again (the device answers
+        // it without running it); anything else is a fault.
+        let command = loop {
+            let (_, payload) = session.message(Duration::from_secs(10)).await.unwrap();
+            let command: Value = serde_json::from_slice(&payload).unwrap();
+            if command["id"] == cmd["id"] {
+                break command;
+            }
+            assert!(
+                answered.contains(&command["id"]),
+                "unknown command {command}"
+            );
+        };
+        answered.push(command["id"].clone());
         let reply = json!({"id": command["id"], "status": "succeeded", "result": {"pong": true}});
         // A request on A waits for the command while the device answers; whichever replica
         // ingests the reply, the wait ends with it.

@@ -76,11 +76,11 @@ async fn ingest(store: Store, stop: Arc<AtomicBool>, stored: Arc<AtomicU64>, fir
                 (d, t)
             })
             .collect();
-        let refs: Vec<(&DeviceId, &Telemetry)> = batch.iter().map(|(d, t)| (d, t)).collect();
+        let now = flotilla_store::now_ms();
+        let refs: Vec<(&DeviceId, &Telemetry, i64)> =
+            batch.iter().map(|(d, t)| (d, t, now)).collect();
         let mut tx = store.begin_write().await.expect("begin");
-        tx.apply_readings(&refs, flotilla_store::now_ms())
-            .await
-            .expect("store");
+        tx.apply_readings(&refs).await.expect("store");
         tx.commit().await.expect("commit");
         stored.fetch_add(INGEST_BATCH as u64, Ordering::Relaxed);
     }

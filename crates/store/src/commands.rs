@@ -99,9 +99,11 @@ impl Store {
         rows.iter().map(command_from).collect()
     }
 
-    /// Queued commands of online devices not sent since `sent_before` (or never): what the
-    /// resender publishes again, oldest first, at most `limit`. Found through the expiry index
-    /// (`state`), so a sweep with nothing queued reads nothing.
+    /// Queued commands of online devices not sent since `sent_before` (a command never
+    /// marked sent counts from its creation, so one whose first publish is still under way on
+    /// another replica is not sent twice): what the resender publishes again, oldest first, at
+    /// most `limit`. Found through the expiry index (`state`), so a sweep with nothing queued
+    /// reads nothing.
     pub async fn commands_to_resend(
         &self,
         sent_before: i64,
@@ -110,7 +112,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT c.* FROM commands c JOIN devices d ON d.device_id = c.device_id \
              WHERE c.state = 'queued' AND c.expires_at > $1 AND d.online = 1 \
-             AND (c.sent_at IS NULL OR c.sent_at < $2) \
+             AND COALESCE(c.sent_at, c.created_at) < $2 \
              ORDER BY c.created_at, c.id LIMIT $3",
         )
         .bind(now_ms())

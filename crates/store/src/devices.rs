@@ -223,9 +223,12 @@ impl Store {
     }
 
     pub async fn mark_offline(&self, device_id: &DeviceId, reason: &str) -> StoreResult<bool> {
-        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1 WHERE device_id = $2 AND online = 1")
+        // Stamped as a presence change: a message the device sent before it, committed
+        // after it, does not bring the device back online.
+        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1, presence_at = $3 WHERE device_id = $2 AND online = 1")
             .bind(reason)
             .bind(device_id.as_str())
+            .bind(now_ms())
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
@@ -334,67 +337,140 @@ pub(super) async fn lock_device(tx: &mut Transaction<'_, Any>, device_id: &str) 
     Ok(())
 }
 
-/// Applies one device message inside the ingest transaction. Returns true when the message
-/// brought the device from offline to online.
+/// Whether a row's field group last changed by a message received at `stamp` (`NULL`: never)
+/// may take one received at `at`. Messages of one device can be taken by two replicas and
+/// committed in either order; each group (presence, health, reported status) keeps the
+/// receive time of the message that last set it, and an older message leaves it as it is.
+/// Equal times apply in commit order (one replica's messages commit in arrival order).
+fn newer(stamp: &str, at: &str) -> String {
+    format!("({stamp} IS NULL OR {stamp} <= {at})")
+}
+
+/// `column = value` when `guard` holds, else unchanged.
+fn set_if(guard: &str, column: &str, value: &str) -> String {
+    format!("{column} = CASE WHEN {guard} THEN {value} ELSE {column} END")
+}
+
+/// The presence columns a message received at `at` sets: online (`online`, 1 or 0) with its
+/// reason when it is newer than the presence on record, and `last_seen` moved forward when
+/// it came from the device (online).
+fn presence_sets(at: &str, online: &str, reason: &str) -> String {
+    let p = newer("presence_at", at);
+    [
+        set_if(&p, "online", online),
+        set_if(&p, "disconnect_reason", reason),
+        set_if(&p, "presence_at", at),
+        set_if(
+            &format!("{online} = 1 AND (last_seen IS NULL OR last_seen < {at})"),
+            "last_seen",
+            at,
+        ),
+    ]
+    .join(", ")
+}
+
+/// [`presence_sets`] for a message bound as `$1` (received), `$2` (online), `$3` (reason).
+fn presence_sets_bound() -> String {
+    presence_sets("$1", "$2", "CASE WHEN $2 = 1 THEN NULL ELSE $3 END")
+}
+
+/// Applies one device message, received at `received` (ms), inside the ingest transaction;
+/// each field group changes only if the message is newer than the one that last set it (see
+/// [`newer`]). Returns true when the message brought the device from offline to online.
 pub(super) async fn apply_update(
     tx: &mut Transaction<'_, Any>,
     device_id: &str,
     update: &DeviceUpdate,
-    now: i64,
+    received: i64,
 ) -> StoreResult<bool> {
     // A blocked device's messages change nothing, even those taken before the block and
     // committed after it; the row stays locked until commit, so a block waits for this
     // transaction or this one sees it.
     let select = format!(
-        "SELECT online FROM devices WHERE device_id = $1 AND blocked = 0{}",
+        "SELECT online, presence_at FROM devices WHERE device_id = $1 AND blocked = 0{}",
         for_update(tx)
     );
-    let was_online: Option<i64> = sqlx::query_scalar(&select)
+    let row: Option<(i64, Option<i64>)> = sqlx::query_as(&select)
         .bind(device_id)
         .fetch_optional(&mut **tx)
         .await?;
-    let Some(was_online) = was_online else {
+    let Some((was_online, presence_at)) = row else {
         return Ok(false);
     };
+    let presence_newer = presence_at.is_none_or(|at| at <= received);
     let mut online_now = true;
     match update {
         DeviceUpdate::Heartbeat(hb) => {
-            sqlx::query(
-                "UPDATE devices SET online = 1, last_seen = $1, disconnect_reason = NULL, fw_version = $2, heap = $3, \
-                 rssi = COALESCE($4, rssi), uptime = $5, crashes = COALESCE($6, crashes) WHERE device_id = $7",
-            )
-            .bind(now)
-            .bind(&hb.fw)
-            .bind(i64::from(hb.heap))
-            .bind(hb.rssi.map(i64::from))
-            .bind(hb.uptime.map(|u| u.min(i64::MAX as u64) as i64))
-            .bind(hb.crashes.map(i64::from))
-            .bind(device_id)
-            .execute(&mut **tx)
-            .await?;
+            let h = newer("health_at", "$1");
+            let sql = format!(
+                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {} WHERE device_id = $9",
+                presence_sets_bound(),
+                set_if(&h, "fw_version", "$4"),
+                set_if(&h, "heap", "$5"),
+                set_if(&h, "rssi", "COALESCE($6, rssi)"),
+                set_if(&h, "uptime", "$7"),
+                set_if(&h, "crashes", "COALESCE($8, crashes)"),
+                set_if(&h, "health_at", "$1"),
+            );
+            sqlx::query(&sql)
+                .bind(received)
+                .bind(1_i64)
+                .bind(None::<&str>)
+                .bind(&hb.fw)
+                .bind(i64::from(hb.heap))
+                .bind(hb.rssi.map(i64::from))
+                .bind(hb.uptime.map(|u| u.min(i64::MAX as u64) as i64))
+                .bind(hb.crashes.map(i64::from))
+                .bind(device_id)
+                .execute(&mut **tx)
+                .await?;
         }
         DeviceUpdate::Status(st) => {
             online_now = st.online;
-            sqlx::query(
-                "UPDATE devices SET online = $1, last_seen = CASE WHEN $1 = 1 THEN $2 ELSE last_seen END, \
-                 disconnect_reason = CASE WHEN $1 = 1 THEN NULL ELSE COALESCE($3, 'offline') END, \
-                 led_state = COALESCE($4, led_state), led_brightness = COALESCE($5, led_brightness), \
-                 fw_version = COALESCE($6, fw_version), hardware = COALESCE($7, hardware), \
-                 reported_config = COALESCE($9, reported_config), \
-                 reported_config_at = CASE WHEN $9 IS NULL THEN reported_config_at ELSE $2 END \
-                 WHERE device_id = $8",
-            )
-            .bind(i64::from(st.online))
-            .bind(now)
-            .bind(st.reason.as_deref())
-            .bind(st.led.map(|l| l.as_str()))
-            .bind(st.brightness.map(i64::from))
-            .bind(st.fw.as_deref())
-            .bind(st.hw.as_deref().map(|h| flotilla_proto::truncate_chars(h, 32)))
-            .bind(device_id)
-            .bind(st.config.as_ref().map(|c| serde_json::to_string(c).unwrap_or_default()))
-            .execute(&mut **tx)
-            .await?;
+            // A will ("offline", from the broker) reports nothing of the device's own, so it
+            // leaves the reported fields and their time to the device's last status.
+            let reports = st.led.is_some()
+                || st.brightness.is_some()
+                || st.fw.is_some()
+                || st.hw.is_some()
+                || st.config.is_some();
+            let s = format!("($9 = 1 AND {})", newer("status_at", "$1"));
+            let sql = format!(
+                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $10",
+                presence_sets_bound(),
+                set_if(&s, "led_state", "COALESCE($4, led_state)"),
+                set_if(&s, "led_brightness", "COALESCE($5, led_brightness)"),
+                set_if(&s, "fw_version", "COALESCE($6, fw_version)"),
+                set_if(&s, "hardware", "COALESCE($7, hardware)"),
+                set_if(&s, "reported_config", "COALESCE($8, reported_config)"),
+                set_if(
+                    &format!("{s} AND $8 IS NOT NULL"),
+                    "reported_config_at",
+                    "$1"
+                ),
+                set_if(&s, "status_at", "$1"),
+            );
+            sqlx::query(&sql)
+                .bind(received)
+                .bind(i64::from(st.online))
+                .bind(st.reason.as_deref().unwrap_or("offline"))
+                .bind(st.led.map(|l| l.as_str()))
+                .bind(st.brightness.map(i64::from))
+                .bind(st.fw.as_deref())
+                .bind(
+                    st.hw
+                        .as_deref()
+                        .map(|h| flotilla_proto::truncate_chars(h, 32)),
+                )
+                .bind(
+                    st.config
+                        .as_ref()
+                        .map(|c| serde_json::to_string(c).unwrap_or_default()),
+                )
+                .bind(i64::from(reports))
+                .bind(device_id)
+                .execute(&mut **tx)
+                .await?;
         }
         DeviceUpdate::Telemetry(t) => {
             // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
@@ -405,25 +481,34 @@ pub(super) async fn apply_update(
             .bind(device_id)
             .bind(t.seq as i64)
             .bind(t.ts.map(|v| v as i64))
-            .bind(now)
+            .bind(received)
             .bind(t.pot.map(i64::from))
             .bind(t.switch.map(i64::from))
             .bind(t.temp.map(f32_to_f64_shortest))
             .execute(&mut **tx)
             .await?;
-            sqlx::query("UPDATE devices SET online = 1, last_seen = $1, disconnect_reason = NULL WHERE device_id = $2")
-                .bind(now)
+            let sql = format!(
+                "UPDATE devices SET {} WHERE device_id = $4",
+                presence_sets_bound()
+            );
+            sqlx::query(&sql)
+                .bind(received)
+                .bind(1_i64)
+                .bind(None::<&str>)
                 .bind(device_id)
                 .execute(&mut **tx)
                 .await?;
         }
     }
-    Ok(was_online == 0 && online_now)
+    Ok(was_online == 0 && online_now && presence_newer)
 }
 
 /// Whether an online device has been silent since the cutoff.
 pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE online = 1 AND last_seen < $1 \
      UNION ALL SELECT 1 FROM devices WHERE online = 1 AND last_seen IS NULL LIMIT 1";
+
+/// A telemetry reading of a device, received at the time given (ms).
+pub(super) type Reading<'a> = (&'a str, &'a Telemetry, i64);
 
 /// Stores a run of telemetry readings in a few statements, whatever their number: on SQLite
 /// one SELECT for the devices' presence, multi-row INSERTs, one UPDATE (each statement is a
@@ -433,34 +518,35 @@ pub(super) const SILENT_DEVICE_EXISTS: &str = "SELECT 1 FROM devices WHERE onlin
 /// online, each once.
 pub(super) async fn apply_readings(
     tx: &mut Transaction<'_, Any>,
-    readings: &[(&str, &Telemetry)],
-    now: i64,
+    readings: &[Reading<'_>],
 ) -> StoreResult<Vec<String>> {
     if tx.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
-        return apply_readings_pg(tx, readings, now).await;
+        return apply_readings_pg(tx, readings).await;
     }
-    let mut devices: Vec<&str> = readings.iter().map(|(d, _)| *d).collect();
-    devices.sort_unstable();
-    devices.dedup();
+    // Each device's presence moves to its latest reading's receive time, as it would one
+    // reading at a time.
+    let mut latest: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for (device, _, received) in readings {
+        let at = latest.entry(*device).or_insert(*received);
+        *at = (*at).max(*received);
+    }
+    let devices: Vec<&str> = latest.keys().copied().collect();
     let mut known = std::collections::HashSet::new();
     let mut came_online = Vec::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
-        // Locked (see apply_update) in id order within the run. A batch still locks devices
-        // in message order across its statements, so two writers' batches, or a batch and the
-        // presence sweep, can deadlock on PostgreSQL; the loser retries (40P01 is
-        // "unavailable" to ingest).
+        // Locked (see apply_update) in id order within the run.
         let sql = format!(
-            "SELECT device_id, online FROM devices WHERE blocked = 0 AND device_id IN ({}) \
-             ORDER BY device_id{}",
+            "SELECT device_id, online, presence_at FROM devices WHERE blocked = 0 AND device_id IN ({}) \
+             ORDER BY device_id",
             Params::for_connection(tx).list(chunk.len()),
-            for_update(tx)
         );
-        let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+        let mut q = sqlx::query_as::<_, (String, i64, Option<i64>)>(&sql);
         for d in chunk {
             q = q.bind(*d);
         }
-        for (id, online) in q.fetch_all(&mut **tx).await? {
-            if online == 0 {
+        for (id, online, presence_at) in q.fetch_all(&mut **tx).await? {
+            let at = latest[id.as_str()];
+            if online == 0 && presence_at.is_none_or(|p| p <= at) {
                 came_online.push(id.clone());
             }
             known.insert(id);
@@ -468,9 +554,9 @@ pub(super) async fn apply_readings(
     }
     // A reading for a device that is not registered, or is blocked, is dropped, as
     // apply_update does.
-    let rows: Vec<&(&str, &Telemetry)> = readings
+    let rows: Vec<&Reading> = readings
         .iter()
-        .filter(|(d, _)| known.contains(*d))
+        .filter(|(d, _, _)| known.contains(*d))
         .collect();
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         // (device, seq) is the primary key: a redelivered reading is ignored, not duplicated.
@@ -480,29 +566,32 @@ pub(super) async fn apply_readings(
             Params::for_connection(tx).rows(chunk.len(), 7)
         );
         let mut q = sqlx::query(&sql);
-        for (device, t) in chunk {
+        for (device, t, received) in chunk {
             q = q
                 .bind(*device)
                 .bind(t.seq as i64)
                 .bind(t.ts.map(|v| v as i64))
-                .bind(now)
+                .bind(*received)
                 .bind(t.pot.map(i64::from))
                 .bind(t.switch.map(i64::from))
                 .bind(t.temp.map(f32_to_f64_shortest));
         }
         q.execute(&mut **tx).await?;
     }
-    let known: Vec<&String> = known.iter().collect();
-    for chunk in known.chunks(ROWS_PER_STATEMENT) {
-        let mut params = Params::for_connection(tx);
+    let seen: Vec<(&str, i64)> = latest
+        .into_iter()
+        .filter(|(d, _)| known.contains(*d))
+        .collect();
+    for chunk in seen.chunks(ROWS_PER_STATEMENT) {
+        // SQLite names a VALUES list's columns column1, column2.
         let sql = format!(
-            "UPDATE devices SET online = 1, last_seen = {}, disconnect_reason = NULL WHERE device_id IN ({})",
-            params.list(1),
-            params.list(chunk.len())
+            "UPDATE devices SET {} FROM (VALUES {}) AS v WHERE devices.device_id = v.column1",
+            presence_sets("v.column2", "1", "NULL"),
+            Params::for_connection(tx).rows(chunk.len(), 2)
         );
-        let mut q = sqlx::query(&sql).bind(now);
-        for d in chunk {
-            q = q.bind(d.as_str());
+        let mut q = sqlx::query(&sql);
+        for (d, at) in chunk {
+            q = q.bind(*d).bind(*at);
         }
         q.execute(&mut **tx).await?;
     }
@@ -512,20 +601,30 @@ pub(super) async fn apply_readings(
 /// [`apply_readings`] on PostgreSQL in one statement, whatever the number of readings: they
 /// travel as one JSON parameter, so the SQL never changes (prepared once per connection) and
 /// the batch is one statement besides its transaction's BEGIN and COMMIT. The devices are
-/// locked in id order, as above; of two readings with one `(device, seq)` the first is
-/// stored, as one at a time (the ordinality keeps the batch's order).
-const PG_APPLY_READINGS: &str = "WITH r AS (SELECT * FROM ROWS FROM (json_to_recordset($1::json) \
-         AS (d text, s bigint, ts bigint, pot bigint, sw bigint, temp text)) WITH ORDINALITY \
-         AS r(d, s, ts, pot, sw, temp, n)), \
-     locked AS (SELECT device_id, online FROM devices WHERE blocked = 0 \
-         AND device_id IN (SELECT d FROM r) ORDER BY device_id FOR UPDATE), \
-     stored AS (INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) \
-         SELECT DISTINCT ON (r.d, r.s) r.d, r.s, r.ts, $2, r.pot, r.sw, CAST(r.temp AS float8) \
-         FROM r JOIN locked ON locked.device_id = r.d ORDER BY r.d, r.s, r.n \
-         ON CONFLICT DO NOTHING), \
-     seen AS (UPDATE devices SET online = 1, last_seen = $3, disconnect_reason = NULL \
-         FROM locked WHERE devices.device_id = locked.device_id) \
-     SELECT device_id FROM locked WHERE online = 0 ORDER BY device_id";
+/// locked in id order; of two readings with one `(device, seq)` the first is stored, as one
+/// at a time (the ordinality keeps the batch's order). A batch still locks devices in message
+/// order across its statements, so two writers' batches, or a batch and the presence sweep,
+/// can deadlock; the loser retries (40P01 is "unavailable" to ingest).
+static PG_APPLY_READINGS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH r AS (SELECT * FROM ROWS FROM (json_to_recordset($1::json) \
+             AS (d text, s bigint, ts bigint, pot bigint, sw bigint, temp text, at bigint)) \
+             WITH ORDINALITY AS r(d, s, ts, pot, sw, temp, at, n)), \
+         locked AS (SELECT device_id, online, presence_at FROM devices WHERE blocked = 0 \
+             AND device_id IN (SELECT d FROM r) ORDER BY device_id FOR UPDATE), \
+         latest AS (SELECT r.d, MAX(r.at) AS at FROM r JOIN locked ON locked.device_id = r.d \
+             GROUP BY r.d), \
+         stored AS (INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) \
+             SELECT DISTINCT ON (r.d, r.s) r.d, r.s, r.ts, r.at, r.pot, r.sw, CAST(r.temp AS float8) \
+             FROM r JOIN locked ON locked.device_id = r.d ORDER BY r.d, r.s, r.n \
+             ON CONFLICT DO NOTHING), \
+         seen AS (UPDATE devices SET {} FROM latest WHERE devices.device_id = latest.d) \
+         SELECT locked.device_id FROM locked JOIN latest ON latest.d = locked.device_id \
+         WHERE locked.online = 0 AND {} ORDER BY locked.device_id",
+        presence_sets("latest.at", "1", "NULL"),
+        newer("locked.presence_at", "latest.at"),
+    )
+});
 
 /// One reading as [`PG_APPLY_READINGS`] reads it.
 #[derive(serde::Serialize)]
@@ -537,30 +636,30 @@ struct ReadingRow<'a> {
     sw: Option<i64>,
     /// As text, the shortest decimal form: what [`f32_to_f64_shortest`] stores.
     temp: Option<String>,
+    /// When it was received.
+    at: i64,
 }
 
 async fn apply_readings_pg(
     tx: &mut Transaction<'_, Any>,
-    readings: &[(&str, &Telemetry)],
-    now: i64,
+    readings: &[Reading<'_>],
 ) -> StoreResult<Vec<String>> {
     let rows: Vec<ReadingRow> = readings
         .iter()
-        .map(|(device, t)| ReadingRow {
+        .map(|(device, t, received)| ReadingRow {
             d: device,
             s: t.seq as i64,
             ts: t.ts.map(|v| v as i64),
             pot: t.pot.map(i64::from),
             sw: t.switch.map(i64::from),
             temp: t.temp.map(|v| v.to_string()),
+            at: *received,
         })
         .collect();
     let rows =
         serde_json::to_string(&rows).map_err(|e| StoreError::Refused(e.to_string().into()))?;
-    Ok(sqlx::query_scalar(PG_APPLY_READINGS)
+    Ok(sqlx::query_scalar(PG_APPLY_READINGS.as_str())
         .bind(rows)
-        .bind(now)
-        .bind(now)
         .fetch_all(&mut **tx)
         .await?)
 }

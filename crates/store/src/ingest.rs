@@ -21,25 +21,31 @@ pub struct RetainedRow {
 pub struct WriteTx(Transaction<'static, Any>);
 
 impl WriteTx {
-    /// Applies a heartbeat, status or single telemetry reading; true when the device came
-    /// online with it.
+    /// Applies a heartbeat, status or single telemetry reading received at `received` (ms,
+    /// this replica's clock). What it reports changes the device only where no message
+    /// received later changed it already (one device's messages may be committed out of
+    /// order by two replicas); true when the device came online with it.
     pub async fn apply_update(
         &mut self,
         device: &DeviceId,
         update: &super::DeviceUpdate,
-        now: i64,
+        received: i64,
     ) -> StoreResult<bool> {
-        super::devices::apply_update(&mut self.0, device.as_str(), update, now).await
+        super::devices::apply_update(&mut self.0, device.as_str(), update, received).await
     }
 
-    /// Stores telemetry readings in a few multi-row statements; the devices that came online.
+    /// Stores telemetry readings, each with its receive time (ms), in a few multi-row
+    /// statements, as [`WriteTx::apply_update`] would one at a time; the devices that came
+    /// online.
     pub async fn apply_readings(
         &mut self,
-        readings: &[(&DeviceId, &flotilla_proto::Telemetry)],
-        now: i64,
+        readings: &[(&DeviceId, &flotilla_proto::Telemetry, i64)],
     ) -> StoreResult<Vec<DeviceId>> {
-        let readings: Vec<_> = readings.iter().map(|(d, t)| (d.as_str(), *t)).collect();
-        let came_online = super::devices::apply_readings(&mut self.0, &readings, now).await?;
+        let readings: Vec<_> = readings
+            .iter()
+            .map(|(d, t, at)| (d.as_str(), *t, *at))
+            .collect();
+        let came_online = super::devices::apply_readings(&mut self.0, &readings).await?;
         came_online
             .iter()
             .map(|d| crate::parse_device_id(d))

@@ -100,6 +100,11 @@ const SQLITE: Embedded = &[
         "retention",
         include_str!("../migrations/sqlite/0017_retention.sql"),
     ),
+    (
+        18,
+        "update order",
+        include_str!("../migrations/sqlite/0018_update_order.sql"),
+    ),
 ];
 
 const POSTGRES: Embedded = &[
@@ -172,6 +177,11 @@ const POSTGRES: Embedded = &[
         14,
         "command notify",
         include_str!("../migrations/postgres/0014_command_notify.sql"),
+    ),
+    (
+        15,
+        "update order",
+        include_str!("../migrations/postgres/0015_update_order.sql"),
     ),
 ];
 

@@ -580,10 +580,7 @@ impl Hooks {
         let Identity::Device(device) = who else {
             return PublishAclResult::allow();
         };
-        let msg = Inbound {
-            topic: publish.topic.to_string(),
-            payload: publish.payload.clone(),
-        };
+        let msg = Inbound::new(publish.topic.to_string(), publish.payload.clone());
         if publish.qos == QoS::AtMostOnce {
             if !self.writer.submit_lossy(msg) {
                 tracing::warn!(device = %device, "QoS 0 message dropped: ingest queue full");
@@ -786,10 +783,10 @@ impl Hooks {
                 if let Some(Identity::Device(_)) = attrs.get::<Identity>(IDENTITY)
                     && attrs.get::<String>(CLOSE_REASON).is_none()
                 {
-                    let _ = self.writer.submit(Inbound {
-                        topic: publish.topic.to_string(),
-                        payload: publish.payload.clone(),
-                    });
+                    let _ = self.writer.submit(Inbound::new(
+                        publish.topic.to_string(),
+                        publish.payload.clone(),
+                    ));
                 }
                 (true, acc)
             }

@@ -346,10 +346,7 @@ impl Intake {
             self.acker.ack(connection, &publish);
             return;
         }
-        let msg = Inbound {
-            topic,
-            payload: Bytes::clone(&publish.payload),
-        };
+        let msg = Inbound::new(topic, Bytes::clone(&publish.payload));
         if publish.qos == QoS::AtMostOnce {
             self.writer.submit_lossy(msg);
             return;

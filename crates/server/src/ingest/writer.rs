@@ -44,6 +44,20 @@ const LOSSY_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 pub struct Inbound {
     pub topic: String,
     pub payload: Bytes,
+    /// When this replica received it (ms): the order in which one device's messages change
+    /// its state, whichever replica commits them first.
+    pub received_at: i64,
+}
+
+impl Inbound {
+    /// A message received now.
+    pub fn new(topic: String, payload: Bytes) -> Inbound {
+        Inbound {
+            topic,
+            payload,
+            received_at: now_ms(),
+        }
+    }
 }
 
 /// What a committed message changed that others act on.
@@ -210,7 +224,11 @@ impl Task {
             return Vec::new();
         }
         match self
-            .commit_when_available(items.iter().map(|(_, item)| item))
+            .commit_when_available(
+                items
+                    .iter()
+                    .map(|(k, item)| (jobs[*k].msg.received_at, item)),
+            )
             .await
         {
             Ok(changes) => return changes,
@@ -229,7 +247,10 @@ impl Task {
     async fn store_one(&self, msg: &Inbound, item: &Item) -> Vec<IngestEvent> {
         let mut last_error = String::new();
         for _ in 0..MAX_TRIES {
-            match self.commit_when_available(std::iter::once(item)).await {
+            match self
+                .commit_when_available(std::iter::once((msg.received_at, item)))
+                .await
+            {
                 Ok(changes) => return changes,
                 Err(e) => last_error = e.to_string(),
             }
@@ -258,7 +279,7 @@ impl Task {
     /// the errors that say it refused the content.
     async fn commit_when_available<'a>(
         &self,
-        items: impl Iterator<Item = &'a Item> + Clone,
+        items: impl Iterator<Item = (i64, &'a Item)> + Clone,
     ) -> StoreResult<Vec<IngestEvent>> {
         let mut pause = Pause::default();
         loop {
@@ -302,21 +323,21 @@ impl Pause {
 /// order of everything else is kept.
 async fn commit<'a>(
     store: &Store,
-    items: impl Iterator<Item = &'a Item>,
+    items: impl Iterator<Item = (i64, &'a Item)>,
 ) -> StoreResult<Vec<IngestEvent>> {
     let now = now_ms();
     let mut tx = store.begin_write().await?;
     let mut changes = Vec::new();
-    let mut readings: Vec<(&DeviceId, &Telemetry)> = Vec::new();
-    for item in items {
+    let mut readings: Vec<(&DeviceId, &Telemetry, i64)> = Vec::new();
+    for (received, item) in items {
         if let Item::Update(device, DeviceUpdate::Telemetry(t)) = item {
-            readings.push((device, t));
+            readings.push((device, t, received));
             continue;
         }
-        store_readings(&mut tx, &mut readings, now, &mut changes).await?;
+        store_readings(&mut tx, &mut readings, &mut changes).await?;
         match item {
             Item::Update(device, update) => {
-                if tx.apply_update(device, update, now).await? {
+                if tx.apply_update(device, update, received).await? {
                     changes.push(IngestEvent::CameOnline(device.clone()));
                 }
                 if let DeviceUpdate::Heartbeat(hb) = update {
@@ -338,7 +359,7 @@ async fn commit<'a>(
             }
         }
     }
-    store_readings(&mut tx, &mut readings, now, &mut changes).await?;
+    store_readings(&mut tx, &mut readings, &mut changes).await?;
     tx.commit().await?;
     Ok(changes)
 }
@@ -346,14 +367,13 @@ async fn commit<'a>(
 /// Stores and empties the run of readings gathered so far.
 async fn store_readings(
     tx: &mut WriteTx,
-    readings: &mut Vec<(&DeviceId, &Telemetry)>,
-    now: i64,
+    readings: &mut Vec<(&DeviceId, &Telemetry, i64)>,
     changes: &mut Vec<IngestEvent>,
 ) -> StoreResult<()> {
     if readings.is_empty() {
         return Ok(());
     }
-    let came_online = tx.apply_readings(readings, now).await?;
+    let came_online = tx.apply_readings(readings).await?;
     changes.extend(came_online.into_iter().map(IngestEvent::CameOnline));
     readings.clear();
     Ok(())
@@ -389,10 +409,10 @@ mod tests {
     }
 
     fn reading(seq: u64) -> Inbound {
-        Inbound {
-            topic: "devices/d1/telemetry".into(),
-            payload: Bytes::from(format!(r#"{{"seq":{seq}}}"#)),
-        }
+        Inbound::new(
+            "devices/d1/telemetry".into(),
+            Bytes::from(format!(r#"{{"seq":{seq}}}"#)),
+        )
     }
 
     async fn seqs(store: &Store) -> Vec<i64> {
@@ -434,6 +454,38 @@ mod tests {
             assert_eq!(seqs(store).await, vec![0, 1, 2, 3, 4], "{backend:?}");
             assert!(
                 store.dead_letters(10).await.unwrap().is_empty(),
+                "{backend:?}"
+            );
+        }
+    }
+
+    /// Two replicas' writers on one database: the will one of them received last, committed
+    /// first, is not undone by a heartbeat the other received before it and commits after.
+    #[tokio::test]
+    async fn a_message_is_ordered_by_when_it_was_received_not_when_it_was_committed() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let db = db_with_devices(backend).await;
+            let store = db.store();
+            let spawn = || {
+                let (events, _rx) = mpsc::unbounded_channel();
+                Writer::spawn(store.clone(), 64, events, IngestMetrics::default())
+            };
+            let (a, b) = (spawn(), spawn());
+            let heartbeat = Inbound::new(
+                "devices/d1/health".into(),
+                Bytes::from_static(br#"{"heap":1,"fw":"1.0.0"}"#),
+            );
+            let mut will = Inbound::new(
+                "devices/d1/status".into(),
+                Bytes::from_static(br#"{"online":false,"reason":"connection lost"}"#),
+            );
+            will.received_at = heartbeat.received_at + 1;
+            b.store(will).await.unwrap();
+            a.store(heartbeat).await.unwrap();
+            let d = store.device(&dev("d1")).await.unwrap().unwrap();
+            assert_eq!(
+                (d.online, d.disconnect_reason.as_deref(), d.heap),
+                (false, Some("connection lost"), Some(1)),
                 "{backend:?}"
             );
         }
@@ -507,6 +559,11 @@ mod tests {
         (telemetry, devices)
     }
 
+    /// `items` received in order, a millisecond apart.
+    fn received(items: &[Item]) -> impl Iterator<Item = (i64, &Item)> + Clone {
+        (1_000..).zip(items)
+    }
+
     #[tokio::test]
     async fn a_batch_of_mixed_messages_stores_what_one_message_at_a_time_stores() {
         use rand::{Rng, SeedableRng};
@@ -556,15 +613,14 @@ mod tests {
             );
             assert!(store.toggle_device_block(&dev("d4")).await.unwrap());
             let mut came_online: Vec<String> = if dir == batched_dir.path() {
-                commit(&store, items.iter()).await.unwrap()
+                commit(&store, received(&items)).await.unwrap()
             } else {
                 // The reference: every message through the one-message path, one transaction.
-                let now = now_ms();
                 let mut tx = store.begin_write().await.unwrap();
                 let mut changes = Vec::new();
-                for item in &items {
+                for (at, item) in received(&items) {
                     if let Item::Update(device, update) = item
-                        && tx.apply_update(device, update, now).await.unwrap()
+                        && tx.apply_update(device, update, at).await.unwrap()
                     {
                         changes.push(IngestEvent::CameOnline(device.clone()));
                     }
