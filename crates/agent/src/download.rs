@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use flotilla_device_core::download::{Download, DownloadPolicy, Step};
 use flotilla_device_core::install::{InstallError, SlotWriter};
 use flotilla_device_core::slots::{Flash, Layout};
 use flotilla_proto::FirmwareManifest;
@@ -29,13 +30,6 @@ pub(crate) trait Body {
     async fn next(&mut self) -> Result<Option<bytes::Bytes>, FetchError>;
 }
 
-/// How often to try again after a dropped link, and how long to wait in between.
-#[derive(Debug, Clone, Copy)]
-pub struct Retry {
-    pub attempts: u32,
-    pub delay: Duration,
-}
-
 /// Where to start: a fresh slot, or the offset persisted by an earlier attempt.
 #[derive(Debug, Clone, Copy)]
 pub enum Start {
@@ -52,20 +46,20 @@ pub(crate) trait Progress {
     fn received(&mut self, received: u64);
 }
 
-/// Persist the resume offset about this often (each write is an fsync'd NVS update).
-const PERSIST_EVERY: u64 = 64 * 1024;
-
-/// What to install where.
+/// What to install where, and how the core's policy retries (`seed` draws its jitter).
 #[derive(Debug, Clone, Copy)]
 pub struct Plan<'a> {
     pub layout: &'a Layout,
     pub slot: usize,
     pub manifest: &'a FirmwareManifest,
     pub start: Start,
-    pub retry: Retry,
+    pub policy: DownloadPolicy,
+    pub seed: u64,
 }
 
 /// Streams the image into the plan's slot and checks it; on success the slot may be activated.
+/// What to fetch, when to retry and when to persist are the core's ([`Download`]); this moves
+/// the bytes.
 pub(crate) async fn install<S: Source, F: Flash>(
     source: &mut S,
     flash: &mut F,
@@ -77,7 +71,8 @@ pub(crate) async fn install<S: Source, F: Flash>(
         slot,
         manifest,
         start,
-        retry,
+        policy,
+        seed,
     } = plan;
     let describe = |e: InstallError| match e {
         InstallError::Rejected(r) => r.reason().to_string(),
@@ -93,27 +88,52 @@ pub(crate) async fn install<S: Source, F: Flash>(
         _ => SlotWriter::begin(layout, flash, slot, manifest).map_err(describe)?,
     };
     progress.flushed(writer.flushed()).await;
-    let mut persisted = writer.flushed();
-    let mut failures = 0;
-    while writer.received() < manifest.size {
-        let attempt = fetch_into(source, flash, &mut writer, progress, &mut persisted).await;
-        match attempt {
-            Ok(()) if writer.received() >= manifest.size => break,
-            // The response ended early: the link or the server cut it.
-            Ok(()) => failures += 1,
-            Err(Stop::Install(e)) => return Err(describe(e)),
-            Err(Stop::Fetch(FetchError::Fatal(why))) => return Err(why),
-            Err(Stop::Fetch(FetchError::Retry(why))) => {
-                tracing::warn!(error = %why, at = writer.received(), "download interrupted");
-                failures += 1;
+    let clock = Clock(tokio::time::Instant::now());
+    let mut download = Download::new(policy, manifest.size, writer.received(), seed, clock.now());
+    loop {
+        match download.next(clock.now()) {
+            Step::Fetch { from } => {
+                match fetch_into(
+                    source,
+                    flash,
+                    &mut writer,
+                    &mut download,
+                    progress,
+                    from,
+                    &clock,
+                )
+                .await
+                {
+                    Ok(()) => download.handle_end(clock.now()),
+                    Err(Stop::Install(e)) => download.handle_fatal(describe(e)),
+                    Err(Stop::Fetch(FetchError::Fatal(why))) => download.handle_fatal(why),
+                    Err(Stop::Fetch(FetchError::Retry(why))) => {
+                        tracing::warn!(error = %why, at = download.received(), "download interrupted");
+                        download.handle_failure(clock.now());
+                    }
+                }
             }
+            Step::Wait { until_ms } => tokio::time::sleep_until(clock.at(until_ms)).await,
+            Step::Done => break,
+            Step::Failed(why) => return Err(why),
+            // fetch_into reads a response to its end before the loop asks again.
+            Step::Read { .. } => unreachable!("no response is open"),
         }
-        if failures > retry.attempts {
-            return Err(format!("download failed after {} attempts", retry.attempts));
-        }
-        tokio::time::sleep(retry.delay).await;
     }
     writer.finish(flash).map_err(describe)
+}
+
+/// The core's milliseconds on tokio's clock (paused in tests).
+struct Clock(tokio::time::Instant);
+
+impl Clock {
+    fn now(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> tokio::time::Instant {
+        self.0 + Duration::from_millis(ms)
+    }
 }
 
 enum Stop {
@@ -121,26 +141,45 @@ enum Stop {
     Fetch(FetchError),
 }
 
-/// One response's worth of bytes.
+/// One response's worth of bytes, each chunk given until the core's read deadline.
 async fn fetch_into<S: Source, F: Flash>(
     source: &mut S,
     flash: &mut F,
     writer: &mut SlotWriter,
+    download: &mut Download,
     progress: &mut impl Progress,
-    persisted: &mut u64,
+    from: u64,
+    clock: &Clock,
 ) -> Result<(), Stop> {
-    let mut body = source.open(writer.received()).await.map_err(Stop::Fetch)?;
-    while let Some(chunk) = body.next().await.map_err(Stop::Fetch)? {
+    let silent = || {
+        Stop::Fetch(FetchError::Retry(
+            "the server sent nothing for too long".into(),
+        ))
+    };
+    let deadline = clock.at(download.read_deadline());
+    let mut body = tokio::time::timeout_at(deadline, source.open(from))
+        .await
+        .map_err(|_| silent())?
+        .map_err(Stop::Fetch)?;
+    loop {
+        let deadline = clock.at(download.read_deadline());
+        let Some(chunk) = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .map_err(|_| silent())?
+            .map_err(Stop::Fetch)?
+        else {
+            return Ok(());
+        };
         // Refuses the chunk whole once the image would outgrow its declared size, so a server
         // that streams forever is cut off there.
         writer.write(flash, &chunk).map_err(Stop::Install)?;
         progress.received(writer.received());
-        if writer.flushed() >= *persisted + PERSIST_EVERY {
-            *persisted = writer.flushed();
-            progress.flushed(*persisted).await;
+        if let Some(offset) =
+            download.handle_progress(writer.received(), writer.flushed(), clock.now())
+        {
+            progress.flushed(offset).await;
         }
     }
-    Ok(())
 }
 
 /// The image over HTTPS from the device listener, authenticated by the device certificate.
@@ -235,12 +274,15 @@ mod tests {
         cuts: Vec<usize>,
         forever: bool,
         opened_at: Vec<u64>,
+        /// The first response goes silent after its bytes instead of ending.
+        stall_first: bool,
     }
 
     struct FlakyBody {
         data: Vec<u8>,
         at: usize,
         forever: bool,
+        stall: bool,
     }
 
     impl Source for Flaky {
@@ -257,6 +299,7 @@ mod tests {
                 data: rest[..cut].to_vec(),
                 at: 0,
                 forever: self.forever,
+                stall: std::mem::take(&mut self.stall_first),
             })
         }
     }
@@ -264,6 +307,9 @@ mod tests {
     impl Body for FlakyBody {
         async fn next(&mut self) -> Result<Option<bytes::Bytes>, FetchError> {
             if self.at >= self.data.len() {
+                if self.stall {
+                    std::future::pending::<()>().await;
+                }
                 return Ok(self.forever.then(|| bytes::Bytes::from(vec![0x5A; 1000])));
             }
             let end = (self.at + 1500).min(self.data.len());
@@ -313,23 +359,31 @@ mod tests {
         layout: &'a Layout,
         manifest: &'a FirmwareManifest,
         start: Start,
-        retry: Retry,
+        policy: DownloadPolicy,
     ) -> Plan<'a> {
         Plan {
             layout,
             slot: 1,
             manifest,
             start,
-            retry,
+            policy,
+            seed: 1,
         }
     }
 
-    const RETRY: Retry = Retry {
-        attempts: 50,
-        delay: Duration::from_millis(0),
+    /// The policy the agent runs, on tokio's paused clock: its waits take no real time.
+    const RETRY: DownloadPolicy = DownloadPolicy {
+        attempts_without_progress: 8,
+        backoff: flotilla_device_core::BackoffConfig {
+            base_ms: 500,
+            cap_ms: 30_000,
+            stable_ms: 0,
+        },
+        stall_ms: 30_000,
+        persist_every: 64 * 1024,
     };
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_download_cut_at_random_offsets_resumes_with_range_and_completes() {
         for seed in 0..20u64 {
             let (image, manifest, layout, mut flash) = setup(300_001);
@@ -342,6 +396,7 @@ mod tests {
                 cuts,
                 forever: false,
                 opened_at: vec![],
+                stall_first: false,
             };
             let mut watch = Watch::default();
             install(
@@ -363,7 +418,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_server_that_streams_forever_is_stopped_at_the_declared_size() {
         let (image, manifest, layout, mut flash) = setup(100_000);
         let mut source = Flaky {
@@ -371,6 +426,7 @@ mod tests {
             cuts: vec![],
             forever: true,
             opened_at: vec![],
+            stall_first: false,
         };
         let mut watch = Watch::default();
         let result = install(
@@ -384,7 +440,7 @@ mod tests {
         assert!(watch.received <= 100_000);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_download_resumes_after_a_reboot_from_the_persisted_offset() {
         let (image, manifest, layout, mut flash) = setup(400_000);
         // First boot: the link drops for good after ~200 KB.
@@ -393,11 +449,13 @@ mod tests {
             cuts: vec![200_000, 0, 0],
             forever: false,
             opened_at: vec![],
+            stall_first: false,
         };
         let mut watch = Watch::default();
-        let retry = Retry {
-            attempts: 2,
-            delay: Duration::from_millis(0),
+        // Two attempts in a row that bring nothing end it.
+        let retry = DownloadPolicy {
+            attempts_without_progress: 1,
+            ..RETRY
         };
         let failed = install(
             &mut source,
@@ -415,6 +473,7 @@ mod tests {
             cuts: vec![],
             forever: false,
             opened_at: vec![],
+            stall_first: false,
         };
         install(
             &mut source,
@@ -431,7 +490,40 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_goes_silent_mid_image_is_left_after_the_stall_time_and_resumed() {
+        let (image, manifest, layout, mut flash) = setup(200_000);
+        let mut source = Flaky {
+            image: image.clone(),
+            cuts: vec![70_000],
+            forever: false,
+            opened_at: vec![],
+            stall_first: true,
+        };
+        let started = tokio::time::Instant::now();
+        install(
+            &mut source,
+            &mut flash,
+            plan(&layout, &manifest, Start::Fresh, RETRY),
+            &mut Watch::default(),
+        )
+        .await
+        .unwrap();
+        // Left after the core's stall time (on the paused clock), asked again from the byte
+        // after the last one received, within one backoff base.
+        let waited = started.elapsed().as_millis() as u64;
+        assert!(
+            (RETRY.stall_ms..=RETRY.stall_ms + RETRY.backoff.base_ms).contains(&waited),
+            "{waited} ms"
+        );
+        assert_eq!(source.opened_at, vec![0, 70_000]);
+        assert_eq!(
+            &flash.0[layout.slots[1]..layout.slots[1] + image.len()],
+            &image[..]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_image_from_another_release_fails_its_hash_check() {
         let (mut image, manifest, layout, mut flash) = setup(50_000);
         image[49_999] ^= 0xFF;
@@ -440,6 +532,7 @@ mod tests {
             cuts: vec![],
             forever: false,
             opened_at: vec![],
+            stall_first: false,
         };
         let result = install(
             &mut source,

@@ -17,13 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::delivery::{Acks, Delivery, Handed};
-use crate::download::{self, Retry, Start};
+use crate::download::{self, Start};
 use crate::flash::{self, FLASH_FILE, FileFlash};
 use crate::image::{Behaviour, ImageHeader};
 use crate::nvs::{CA_FILE, Nvs};
 use crate::renew::RenewFailure;
 use crate::sensors::SimulatedBoard;
 use crate::{boot, csr, renew};
+use flotilla_device_core::download::DownloadPolicy;
 use flotilla_device_core::renewal::{Renewal, RenewalPolicy, RenewalRetry};
 
 /// A simulated Wi-Fi network visible to the device.
@@ -679,17 +680,14 @@ impl Runner {
                     tx: tx.clone(),
                     number,
                 };
-                let retry = Retry {
-                    attempts: 20,
-                    delay: Duration::from_millis(500),
-                };
                 let mut source = download::Https { client, url };
                 let plan = download::Plan {
                     layout: &layout,
                     slot,
                     manifest: &manifest,
                     start,
-                    retry,
+                    policy: DownloadPolicy::default(),
+                    seed: rand::random(),
                 };
                 download::install(&mut source, &mut flash, plan, &mut progress).await?;
                 off_runtime(move || flash.sync().map_err(|e| e.to_string())).await

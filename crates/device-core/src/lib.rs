@@ -30,6 +30,7 @@ extern crate alloc;
 mod backoff;
 mod commands;
 mod device;
+pub mod download;
 pub mod install;
 pub mod ota;
 mod outbox;
