@@ -177,6 +177,7 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
         .unwrap();
     let before_b = received(&b, &admin).await;
     let mut answered = Vec::new();
+    let mut again = Vec::new();
     for _ in 0..6 {
         let (status, cmd) = a
             .call(
@@ -189,7 +190,8 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
             .unwrap();
         assert_eq!(status, 202, "{cmd}");
         // Delivery is at least once: an earlier command may arrive again (the device answers
-        // it without running it); anything else is a fault.
+        // it without running it), once at most here, where each is answered within a second
+        // (the resender waits 10 s); anything else is a fault.
         let command = loop {
             let (_, payload) = session.message(Duration::from_secs(10)).await.unwrap();
             let command: Value = serde_json::from_slice(&payload).unwrap();
@@ -200,6 +202,12 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
                 answered.contains(&command["id"]),
                 "unknown command {command}"
             );
+            assert!(
+                !again.contains(&command["id"]),
+                "{} delivered a third time",
+                command["id"]
+            );
+            again.push(command["id"].clone());
         };
         answered.push(command["id"].clone());
         let reply = json!({"id": command["id"], "status": "succeeded", "result": {"pong": true}});

@@ -39,6 +39,7 @@ on_both_backends!(
     commands_move_forward_only_and_expire,
     device_messages_and_redelivered_readings,
     a_message_committed_after_a_newer_one_changes_only_what_is_older,
+    a_batch_of_readings_judges_each_device_by_its_own_latest_reading,
     readings_in_a_batch_store_what_one_at_a_time_stores,
     dead_letters_and_retained_messages,
     releases,
@@ -2786,6 +2787,77 @@ async fn a_message_committed_after_a_newer_one_changes_only_what_is_older(store:
         state().await.0,
         "offline through a will older than the status"
     );
+
+    // The version has its own time: a heartbeat older than the status that reported the new
+    // version does not bring the old one back.
+    let updated = status(json!({"online": true, "fw": "3.0.0"}));
+    apply(DeviceUpdate::Status(updated), later + 130).await;
+    apply(DeviceUpdate::Heartbeat(beat(1)), later + 100).await;
+    let (.., heap, _, fw) = state().await;
+    assert_eq!((heap, fw.as_deref()), (Some(1), Some("3.0.0")));
+
+    // The heartbeat sweep is a presence change at its cutoff: a message received before the
+    // cutoff and committed after the sweep does not bring the device back.
+    let cutoff = later + 10_000;
+    assert_eq!(
+        store.expire_silent_devices(cutoff).await.unwrap(),
+        ["d".to_string()]
+    );
+    assert!(!apply(DeviceUpdate::Heartbeat(beat(2)), cutoff - 1).await);
+    assert!(
+        !state().await.0,
+        "revived by a heartbeat from before the sweep"
+    );
+    assert!(apply(DeviceUpdate::Heartbeat(beat(3)), cutoff + 1).await);
+}
+
+/// A batch of readings from several devices, each older or newer than its device's presence:
+/// each device is judged on its own latest reading.
+async fn a_batch_of_readings_judges_each_device_by_its_own_latest_reading(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for d in ["old", "new", "mixed"] {
+        store.register_device(&dev(d), d, o).await.unwrap();
+        let will: flotilla_proto::Status =
+            message(json!({"online": false, "reason": "connection lost"}));
+        let mut tx = store.begin_write().await.unwrap();
+        tx.apply_update(&dev(d), &DeviceUpdate::Status(will), 1_000)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let t: Vec<flotilla_proto::Telemetry> = (0..4).map(|n| message(json!({"seq": n}))).collect();
+    let (old, new, mixed) = (dev("old"), dev("new"), dev("mixed"));
+    let batch = [
+        (&old, &t[0], 900),
+        (&new, &t[0], 1_100),
+        (&mixed, &t[0], 950),
+        (&old, &t[1], 990),
+        (&mixed, &t[1], 1_200),
+        (&mixed, &t[2], 980),
+    ];
+    let mut tx = store.begin_write().await.unwrap();
+    let mut came_online: Vec<String> = tx
+        .apply_readings(&batch)
+        .await
+        .unwrap()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tx.commit().await.unwrap();
+    came_online.sort();
+    assert_eq!(came_online, ["mixed", "new"]);
+    for (d, online, last_seen) in [
+        ("old", false, Some(990)),
+        ("new", true, Some(1_100)),
+        ("mixed", true, Some(1_200)),
+    ] {
+        let row = store.device(&dev(d)).await.unwrap().unwrap();
+        assert_eq!((row.online, row.last_seen), (online, last_seen), "{d}");
+    }
+    // Every reading is stored at its own receive time.
+    let mixed_rows = store.telemetry(&mixed, 10).await.unwrap();
+    let stored: Vec<_> = mixed_rows.iter().map(|r| (r.seq, r.received_at)).collect();
+    assert_eq!(stored, [(2, 980), (1, 1_200), (0, 950)]);
 }
 
 /// The resender's query: a queued command of an online device, not sent lately, until the

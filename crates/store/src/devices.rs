@@ -223,9 +223,11 @@ impl Store {
     }
 
     pub async fn mark_offline(&self, device_id: &DeviceId, reason: &str) -> StoreResult<bool> {
-        // Stamped as a presence change: a message the device sent before it, committed
-        // after it, does not bring the device back online.
-        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1, presence_at = $3 WHERE device_id = $2 AND online = 1")
+        // Stamped as a presence change (forward only): a message the device sent before it,
+        // committed after it, does not bring the device back online.
+        let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1, \
+             presence_at = CASE WHEN presence_at IS NULL OR presence_at < $3 THEN $3 ELSE presence_at END \
+             WHERE device_id = $2 AND online = 1")
             .bind(reason)
             .bind(device_id.as_str())
             .bind(now_ms())
@@ -280,7 +282,10 @@ pub(super) async fn expire_silent_devices_in(
         return Ok(Vec::new());
     }
     Ok(sqlx::query_scalar(
-        "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout' \
+        // Stamped at the cutoff (forward only): a message received before it and committed
+        // after the sweep does not bring the device back.
+        "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout', \
+         presence_at = CASE WHEN presence_at IS NULL OR presence_at < $1 THEN $1 ELSE presence_at END \
          WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1) RETURNING device_id",
     )
     .bind(cutoff)
@@ -341,6 +346,7 @@ pub(super) async fn lock_device(tx: &mut Transaction<'_, Any>, device_id: &str) 
 /// may take one received at `at`. Messages of one device can be taken by two replicas and
 /// committed in either order; each group (presence, health, reported status) keeps the
 /// receive time of the message that last set it, and an older message leaves it as it is.
+/// The firmware version, reported by heartbeats and status alike, has a time of its own.
 /// Equal times apply in commit order (one replica's messages commit in arrival order).
 fn newer(stamp: &str, at: &str) -> String {
     format!("({stamp} IS NULL OR {stamp} <= {at})")
@@ -402,10 +408,12 @@ pub(super) async fn apply_update(
     match update {
         DeviceUpdate::Heartbeat(hb) => {
             let h = newer("health_at", "$1");
+            let f = newer("fw_at", "$1");
             let sql = format!(
-                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {} WHERE device_id = $9",
+                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $9",
                 presence_sets_bound(),
-                set_if(&h, "fw_version", "$4"),
+                set_if(&f, "fw_version", "$4"),
+                set_if(&f, "fw_at", "$1"),
                 set_if(&h, "heap", "$5"),
                 set_if(&h, "rssi", "COALESCE($6, rssi)"),
                 set_if(&h, "uptime", "$7"),
@@ -435,12 +443,15 @@ pub(super) async fn apply_update(
                 || st.hw.is_some()
                 || st.config.is_some();
             let s = format!("($9 = 1 AND {})", newer("status_at", "$1"));
+            // The version is also in heartbeats: it has a time of its own.
+            let f = format!("($6 IS NOT NULL AND {})", newer("fw_at", "$1"));
             let sql = format!(
-                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $10",
+                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $10",
                 presence_sets_bound(),
                 set_if(&s, "led_state", "COALESCE($4, led_state)"),
                 set_if(&s, "led_brightness", "COALESCE($5, led_brightness)"),
-                set_if(&s, "fw_version", "COALESCE($6, fw_version)"),
+                set_if(&f, "fw_version", "$6"),
+                set_if(&f, "fw_at", "$1"),
                 set_if(&s, "hardware", "COALESCE($7, hardware)"),
                 set_if(&s, "reported_config", "COALESCE($8, reported_config)"),
                 set_if(

@@ -351,9 +351,16 @@ impl Intake {
             self.writer.submit_lossy(msg);
             return;
         }
-        let (writer, acker) = (self.writer.clone(), self.acker.clone());
+        // Queued here, in the order the broker delivered; only the wait for the commit runs
+        // on its own task.
+        let durable = self.writer.queue_durable(msg);
+        let acker = self.acker.clone();
         tokio::spawn(async move {
-            if writer.store(msg).await.is_ok() {
+            let stored = match durable {
+                Ok(durable) => durable.await,
+                Err(stopped) => Err(stopped),
+            };
+            if stored.is_ok() {
                 acker.ack(connection, &publish);
             } else {
                 acker.unsent.fetch_add(1, Ordering::Relaxed);

@@ -55,9 +55,17 @@ impl Inbound {
         Inbound {
             topic,
             payload,
-            received_at: now_ms(),
+            received_at: receive_stamp(),
         }
     }
+}
+
+/// The wall clock in ms, never below a stamp this process gave before: a clock stepped back
+/// (an NTP correction) cannot make a later message look older than an earlier one.
+fn receive_stamp() -> i64 {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = now_ms();
+    LAST.fetch_max(now, Ordering::Relaxed).max(now)
 }
 
 /// What a committed message changed that others act on.
@@ -136,9 +144,18 @@ impl Writer {
 
     /// Stores a message; returns once it is durable.
     pub async fn store(&self, msg: Inbound) -> Result<(), Stopped> {
+        self.queue_durable(msg)?.await
+    }
+
+    /// Queues a message now, in call order, and returns what resolves once it is durable (so
+    /// messages taken one after another are committed in that order, whoever awaits first).
+    pub fn queue_durable(
+        &self,
+        msg: Inbound,
+    ) -> Result<impl Future<Output = Result<(), Stopped>> + use<>, Stopped> {
         let (done, durable) = oneshot::channel();
         self.enqueue(msg, Some(done))?;
-        durable.await.map_err(|_| Stopped)
+        Ok(async move { durable.await.map_err(|_| Stopped) })
     }
 
     /// Queues a message nobody waits for (a will). Never dropped.
@@ -526,7 +543,7 @@ mod tests {
         }
     }
 
-    /// What a store holds that ingest writes, minus the clock.
+    /// What a store holds that ingest writes (receive times included: the tests give them).
     async fn ingest_state(
         dir: &std::path::Path,
     ) -> (
@@ -537,31 +554,34 @@ mod tests {
             Option<i64>,
             Option<bool>,
             Option<f64>,
+            i64,
         )>,
-        Vec<(String, i64, Option<String>, bool)>,
+        Vec<(
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        )>,
     ) {
         let mut db =
             sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.join("db").display()))
                 .await
                 .unwrap();
         let telemetry = sqlx::query_as(
-            "SELECT device_id, seq, device_ts, pot, switch, temp FROM telemetry ORDER BY device_id, seq",
+            "SELECT device_id, seq, device_ts, pot, switch, temp, received_at FROM telemetry ORDER BY device_id, seq",
         )
         .fetch_all(&mut db)
         .await
         .unwrap();
         let devices = sqlx::query_as(
-            "SELECT device_id, online, disconnect_reason, last_seen IS NOT NULL FROM devices ORDER BY device_id",
+            "SELECT device_id, online, disconnect_reason, last_seen, presence_at, heap FROM devices ORDER BY device_id",
         )
         .fetch_all(&mut db)
         .await
         .unwrap();
         (telemetry, devices)
-    }
-
-    /// `items` received in order, a millisecond apart.
-    fn received(items: &[Item]) -> impl Iterator<Item = (i64, &Item)> + Clone {
-        (1_000..).zip(items)
     }
 
     #[tokio::test]
@@ -599,6 +619,11 @@ mod tests {
                 decode_item(&format!("devices/{device}/{topic}"), payload.as_bytes()).unwrap()
             })
             .collect();
+        // Received out of order and some at one instant, as from two replicas: many messages
+        // are older than what their device's state holds already.
+        let received: Vec<i64> = (0..items.len())
+            .map(|_| rng.random_range(1_000..1_400))
+            .collect();
         let (batched_dir, single_dir) =
             (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut events = Vec::new();
@@ -613,12 +638,14 @@ mod tests {
             );
             assert!(store.toggle_device_block(&dev("d4")).await.unwrap());
             let mut came_online: Vec<String> = if dir == batched_dir.path() {
-                commit(&store, received(&items)).await.unwrap()
+                commit(&store, received.iter().copied().zip(&items))
+                    .await
+                    .unwrap()
             } else {
                 // The reference: every message through the one-message path, one transaction.
                 let mut tx = store.begin_write().await.unwrap();
                 let mut changes = Vec::new();
-                for (at, item) in received(&items) {
+                for (at, item) in received.iter().copied().zip(&items) {
                     if let Item::Update(device, update) = item
                         && tx.apply_update(device, update, at).await.unwrap()
                     {
