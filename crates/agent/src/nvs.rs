@@ -1,5 +1,5 @@
 //! The virtual chip's non-volatile storage: a directory standing in for NVS and the key store.
-//! Every write is atomic (temp file, fsync, rename), so a power cut leaves the old value or the
+//! Every write is atomic (temp file, fsync, rename, directory fsync), so a power cut leaves the old value or the
 //! new one, never a torn file — the guarantee ESP-IDF's NVS gives.
 
 use std::fs;
@@ -251,7 +251,8 @@ impl Nvs {
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, self.path(name))?;
-        Ok(())
+        // The rename itself is durable only once the directory is.
+        self.sync_dir()
     }
 }
 

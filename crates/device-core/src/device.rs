@@ -531,9 +531,12 @@ impl Device {
     }
 
     /// The broker answered the message `token` was given to with an error reason (or the
-    /// shell could not hand it over): it is sent again [`crate::outbox::RETRY_MS`] later.
+    /// shell could not hand it over): it is sent again between half of
+    /// [`crate::outbox::RETRY_MS`] and all of it later, drawn at random.
     pub fn handle_publish_refused(&mut self, now: Millis, token: Token) {
-        self.outbox.refused(token, now);
+        let half = crate::outbox::RETRY_MS / 2;
+        let retry_at = now + half + self.rng.below(half + 1);
+        self.outbox.refused(token, retry_at);
     }
 
     /// The broker connection dropped or was refused.

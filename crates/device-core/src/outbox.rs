@@ -7,7 +7,9 @@ use alloc::collections::VecDeque;
 
 use crate::device::{Millis, Publish};
 
-/// How long after a refused publish (a PUBACK with an error reason) it is sent again.
+/// At most how long after a refused publish (a PUBACK with an error reason) it is sent again;
+/// at least half of it, the rest drawn at random, so a fleet refused at one instant (an
+/// overloaded broker) does not come back at one instant.
 pub const RETRY_MS: Millis = 5_000;
 
 /// Names one publish that must arrive; the shell hands it back to
@@ -103,10 +105,10 @@ impl Outbox {
         self.entries.remove(at).map(|e| e.then)
     }
 
-    /// The broker refused it: send it again [`RETRY_MS`] from `now`.
-    pub(crate) fn refused(&mut self, token: Token, now: Millis) {
+    /// The broker refused it: send it again at `retry_at`.
+    pub(crate) fn refused(&mut self, token: Token, retry_at: Millis) {
         if let Some(e) = self.entries.iter_mut().find(|e| e.token == token) {
-            e.sent = Sent::RetryAt(now + RETRY_MS);
+            e.sent = Sent::RetryAt(retry_at);
         }
     }
 

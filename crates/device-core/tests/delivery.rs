@@ -14,12 +14,16 @@ mod common;
 use common::{CONFIRM_MS, Sim, key, manifest, ota_config as config, provisioning, sign};
 
 fn connected(version: &str, stored: Stored) -> Sim {
+    connected_with_seed(version, stored, 7)
+}
+
+fn connected_with_seed(version: &str, stored: Stored, seed: u64) -> Sim {
     let stored = Stored {
         provisioning: Some(provisioning()),
         has_certificate: true,
         ..stored
     };
-    let mut sim = Sim::boot(config(version), stored);
+    let mut sim = Sim::boot_with_seed(config(version), stored, seed);
     sim.auto_ack = false;
     sim.device.handle_wifi_connected(0);
     sim.device.handle_wall_clock(0, 1_850_000_000_000);
@@ -307,7 +311,7 @@ fn a_refused_publish_is_sent_again_after_the_retry_delay() {
     let sent = sim.replies().len();
     let refused_at = sim.now;
     sim.device.handle_publish_refused(refused_at, token);
-    sim.run_until(refused_at + RETRY_MS - 1);
+    sim.run_until(refused_at + RETRY_MS / 2 - 1);
     assert_eq!(sim.replies().len(), sent);
     sim.run_until(refused_at + RETRY_MS);
     assert_eq!(sim.replies().len(), sent + 1);
@@ -319,6 +323,31 @@ fn a_refused_publish_is_sent_again_after_the_retry_delay() {
     assert_eq!(sim.device.unacknowledged(), 0);
     sim.run_until(sim.now + 10 * RETRY_MS);
     assert_eq!(sim.replies().len(), sent + 1);
+}
+
+/// A fleet refused at one instant comes back spread over the second half of the retry delay.
+#[test]
+fn refused_publishes_of_many_devices_are_retried_at_different_times() {
+    let mut retried_at = Vec::new();
+    for seed in 1..=40u64 {
+        let mut sim = connected_with_seed("1.2.0", Stored::default(), seed);
+        sim.command("p1", "ping", json!({}));
+        sim.run_until(sim.now + 1);
+        let token = *sim.unacked.last().unwrap();
+        let sent = sim.replies().len();
+        let refused_at = sim.now;
+        sim.device.handle_publish_refused(refused_at, token);
+        let mut at = refused_at;
+        while sim.replies().len() == sent {
+            at += 10;
+            sim.run_until(at);
+        }
+        assert!((RETRY_MS / 2..=RETRY_MS + 10).contains(&(at - refused_at)));
+        retried_at.push(at - refused_at);
+    }
+    retried_at.sort_unstable();
+    retried_at.dedup();
+    assert!(retried_at.len() > 20, "{retried_at:?}");
 }
 
 #[test]

@@ -27,8 +27,13 @@ pub struct Sim {
 
 impl Sim {
     pub fn boot(config: Config, stored: Stored) -> Sim {
+        Sim::boot_with_seed(config, stored, 7)
+    }
+
+    /// [`Sim::boot`] with the device's random seed given (devices of a fleet differ).
+    pub fn boot_with_seed(config: Config, stored: Stored, seed: u64) -> Sim {
         let mut sim = Sim {
-            device: Device::new(config, 7),
+            device: Device::new(config, seed),
             now: 0,
             log: Vec::new(),
             transitions: Vec::new(),
