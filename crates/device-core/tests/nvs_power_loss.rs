@@ -6,6 +6,8 @@
 //! those, the broker redelivers every command it had sent, and the device must not reuse a
 //! sequence number or run the reboot a second time.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod common;
 
 use common::{Sim, provisioning};
