@@ -579,3 +579,150 @@ async fn a_replica_whose_clock_runs_a_minute_ahead_takes_no_live_lease_and_a_dea
     .await
     .unwrap();
 }
+
+async fn on_version(server: &Server, admin: &str, id: &str, version: &str) {
+    flotilla_e2e::wait_for(
+        &format!("{id} online on {version}"),
+        Duration::from_secs(30),
+        || async {
+            let d = server.device(admin, id).await.ok()?;
+            (d["online"] == true && d["firmwareVersion"] == version).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The health gate judges on every heartbeat, whichever replica ingested it: the devices of a
+/// health-gated rollout connect to the replica that does not lead, and the leader stops the
+/// rollout when the updated one crashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_health_gate_sees_heartbeats_another_replica_ingested() {
+    use flotilla_e2e::release_kit::Kit;
+    let tmp = tempfile::tempdir().unwrap();
+    let kit = Kit::new(tmp.path());
+    let key = kit.public_key();
+    let a = Server::start_on_postgres(&["--release-key", &key])
+        .await
+        .unwrap();
+    let admin = a.admin("admin@x.io").await.unwrap();
+    let b = a.start_replica(&["--release-key", &key]).await.unwrap();
+    let a_leads = flotilla_e2e::wait_for("one leader", Duration::from_secs(20), || async {
+        let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
+        (la != lb).then_some(la)
+    })
+    .await
+    .unwrap();
+    let follower = if a_leads { &b } else { &a };
+
+    let ids = ["hg-0", "hg-1", "hg-2", "hg-3"];
+    let (mut devices, mut identities) = (Vec::new(), Vec::new());
+    for id in ids {
+        let identity = follower.enroll(&admin, id).await.unwrap();
+        identities.push(identity.clone());
+        let mut dev = flotilla_e2e::mqtt::connect_device(follower.mqtt_port, &identity)
+            .await
+            .unwrap();
+        dev.subscribe(&format!("devices/{id}/ota")).await.unwrap();
+        dev.publish(
+            &format!("devices/{id}/status"),
+            br#"{"online":true,"fw":"1.0.0","hw":"esp32c3"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+        devices.push(dev);
+    }
+    for id in ids {
+        on_version(follower, &admin, id, "1.0.0").await;
+    }
+    let cli = flotilla_e2e::Cli::new(follower, &tmp.path().join("session.json"));
+    let login = cli.run(&["login", "--email", "admin@x.io", "--password", "admin-pass"]);
+    assert!(login.status.success());
+    let image = kit.release("1.1.0", "normal");
+    cli.json(&["release", "publish", image.to_str().unwrap()]);
+    let body = json!({
+        "version": "1.1.0",
+        "target": { "devices": ids },
+        "phases": [25, 100],
+        "health": { "maxCrashRatio": 2, "minObservedSecs": 25, "minEvents": 3 },
+    });
+    let (status, created) = follower
+        .call("POST", "/api/rollouts", Some(&admin), Some(body))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let rollout = created["id"].as_str().unwrap().to_string();
+
+    // The leader publishes offers on its own broker; the follower's sends a device its
+    // pending offer when its next session starts. The first phase offers it to one of four.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (updated, offer) = 'found: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no offer reached a device: FOLLOWER{}",
+            follower.log()
+        );
+        for (k, dev) in devices.iter_mut().enumerate() {
+            *dev = flotilla_e2e::mqtt::connect_device(follower.mqtt_port, &identities[k])
+                .await
+                .unwrap();
+            dev.subscribe(&format!("devices/{}/ota", ids[k]))
+                .await
+                .unwrap();
+            if let Ok((_, payload)) = dev.message(Duration::from_millis(500)).await {
+                break 'found (k, serde_json::from_slice::<Value>(&payload).unwrap());
+            }
+        }
+    };
+    let id = ids[updated];
+    let done = json!({"status": "SUCCESS", "id": offer["id"], "version": "1.1.0"});
+    devices[updated]
+        .publish(
+            &format!("devices/{id}/ota/status"),
+            done.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    devices[updated]
+        .publish(
+            &format!("devices/{id}/status"),
+            br#"{"online":true,"fw":"1.1.0","hw":"esp32c3"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    on_version(follower, &admin, id, "1.1.0").await;
+
+    // Heartbeats through the follower only: the updated device crashes at every beat.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut beat = 0u32;
+    let stopped = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader's gate never stopped it"
+        );
+        beat += 1;
+        for (i, (dev, id)) in devices.iter_mut().zip(ids).enumerate() {
+            let (fw, crashes, uptime) = if i == updated {
+                ("1.1.0", beat, 1)
+            } else {
+                ("1.0.0", 0, 100 + beat)
+            };
+            let hb =
+                format!(r#"{{"heap":1000,"fw":"{fw}","uptime":{uptime},"crashes":{crashes}}}"#);
+            dev.publish(&format!("devices/{id}/health"), hb.into_bytes())
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let r = follower.rollout(&admin, &rollout).await.unwrap();
+        if r["progress"]["state"] != "running" {
+            break r;
+        }
+    };
+    assert_eq!(stopped["progress"]["state"], "stopped", "{stopped}");
+    assert_eq!(
+        stopped["progress"]["halt"], "unhealthy_crashes",
+        "{stopped}"
+    );
+    assert_eq!(stopped["progress"]["succeeded"], 1, "{stopped}");
+}

@@ -520,7 +520,6 @@ fn spawn_ingest_consumer(
                     }
                 }
                 IngestEvent::Finished(f) => ota.finished(f).await,
-                IngestEvent::Heartbeat(device, sample) => ota.heartbeat(&device, sample),
             }
         }
     });

@@ -54,7 +54,7 @@ pub use ota::{Finished, MadeOffer, NewOffer, UpdateRow, Withdrawn};
 pub use releases::{NewRelease, ReleaseRow};
 pub use retention::{RetentionKind, RetentionRun, StorageFigures};
 pub use rollout_candidates::{Candidate, Selection, TargetSelector};
-pub use rollouts::{RolloutRow, RolloutSave, SavedOffers, TargetRow};
+pub use rollouts::{HeartbeatRow, RolloutRow, RolloutSave, SavedOffers, TargetRow};
 pub use security::{
     CrashingDevice, DeniedDevice, ExpiringCertificate, NeverSeenDevice, SecurityReport,
 };

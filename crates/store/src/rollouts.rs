@@ -298,6 +298,36 @@ impl Store {
                 .await?,
         )
     }
+
+    /// The last heartbeat of each device whose heartbeat was received after `since` (ms),
+    /// whichever replica stored it: what the leader's health gate reads. Indexed.
+    pub async fn heartbeats_since(&self, since: i64) -> StoreResult<Vec<HeartbeatRow>> {
+        let rows: Vec<(String, Option<i64>, Option<i64>, i64)> = sqlx::query_as(
+            "SELECT device_id, crashes, uptime, health_at FROM devices WHERE health_at > $1",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(device_id, crashes, uptime, received_at)| HeartbeatRow {
+                device_id,
+                crashes: crashes.and_then(|c| u32::try_from(c).ok()),
+                uptime_s: uptime.and_then(|u| u64::try_from(u).ok()),
+                received_at,
+            })
+            .collect())
+    }
+}
+
+/// A device's last heartbeat as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatRow {
+    pub device_id: String,
+    pub crashes: Option<u32>,
+    pub uptime_s: Option<u64>,
+    /// When the replica that stored it received it (ms).
+    pub received_at: i64,
 }
 
 /// One target as saved.

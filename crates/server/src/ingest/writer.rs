@@ -75,8 +75,6 @@ pub enum IngestEvent {
     CameOnline(DeviceId),
     /// A report ended one of the device's updates.
     Finished(Finished),
-    /// A heartbeat was stored: its health facts, for the rollouts' health gate.
-    Heartbeat(DeviceId, flotilla_rollout::Sample),
 }
 
 /// The writer stopped (the server is shutting down).
@@ -356,13 +354,6 @@ async fn commit<'a>(
             Item::Update(device, update) => {
                 if tx.apply_update(device, update, received).await? {
                     changes.push(IngestEvent::CameOnline(device.clone()));
-                }
-                if let DeviceUpdate::Heartbeat(hb) = update {
-                    let sample = flotilla_rollout::Sample {
-                        crashes: hb.crashes,
-                        uptime_s: hb.uptime,
-                    };
-                    changes.push(IngestEvent::Heartbeat(device.clone(), sample));
                 }
             }
             Item::Reply(device, reply) => {
@@ -656,9 +647,8 @@ mod tests {
                 changes
             }
             .into_iter()
-            .filter_map(|e| match e {
-                IngestEvent::CameOnline(d) => Some(d.to_string()),
-                IngestEvent::Heartbeat(..) => None,
+            .map(|e| match e {
+                IngestEvent::CameOnline(d) => d.to_string(),
                 other => panic!("{other:?}"),
             })
             .collect();

@@ -180,14 +180,6 @@ impl OtaService {
         }
     }
 
-    /// A device's heartbeat, for the rollouts' health gate; dropped rather than waited for
-    /// when the rollout task is behind (the gate then judges on fewer heartbeats).
-    pub fn heartbeat(&self, device_id: &DeviceId, sample: flotilla_rollout::Sample) {
-        if let Some(tx) = self.rollouts.get() {
-            let _ = tx.try_send(rollouts::Event::Heartbeat(device_id.to_string(), sample));
-        }
-    }
-
     /// A device's report ended one of its updates.
     pub async fn finished(&self, f: Finished) {
         if f.rollout_id.is_some() {

@@ -35,6 +35,10 @@ use restore::{Clock, stored_halt, stored_target};
 pub use restore::{phase_of, rollout_state};
 pub use settings::Settings;
 
+/// How far before the newest heartbeat seen the leader looks again for heartbeats committed
+/// late (another replica's batch, a commit held up): those later still reach no health gate.
+const HEARTBEAT_LOOKBACK: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Control {
@@ -71,7 +75,6 @@ pub enum Event {
     /// A rollout was created.
     Start(String),
     DeviceOnline(String),
-    Heartbeat(String, flotilla_rollout::Sample),
     Finished(Finished),
     Control {
         id: String,
@@ -99,6 +102,10 @@ struct Manager {
     /// Who was online at the last look, so only devices that came online since are fed as
     /// online (one a planner set aside as busy stays aside until it is seen coming back).
     seen_online: HashSet<String>,
+    /// The receive time of the last heartbeat fed to the health gates, per device heard
+    /// within [`HEARTBEAT_LOOKBACK`] of the newest (`heard_until`).
+    heard: HashMap<String, i64>,
+    heard_until: i64,
     /// The lease epoch the planners were restored under, while this server leads.
     led_under: Option<i64>,
 }
@@ -113,6 +120,8 @@ pub fn spawn(store: Store, ota: Arc<OtaService>, leadership: Leadership) -> mpsc
         clock: Clock::new(),
         active: HashMap::new(),
         seen_online: HashSet::new(),
+        heard: HashMap::new(),
+        heard_until: flotilla_store::now_ms(),
         led_under: None,
     };
     tokio::spawn(manager.run(rx));
@@ -152,6 +161,7 @@ impl Manager {
                     }
                     if ticks.is_multiple_of(2) {
                         self.read_shared().await;
+                        self.read_heartbeats().await;
                     }
                     if ticks.is_multiple_of(4) {
                         self.resync_online().await;
@@ -202,11 +212,6 @@ impl Manager {
             Event::DeviceOnline(device) => {
                 for a in self.active.values_mut() {
                     a.planner.handle_online(now, &device);
-                }
-            }
-            Event::Heartbeat(device, sample) => {
-                for a in self.active.values_mut() {
-                    a.planner.handle_heartbeat(now, &device, sample);
                 }
             }
             Event::Finished(f) => {
@@ -268,9 +273,6 @@ impl Manager {
                     .await;
                 let _ = reply.send(result);
             }
-            // The leader's own ingest feeds its gate; another replica's heartbeats do not
-            // reach it (docs/operations.md).
-            Event::Heartbeat(..) => {}
             Event::ReleaseBlocked(version) => {
                 // The leader aborts them when it next reads the release; ask at once as well.
                 if let Ok(rows) = self.store.open_rollouts().await {
@@ -522,6 +524,38 @@ impl Manager {
 
     /// Presence changes arrive as events; a periodic look at who is online also catches
     /// offline transitions and what other replicas saw.
+    /// Feeds the health gates every heartbeat stored since the last look, whichever replica
+    /// ingested it (the database holds each device's newest). The look reaches back
+    /// [`HEARTBEAT_LOOKBACK`] before the newest heartbeat seen, for those committed late
+    /// (another replica's batch), and each is fed once.
+    async fn read_heartbeats(&mut self) {
+        if self.active.is_empty() {
+            return;
+        }
+        let since = self.heard_until - HEARTBEAT_LOOKBACK.as_millis() as i64;
+        let Ok(rows) = self.store.heartbeats_since(since).await else {
+            return;
+        };
+        let now = self.clock.now();
+        for row in rows {
+            self.heard_until = self.heard_until.max(row.received_at);
+            let fed = self.heard.entry(row.device_id.clone()).or_insert(i64::MIN);
+            if row.received_at <= *fed {
+                continue;
+            }
+            *fed = row.received_at;
+            let sample = flotilla_rollout::Sample {
+                crashes: row.crashes,
+                uptime_s: row.uptime_s,
+            };
+            for a in self.active.values_mut() {
+                a.planner.handle_heartbeat(now, &row.device_id, sample);
+            }
+        }
+        let oldest = self.heard_until - HEARTBEAT_LOOKBACK.as_millis() as i64;
+        self.heard.retain(|_, at| *at > oldest);
+    }
+
     async fn resync_online(&mut self) {
         if self.active.is_empty() {
             return;

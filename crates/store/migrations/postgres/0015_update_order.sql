@@ -7,3 +7,5 @@ ALTER TABLE devices ADD COLUMN presence_at BIGINT;
 ALTER TABLE devices ADD COLUMN health_at BIGINT;
 ALTER TABLE devices ADD COLUMN status_at BIGINT;
 ALTER TABLE devices ADD COLUMN fw_at BIGINT;
+-- The leader's health gate reads the heartbeats stored since its last look.
+CREATE INDEX devices_by_health_at ON devices (health_at);
