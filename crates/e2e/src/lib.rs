@@ -286,6 +286,11 @@ impl Server {
         self.start_again().await
     }
 
+    /// The extra arguments the server was (re)started with.
+    pub fn extra_args(&self) -> &[String] {
+        &self.extra
+    }
+
     /// Replaces the extra arguments the next (re)start passes.
     pub fn set_args(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
@@ -384,7 +389,14 @@ impl Server {
             }
         })
         .await?;
-        let ep = ep.context("flotilla-server exited during start-up")?;
+        let ep = ep.with_context(|| {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            format!(
+                "flotilla-server exited during start-up; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })?;
         Ok((proc, ep))
     }
 

@@ -248,6 +248,36 @@ async fn two_replicas_behind_mosquitto_store_every_acknowledged_reading_once_and
     assert!(waits["woken"].as_u64().unwrap() >= 1, "{waits}");
 }
 
+/// A second server started with a replica id a running one uses (which would share its
+/// ingest session at the broker) is refused, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_with_a_running_replicas_id_is_refused_at_start() {
+    let Rig { a, _broker, .. } = rig(0, &[]).await;
+    let url = a
+        .extra_args()
+        .windows(2)
+        .find(|w| w[0] == "--broker-url")
+        .map(|w| w[1].clone())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = a
+        .start_replica(&["--broker-url", &url, "--replica-id", "r1"])
+        .await
+        .err()
+        .expect("a second r1 started");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("replica id \"r1\" is in use by another running server"),
+        "{err}"
+    );
+    // Refused after one renewal interval, not after waiting out the lease.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_sigkilled_while_devices_publish_and_restarted_loses_nothing_acknowledged() {
     replica_b_sigkilled_while_devices_publish(Then::Restart).await;

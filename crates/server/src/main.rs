@@ -23,6 +23,7 @@ mod openapi;
 mod ota;
 mod passwords;
 mod renewal;
+mod replica_id;
 mod retention;
 mod rollouts;
 mod rotation;

@@ -96,7 +96,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             Ok(ca.issue_service_certificate_valid_for(&service, validity)?)
         })
     };
-    let broker = match config.external_broker()? {
+    let mut broker = match config.external_broker()? {
         None => {
             let identity = service_identity("server".into())?;
             let (embedded, addrs) = broker::start(
@@ -128,6 +128,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     flotilla_pki::SERVICE_PREFIX,
                     hex::encode(rand::random::<[u8; 4]>())
                 ),
+                replica_id: None,
             }
         }
         Some(url) => {
@@ -164,6 +165,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             let (ingest_link, ingest_id) = link_as(&crate::ingest::handover::session_service(
                 &config.replica_id,
             ))?;
+            // One server per replica id: a second would share its ingest session.
+            let replica_id = if replicated {
+                Some(crate::replica_id::claim(&store, &config.replica_id).await?)
+            } else {
+                None
+            };
             // With replicas, the ingest session is this replica's to use while it holds its
             // lease, and a peer's that lapsed is drained by whoever takes its lease.
             let claim = if replicated {
@@ -218,6 +225,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 service: addr,
                 link,
                 downlink_id,
+                replica_id,
             }
         }
     };
@@ -299,7 +307,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let shared_limits =
         replicated.then(|| crate::shared_limits::SharedLimits::start(store.clone()));
     let command_waits = crate::command_waits::CommandWaits::start(&store).await?;
-    let releasing = (store.clone(), leadership.clone());
+    let releasing = (store.clone(), leadership.clone(), broker.replica_id.take());
     let state = AppState {
         store,
         jwt,
@@ -359,8 +367,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         crate::conn_limits::ConnectionGate::new(config.http_max, config.http_per_address),
     );
     shutdown_signal().await;
-    let (store, leadership) = releasing;
+    let (store, leadership, replica_id) = releasing;
     leadership.release(&store).await;
+    if let Some(replica_id) = replica_id {
+        replica_id.release(&store).await;
+    }
     Ok(())
 }
 
@@ -376,6 +387,8 @@ struct BrokerSide {
     /// How the downlink reaches the broker, and as whom.
     link: ServiceLink,
     downlink_id: String,
+    /// This server's claim to its replica id, with an external broker and replicas.
+    replica_id: Option<crate::replica_id::ReplicaId>,
 }
 
 /// What the ingest link takes from an external broker: every upward channel of every

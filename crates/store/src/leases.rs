@@ -66,6 +66,17 @@ impl Store {
 
     /// Gives the lease up at once (a clean shutdown), so another holder need not wait for it
     /// to lapse.
+    /// Who holds the lease `name`, and until when on the database's clock (ms); `None` if it
+    /// was never taken.
+    pub async fn lease(&self, name: &str) -> StoreResult<Option<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT holder, expires_at FROM leases WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
         sqlx::query("UPDATE leases SET expires_at = 0 WHERE name = $1 AND holder = $2")
             .bind(name)
