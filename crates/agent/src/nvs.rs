@@ -28,6 +28,22 @@ struct Record {
     commands_done: Vec<CommandReply>,
 }
 
+impl From<Stored> for Record {
+    fn from(s: Stored) -> Record {
+        Record {
+            provisioning: s.provisioning,
+            unstable_boots: s.unstable_boots,
+            seq_high_water: s.seq_high_water,
+            led: s.led,
+            brightness: s.brightness,
+            ota_job: s.ota_job,
+            ota_awaiting: s.ota_awaiting,
+            ota_outcome: s.ota_outcome,
+            commands_done: s.commands_done,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Nvs {
     dir: PathBuf,
@@ -196,38 +212,14 @@ impl Nvs {
     }
 
     pub fn apply(&self, p: &Persist) -> anyhow::Result<()> {
-        let mut r = self.record();
-        match p {
-            Persist::Provisioning(prov) => r.provisioning = Some(prov.clone()),
-            Persist::ClearProvisioning => {
-                r.provisioning = None;
-                let _ = fs::remove_file(self.path(CERT_FILE));
-                self.discard_next();
-                self.confirmed();
-            }
-            Persist::UnstableBoots(n) => r.unstable_boots = *n,
-            Persist::SeqHighWater(n) => r.seq_high_water = *n,
-            Persist::Led { state, brightness } => {
-                r.led = Some(*state);
-                r.brightness = Some(*brightness);
-            }
-            Persist::OtaJob(job) => r.ota_job = job.clone(),
-            Persist::OtaInstalled(awaiting) => {
-                r.ota_job = None;
-                r.ota_awaiting = Some(awaiting.clone());
-            }
-            Persist::OtaOutcome(outcome) => {
-                r.ota_job = None;
-                r.ota_awaiting
-                    .take_if(|a| outcome.id.as_ref() == Some(&a.id));
-                r.ota_outcome = Some(outcome.clone());
-            }
-            Persist::OtaReported { id } => {
-                r.ota_awaiting.take_if(|a| a.id == *id);
-                r.ota_outcome.take_if(|o| o.id.as_ref() == Some(id));
-            }
-            Persist::CommandsDone(done) => r.commands_done = done.clone(),
+        if let Persist::ClearProvisioning = p {
+            let _ = fs::remove_file(self.path(CERT_FILE));
+            self.discard_next();
+            self.confirmed();
         }
+        let mut stored = self.load();
+        stored.apply(p);
+        let r = Record::from(stored);
         // The record holds the Wi-Fi password and the tokens: owner-only.
         self.write_atomic(RECORD_FILE, &serde_json::to_vec_pretty(&r)?, true)
     }

@@ -130,6 +130,42 @@ pub struct Stored {
     pub commands_done: Vec<CommandReply>,
 }
 
+impl Stored {
+    /// What the chip keeps after the shell performed `p`: the meaning of each [`Persist`],
+    /// for a shell that stores the record whole (the agent) and for tests that model NVS.
+    pub fn apply(&mut self, p: &Persist) {
+        match p {
+            Persist::Provisioning(prov) => self.provisioning = Some(prov.clone()),
+            Persist::ClearProvisioning => {
+                self.provisioning = None;
+                self.has_certificate = false;
+            }
+            Persist::UnstableBoots(n) => self.unstable_boots = *n,
+            Persist::SeqHighWater(n) => self.seq_high_water = *n,
+            Persist::Led { state, brightness } => {
+                self.led = Some(*state);
+                self.brightness = Some(*brightness);
+            }
+            Persist::OtaJob(job) => self.ota_job = job.clone(),
+            Persist::OtaInstalled(awaiting) => {
+                self.ota_job = None;
+                self.ota_awaiting = Some(awaiting.clone());
+            }
+            Persist::OtaOutcome(outcome) => {
+                self.ota_job = None;
+                self.ota_awaiting
+                    .take_if(|a| outcome.id.as_ref() == Some(&a.id));
+                self.ota_outcome = Some(outcome.clone());
+            }
+            Persist::OtaReported { id } => {
+                self.ota_awaiting.take_if(|a| a.id == *id);
+                self.ota_outcome.take_if(|o| o.id.as_ref() == Some(id));
+            }
+            Persist::CommandsDone(done) => self.commands_done = done.clone(),
+        }
+    }
+}
+
 /// How many executed commands that must not run twice are remembered across reboots.
 pub const COMMANDS_DONE_KEPT: usize = 8;
 

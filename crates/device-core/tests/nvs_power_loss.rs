@@ -36,36 +36,7 @@ fn chip() -> Stored {
 /// What the chip keeps after `writes`, from `stored`: the shell's NVS, modelled.
 fn apply(mut stored: Stored, writes: &[&Persist]) -> Stored {
     for p in writes {
-        match p {
-            Persist::Provisioning(prov) => stored.provisioning = Some(prov.clone()),
-            Persist::ClearProvisioning => {
-                stored.provisioning = None;
-                stored.has_certificate = false;
-            }
-            Persist::UnstableBoots(n) => stored.unstable_boots = *n,
-            Persist::SeqHighWater(n) => stored.seq_high_water = *n,
-            Persist::Led { state, brightness } => {
-                stored.led = Some(*state);
-                stored.brightness = Some(*brightness);
-            }
-            Persist::OtaJob(job) => stored.ota_job = job.clone(),
-            Persist::OtaInstalled(awaiting) => {
-                stored.ota_job = None;
-                stored.ota_awaiting = Some(awaiting.clone());
-            }
-            Persist::OtaOutcome(outcome) => {
-                stored.ota_job = None;
-                stored
-                    .ota_awaiting
-                    .take_if(|a| outcome.id.as_ref() == Some(&a.id));
-                stored.ota_outcome = Some(outcome.clone());
-            }
-            Persist::OtaReported { id } => {
-                stored.ota_awaiting.take_if(|a| a.id == *id);
-                stored.ota_outcome.take_if(|o| o.id.as_ref() == Some(id));
-            }
-            Persist::CommandsDone(done) => stored.commands_done = done.clone(),
-        }
+        stored.apply(p);
     }
     stored
 }
