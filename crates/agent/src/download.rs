@@ -374,6 +374,7 @@ mod tests {
     /// The policy the agent runs, on tokio's paused clock: its waits take no real time.
     const RETRY: DownloadPolicy = DownloadPolicy {
         attempts_without_progress: 8,
+        give_up_after_ms: 120_000,
         backoff: flotilla_device_core::BackoffConfig {
             base_ms: 500,
             cap_ms: 30_000,
@@ -452,9 +453,10 @@ mod tests {
             stall_first: false,
         };
         let mut watch = Watch::default();
-        // Two attempts in a row that bring nothing end it.
+        // An attempt that brings nothing ends it.
         let retry = DownloadPolicy {
             attempts_without_progress: 1,
+            give_up_after_ms: 0,
             ..RETRY
         };
         let failed = install(

@@ -498,7 +498,11 @@ impl Runner {
                     // Awaited: what follows (a reply, a reboot) may rely on it being stored.
                     let nvs = self.nvs.clone();
                     if let Err(e) = off_runtime(move || nvs.apply(&p)).await {
-                        tracing::error!(device = %self.label, error = %e, "NVS write failed");
+                        // What follows may rely on it (a sequence reservation, an executed
+                        // command's id): restart from what NVS holds, as a power cut before
+                        // the write would (tests/nvs_power_loss.rs), rather than go on.
+                        tracing::error!(device = %self.label, error = %e, "NVS write failed; restarting");
+                        return Some(Exit::Reboot);
                     }
                 }
                 Action::Download {
@@ -702,10 +706,9 @@ impl Runner {
         let Some(credentials) = self.nvs.credentials() else {
             anyhow::bail!("no device certificate");
         };
-        // No overall timeout: an image takes as long as it takes; a stalled read does not.
-        Ok(renew::mtls_builder(&self.env, &credentials)?
-            .read_timeout(Duration::from_secs(30))
-            .build()?)
+        // No overall timeout: an image takes as long as it takes. How long a silent server
+        // is given is the core's download policy (`stall_ms`).
+        Ok(renew::mtls_builder(&self.env, &credentials)?.build()?)
     }
 }
 

@@ -567,11 +567,11 @@ impl Device {
     }
 
     /// The broker answered the message `token` was given to with an error reason (or the
-    /// shell could not hand it over): it is sent again between half of
-    /// [`crate::outbox::RETRY_MS`] and all of it later, drawn at random.
+    /// shell could not hand it over): it is sent again between [`crate::outbox::RETRY_MS`]
+    /// and one and a half times that later, drawn at random.
     pub fn handle_publish_refused(&mut self, now: Millis, token: Token) {
-        let half = crate::outbox::RETRY_MS / 2;
-        let retry_at = now + half + self.rng.below(half + 1);
+        let retry = crate::outbox::RETRY_MS;
+        let retry_at = now + retry + self.rng.below(retry / 2 + 1);
         self.outbox.refused(token, retry_at);
     }
 

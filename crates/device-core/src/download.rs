@@ -19,8 +19,12 @@ use crate::rng::Rng;
 /// How a download retries, waits and persists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DownloadPolicy {
-    /// Failed attempts in a row that received nothing, after which the download fails.
+    /// Failed attempts in a row that received nothing, after which the download fails, once
+    /// [`DownloadPolicy::give_up_after_ms`] passed without a byte as well.
     pub attempts_without_progress: u32,
+    /// The least time without a byte before the download fails: full jitter may draw short
+    /// waits, and a server restart should not fail the downloads it interrupted.
+    pub give_up_after_ms: u64,
     /// The wait before each new attempt (full jitter, capped); reset by received bytes.
     pub backoff: BackoffConfig,
     /// A response that delivers no byte for this long is abandoned and tried again.
@@ -34,6 +38,7 @@ impl Default for DownloadPolicy {
     fn default() -> Self {
         DownloadPolicy {
             attempts_without_progress: 8,
+            give_up_after_ms: 120_000,
             backoff: BackoffConfig {
                 base_ms: 500,
                 cap_ms: 30_000,
@@ -84,6 +89,8 @@ pub struct Download {
     received: u64,
     persisted: u64,
     failures: u32,
+    /// When the last byte came (or the download began).
+    progress_at: u64,
     backoff: Backoff,
     rng: Rng,
     phase: Phase,
@@ -100,6 +107,7 @@ impl Download {
             received,
             persisted: received,
             failures: 0,
+            progress_at: now_ms,
             backoff: Backoff::new(policy.backoff),
             rng: Rng::new(seed),
             phase: if received >= size {
@@ -155,6 +163,7 @@ impl Download {
             *last_byte_at = now_ms;
             if received > self.received {
                 *progressed = true;
+                self.progress_at = now_ms;
             }
         }
         self.received = self.received.max(received);
@@ -185,6 +194,12 @@ impl Download {
         if !matches!(self.phase, Phase::Fetching { .. }) {
             return;
         }
+        // Cut after the last byte, before the response ended: nothing is missing (asking
+        // for the bytes after the end would be refused).
+        if self.received >= self.size {
+            self.phase = Phase::Done;
+            return;
+        }
         let progressed = matches!(
             self.phase,
             Phase::Fetching {
@@ -198,7 +213,9 @@ impl Download {
         } else {
             self.failures = self.failures.saturating_add(1);
         }
-        if self.failures > self.policy.attempts_without_progress {
+        if self.failures >= self.policy.attempts_without_progress
+            && now_ms.saturating_sub(self.progress_at) >= self.policy.give_up_after_ms
+        {
             self.phase = Phase::Failed(alloc::format!(
                 "download failed: {} attempts in a row received nothing",
                 self.failures
@@ -299,11 +316,44 @@ mod tests {
                 now = ready_at;
             }
         }
-        assert_eq!(waits.len() as u32, policy.attempts_without_progress);
+        // At least the attempts, and at least the time without a byte.
+        assert!(waits.len() as u32 >= policy.attempts_without_progress - 1);
+        assert!(now >= policy.give_up_after_ms, "gave up after {now} ms");
         for (n, wait) in waits.iter().enumerate() {
-            let ceiling = (policy.backoff.base_ms << n).min(policy.backoff.cap_ms);
+            let ceiling = (policy.backoff.base_ms << n.min(32)).min(policy.backoff.cap_ms);
             assert!(*wait <= ceiling, "wait {n}: {wait} > {ceiling}");
         }
+    }
+
+    #[test]
+    fn the_waits_grow_towards_the_cap() {
+        let policy = DownloadPolicy::default();
+        // The mean over many devices of the n-th wait: about half its ceiling.
+        let mut sums = [0u64; 8];
+        for seed in 1..=200 {
+            let mut d = Download::new(policy, SIZE, 0, seed, 0);
+            let mut now = 0;
+            for sum in &mut sums {
+                fetch(&mut d, now);
+                d.handle_failure(now);
+                let at = ready_at(&d);
+                *sum += at - now;
+                now = at;
+            }
+        }
+        let means: Vec<u64> = sums.iter().map(|s| s / 200).collect();
+        assert!(means[0] < policy.backoff.base_ms, "{means:?}");
+        assert!(means[4] > 4 * means[0], "{means:?}");
+        assert!(means[7] > policy.backoff.cap_ms / 4, "{means:?}");
+    }
+
+    #[test]
+    fn a_link_cut_after_the_last_byte_completes_the_download() {
+        let mut d = Download::new(DownloadPolicy::default(), SIZE, 0, 4, 0);
+        fetch(&mut d, 0);
+        d.handle_progress(SIZE, SIZE, 10);
+        d.handle_failure(20);
+        assert_eq!(d.next(20), Step::Done);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use alloc::collections::VecDeque;
 
 use crate::device::{Millis, Publish};
 
-/// At most how long after a refused publish (a PUBACK with an error reason) it is sent again;
-/// at least half of it, the rest drawn at random, so a fleet refused at one instant (an
+/// At least how long after a refused publish (a PUBACK with an error reason) it is sent
+/// again; up to half as long again is drawn at random, so a fleet refused at one instant (an
 /// overloaded broker) does not come back at one instant.
 pub const RETRY_MS: Millis = 5_000;
 

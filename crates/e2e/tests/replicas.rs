@@ -653,8 +653,9 @@ async fn the_leaders_health_gate_sees_heartbeats_another_replica_ingested() {
     assert_eq!(status, 201, "{created}");
     let rollout = created["id"].as_str().unwrap().to_string();
 
-    // The leader publishes offers on its own broker; the follower's sends a device its
-    // pending offer when its next session starts. The first phase offers it to one of four.
+    // The leader publishes offers on its broker connection; with a broker per replica the
+    // follower's sends a device its pending offer when its next session starts. The first
+    // phase offers it to one of the four.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let (updated, offer) = 'found: loop {
         assert!(
@@ -663,6 +664,11 @@ async fn the_leaders_health_gate_sees_heartbeats_another_replica_ingested() {
             follower.log()
         );
         for (k, dev) in devices.iter_mut().enumerate() {
+            // Behind one shared broker the offer comes on the open session; behind the
+            // follower's own, at the next one.
+            if let Ok((_, payload)) = dev.message(Duration::from_millis(300)).await {
+                break 'found (k, serde_json::from_slice::<Value>(&payload).unwrap());
+            }
             *dev = flotilla_e2e::mqtt::connect_device(follower.mqtt_port, &identities[k])
                 .await
                 .unwrap();

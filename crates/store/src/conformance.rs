@@ -40,6 +40,7 @@ on_both_backends!(
     device_messages_and_redelivered_readings,
     a_message_committed_after_a_newer_one_changes_only_what_is_older,
     a_batch_of_readings_judges_each_device_by_its_own_latest_reading,
+    the_heartbeats_stored_since_a_time_are_each_devices_newest,
     readings_in_a_batch_store_what_one_at_a_time_stores,
     dead_letters_and_retained_messages,
     releases,
@@ -2809,6 +2810,41 @@ async fn a_message_committed_after_a_newer_one_changes_only_what_is_older(store:
         "revived by a heartbeat from before the sweep"
     );
     assert!(apply(DeviceUpdate::Heartbeat(beat(3)), cutoff + 1).await);
+}
+
+/// What the leader's health gate reads: each device's newest heartbeat received after the
+/// time given, with its crash count and uptime; older ones and other messages are not in it.
+async fn the_heartbeats_stored_since_a_time_are_each_devices_newest(store: &Store) {
+    let o = user(store, "o@x", Role::Operator).await;
+    for d in ["a", "b", "c"] {
+        store.register_device(&dev(d), d, o).await.unwrap();
+    }
+    let beat = |crashes: u32, uptime: u64| -> flotilla_proto::Heartbeat {
+        message(json!({"heap": 1, "fw": "1.0.0", "crashes": crashes, "uptime": uptime}))
+    };
+    let reading: flotilla_proto::Telemetry = message(json!({"seq": 1}));
+    let mut tx = store.begin_write().await.unwrap();
+    for (d, update, at) in [
+        ("a", DeviceUpdate::Heartbeat(beat(1, 10)), 100),
+        ("b", DeviceUpdate::Heartbeat(beat(2, 20)), 200),
+        ("b", DeviceUpdate::Heartbeat(beat(3, 5)), 300),
+        ("c", DeviceUpdate::Telemetry(reading), 400),
+    ] {
+        tx.apply_update(&dev(d), &update, at).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let rows = store.heartbeats_since(150).await.unwrap();
+    assert_eq!(
+        rows,
+        [HeartbeatRow {
+            device_id: "b".into(),
+            crashes: Some(3),
+            uptime_s: Some(5),
+            received_at: 300,
+        }]
+    );
+    assert_eq!(store.heartbeats_since(50).await.unwrap().len(), 2);
+    assert!(store.heartbeats_since(300).await.unwrap().is_empty());
 }
 
 /// A batch of readings from several devices, each older or newer than its device's presence:

@@ -150,6 +150,8 @@ impl Manager {
                     ticks += 1;
                     self.follow_the_lease().await;
                     if self.led_under.is_none() {
+                        // A new leader judges on heartbeats from its tenure on.
+                        self.heard_until = flotilla_store::now_ms();
                         continue;
                     }
                     let (now, offset) = (self.clock.now(), self.clock.wall_offset());
@@ -522,23 +524,27 @@ impl Manager {
         }
     }
 
-    /// Presence changes arrive as events; a periodic look at who is online also catches
-    /// offline transitions and what other replicas saw.
     /// Feeds the health gates every heartbeat stored since the last look, whichever replica
     /// ingested it (the database holds each device's newest). The look reaches back
     /// [`HEARTBEAT_LOOKBACK`] before the newest heartbeat seen, for those committed late
-    /// (another replica's batch), and each is fed once.
+    /// (another replica's batch), and each is fed once. Never further back than that from
+    /// now (a first rollout after a quiet week judges on no week-old heartbeat), and a
+    /// stamp from a replica whose clock runs ahead moves the look no further than now.
     async fn read_heartbeats(&mut self) {
+        let wall = flotilla_store::now_ms();
+        let lookback = HEARTBEAT_LOOKBACK.as_millis() as i64;
         if self.active.is_empty() {
+            self.heard_until = wall;
+            self.heard.clear();
             return;
         }
-        let since = self.heard_until - HEARTBEAT_LOOKBACK.as_millis() as i64;
+        let since = (self.heard_until - lookback).max(wall - lookback);
         let Ok(rows) = self.store.heartbeats_since(since).await else {
             return;
         };
         let now = self.clock.now();
         for row in rows {
-            self.heard_until = self.heard_until.max(row.received_at);
+            self.heard_until = self.heard_until.max(row.received_at.min(wall));
             let fed = self.heard.entry(row.device_id.clone()).or_insert(i64::MIN);
             if row.received_at <= *fed {
                 continue;
@@ -556,6 +562,8 @@ impl Manager {
         self.heard.retain(|_, at| *at > oldest);
     }
 
+    /// Presence changes arrive as events; a periodic look at who is online also catches
+    /// offline transitions and what other replicas saw.
     async fn resync_online(&mut self) {
         if self.active.is_empty() {
             return;
