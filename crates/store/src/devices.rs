@@ -375,10 +375,68 @@ fn presence_sets(at: &str, online: &str, reason: &str) -> String {
     .join(", ")
 }
 
+/// [`newer`] on a value read: whether a group stamped `stamp` takes a message received `at`.
+fn is_newer(stamp: Option<i64>, at: i64) -> bool {
+    stamp.is_none_or(|s| s <= at)
+}
+
 /// [`presence_sets`] for a message bound as `$1` (received), `$2` (online), `$3` (reason).
 fn presence_sets_bound() -> String {
     presence_sets("$1", "$2", "CASE WHEN $2 = 1 THEN NULL ELSE $3 END")
 }
+
+type Sql = std::sync::LazyLock<String>;
+
+/// A heartbeat: `$1` received, `$2` 1, `$3` no reason, `$4` version, `$5` heap, `$6` RSSI,
+/// `$7` uptime, `$8` crashes, `$9` the device. Built once: ingest runs it per message.
+static HEARTBEAT_UPDATE: Sql = Sql::new(|| {
+    let h = newer("health_at", "$1");
+    let f = newer("fw_at", "$1");
+    format!(
+        "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $9",
+        presence_sets_bound(),
+        set_if(&f, "fw_version", "$4"),
+        set_if(&f, "fw_at", "$1"),
+        set_if(&h, "heap", "$5"),
+        set_if(&h, "rssi", "COALESCE($6, rssi)"),
+        set_if(&h, "uptime", "$7"),
+        set_if(&h, "crashes", "COALESCE($8, crashes)"),
+        set_if(&h, "health_at", "$1"),
+    )
+});
+
+/// A status: `$1` received, `$2` online, `$3` reason, `$4` LED, `$5` brightness, `$6`
+/// version, `$7` hardware, `$8` reported config, `$9` whether it reports the device's own
+/// fields (1) or is a will (0), `$10` the device.
+static STATUS_UPDATE: Sql = Sql::new(|| {
+    let s = format!("($9 = 1 AND {})", newer("status_at", "$1"));
+    // The version is also in heartbeats: it has a time of its own.
+    let f = format!("($6 IS NOT NULL AND {})", newer("fw_at", "$1"));
+    format!(
+        "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $10",
+        presence_sets_bound(),
+        set_if(&s, "led_state", "COALESCE($4, led_state)"),
+        set_if(&s, "led_brightness", "COALESCE($5, led_brightness)"),
+        set_if(&f, "fw_version", "$6"),
+        set_if(&f, "fw_at", "$1"),
+        set_if(&s, "hardware", "COALESCE($7, hardware)"),
+        set_if(&s, "reported_config", "COALESCE($8, reported_config)"),
+        set_if(
+            &format!("{s} AND $8 IS NOT NULL"),
+            "reported_config_at",
+            "$1"
+        ),
+        set_if(&s, "status_at", "$1"),
+    )
+});
+
+/// One reading's presence: `$1` received, `$2` 1, `$3` no reason, `$4` the device.
+static READING_PRESENCE_UPDATE: Sql = Sql::new(|| {
+    format!(
+        "UPDATE devices SET {} WHERE device_id = $4",
+        presence_sets_bound()
+    )
+});
 
 /// Applies one device message, received at `received` (ms), inside the ingest transaction;
 /// each field group changes only if the message is newer than the one that last set it (see
@@ -403,24 +461,11 @@ pub(super) async fn apply_update(
     let Some((was_online, presence_at)) = row else {
         return Ok(false);
     };
-    let presence_newer = presence_at.is_none_or(|at| at <= received);
+    let presence_newer = is_newer(presence_at, received);
     let mut online_now = true;
     match update {
         DeviceUpdate::Heartbeat(hb) => {
-            let h = newer("health_at", "$1");
-            let f = newer("fw_at", "$1");
-            let sql = format!(
-                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $9",
-                presence_sets_bound(),
-                set_if(&f, "fw_version", "$4"),
-                set_if(&f, "fw_at", "$1"),
-                set_if(&h, "heap", "$5"),
-                set_if(&h, "rssi", "COALESCE($6, rssi)"),
-                set_if(&h, "uptime", "$7"),
-                set_if(&h, "crashes", "COALESCE($8, crashes)"),
-                set_if(&h, "health_at", "$1"),
-            );
-            sqlx::query(&sql)
+            sqlx::query(HEARTBEAT_UPDATE.as_str())
                 .bind(received)
                 .bind(1_i64)
                 .bind(None::<&str>)
@@ -442,26 +487,7 @@ pub(super) async fn apply_update(
                 || st.fw.is_some()
                 || st.hw.is_some()
                 || st.config.is_some();
-            let s = format!("($9 = 1 AND {})", newer("status_at", "$1"));
-            // The version is also in heartbeats: it has a time of its own.
-            let f = format!("($6 IS NOT NULL AND {})", newer("fw_at", "$1"));
-            let sql = format!(
-                "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $10",
-                presence_sets_bound(),
-                set_if(&s, "led_state", "COALESCE($4, led_state)"),
-                set_if(&s, "led_brightness", "COALESCE($5, led_brightness)"),
-                set_if(&f, "fw_version", "$6"),
-                set_if(&f, "fw_at", "$1"),
-                set_if(&s, "hardware", "COALESCE($7, hardware)"),
-                set_if(&s, "reported_config", "COALESCE($8, reported_config)"),
-                set_if(
-                    &format!("{s} AND $8 IS NOT NULL"),
-                    "reported_config_at",
-                    "$1"
-                ),
-                set_if(&s, "status_at", "$1"),
-            );
-            sqlx::query(&sql)
+            sqlx::query(STATUS_UPDATE.as_str())
                 .bind(received)
                 .bind(i64::from(st.online))
                 .bind(st.reason.as_deref().unwrap_or("offline"))
@@ -498,11 +524,7 @@ pub(super) async fn apply_update(
             .bind(t.temp.map(f32_to_f64_shortest))
             .execute(&mut **tx)
             .await?;
-            let sql = format!(
-                "UPDATE devices SET {} WHERE device_id = $4",
-                presence_sets_bound()
-            );
-            sqlx::query(&sql)
+            sqlx::query(READING_PRESENCE_UPDATE.as_str())
                 .bind(received)
                 .bind(1_i64)
                 .bind(None::<&str>)
@@ -545,7 +567,7 @@ pub(super) async fn apply_readings(
     let mut known = std::collections::HashSet::new();
     let mut came_online = Vec::new();
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
-        // Locked (see apply_update) in id order within the run.
+        // SQLite: the transaction holds the write lock (no row locks to order).
         let sql = format!(
             "SELECT device_id, online, presence_at FROM devices WHERE blocked = 0 AND device_id IN ({}) \
              ORDER BY device_id",
@@ -557,7 +579,7 @@ pub(super) async fn apply_readings(
         }
         for (id, online, presence_at) in q.fetch_all(&mut **tx).await? {
             let at = latest[id.as_str()];
-            if online == 0 && presence_at.is_none_or(|p| p <= at) {
+            if online == 0 && is_newer(presence_at, at) {
                 came_online.push(id.clone());
             }
             known.insert(id);
