@@ -496,6 +496,45 @@ impl Server {
     }
 
     /// `GET /api/rollouts/{id}`; `None` unless it answers 200.
+    /// Heartbeats from every device in `devices` (named `ids`) every quarter second, the one
+    /// at `updated` (on 1.1.0) crashing at every beat and the others (on 1.0.0) never, until
+    /// rollout `id` stops running; the rollout as it stopped. Fails after `within`.
+    pub async fn crash_one_until_rollout_halts(
+        &self,
+        jwt: &str,
+        id: &str,
+        devices: &mut [mqtt::Session],
+        ids: &[&str],
+        updated: usize,
+        within: Duration,
+    ) -> Result<Value> {
+        let deadline = std::time::Instant::now() + within;
+        let mut beat = 0u32;
+        loop {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the health gate never stopped rollout {id}"
+            );
+            beat += 1;
+            for (i, (dev, device)) in devices.iter_mut().zip(ids).enumerate() {
+                let (fw, crashes, uptime) = if i == updated {
+                    ("1.1.0", beat, 1)
+                } else {
+                    ("1.0.0", 0, 100 + beat)
+                };
+                let hb =
+                    format!(r#"{{"heap":1000,"fw":"{fw}","uptime":{uptime},"crashes":{crashes}}}"#);
+                dev.publish(&format!("devices/{device}/health"), hb.into_bytes())
+                    .await?;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let r = self.rollout(jwt, id).await.context("reading the rollout")?;
+            if r["progress"]["state"] != "running" {
+                return Ok(r);
+            }
+        }
+    }
+
     pub async fn rollout(&self, jwt: &str, id: &str) -> Option<Value> {
         let (status, r) = self
             .call("GET", &format!("/api/rollouts/{id}"), Some(jwt), None)

@@ -918,33 +918,16 @@ async fn a_health_gated_rollout_stops_when_its_updated_device_crashes_more_than_
     wait_for_version(&server, &jwt, "hg-0", "1.1.0").await;
 
     // Heartbeats: the updated device crashes at every beat, the others never.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let mut beat = 0u32;
-    let stopped = loop {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the gate never stopped it"
-        );
-        beat += 1;
-        for (i, (dev, id)) in devices.iter_mut().zip(ids).enumerate() {
-            let (fw, crashes, uptime) = if i == 0 {
-                ("1.1.0", beat, 1)
-            } else {
-                ("1.0.0", 0, 100 + beat)
-            };
-            let hb =
-                format!(r#"{{"heap":1000,"fw":"{fw}","uptime":{uptime},"crashes":{crashes}}}"#);
-            dev.publish(&format!("devices/{id}/health"), hb.into_bytes())
-                .await?;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let (_, r) = server
-            .call("GET", &format!("/api/rollouts/{rollout}"), Some(&jwt), None)
-            .await?;
-        if r["progress"]["state"] != "running" {
-            break r;
-        }
-    };
+    let stopped = server
+        .crash_one_until_rollout_halts(
+            &jwt,
+            &rollout,
+            &mut devices,
+            &ids,
+            0,
+            Duration::from_secs(90),
+        )
+        .await?;
     assert_eq!(stopped["progress"]["state"], "stopped", "{stopped}");
     assert_eq!(
         stopped["progress"]["halt"], "unhealthy_crashes",

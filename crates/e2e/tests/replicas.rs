@@ -699,32 +699,17 @@ async fn the_leaders_health_gate_sees_heartbeats_another_replica_ingested() {
     on_version(follower, &admin, id, "1.1.0").await;
 
     // Heartbeats through the follower only: the updated device crashes at every beat.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let mut beat = 0u32;
-    let stopped = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the leader's gate never stopped it"
-        );
-        beat += 1;
-        for (i, (dev, id)) in devices.iter_mut().zip(ids).enumerate() {
-            let (fw, crashes, uptime) = if i == updated {
-                ("1.1.0", beat, 1)
-            } else {
-                ("1.0.0", 0, 100 + beat)
-            };
-            let hb =
-                format!(r#"{{"heap":1000,"fw":"{fw}","uptime":{uptime},"crashes":{crashes}}}"#);
-            dev.publish(&format!("devices/{id}/health"), hb.into_bytes())
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let r = follower.rollout(&admin, &rollout).await.unwrap();
-        if r["progress"]["state"] != "running" {
-            break r;
-        }
-    };
+    let stopped = follower
+        .crash_one_until_rollout_halts(
+            &admin,
+            &rollout,
+            &mut devices,
+            &ids,
+            updated,
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
     assert_eq!(stopped["progress"]["state"], "stopped", "{stopped}");
     assert_eq!(
         stopped["progress"]["halt"], "unhealthy_crashes",
