@@ -626,24 +626,9 @@ impl Runner {
         let Some(link) = self.mqtt.take() else {
             return;
         };
-        if let (Some(reason), Some(id)) = (reason, self.device.device_id()) {
-            let status = flotilla_proto::Status {
-                online: false,
-                led: None,
-                brightness: None,
-                fw: None,
-                hw: None,
-                reason: Some(reason.into()),
-                config: None,
-            };
-            let topic = flotilla_proto::Topic::new(id, flotilla_proto::Channel::Status);
-            link.publish(
-                topic.as_str().to_string(),
-                true,
-                flotilla_proto::encode(&status),
-                None,
-            )
-            .await;
+        if let Some(goodbye) = reason.and_then(|r| self.device.goodbye(r)) {
+            link.publish(goodbye.topic, goodbye.retain, goodbye.payload, None)
+                .await;
             // Best effort: give the connection task a moment to write the goodbye before the
             // process exits; a lost goodbye only delays offline until the will or the timeout.
             tokio::time::sleep(Duration::from_millis(100)).await;

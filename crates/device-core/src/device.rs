@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use flotilla_proto::{
     Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceCommand, DeviceId,
-    Heartbeat, LedState, SensorKind, Status, Telemetry, Topic, decode, encode,
+    Heartbeat, LedState, SensorKind, SessionOrder, Status, Telemetry, Topic, decode, encode,
 };
 use serde_json::{Value, json};
 
@@ -320,6 +320,8 @@ pub struct Device {
     unstable_boots: u32,
     seq: u64,
     seq_reserved_until: u64,
+    /// The order keys of the broker session now open or being opened.
+    order: SessionOrder,
     led: LedState,
     brightness: u8,
     enabled: [bool; 3],
@@ -342,6 +344,20 @@ pub struct Device {
 
 const RECENT_COMMAND_IDS: usize = 32;
 
+/// A status that says the device is offline and why, and nothing of its own state.
+fn offline_status(reason: &str, ord: u64) -> Status {
+    Status {
+        online: false,
+        led: None,
+        brightness: None,
+        fw: None,
+        hw: None,
+        reason: Some(reason.to_string()),
+        config: None,
+        ord: Some(ord),
+    }
+}
+
 impl Device {
     pub fn new(config: Config, rng_seed: u64) -> Self {
         Device {
@@ -357,6 +373,7 @@ impl Device {
             unstable_boots: 0,
             seq: 0,
             seq_reserved_until: 0,
+            order: SessionOrder::default(),
             led: LedState::Off,
             brightness: 100,
             enabled: [true; 3],
@@ -756,17 +773,11 @@ impl Device {
         let Some(id) = self.device_id().cloned() else {
             return;
         };
+        // Each connection is a new session, numbered above every earlier one.
+        self.order = SessionOrder::new(self.take_seq());
         let will = Publish {
             topic: Topic::new(&id, Channel::Status).as_str().to_string(),
-            payload: encode(&Status {
-                online: false,
-                led: None,
-                brightness: None,
-                fw: None,
-                hw: None,
-                reason: Some("connection lost".to_string()),
-                config: None,
-            }),
+            payload: encode(&offline_status("connection lost", self.order.will_key())),
             retain: true,
             token: None,
         };
@@ -838,6 +849,7 @@ impl Device {
             hw: Some(self.config.hardware.clone()),
             reason: None,
             config: Some(self.applied_config()),
+            ord: Some(self.order.next_key()),
         };
         self.publish(Channel::Status, encode(&status), true);
     }
@@ -861,29 +873,54 @@ impl Device {
             fw: self.config.firmware_version.clone(),
             rssi: self.rssi,
             crashes: Some(self.unstable_boots),
+            ord: Some(self.order.next_key()),
         };
         self.publish(Channel::Health, encode(&hb), false);
     }
 
     fn publish_telemetry(&mut self, now: Millis) {
         let [pot_on, switch_on, temp_on] = self.enabled;
-        let t = Telemetry {
-            seq: self.seq,
-            ts: self.unix_ms(now),
-            pot: self.sensors.pot.filter(|_| pot_on),
-            switch: self.sensors.switch.filter(|_| switch_on),
-            temp: self.sensors.temp.filter(|_| temp_on),
-        };
-        if t.pot.is_none() && t.switch.is_none() && t.temp.is_none() {
+        let (pot, switch, temp) = (
+            self.sensors.pot.filter(|_| pot_on),
+            self.sensors.switch.filter(|_| switch_on),
+            self.sensors.temp.filter(|_| temp_on),
+        );
+        if pot.is_none() && switch.is_none() && temp.is_none() {
             return;
         }
-        // Reserve sequence numbers in blocks so flash sees one write per block, not per reading.
+        let t = Telemetry {
+            seq: self.take_seq(),
+            ts: self.unix_ms(now),
+            pot,
+            switch,
+            temp,
+            ord: Some(self.order.next_key()),
+        };
+        self.publish(Channel::Telemetry, encode(&t), false);
+    }
+
+    /// The next number of the device's sequence, which only rises, across reboots too: numbers
+    /// are reserved in flash in blocks, so flash sees one write per block, not per number.
+    fn take_seq(&mut self) -> u64 {
         if self.seq >= self.seq_reserved_until {
             self.seq_reserved_until = self.seq + self.config.seq_reservation.max(1);
             self.persist(Persist::SeqHighWater(self.seq_reserved_until));
         }
         self.seq += 1;
-        self.publish(Channel::Telemetry, encode(&t), false);
+        self.seq - 1
+    }
+
+    /// The goodbye a device publishes (retained, on its status topic) before it closes its
+    /// connection on purpose, so the server marks it offline at once instead of waiting for
+    /// the will or a timeout; `None` before it has an identity.
+    pub fn goodbye(&mut self, reason: &str) -> Option<Publish> {
+        let id = self.device_id()?;
+        Some(Publish {
+            topic: Topic::new(id, Channel::Status).as_str().to_string(),
+            payload: encode(&offline_status(reason, self.order.next_key())),
+            retain: true,
+            token: None,
+        })
     }
 
     fn unix_ms(&self, now: Millis) -> Option<u64> {

@@ -216,9 +216,10 @@ fn telemetry_sequence_survives_reboot_without_reuse() {
         .iter()
         .map(|p| decode::<flotilla_proto::Telemetry>(p).unwrap().seq)
         .collect();
-    assert_eq!(seqs, (0..25).collect::<Vec<_>>());
+    // The connection took number 0 as its session's (see order_keys_...).
+    assert_eq!(seqs, (1..26).collect::<Vec<_>>());
     assert!(
-        (25..=30).contains(&persisted_high_water),
+        (26..=30).contains(&persisted_high_water),
         "one write per 10 readings"
     );
     // Power cut; the next boot starts at the persisted high-water mark.
@@ -239,7 +240,7 @@ fn telemetry_sequence_survives_reboot_without_reuse() {
     sim.drain();
     sim.run_until(100);
     let first: flotilla_proto::Telemetry = decode(&sim.published("/telemetry")[0]).unwrap();
-    assert!(first.seq >= 25);
+    assert!(first.seq > 25);
 }
 
 #[test]
@@ -510,4 +511,103 @@ fn jitter_spreads_a_fleet_reconnecting_at_once() {
         buckets >= 9,
         "1,000 devices fell into only {buckets} of 10 100-ms buckets"
     );
+}
+
+/// The order keys of every state message rise through a session; its will (handed to the
+/// broker at connect) is above them all; the next session, and the first after a power cut,
+/// start above that will.
+#[test]
+fn order_keys_rise_the_will_ends_its_session_and_every_later_session_starts_above_it() {
+    let config = Config {
+        heartbeat_ms: 100,
+        telemetry_ms: 70,
+        seq_reservation: 4,
+        ..Config::default()
+    };
+    let stored = Stored {
+        provisioning: Some(provisioning()),
+        has_certificate: true,
+        ..Stored::default()
+    };
+    let mut sim = Sim::boot(config.clone(), stored);
+    sim.device.handle_sensor_values(SensorValues {
+        pot: Some(1),
+        switch: None,
+        temp: None,
+    });
+    sim.device.handle_wifi_connected(0);
+    sim.drain();
+    // Three sessions: the second after a dropped link, the third after a power cut.
+    let mut sessions: Vec<(u64, Vec<u64>)> = Vec::new();
+    let mut high_water = 0;
+    let note_high_water = |high_water: &mut u64, log: &[Action]| {
+        for a in log {
+            if let Action::Persist(Persist::SeqHighWater(n)) = a {
+                *high_water = (*high_water).max(*n);
+            }
+        }
+    };
+    for session in 0..3 {
+        if session == 2 {
+            let stored = Stored {
+                provisioning: Some(provisioning()),
+                has_certificate: true,
+                seq_high_water: high_water,
+                ..Stored::default()
+            };
+            sim = Sim::boot(config.clone(), stored);
+            sim.device.handle_sensor_values(SensorValues {
+                pot: Some(1),
+                switch: None,
+                temp: None,
+            });
+            sim.device.handle_wifi_connected(0);
+        } else if session == 1 {
+            sim.device.handle_mqtt_disconnected(sim.now);
+            sim.drain();
+            let retry = sim.device.poll_timeout().unwrap();
+            sim.run_until(retry);
+        }
+        sim.drain();
+        let log = sim.take_log();
+        note_high_water(&mut high_water, &log);
+        let will = log
+            .into_iter()
+            .find_map(|a| match a {
+                Action::ConnectMqtt { will, .. } => Some(will),
+                _ => None,
+            })
+            .expect("a connect with its will");
+        let will: flotilla_proto::Status = decode(&will.payload).unwrap();
+        sim.device.handle_mqtt_connected(sim.now);
+        sim.drain();
+        sim.run_until(sim.now + 450);
+        // A goodbye, as the agent sends before it closes the connection on purpose.
+        let goodbye = sim.device.goodbye("shutdown").unwrap();
+        sim.log.push(Action::Publish(goodbye));
+        let log = sim.take_log();
+        note_high_water(&mut high_water, &log);
+        let keys: Vec<u64> = log
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish(p) => Some(p),
+                _ => None,
+            })
+            .map(|p| {
+                let v: serde_json::Value = decode(&p.payload).unwrap();
+                v["ord"].as_u64().unwrap_or_else(|| panic!("no key: {v}"))
+            })
+            .collect();
+        assert!(keys.len() >= 8, "status, heartbeats, readings: {keys:?}");
+        sessions.push((will.ord.unwrap(), keys));
+    }
+    let mut last_will = None;
+    for (will, keys) in &sessions {
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "rising: {keys:?}");
+        assert!(keys.iter().all(|k| k < will), "{will} above {keys:?}");
+        if let Some(before) = last_will {
+            assert!(keys[0] > before, "{} above the last will {before}", keys[0]);
+        }
+        last_will = Some(*will);
+    }
 }

@@ -25,6 +25,7 @@ mod device_command;
 mod device_id;
 mod manifest;
 mod messages;
+mod order;
 mod topic;
 mod version;
 
@@ -35,6 +36,7 @@ pub use messages::{
     Command, CommandReply, CommandStatus, DesiredConfig, Heartbeat, LedState, MAX_INTERVAL_S,
     OtaPhase, OtaStatus, SensorKind, Status, Telemetry,
 };
+pub use order::{ORDER_N_BITS, SessionOrder, WILL_N, order_key};
 pub use topic::{Channel, Direction, Topic, TopicError};
 pub use version::{FirmwareVersion, VersionError};
 

@@ -40,6 +40,10 @@ pub struct Heartbeat {
     /// Boots that ended in a crash since the last clean start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crashes: Option<u32>,
+    /// Where this message stands in what the device said ([`crate::order_key`]); absent from
+    /// devices that do not number their messages, which are ordered by when they were taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ord: Option<u64>,
 }
 
 /// `devices/{id}/status`: retained; the device's last will publishes `{"online":false}`.
@@ -63,6 +67,10 @@ pub struct Status {
     /// desired configuration it was sent: the "reported" half of the device twin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<DesiredConfig>,
+    /// Where this message stands in what the device said ([`crate::order_key`]); absent from
+    /// devices that do not number their messages, which are ordered by when they were taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ord: Option<u64>,
 }
 
 /// `devices/{id}/telemetry`: one reading of the enabled sensors.
@@ -82,6 +90,10 @@ pub struct Telemetry {
     /// Temperature in degrees Celsius.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temp: Option<f32>,
+    /// Where this message stands in what the device said ([`crate::order_key`]); absent from
+    /// devices that do not number their messages, which are ordered by when they were taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ord: Option<u64>,
 }
 
 /// The simulated or real sensors a device carries.

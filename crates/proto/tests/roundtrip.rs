@@ -45,19 +45,19 @@ where
 
 proptest! {
     #[test]
-    fn heartbeat(heap in any::<u32>(), uptime in opt(any::<u64>()), fw in text(), rssi in opt(any::<i16>()), crashes in opt(any::<u32>())) {
-        round_trip(&Heartbeat { heap, uptime, fw, rssi, crashes });
+    fn heartbeat(heap in any::<u32>(), uptime in opt(any::<u64>()), fw in text(), rssi in opt(any::<i16>()), crashes in opt(any::<u32>()), ord in opt(any::<u64>())) {
+        round_trip(&Heartbeat { heap, uptime, fw, rssi, crashes, ord });
     }
 
     #[test]
-    fn status(online in any::<bool>(), led in opt(led()), brightness in opt(0u8..=100), fw in opt(text()), reason in opt(text()), interval in opt(any::<u32>()), temp in opt(any::<bool>())) {
+    fn status(online in any::<bool>(), led in opt(led()), brightness in opt(0u8..=100), fw in opt(text()), reason in opt(text()), interval in opt(any::<u32>()), temp in opt(any::<bool>()), ord in opt(any::<u64>())) {
         let config = interval.map(|s| DesiredConfig { telemetry_interval_s: Some(s), temp, ..DesiredConfig::default() });
-        round_trip(&Status { online, led, brightness, fw, hw: None, reason, config });
+        round_trip(&Status { online, led, brightness, fw, hw: None, reason, config, ord });
     }
 
     #[test]
-    fn telemetry(seq in any::<u64>(), ts in opt(any::<u64>()), pot in opt(0u16..4096), switch in opt(any::<bool>()), temp in opt(finite_f32())) {
-        round_trip(&Telemetry { seq, ts, pot, switch, temp });
+    fn telemetry(seq in any::<u64>(), ts in opt(any::<u64>()), pot in opt(0u16..4096), switch in opt(any::<bool>()), temp in opt(finite_f32()), ord in opt(any::<u64>())) {
+        round_trip(&Telemetry { seq, ts, pot, switch, temp, ord });
     }
 
     #[test]

@@ -72,6 +72,7 @@ async fn ingest(store: Store, stop: Arc<AtomicBool>, stored: Arc<AtomicU64>, fir
                     pot: Some(7),
                     switch: None,
                     temp: None,
+                    ord: None,
                 };
                 (d, t)
             })

@@ -39,6 +39,7 @@ on_both_backends!(
     commands_move_forward_only_and_expire,
     device_messages_and_redelivered_readings,
     a_message_committed_after_a_newer_one_changes_only_what_is_older,
+    a_numbered_message_is_ordered_by_its_key_not_by_when_it_was_taken,
     a_batch_of_readings_judges_each_device_by_its_own_latest_reading,
     the_heartbeats_stored_since_a_time_are_each_devices_newest,
     readings_in_a_batch_store_what_one_at_a_time_stores,
@@ -2810,6 +2811,125 @@ async fn a_message_committed_after_a_newer_one_changes_only_what_is_older(store:
         "revived by a heartbeat from before the sweep"
     );
     assert!(apply(DeviceUpdate::Heartbeat(beat(3)), cutoff + 1).await);
+}
+
+/// Messages of a device that numbers them ([`flotilla_proto::order_key`]) taken late (a
+/// backlog a replica drains after a crash, a redelivery) carry a later receive time than the
+/// newer ones another replica stored: their keys, not those times, decide, through both
+/// ingest paths; a will ends its session and the next session outranks it; after a
+/// server-side offline, presence goes by receive time until the device's next message; a
+/// newly provisioned device starts afresh.
+async fn a_numbered_message_is_ordered_by_its_key_not_by_when_it_was_taken(store: &Store) {
+    use flotilla_proto::{WILL_N, order_key};
+    let o = user(store, "o@x", Role::Operator).await;
+    let d = dev("d");
+    provision(store, o, "t1", "d", &issued("01", 1_900_000_000)).await;
+    let beat = |heap: u32, ord: u64| -> flotilla_proto::Heartbeat {
+        message(json!({"heap": heap, "fw": format!("1.{heap}.0"), "ord": ord}))
+    };
+    let status = |v: serde_json::Value| -> flotilla_proto::Status { message(v) };
+    let apply = |update: DeviceUpdate, at: i64| {
+        let (store, d) = (store.clone(), d.clone());
+        async move {
+            let mut tx = store.begin_write().await.unwrap();
+            let came_online = tx.apply_update(&d, &update, at).await.unwrap();
+            tx.commit().await.unwrap();
+            came_online
+        }
+    };
+    let reading = |seq: u64, ord: u64, at: i64| {
+        let (store, d) = (store.clone(), d.clone());
+        async move {
+            let t: flotilla_proto::Telemetry = message(json!({"seq": seq, "ord": ord}));
+            let mut tx = store.begin_write().await.unwrap();
+            let came_online = tx.apply_readings(&[(&d, &t, at)]).await.unwrap();
+            tx.commit().await.unwrap();
+            !came_online.is_empty()
+        }
+    };
+    let state = || async {
+        let r = store.device(&dev("d")).await.unwrap().unwrap();
+        (
+            r.online,
+            r.disconnect_reason,
+            r.heap,
+            r.led,
+            r.firmware_version,
+        )
+    };
+    let reason = |r: &str| Some(r.to_string());
+    let s1 = |n| order_key(1, n);
+    let s2 = |n| order_key(2, n);
+
+    // Session 1 says online, beats twice and ends; its will is stored at 200.
+    let online = |led: &str, ord: u64| status(json!({"online": true, "led": led, "ord": ord}));
+    assert!(apply(DeviceUpdate::Status(online("ON", s1(1))), 100).await);
+    apply(DeviceUpdate::Heartbeat(beat(2, s1(2))), 110).await;
+    let will = |ord: u64| status(json!({"online": false, "reason": "connection lost", "ord": ord}));
+    apply(DeviceUpdate::Status(will(s1(WILL_N))), 200).await;
+    // A heartbeat of session 1 taken at 900 (after the will) changes nothing of presence and
+    // is older than the health on record: nothing of it.
+    assert!(!apply(DeviceUpdate::Heartbeat(beat(1, s1(1))), 900).await);
+    assert_eq!(
+        state().await,
+        (
+            false,
+            reason("connection lost"),
+            Some(2),
+            Some("ON".into()),
+            Some("1.2.0".into())
+        )
+    );
+    // A reading of session 1 taken late, through either path, leaves it offline.
+    assert!(!reading(1, s1(3), 950).await);
+    assert!(
+        !apply(
+            DeviceUpdate::Telemetry(message(json!({"seq": 2, "ord": s1(4)}))),
+            960
+        )
+        .await
+    );
+    assert!(!state().await.0, "revived by a reading of an ended session");
+
+    // Session 2 comes online (received at 300, before those late ones were taken)...
+    assert!(apply(DeviceUpdate::Status(online("OFF", s2(1))), 300).await);
+    apply(DeviceUpdate::Heartbeat(beat(5, s2(2))), 310).await;
+    // ...and session 1's will, redelivered and taken at 1000, does not end session 2; nor does
+    // session 1's status or heartbeat, taken later still.
+    assert!(!apply(DeviceUpdate::Status(will(s1(WILL_N))), 1_000).await);
+    assert!(!apply(DeviceUpdate::Status(online("ON", s1(1))), 1_010).await);
+    assert!(!apply(DeviceUpdate::Heartbeat(beat(3, s1(3))), 1_020).await);
+    assert_eq!(
+        state().await,
+        (
+            true,
+            None,
+            Some(5),
+            Some("OFF".into()),
+            Some("1.5.0".into())
+        )
+    );
+
+    // The server marks it offline: a message of session 2 received before that and committed
+    // after it does not bring it back, whatever its key...
+    let before = now_ms() - 1;
+    assert!(store.mark_offline(&d, "kicked").await.unwrap());
+    assert!(!apply(DeviceUpdate::Heartbeat(beat(6, s2(3))), before).await);
+    assert_eq!(state().await.1, reason("kicked"));
+    // ...one received after it does.
+    assert!(apply(DeviceUpdate::Heartbeat(beat(7, s2(4))), now_ms() + 1).await);
+
+    // A device provisioned again numbers from the start: its first session is not outranked
+    // by the keys of the one before.
+    apply(DeviceUpdate::Status(will(s2(WILL_N))), now_ms() + 2).await;
+    provision(store, o, "t2", "d", &issued("02", 1_900_000_000)).await;
+    let fresh = status(json!({"online": true, "led": "ON", "fw": "9.0.0", "ord": order_key(0, 1)}));
+    assert!(apply(DeviceUpdate::Status(fresh), now_ms() + 3).await);
+    let (online, _, _, led, fw) = state().await;
+    assert_eq!(
+        (online, led.as_deref(), fw.as_deref()),
+        (true, Some("ON"), Some("9.0.0"))
+    );
 }
 
 /// What the leader's health gate reads: each device's newest heartbeat received after the

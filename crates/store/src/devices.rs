@@ -223,10 +223,12 @@ impl Store {
     }
 
     pub async fn mark_offline(&self, device_id: &DeviceId, reason: &str) -> StoreResult<bool> {
-        // Stamped as a presence change (forward only): a message the device sent before it,
-        // committed after it, does not bring the device back online.
+        // Stamped as a presence change (forward only), and presence goes by receive time until
+        // the device's next message: one received before this, committed after it, does not
+        // bring the device back online, whatever its key.
         let r = sqlx::query("UPDATE devices SET online = 0, disconnect_reason = $1, \
-             presence_at = CASE WHEN presence_at IS NULL OR presence_at < $3 THEN $3 ELSE presence_at END \
+             presence_at = CASE WHEN presence_at IS NULL OR presence_at < $3 THEN $3 ELSE presence_at END, \
+             presence_ord = NULL \
              WHERE device_id = $2 AND online = 1")
             .bind(reason)
             .bind(device_id.as_str())
@@ -282,10 +284,11 @@ pub(super) async fn expire_silent_devices_in(
         return Ok(Vec::new());
     }
     Ok(sqlx::query_scalar(
-        // Stamped at the cutoff (forward only): a message received before it and committed
-        // after the sweep does not bring the device back.
+        // Stamped at the cutoff (forward only), by receive time (see mark_offline): a message
+        // received before it and committed after the sweep does not bring the device back.
         "UPDATE devices SET online = 0, disconnect_reason = 'heartbeat timeout', \
-         presence_at = CASE WHEN presence_at IS NULL OR presence_at < $1 THEN $1 ELSE presence_at END \
+         presence_at = CASE WHEN presence_at IS NULL OR presence_at < $1 THEN $1 ELSE presence_at END, \
+         presence_ord = NULL \
          WHERE online = 1 AND (last_seen IS NULL OR last_seen < $1) RETURNING device_id",
     )
     .bind(cutoff)
@@ -342,14 +345,38 @@ pub(super) async fn lock_device(tx: &mut Transaction<'_, Any>, device_id: &str) 
     Ok(())
 }
 
-/// Whether a row's field group last changed by a message received at `stamp` (`NULL`: never)
-/// may take one received at `at`. Messages of one device can be taken by two replicas and
-/// committed in either order; each group (presence, health, reported status) keeps the
-/// receive time of the message that last set it, and an older message leaves it as it is.
-/// The firmware version, reported by heartbeats and status alike, has a time of its own.
-/// Equal times apply in commit order (one replica's messages commit in arrival order).
-fn newer(stamp: &str, at: &str) -> String {
-    format!("({stamp} IS NULL OR {stamp} <= {at})")
+/// Whether a row's field `group` (`presence`, `health`, `status`, `fw`; columns `{group}_at`
+/// and `{group}_ord`, after `prefix`) may take a message received at `at` with the order key
+/// `ord` ([`flotilla_proto::order_key`]; `NULL` for a device that does not number its
+/// messages). Messages of one device can be taken by two replicas, or late (a backlog drained
+/// after a crash), and committed in any order; each group keeps the key and the receive time
+/// of the message that last set it, and an older message leaves it as it is. Older means a
+/// lower key when both have one, else received earlier (`NULL`: never set). The firmware
+/// version, reported by heartbeats and status alike, is a group of its own. Equal keys or
+/// times apply in commit order (one replica's messages commit in arrival order).
+fn newer(prefix: &str, group: &str, at: &str, ord: &str) -> String {
+    let (g_at, g_ord) = (
+        format!("{prefix}{group}_at"),
+        format!("{prefix}{group}_ord"),
+    );
+    format!(
+        "(CASE WHEN {ord} IS NOT NULL AND {g_ord} IS NOT NULL THEN {g_ord} <= {ord} \
+         ELSE ({g_at} IS NULL OR {g_at} <= {at}) END)"
+    )
+}
+
+/// What a message that passes [`newer`] writes to `group`'s columns: its receive time, and
+/// its key if it has one.
+fn stamp(guard: &str, group: &str, at: &str, ord: &str) -> String {
+    format!(
+        "{}, {}",
+        set_if(guard, &format!("{group}_at"), at),
+        set_if(
+            guard,
+            &format!("{group}_ord"),
+            &format!("COALESCE({ord}, {group}_ord)")
+        )
+    )
 }
 
 /// `column = value` when `guard` holds, else unchanged.
@@ -357,15 +384,15 @@ fn set_if(guard: &str, column: &str, value: &str) -> String {
     format!("{column} = CASE WHEN {guard} THEN {value} ELSE {column} END")
 }
 
-/// The presence columns a message received at `at` sets: online (`online`, 1 or 0) with its
-/// reason when it is newer than the presence on record, and `last_seen` moved forward when
-/// it came from the device (online).
-fn presence_sets(at: &str, online: &str, reason: &str) -> String {
-    let p = newer("presence_at", at);
+/// The presence columns a message received at `at` with key `ord` sets: online (`online`, 1
+/// or 0) with its reason when it is newer than the presence on record, and `last_seen` moved
+/// forward when it came from the device (online).
+fn presence_sets(at: &str, ord: &str, online: &str, reason: &str) -> String {
+    let p = newer("", "presence", at, ord);
     [
         set_if(&p, "online", online),
         set_if(&p, "disconnect_reason", reason),
-        set_if(&p, "presence_at", at),
+        stamp(&p, "presence", at, ord),
         set_if(
             &format!("{online} = 1 AND (last_seen IS NULL OR last_seen < {at})"),
             "last_seen",
@@ -375,50 +402,62 @@ fn presence_sets(at: &str, online: &str, reason: &str) -> String {
     .join(", ")
 }
 
-/// [`newer`] on a value read: whether a group stamped `stamp` takes a message received `at`.
-fn is_newer(stamp: Option<i64>, at: i64) -> bool {
-    stamp.is_none_or(|s| s <= at)
+/// [`newer`] on values read: whether a group last set by a message received at `set_at` with
+/// key `set_ord` takes one received at `at` with key `ord`.
+fn is_newer(set_at: Option<i64>, set_ord: Option<i64>, at: i64, ord: Option<i64>) -> bool {
+    match (set_ord, ord) {
+        (Some(set), Some(ord)) => set <= ord,
+        _ => set_at.is_none_or(|s| s <= at),
+    }
 }
 
-/// [`presence_sets`] for a message bound as `$1` (received), `$2` (online), `$3` (reason).
-fn presence_sets_bound() -> String {
-    presence_sets("$1", "$2", "CASE WHEN $2 = 1 THEN NULL ELSE $3 END")
+/// A message's order key as stored: one above `i64::MAX` (which no device sends, see
+/// [`flotilla_proto::order_key`]) counts as none.
+fn ord_of(ord: Option<u64>) -> Option<i64> {
+    ord.and_then(|o| i64::try_from(o).ok())
+}
+
+/// [`presence_sets`] for a message bound as `$1` (received), `$2` (online), `$3` (reason), and
+/// its key as `ord`.
+fn presence_sets_bound(ord: &str) -> String {
+    presence_sets("$1", ord, "$2", "CASE WHEN $2 = 1 THEN NULL ELSE $3 END")
 }
 
 type Sql = std::sync::LazyLock<String>;
 
 /// A heartbeat: `$1` received, `$2` 1, `$3` no reason, `$4` version, `$5` heap, `$6` RSSI,
-/// `$7` uptime, `$8` crashes, `$9` the device. Built once: ingest runs it per message.
+/// `$7` uptime, `$8` crashes, `$9` the device, `$10` its key. Built once: ingest runs it per
+/// message.
 static HEARTBEAT_UPDATE: Sql = Sql::new(|| {
-    let h = newer("health_at", "$1");
-    let f = newer("fw_at", "$1");
+    let h = newer("", "health", "$1", "$10");
+    let f = newer("", "fw", "$1", "$10");
     format!(
         "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $9",
-        presence_sets_bound(),
+        presence_sets_bound("$10"),
         set_if(&f, "fw_version", "$4"),
-        set_if(&f, "fw_at", "$1"),
+        stamp(&f, "fw", "$1", "$10"),
         set_if(&h, "heap", "$5"),
         set_if(&h, "rssi", "COALESCE($6, rssi)"),
         set_if(&h, "uptime", "$7"),
         set_if(&h, "crashes", "COALESCE($8, crashes)"),
-        set_if(&h, "health_at", "$1"),
+        stamp(&h, "health", "$1", "$10"),
     )
 });
 
 /// A status: `$1` received, `$2` online, `$3` reason, `$4` LED, `$5` brightness, `$6`
 /// version, `$7` hardware, `$8` reported config, `$9` whether it reports the device's own
-/// fields (1) or is a will (0), `$10` the device.
+/// fields (1) or is a will (0), `$10` the device, `$11` its key.
 static STATUS_UPDATE: Sql = Sql::new(|| {
-    let s = format!("($9 = 1 AND {})", newer("status_at", "$1"));
-    // The version is also in heartbeats: it has a time of its own.
-    let f = format!("($6 IS NOT NULL AND {})", newer("fw_at", "$1"));
+    let s = format!("($9 = 1 AND {})", newer("", "status", "$1", "$11"));
+    // The version is also in heartbeats: it is a group of its own.
+    let f = format!("($6 IS NOT NULL AND {})", newer("", "fw", "$1", "$11"));
     format!(
         "UPDATE devices SET {}, {}, {}, {}, {}, {}, {}, {}, {} WHERE device_id = $10",
-        presence_sets_bound(),
+        presence_sets_bound("$11"),
         set_if(&s, "led_state", "COALESCE($4, led_state)"),
         set_if(&s, "led_brightness", "COALESCE($5, led_brightness)"),
         set_if(&f, "fw_version", "$6"),
-        set_if(&f, "fw_at", "$1"),
+        stamp(&f, "fw", "$1", "$11"),
         set_if(&s, "hardware", "COALESCE($7, hardware)"),
         set_if(&s, "reported_config", "COALESCE($8, reported_config)"),
         set_if(
@@ -426,15 +465,16 @@ static STATUS_UPDATE: Sql = Sql::new(|| {
             "reported_config_at",
             "$1"
         ),
-        set_if(&s, "status_at", "$1"),
+        stamp(&s, "status", "$1", "$11"),
     )
 });
 
-/// One reading's presence: `$1` received, `$2` 1, `$3` no reason, `$4` the device.
+/// One reading's presence: `$1` received, `$2` 1, `$3` no reason, `$4` the device, `$5` its
+/// key.
 static READING_PRESENCE_UPDATE: Sql = Sql::new(|| {
     format!(
         "UPDATE devices SET {} WHERE device_id = $4",
-        presence_sets_bound()
+        presence_sets_bound("$5")
     )
 });
 
@@ -451,17 +491,22 @@ pub(super) async fn apply_update(
     // committed after it; the row stays locked until commit, so a block waits for this
     // transaction or this one sees it.
     let select = format!(
-        "SELECT online, presence_at FROM devices WHERE device_id = $1 AND blocked = 0{}",
+        "SELECT online, presence_at, presence_ord FROM devices WHERE device_id = $1 AND blocked = 0{}",
         for_update(tx)
     );
-    let row: Option<(i64, Option<i64>)> = sqlx::query_as(&select)
+    let row: Option<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(&select)
         .bind(device_id)
         .fetch_optional(&mut **tx)
         .await?;
-    let Some((was_online, presence_at)) = row else {
+    let Some((was_online, presence_at, presence_ord)) = row else {
         return Ok(false);
     };
-    let presence_newer = is_newer(presence_at, received);
+    let ord = ord_of(match update {
+        DeviceUpdate::Heartbeat(hb) => hb.ord,
+        DeviceUpdate::Status(st) => st.ord,
+        DeviceUpdate::Telemetry(t) => t.ord,
+    });
+    let presence_newer = is_newer(presence_at, presence_ord, received, ord);
     let mut online_now = true;
     match update {
         DeviceUpdate::Heartbeat(hb) => {
@@ -475,6 +520,7 @@ pub(super) async fn apply_update(
                 .bind(hb.uptime.map(|u| u.min(i64::MAX as u64) as i64))
                 .bind(hb.crashes.map(i64::from))
                 .bind(device_id)
+                .bind(ord)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -506,6 +552,7 @@ pub(super) async fn apply_update(
                 )
                 .bind(i64::from(reports))
                 .bind(device_id)
+                .bind(ord)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -529,6 +576,7 @@ pub(super) async fn apply_update(
                 .bind(1_i64)
                 .bind(None::<&str>)
                 .bind(device_id)
+                .bind(ord)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -558,10 +606,13 @@ pub(super) async fn apply_readings(
     }
     // Each device's presence moves to its latest reading's receive time, as it would one
     // reading at a time.
-    let mut latest: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
-    for (device, _, received) in readings {
-        let at = latest.entry(*device).or_insert(*received);
+    let mut latest: std::collections::BTreeMap<&str, (i64, Option<i64>)> =
+        std::collections::BTreeMap::new();
+    for (device, t, received) in readings {
+        let ord = ord_of(t.ord);
+        let (at, max_ord) = latest.entry(*device).or_insert((*received, ord));
         *at = (*at).max(*received);
+        *max_ord = (*max_ord).max(ord);
     }
     let devices: Vec<&str> = latest.keys().copied().collect();
     let mut known = std::collections::HashSet::new();
@@ -569,17 +620,17 @@ pub(super) async fn apply_readings(
     for chunk in devices.chunks(ROWS_PER_STATEMENT) {
         // SQLite: the transaction holds the write lock (no row locks to order).
         let sql = format!(
-            "SELECT device_id, online, presence_at FROM devices WHERE blocked = 0 AND device_id IN ({}) \
-             ORDER BY device_id",
+            "SELECT device_id, online, presence_at, presence_ord FROM devices \
+             WHERE blocked = 0 AND device_id IN ({}) ORDER BY device_id",
             Params::for_connection(tx).list(chunk.len()),
         );
-        let mut q = sqlx::query_as::<_, (String, i64, Option<i64>)>(&sql);
+        let mut q = sqlx::query_as::<_, (String, i64, Option<i64>, Option<i64>)>(&sql);
         for d in chunk {
             q = q.bind(*d);
         }
-        for (id, online, presence_at) in q.fetch_all(&mut **tx).await? {
-            let at = latest[id.as_str()];
-            if online == 0 && is_newer(presence_at, at) {
+        for (id, online, presence_at, presence_ord) in q.fetch_all(&mut **tx).await? {
+            let (at, ord) = latest[id.as_str()];
+            if online == 0 && is_newer(presence_at, presence_ord, at, ord) {
                 came_online.push(id.clone());
             }
             known.insert(id);
@@ -611,20 +662,20 @@ pub(super) async fn apply_readings(
         }
         q.execute(&mut **tx).await?;
     }
-    let seen: Vec<(&str, i64)> = latest
+    let seen: Vec<(&str, (i64, Option<i64>))> = latest
         .into_iter()
         .filter(|(d, _)| known.contains(*d))
         .collect();
     for chunk in seen.chunks(ROWS_PER_STATEMENT) {
-        // SQLite names a VALUES list's columns column1, column2.
+        // SQLite names a VALUES list's columns column1, column2, column3.
         let sql = format!(
             "UPDATE devices SET {} FROM (VALUES {}) AS v WHERE devices.device_id = v.column1",
-            presence_sets("v.column2", "1", "NULL"),
-            Params::for_connection(tx).rows(chunk.len(), 2)
+            presence_sets("v.column2", "v.column3", "1", "NULL"),
+            Params::for_connection(tx).rows(chunk.len(), 3)
         );
         let mut q = sqlx::query(&sql);
-        for (d, at) in chunk {
-            q = q.bind(*d).bind(*at);
+        for (d, (at, ord)) in chunk {
+            q = q.bind(*d).bind(*at).bind(*ord);
         }
         q.execute(&mut **tx).await?;
     }
@@ -641,12 +692,12 @@ pub(super) async fn apply_readings(
 static PG_APPLY_READINGS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH r AS (SELECT * FROM ROWS FROM (json_to_recordset($1::json) \
-             AS (d text, s bigint, ts bigint, pot bigint, sw bigint, temp text, at bigint)) \
-             WITH ORDINALITY AS r(d, s, ts, pot, sw, temp, at, n)), \
-         locked AS (SELECT device_id, online, presence_at FROM devices WHERE blocked = 0 \
+             AS (d text, s bigint, ts bigint, pot bigint, sw bigint, temp text, at bigint, o bigint)) \
+             WITH ORDINALITY AS r(d, s, ts, pot, sw, temp, at, o, n)), \
+         locked AS (SELECT device_id, online, presence_at, presence_ord FROM devices WHERE blocked = 0 \
              AND device_id IN (SELECT d FROM r) ORDER BY device_id FOR UPDATE), \
-         latest AS (SELECT r.d, MAX(r.at) AS at FROM r JOIN locked ON locked.device_id = r.d \
-             GROUP BY r.d), \
+         latest AS (SELECT r.d, MAX(r.at) AS at, MAX(r.o) AS o FROM r \
+             JOIN locked ON locked.device_id = r.d GROUP BY r.d), \
          stored AS (INSERT INTO telemetry (device_id, seq, device_ts, received_at, pot, switch, temp) \
              SELECT DISTINCT ON (r.d, r.s) r.d, r.s, r.ts, r.at, r.pot, r.sw, CAST(r.temp AS float8) \
              FROM r JOIN locked ON locked.device_id = r.d ORDER BY r.d, r.s, r.n \
@@ -654,8 +705,8 @@ static PG_APPLY_READINGS: std::sync::LazyLock<String> = std::sync::LazyLock::new
          seen AS (UPDATE devices SET {} FROM latest WHERE devices.device_id = latest.d) \
          SELECT locked.device_id FROM locked JOIN latest ON latest.d = locked.device_id \
          WHERE locked.online = 0 AND {} ORDER BY locked.device_id",
-        presence_sets("latest.at", "1", "NULL"),
-        newer("locked.presence_at", "latest.at"),
+        presence_sets("latest.at", "latest.o", "1", "NULL"),
+        newer("locked.", "presence", "latest.at", "latest.o"),
     )
 });
 
@@ -671,6 +722,8 @@ struct ReadingRow<'a> {
     temp: Option<String>,
     /// When it was received.
     at: i64,
+    /// Its order key.
+    o: Option<i64>,
 }
 
 async fn apply_readings_pg(
@@ -687,6 +740,7 @@ async fn apply_readings_pg(
             sw: t.switch.map(i64::from),
             temp: t.temp.map(|v| v.to_string()),
             at: *received,
+            o: ord_of(t.ord),
         })
         .collect();
     let rows =

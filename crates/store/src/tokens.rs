@@ -98,8 +98,11 @@ impl Store {
             return Ok(TokenClaim::DeviceTaken);
         }
         sqlx::query(
+            // A newly provisioned device numbers its messages afresh (its flash was erased, or
+            // it is another board): the keys of the one before do not outrank it.
             "UPDATE devices SET cert_serial = $1, cert_not_after = $2, cert_pending_serial = NULL, \
-             cert_pending_not_after = NULL WHERE device_id = $3",
+             cert_pending_not_after = NULL, presence_ord = NULL, health_ord = NULL, \
+             status_ord = NULL, fw_ord = NULL WHERE device_id = $3",
         )
         .bind(&issued.serial_hex)
         .bind(issued.not_after_unix * 1000)

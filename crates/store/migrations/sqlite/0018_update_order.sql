@@ -7,5 +7,12 @@ ALTER TABLE devices ADD COLUMN presence_at INTEGER;
 ALTER TABLE devices ADD COLUMN health_at INTEGER;
 ALTER TABLE devices ADD COLUMN status_at INTEGER;
 ALTER TABLE devices ADD COLUMN fw_at INTEGER;
+-- The order key (flotilla_proto::order_key) of the message that last set each group, for
+-- devices that number their messages: it decides where receive times cannot (a backlog a
+-- replica drains late). NULL: by receive time.
+ALTER TABLE devices ADD COLUMN presence_ord INTEGER;
+ALTER TABLE devices ADD COLUMN health_ord INTEGER;
+ALTER TABLE devices ADD COLUMN status_ord INTEGER;
+ALTER TABLE devices ADD COLUMN fw_ord INTEGER;
 -- The leader's health gate reads the heartbeats stored since its last look.
 CREATE INDEX devices_by_health_at ON devices (health_at);
