@@ -104,6 +104,18 @@ pub struct ServerConfig {
     /// Open connections the user API accepts in all.
     #[arg(long, env = "FLOTILLA_HTTP_MAX", default_value_t = 1024)]
     pub http_max: usize,
+    /// Load balancers (addresses or networks, comma-separated) whose connections to the user
+    /// API and the device listener start with a PROXY protocol header (HAProxy `send-proxy` or
+    /// `send-proxy-v2`) naming the client: the caps and the login, registration and
+    /// certificate-request limits then count clients, not the balancer. A connection from
+    /// one of them without a valid header is closed.
+    #[arg(
+        long,
+        env = "FLOTILLA_PROXY_PROTOCOL_FROM",
+        value_delimiter = ',',
+        value_name = "ADDRESS[/PREFIX]"
+    )]
+    pub proxy_protocol_from: Vec<crate::proxy_protocol::ProxyPeer>,
     /// Open connections the device HTTPS listener (`/sign-csr`, firmware) accepts from one
     /// source address; more are closed at once. Raise it for many devices behind one NAT.
     #[arg(

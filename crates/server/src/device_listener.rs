@@ -110,11 +110,12 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     app: Router,
     gate: ConnectionGate,
+    proxies: crate::proxy_protocol::ProxyPeers,
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding device listener on {addr}"))?;
     let bound = listener.local_addr()?;
-    crate::listener::spawn(listener, Transport::Tls(acceptor), app, gate);
+    crate::listener::spawn(listener, Transport::Tls(acceptor), app, gate, proxies);
     Ok(bound)
 }

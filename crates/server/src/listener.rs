@@ -1,7 +1,8 @@
 //! The accept loop of the HTTP listeners (the device listener over TLS, the user API in plain
 //! HTTP): connection caps in total and per source address ([`ConnectionGate`]), a deadline for
 //! the TLS handshake, one for each request's headers and one for its body, and the peer's
-//! address (and, over TLS, its verified certificate identity) added to every request.
+//! address (or, behind a named load balancer, the client its PROXY header names) and, over
+//! TLS, its verified certificate identity added to every request.
 //!
 //! Both speak HTTP/1.1 only. hyper's HTTP/2 server has no deadline for the connection
 //! preface or for a connection that opens no stream, so a client that negotiated `h2` and went
@@ -19,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::conn_limits::ConnectionGate;
 use crate::device_listener::PeerIdentity;
+use crate::proxy_protocol::ProxyPeers;
 
 /// How long a connection may take to finish its TLS handshake, to send a request's headers,
 /// and (on the device listener, whose bodies are at most 16 KiB) to send a request's body.
@@ -33,11 +35,19 @@ pub enum Transport {
     Tls(TlsAcceptor),
 }
 
-/// Accepts on `listener` until the process ends.
-pub fn spawn(listener: TcpListener, transport: Transport, app: Router, gate: ConnectionGate) {
+/// Accepts on `listener` until the process ends. A connection from one of `proxies` names its
+/// client in a PROXY header first ([`crate::proxy_protocol`]); that client is its address,
+/// for the caps and for the routes.
+pub fn spawn(
+    listener: TcpListener,
+    transport: Transport,
+    app: Router,
+    gate: ConnectionGate,
+    proxies: ProxyPeers,
+) {
     tokio::spawn(async move {
         loop {
-            let (stream, peer_addr) = match listener.accept().await {
+            let (mut stream, peer_addr) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -45,35 +55,71 @@ pub fn spawn(listener: TcpListener, transport: Transport, app: Router, gate: Con
                     continue;
                 }
             };
-            let Some(admitted) = gate.admit(peer_addr.ip()) else {
-                // Over a cap: closing now costs the socket nothing more.
-                drop(stream);
+            let (transport, app, gate) = (transport.clone(), app.clone(), gate.clone());
+            if !proxies.sends_header(peer_addr.ip()) {
+                let Some(admitted) = gate.admit(peer_addr.ip()) else {
+                    // Over a cap: closing now costs the socket nothing more.
+                    drop(stream);
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _admitted = admitted;
+                    connection(stream, peer_addr, transport, app).await;
+                });
                 continue;
-            };
-            let (transport, app) = (transport.clone(), app.clone());
+            }
             tokio::spawn(async move {
-                let _admitted = admitted;
-                let app = app.layer(axum::Extension(ConnectInfo(peer_addr)));
-                match transport {
-                    Transport::Plain => serve(stream, app).await,
-                    Transport::Tls(acceptor) => {
-                        let handshake =
-                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                        let Ok(Ok(tls)) = handshake else { return };
-                        // rustls verified the chain against our CA; this is who the peer is.
-                        let peer = PeerIdentity(
-                            tls.get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|der| flotilla_pki::certificate_identity_der(der)),
-                        );
-                        serve(tls, app.layer(axum::Extension(peer))).await;
+                let header = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    crate::proxy_protocol::read_header(&mut stream),
+                )
+                .await;
+                let client = match header {
+                    Ok(Ok(source)) => source.unwrap_or(peer_addr),
+                    Ok(Err(e @ crate::proxy_protocol::HeaderError::Malformed(_))) => {
+                        tracing::warn!(balancer = %peer_addr, error = %e, "connection closed");
+                        return;
                     }
-                }
+                    // A connection closed before its header: a TCP health check.
+                    Ok(Err(e)) => {
+                        tracing::debug!(balancer = %peer_addr, error = %e, "connection closed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let Some(_admitted) = gate.admit(client.ip()) else {
+                    return;
+                };
+                connection(stream, client, transport, app).await;
             });
         }
     });
+}
+
+/// One admitted connection from `client`: its TLS handshake, if any, then its requests.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+    transport: Transport,
+    app: Router,
+) {
+    let app = app.layer(axum::Extension(ConnectInfo(client)));
+    match transport {
+        Transport::Plain => serve(stream, app).await,
+        Transport::Tls(acceptor) => {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            let Ok(Ok(tls)) = handshake else { return };
+            // rustls verified the chain against our CA; this is who the peer is.
+            let peer = PeerIdentity(
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|der| flotilla_pki::certificate_identity_der(der)),
+            );
+            serve(tls, app.layer(axum::Extension(peer))).await;
+        }
+    }
 }
 
 /// One connection, HTTP/1.1 (see the module doc for why not HTTP/2).

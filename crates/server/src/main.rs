@@ -22,6 +22,7 @@ mod metrics;
 mod openapi;
 mod ota;
 mod passwords;
+mod proxy_protocol;
 mod renewal;
 mod replica_id;
 mod retention;

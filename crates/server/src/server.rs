@@ -328,6 +328,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         command_waits,
     };
     let acceptor = device_listener::tls_acceptor(ca.certificate_pem(), server_identity)?;
+    let proxies = crate::proxy_protocol::ProxyPeers::new(&config.proxy_protocol_from);
     let device = device_listener::serve(
         config.device_addr,
         acceptor,
@@ -336,6 +337,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             config.device_listener_max,
             config.device_listener_per_address,
         ),
+        proxies.clone(),
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
@@ -365,6 +367,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         crate::listener::Transport::Plain,
         app(state),
         crate::conn_limits::ConnectionGate::new(config.http_max, config.http_per_address),
+        proxies,
     );
     shutdown_signal().await;
     let (store, leadership, replica_id) = releasing;
