@@ -2930,6 +2930,59 @@ async fn a_numbered_message_is_ordered_by_its_key_not_by_when_it_was_taken(store
         (online, led.as_deref(), fw.as_deref()),
         (true, Some("ON"), Some("9.0.0"))
     );
+
+    // The old board's will, still in flight when the new one was provisioned, lands after
+    // it: the new board's keys are below it and it is shut out ...
+    let t = now_ms() + 10;
+    apply(DeviceUpdate::Status(will(s2(WILL_N))), t).await;
+    let fresh = |n, led: &str| status(json!({"online": true, "led": led, "ord": order_key(0, n)}));
+    assert!(!apply(DeviceUpdate::Status(fresh(2, "OFF")), t + 1).await);
+    assert!(!state().await.0, "online through a key below the last will");
+    // ... but not for ever: once the group took nothing for the horizon, it is heard again.
+    let later = t + super::devices::KEY_HORIZON_MS + 1;
+    assert!(apply(DeviceUpdate::Status(fresh(3, "OFF")), later).await);
+    assert_eq!(state().await.3.as_deref(), Some("OFF"));
+    // Of two messages with one key (a session past 2^23 - 2 messages), the later received wins.
+    apply(
+        DeviceUpdate::Heartbeat(beat(11, order_key(0, 9))),
+        later + 20,
+    )
+    .await;
+    apply(
+        DeviceUpdate::Heartbeat(beat(10, order_key(0, 9))),
+        later + 10,
+    )
+    .await;
+    assert_eq!(state().await.2, Some(11));
+    // A message without a key sets the group's key to none: it then goes by receive time, and
+    // an older keyed message received before it does not override it.
+    apply(
+        DeviceUpdate::Heartbeat(message(json!({"heap": 12, "fw": "1.12.0"}))),
+        later + 40,
+    )
+    .await;
+    apply(
+        DeviceUpdate::Heartbeat(beat(13, order_key(0, 10))),
+        later + 30,
+    )
+    .await;
+    assert_eq!(state().await.2, Some(12));
+    // The health group's receive time never goes back: the health gate reads heartbeats
+    // newer than what it saw, so a key that wins with an earlier receive time must not hide
+    // the next one.
+    apply(
+        DeviceUpdate::Heartbeat(beat(14, order_key(0, 11))),
+        later + 50,
+    )
+    .await;
+    apply(
+        DeviceUpdate::Heartbeat(beat(15, order_key(0, 12))),
+        later + 45,
+    )
+    .await;
+    assert_eq!(state().await.2, Some(15));
+    let since = store.heartbeats_since(later + 48).await.unwrap();
+    assert_eq!(since.len(), 1, "health stamped at 50, not moved back to 45");
 }
 
 /// What the leader's health gate reads: each device's newest heartbeat received after the

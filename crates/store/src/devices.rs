@@ -349,33 +349,46 @@ pub(super) async fn lock_device(tx: &mut Transaction<'_, Any>, device_id: &str) 
 /// and `{group}_ord`, after `prefix`) may take a message received at `at` with the order key
 /// `ord` ([`flotilla_proto::order_key`]; `NULL` for a device that does not number its
 /// messages). Messages of one device can be taken by two replicas, or late (a backlog drained
-/// after a crash), and committed in any order; each group keeps the key and the receive time
-/// of the message that last set it, and an older message leaves it as it is. Older means a
-/// lower key when both have one, else received earlier (`NULL`: never set). The firmware
-/// version, reported by heartbeats and status alike, is a group of its own. Equal keys or
-/// times apply in commit order (one replica's messages commit in arrival order).
+/// after a crash), and committed in any order; each group keeps the key of the message that
+/// last set it and the latest receive time of those that did, and an older message leaves it
+/// as it is. Older means a lower key when both have one (equal keys: received earlier), else
+/// received earlier (`NULL`: never set); equal times apply in commit order (one replica's
+/// messages commit in arrival order). The firmware version, reported by heartbeats and status
+/// alike, is a group of its own.
+///
+/// A key loses its say once its group has taken nothing for [`KEY_HORIZON_MS`]: a device
+/// whose keys went back (its counter restored from an old backup, a board provisioned again
+/// under an id while the old one's messages were still in flight) is heard again within that
+/// time instead of never; a message taken that late applies by receive time.
 fn newer(prefix: &str, group: &str, at: &str, ord: &str) -> String {
     let (g_at, g_ord) = (
         format!("{prefix}{group}_at"),
         format!("{prefix}{group}_ord"),
     );
     format!(
-        "(CASE WHEN {ord} IS NOT NULL AND {g_ord} IS NOT NULL THEN {g_ord} <= {ord} \
+        "(CASE WHEN {ord} IS NOT NULL AND {g_ord} IS NOT NULL AND {g_at} >= {at} - {KEY_HORIZON_MS} \
+         THEN {g_ord} < {ord} OR ({g_ord} = {ord} AND {g_at} <= {at}) \
          ELSE ({g_at} IS NULL OR {g_at} <= {at}) END)"
     )
 }
 
-/// What a message that passes [`newer`] writes to `group`'s columns: its receive time, and
-/// its key if it has one.
+/// How long a group's order key outranks later-received messages with lower keys (see
+/// [`newer`]): far longer than a device's heartbeat interval, so a group in use is judged by
+/// key; short enough that a device whose keys went back is not shut out for long.
+pub const KEY_HORIZON_MS: i64 = 10 * 60 * 1000;
+
+/// What a message that passes [`newer`] writes to `group`'s columns: its key (`NULL` when it
+/// has none: the group then goes by receive time), and its receive time if it is the latest.
 fn stamp(guard: &str, group: &str, at: &str, ord: &str) -> String {
+    let g_at = format!("{group}_at");
     format!(
         "{}, {}",
-        set_if(guard, &format!("{group}_at"), at),
         set_if(
-            guard,
-            &format!("{group}_ord"),
-            &format!("COALESCE({ord}, {group}_ord)")
-        )
+            &format!("{guard} AND ({g_at} IS NULL OR {g_at} < {at})"),
+            &g_at,
+            at
+        ),
+        set_if(guard, &format!("{group}_ord"), ord)
     )
 }
 
@@ -405,14 +418,16 @@ fn presence_sets(at: &str, ord: &str, online: &str, reason: &str) -> String {
 /// [`newer`] on values read: whether a group last set by a message received at `set_at` with
 /// key `set_ord` takes one received at `at` with key `ord`.
 fn is_newer(set_at: Option<i64>, set_ord: Option<i64>, at: i64, ord: Option<i64>) -> bool {
-    match (set_ord, ord) {
-        (Some(set), Some(ord)) => set <= ord,
+    match (set_ord, ord, set_at) {
+        (Some(set), Some(ord), Some(set_at)) if set_at >= at - KEY_HORIZON_MS => {
+            set < ord || (set == ord && set_at <= at)
+        }
         _ => set_at.is_none_or(|s| s <= at),
     }
 }
 
-/// A message's order key as stored: one above `i64::MAX` (which no device sends, see
-/// [`flotilla_proto::order_key`]) counts as none.
+/// A message's order key as stored (ingest refuses one above `i64::MAX`, which no device
+/// sends: see [`flotilla_proto::order_key`]).
 fn ord_of(ord: Option<u64>) -> Option<i64> {
     ord.and_then(|o| i64::try_from(o).ok())
 }
@@ -594,8 +609,10 @@ pub(super) type Reading<'a> = (&'a str, &'a Telemetry, i64);
 /// Stores a run of telemetry readings in a few statements, whatever their number: on SQLite
 /// one SELECT for the devices' presence, multi-row INSERTs, one UPDATE (each statement is a
 /// round trip to the database's worker thread, so this costs the same as [`apply_update`]
-/// does for a single reading); on PostgreSQL one statement ([`PG_APPLY_READINGS`]). The same
-/// as calling [`apply_update`] for each reading in turn; returns the devices that came
+/// does for a single reading); on PostgreSQL one statement ([`PG_APPLY_READINGS`]). Each
+/// reading is stored as [`apply_update`] would; a device's presence is judged once, by the
+/// batch's latest receive time and highest key for it (the same as one at a time when its
+/// readings all have keys or none do, as one device's do). Returns the devices that came
 /// online, each once.
 pub(super) async fn apply_readings(
     tx: &mut Transaction<'_, Any>,

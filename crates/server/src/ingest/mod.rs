@@ -27,20 +27,31 @@ pub(crate) enum Item {
 pub(crate) fn decode_item(topic: &str, payload: &[u8]) -> Result<Item, String> {
     let (device, channel) = Topic::parse(topic).map_err(|e| e.to_string())?;
     let err = |e: flotilla_proto::DecodeError| e.to_string();
+    // An order key above what any device sends (flotilla_proto::order_key) is refused, not
+    // read as "no key".
+    let ord_in_range = |ord: Option<u64>| {
+        if ord.is_some_and(|o| o > i64::MAX as u64) {
+            return Err(String::from("order key out of range"));
+        }
+        Ok(())
+    };
     Ok(match channel {
-        Channel::Health => Item::Update(
-            device,
-            DeviceUpdate::Heartbeat(decode::<Heartbeat>(payload).map_err(err)?),
-        ),
-        Channel::Status => Item::Update(
-            device,
-            DeviceUpdate::Status(decode::<Status>(payload).map_err(err)?),
-        ),
+        Channel::Health => {
+            let hb: Heartbeat = decode(payload).map_err(err)?;
+            ord_in_range(hb.ord)?;
+            Item::Update(device, DeviceUpdate::Heartbeat(hb))
+        }
+        Channel::Status => {
+            let st: Status = decode(payload).map_err(err)?;
+            ord_in_range(st.ord)?;
+            Item::Update(device, DeviceUpdate::Status(st))
+        }
         Channel::Telemetry => {
             let t: Telemetry = decode(payload).map_err(err)?;
             if t.seq > i64::MAX as u64 || t.temp.is_some_and(|v| !v.is_finite()) {
                 return Err("telemetry value out of range".into());
             }
+            ord_in_range(t.ord)?;
             Item::Update(device, DeviceUpdate::Telemetry(t))
         }
         Channel::Reply => {
@@ -73,5 +84,19 @@ mod tests {
             .is_err()
         );
         assert!(decode_item("devices/a/health", br#"{"heap":18000,"fw":"1.0.0"}"#).is_ok());
+        let max = i64::MAX as u64;
+        for (topic, body) in [
+            ("health", r#""heap":1,"fw":"1.0.0""#),
+            ("status", r#""online":true"#),
+            ("telemetry", r#""seq":1"#),
+        ] {
+            let with = |ord: u64| format!(r#"{{{body},"ord":{ord}}}"#);
+            let topic = format!("devices/a/{topic}");
+            assert!(decode_item(&topic, with(max).as_bytes()).is_ok(), "{topic}");
+            assert!(
+                decode_item(&topic, with(max + 1).as_bytes()).is_err(),
+                "{topic}"
+            );
+        }
     }
 }
