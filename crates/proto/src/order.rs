@@ -18,8 +18,9 @@ pub const ORDER_N_BITS: u32 = 23;
 /// order the server stores them).
 pub const WILL_N: u32 = (1 << ORDER_N_BITS) - 1;
 
-/// Sessions numbered at or above this share the highest session (2^40; at one connection a
-/// second, 34,000 years).
+/// Sessions numbered at or above this share the highest session: 2^40, a number the
+/// telemetry sequence (which readings and connections both draw from) reaches after 34,000
+/// years at one a second.
 const MAX_SESSION: u64 = (1 << (63 - ORDER_N_BITS)) - 1;
 
 /// The key of message `n` of `session`; always at most `i64::MAX`, so the server stores it as
