@@ -117,12 +117,12 @@ pub async fn run_once(
         // Records are removed (and a checkpoint signed over them) only from a chain that holds
         // into its head, and over a range checked in full.
         let r = match check_chain(store, ca).await {
-            Ok(()) => remove_exported_audit(store, ca, before(now, age), now).await,
+            Ok(()) => remove_exported_audit(store, ca, leadership, before(now, age), now).await,
             Err(e) => Err(e),
         };
         run.note(store, now, "audit", r).await;
     }
-    let marked = mark_audit_head(store, ca, now).await;
+    let marked = mark_audit_head(store, ca, leadership, now).await;
     match run.failed {
         Some(e) => Err(e),
         None => marked.map(|()| run.removed),
@@ -220,6 +220,7 @@ fn checkpoint(
 async fn remove_exported_audit(
     store: &Store,
     ca: &CertificateAuthority,
+    leadership: &Leadership,
     cutoff: i64,
     now: i64,
 ) -> StoreResult<u64> {
@@ -239,15 +240,10 @@ async fn remove_exported_audit(
         exported_through: removal.seq,
     };
     held_since(store, ca, last_removal.as_ref(), &through).await?;
-    let deleted = store
-        .add_audit_checkpoint(&checkpoint(
-            ca,
-            removal.seq,
-            &removal.hash,
-            now,
-            removal.count,
-        )?)
-        .await?;
+    let signed = checkpoint(ca, removal.seq, &removal.hash, now, removal.count)?;
+    let Some(deleted) = add_checkpoint(store, leadership, &signed).await? else {
+        return Ok(0);
+    };
     store
         .audit(AuditRecord {
             actor: "system",
@@ -268,17 +264,41 @@ async fn remove_exported_audit(
 /// signed only after the records since the newest checkpoint (whose signature is checked
 /// too) were verified to chain into the head: the server never vouches for a chain it has
 /// not checked. A break is logged, audited, and leaves the head unsigned.
-async fn mark_audit_head(store: &Store, ca: &CertificateAuthority, now: i64) -> StoreResult<()> {
+async fn mark_audit_head(
+    store: &Store,
+    ca: &CertificateAuthority,
+    leadership: &Leadership,
+    now: i64,
+) -> StoreResult<()> {
     let head = store.audit_head().await?;
     let newest = store.audit_checkpoints().await?.pop();
     if head.seq == 0 || newest.as_ref().is_some_and(|c| c.seq >= head.seq) {
         return Ok(());
     }
     held_since(store, ca, newest.as_ref(), &head).await?;
-    store
-        .add_audit_checkpoint(&checkpoint(ca, head.seq, &head.hash, now, 0)?)
-        .await?;
+    let signed = checkpoint(ca, head.seq, &head.hash, now, 0)?;
+    add_checkpoint(store, leadership, &signed).await?;
     Ok(())
+}
+
+/// Stores `signed` (and removes what it stands for) in a transaction fenced by the lease, as
+/// the other removals are: a replica that lost it, with its own `--retain-audit`, removes
+/// nothing after another took over. The rows deleted, or `None` when this server no longer
+/// leads.
+async fn add_checkpoint(
+    store: &Store,
+    leadership: &Leadership,
+    signed: &Checkpoint,
+) -> StoreResult<Option<u64>> {
+    Ok(match leadership.sweep(store).await? {
+        None => None,
+        Some(Sweep::Alone(store)) => Some(store.add_audit_checkpoint(signed).await?),
+        Some(Sweep::Fenced(mut tx)) => {
+            let deleted = tx.add_audit_checkpoint(signed).await?;
+            tx.commit().await?;
+            Some(deleted)
+        }
+    })
 }
 
 /// Whether the chain holds from its newest checkpoint into its head (an error when not).

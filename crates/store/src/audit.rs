@@ -353,46 +353,55 @@ impl Store {
     /// in the same transaction. Returns the rows deleted.
     pub async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> StoreResult<u64> {
         let mut tx = self.begin_immediate().await?;
-        if checkpoint.removed > 0 {
-            // Heads marked at or before it vouch for nothing that will still be there; a head
-            // at its very seq must give way before the insert, or the removal would not be
-            // stored and the log would start after nothing signed.
-            sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq <= $1")
-                .bind(checkpoint.seq as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO audit_checkpoints (seq, hash, at, removed, signature) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
-        )
-        .bind(checkpoint.seq as i64)
-        .bind(&checkpoint.hash)
-        .bind(checkpoint.at)
-        .bind(checkpoint.removed as i64)
-        .bind(&checkpoint.signature)
-        .execute(&mut *tx)
-        .await?;
-        if checkpoint.removed == 0 {
-            // The newest head vouches for every record before it (their hashes chain into
-            // it), so older heads say nothing more.
-            sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq < $1")
-                .bind(checkpoint.seq as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let deleted = if checkpoint.removed > 0 {
-            sqlx::query("DELETE FROM audit WHERE seq <= $1")
-                .bind(checkpoint.seq as i64)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-        } else {
-            0
-        };
+        let deleted = add_audit_checkpoint_in(&mut tx, checkpoint).await?;
         tx.commit().await?;
         Ok(deleted)
     }
+}
+
+/// [`Store::add_audit_checkpoint`] inside `tx` (the leader's fenced transaction, in scale mode).
+pub(super) async fn add_audit_checkpoint_in(
+    tx: &mut Transaction<'_, Any>,
+    checkpoint: &Checkpoint,
+) -> StoreResult<u64> {
+    if checkpoint.removed > 0 {
+        // Heads marked at or before it vouch for nothing that will still be there; a head
+        // at its very seq must give way before the insert, or the removal would not be
+        // stored and the log would start after nothing signed.
+        sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq <= $1")
+            .bind(checkpoint.seq as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, hash, at, removed, signature) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+    )
+    .bind(checkpoint.seq as i64)
+    .bind(&checkpoint.hash)
+    .bind(checkpoint.at)
+    .bind(checkpoint.removed as i64)
+    .bind(&checkpoint.signature)
+    .execute(&mut **tx)
+    .await?;
+    if checkpoint.removed == 0 {
+        // The newest head vouches for every record before it (their hashes chain into
+        // it), so older heads say nothing more.
+        sqlx::query("DELETE FROM audit_checkpoints WHERE removed = 0 AND seq < $1")
+            .bind(checkpoint.seq as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let deleted = if checkpoint.removed > 0 {
+        sqlx::query("DELETE FROM audit WHERE seq <= $1")
+            .bind(checkpoint.seq as i64)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+    } else {
+        0
+    };
+    Ok(deleted)
 }
 
 /// The newest audit rows of one action.

@@ -3167,6 +3167,41 @@ async fn retention_under_the_lease_deletes_only_what_its_holder_commits(store: &
     tx.trim_device_telemetry(&dev("d"), 2, 10).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(count(store).await, 2);
+    // The audit log's checkpoints (and the removals they stand for) too.
+    store
+        .audit(AuditRecord {
+            actor: "system",
+            action: "test",
+            target: None,
+            result: "success",
+            detail: None,
+        })
+        .await;
+    let head = store.audit_head().await.unwrap();
+    let statement = flotilla_audit::Checkpoint::statement(head.seq, &head.hash, 5, 0);
+    let head_mark = flotilla_audit::Checkpoint {
+        seq: head.seq,
+        hash: flotilla_audit::to_hex(&head.hash),
+        at: 5,
+        removed: 0,
+        signature: hex_of(&test_signature(&statement)),
+    };
+    let mut tx = store
+        .begin_fenced("bg", "a", lease.epoch, LONG_STALL)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.add_audit_checkpoint(&head_mark).await.unwrap();
+    drop(tx);
+    assert!(store.audit_checkpoints().await.unwrap().is_empty());
+    let mut tx = store
+        .begin_fenced("bg", "a", lease.epoch, LONG_STALL)
+        .await
+        .unwrap()
+        .unwrap();
+    tx.add_audit_checkpoint(&head_mark).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(store.audit_checkpoints().await.unwrap().len(), 1);
     // Another holder takes the lapsed lease: the old one begins nothing more.
     store.hold_lease("bg", "a", 0).await.unwrap();
     store.hold_lease("bg", "b", 60_000).await.unwrap().unwrap();

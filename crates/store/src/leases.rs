@@ -228,6 +228,14 @@ impl FencedTx {
         super::retention::trim_device_telemetry_in(&mut self.0, device, keep, batch).await
     }
 
+    /// [`Store::add_audit_checkpoint`] under the lease.
+    pub async fn add_audit_checkpoint(
+        &mut self,
+        checkpoint: &flotilla_audit::Checkpoint,
+    ) -> StoreResult<u64> {
+        super::audit::add_audit_checkpoint_in(&mut self.0, checkpoint).await
+    }
+
     pub async fn commit(self) -> StoreResult<()> {
         Ok(self.0.commit().await?)
     }
