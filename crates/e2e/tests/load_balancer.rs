@@ -100,8 +100,9 @@ async fn failed_logins_lock_the_client_the_balancer_names_not_the_balancer() {
     assert!(audit.contains("203.0.113.7"), "{audit}");
     assert!(!audit.contains(BALANCER), "{audit}");
 
-    // The balancer's connection without a header is closed unanswered; a header from a
-    // client that is not the balancer is not believed (not HTTP: 400) and changes nothing.
+    // The balancer's connection without a header, or with a malformed one, is closed
+    // unanswered; a header from a client that is not the balancer is not believed (not
+    // HTTP: 400), so it logs nobody in.
     assert_eq!(
         login(&server, BALANCER, b"", "admin@x.io", "admin-pass").await,
         None

@@ -108,7 +108,8 @@ pub struct ServerConfig {
     /// API and the device listener start with a PROXY protocol header (HAProxy `send-proxy` or
     /// `send-proxy-v2`) naming the client: the caps and the login, registration and
     /// certificate-request limits then count clients, not the balancer. A connection from
-    /// one of them without a valid header is closed.
+    /// one of them without a valid header is closed. Name the balancers themselves: anyone
+    /// connecting from a named address can claim to be any client.
     #[arg(
         long,
         env = "FLOTILLA_PROXY_PROTOCOL_FROM",

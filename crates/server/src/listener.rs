@@ -27,6 +27,9 @@ use crate::proxy_protocol::ProxyPeers;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a balancer's connection may take to send its PROXY header (balancers send it
+/// as they connect).
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a connection speaks below HTTP.
 #[derive(Clone)]
@@ -68,24 +71,36 @@ pub fn spawn(
                 });
                 continue;
             }
+            // Until its header names the client, a balancer's connection holds a slot of the
+            // balancer's own: a peer that opens connections and sends nothing fills that share.
+            let Some(pending) = gate.admit(peer_addr.ip()) else {
+                drop(stream);
+                continue;
+            };
             tokio::spawn(async move {
                 let header = tokio::time::timeout(
-                    HANDSHAKE_TIMEOUT,
+                    PROXY_HEADER_TIMEOUT,
                     crate::proxy_protocol::read_header(&mut stream),
                 )
                 .await;
+                drop(pending);
                 let client = match header {
-                    Ok(Ok(source)) => source.unwrap_or(peer_addr),
+                    Ok(Ok(source)) => source.map_or(peer_addr, |c| {
+                        std::net::SocketAddr::new(c.ip().to_canonical(), c.port())
+                    }),
                     Ok(Err(e @ crate::proxy_protocol::HeaderError::Malformed(_))) => {
                         tracing::warn!(balancer = %peer_addr, error = %e, "connection closed");
                         return;
                     }
-                    // A connection closed before its header: a TCP health check.
+                    // A connection the balancer closed before its header.
                     Ok(Err(e)) => {
                         tracing::debug!(balancer = %peer_addr, error = %e, "connection closed");
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        tracing::debug!(balancer = %peer_addr, "no PROXY header in time");
+                        return;
+                    }
                 };
                 let Some(_admitted) = gate.admit(client.ip()) else {
                     return;

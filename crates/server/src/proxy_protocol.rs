@@ -4,11 +4,13 @@
 //! connection caps and the login, registration and certificate-request limits would count
 //! the whole fleet and every user as one address. A balancer's connection starts with a header
 //! naming the client; that client is then the connection's address. Other peers' connections
-//! are served as they are, so a header from them is never believed (it is not HTTP, and
-//! hyper refuses it).
+//! are served as they are, so a header from them is never believed (it is neither HTTP nor
+//! TLS: the user API answers 400, the device listener's handshake fails).
 //!
 //! The header is read byte-exact (nothing after it is consumed: TLS or HTTP follows), within
-//! the handshake deadline, and bounded in size; anything malformed closes the connection.
+//! a deadline, and bounded in size; anything malformed closes the connection. Anyone who can
+//! connect from a named address can claim to be any client: name the balancers' own
+//! addresses, not the networks around them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -173,11 +175,17 @@ impl FromStr for ProxyPeer {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if let Ok(ip) = IpAddr::from_str(s) {
-            return Ok(ProxyPeer(ipnet::IpNet::from(ip)));
+            return Ok(ProxyPeer(ipnet::IpNet::from(ip.to_canonical())));
         }
-        ipnet::IpNet::from_str(s)
-            .map(|n| ProxyPeer(n.trunc()))
-            .map_err(|_| format!("{s:?} is not an IP address or network (10.0.0.5, 10.0.0.0/8)"))
+        let net = ipnet::IpNet::from_str(s)
+            .map_err(|_| format!("{s:?} is not an IP address or network (10.0.0.5, 10.0.0.0/8)"))?;
+        if net.prefix_len() == 0 {
+            // Every host could then claim any client address.
+            return Err(format!(
+                "{s:?} names every address: name the load balancers"
+            ));
+        }
+        Ok(ProxyPeer(net.trunc()))
     }
 }
 
@@ -279,6 +287,15 @@ mod tests {
                 String::from_utf8_lossy(bytes)
             );
         }
+        // The bound itself: 107 bytes with CRLF are read, 108 are not.
+        let line = |len: usize| {
+            let mut l = b"PROXY UNKNOWN ".to_vec();
+            l.resize(len - 2, b'x');
+            l.extend_from_slice(b"\r\n");
+            l
+        };
+        assert_eq!(read(&line(V1_MAX)).await.0, Ok(None));
+        assert!(malformed(read(&line(V1_MAX + 1)).await.0));
         let mut long = b"PROXY ".to_vec();
         long.extend(std::iter::repeat_n(b'1', 500));
         let (h, rest) = read(&long).await;
@@ -326,6 +343,10 @@ mod tests {
             assert_eq!(peers.sends_header(ip.parse().unwrap()), trusted, "{ip}");
         }
         assert!("10.0.0.0/33".parse::<ProxyPeer>().is_err());
+        assert!("0.0.0.0/0".parse::<ProxyPeer>().is_err());
+        assert!("::/0".parse::<ProxyPeer>().is_err());
+        let mapped: ProxyPeer = "::ffff:10.0.0.9".parse().unwrap();
+        assert!(mapped.contains("10.0.0.9".parse().unwrap()));
         assert!("balancer".parse::<ProxyPeer>().is_err());
         assert_eq!(
             "10.1.2.3/8".parse::<ProxyPeer>().unwrap().to_string(),
