@@ -2675,6 +2675,33 @@ async fn a_holder_stalled_inside_its_work_loses_it_and_does_not_hold_up_the_take
     assert!(quiet.online, "the stalled work's write landed");
 }
 
+/// Applies one message of `d` received at `at` in its own transaction; whether it brought
+/// the device online.
+async fn commit_update(
+    store: &Store,
+    d: &flotilla_proto::DeviceId,
+    update: DeviceUpdate,
+    at: i64,
+) -> bool {
+    let mut tx = store.begin_write().await.unwrap();
+    let came_online = tx.apply_update(d, &update, at).await.unwrap();
+    tx.commit().await.unwrap();
+    came_online
+}
+
+/// [`commit_update`] for one reading, through the batch path.
+async fn commit_reading(
+    store: &Store,
+    d: &flotilla_proto::DeviceId,
+    t: flotilla_proto::Telemetry,
+    at: i64,
+) -> bool {
+    let mut tx = store.begin_write().await.unwrap();
+    let came_online = tx.apply_readings(&[(d, &t, at)]).await.unwrap();
+    tx.commit().await.unwrap();
+    !came_online.is_empty()
+}
+
 /// One device's messages reach two replicas and commit in either order: each field group
 /// (presence, health, reported status) takes a message only if it was received after the one
 /// that set it last, through either ingest path.
@@ -2687,25 +2714,8 @@ async fn a_message_committed_after_a_newer_one_changes_only_what_is_older(store:
     };
     let status = |v: serde_json::Value| -> flotilla_proto::Status { message(v) };
     let reading = |seq: u64| -> flotilla_proto::Telemetry { message(json!({"seq": seq})) };
-    let apply = |update: DeviceUpdate, at: i64| {
-        let (store, d) = (store.clone(), d.clone());
-        async move {
-            let mut tx = store.begin_write().await.unwrap();
-            let came_online = tx.apply_update(&d, &update, at).await.unwrap();
-            tx.commit().await.unwrap();
-            came_online
-        }
-    };
-    let readings = |seq: u64, at: i64| {
-        let (store, d) = (store.clone(), d.clone());
-        async move {
-            let t = reading(seq);
-            let mut tx = store.begin_write().await.unwrap();
-            let came_online = tx.apply_readings(&[(&d, &t, at)]).await.unwrap();
-            tx.commit().await.unwrap();
-            !came_online.is_empty()
-        }
-    };
+    let apply = |update: DeviceUpdate, at: i64| commit_update(store, &d, update, at);
+    let readings = |seq: u64, at: i64| commit_reading(store, &d, reading(seq), at);
     let state = || async {
         let r = store.device(&dev("d")).await.unwrap().unwrap();
         (
@@ -2828,24 +2838,9 @@ async fn a_numbered_message_is_ordered_by_its_key_not_by_when_it_was_taken(store
         message(json!({"heap": heap, "fw": format!("1.{heap}.0"), "ord": ord}))
     };
     let status = |v: serde_json::Value| -> flotilla_proto::Status { message(v) };
-    let apply = |update: DeviceUpdate, at: i64| {
-        let (store, d) = (store.clone(), d.clone());
-        async move {
-            let mut tx = store.begin_write().await.unwrap();
-            let came_online = tx.apply_update(&d, &update, at).await.unwrap();
-            tx.commit().await.unwrap();
-            came_online
-        }
-    };
+    let apply = |update: DeviceUpdate, at: i64| commit_update(store, &d, update, at);
     let reading = |seq: u64, ord: u64, at: i64| {
-        let (store, d) = (store.clone(), d.clone());
-        async move {
-            let t: flotilla_proto::Telemetry = message(json!({"seq": seq, "ord": ord}));
-            let mut tx = store.begin_write().await.unwrap();
-            let came_online = tx.apply_readings(&[(&d, &t, at)]).await.unwrap();
-            tx.commit().await.unwrap();
-            !came_online.is_empty()
-        }
+        commit_reading(store, &d, message(json!({"seq": seq, "ord": ord})), at)
     };
     let state = || async {
         let r = store.device(&dev("d")).await.unwrap().unwrap();
