@@ -85,9 +85,7 @@ pub fn spawn(
                 .await;
                 drop(pending);
                 let client = match header {
-                    Ok(Ok(source)) => source.map_or(peer_addr, |c| {
-                        std::net::SocketAddr::new(c.ip().to_canonical(), c.port())
-                    }),
+                    Ok(Ok(source)) => source.unwrap_or(peer_addr),
                     Ok(Err(e @ crate::proxy_protocol::HeaderError::Malformed(_))) => {
                         tracing::warn!(balancer = %peer_addr, error = %e, "connection closed");
                         return;

@@ -24,7 +24,8 @@ const V1_MAX: usize = 107;
 /// The address block (and TLVs) of a v2 header at most; HAProxy's are far below.
 const V2_MAX_BODY: usize = 1024;
 
-/// Who a balancer's connection is from: a client, or the balancer itself (a health check:
+/// Who a balancer's connection is from: a client (an IPv4-mapped IPv6 address as IPv4, so
+/// one client is counted under one key), or the balancer itself (a health check:
 /// v2 `LOCAL`, v1 `UNKNOWN`, or an address family other than TCP over IPv4/IPv6), which keeps
 /// the TCP peer's address.
 pub type Source = Option<SocketAddr>;
@@ -110,7 +111,7 @@ fn parse_v1(line: &[u8]) -> Result<Source, HeaderError> {
         return Err(bad("v1 port"));
     }
     let port = src_port.parse::<u16>().map_err(|_| bad("v1 port"))?;
-    Ok(Some(SocketAddr::new(ip, port)))
+    Ok(Some(SocketAddr::new(ip.to_canonical(), port)))
 }
 
 /// A v2 header: its 16 fixed bytes and the block after them.
@@ -144,7 +145,7 @@ fn parse_v2(head: &[u8; 16], body: &[u8]) -> Result<Source, HeaderError> {
             let mut octets = [0u8; 16];
             octets.copy_from_slice(&body[..16]);
             Ok(Some(SocketAddr::new(
-                IpAddr::V6(Ipv6Addr::from(octets)),
+                IpAddr::V6(Ipv6Addr::from(octets)).to_canonical(),
                 port(32),
             )))
         }
@@ -244,6 +245,12 @@ mod tests {
         assert_eq!(rest, b"GET / HTTP/1.1\r\n");
         let (h, _) = read(b"PROXY TCP6 2001:db8::1 2001:db8::2 443 8443\r\n").await;
         assert_eq!(h, Ok(Some("[2001:db8::1]:443".parse().unwrap())));
+        let (h, _) = read(b"PROXY TCP6 ::ffff:203.0.113.9 ::1 443 8443\r\n").await;
+        assert_eq!(
+            h,
+            Ok(Some("203.0.113.9:443".parse().unwrap())),
+            "mapped: as IPv4"
+        );
         let (h, rest) = read(b"PROXY UNKNOWN\r\n\x16\x03").await;
         assert_eq!((h, rest.as_slice()), (Ok(None), &b"\x16\x03"[..]));
 

@@ -2937,17 +2937,12 @@ async fn a_numbered_message_is_ordered_by_its_key_not_by_when_it_was_taken(store
     let later = t + super::devices::KEY_HORIZON_MS + 1;
     assert!(apply(DeviceUpdate::Status(fresh(3, "OFF")), later).await);
     assert_eq!(state().await.3.as_deref(), Some("OFF"));
+    let keyed_beat = |heap: u32, n: u32, at: i64| {
+        apply(DeviceUpdate::Heartbeat(beat(heap, order_key(0, n))), at)
+    };
     // Of two messages with one key (a session past 2^23 - 2 messages), the later received wins.
-    apply(
-        DeviceUpdate::Heartbeat(beat(11, order_key(0, 9))),
-        later + 20,
-    )
-    .await;
-    apply(
-        DeviceUpdate::Heartbeat(beat(10, order_key(0, 9))),
-        later + 10,
-    )
-    .await;
+    keyed_beat(11, 9, later + 20).await;
+    keyed_beat(10, 9, later + 10).await;
     assert_eq!(state().await.2, Some(11));
     // A message without a key sets the group's key to none: it then goes by receive time, and
     // an older keyed message received before it does not override it.
@@ -2956,25 +2951,13 @@ async fn a_numbered_message_is_ordered_by_its_key_not_by_when_it_was_taken(store
         later + 40,
     )
     .await;
-    apply(
-        DeviceUpdate::Heartbeat(beat(13, order_key(0, 10))),
-        later + 30,
-    )
-    .await;
+    keyed_beat(13, 10, later + 30).await;
     assert_eq!(state().await.2, Some(12));
     // The health group's receive time never goes back: the health gate reads heartbeats
     // newer than what it saw, so a key that wins with an earlier receive time must not hide
     // the next one.
-    apply(
-        DeviceUpdate::Heartbeat(beat(14, order_key(0, 11))),
-        later + 50,
-    )
-    .await;
-    apply(
-        DeviceUpdate::Heartbeat(beat(15, order_key(0, 12))),
-        later + 45,
-    )
-    .await;
+    keyed_beat(14, 11, later + 50).await;
+    keyed_beat(15, 12, later + 45).await;
     assert_eq!(state().await.2, Some(15));
     let since = store.heartbeats_since(later + 48).await.unwrap();
     assert_eq!(since.len(), 1, "health stamped at 50, not moved back to 45");
