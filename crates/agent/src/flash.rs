@@ -1,6 +1,8 @@
-//! The virtual chip's SPI flash: one file holding otadata and the two app slots, with NOR
+//! The virtual chip's SPI flash: one file laid out as the ESP32-C3's (an ESP-IDF partition
+//! table at 0x8000, otadata at 0xd000, the app slots ota_0 and ota_1 from 0x10000), with NOR
 //! semantics enforced (erase to 0xFF in 4 KiB blocks, aligned writes, no writes to bytes that
-//! were not erased), so the agent exercises the same slot code the ESP32 runs.
+//! were not erased), so the agent exercises the same slot code the ESP32 runs. The agent keeps
+//! its NVS in files beside it (`nvs.rs`), so the table's nvs partition stays erased here.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -8,6 +10,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use flotilla_device_core::slots::{Flash, FlashError, Layout};
+
+use crate::partitions;
 
 pub const FLASH_FILE: &str = "flash.bin";
 const BLOCK: usize = 4096;
@@ -18,21 +22,24 @@ pub struct FileFlash {
     len: usize,
 }
 
-/// Otadata at 0 (two blocks), then ota_0 and ota_1 of `slot_len` each.
+/// Where otadata and the slots are in the partition table for slots of `slot_len` bytes
+/// (rounded up to 64 KiB, as app partitions are).
 pub fn layout(slot_len: usize) -> Layout {
-    let slot_len = slot_len.div_ceil(BLOCK) * BLOCK;
+    let table = partitions::table(slot_len);
     Layout {
-        otadata: 0,
-        slots: [2 * BLOCK, 2 * BLOCK + slot_len],
-        slot_len,
+        otadata: partitions::OTADATA_OFFSET,
+        slots: [table[3].offset as usize, table[4].offset as usize],
+        slot_len: table[3].size as usize,
     }
 }
 
 impl FileFlash {
-    /// Opens the flash file, creating a factory-blank chip (otadata erased) the first time.
-    /// The slots start as a sparse file: a slot is erased when an image is written to it.
+    /// Opens the flash file, creating a factory-blank chip the first time (its partition
+    /// table written, otadata erased); a chip partitioned for another layout is refused. The
+    /// slots start as a sparse file: a slot is erased when an image is written to it.
     pub fn open(path: &Path, layout: &Layout) -> anyhow::Result<FileFlash> {
         let len = layout.slots[1] + layout.slot_len;
+        let table = partitions::encode(&partitions::table(layout.slot_len));
         let fresh = !path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -46,12 +53,30 @@ impl FileFlash {
         }
         let mut flash = FileFlash { file, len };
         if fresh {
+            let at = partitions::TABLE_OFFSET;
+            flash
+                .erase(at)
+                .and_then(|()| flash.write(at, &table))
+                .map_err(|e| anyhow::anyhow!("writing the partition table: {e:?}"))?;
             for i in 0..2 {
                 flash
                     .erase(layout.otadata + i * BLOCK)
                     .map_err(|e| anyhow::anyhow!("erasing otadata: {e:?}"))?;
             }
             flash.file.sync_all()?;
+        }
+        let mut on_flash = vec![0u8; partitions::TABLE_LEN];
+        flash.read(partitions::TABLE_OFFSET, &mut on_flash);
+        if on_flash != table {
+            let found = partitions::decode(&on_flash)
+                .map(|t| format!("{t:?}"))
+                .unwrap_or_else(|e| e);
+            anyhow::bail!(
+                "{} is not partitioned for {} KiB slots (found: {found}); \
+                 give the --slot-size it was made with, or start from a new data directory",
+                path.display(),
+                layout.slot_len / 1024
+            );
         }
         Ok(flash)
     }

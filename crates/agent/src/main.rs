@@ -9,6 +9,7 @@ mod download;
 mod flash;
 mod image;
 mod nvs;
+mod partitions;
 mod renew;
 mod runner;
 mod sensors;

@@ -184,17 +184,19 @@ enum ReleaseCmd {
     Hash {
         firmware: std::path::PathBuf,
     },
-    /// Sign a release: writes FIRMWARE.manifest.json.
+    /// Sign a release: writes FIRMWARE.manifest.json. An ESP32 app image's descriptor gives
+    /// what is not given: the version, the hardware (its project name) and the security
+    /// counter (its secure_version); what is given must agree with it.
     Sign {
         firmware: std::path::PathBuf,
         #[arg(long)]
-        version: String,
+        version: Option<String>,
         #[arg(long)]
-        hardware: String,
+        hardware: Option<String>,
         #[arg(long, default_value = "release.key")]
         key: std::path::PathBuf,
-        #[arg(long, default_value_t = 0)]
-        security_counter: u32,
+        #[arg(long)]
+        security_counter: Option<u32>,
         /// Unix seconds after which devices refuse the release.
         #[arg(long)]
         expires: Option<u64>,
@@ -649,8 +651,8 @@ fn run_release(action: &ReleaseCmd, json_out: bool) -> Result<(), ApiFailure> {
             let req = release::SignRequest {
                 firmware,
                 key,
-                version,
-                hardware,
+                version: version.as_deref(),
+                hardware: hardware.as_deref(),
                 security_counter: *security_counter,
                 expires_at: *expires,
             };

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use flotilla_device_core::app_image;
 use flotilla_device_core::ota::{ImageCheck, Running, to_hex, verify_offer};
 use flotilla_proto::{FirmwareManifest, SignedManifest};
 use p256::ecdsa::signature::Signer;
@@ -51,35 +52,104 @@ pub fn hash(path: &Path) -> Result<(String, u64), ApiFailure> {
 pub struct SignRequest<'a> {
     pub firmware: &'a Path,
     pub key: &'a Path,
-    pub version: &'a str,
-    pub hardware: &'a str,
-    pub security_counter: u32,
+    /// Taken from the image's app descriptor when not given.
+    pub version: Option<&'a str>,
+    pub hardware: Option<&'a str>,
+    pub security_counter: Option<u32>,
     pub expires_at: Option<u64>,
+}
+
+/// What an ESP32 app image says of itself: (version, project name, secure_version).
+type Described = (String, String, u32);
+
+/// The app descriptor of an ESP32 app image; `None` for an image of another kind, an error
+/// for one that starts as an ESP32 image but does not verify (a truncated or damaged build).
+fn described(image: &[u8]) -> Result<Option<Described>, ApiFailure> {
+    if image.first() != Some(&app_image::IMAGE_MAGIC) {
+        return Ok(None);
+    }
+    let info = app_image::verify(image.len(), |at, buf| {
+        buf.copy_from_slice(&image[at..at + buf.len()])
+    })
+    .map_err(|e| ApiFailure::usage(format!("not a valid ESP32 app image: {e:?}")))?;
+    let Some(desc) = info.app_desc() else {
+        return Ok(None);
+    };
+    let text = |field: Option<&str>, what: &str| {
+        field
+            .map(str::to_owned)
+            .ok_or_else(|| ApiFailure::usage(format!("the app descriptor's {what} is not text")))
+    };
+    Ok(Some((
+        text(desc.version(), "version")?,
+        text(desc.project_name(), "project name")?,
+        desc.secure_version(),
+    )))
+}
+
+/// A field given on the command line, or else the descriptor's; both must agree when both
+/// exist (a manifest that says another version than the image runs would mislead every
+/// rollout and report). The hardware is exempt: a project name need not be a hardware id.
+fn resolve<T: PartialEq + std::fmt::Display + Clone>(
+    flag: &str,
+    given: Option<T>,
+    described: Option<T>,
+    must_agree: bool,
+) -> Result<T, ApiFailure> {
+    match (given, described) {
+        (Some(g), Some(d)) if must_agree && g != d => Err(ApiFailure::usage(format!(
+            "--{flag} {g} disagrees with the image's app descriptor ({d})"
+        ))),
+        (Some(g), _) => Ok(g),
+        (None, Some(d)) => Ok(d),
+        (None, None) => Err(ApiFailure::usage(format!(
+            "--{flag} is needed: the image has no ESP32 app descriptor"
+        ))),
+    }
 }
 
 /// Signs a release; writes `<firmware>.manifest.json` and returns its path.
 pub fn sign(req: &SignRequest<'_>) -> Result<PathBuf, ApiFailure> {
-    req.version
+    let image = std::fs::read(req.firmware)
+        .map_err(|e| fail(&format!("reading {}", req.firmware.display()), e))?;
+    let described = described(&image)?;
+    let version = resolve(
+        "version",
+        req.version.map(str::to_owned),
+        described.as_ref().map(|d| d.0.clone()),
+        true,
+    )?;
+    let hardware = resolve(
+        "hardware",
+        req.hardware.map(str::to_owned),
+        described.as_ref().map(|d| d.1.clone()),
+        false,
+    )?;
+    let security_counter = match described.as_ref() {
+        Some(d) => resolve("security-counter", req.security_counter, Some(d.2), true)?,
+        None => req.security_counter.unwrap_or(0),
+    };
+    version
         .parse::<flotilla_proto::FirmwareVersion>()
         .map_err(|e| ApiFailure::usage(format!("--version: {e}")))?;
-    if req.hardware.is_empty() {
+    if hardware.is_empty() {
         return Err(ApiFailure::usage("--hardware must not be empty"));
     }
     let pem = std::fs::read_to_string(req.key)
         .map_err(|e| fail(&format!("reading {}", req.key.display()), e))?;
     let key = SigningKey::from_pkcs8_pem(&pem)
         .map_err(|e| fail("release key is not a P-256 PKCS#8 key", e))?;
-    let (sha256, size) = hash(req.firmware)?;
+    let (sha256, size) = (to_hex(&Sha256::digest(&image)), image.len() as u64);
     let issued_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let manifest = FirmwareManifest {
-        version: req.version.into(),
-        hardware: req.hardware.into(),
+        version,
+        hardware,
         size,
         sha256,
-        security_counter: req.security_counter,
+        security_counter,
         issued_at,
         expires_at: req.expires_at,
     };

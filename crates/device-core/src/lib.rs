@@ -27,6 +27,7 @@
 
 extern crate alloc;
 
+pub mod app_image;
 mod backoff;
 mod commands;
 mod device;

@@ -1,13 +1,20 @@
 //! A/B firmware slots with ESP-IDF's otadata semantics, over any NOR-like flash.
 //!
-//! Layout: two image slots (`ota_0`, `ota_1`) and an otadata area of two erase blocks, each
-//! holding one select entry `{seq, state, crc}`. The entry with the highest valid sequence
-//! number wins and selects slot `(seq - 1) % 2`. Every change (switch slot, or change state)
-//! erases the block *not* holding the winning entry and writes a strictly higher sequence
-//! number there (+2 keeps the slot, an odd step switches it), so a power cut at any point leaves
-//! the old entry or the new one valid — never neither. Image states follow ESP-IDF: NEW ->
-//! PENDING_VERIFY -> VALID; a rolled-back image is superseded by a newer entry selecting the
-//! previous slot.
+//! Layout: two image slots (`ota_0`, `ota_1`) and an otadata partition of two erase blocks,
+//! each holding one select entry in ESP-IDF's own format (`esp_ota_select_entry_t`, 32 bytes:
+//! `ota_seq`, a 20-byte label left erased, `ota_state`, and a CRC-32 of `ota_seq` alone, as
+//! ESP-IDF's `bootloader_common_ota_select_crc` computes it). The entry with the highest valid
+//! sequence number wins (on a tie the second block, as ESP-IDF's bootloader reads it) and
+//! selects slot `(seq - 1) % 2`.
+//!
+//! Every change (switch slot, or change state) erases the block *not* holding the winning entry
+//! and writes a strictly higher sequence number there (+2 keeps the slot, an odd step switches
+//! it), so a power cut at any point leaves the old entry or the new one valid — never neither.
+//! ESP-IDF itself rewrites the active block in place to change a state (`esp_ota_mark_app_valid_
+//! cancel_rollback`), which a cut between its erase and its write turns into a switch back to
+//! the older entry's slot; these entries read the same to ESP-IDF's bootloader, only the order
+//! of writes differs. Image states follow ESP-IDF: NEW -> PENDING_VERIFY -> VALID; a
+//! rolled-back image is superseded by a newer entry selecting the previous slot.
 //!
 //! Not here: what the image contains or how it was verified (see [`crate::ota`]).
 
@@ -88,10 +95,16 @@ pub struct Selection {
     pub state: ImageState,
 }
 
-const ENTRY_LEN: usize = 12;
+/// `sizeof(esp_ota_select_entry_t)`.
+pub const ENTRY_LEN: usize = 32;
+const STATE_AT: usize = 24;
+const CRC_AT: usize = 28;
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
+/// The ROM's `crc32_le(crc, buf, len)` (reflected CRC-32, polynomial 0xEDB88320), which
+/// inverts `crc` on the way in and out: `crc32_le(0, ..)` is zlib's CRC-32, and otadata uses
+/// `crc32_le(UINT32_MAX, ..)` (Python: `binascii.crc32(data, 0xFFFFFFFF)`).
+pub fn crc32_le(crc: u32, data: &[u8]) -> u32 {
+    let mut crc = !crc;
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
@@ -105,24 +118,32 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-fn encode_entry(seq: u32, state: ImageState) -> [u8; ENTRY_LEN] {
-    let mut e = [0u8; ENTRY_LEN];
+/// ESP-IDF's `bootloader_common_ota_select_crc`: the CRC covers the sequence number only.
+pub fn entry_crc(seq: u32) -> u32 {
+    crc32_le(u32::MAX, &seq.to_le_bytes())
+}
+
+/// An `esp_ota_select_entry_t` as ESP-IDF writes it; the label stays erased (0xFF).
+pub fn encode_entry(seq: u32, state: ImageState) -> [u8; ENTRY_LEN] {
+    let mut e = [0xFFu8; ENTRY_LEN];
     e[0..4].copy_from_slice(&seq.to_le_bytes());
-    e[4..8].copy_from_slice(&state.code().to_le_bytes());
-    let crc = crc32(&e[0..8]);
-    e[8..12].copy_from_slice(&crc.to_le_bytes());
+    e[STATE_AT..STATE_AT + 4].copy_from_slice(&state.code().to_le_bytes());
+    e[CRC_AT..CRC_AT + 4].copy_from_slice(&entry_crc(seq).to_le_bytes());
     e
 }
 
 /// From here on an otadata sequence number is neither read as valid nor written.
 const MAX_SEQ: u32 = u32::MAX - 2;
 
-fn decode_entry(e: &[u8; ENTRY_LEN]) -> Option<(u32, ImageState)> {
+/// A valid entry's sequence number and state. ESP-IDF's test is `ota_seq != UINT32_MAX` and
+/// the CRC; this one also refuses 0 (which ESP-IDF never writes: it would select slot
+/// `(0 - 1) % 2` by wrapping) and the top of the range, where transitions would overflow.
+pub fn decode_entry(e: &[u8; ENTRY_LEN]) -> Option<(u32, ImageState)> {
     let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
-    let (seq, state, crc) = (word(0), word(4), word(8));
+    let (seq, state, crc) = (word(0), word(STATE_AT), word(CRC_AT));
     // Transitions write seq + 1 or seq + 2, which `select` refuses from MAX_SEQ on, so no
     // valid entry makes them overflow.
-    (seq != 0 && seq < MAX_SEQ && crc32(&e[0..8]) == crc)
+    (seq != 0 && seq < MAX_SEQ && entry_crc(seq) == crc)
         .then(|| (seq, ImageState::from_code(state)))
 }
 
@@ -145,7 +166,8 @@ impl Layout {
     pub fn selection<F: Flash>(&self, flash: &F) -> Option<Selection> {
         let [a, b] = self.entries(flash);
         let best = match (a, b) {
-            (Some(x), Some(y)) => Some(if y.1 > x.1 { y } else { x }),
+            // ESP-IDF: the first block only if its number is strictly higher.
+            (Some(x), Some(y)) => Some(if x.1 > y.1 { x } else { y }),
             (x, y) => x.or(y),
         }?;
         Some(Selection {
@@ -167,7 +189,7 @@ impl Layout {
         }
         let [a, b] = self.entries(flash);
         let current_block = match (a, b) {
-            (Some(x), Some(y)) => Some(if y.1 > x.1 { 1 } else { 0 }),
+            (Some(x), Some(y)) => Some(if x.1 > y.1 { 0 } else { 1 }),
             (Some(_), None) => Some(0),
             (None, Some(_)) => Some(1),
             (None, None) => None,
@@ -178,10 +200,9 @@ impl Layout {
         };
         let offset = self.block(target, F::ERASE_BLOCK);
         flash.erase(offset)?;
-        let mut padded = [0xFFu8; 16];
-        padded[..ENTRY_LEN].copy_from_slice(&encode_entry(seq, state));
-        let len = ENTRY_LEN.div_ceil(F::WRITE_ALIGN) * F::WRITE_ALIGN;
-        flash.write(offset, &padded[..len.min(padded.len())])
+        // 32 bytes suit any write alignment the chips have (4 on the ESP32-C3); the CRC word
+        // is last, so a write cut part-way leaves an entry that does not verify.
+        flash.write(offset, &encode_entry(seq, state))
     }
 
     /// The slot a new image goes to: the one not running.
@@ -276,5 +297,79 @@ impl Layout {
             pending_verify,
             rolled_back,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// CRCs as ESP-IDF's otatool.py computes them: `binascii.crc32(struct.pack('I', seq),
+    /// 0xFFFFFFFF)`.
+    #[test]
+    fn entries_carry_esp_idfs_crc_of_the_sequence_number() {
+        for (seq, crc) in [
+            (1, 0x4743_989A),
+            (2, 0x55F6_3774),
+            (3, 0xED4A_5011),
+            (0x1234_5678, 0x71D6_A731),
+        ] {
+            assert_eq!(entry_crc(seq), crc, "seq {seq}");
+        }
+        let e = encode_entry(1, ImageState::New);
+        assert_eq!(&e[0..4], &[1, 0, 0, 0]);
+        assert_eq!(&e[4..24], &[0xFF; 20], "seq_label left erased");
+        assert_eq!(&e[24..28], &[0, 0, 0, 0], "ESP_OTA_IMG_NEW");
+        assert_eq!(&e[28..32], &[0x9A, 0x98, 0x43, 0x47]);
+        assert_eq!(decode_entry(&e), Some((1, ImageState::New)));
+        // The CRC covers the number only, as in ESP-IDF: a state change keeps it.
+        let valid = encode_entry(1, ImageState::Valid);
+        assert_eq!(&valid[28..32], &e[28..32]);
+        // An erased entry, a zero sequence and a wrong CRC are not entries.
+        assert_eq!(decode_entry(&[0xFF; ENTRY_LEN]), None);
+        let mut zero = encode_entry(0, ImageState::Valid);
+        assert_eq!(decode_entry(&zero), None);
+        zero = e;
+        zero[0] = 3;
+        assert_eq!(decode_entry(&zero), None);
+    }
+
+    /// Two valid entries with one number: ESP-IDF's bootloader takes the second block's.
+    #[test]
+    fn a_tie_goes_to_the_second_block_as_in_esp_idf() {
+        struct Ram([u8; 2 * 4096]);
+        impl Flash for Ram {
+            const ERASE_BLOCK: usize = 4096;
+            const WRITE_ALIGN: usize = 4;
+            fn read(&self, offset: usize, buf: &mut [u8]) {
+                buf.copy_from_slice(&self.0[offset..offset + buf.len()]);
+            }
+            fn erase(&mut self, offset: usize) -> Result<(), FlashError> {
+                self.0[offset..offset + 4096].fill(0xFF);
+                Ok(())
+            }
+            fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
+                self.0[offset..offset + data.len()].copy_from_slice(data);
+                Ok(())
+            }
+        }
+        let mut f = Ram([0xFF; 2 * 4096]);
+        f.write(0, &encode_entry(5, ImageState::Valid)).unwrap();
+        f.write(4096, &encode_entry(5, ImageState::Invalid))
+            .unwrap();
+        let l = Layout {
+            otadata: 0,
+            slots: [8192, 12288],
+            slot_len: 4096,
+        };
+        assert_eq!(l.selection(&f).unwrap().state, ImageState::Invalid);
+        // The next change goes to the block not read: the first.
+        l.activate(&mut f, 0).unwrap();
+        assert_eq!(
+            decode_entry(&f.0[..32].try_into().unwrap()),
+            Some((7, ImageState::New))
+        );
+        assert_eq!(l.selection(&f).unwrap().slot, 0);
     }
 }

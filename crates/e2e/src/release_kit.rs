@@ -28,7 +28,8 @@ impl Kit {
         self.dir.join("release.pub").display().to_string()
     }
 
-    /// Builds an agent image and signs it; returns the image path (manifest beside it).
+    /// Builds an agent image and signs it, the version and hardware read from its app
+    /// descriptor; returns the image path (manifest beside it).
     pub fn release(&self, version: &str, behaviour: &str) -> PathBuf {
         let image = self.dir.join(format!("fw-{version}.bin"));
         succeed(
@@ -47,7 +48,7 @@ impl Kit {
             Command::new(bin("flotilla"))
                 .args(["release", "sign"])
                 .arg(&image)
-                .args(["--version", version, "--hardware", "esp32c3", "--key"])
+                .arg("--key")
                 .arg(self.dir.join("release.key")),
         );
         image
