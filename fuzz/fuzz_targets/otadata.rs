@@ -1,10 +1,12 @@
 //! The otadata/slot decoder over arbitrary flash contents, then every transition the
-//! bootloader and the app make on it: none panics, and each does what the slot rules say
-//! (boot turns NEW into PENDING_VERIFY on the same slot, confirm turns PENDING_VERIFY into
-//! VALID, roll back selects the other slot; every change has a higher sequence number).
+//! bootloader and the app make on it through `OtaSlots`: none panics, and each does what the
+//! slot rules say (the bootloader's step turns NEW into PENDING_VERIFY on the same slot,
+//! confirm turns PENDING_VERIFY into VALID, roll back selects the other slot; every change
+//! has a higher sequence number).
 #![no_main]
 
-use flotilla_device_core::slots::{Flash, FlashError, ImageState, Layout};
+use flotilla_device_core::otadata::{Layout, OtaData};
+use flotilla_device_core::slots::{Flash, FlashError, ImageState, OtaSlots};
 use libfuzzer_sys::fuzz_target;
 
 const BLOCK: usize = 4096;
@@ -51,18 +53,27 @@ fuzz_target!(|data: &[u8]| {
     let mut flash = Ram(vec![0xff; 4 * BLOCK]);
     let n = data.len().min(2 * BLOCK);
     flash.0[..n].copy_from_slice(&data[..n]);
+    let mut ota = OtaData::new(LAYOUT, flash);
 
-    let before = LAYOUT.selection(&flash);
-    let original = flash.0.clone();
-    let booted = match LAYOUT.boot(&mut flash) {
-        Ok(slot) => slot,
-        Err(FlashError::SequenceExhausted) => {
-            assert_eq!(flash.0, original, "an exhausted sequence writes nothing");
-            return;
+    let before = ota.selection();
+    let original = ota.flash().0.clone();
+    // What the bootloader does at power-on: a NEW image goes on probation.
+    if ota.running_state() == Some(ImageState::New) {
+        match ota.set_running_state(ImageState::PendingVerify) {
+            Ok(()) => {}
+            Err(FlashError::SequenceExhausted) => {
+                assert_eq!(
+                    ota.flash().0,
+                    original,
+                    "an exhausted sequence writes nothing"
+                );
+                return;
+            }
+            Err(e) => panic!("boot: {e:?}"),
         }
-        Err(e) => panic!("boot: {e:?}"),
-    };
-    let after = LAYOUT.selection(&flash);
+    }
+    let booted = ota.running_slot();
+    let after = ota.selection();
     match before {
         None => assert_eq!((booted, after), (0, None), "factory-fresh boots slot 0"),
         Some(b) => {
@@ -81,19 +92,19 @@ fuzz_target!(|data: &[u8]| {
     if let Some(s) = after
         && s.state == ImageState::PendingVerify
     {
-        if LAYOUT.confirm(&mut flash) == Err(FlashError::SequenceExhausted) {
+        if ota.confirm() == Err(FlashError::SequenceExhausted) {
             return;
         }
-        let c = LAYOUT.selection(&flash).expect("selection after confirm");
+        let c = ota.selection().expect("selection after confirm");
         assert_eq!((c.slot, c.state), (s.slot, ImageState::Valid));
         assert!(c.seq > s.seq);
     }
 
-    if let Some(s) = LAYOUT.selection(&flash) {
-        if LAYOUT.roll_back(&mut flash) == Err(FlashError::SequenceExhausted) {
+    if let Some(s) = ota.selection() {
+        if ota.roll_back() == Err(FlashError::SequenceExhausted) {
             return;
         }
-        let r = LAYOUT.selection(&flash).expect("selection after roll back");
+        let r = ota.selection().expect("selection after roll back");
         assert_ne!(r.slot, s.slot, "roll back selects the other slot");
         assert!(r.seq > s.seq);
     }

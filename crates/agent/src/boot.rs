@@ -1,10 +1,12 @@
 //! The virtual chip's bootloader: at every power-on it reads otadata from the flash file,
 //! rolls back an image that stayed unconfirmed for too many boots, and boots the image in the
 //! selected slot — whose header decides the version, hardware, security counter and behaviour
-//! of everything that runs after.
+//! of everything that runs after. (On the ESP32-C3 this is the ROM and ESP-IDF's second-stage
+//! bootloader; the app's side of the slots is device-core's `OtaSlots` on both.)
 
 use anyhow::Context;
-use flotilla_device_core::slots::{Layout, MAX_UNCONFIRMED_BOOTS};
+use flotilla_device_core::otadata::{Layout, OtaData};
+use flotilla_device_core::slots::{FlashError, ImageState, MAX_UNCONFIRMED_BOOTS, OtaSlots};
 use flotilla_device_core::{BootedImage, Persist, Stored};
 
 use crate::flash::{FLASH_FILE, FileFlash};
@@ -18,18 +20,49 @@ pub struct Booted {
     pub stored: Stored,
 }
 
+/// What the bootloader decided at power-on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootOutcome {
+    pub slot: usize,
+    /// The image runs on probation: the app must confirm it after its health check.
+    pub pending_verify: bool,
+    /// An unconfirmed image was given up and the previous slot booted instead.
+    pub rolled_back: bool,
+}
+
+/// The bootloader's decisions: an image still on probation (PENDING_VERIFY) after
+/// `max_unconfirmed_boots` boots that never became stable (the crash counter the app keeps in
+/// NVS) is rolled back first; then a NEW image goes on probation, and the selected slot boots.
+pub fn bootloader<S: OtaSlots>(
+    slots: &mut S,
+    unstable_boots: u32,
+    max_unconfirmed_boots: u32,
+) -> Result<BootOutcome, FlashError> {
+    let on_probation = |s: &S| s.running_state() == Some(ImageState::PendingVerify);
+    let rolled_back = on_probation(slots) && unstable_boots >= max_unconfirmed_boots;
+    if rolled_back {
+        slots.roll_back()?;
+    }
+    if slots.running_state() == Some(ImageState::New) {
+        slots.set_running_state(ImageState::PendingVerify)?;
+    }
+    Ok(BootOutcome {
+        slot: slots.running_slot(),
+        pending_verify: on_probation(slots),
+        rolled_back,
+    })
+}
+
 pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Result<Booted> {
-    let mut flash = FileFlash::open(&nvs.path(FLASH_FILE), layout)?;
+    let mut ota = OtaData::new(*layout, FileFlash::open(&nvs.path(FLASH_FILE), layout)?);
     let mut stored = nvs.load();
     // Never updated: slot 0 holds the factory image this build was flashed with.
-    if layout.selection(&flash).is_none()
-        && image::read(&flash, layout, 0).as_ref() != Some(factory)
-    {
-        image::flash_factory(&mut flash, layout, factory)?;
+    if ota.selection().is_none() && image::read(ota.flash(), layout, 0).as_ref() != Some(factory) {
+        image::flash_factory(ota.flash_mut(), layout, factory)?;
     }
-    let outcome = layout
-        .power_on(&mut flash, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)
+    let outcome = bootloader(&mut ota, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)
         .map_err(|e| anyhow::anyhow!("otadata: {e:?}"))?;
+    let flash = ota.into_flash();
     flash.sync()?;
     if outcome.rolled_back {
         tracing::warn!(
@@ -54,3 +87,8 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
         stored,
     })
 }
+
+#[cfg(test)]
+mod cut_flash;
+#[cfg(test)]
+mod power_loss;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flotilla_device_core::download::{Download, DownloadPolicy, Step};
 use flotilla_device_core::install::{InstallError, SlotWriter};
-use flotilla_device_core::slots::{Flash, Layout};
+use flotilla_device_core::slots::OtaSlots;
 use flotilla_proto::FirmwareManifest;
 
 /// Why one attempt to fetch bytes failed.
@@ -46,29 +46,25 @@ pub(crate) trait Progress {
     fn received(&mut self, received: u64);
 }
 
-/// What to install where, and how the core's policy retries (`seed` draws its jitter).
+/// What to install, and how the core's policy retries (`seed` draws its jitter).
 #[derive(Debug, Clone, Copy)]
 pub struct Plan<'a> {
-    pub layout: &'a Layout,
-    pub slot: usize,
     pub manifest: &'a FirmwareManifest,
     pub start: Start,
     pub policy: DownloadPolicy,
     pub seed: u64,
 }
 
-/// Streams the image into the plan's slot and checks it; on success the slot may be activated.
+/// Streams the image into the next slot and checks it; on success the slot may be activated.
 /// What to fetch, when to retry and when to persist are the core's ([`Download`]); this moves
 /// the bytes.
-pub(crate) async fn install<S: Source, F: Flash>(
+pub(crate) async fn install<S: Source>(
     source: &mut S,
-    flash: &mut F,
+    slots: &mut impl OtaSlots,
     plan: Plan<'_>,
     progress: &mut impl Progress,
 ) -> Result<(), String> {
     let Plan {
-        layout,
-        slot,
         manifest,
         start,
         policy,
@@ -80,12 +76,11 @@ pub(crate) async fn install<S: Source, F: Flash>(
     };
     let mut writer = match start {
         Start::Resume(offset) if offset > 0 => {
-            let (w, from) =
-                SlotWriter::resume(layout, flash, slot, manifest, offset).map_err(describe)?;
+            let (w, from) = SlotWriter::resume(slots, manifest, offset).map_err(describe)?;
             tracing::info!(from, "resuming download after reboot");
             w
         }
-        _ => SlotWriter::begin(layout, flash, slot, manifest).map_err(describe)?,
+        _ => SlotWriter::begin(slots, manifest).map_err(describe)?,
     };
     progress.flushed(writer.flushed()).await;
     let clock = Clock(tokio::time::Instant::now());
@@ -95,7 +90,7 @@ pub(crate) async fn install<S: Source, F: Flash>(
             Step::Fetch { from } => {
                 match fetch_into(
                     source,
-                    flash,
+                    slots,
                     &mut writer,
                     &mut download,
                     progress,
@@ -120,7 +115,7 @@ pub(crate) async fn install<S: Source, F: Flash>(
             Step::Read { .. } => unreachable!("no response is open"),
         }
     }
-    writer.finish(flash).map_err(describe)
+    writer.finish(slots).map_err(describe)
 }
 
 /// The core's milliseconds on tokio's clock (paused in tests).
@@ -142,9 +137,9 @@ enum Stop {
 }
 
 /// One response's worth of bytes, each chunk given until the core's read deadline.
-async fn fetch_into<S: Source, F: Flash>(
+async fn fetch_into<S: Source>(
     source: &mut S,
-    flash: &mut F,
+    slots: &mut impl OtaSlots,
     writer: &mut SlotWriter,
     download: &mut Download,
     progress: &mut impl Progress,
@@ -172,7 +167,7 @@ async fn fetch_into<S: Source, F: Flash>(
         };
         // Refuses the chunk whole once the image would outgrow its declared size, so a server
         // that streams forever is cut off there.
-        writer.write(flash, &chunk).map_err(Stop::Install)?;
+        writer.write(slots, &chunk).map_err(Stop::Install)?;
         progress.received(writer.received());
         if let Some(offset) =
             download.handle_progress(writer.received(), writer.flushed(), clock.now())
@@ -240,7 +235,8 @@ mod tests {
 
     use super::*;
     use flotilla_device_core::ota::to_hex;
-    use flotilla_device_core::slots::FlashError;
+    use flotilla_device_core::otadata::{Layout, OtaData};
+    use flotilla_device_core::slots::{Flash, FlashError};
     use sha2::{Digest, Sha256};
 
     struct Ram(Vec<u8>);
@@ -355,15 +351,8 @@ mod tests {
         (image, manifest, layout, Ram(vec![0; 8192 + 2 * SLOT]))
     }
 
-    fn plan<'a>(
-        layout: &'a Layout,
-        manifest: &'a FirmwareManifest,
-        start: Start,
-        policy: DownloadPolicy,
-    ) -> Plan<'a> {
+    fn plan(manifest: &FirmwareManifest, start: Start, policy: DownloadPolicy) -> Plan<'_> {
         Plan {
-            layout,
-            slot: 1,
             manifest,
             start,
             policy,
@@ -402,8 +391,8 @@ mod tests {
             let mut watch = Watch::default();
             install(
                 &mut source,
-                &mut flash,
-                plan(&layout, &manifest, Start::Fresh, RETRY),
+                &mut OtaData::new(layout, &mut flash),
+                plan(&manifest, Start::Fresh, RETRY),
                 &mut watch,
             )
             .await
@@ -432,8 +421,8 @@ mod tests {
         let mut watch = Watch::default();
         let result = install(
             &mut source,
-            &mut flash,
-            plan(&layout, &manifest, Start::Fresh, RETRY),
+            &mut OtaData::new(layout, &mut flash),
+            plan(&manifest, Start::Fresh, RETRY),
             &mut watch,
         )
         .await;
@@ -461,8 +450,8 @@ mod tests {
         };
         let failed = install(
             &mut source,
-            &mut flash,
-            plan(&layout, &manifest, Start::Fresh, retry),
+            &mut OtaData::new(layout, &mut flash),
+            plan(&manifest, Start::Fresh, retry),
             &mut watch,
         )
         .await;
@@ -479,8 +468,8 @@ mod tests {
         };
         install(
             &mut source,
-            &mut flash,
-            plan(&layout, &manifest, Start::Resume(persisted), RETRY),
+            &mut OtaData::new(layout, &mut flash),
+            plan(&manifest, Start::Resume(persisted), RETRY),
             &mut Watch::default(),
         )
         .await
@@ -505,8 +494,8 @@ mod tests {
         let started = tokio::time::Instant::now();
         install(
             &mut source,
-            &mut flash,
-            plan(&layout, &manifest, Start::Fresh, RETRY),
+            &mut OtaData::new(layout, &mut flash),
+            plan(&manifest, Start::Fresh, RETRY),
             &mut Watch::default(),
         )
         .await
@@ -538,8 +527,8 @@ mod tests {
         };
         let result = install(
             &mut source,
-            &mut flash,
-            plan(&layout, &manifest, Start::Fresh, RETRY),
+            &mut OtaData::new(layout, &mut flash),
+            plan(&manifest, Start::Fresh, RETRY),
             &mut Watch::default(),
         )
         .await;

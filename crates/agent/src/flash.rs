@@ -9,7 +9,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::Context;
-use flotilla_device_core::slots::{Flash, FlashError, Layout};
+use flotilla_device_core::otadata::Layout;
+use flotilla_device_core::slots::{Flash, FlashError};
 
 use crate::partitions;
 

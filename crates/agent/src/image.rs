@@ -9,7 +9,8 @@
 
 use anyhow::Context;
 use flotilla_device_core::app_image::{self, AppDescFields, Segment};
-use flotilla_device_core::slots::{Flash, Layout};
+use flotilla_device_core::otadata::Layout;
+use flotilla_device_core::slots::Flash;
 use serde::{Deserialize, Serialize};
 
 /// Opens the agent's build record, after the app descriptor in the first (DROM) segment.

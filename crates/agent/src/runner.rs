@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use flotilla_device_core::slots::Layout;
+use flotilla_device_core::otadata::{Layout, OtaData};
+use flotilla_device_core::slots::OtaSlots;
 use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State, Stored, Token};
 use flotilla_device_core::{ProvisionRequest, SensorValues};
 use flotilla_proto::{FirmwareManifest, OtaOffer};
@@ -520,12 +521,10 @@ impl Runner {
                 Action::ActivateImage => {
                     let (path, layout) = (self.nvs.path(FLASH_FILE), self.layout);
                     let result = off_runtime(move || {
-                        let mut f = FileFlash::open(&path, &layout)?;
-                        let slot = layout.inactive_slot(&f);
-                        layout
-                            .activate(&mut f, slot)
-                            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                        f.sync()?;
+                        let mut ota = OtaData::new(layout, FileFlash::open(&path, &layout)?);
+                        let slot = ota.next_slot();
+                        ota.activate_next().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        ota.flash().sync()?;
                         anyhow::Ok(slot)
                     })
                     .await;
@@ -541,11 +540,9 @@ impl Runner {
                 Action::ConfirmImage => {
                     let (path, layout) = (self.nvs.path(FLASH_FILE), self.layout);
                     let result = off_runtime(move || {
-                        let mut f = FileFlash::open(&path, &layout)?;
-                        layout
-                            .confirm(&mut f)
-                            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                        anyhow::Ok(f.sync()?)
+                        let mut ota = OtaData::new(layout, FileFlash::open(&path, &layout)?);
+                        ota.confirm().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        anyhow::Ok(ota.flash().sync()?)
                     })
                     .await;
                     match result {
@@ -655,9 +652,8 @@ impl Runner {
             }
             let result = async {
                 let client = client.map_err(|e| format!("TLS client: {e:#}"))?;
-                let mut flash = FileFlash::open(&nvs.path(FLASH_FILE), &layout)
+                let flash = FileFlash::open(&nvs.path(FLASH_FILE), &layout)
                     .map_err(|e| format!("{e:#}"))?;
-                let slot = layout.inactive_slot(&flash);
                 let start = if resume {
                     Start::Resume(nvs.ota_offset())
                 } else {
@@ -671,14 +667,14 @@ impl Runner {
                 };
                 let mut source = download::Https { client, url };
                 let plan = download::Plan {
-                    layout: &layout,
-                    slot,
                     manifest: &manifest,
                     start,
                     policy: DownloadPolicy::default(),
                     seed: rand::random(),
                 };
-                download::install(&mut source, &mut flash, plan, &mut progress).await?;
+                let mut slots = OtaData::new(layout, flash);
+                download::install(&mut source, &mut slots, plan, &mut progress).await?;
+                let flash = slots.into_flash();
                 off_runtime(move || flash.sync().map_err(|e| e.to_string())).await
             }
             .await;

@@ -9,7 +9,7 @@
 use flotilla_proto::FirmwareManifest;
 
 use crate::ota::{ImageCheck, OtaRejection};
-use crate::slots::{Flash, FlashError, Layout};
+use crate::slots::{FlashError, OtaSlots};
 
 /// Why writing an image stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,10 +33,9 @@ impl From<FlashError> for InstallError {
 /// Bytes held back until a whole write-aligned unit is available.
 const TAIL: usize = 16;
 
-/// An image being written to one slot.
+/// An image being written to the slot the next image goes to ([`OtaSlots`]'s `*_next`).
 #[derive(Debug, Clone)]
 pub struct SlotWriter {
-    base: usize,
     flushed: usize,
     tail: [u8; TAIL],
     tail_len: usize,
@@ -44,63 +43,58 @@ pub struct SlotWriter {
 }
 
 impl SlotWriter {
-    /// Starts a fresh install into `slot`: erases it whole.
-    pub fn begin<F: Flash>(
-        layout: &Layout,
-        flash: &mut F,
-        slot: usize,
+    /// Starts a fresh install: erases the next slot whole.
+    pub fn begin<S: OtaSlots>(
+        slots: &mut S,
         manifest: &FirmwareManifest,
     ) -> Result<SlotWriter, InstallError> {
-        let writer = Self::new(layout, slot, manifest)?;
-        layout.erase_slot(flash, slot)?;
+        let writer = Self::new(slots, manifest)?;
+        (0..slots.slot_len() / S::ERASE_BLOCK)
+            .try_for_each(|i| slots.erase_next(i * S::ERASE_BLOCK))?;
         Ok(writer)
     }
 
     /// Continues an install whose first `offset` bytes were flushed earlier. Returns the writer
     /// and the offset it really resumes from (rounded down to an erase block), which is where
     /// the download must continue.
-    pub fn resume<F: Flash>(
-        layout: &Layout,
-        flash: &mut F,
-        slot: usize,
+    pub fn resume<S: OtaSlots>(
+        slots: &mut S,
         manifest: &FirmwareManifest,
         offset: u64,
     ) -> Result<(SlotWriter, u64), InstallError> {
-        let mut writer = Self::new(layout, slot, manifest)?;
+        let mut writer = Self::new(slots, manifest)?;
         let offset = usize::try_from(offset.min(manifest.size))
             .unwrap_or(0)
-            .min(layout.slot_len);
-        let start = offset - offset % F::ERASE_BLOCK;
+            .min(slots.slot_len());
+        let start = offset - offset % S::ERASE_BLOCK;
         let mut buf = [0u8; 256];
         let mut at = 0;
         while at < start {
             let n = buf.len().min(start - at);
-            flash.read(writer.base + at, &mut buf[..n]);
+            slots.read_next(at, &mut buf[..n]);
             writer.check.update(&buf[..n])?;
             at += n;
         }
         // Blocks from `start` on may hold a torn write: erase any that are not blank.
         let mut block = start;
-        while block < layout.slot_len {
-            if !is_blank(flash, writer.base + block, F::ERASE_BLOCK) {
-                flash.erase(writer.base + block)?;
+        while block < slots.slot_len() {
+            if !is_blank(slots, block, S::ERASE_BLOCK) {
+                slots.erase_next(block)?;
             }
-            block += F::ERASE_BLOCK;
+            block += S::ERASE_BLOCK;
         }
         writer.flushed = start;
         Ok((writer, start as u64))
     }
 
-    fn new(
-        layout: &Layout,
-        slot: usize,
+    fn new<S: OtaSlots>(
+        slots: &S,
         manifest: &FirmwareManifest,
     ) -> Result<SlotWriter, InstallError> {
-        if manifest.size > layout.slot_len as u64 {
+        if manifest.size > slots.slot_len() as u64 {
             return Err(OtaRejection::TooLargeForSlot.into());
         }
         Ok(SlotWriter {
-            base: layout.slots[slot & 1],
             flushed: 0,
             tail: [0xFF; TAIL],
             tail_len: 0,
@@ -119,9 +113,13 @@ impl SlotWriter {
     }
 
     /// Writes the next chunk; refuses it whole if it would exceed the declared size.
-    pub fn write<F: Flash>(&mut self, flash: &mut F, mut chunk: &[u8]) -> Result<(), InstallError> {
+    pub fn write<S: OtaSlots>(
+        &mut self,
+        slots: &mut S,
+        mut chunk: &[u8],
+    ) -> Result<(), InstallError> {
         self.check.update(chunk)?;
-        let align = F::WRITE_ALIGN.min(TAIL);
+        let align = S::WRITE_ALIGN.min(TAIL);
         // Complete a held-back unit first.
         if self.tail_len > 0 {
             let take = (align - self.tail_len).min(chunk.len());
@@ -131,13 +129,13 @@ impl SlotWriter {
             if self.tail_len < align {
                 return Ok(());
             }
-            flash.write(self.base + self.flushed, &self.tail[..align])?;
+            slots.write_next(self.flushed, &self.tail[..align])?;
             self.flushed += align;
             self.tail_len = 0;
         }
         let whole = chunk.len() - chunk.len() % align;
         if whole > 0 {
-            flash.write(self.base + self.flushed, &chunk[..whole])?;
+            slots.write_next(self.flushed, &chunk[..whole])?;
             self.flushed += whole;
         }
         let rest = &chunk[whole..];
@@ -148,11 +146,11 @@ impl SlotWriter {
 
     /// Writes the held-back bytes (padded with 0xFF) and checks size and hash. Only after this
     /// succeeds may the slot be activated.
-    pub fn finish<F: Flash>(mut self, flash: &mut F) -> Result<(), InstallError> {
+    pub fn finish<S: OtaSlots>(mut self, slots: &mut S) -> Result<(), InstallError> {
         if self.tail_len > 0 {
-            let align = F::WRITE_ALIGN.min(TAIL);
+            let align = S::WRITE_ALIGN.min(TAIL);
             self.tail[self.tail_len..].fill(0xFF);
-            flash.write(self.base + self.flushed, &self.tail[..align])?;
+            slots.write_next(self.flushed, &self.tail[..align])?;
             self.flushed += align;
         }
         self.check.finish()?;
@@ -160,12 +158,12 @@ impl SlotWriter {
     }
 }
 
-fn is_blank<F: Flash>(flash: &F, offset: usize, len: usize) -> bool {
+fn is_blank<S: OtaSlots>(slots: &S, offset: usize, len: usize) -> bool {
     let mut buf = [0u8; 256];
     let mut at = 0;
     while at < len {
         let n = buf.len().min(len - at);
-        flash.read(offset + at, &mut buf[..n]);
+        slots.read_next(offset + at, &mut buf[..n]);
         if buf[..n].iter().any(|b| *b != 0xFF) {
             return false;
         }

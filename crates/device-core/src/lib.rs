@@ -34,6 +34,7 @@ mod device;
 pub mod download;
 pub mod install;
 pub mod ota;
+pub mod otadata;
 mod outbox;
 mod provisioning;
 pub mod renewal;

@@ -1,22 +1,13 @@
-//! A/B firmware slots with ESP-IDF's otadata semantics, over any NOR-like flash.
+//! The A/B firmware slots as an update sees them: the seam between the OTA code and each
+//! platform's slot implementation.
 //!
-//! Layout: two image slots (`ota_0`, `ota_1`) and an otadata partition of two erase blocks,
-//! each holding one select entry in ESP-IDF's own format (`esp_ota_select_entry_t`, 32 bytes:
-//! `ota_seq`, a 20-byte label left erased, `ota_state`, and a CRC-32 of `ota_seq` alone, as
-//! ESP-IDF's `bootloader_common_ota_select_crc` computes it). The entry with the highest valid
-//! sequence number wins (on a tie the second block, as ESP-IDF's bootloader reads it) and
-//! selects slot `(seq - 1) % 2`.
-//!
-//! Every change (switch slot, or change state) erases the block *not* holding the winning entry
-//! and writes a strictly higher sequence number there (+2 keeps the slot, an odd step switches
-//! it), so a power cut at any point leaves the old entry or the new one valid — never neither.
-//! ESP-IDF itself rewrites the active block in place to change a state (`esp_ota_mark_app_valid_
-//! cancel_rollback`), which a cut between its erase and its write turns into a switch back to
-//! the older entry's slot; these entries read the same to ESP-IDF's bootloader, only the order
-//! of writes differs. Image states follow ESP-IDF: NEW -> PENDING_VERIFY -> VALID; a
-//! rolled-back image is superseded by a newer entry selecting the previous slot.
-//!
-//! Not here: what the image contains or how it was verified (see [`crate::ota`]).
+//! [`OtaSlots`] is what [`crate::install`] writes an image through and what the shell
+//! activates, confirms and rolls back with. On the ESP32-C3 it is implemented over
+//! esp-bootloader-esp-idf's `OtaUpdater` (`next_partition`, `activate_next_partition`,
+//! `current_ota_state`, `set_current_ota_state`); on the Linux agent by
+//! [`crate::otadata::OtaData`], ESP-IDF's otadata format over any [`Flash`]. The bootloader
+//! itself (what runs at power-on) is the chip's ROM and second stage, and in the agent the
+//! agent's own simulation; it is not here.
 
 /// NOR flash as the chip has it: erase sets a block to 0xFF; a write may only clear bits of
 /// erased bytes, at aligned offsets.
@@ -53,7 +44,7 @@ pub enum ImageState {
 }
 
 impl ImageState {
-    fn code(self) -> u32 {
+    pub(crate) fn code(self) -> u32 {
         match self {
             ImageState::New => 0,
             ImageState::PendingVerify => 1,
@@ -64,7 +55,7 @@ impl ImageState {
         }
     }
 
-    fn from_code(c: u32) -> ImageState {
+    pub(crate) fn from_code(c: u32) -> ImageState {
         match c {
             0 => ImageState::New,
             1 => ImageState::PendingVerify,
@@ -76,300 +67,63 @@ impl ImageState {
     }
 }
 
-/// Where things live on the flash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Layout {
-    /// Start of the two otadata blocks (each `ERASE_BLOCK` long).
-    pub otadata: usize,
-    /// Start of each image slot.
-    pub slots: [usize; 2],
-    /// Length of each image slot, a multiple of `ERASE_BLOCK`.
-    pub slot_len: usize,
-}
+/// The two image slots and the otadata that selects between them, as an update uses them.
+///
+/// Offsets of the `*_next` methods are relative to the start of the slot the next image goes
+/// to (the one not running); an implementation refuses what would leave that slot.
+pub trait OtaSlots {
+    /// The flash's erase block; a slot's length is a multiple of it.
+    const ERASE_BLOCK: usize;
+    /// Writes start at, and are a multiple of, this many bytes.
+    const WRITE_ALIGN: usize;
 
-/// The selected slot and its state, as read from otadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Selection {
-    pub slot: usize,
-    pub seq: u32,
-    pub state: ImageState,
-}
+    /// Length of each slot.
+    fn slot_len(&self) -> usize;
+    /// The slot running now (0 on a chip never updated).
+    fn running_slot(&self) -> usize;
+    /// The running image's state as otadata records it; `None` on a chip never updated.
+    fn running_state(&self) -> Option<ImageState>;
+    /// Records a new state for the running image (VALID after its health check; the
+    /// bootloader's NEW -> PENDING_VERIFY).
+    fn set_running_state(&mut self, state: ImageState) -> Result<(), FlashError>;
 
-/// `sizeof(esp_ota_select_entry_t)`.
-pub const ENTRY_LEN: usize = 32;
-const STATE_AT: usize = 24;
-const CRC_AT: usize = 28;
+    fn read_next(&self, offset: usize, buf: &mut [u8]);
+    fn erase_next(&mut self, offset: usize) -> Result<(), FlashError>;
+    fn write_next(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError>;
 
-/// The ROM's `crc32_le(crc, buf, len)` (reflected CRC-32, polynomial 0xEDB88320), which
-/// inverts `crc` on the way in and out: `crc32_le(0, ..)` is zlib's CRC-32, and otadata uses
-/// `crc32_le(UINT32_MAX, ..)` (Python: `binascii.crc32(data, 0xFFFFFFFF)`).
-pub fn crc32_le(crc: u32, data: &[u8]) -> u32 {
-    let mut crc = !crc;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
+    /// The slot the next image went to boots at the next reset, its image NEW. Only after the
+    /// image there was written and verified.
+    fn activate_next(&mut self) -> Result<(), FlashError>;
+    /// Gives the running image up: the other slot, which ran before, boots at the next reset,
+    /// VALID.
+    fn roll_back(&mut self) -> Result<(), FlashError>;
+
+    /// Marks the running image VALID if it is on probation (PENDING_VERIFY); otherwise
+    /// nothing changes.
+    fn confirm(&mut self) -> Result<(), FlashError> {
+        if self.running_state() == Some(ImageState::PendingVerify) {
+            self.set_running_state(ImageState::Valid)
+        } else {
+            Ok(())
         }
     }
-    !crc
 }
 
-/// ESP-IDF's `bootloader_common_ota_select_crc`: the CRC covers the sequence number only.
-pub fn entry_crc(seq: u32) -> u32 {
-    crc32_le(u32::MAX, &seq.to_le_bytes())
-}
-
-/// An `esp_ota_select_entry_t` as ESP-IDF writes it; the label stays erased (0xFF).
-pub fn encode_entry(seq: u32, state: ImageState) -> [u8; ENTRY_LEN] {
-    let mut e = [0xFFu8; ENTRY_LEN];
-    e[0..4].copy_from_slice(&seq.to_le_bytes());
-    e[STATE_AT..STATE_AT + 4].copy_from_slice(&state.code().to_le_bytes());
-    e[CRC_AT..CRC_AT + 4].copy_from_slice(&entry_crc(seq).to_le_bytes());
-    e
-}
-
-/// From here on an otadata sequence number is neither read as valid nor written.
-const MAX_SEQ: u32 = u32::MAX - 2;
-
-/// A valid entry's sequence number and state. ESP-IDF's test is `ota_seq != UINT32_MAX` and
-/// the CRC; this one also refuses 0 (which ESP-IDF never writes: it would select slot
-/// `(0 - 1) % 2` by wrapping) and the top of the range, where transitions would overflow.
-pub fn decode_entry(e: &[u8; ENTRY_LEN]) -> Option<(u32, ImageState)> {
-    let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
-    let (seq, state, crc) = (word(0), word(STATE_AT), word(CRC_AT));
-    // Transitions write seq + 1 or seq + 2, which `select` refuses from MAX_SEQ on, so no
-    // valid entry makes them overflow.
-    (seq != 0 && seq < MAX_SEQ && entry_crc(seq) == crc)
-        .then(|| (seq, ImageState::from_code(state)))
-}
-
-impl Layout {
-    fn block(&self, i: usize, block: usize) -> usize {
-        self.otadata + i * block
+/// A borrowed flash is a flash: an [`crate::otadata::OtaData`] can work on one it does not own.
+impl<F: Flash> Flash for &mut F {
+    const ERASE_BLOCK: usize = F::ERASE_BLOCK;
+    const WRITE_ALIGN: usize = F::WRITE_ALIGN;
+    fn read(&self, offset: usize, buf: &mut [u8]) {
+        (**self).read(offset, buf)
     }
-
-    /// Both otadata entries that are valid: `(block index, seq, state)`.
-    fn entries<F: Flash>(&self, flash: &F) -> [Option<(usize, u32, ImageState)>; 2] {
-        let read = |i: usize| {
-            let mut e = [0u8; ENTRY_LEN];
-            flash.read(self.block(i, F::ERASE_BLOCK), &mut e);
-            decode_entry(&e).map(|(seq, st)| (i, seq, st))
-        };
-        [read(0), read(1)]
+    fn erase(&mut self, offset: usize) -> Result<(), FlashError> {
+        (**self).erase(offset)
     }
-
-    /// The entry the bootloader would follow; `None` on a factory-fresh chip (boot slot 0).
-    pub fn selection<F: Flash>(&self, flash: &F) -> Option<Selection> {
-        let [a, b] = self.entries(flash);
-        let best = match (a, b) {
-            // ESP-IDF: the first block only if its number is strictly higher.
-            (Some(x), Some(y)) => Some(if x.1 > y.1 { x } else { y }),
-            (x, y) => x.or(y),
-        }?;
-        Some(Selection {
-            slot: ((best.1 - 1) % 2) as usize,
-            seq: best.1,
-            state: best.2,
-        })
-    }
-
-    /// Writes a new selection into the block that does not hold the current one.
-    fn select<F: Flash>(
-        &self,
-        flash: &mut F,
-        seq: u32,
-        state: ImageState,
-    ) -> Result<(), FlashError> {
-        if seq >= MAX_SEQ {
-            return Err(FlashError::SequenceExhausted);
-        }
-        let [a, b] = self.entries(flash);
-        let current_block = match (a, b) {
-            (Some(x), Some(y)) => Some(if x.1 > y.1 { 0 } else { 1 }),
-            (Some(_), None) => Some(0),
-            (None, Some(_)) => Some(1),
-            (None, None) => None,
-        };
-        let target = match current_block {
-            Some(i) => 1 - i,
-            None => 0,
-        };
-        let offset = self.block(target, F::ERASE_BLOCK);
-        flash.erase(offset)?;
-        // 32 bytes suit any write alignment the chips have (4 on the ESP32-C3); the CRC word
-        // is last, so a write cut part-way leaves an entry that does not verify.
-        flash.write(offset, &encode_entry(seq, state))
-    }
-
-    /// The slot a new image goes to: the one not running.
-    pub fn inactive_slot<F: Flash>(&self, flash: &F) -> usize {
-        self.selection(flash).map_or(1, |s| 1 - s.slot)
-    }
-
-    /// Erases the inactive slot, block by block, before an image is written there.
-    pub fn erase_slot<F: Flash>(&self, flash: &mut F, slot: usize) -> Result<(), FlashError> {
-        (0..self.slot_len / F::ERASE_BLOCK)
-            .try_for_each(|i| flash.erase(self.slots[slot] + i * F::ERASE_BLOCK))
-    }
-
-    /// Marks `slot` to boot next as NEW (after its image has been written and verified).
-    pub fn activate<F: Flash>(&self, flash: &mut F, slot: usize) -> Result<(), FlashError> {
-        let seq = self.selection(flash).map_or(0, |s| s.seq);
-        // The next sequence number that selects `slot`.
-        let mut next = seq + 1;
-        if ((next - 1) % 2) as usize != slot {
-            next += 1;
-        }
-        self.select(flash, next, ImageState::New)
-    }
-
-    /// What the bootloader does at power-on: a NEW image becomes PENDING_VERIFY and boots.
-    /// Returns the slot to boot.
-    pub fn boot<F: Flash>(&self, flash: &mut F) -> Result<usize, FlashError> {
-        match self.selection(flash) {
-            None => Ok(0),
-            Some(s) if s.state == ImageState::New => {
-                self.select(flash, s.seq + 2, ImageState::PendingVerify)?;
-                Ok(s.slot)
-            }
-            Some(s) => Ok(s.slot),
-        }
-    }
-
-    /// The running image passed its health check: keep it.
-    pub fn confirm<F: Flash>(&self, flash: &mut F) -> Result<(), FlashError> {
-        match self.selection(flash) {
-            Some(s) if s.state == ImageState::PendingVerify => {
-                self.select(flash, s.seq + 2, ImageState::Valid)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The running image failed (crashed too often, never connected): go back to the other
-    /// slot. The caller reboots afterwards and reports ROLLED_BACK.
-    pub fn roll_back<F: Flash>(&self, flash: &mut F) -> Result<(), FlashError> {
-        let Some(s) = self.selection(flash) else {
-            return Ok(());
-        };
-        // A higher sequence number selecting the other slot, already VALID: it ran before.
-        self.select(flash, s.seq + 1, ImageState::Valid)
+    fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
+        (**self).write(offset, data)
     }
 }
 
-/// Boots an unconfirmed image may take before the bootloader rolls it back.
+/// Boots an unconfirmed image may take before the bootloader rolls it back (the agent's
+/// bootloader; the app counts the boots in NVS).
 pub const MAX_UNCONFIRMED_BOOTS: u32 = 3;
-
-/// What the bootloader decided at power-on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BootOutcome {
-    pub slot: usize,
-    /// The image runs on probation: the app must confirm it after its health check.
-    pub pending_verify: bool,
-    /// An unconfirmed image was given up and the previous slot booted instead.
-    pub rolled_back: bool,
-}
-
-impl Layout {
-    /// Power-on as the bootloader runs it: an image still PENDING_VERIFY after
-    /// `max_unconfirmed_boots` boots that never became stable (the crash counter the app keeps
-    /// in NVS) is rolled back before anything else runs.
-    pub fn power_on<F: Flash>(
-        &self,
-        flash: &mut F,
-        unstable_boots: u32,
-        max_unconfirmed_boots: u32,
-    ) -> Result<BootOutcome, FlashError> {
-        let probation = self.selection(flash).map(|s| s.state) == Some(ImageState::PendingVerify);
-        let rolled_back = probation && unstable_boots >= max_unconfirmed_boots;
-        if rolled_back {
-            self.roll_back(flash)?;
-        }
-        let slot = self.boot(flash)?;
-        let pending_verify =
-            self.selection(flash).map(|s| s.state) == Some(ImageState::PendingVerify);
-        Ok(BootOutcome {
-            slot,
-            pending_verify,
-            rolled_back,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// CRCs as ESP-IDF's otatool.py computes them: `binascii.crc32(struct.pack('I', seq),
-    /// 0xFFFFFFFF)`.
-    #[test]
-    fn entries_carry_esp_idfs_crc_of_the_sequence_number() {
-        for (seq, crc) in [
-            (1, 0x4743_989A),
-            (2, 0x55F6_3774),
-            (3, 0xED4A_5011),
-            (0x1234_5678, 0x71D6_A731),
-        ] {
-            assert_eq!(entry_crc(seq), crc, "seq {seq}");
-        }
-        let e = encode_entry(1, ImageState::New);
-        assert_eq!(&e[0..4], &[1, 0, 0, 0]);
-        assert_eq!(&e[4..24], &[0xFF; 20], "seq_label left erased");
-        assert_eq!(&e[24..28], &[0, 0, 0, 0], "ESP_OTA_IMG_NEW");
-        assert_eq!(&e[28..32], &[0x9A, 0x98, 0x43, 0x47]);
-        assert_eq!(decode_entry(&e), Some((1, ImageState::New)));
-        // The CRC covers the number only, as in ESP-IDF: a state change keeps it.
-        let valid = encode_entry(1, ImageState::Valid);
-        assert_eq!(&valid[28..32], &e[28..32]);
-        // An erased entry, a zero sequence and a wrong CRC are not entries.
-        assert_eq!(decode_entry(&[0xFF; ENTRY_LEN]), None);
-        let mut zero = encode_entry(0, ImageState::Valid);
-        assert_eq!(decode_entry(&zero), None);
-        zero = e;
-        zero[0] = 3;
-        assert_eq!(decode_entry(&zero), None);
-    }
-
-    /// Two valid entries with one number: ESP-IDF's bootloader takes the second block's.
-    #[test]
-    fn a_tie_goes_to_the_second_block_as_in_esp_idf() {
-        struct Ram([u8; 2 * 4096]);
-        impl Flash for Ram {
-            const ERASE_BLOCK: usize = 4096;
-            const WRITE_ALIGN: usize = 4;
-            fn read(&self, offset: usize, buf: &mut [u8]) {
-                buf.copy_from_slice(&self.0[offset..offset + buf.len()]);
-            }
-            fn erase(&mut self, offset: usize) -> Result<(), FlashError> {
-                self.0[offset..offset + 4096].fill(0xFF);
-                Ok(())
-            }
-            fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
-                self.0[offset..offset + data.len()].copy_from_slice(data);
-                Ok(())
-            }
-        }
-        let mut f = Ram([0xFF; 2 * 4096]);
-        f.write(0, &encode_entry(5, ImageState::Valid)).unwrap();
-        f.write(4096, &encode_entry(5, ImageState::Invalid))
-            .unwrap();
-        let l = Layout {
-            otadata: 0,
-            slots: [8192, 12288],
-            slot_len: 4096,
-        };
-        assert_eq!(l.selection(&f).unwrap().state, ImageState::Invalid);
-        // The next change goes to the block not read: the first.
-        l.activate(&mut f, 0).unwrap();
-        assert_eq!(
-            decode_entry(&f.0[..32].try_into().unwrap()),
-            Some((7, ImageState::New))
-        );
-        assert_eq!(l.selection(&f).unwrap().slot, 0);
-    }
-}

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use flotilla_device_core::{Action, Awaiting, BootedImage, Persist, Stored, slots::Layout};
+use flotilla_device_core::{Action, Awaiting, BootedImage, Persist, Stored};
 use flotilla_proto::{OtaOffer, OtaPhase, OtaStatus, decode, encode};
 
 mod common;
@@ -259,32 +259,6 @@ fn a_download_interrupted_by_a_reboot_resumes_without_a_second_started() {
     );
     assert_eq!(ota_reports(&mut sim)[0].status, OtaPhase::Failed);
     assert!(!sim.log.contains(&Action::ActivateImage));
-}
-
-#[test]
-fn the_bootloader_rolls_back_after_three_unconfirmed_boots() {
-    // Uses the same otadata as the flash tests, on a RAM flash of its own.
-    let layout = Layout {
-        otadata: 0,
-        slots: [8192, 8192 + 4096],
-        slot_len: 4096,
-    };
-    let mut flash = common::RamFlash::new(8192 + 2 * 4096);
-    layout.activate(&mut flash, 1).unwrap();
-    for unstable in 0..3 {
-        let boot = layout.power_on(&mut flash, unstable, 3).unwrap();
-        assert_eq!(
-            (boot.slot, boot.pending_verify, boot.rolled_back),
-            (1, true, false)
-        );
-    }
-    let boot = layout.power_on(&mut flash, 3, 3).unwrap();
-    assert_eq!(
-        (boot.slot, boot.pending_verify, boot.rolled_back),
-        (0, false, true)
-    );
-    let again = layout.power_on(&mut flash, 0, 3).unwrap();
-    assert_eq!((again.slot, again.rolled_back), (0, false));
 }
 
 fn cancel(sim: &mut Sim, id: &str) {

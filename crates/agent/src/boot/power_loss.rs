@@ -2,16 +2,18 @@
 //! confirmation, an update that never confirms and is rolled back, a second update and its
 //! confirmation), each cut before the operation and torn part-way through it: the device always
 //! boots a complete image, the right one, and the lifecycle then completes. Also: a download
-//! cut by power loss resumes; bad images never reach activation.
-
-#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+//! cut by power loss resumes; bad images never reach activation. The slot code is device-core's
+//! (`SlotWriter`, `OtaData`), the bootloader this agent's.
 
 use flotilla_device_core::install::{InstallError, SlotWriter};
-use flotilla_device_core::slots::{Flash, FlashError, ImageState, Layout, MAX_UNCONFIRMED_BOOTS};
+use flotilla_device_core::ota::to_hex;
+use flotilla_device_core::otadata::{Layout, OtaData};
+use flotilla_device_core::slots::{Flash, FlashError, ImageState, MAX_UNCONFIRMED_BOOTS, OtaSlots};
 use flotilla_proto::FirmwareManifest;
+use sha2::{Digest, Sha256};
 
-mod common;
-use common::{CUT_BLOCK as BLOCK, CutFlash};
+use super::bootloader;
+use super::cut_flash::{CUT_BLOCK as BLOCK, CutFlash};
 
 const POWER_LOST: InstallError = InstallError::Flash(FlashError::PowerLost);
 
@@ -41,7 +43,20 @@ fn factory() -> CutFlash {
 }
 
 fn manifest_of(img: &[u8]) -> FirmwareManifest {
-    common::manifest("2.0.0", img)
+    FirmwareManifest {
+        version: "2.0.0".into(),
+        hardware: "esp32c3".into(),
+        size: img.len() as u64,
+        sha256: to_hex(&Sha256::digest(img)),
+        security_counter: 3,
+        issued_at: 1_800_000_000,
+        expires_at: Some(1_900_000_000),
+    }
+}
+
+/// The slots of `f` as the app and the bootloader see them.
+fn ota(f: &mut CutFlash) -> OtaData<&mut CutFlash> {
+    OtaData::new(layout(), f)
 }
 
 fn slot_holds(f: &CutFlash, slot: usize, img: &[u8]) -> bool {
@@ -101,8 +116,11 @@ impl Chip {
     /// Power-on: the bootloader picks a slot (rolling back an image that never confirmed),
     /// which must hold a complete image; the app counts the boot.
     fn power_on(&mut self) -> Result<(), FlashError> {
-        let l = layout();
-        let boot = l.power_on(&mut self.flash, self.unstable_boots, MAX_UNCONFIRMED_BOOTS)?;
+        let boot = bootloader(
+            &mut ota(&mut self.flash),
+            self.unstable_boots,
+            MAX_UNCONFIRMED_BOOTS,
+        )?;
         let Some(running) = image_in(&self.flash, boot.slot) else {
             panic!("slot {} booted without a complete image", boot.slot);
         };
@@ -117,7 +135,6 @@ impl Chip {
 
     /// Runs `step` from wherever an earlier, interrupted attempt left it.
     fn run(&mut self, step: Step) -> Result<(), InstallError> {
-        let l = layout();
         match step {
             Step::Update(n) | Step::Crashing(n) => {
                 if self.rolled_back == Some(n) {
@@ -125,14 +142,13 @@ impl Chip {
                 }
                 if self.running != n {
                     let img = image(n);
-                    let slot = l.inactive_slot(&self.flash);
-                    let f = &mut self.flash;
-                    let mut w = SlotWriter::begin(&l, f, slot, &manifest_of(&img))?;
+                    let mut slots = ota(&mut self.flash);
+                    let mut w = SlotWriter::begin(&mut slots, &manifest_of(&img))?;
                     for chunk in img.chunks(1001) {
-                        w.write(f, chunk)?;
+                        w.write(&mut slots, chunk)?;
                     }
-                    w.finish(f)?;
-                    l.activate(f, slot)?;
+                    w.finish(&mut slots)?;
+                    slots.activate_next()?;
                     self.activated = Some(n);
                     self.power_on()?;
                     assert_eq!(self.running, n, "the activated image did not boot");
@@ -146,7 +162,7 @@ impl Chip {
                 }
             }
             Step::Confirm => {
-                l.confirm(&mut self.flash)?;
+                ota(&mut self.flash).confirm()?;
                 self.unstable_boots = 0;
             }
         }
@@ -212,8 +228,8 @@ fn every_power_cut_in_an_update_lifecycle_boots_the_right_complete_image_and_it_
         }
         assert_eq!(chip.running, 4, "{cut:?}");
         assert_eq!(chip.rolled_back, Some(3), "{cut:?}");
-        let selection = layout().selection(&chip.flash).unwrap();
-        assert_eq!(selection.state, ImageState::Valid, "{cut:?}");
+        let state = ota(&mut chip.flash).running_state();
+        assert_eq!(state, Some(ImageState::Valid), "{cut:?}");
     }
     println!(
         "power cut tested at {} interruption points ({ops} flash operations of a first update, \
@@ -225,39 +241,48 @@ fn every_power_cut_in_an_update_lifecycle_boots_the_right_complete_image_and_it_
 
 #[test]
 fn an_image_that_never_confirms_is_rolled_back_to_the_previous_slot() {
-    let l = layout();
     let mut chip = Chip::factory();
     chip.run(Step::Update(2)).unwrap();
     chip.run(Step::Confirm).unwrap(); // slot 1 valid
     let mut f = chip.flash;
-    let slot = l.inactive_slot(&f);
-    assert_eq!(slot, 0);
-    l.erase_slot(&mut f, slot).unwrap();
-    f.write(l.slots[slot], &image(3)).unwrap();
-    l.activate(&mut f, slot).unwrap();
-    // Three boots without a confirmation (the app's crash counter reaches 3)...
-    for _ in 0..3 {
-        assert_eq!(l.boot(&mut f).unwrap(), 0);
-        assert_eq!(l.selection(&f).unwrap().state, ImageState::PendingVerify);
+    let mut slots = ota(&mut f);
+    assert_eq!(slots.next_slot(), 0);
+    let mut w = SlotWriter::begin(&mut slots, &manifest_of(&image(3))).unwrap();
+    w.write(&mut slots, &image(3)).unwrap();
+    w.finish(&mut slots).unwrap();
+    slots.activate_next().unwrap();
+    // Three boots without a confirmation (the app's crash counter counts them)...
+    for unstable in 0..MAX_UNCONFIRMED_BOOTS {
+        let boot = bootloader(&mut slots, unstable, MAX_UNCONFIRMED_BOOTS).unwrap();
+        assert_eq!(
+            (boot.slot, boot.pending_verify, boot.rolled_back),
+            (0, true, false)
+        );
+        assert_eq!(slots.running_state(), Some(ImageState::PendingVerify));
     }
-    // ...so the app rolls back, and the next boot runs the previous image, still valid.
-    l.roll_back(&mut f).unwrap();
-    assert_eq!(l.boot(&mut f).unwrap(), 1);
+    // ...so the next power-on rolls back, and runs the previous image, still valid.
+    let boot = bootloader(&mut slots, MAX_UNCONFIRMED_BOOTS, MAX_UNCONFIRMED_BOOTS).unwrap();
+    assert_eq!(
+        (boot.slot, boot.pending_verify, boot.rolled_back),
+        (1, false, true)
+    );
+    assert_eq!(slots.running_state(), Some(ImageState::Valid));
+    let again = bootloader(&mut slots, 0, MAX_UNCONFIRMED_BOOTS).unwrap();
+    assert_eq!((again.slot, again.rolled_back), (1, false));
     assert!(slot_holds(&f, 1, &image(2)));
-    assert_eq!(l.selection(&f).unwrap().state, ImageState::Valid);
 }
 
 #[test]
 fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
-    let l = layout();
     let img = image(2);
     let m = manifest_of(&img);
     let chunks: Vec<&[u8]> = img.chunks(777).collect();
     // Operations of the writing phase only (erase first, then writes).
     let mut clean = factory();
-    let mut w = SlotWriter::begin(&l, &mut clean, 1, &m).unwrap();
-    chunks.iter().for_each(|c| w.write(&mut clean, c).unwrap());
-    w.finish(&mut clean).unwrap();
+    let mut slots = ota(&mut clean);
+    let mut w = SlotWriter::begin(&mut slots, &m).unwrap();
+    chunks.iter().for_each(|c| w.write(&mut slots, c).unwrap());
+    w.finish(&mut slots).unwrap();
     let cuts = clean.cuts();
     let mut resumed_mid_image = 0;
     for cut in &cuts {
@@ -266,32 +291,44 @@ fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
         // The offset the agent persists after each chunk: only bytes already flushed.
         let mut persisted: Option<u64> = None;
         let result = (|| {
-            let mut w = SlotWriter::begin(&l, &mut f, 1, &m)?;
+            let mut slots = ota(&mut f);
+            let mut w = SlotWriter::begin(&mut slots, &m)?;
             persisted = Some(0);
             for c in &chunks {
-                w.write(&mut f, c)?;
+                w.write(&mut slots, c)?;
                 persisted = Some(w.flushed());
             }
-            w.finish(&mut f)
+            w.finish(&mut slots)
         })();
         assert_eq!(result.unwrap_err(), POWER_LOST, "{cut:?}");
         f.cut = None;
         // Reboot: still the old image.
-        assert_eq!(l.boot(&mut f).unwrap(), 0);
-        assert!(slot_holds(&f, 0, &image(1)));
+        let mut slots = ota(&mut f);
+        assert_eq!(
+            bootloader(&mut slots, 0, MAX_UNCONFIRMED_BOOTS)
+                .unwrap()
+                .slot,
+            0
+        );
         let (mut w, from) = match persisted {
-            Some(offset) => SlotWriter::resume(&l, &mut f, 1, &m, offset).unwrap(),
-            None => (SlotWriter::begin(&l, &mut f, 1, &m).unwrap(), 0),
+            Some(offset) => SlotWriter::resume(&mut slots, &m, offset).unwrap(),
+            None => (SlotWriter::begin(&mut slots, &m).unwrap(), 0),
         };
         if from > 0 {
             resumed_mid_image += 1;
         }
         for c in img[from as usize..].chunks(777) {
-            w.write(&mut f, c).unwrap();
+            w.write(&mut slots, c).unwrap();
         }
-        w.finish(&mut f).unwrap();
-        l.activate(&mut f, 1).unwrap();
-        assert_eq!(l.boot(&mut f).unwrap(), 1);
+        w.finish(&mut slots).unwrap();
+        slots.activate_next().unwrap();
+        assert_eq!(
+            bootloader(&mut slots, 0, MAX_UNCONFIRMED_BOOTS)
+                .unwrap()
+                .slot,
+            1
+        );
+        assert!(slot_holds(&f, 0, &image(1)));
         assert!(slot_holds(&f, 1, &img), "{cut:?}");
     }
     assert!(resumed_mid_image > 0);
@@ -304,7 +341,6 @@ fn a_download_cut_by_power_loss_resumes_from_the_persisted_offset() {
 
 #[test]
 fn bad_images_never_reach_activation_and_leave_the_running_slot_untouched() {
-    let l = layout();
     let img = image(2);
     let m = manifest_of(&img);
     let mut flipped = img.clone();
@@ -322,26 +358,28 @@ fn bad_images_never_reach_activation_and_leave_the_running_slot_untouched() {
         let mut f = factory();
         let before = f.mem.clone();
         let result = (|| {
-            let mut w = SlotWriter::begin(&l, &mut f, 1, manifest)?;
+            let mut slots = ota(&mut f);
+            let mut w = SlotWriter::begin(&mut slots, manifest)?;
             for c in bytes.chunks(1000) {
-                w.write(&mut f, c)?;
+                w.write(&mut slots, c)?;
             }
-            w.finish(&mut f)
+            w.finish(&mut slots)
         })();
         assert!(matches!(result, Err(InstallError::Rejected(_))), "{name}");
-        assert_eq!(l.selection(&f), None, "{name}: otadata changed");
+        assert_eq!(ota(&mut f).selection(), None, "{name}: otadata changed");
         assert_eq!(
             f.mem[..2 * BLOCK + SLOT_LEN],
             before[..2 * BLOCK + SLOT_LEN],
             "{name}"
         );
-        assert_eq!(l.boot(&mut f).unwrap(), 0);
+        let boot = bootloader(&mut ota(&mut f), 0, MAX_UNCONFIRMED_BOOTS).unwrap();
+        assert_eq!(boot.slot, 0);
     }
     // Larger than the slot: refused before the slot is even erased.
     let mut f = factory();
     let mut huge = m.clone();
     huge.size = SLOT_LEN as u64 + 1;
     let before = f.mem.clone();
-    assert!(SlotWriter::begin(&l, &mut f, 1, &huge).is_err());
+    assert!(SlotWriter::begin(&mut ota(&mut f), &huge).is_err());
     assert_eq!(f.mem, before);
 }
