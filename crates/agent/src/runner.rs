@@ -63,6 +63,11 @@ pub enum Exit {
     Shutdown,
 }
 
+/// Broker connections this process's devices lost while connected (any the device did not
+/// close itself for a reboot or a shutdown: keep-alive timeouts, resets), for `sim`'s
+/// progress report.
+pub static LINKS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusSnapshot {
     pub status: &'static str,
@@ -407,6 +412,9 @@ impl Runner {
                     self.device.handle_mqtt_connected(now)
                 }
                 MqttEvent::Disconnected => {
+                    if self.device.state() == State::MqttConnected {
+                        LINKS_LOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.mqtt = None;
                     self.connection_lost();
                     self.device.handle_mqtt_disconnected(now);

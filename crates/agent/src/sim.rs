@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::DeviceFlags;
 use crate::nvs::Nvs;
-use crate::runner::{DeviceHandle, Exit, Runner};
+use crate::runner::{DeviceHandle, Exit, LINKS_LOST, Runner};
 
 #[derive(Args, Debug, Clone)]
 pub struct SimFlags {
@@ -118,7 +118,13 @@ pub async fn run(device: DeviceFlags, flags: SimFlags) -> anyhow::Result<()> {
         }
         println!(
             "{}",
-            json!({ "event": "progress", "connected": connected, "devices": flags.count, "elapsed_ms": started.elapsed().as_millis() })
+            json!({
+                "event": "progress",
+                "connected": connected,
+                "devices": flags.count,
+                "links_lost": LINKS_LOST.load(std::sync::atomic::Ordering::Relaxed),
+                "elapsed_ms": started.elapsed().as_millis(),
+            })
         );
         if flags.exit_when_connected && connected == flags.count {
             println!(

@@ -17,10 +17,12 @@ use crate::provisioning::{ProvisionError, ProvisionRequest, Provisioning};
 use crate::rng::Rng;
 
 mod ota_flow;
+mod reporter;
 use flotilla_proto::{FirmwareManifest, OtaOffer, OtaStatus};
 use ota_flow::OtaFlow;
 pub use ota_flow::{Awaiting, BootedImage};
 use p256::ecdsa::VerifyingKey;
+use reporter::Reporter;
 
 /// Milliseconds on a monotonic clock chosen by the shell.
 pub type Millis = u64;
@@ -292,8 +294,6 @@ pub struct SensorValues {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Timers {
     retry: Option<Millis>,
-    heartbeat: Option<Millis>,
-    telemetry: Option<Millis>,
     stable: Option<Millis>,
     execute: Option<Millis>,
     ota_confirm: Option<Millis>,
@@ -318,18 +318,11 @@ pub struct Device {
     provisioning: Option<Provisioning>,
     has_certificate: bool,
     unstable_boots: u32,
-    seq: u64,
-    seq_reserved_until: u64,
     /// The order keys of the broker session now open or being opened.
     order: SessionOrder,
     led: LedState,
     brightness: u8,
-    enabled: [bool; 3],
-    sensors: SensorValues,
-    heap: u32,
-    rssi: Option<i16>,
-    booted_at: Millis,
-    unix_offset_ms: Option<i64>,
+    reporter: Reporter,
     backoff: Backoff,
     connected_at: Option<Millis>,
     timers: Timers,
@@ -365,28 +358,19 @@ impl Device {
             commands: CommandQueue::new(config.command_queue, RECENT_COMMAND_IDS),
             commands_done: VecDeque::new(),
             outbox: Outbox::new(config.outbox_capacity),
+            reporter: Reporter::new(&config),
             config,
             state: State::Init,
             rng: Rng::new(rng_seed),
             provisioning: None,
             has_certificate: false,
             unstable_boots: 0,
-            seq: 0,
-            seq_reserved_until: 0,
             order: SessionOrder::default(),
             led: LedState::Off,
             brightness: 100,
-            enabled: [true; 3],
-            sensors: SensorValues::default(),
-            heap: 0,
-            rssi: None,
-            booted_at: 0,
-            unix_offset_ms: None,
             connected_at: None,
             timers: Timers {
                 retry: None,
-                heartbeat: None,
-                telemetry: None,
                 stable: None,
                 execute: None,
                 ota_confirm: None,
@@ -414,7 +398,7 @@ impl Device {
     }
 
     pub fn is_enabled(&self, sensor: SensorKind) -> bool {
-        self.enabled[sensor_index(sensor)]
+        self.reporter.is_enabled(sensor)
     }
 
     /// Boots that did not reach a stable connection before this one.
@@ -444,13 +428,11 @@ impl Device {
 
     /// First input after power-on: what non-volatile storage holds.
     pub fn handle_boot(&mut self, now: Millis, stored: Stored) {
-        self.booted_at = now;
+        self.reporter.boot(now, stored.seq_high_water);
         self.unstable_boots = stored.unstable_boots;
         self.persist(Persist::UnstableBoots(
             stored.unstable_boots.saturating_add(1),
         ));
-        self.seq = stored.seq_high_water;
-        self.seq_reserved_until = stored.seq_high_water;
         self.led = stored.led.unwrap_or(LedState::Off);
         self.brightness = stored.brightness.unwrap_or(100).min(100);
         self.actions.push_back(Action::SetLed {
@@ -562,8 +544,7 @@ impl Device {
         }
         self.publish_status(true);
         self.publish_heartbeat(now);
-        self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
-        self.timers.telemetry = Some(now + self.config.telemetry_ms);
+        self.reporter.start(now);
         self.timers.stable = Some(now + self.backoff.stable_ms());
         // What waited for a connection goes first, oldest first.
         self.flush_outbox(now);
@@ -649,17 +630,16 @@ impl Device {
     }
 
     pub fn handle_sensor_values(&mut self, values: SensorValues) {
-        self.sensors = values;
+        self.reporter.handle_sensor_values(values);
     }
 
     pub fn handle_platform_stats(&mut self, heap: u32, rssi: Option<i16>) {
-        self.heap = heap;
-        self.rssi = rssi;
+        self.reporter.handle_platform_stats(heap, rssi);
     }
 
     /// The shell learned the wall-clock time (SNTP on the chip, the system clock on Linux).
     pub fn handle_wall_clock(&mut self, now: Millis, unix_ms: u64) {
-        self.unix_offset_ms = Some(unix_ms as i64 - now as i64);
+        self.reporter.handle_wall_clock(now, unix_ms);
     }
 
     pub fn handle_timeout(&mut self, now: Millis) {
@@ -675,13 +655,12 @@ impl Device {
             self.unstable_boots = 0;
             self.persist(Persist::UnstableBoots(0));
         }
-        if take_due(&mut self.timers.heartbeat, now) {
+        let due = self.reporter.due(now);
+        if due.heartbeat {
             self.publish_heartbeat(now);
-            self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
         }
-        if take_due(&mut self.timers.telemetry, now) {
+        if due.telemetry {
             self.publish_telemetry(now);
-            self.timers.telemetry = Some(now + self.config.telemetry_ms);
         }
         if take_due(&mut self.timers.execute, now) {
             self.execute_next(now);
@@ -713,8 +692,7 @@ impl Device {
         let t = self.timers;
         [
             t.retry,
-            t.heartbeat,
-            t.telemetry,
+            self.reporter.next_timeout(),
             t.stable,
             t.execute,
             t.ota_confirm,
@@ -797,8 +775,7 @@ impl Device {
     fn end_session(&mut self) {
         self.outbox.disconnected();
         self.connected_at = None;
-        self.timers.heartbeat = None;
-        self.timers.telemetry = None;
+        self.reporter.stop();
         self.timers.stable = None;
         // The health check wants an unbroken connection.
         self.timers.ota_confirm = None;
@@ -856,22 +833,15 @@ impl Device {
 
     /// What the device runs with now, every field set: the reported half of the twin.
     pub fn applied_config(&self) -> DesiredConfig {
-        let [pot, switch, temp] = self.enabled;
-        DesiredConfig {
-            telemetry_interval_s: Some((self.config.telemetry_ms / 1000) as u32),
-            heartbeat_interval_s: Some((self.config.heartbeat_ms / 1000) as u32),
-            pot: Some(pot),
-            switch: Some(switch),
-            temp: Some(temp),
-        }
+        self.reporter.applied()
     }
 
     fn publish_heartbeat(&mut self, now: Millis) {
         let hb = Heartbeat {
-            heap: self.heap,
-            uptime: Some(now.saturating_sub(self.booted_at) / 1000),
+            heap: self.reporter.heap(),
+            uptime: Some(self.reporter.uptime_s(now)),
             fw: self.config.firmware_version.clone(),
-            rssi: self.rssi,
+            rssi: self.reporter.rssi(),
             crashes: Some(self.unstable_boots),
             ord: Some(self.order.next_key()),
         };
@@ -879,35 +849,28 @@ impl Device {
     }
 
     fn publish_telemetry(&mut self, now: Millis) {
-        let [pot_on, switch_on, temp_on] = self.enabled;
-        let (pot, switch, temp) = (
-            self.sensors.pot.filter(|_| pot_on),
-            self.sensors.switch.filter(|_| switch_on),
-            self.sensors.temp.filter(|_| temp_on),
-        );
-        if pot.is_none() && switch.is_none() && temp.is_none() {
+        let Some(reading) = self.reporter.reading() else {
             return;
-        }
+        };
         let t = Telemetry {
             seq: self.take_seq(),
             ts: self.unix_ms(now),
-            pot,
-            switch,
-            temp,
+            pot: reading.pot,
+            switch: reading.switch,
+            temp: reading.temp,
             ord: Some(self.order.next_key()),
         };
         self.publish(Channel::Telemetry, encode(&t), false);
     }
 
-    /// The next number of the device's sequence, which only rises, across reboots too: numbers
-    /// are reserved in flash in blocks, so flash sees one write per block, not per number.
+    /// The next number of the device's sequence; a new block's reservation is persisted
+    /// before the number is used.
     fn take_seq(&mut self) -> u64 {
-        if self.seq >= self.seq_reserved_until {
-            self.seq_reserved_until = self.seq + self.config.seq_reservation.max(1);
-            self.persist(Persist::SeqHighWater(self.seq_reserved_until));
+        let numbered = self.reporter.take_seq();
+        if let Some(until) = numbered.reserve_until {
+            self.persist(Persist::SeqHighWater(until));
         }
-        self.seq += 1;
-        self.seq - 1
+        numbered.seq
     }
 
     /// The goodbye a device publishes (retained, on its status topic) before it closes its
@@ -924,8 +887,7 @@ impl Device {
     }
 
     fn unix_ms(&self, now: Millis) -> Option<u64> {
-        self.unix_offset_ms
-            .map(|off| (now as i64 + off).max(0) as u64)
+        self.reporter.unix_ms(now)
     }
 
     fn offer_command(&mut self, now: Millis, command: Command) {
@@ -1036,7 +998,7 @@ impl Device {
                 json!({ "brightness": value })
             }
             DeviceCommand::Sensor { sensor, enabled } => {
-                self.enabled[sensor_index(sensor)] = enabled;
+                self.reporter.set_enabled(sensor, enabled);
                 json!({ "sensor": sensor, "enabled": enabled })
             }
             DeviceCommand::Reboot => json!({ "rebooting": true }),
@@ -1053,30 +1015,7 @@ impl Device {
     }
 
     fn apply_config(&mut self, now: Millis, config: &DesiredConfig) {
-        for (sensor, wanted) in [
-            (SensorKind::Pot, config.pot),
-            (SensorKind::Switch, config.switch),
-            (SensorKind::Temp, config.temp),
-        ] {
-            if let Some(on) = wanted {
-                self.enabled[sensor_index(sensor)] = on;
-            }
-        }
-        // Intervals below one second would flood the broker; clamp rather than obey (and
-        // report what was applied, so the server sees the difference).
-        let clamp = |s: u32| u64::from(s.clamp(1, flotilla_proto::MAX_INTERVAL_S)) * 1000;
-        if let Some(s) = config.telemetry_interval_s {
-            self.config.telemetry_ms = clamp(s);
-            if self.timers.telemetry.is_some() {
-                self.timers.telemetry = Some(now + self.config.telemetry_ms);
-            }
-        }
-        if let Some(s) = config.heartbeat_interval_s {
-            self.config.heartbeat_ms = clamp(s);
-            if self.timers.heartbeat.is_some() {
-                self.timers.heartbeat = Some(now + self.config.heartbeat_ms);
-            }
-        }
+        self.reporter.apply(now, config);
         self.publish_status(true);
     }
 }
@@ -1087,14 +1026,6 @@ fn take_due(timer: &mut Option<Millis>, now: Millis) -> bool {
         true
     } else {
         false
-    }
-}
-
-fn sensor_index(s: SensorKind) -> usize {
-    match s {
-        SensorKind::Pot => 0,
-        SensorKind::Switch => 1,
-        SensorKind::Temp => 2,
     }
 }
 

@@ -1,4 +1,5 @@
-//! Streams an image into the inactive slot in bounded memory: erases the slot, writes chunks at
+//! Streams an image into the inactive slot in bounded memory: erases the blocks the image will
+//! occupy, writes chunks at
 //! the flash's write alignment, checks size and SHA-256 as bytes arrive, and can resume after a
 //! dropped link or a reboot from the last offset it reported as flushed.
 //!
@@ -43,14 +44,15 @@ pub struct SlotWriter {
 }
 
 impl SlotWriter {
-    /// Starts a fresh install: erases the next slot whole.
+    /// Starts a fresh install: erases the blocks of the next slot the image will occupy (as
+    /// ESP-IDF's `esp_ota_begin` does when told the image size; the rest of the slot is left
+    /// as it was, sparing the flash an erase of blocks no byte of the image reaches).
     pub fn begin<S: OtaSlots>(
         slots: &mut S,
         manifest: &FirmwareManifest,
     ) -> Result<SlotWriter, InstallError> {
         let writer = Self::new(slots, manifest)?;
-        (0..slots.slot_len() / S::ERASE_BLOCK)
-            .try_for_each(|i| slots.erase_next(i * S::ERASE_BLOCK))?;
+        (0..image_blocks::<S>(manifest)).try_for_each(|i| slots.erase_next(i * S::ERASE_BLOCK))?;
         Ok(writer)
     }
 
@@ -75,9 +77,9 @@ impl SlotWriter {
             writer.check.update(&buf[..n])?;
             at += n;
         }
-        // Blocks from `start` on may hold a torn write: erase any that are not blank.
+        // The image's blocks from `start` on may hold a torn write: erase any not blank.
         let mut block = start;
-        while block < slots.slot_len() {
+        while block < image_blocks::<S>(manifest) * S::ERASE_BLOCK {
             if !is_blank(slots, block, S::ERASE_BLOCK) {
                 slots.erase_next(block)?;
             }
@@ -156,6 +158,14 @@ impl SlotWriter {
         self.check.finish()?;
         Ok(())
     }
+}
+
+/// Erase blocks an image of the manifest's size covers (its size was checked against the
+/// slot's before this is used).
+fn image_blocks<S: OtaSlots>(manifest: &FirmwareManifest) -> usize {
+    usize::try_from(manifest.size)
+        .unwrap_or(usize::MAX)
+        .div_ceil(S::ERASE_BLOCK)
 }
 
 fn is_blank<S: OtaSlots>(slots: &S, offset: usize, len: usize) -> bool {

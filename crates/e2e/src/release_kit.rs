@@ -31,19 +31,20 @@ impl Kit {
     /// Builds an agent image and signs it, the version and hardware read from its app
     /// descriptor; returns the image path (manifest beside it).
     pub fn release(&self, version: &str, behaviour: &str) -> PathBuf {
+        self.release_of_size(version, behaviour, None)
+    }
+
+    /// [`Kit::release`] with an image of `size` bytes (`flotilla-agent image`'s default when
+    /// `None`).
+    pub fn release_of_size(&self, version: &str, behaviour: &str, size: Option<usize>) -> PathBuf {
         let image = self.dir.join(format!("fw-{version}.bin"));
-        succeed(
-            Command::new(bin("flotilla-agent"))
-                .args([
-                    "image",
-                    "--version",
-                    version,
-                    "--behaviour",
-                    behaviour,
-                    "--out",
-                ])
-                .arg(&image),
-        );
+        let size = size.map(|s| s.to_string());
+        let mut build = Command::new(bin("flotilla-agent"));
+        build.args(["image", "--version", version, "--behaviour", behaviour]);
+        if let Some(size) = &size {
+            build.args(["--size", size]);
+        }
+        succeed(build.arg("--out").arg(&image));
         succeed(
             Command::new(bin("flotilla"))
                 .args(["release", "sign"])

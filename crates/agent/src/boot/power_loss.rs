@@ -383,3 +383,24 @@ fn bad_images_never_reach_activation_and_leave_the_running_slot_untouched() {
     assert!(SlotWriter::begin(&mut ota(&mut f), &huge).is_err());
     assert_eq!(f.mem, before);
 }
+
+#[test]
+fn a_fresh_install_erases_only_the_blocks_its_image_covers() {
+    let mut f = factory();
+    // Whatever an earlier, larger image left in the slot's last block.
+    let last_block = layout().slots[1] + SLOT_LEN - BLOCK;
+    f.write(last_block, &[0x5A; 16]).unwrap();
+    let img: Vec<u8> = image(2)[..BLOCK + BLOCK / 2].to_vec();
+    let mut slots = ota(&mut f);
+    let mut w = SlotWriter::begin(&mut slots, &manifest_of(&img)).unwrap();
+    w.write(&mut slots, &img).unwrap();
+    w.finish(&mut slots).unwrap();
+    assert!(slot_holds(&f, 1, &img));
+    // The image's two blocks were erased and written; the rest of the slot was not touched.
+    assert_eq!(f.mem[last_block..last_block + 16], [0x5A; 16]);
+    assert!(
+        f.mem[layout().slots[1] + img.len()..layout().slots[1] + 2 * BLOCK]
+            .iter()
+            .all(|b| *b == 0xFF)
+    );
+}
