@@ -5,19 +5,19 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use flotilla_proto::{
-    Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceCommand, DeviceId,
-    Heartbeat, LedState, SensorKind, SessionOrder, Status, Telemetry, Topic, decode, encode,
+    Channel, Command, CommandReply, CommandStatus, DesiredConfig, DeviceId, Heartbeat, LedState,
+    SensorKind, SessionOrder, Status, Telemetry, Topic, decode, encode,
 };
-use serde_json::{Value, json};
 
 use crate::backoff::{Backoff, BackoffConfig};
-use crate::commands::{CommandQueue, Refusal};
 use crate::outbox::{Outbox, Then, Token};
 use crate::provisioning::{ProvisionError, ProvisionRequest, Provisioning};
 use crate::rng::Rng;
 
+mod executor;
 mod ota_flow;
 mod reporter;
+use executor::{Effect, Executor};
 use flotilla_proto::{FirmwareManifest, OtaOffer, OtaStatus};
 use ota_flow::OtaFlow;
 pub use ota_flow::{Awaiting, BootedImage};
@@ -295,11 +295,8 @@ pub struct SensorValues {
 struct Timers {
     retry: Option<Millis>,
     stable: Option<Millis>,
-    execute: Option<Millis>,
     ota_confirm: Option<Millis>,
     ota_deadline: Option<Millis>,
-    /// A reboot command waits for its reply's acknowledgement until then.
-    reboot: Option<Millis>,
 }
 
 /// The sans-IO device brain.
@@ -320,22 +317,16 @@ pub struct Device {
     unstable_boots: u32,
     /// The order keys of the broker session now open or being opened.
     order: SessionOrder,
-    led: LedState,
-    brightness: u8,
     reporter: Reporter,
+    executor: Executor,
     backoff: Backoff,
     connected_at: Option<Millis>,
     timers: Timers,
-    commands: CommandQueue,
-    /// Executed commands that must not run twice, persisted.
-    commands_done: VecDeque<CommandReply>,
     outbox: Outbox,
     ota: OtaFlow,
     actions: VecDeque<Action>,
     transitions: VecDeque<State>,
 }
-
-const RECENT_COMMAND_IDS: usize = 32;
 
 /// A status that says the device is offline and why, and nothing of its own state.
 fn offline_status(reason: &str, ord: u64) -> Status {
@@ -355,10 +346,9 @@ impl Device {
     pub fn new(config: Config, rng_seed: u64) -> Self {
         Device {
             backoff: Backoff::new(config.backoff),
-            commands: CommandQueue::new(config.command_queue, RECENT_COMMAND_IDS),
-            commands_done: VecDeque::new(),
             outbox: Outbox::new(config.outbox_capacity),
             reporter: Reporter::new(&config),
+            executor: Executor::new(&config),
             config,
             state: State::Init,
             rng: Rng::new(rng_seed),
@@ -366,16 +356,12 @@ impl Device {
             has_certificate: false,
             unstable_boots: 0,
             order: SessionOrder::default(),
-            led: LedState::Off,
-            brightness: 100,
             connected_at: None,
             timers: Timers {
                 retry: None,
                 stable: None,
-                execute: None,
                 ota_confirm: None,
                 ota_deadline: None,
-                reboot: None,
             },
             ota: OtaFlow::default(),
             actions: VecDeque::new(),
@@ -394,7 +380,7 @@ impl Device {
     }
 
     pub fn led(&self) -> (LedState, u8) {
-        (self.led, self.brightness)
+        self.executor.led()
     }
 
     pub fn is_enabled(&self, sensor: SensorKind) -> bool {
@@ -407,7 +393,7 @@ impl Device {
     }
 
     pub fn queued_commands(&self) -> usize {
-        self.commands.len()
+        self.executor.queued()
     }
 
     /// Messages that must arrive and were not acknowledged yet.
@@ -433,30 +419,18 @@ impl Device {
         self.persist(Persist::UnstableBoots(
             stored.unstable_boots.saturating_add(1),
         ));
-        self.led = stored.led.unwrap_or(LedState::Off);
-        self.brightness = stored.brightness.unwrap_or(100).min(100);
-        self.actions.push_back(Action::SetLed {
-            state: self.led,
-            brightness: self.brightness,
-        });
+        let mut effects = Vec::new();
+        self.executor.boot(
+            stored.led,
+            stored.brightness,
+            stored.commands_done,
+            &mut effects,
+        );
+        let (state, brightness) = self.executor.led();
+        self.actions.push_back(Action::SetLed { state, brightness });
         self.has_certificate = stored.has_certificate;
         self.provisioning = stored.provisioning;
-        for reply in stored
-            .commands_done
-            .into_iter()
-            .rev()
-            .take(COMMANDS_DONE_KEPT)
-            .rev()
-        {
-            self.commands.remember_done(&reply);
-            self.commands_done.push_back(reply);
-        }
-        // The newest may be the reboot whose reply never got its PUBACK (the 30 s fallback,
-        // a power cut): the server waits for it, and nothing else would send it again. A
-        // repeat of a final reply changes nothing at the server.
-        if let Some(newest) = self.commands_done.back().cloned() {
-            self.publish_reliably(Channel::Reply, encode(&newest), Then::Nothing);
-        }
+        self.apply_effects(effects);
         self.ota_boot(now, stored.ota_job, stored.ota_awaiting, stored.booted);
         if let Some(outcome) = stored.ota_outcome {
             self.send_ota_outcome(outcome);
@@ -555,11 +529,11 @@ impl Device {
     pub fn handle_published(&mut self, _now: Millis, token: Token) {
         match self.outbox.acknowledged(token) {
             Some(Then::OtaReported(id)) => self.persist(Persist::OtaReported { id }),
-            // Unless its deadline already restarted the device.
-            Some(Then::Reboot) if self.timers.reboot.take().is_some() => {
-                self.actions.push_back(Action::Reboot);
+            Some(Then::Reboot) => {
+                let mut effects = Vec::new();
+                self.executor.reboot_acknowledged(&mut effects);
+                self.apply_effects(effects);
             }
-            Some(Then::Reboot) => {}
             Some(Then::Nothing) | None => {}
         }
     }
@@ -604,12 +578,9 @@ impl Device {
                 Err(_) => {
                     // A command we cannot parse may still carry an id worth answering.
                     if let Some(id) = command_id_of(payload) {
-                        self.reply(CommandReply {
-                            id,
-                            status: CommandStatus::Failed,
-                            result: None,
-                            error: Some("malformed command".to_string()),
-                        });
+                        let mut effects = Vec::new();
+                        self.executor.malformed(id, &mut effects);
+                        self.apply_effects(effects);
                     }
                 }
             },
@@ -662,18 +633,19 @@ impl Device {
         if due.telemetry {
             self.publish_telemetry(now);
         }
-        if take_due(&mut self.timers.execute, now) {
-            self.execute_next(now);
-        }
+        let mut effects = Vec::new();
+        self.executor
+            .execute_due(now, self.unix_s(now), &mut effects);
+        self.apply_effects(effects);
         if take_due(&mut self.timers.ota_confirm, now) {
             self.ota_confirm();
         }
         if take_due(&mut self.timers.ota_deadline, now) {
             self.ota_deadline_passed();
         }
-        if take_due(&mut self.timers.reboot, now) {
-            self.actions.push_back(Action::Reboot);
-        }
+        let mut effects = Vec::new();
+        self.executor.reboot_due(now, &mut effects);
+        self.apply_effects(effects);
         self.flush_outbox(now);
     }
 
@@ -694,10 +666,9 @@ impl Device {
             t.retry,
             self.reporter.next_timeout(),
             t.stable,
-            t.execute,
+            self.executor.next_timeout(),
             t.ota_confirm,
             t.ota_deadline,
-            t.reboot,
             self.outbox.next_retry(),
         ]
         .into_iter()
@@ -820,8 +791,8 @@ impl Device {
     fn publish_status(&mut self, online: bool) {
         let status = Status {
             online,
-            led: Some(self.led),
-            brightness: Some(self.brightness),
+            led: Some(self.executor.led().0),
+            brightness: Some(self.executor.led().1),
             fw: Some(self.config.firmware_version.clone()),
             hw: Some(self.config.hardware.clone()),
             reason: None,
@@ -890,128 +861,47 @@ impl Device {
         self.reporter.unix_ms(now)
     }
 
+    /// Wall-clock seconds at `now`, once the shell has told the time.
+    fn unix_s(&self, now: Millis) -> Option<u64> {
+        self.unix_ms(now).map(|ms| ms / 1000)
+    }
+
     fn offer_command(&mut self, now: Millis, command: Command) {
-        let id = command.id.clone();
-        let unix_now = self.unix_ms(now).map(|ms| ms / 1000);
-        match self.commands.offer(command, unix_now) {
-            Ok(()) => {
-                self.reply(CommandReply {
-                    id,
-                    status: CommandStatus::Accepted,
-                    result: None,
-                    error: None,
-                });
-                self.timers.execute.get_or_insert(now);
-            }
-            Err(Refusal::Duplicate(Some(previous))) => self.reply(previous),
-            Err(Refusal::Duplicate(None)) => {}
-            Err(Refusal::Expired) => self.fail(id, "expired"),
-            Err(Refusal::QueueFull) => self.fail(id, "command queue full"),
-        }
+        let mut effects = Vec::new();
+        self.executor
+            .offer(now, self.unix_s(now), command, &mut effects);
+        self.apply_effects(effects);
     }
 
-    fn fail(&mut self, id: String, error: &str) {
-        self.reply(CommandReply {
-            id,
-            status: CommandStatus::Failed,
-            result: None,
-            error: Some(error.to_string()),
-        });
-    }
-
-    fn reply(&mut self, reply: CommandReply) {
-        self.reply_then(reply, Then::Nothing);
-    }
-
-    /// An ACCEPTED reply may be lost (a final one follows); a final one must arrive.
-    fn reply_then(&mut self, reply: CommandReply, then: Then) {
-        if reply.status == CommandStatus::Accepted {
-            self.publish(Channel::Reply, encode(&reply), false);
-        } else {
-            self.commands.record_reply(&reply);
-            self.publish_reliably(Channel::Reply, encode(&reply), then);
-        }
-    }
-
-    /// Persists the final reply of a command that must not run twice, before it is sent.
-    fn remember_done(&mut self, reply: &CommandReply) {
-        if self.commands_done.len() >= COMMANDS_DONE_KEPT {
-            self.commands_done.pop_front();
-        }
-        self.commands_done.push_back(reply.clone());
-        let kept = self.commands_done.iter().cloned().collect();
-        self.persist(Persist::CommandsDone(kept));
-    }
-
-    /// Runs one queued command; the next runs on a later timeout so a long queue never
-    /// starves the heartbeat.
-    fn execute_next(&mut self, now: Millis) {
-        let Some(command) = self.commands.pop() else {
-            return;
-        };
-        if self
-            .unix_ms(now)
-            .is_some_and(|ms| ms / 1000 >= command.expires_at)
-        {
-            self.fail(command.id, "expired");
-        } else {
-            let parsed = DeviceCommand::of(&command);
-            let reboot = parsed == Ok(DeviceCommand::Reboot);
-            let outcome = parsed.map(|c| self.run(c));
-            let reply = match outcome {
-                Ok(result) => CommandReply {
-                    id: command.id,
-                    status: CommandStatus::Succeeded,
-                    result: Some(result),
-                    error: None,
-                },
-                Err(error) => CommandReply {
-                    id: command.id,
-                    status: CommandStatus::Failed,
-                    result: None,
-                    error: Some(error),
-                },
-            };
-            if reboot {
-                // Persisted first: a redelivery after the restart is answered, not run. The
-                // restart waits for the reply's acknowledgement (or the deadline).
-                self.remember_done(&reply);
-                self.timers.reboot = Some(now + self.config.reboot_wait_ms);
-                self.reply_then(reply, Then::Reboot);
-            } else {
-                self.reply(reply);
+    /// Carries out what the executor asked for, in its order.
+    fn apply_effects(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                // An ACCEPTED reply may be lost (a final one follows); a final one must arrive.
+                Effect::Reply { reply, .. } if reply.status == CommandStatus::Accepted => {
+                    self.publish(Channel::Reply, encode(&reply), false);
+                }
+                Effect::Reply {
+                    reply,
+                    reboot_after,
+                } => {
+                    let then = if reboot_after {
+                        Then::Reboot
+                    } else {
+                        Then::Nothing
+                    };
+                    self.publish_reliably(Channel::Reply, encode(&reply), then);
+                }
+                Effect::Persist(p) => self.persist(p),
+                Effect::SetLed { state, brightness } => {
+                    self.actions.push_back(Action::SetLed { state, brightness });
+                    self.persist(Persist::Led { state, brightness });
+                    self.publish_status(true);
+                }
+                Effect::SetSensor { sensor, enabled } => self.reporter.set_enabled(sensor, enabled),
+                Effect::Reboot => self.actions.push_back(Action::Reboot),
             }
         }
-        if !self.commands.is_empty() {
-            self.timers.execute = Some(now);
-        }
-    }
-
-    fn run(&mut self, command: DeviceCommand) -> Value {
-        match command {
-            DeviceCommand::Led(state) => {
-                self.set_led(state, self.brightness);
-                json!({ "state": state.as_str() })
-            }
-            DeviceCommand::LedBrightness(value) => {
-                self.set_led(self.led, value);
-                json!({ "brightness": value })
-            }
-            DeviceCommand::Sensor { sensor, enabled } => {
-                self.reporter.set_enabled(sensor, enabled);
-                json!({ "sensor": sensor, "enabled": enabled })
-            }
-            DeviceCommand::Reboot => json!({ "rebooting": true }),
-            DeviceCommand::Ping => json!({ "pong": true }),
-        }
-    }
-
-    fn set_led(&mut self, state: LedState, brightness: u8) {
-        self.led = state;
-        self.brightness = brightness;
-        self.actions.push_back(Action::SetLed { state, brightness });
-        self.persist(Persist::Led { state, brightness });
-        self.publish_status(true);
     }
 
     fn apply_config(&mut self, now: Millis, config: &DesiredConfig) {
