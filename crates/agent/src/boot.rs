@@ -5,11 +5,11 @@
 //! bootloader; the app's side of the slots is device-core's `OtaSlots` on both.)
 
 use anyhow::Context;
-use flotilla_device_core::otadata::{Layout, OtaData};
+use flotilla_device_core::otadata::Layout;
 use flotilla_device_core::slots::{FlashError, ImageState, MAX_UNCONFIRMED_BOOTS, OtaSlots};
 use flotilla_device_core::{BootedImage, Persist, Stored};
 
-use crate::flash::{FLASH_FILE, FileFlash};
+use crate::flash::{self, FLASH_FILE};
 use crate::image::{self, ImageHeader};
 use crate::nvs::Nvs;
 
@@ -54,7 +54,7 @@ pub fn bootloader<S: OtaSlots>(
 }
 
 pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Result<Booted> {
-    let mut ota = OtaData::new(*layout, FileFlash::open(&nvs.path(FLASH_FILE), layout)?);
+    let mut ota = flash::open_slots(&nvs.path(FLASH_FILE), layout)?;
     let mut stored = nvs.load();
     // Never updated: slot 0 holds the factory image this build was flashed with.
     if ota.selection().is_none() && image::read(ota.flash(), layout, 0).as_ref() != Some(factory) {

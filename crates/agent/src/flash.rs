@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::Context;
-use flotilla_device_core::otadata::Layout;
+use flotilla_device_core::otadata::{Layout, OtaData};
 use flotilla_device_core::slots::{Flash, FlashError};
 
 use crate::partitions;
@@ -32,6 +32,11 @@ pub fn layout(slot_len: usize) -> Layout {
         slots: [table[3].offset as usize, table[4].offset as usize],
         slot_len: table[3].size as usize,
     }
+}
+
+/// The flash file's slots, as the app and the bootloader work on them.
+pub fn open_slots(path: &Path, layout: &Layout) -> anyhow::Result<OtaData<FileFlash>> {
+    Ok(OtaData::new(*layout, FileFlash::open(path, layout)?))
 }
 
 impl FileFlash {

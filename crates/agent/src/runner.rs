@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotilla_device_core::otadata::{Layout, OtaData};
+use flotilla_device_core::otadata::Layout;
 use flotilla_device_core::slots::OtaSlots;
 use flotilla_device_core::{Action, Config, CsrFailure, Device, Publish, State, Stored, Token};
 use flotilla_device_core::{ProvisionRequest, SensorValues};
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::delivery::{Acks, Delivery, Handed};
 use crate::download::{self, Start};
-use crate::flash::{self, FLASH_FILE, FileFlash};
+use crate::flash::{self, FLASH_FILE};
 use crate::image::{Behaviour, ImageHeader};
 use crate::nvs::{CA_FILE, Nvs};
 use crate::renew::RenewFailure;
@@ -529,7 +529,7 @@ impl Runner {
                 Action::ActivateImage => {
                     let (path, layout) = (self.nvs.path(FLASH_FILE), self.layout);
                     let result = off_runtime(move || {
-                        let mut ota = OtaData::new(layout, FileFlash::open(&path, &layout)?);
+                        let mut ota = flash::open_slots(&path, &layout)?;
                         let slot = ota.next_slot();
                         ota.activate_next().map_err(|e| anyhow::anyhow!("{e:?}"))?;
                         ota.flash().sync()?;
@@ -548,7 +548,7 @@ impl Runner {
                 Action::ConfirmImage => {
                     let (path, layout) = (self.nvs.path(FLASH_FILE), self.layout);
                     let result = off_runtime(move || {
-                        let mut ota = OtaData::new(layout, FileFlash::open(&path, &layout)?);
+                        let mut ota = flash::open_slots(&path, &layout)?;
                         ota.confirm().map_err(|e| anyhow::anyhow!("{e:?}"))?;
                         anyhow::Ok(ota.flash().sync()?)
                     })
@@ -660,7 +660,7 @@ impl Runner {
             }
             let result = async {
                 let client = client.map_err(|e| format!("TLS client: {e:#}"))?;
-                let flash = FileFlash::open(&nvs.path(FLASH_FILE), &layout)
+                let mut slots = flash::open_slots(&nvs.path(FLASH_FILE), &layout)
                     .map_err(|e| format!("{e:#}"))?;
                 let start = if resume {
                     Start::Resume(nvs.ota_offset())
@@ -669,7 +669,9 @@ impl Runner {
                 };
                 let mut progress = AgentProgress {
                     nvs: nvs.clone(),
-                    sync: std::sync::Arc::new(flash.sync_handle().map_err(|e| e.to_string())?),
+                    sync: std::sync::Arc::new(
+                        slots.flash().sync_handle().map_err(|e| e.to_string())?,
+                    ),
                     tx: tx.clone(),
                     number,
                 };
@@ -680,7 +682,6 @@ impl Runner {
                     policy: DownloadPolicy::default(),
                     seed: rand::random(),
                 };
-                let mut slots = OtaData::new(layout, flash);
                 download::install(&mut source, &mut slots, plan, &mut progress).await?;
                 let flash = slots.into_flash();
                 off_runtime(move || flash.sync().map_err(|e| e.to_string())).await

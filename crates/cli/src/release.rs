@@ -59,8 +59,12 @@ pub struct SignRequest<'a> {
     pub expires_at: Option<u64>,
 }
 
-/// What an ESP32 app image says of itself: (version, project name, secure_version).
-type Described = (String, String, u32);
+/// What an ESP32 app image says of itself.
+struct Described {
+    version: String,
+    project_name: String,
+    secure_version: u32,
+}
 
 /// The app descriptor of an ESP32 app image; `None` for an image of another kind, an error
 /// for one that starts as an ESP32 image but does not verify (a truncated or damaged build).
@@ -80,11 +84,11 @@ fn described(image: &[u8]) -> Result<Option<Described>, ApiFailure> {
             .map(str::to_owned)
             .ok_or_else(|| ApiFailure::usage(format!("the app descriptor's {what} is not text")))
     };
-    Ok(Some((
-        text(desc.version(), "version")?,
-        text(desc.project_name(), "project name")?,
-        desc.secure_version(),
-    )))
+    Ok(Some(Described {
+        version: text(desc.version(), "version")?,
+        project_name: text(desc.project_name(), "project name")?,
+        secure_version: desc.secure_version(),
+    }))
 }
 
 /// A field given on the command line, or else the descriptor's; both must agree when both
@@ -116,17 +120,22 @@ pub fn sign(req: &SignRequest<'_>) -> Result<PathBuf, ApiFailure> {
     let version = resolve(
         "version",
         req.version.map(str::to_owned),
-        described.as_ref().map(|d| d.0.clone()),
+        described.as_ref().map(|d| d.version.clone()),
         true,
     )?;
     let hardware = resolve(
         "hardware",
         req.hardware.map(str::to_owned),
-        described.as_ref().map(|d| d.1.clone()),
+        described.as_ref().map(|d| d.project_name.clone()),
         false,
     )?;
     let security_counter = match described.as_ref() {
-        Some(d) => resolve("security-counter", req.security_counter, Some(d.2), true)?,
+        Some(d) => resolve(
+            "security-counter",
+            req.security_counter,
+            Some(d.secure_version),
+            true,
+        )?,
         None => req.security_counter.unwrap_or(0),
     };
     version

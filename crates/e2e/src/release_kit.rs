@@ -56,6 +56,16 @@ impl Kit {
     }
 }
 
+/// The manifest `flotilla release sign` wrote beside `image` (the signed text, parsed).
+pub fn signed_manifest(image: &Path) -> serde_json::Value {
+    let path = PathBuf::from(format!("{}.manifest.json", image.display()));
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("reading the manifest"))
+            .expect("manifest file is JSON");
+    let text = file["manifest"].as_str().expect("a signed manifest text");
+    serde_json::from_str(text).expect("the signed manifest is JSON")
+}
+
 /// Runs a release tool; it must succeed (its stderr is the failure report).
 fn succeed(cmd: &mut Command) {
     let out = cmd.output().expect("running a release tool");

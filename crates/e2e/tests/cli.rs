@@ -4,6 +4,7 @@
 
 use std::process::Command;
 
+use flotilla_e2e::release_kit::signed_manifest;
 use flotilla_e2e::{Cli, Server, bin};
 use serde_json::Value;
 
@@ -168,10 +169,7 @@ fn release_keys_sign_and_verify_offline() {
         "{}",
         String::from_utf8_lossy(&signed.stderr)
     );
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("fw.bin.manifest.json")).unwrap())
-            .unwrap();
-    let inner: Value = serde_json::from_str(manifest["manifest"].as_str().unwrap()).unwrap();
+    let inner = signed_manifest(&dir.path().join("fw.bin"));
     assert_eq!(
         (
             inner["version"].as_str(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use flotilla_e2e::bin;
-use serde_json::Value;
+use flotilla_e2e::release_kit::signed_manifest;
 
 fn esptool() -> PathBuf {
     let venv = std::env::var("FLOTILLA_VENV")
@@ -127,10 +127,7 @@ fn release_sign_reads_the_app_descriptor_and_refuses_what_disagrees_with_it() {
     );
     let signed = run(dir.path(), &cli, &["release", "sign", "fw.bin"]);
     assert!(signed.status.success(), "{}", text(&signed));
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("fw.bin.manifest.json")).unwrap())
-            .unwrap();
-    let inner: Value = serde_json::from_str(manifest["manifest"].as_str().unwrap()).unwrap();
+    let inner = signed_manifest(&dir.path().join("fw.bin"));
     assert_eq!(
         (
             inner["version"].as_str(),

@@ -642,10 +642,18 @@ async fn a_rollout_skips_a_device_that_stays_offline_finishes_and_updates_it_whe
     .await?;
     assert_eq!(h.len(), 1);
     assert_eq!(h[0]["rolloutId"], id.as_str());
-    // The rollout's progress counts the late success.
-    let (_, after) = server
-        .call("GET", &format!("/api/rollouts/{id}"), Some(&jwt), None)
-        .await?;
+    // The rollout's progress counts the late success (the leader's next tick records it).
+    let counted = |r: &Value| r["progress"]["succeeded"] == json!(2);
+    let after = wait_for(
+        "the rollout counts sk-b's late success",
+        Duration::from_secs(30),
+        || async {
+            let r = server.rollout(&jwt, &id).await?;
+            counted(&r).then_some(r)
+        },
+    )
+    .await
+    .unwrap_or_default();
     assert_eq!(
         (
             &after["progress"]["succeeded"],

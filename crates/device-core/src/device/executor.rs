@@ -38,7 +38,7 @@ pub(crate) enum Effect {
         state: LedState,
         brightness: u8,
     },
-    /// Turn a sensor's reporting on or off (and report the new state).
+    /// Turn a sensor's reporting on or off (its next telemetry shows it; no status is sent).
     SetSensor {
         sensor: SensorKind,
         enabled: bool,

@@ -2,7 +2,7 @@
 //! its own flash file, key and mutual-TLS broker connection. The devices connect to a
 //! Mosquitto the bench starts, in front of one server on PostgreSQL (scale mode): the embedded
 //! broker's relay holds three descriptors per device, so one embedded server on this
-//! machine's limit of 20,000 holds about 4,800 (docs/operations.md). Measures the sim process's memory
+//! machine's limit of 20,000 holds about 4,800 (docs/benchmarks.md, "The MQTT front door"). Measures the sim process's memory
 //! and CPU per device once all are connected and idle, then during an OTA wave (a signed
 //! release rolled out to every device in one phase: each downloads it over its own mutual-TLS
 //! connection, writes it to its inactive slot, reboots into it and confirms it), and counts
@@ -152,14 +152,7 @@ async fn main() -> Result<()> {
     server.restart().await?;
     let jwt = server.admin("admin@example.com").await?;
     let cli = Cli::new(&server, &tmp.path().join("session.json"));
-    let login = cli.run(&[
-        "login",
-        "--email",
-        "admin@example.com",
-        "--password",
-        "admin-pass",
-    ]);
-    anyhow::ensure!(login.status.success(), "CLI login failed");
+    cli.login("admin@example.com", "admin-pass");
 
     // The fleet: one sim process, devices on the agent's default timers.
     let count = n.to_string();
@@ -269,17 +262,17 @@ async fn main() -> Result<()> {
     .await
     .is_ok();
 
-    let cpu = String::from_utf8(
-        Command::new("sh")
-            .args(["-c", "grep -m1 'model name' /proc/cpuinfo"])
-            .output()?
-            .stdout,
-    )?;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("", |(_, model)| model.trim());
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
             "devices": n,
-            "cpu": cpu.split(':').nth(1).unwrap_or_default().trim(),
+            "cpu": cpu,
             "cores": std::thread::available_parallelism().map_or(0, |c| c.get()),
             "image_bytes": args.image_size,
             "max_concurrent": max_concurrent,
