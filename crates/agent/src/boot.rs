@@ -60,8 +60,26 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
     if ota.selection().is_none() && image::read(ota.flash(), layout, 0).as_ref() != Some(factory) {
         image::flash_factory(ota.flash_mut(), layout, factory)?;
     }
-    let outcome = bootloader(&mut ota, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)
+    let mut outcome = bootloader(&mut ota, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)
         .map_err(|e| anyhow::anyhow!("otadata: {e:?}"))?;
+    // The selected slot does not verify: boot the other one, as ESP-IDF's bootloader falls
+    // back to the next slot that loads, and select it so the next boot does the same.
+    let other = 1 - outcome.slot;
+    if image::read(ota.flash(), layout, outcome.slot).is_none()
+        && image::read(ota.flash(), layout, other).is_some()
+    {
+        tracing::error!(
+            slot = outcome.slot,
+            "the selected slot holds no bootable image: booting slot {other}"
+        );
+        ota.roll_back()
+            .map_err(|e| anyhow::anyhow!("otadata: {e:?}"))?;
+        outcome = BootOutcome {
+            slot: ota.running_slot(),
+            pending_verify: false,
+            rolled_back: true,
+        };
+    }
     let flash = ota.into_flash();
     flash.sync()?;
     if outcome.rolled_back {
@@ -86,6 +104,45 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
         slot: outcome.slot,
         stored,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use flotilla_device_core::slots::Flash;
+
+    /// otadata selects a slot whose bytes do not verify (here written behind the installer's
+    /// back, as a worn or corrupted flash would): the chip boots the other slot, selects it,
+    /// and the update is reported as rolled back, never a chip that cannot boot.
+    #[test]
+    fn a_selected_slot_that_does_not_verify_boots_the_other_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        let layout = flash::layout(64 * 1024);
+        let factory = ImageHeader {
+            version: "1.0.0".into(),
+            hardware: "esp32c3".into(),
+            security_counter: 0,
+            behaviour: Default::default(),
+        };
+        assert_eq!(power_on(&nvs, &layout, &factory).unwrap().slot, 0);
+        {
+            let mut ota = flash::open_slots(&nvs.path(FLASH_FILE), &layout).unwrap();
+            let at = layout.slots[1];
+            ota.flash_mut().erase(at).unwrap();
+            ota.flash_mut().write(at, &[0xE9; 64]).unwrap();
+            ota.activate_next().unwrap();
+            ota.flash().sync().unwrap();
+        }
+        for reported in [BootedImage::RolledBack, BootedImage::Valid] {
+            let booted = power_on(&nvs, &layout, &factory).unwrap();
+            assert_eq!((booted.slot, &booted.header), (0, &factory));
+            assert_eq!(booted.stored.booted, reported);
+        }
+        let ota = flash::open_slots(&nvs.path(FLASH_FILE), &layout).unwrap();
+        assert_eq!(ota.running_slot(), 0, "slot 0 is selected again");
+    }
 }
 
 #[cfg(test)]

@@ -332,8 +332,19 @@ mod tests {
 
     const SLOT: usize = 512 * 1024;
 
+    /// An app image of about `len` bytes, signed for esp32c3 2.0.0, and a chip to put it on.
     fn setup(len: usize) -> (Vec<u8>, FirmwareManifest, Layout, Ram) {
-        let image: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let header = crate::image::ImageHeader {
+            version: "2.0.0".into(),
+            hardware: "esp32c3".into(),
+            security_counter: 0,
+            behaviour: Default::default(),
+        };
+        setup_with(crate::image::build(&header, len).unwrap())
+    }
+
+    fn setup_with(image: Vec<u8>) -> (Vec<u8>, FirmwareManifest, Layout, Ram) {
+        let len = image.len();
         let manifest = FirmwareManifest {
             version: "2.0.0".into(),
             hardware: "esp32c3".into(),
@@ -517,7 +528,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_image_from_another_release_fails_its_hash_check() {
         let (mut image, manifest, layout, mut flash) = setup(50_000);
-        image[49_999] ^= 0xFF;
+        let last = image.len() - 1;
+        image[last] ^= 0xFF;
         let mut source = Flaky {
             image,
             cuts: vec![],
@@ -536,5 +548,54 @@ mod tests {
             result.unwrap_err(),
             "image SHA-256 does not match the manifest"
         );
+    }
+
+    /// Bytes the release key signed are installed only if the bootloader would boot them, and
+    /// only if they are what their manifest says: either mistake would reboot the chip into
+    /// nothing, or into another identity.
+    #[tokio::test(start_paused = true)]
+    async fn a_signed_file_that_is_not_the_image_its_manifest_names_is_refused_before_activation() {
+        let header = |hardware: &str, counter| crate::image::ImageHeader {
+            version: "2.0.0".into(),
+            hardware: hardware.into(),
+            security_counter: counter,
+            behaviour: Default::default(),
+        };
+        let good = crate::image::build(&header("esp32c3", 0), 40_000).unwrap();
+        let mut broken = good.clone();
+        broken[100] ^= 0xFF;
+        for (image, why) in [
+            (
+                vec![0xA5u8; 40_000],
+                "not an app image the bootloader would boot",
+            ),
+            (broken, "not an app image the bootloader would boot"),
+            (
+                crate::image::build(&header("devkit-c3", 0), 40_000).unwrap(),
+                "app descriptor disagrees with the manifest",
+            ),
+            (
+                crate::image::build(&header("esp32c3", 1), 40_000).unwrap(),
+                "app descriptor disagrees with the manifest",
+            ),
+        ] {
+            // The manifest is the one for esp32c3 2.0.0 with counter 0, over these bytes.
+            let (image, manifest, layout, mut flash) = setup_with(image);
+            let mut source = Flaky {
+                image,
+                cuts: vec![],
+                forever: false,
+                opened_at: vec![],
+                stall_first: false,
+            };
+            let result = install(
+                &mut source,
+                &mut OtaData::new(layout, &mut flash),
+                plan(&manifest, Start::Fresh, RETRY),
+                &mut Watch::default(),
+            )
+            .await;
+            assert_eq!(result.unwrap_err(), why);
+        }
     }
 }

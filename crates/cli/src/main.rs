@@ -184,9 +184,9 @@ enum ReleaseCmd {
     Hash {
         firmware: std::path::PathBuf,
     },
-    /// Sign a release: writes FIRMWARE.manifest.json. An ESP32 app image's descriptor gives
-    /// what is not given: the version, the hardware (its project name) and the security
-    /// counter (its secure_version); what is given must agree with it.
+    /// Sign a release: writes FIRMWARE.manifest.json. FIRMWARE must be an ESP32 app image;
+    /// its descriptor gives the version, the hardware (its project name) and the security
+    /// counter (its secure_version). A flag, if given, must agree with it.
     Sign {
         firmware: std::path::PathBuf,
         #[arg(long)]

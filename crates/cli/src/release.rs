@@ -52,7 +52,7 @@ pub fn hash(path: &Path) -> Result<(String, u64), ApiFailure> {
 pub struct SignRequest<'a> {
     pub firmware: &'a Path,
     pub key: &'a Path,
-    /// Taken from the image's app descriptor when not given.
+    /// What the image's app descriptor must say, if given: it is what is signed.
     pub version: Option<&'a str>,
     pub hardware: Option<&'a str>,
     pub security_counter: Option<u32>,
@@ -66,49 +66,44 @@ struct Described {
     secure_version: u32,
 }
 
-/// The app descriptor of an ESP32 app image; `None` for an image of another kind, an error
-/// for one that starts as an ESP32 image but does not verify (a truncated or damaged build).
-fn described(image: &[u8]) -> Result<Option<Described>, ApiFailure> {
-    if image.first() != Some(&app_image::IMAGE_MAGIC) {
-        return Ok(None);
-    }
+/// The app descriptor of an ESP32 app image; an error for a file of another kind, or one that
+/// starts as an ESP32 image but does not verify (a truncated or damaged build): a device would
+/// refuse it after downloading it, as its bootloader could not boot it.
+fn described(image: &[u8]) -> Result<Described, ApiFailure> {
     let info = app_image::verify(image.len(), |at, buf| {
         buf.copy_from_slice(&image[at..at + buf.len()])
     })
     .map_err(|e| ApiFailure::usage(format!("not a valid ESP32 app image: {e:?}")))?;
     let Some(desc) = info.app_desc() else {
-        return Ok(None);
+        return Err(ApiFailure::usage(
+            "the ESP32 app image has no app descriptor (esp_app_desc_t) in its first segment",
+        ));
     };
     let text = |field: Option<&str>, what: &str| {
         field
             .map(str::to_owned)
             .ok_or_else(|| ApiFailure::usage(format!("the app descriptor's {what} is not text")))
     };
-    Ok(Some(Described {
+    Ok(Described {
         version: text(desc.version(), "version")?,
         project_name: text(desc.project_name(), "project name")?,
         secure_version: desc.secure_version(),
-    }))
+    })
 }
 
-/// A field given on the command line, or else the descriptor's; both must agree when both
-/// exist (a manifest that says another version than the image runs would mislead every
-/// rollout and report). The hardware is exempt: a project name need not be a hardware id.
-fn resolve<T: PartialEq + std::fmt::Display + Clone>(
+/// The descriptor's field, which a flag given on the command line must repeat: a manifest
+/// that says another version, hardware or counter than the image would mislead every rollout,
+/// and the device refuses it.
+fn resolve<T: PartialEq + std::fmt::Display>(
     flag: &str,
     given: Option<T>,
-    described: Option<T>,
-    must_agree: bool,
+    described: T,
 ) -> Result<T, ApiFailure> {
-    match (given, described) {
-        (Some(g), Some(d)) if must_agree && g != d => Err(ApiFailure::usage(format!(
-            "--{flag} {g} disagrees with the image's app descriptor ({d})"
+    match given {
+        Some(g) if g != described => Err(ApiFailure::usage(format!(
+            "--{flag} {g} disagrees with the image's app descriptor ({described})"
         ))),
-        (Some(g), _) => Ok(g),
-        (None, Some(d)) => Ok(d),
-        (None, None) => Err(ApiFailure::usage(format!(
-            "--{flag} is needed: the image has no ESP32 app descriptor"
-        ))),
+        _ => Ok(described),
     }
 }
 
@@ -117,27 +112,17 @@ pub fn sign(req: &SignRequest<'_>) -> Result<PathBuf, ApiFailure> {
     let image = std::fs::read(req.firmware)
         .map_err(|e| fail(&format!("reading {}", req.firmware.display()), e))?;
     let described = described(&image)?;
-    let version = resolve(
-        "version",
-        req.version.map(str::to_owned),
-        described.as_ref().map(|d| d.version.clone()),
-        true,
-    )?;
+    let version = resolve("version", req.version.map(str::to_owned), described.version)?;
     let hardware = resolve(
         "hardware",
         req.hardware.map(str::to_owned),
-        described.as_ref().map(|d| d.project_name.clone()),
-        false,
+        described.project_name,
     )?;
-    let security_counter = match described.as_ref() {
-        Some(d) => resolve(
-            "security-counter",
-            req.security_counter,
-            Some(d.secure_version),
-            true,
-        )?,
-        None => req.security_counter.unwrap_or(0),
-    };
+    let security_counter = resolve(
+        "security-counter",
+        req.security_counter,
+        described.secure_version,
+    )?;
     version
         .parse::<flotilla_proto::FirmwareVersion>()
         .map_err(|e| ApiFailure::usage(format!("--version: {e}")))?;

@@ -7,8 +7,11 @@
 //! bytes already in flash are hashed again — the hasher's state does not survive a reboot — and
 //! the erase block holding the offset is erased again, since a torn write may have touched it.
 
+use alloc::string::String;
+
 use flotilla_proto::FirmwareManifest;
 
+use crate::app_image;
 use crate::ota::{ImageCheck, OtaRejection};
 use crate::slots::{FlashError, OtaSlots};
 
@@ -41,6 +44,10 @@ pub struct SlotWriter {
     tail: [u8; TAIL],
     tail_len: usize,
     check: ImageCheck,
+    /// What the image's app descriptor must say: the manifest's version, hardware, counter.
+    version: String,
+    hardware: String,
+    security_counter: u32,
 }
 
 impl SlotWriter {
@@ -101,6 +108,9 @@ impl SlotWriter {
             tail: [0xFF; TAIL],
             tail_len: 0,
             check: ImageCheck::new(manifest)?,
+            version: manifest.version.clone(),
+            hardware: manifest.hardware.clone(),
+            security_counter: manifest.security_counter,
         })
     }
 
@@ -146,8 +156,11 @@ impl SlotWriter {
         Ok(())
     }
 
-    /// Writes the held-back bytes (padded with 0xFF) and checks size and hash. Only after this
-    /// succeeds may the slot be activated.
+    /// Writes the held-back bytes (padded with 0xFF), checks size and hash, then reads the slot
+    /// back as the bootloader will (header, segments, checksum, appended SHA-256, as ESP-IDF's
+    /// `esp_ota_end` does) and checks that its app descriptor says what the manifest says.
+    /// Only after this succeeds may the slot be activated: a signed file that is not a bootable
+    /// image would otherwise leave the chip nothing to boot.
     pub fn finish<S: OtaSlots>(mut self, slots: &mut S) -> Result<(), InstallError> {
         if self.tail_len > 0 {
             let align = S::WRITE_ALIGN.min(TAIL);
@@ -156,6 +169,15 @@ impl SlotWriter {
             self.flushed += align;
         }
         self.check.finish()?;
+        let info = app_image::verify(slots.slot_len(), |at, buf| slots.read_next(at, buf))
+            .map_err(|_| OtaRejection::NotAnAppImage)?;
+        let desc = info.app_desc().ok_or(OtaRejection::NotAnAppImage)?;
+        if desc.version() != Some(self.version.as_str())
+            || desc.project_name() != Some(self.hardware.as_str())
+            || desc.secure_version() != self.security_counter
+        {
+            return Err(OtaRejection::DescriptorMismatch.into());
+        }
         Ok(())
     }
 }

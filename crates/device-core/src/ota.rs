@@ -31,6 +31,11 @@ pub enum OtaRejection {
     HashMismatch,
     /// The declared size does not fit the inactive slot.
     TooLargeForSlot,
+    /// The bytes the manifest vouches for are not an app image the bootloader would boot.
+    NotAnAppImage,
+    /// The image's app descriptor names another version, project or security counter than
+    /// its manifest: after the reboot the device would be what the descriptor says.
+    DescriptorMismatch,
 }
 
 impl OtaRejection {
@@ -47,6 +52,8 @@ impl OtaRejection {
             OtaRejection::Truncated => "image shorter than declared",
             OtaRejection::HashMismatch => "image SHA-256 does not match the manifest",
             OtaRejection::TooLargeForSlot => "image larger than the slot",
+            OtaRejection::NotAnAppImage => "not an app image the bootloader would boot",
+            OtaRejection::DescriptorMismatch => "app descriptor disagrees with the manifest",
         }
     }
 }

@@ -3,9 +3,10 @@
 //! Layout: two image slots (`ota_0`, `ota_1`) and an otadata partition of two erase blocks,
 //! each holding one select entry in ESP-IDF's own format (`esp_ota_select_entry_t`, 32 bytes:
 //! `ota_seq`, a 20-byte label left erased, `ota_state`, and a CRC-32 of `ota_seq` alone, as
-//! ESP-IDF's `bootloader_common_ota_select_crc` computes it). The entry with the highest valid
-//! sequence number wins (on a tie the second block, as ESP-IDF's bootloader reads it) and
-//! selects slot `(seq - 1) % 2`.
+//! ESP-IDF's `bootloader_common_ota_select_crc` computes it). An entry is valid, as in
+//! `bootloader_common_ota_select_valid`, when its CRC matches and its state is neither INVALID
+//! nor ABORTED. The valid entry with the highest sequence number wins (on a tie the first
+//! block, as `bootloader_common_select_otadata` decides) and selects slot `(seq - 1) % 2`.
 //!
 //! Every change (switch slot, or change state) erases the block *not* holding the winning entry
 //! and writes a strictly higher sequence number there (+2 keeps the slot, an odd step switches
@@ -77,16 +78,18 @@ pub fn encode_entry(seq: u32, state: ImageState) -> [u8; ENTRY_LEN] {
 /// From here on an otadata sequence number is neither read as valid nor written.
 const MAX_SEQ: u32 = u32::MAX - 2;
 
-/// A valid entry's sequence number and state. ESP-IDF's test is `ota_seq != UINT32_MAX` and
-/// the CRC; this one also refuses 0 (which ESP-IDF never writes: it would select slot
-/// `(0 - 1) % 2` by wrapping) and the top of the range, where transitions would overflow.
+/// A valid entry's sequence number and state. ESP-IDF's test is `ota_seq != UINT32_MAX`, a
+/// state other than INVALID and ABORTED, and the CRC; this one also refuses 0 (which ESP-IDF
+/// never writes: it would select slot `(0 - 1) % 2` by wrapping) and the top of the range,
+/// where transitions would overflow.
 pub fn decode_entry(e: &[u8; ENTRY_LEN]) -> Option<(u32, ImageState)> {
     let word = |i: usize| u32::from_le_bytes([e[i], e[i + 1], e[i + 2], e[i + 3]]);
     let (seq, state, crc) = (word(0), word(STATE_AT), word(CRC_AT));
     // Transitions write seq + 1 or seq + 2, which `select` refuses from MAX_SEQ on, so no
     // valid entry makes them overflow.
-    (seq != 0 && seq < MAX_SEQ && entry_crc(seq) == crc)
-        .then(|| (seq, ImageState::from_code(state)))
+    let state = ImageState::from_code(state);
+    let given_up = matches!(state, ImageState::Invalid | ImageState::Aborted);
+    (seq != 0 && seq < MAX_SEQ && !given_up && entry_crc(seq) == crc).then_some((seq, state))
 }
 
 /// otadata and the two slots on one flash.
@@ -135,8 +138,8 @@ impl<F: Flash> OtaData<F> {
     pub fn selection(&self) -> Option<Selection> {
         let [a, b] = self.entries();
         let best = match (a, b) {
-            // ESP-IDF: the first block only if its number is strictly higher.
-            (Some(x), Some(y)) => Some(if x.1 > y.1 { x } else { y }),
+            // ESP-IDF: the first block unless the second's number is strictly higher.
+            (Some(x), Some(y)) => Some(if x.1 >= y.1 { x } else { y }),
             (x, y) => x.or(y),
         }?;
         Some(Selection {
@@ -158,7 +161,7 @@ impl<F: Flash> OtaData<F> {
         }
         let [a, b] = self.entries();
         let current_block = match (a, b) {
-            (Some(x), Some(y)) => Some(if x.1 > y.1 { 0 } else { 1 }),
+            (Some(x), Some(y)) => Some(if x.1 >= y.1 { 0 } else { 1 }),
             (Some(_), None) => Some(0),
             (None, Some(_)) => Some(1),
             (None, None) => None,
@@ -282,43 +285,71 @@ mod tests {
         assert_eq!(decode_entry(&zero), None);
     }
 
-    /// Two valid entries with one number: ESP-IDF's bootloader takes the second block's.
-    #[test]
-    fn a_tie_goes_to_the_second_block_as_in_esp_idf() {
-        struct Ram([u8; 2 * 4096]);
-        impl Flash for Ram {
-            const ERASE_BLOCK: usize = 4096;
-            const WRITE_ALIGN: usize = 4;
-            fn read(&self, offset: usize, buf: &mut [u8]) {
-                buf.copy_from_slice(&self.0[offset..offset + buf.len()]);
-            }
-            fn erase(&mut self, offset: usize) -> Result<(), FlashError> {
-                self.0[offset..offset + 4096].fill(0xFF);
-                Ok(())
-            }
-            fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
-                self.0[offset..offset + data.len()].copy_from_slice(data);
-                Ok(())
-            }
+    fn ram() -> Ram {
+        Ram([0xFF; 2 * 4096])
+    }
+
+    struct Ram([u8; 2 * 4096]);
+    impl Flash for Ram {
+        const ERASE_BLOCK: usize = 4096;
+        const WRITE_ALIGN: usize = 4;
+        fn read(&self, offset: usize, buf: &mut [u8]) {
+            buf.copy_from_slice(&self.0[offset..offset + buf.len()]);
         }
-        let mut f = Ram([0xFF; 2 * 4096]);
+        fn erase(&mut self, offset: usize) -> Result<(), FlashError> {
+            self.0[offset..offset + 4096].fill(0xFF);
+            Ok(())
+        }
+        fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
+            self.0[offset..offset + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    const LAYOUT: Layout = Layout {
+        otadata: 0,
+        slots: [8192, 12288],
+        slot_len: 4096,
+    };
+
+    /// Two valid entries with one number: ESP-IDF's `bootloader_common_select_otadata` takes
+    /// the first block's (`MAX(seq0, seq1) == seq0`).
+    #[test]
+    fn a_tie_goes_to_the_first_block_as_in_esp_idf() {
+        let mut f = ram();
         f.write(0, &encode_entry(5, ImageState::Valid)).unwrap();
-        f.write(4096, &encode_entry(5, ImageState::Invalid))
-            .unwrap();
-        let layout = Layout {
-            otadata: 0,
-            slots: [8192, 12288],
-            slot_len: 4096,
-        };
-        let mut ota = OtaData::new(layout, &mut f);
-        assert_eq!(ota.running_state(), Some(ImageState::Invalid));
+        f.write(4096, &encode_entry(5, ImageState::New)).unwrap();
+        let mut ota = OtaData::new(LAYOUT, &mut f);
+        assert_eq!(ota.running_state(), Some(ImageState::Valid));
         assert_eq!(ota.running_slot(), 0, "seq 5 selects slot 0");
-        // The next change goes to the block not read: the first (seq 6 selects slot 1).
+        // The next change goes to the block not read: the second (seq 6 selects slot 1).
         ota.activate_next().unwrap();
         assert_eq!(ota.selection().unwrap().slot, 1);
         assert_eq!(
-            decode_entry(&f.0[..32].try_into().unwrap()),
+            decode_entry(&f.0[4096..4096 + 32].try_into().unwrap()),
             Some((6, ImageState::New))
         );
+    }
+
+    /// An entry marked INVALID or ABORTED is not followed, whatever its number: ESP-IDF's
+    /// `bootloader_common_ota_select_valid` is false for it, so the other entry's slot boots.
+    #[test]
+    fn an_entry_given_up_on_is_not_followed() {
+        for given_up in [ImageState::Invalid, ImageState::Aborted] {
+            let mut f = ram();
+            f.write(0, &encode_entry(1, ImageState::Valid)).unwrap();
+            f.write(4096, &encode_entry(2, given_up)).unwrap();
+            let ota = OtaData::new(LAYOUT, &mut f);
+            assert_eq!(
+                ota.selection(),
+                Some(Selection {
+                    slot: 0,
+                    seq: 1,
+                    state: ImageState::Valid
+                }),
+                "{given_up:?}"
+            );
+            assert_eq!(decode_entry(&encode_entry(2, given_up)), None);
+        }
     }
 }

@@ -124,6 +124,12 @@ impl<F: Flash> Flash for &mut F {
     }
 }
 
-/// Boots an unconfirmed image may take before the bootloader rolls it back (the agent's
-/// bootloader; the app counts the boots in NVS).
+/// Boots an unconfirmed image may take before the agent's bootloader rolls it back (the app
+/// counts the boots in NVS).
+///
+/// ESP-IDF's bootloader (with `CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE`) gives an image one
+/// boot: it marks a PENDING_VERIFY entry ABORTED at the next power-on, and the other entry
+/// wins. The virtual chip allows three so that an image crashing once (a brown-out, a
+/// watchdog while Wi-Fi comes up) is not given up at once; on the chip the app meets
+/// ESP-IDF's rule, and the server sees ROLLED_BACK either way.
 pub const MAX_UNCONFIRMED_BOOTS: u32 = 3;

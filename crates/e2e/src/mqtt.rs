@@ -115,17 +115,27 @@ pub async fn connect_with(
 }
 
 /// Connects as a device with its own identity (client id = its CN); an error if refused.
+///
+/// "Server unavailable" is retried a few times, as a device does: the embedded broker answers
+/// so while it still tears down the previous session of the same client id.
 pub async fn connect_device(port: u16, id: &crate::DeviceIdentity) -> Result<Session> {
-    match connect(
-        port,
-        &id.ca_pem,
-        Some((&id.cert_pem, &id.key_pem)),
-        &id.device_id,
-    )
-    .await
-    {
-        Outcome::Connected(s) => Ok(s),
-        Outcome::Refused(why) => bail!("{} refused: {why}", id.device_id),
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match connect(
+            port,
+            &id.ca_pem,
+            Some((&id.cert_pem, &id.key_pem)),
+            &id.device_id,
+        )
+        .await
+        {
+            Outcome::Connected(s) => return Ok(s),
+            Outcome::Refused(why) if why.contains("ServerUnavailable") && attempts < 5 => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Outcome::Refused(why) => bail!("{} refused: {why}", id.device_id),
+        }
     }
 }
 

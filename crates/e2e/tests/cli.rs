@@ -150,7 +150,14 @@ fn release_keys_sign_and_verify_offline() {
     );
 
     let firmware = dir.path().join("fw.bin");
-    std::fs::write(&firmware, vec![0xA5u8; 150_000]).unwrap();
+    let built = Command::new(bin("flotilla-agent"))
+        .args(["image", "--version", "1.3.0", "--hardware", "esp32c3"])
+        .args(["--security-counter", "2", "--size", "150000", "--out"])
+        .arg(&firmware)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{built:?}");
+    let size = std::fs::metadata(&firmware).unwrap().len();
     let hash = String::from_utf8(run(&["release", "hash", "fw.bin"]).stdout).unwrap();
     assert_eq!(hash.trim().len(), 64);
     let signed = run(&[
@@ -176,7 +183,7 @@ fn release_keys_sign_and_verify_offline() {
             inner["sha256"].as_str(),
             inner["size"].as_u64()
         ),
-        (Some("1.3.0"), Some(hash.trim()), Some(150_000))
+        (Some("1.3.0"), Some(hash.trim()), Some(size))
     );
     assert!(
         run(&["release", "verify", "fw.bin", "fw.bin.manifest.json"])

@@ -137,13 +137,14 @@ fn release_sign_reads_the_app_descriptor_and_refuses_what_disagrees_with_it() {
         (Some("2.1.0"), Some("devkit-c3"), Some(4))
     );
 
-    // Flags that agree are fine; a version or counter that disagrees is a usage error (2)
-    // and writes nothing; the hardware may be named otherwise.
+    // Flags that agree are fine; a version, hardware or counter that disagrees is a usage
+    // error (2) and writes nothing.
     std::fs::remove_file(dir.path().join("fw.bin.manifest.json")).unwrap();
     for (args, code) in [
         (&["--version", "2.1.1"][..], 2),
         (&["--security-counter", "5"][..], 2),
-        (&["--version", "2.1.0", "--hardware", "esp32c3"][..], 0),
+        (&["--version", "2.1.0", "--hardware", "esp32c3"][..], 2),
+        (&["--version", "2.1.0", "--hardware", "devkit-c3"][..], 0),
     ] {
         let mut all = vec!["release", "sign", "fw.bin"];
         all.extend_from_slice(args);
@@ -153,7 +154,7 @@ fn release_sign_reads_the_app_descriptor_and_refuses_what_disagrees_with_it() {
         assert_eq!(written, code == 0, "{args:?}");
     }
 
-    // A truncated ESP32 image is refused outright; an image of another kind needs the flags.
+    // A truncated ESP32 image is refused, and a file of another kind even with every flag.
     let bytes = std::fs::read(dir.path().join("fw.bin")).unwrap();
     std::fs::write(dir.path().join("cut.bin"), &bytes[..bytes.len() / 2]).unwrap();
     let out = run(dir.path(), &cli, &["release", "sign", "cut.bin"]);
@@ -164,7 +165,24 @@ fn release_sign_reads_the_app_descriptor_and_refuses_what_disagrees_with_it() {
         text(&out)
     );
     std::fs::write(dir.path().join("other.bin"), vec![0xA5u8; 4096]).unwrap();
-    let out = run(dir.path(), &cli, &["release", "sign", "other.bin"]);
+    let out = run(
+        dir.path(),
+        &cli,
+        &[
+            "release",
+            "sign",
+            "other.bin",
+            "--version",
+            "2.1.0",
+            "--hardware",
+            "esp32c3",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("--version is needed"), "{}", text(&out));
+    assert!(
+        text(&out).contains("not a valid ESP32 app image"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("other.bin.manifest.json").exists());
 }

@@ -305,7 +305,7 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
         sessions,
         // Bound, not `..`: the broker runs until the test ends.
         _broker,
-    } = rig(50, &[]).await;
+    } = rig(DEVICES, &[]).await;
     // The devices publish while B is killed and while it is away: B is killed once both
     // replicas have ingested some.
     let stop = Arc::new(AtomicBool::new(false));
@@ -321,6 +321,15 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
             let (ra, rb) = (received(&a, &admin).await, received(&b, &admin).await);
             (ra > 200 && rb > 200).then_some(())
         },
+    )
+    .await
+    .unwrap();
+    // The replica killed is the one that does not lead (the leader's death is tested with a
+    // rollout below).
+    wait_for(
+        "A leading, B following",
+        Duration::from_secs(30),
+        || async { (a.leads(&admin).await? && !b.leads(&admin).await?).then_some(()) },
     )
     .await
     .unwrap();

@@ -150,6 +150,8 @@ async fn broker_enforces_identity_and_topic_isolation() -> anyhow::Result<()> {
         "devices/dev-a/#",
         "$share/g/devices/dev-b/command",
         "$share/g/devices/+/health",
+        // The group name an earlier server used for its ingest.
+        "$share/flotilla/devices/+/telemetry",
         "$SYS/#",
     ];
     if flotilla_e2e::external_broker::enabled() {
@@ -524,6 +526,34 @@ async fn isolation_behind_an_external_broker(
     }
     sb.publish("devices/dev-b/health", r#"{"heap":2,"fw":"1.0.0"}"#)
         .await?;
+    // Mosquitto gave dev-a its shared subscriptions; had one joined the ingest's group, it
+    // would be handed every other reading (and its ACL drop them): all of them are stored.
+    let readings = 20;
+    for seq in 1..=readings {
+        let reading = json!({"seq": seq, "pot": 1, "switch": true, "temp": 20.5});
+        assert_eq!(
+            sb.publish("devices/dev-b/telemetry", reading.to_string())
+                .await?,
+            PubAckReason::Success
+        );
+    }
+    wait_for(
+        "every reading dev-b sent stored",
+        Duration::from_secs(10),
+        || async {
+            let (_, t) = server
+                .call(
+                    "GET",
+                    "/api/device/dev-b/telemetry?limit=100",
+                    Some(jwt),
+                    None,
+                )
+                .await
+                .ok()?;
+            (t.as_array()?.len() == readings).then_some(())
+        },
+    )
+    .await?;
     let (s, _) = server
         .call(
             "POST",

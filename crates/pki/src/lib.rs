@@ -169,6 +169,19 @@ impl CertificateAuthority {
         &self.certificate_pem
     }
 
+    /// A secret every holder of this CA key derives alike, without a word between them:
+    /// SHA-256 over `label` and the CA private key. Different labels give unrelated secrets,
+    /// and none of them gives the key away.
+    pub fn derive_secret(&self, label: &str) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"flotilla derived secret\0");
+        hash.update(label.as_bytes());
+        hash.update(b"\0");
+        hash.update(self.issuer.key().serialize_der());
+        hash.finalize().into()
+    }
+
     /// Signs a statement the server makes about its own records (audit checkpoints) with the
     /// CA key: ECDSA P-256 over SHA-256, DER. Anyone holding the CA certificate can check it.
     pub fn sign_statement(&self, statement: &[u8]) -> Result<Vec<u8>, PkiError> {
@@ -498,6 +511,17 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = CertificateAuthority::load_or_create(&dir).unwrap();
         assert_eq!(ca.certificate_pem(), again.certificate_pem());
+    }
+
+    #[test]
+    fn a_derived_secret_is_the_same_for_every_holder_of_the_key_and_only_for_them() {
+        let dir = tempfile_dir();
+        let ca = CertificateAuthority::load_or_create(&dir).unwrap();
+        let again = CertificateAuthority::load_or_create(&dir).unwrap();
+        let other = CertificateAuthority::load_or_create(&tempfile_dir()).unwrap();
+        assert_eq!(ca.derive_secret("a"), again.derive_secret("a"));
+        assert_ne!(ca.derive_secret("a"), ca.derive_secret("b"));
+        assert_ne!(ca.derive_secret("a"), other.derive_secret("a"));
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 .ok()
                 .and_then(|mut a| a.next())
                 .with_context(|| format!("resolving the broker host {}", url.host))?;
+            let share_group = ingest_share_group(&ca);
             let (ingest_link, ingest_id) = link_as(&crate::ingest::handover::session_service(
                 &config.replica_id,
             ))?;
@@ -183,7 +184,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             let mut ingest = IngestLink::start(
                 ingest_link,
                 &ingest_id,
-                ingest_filters(),
+                ingest_filters(&share_group),
                 writer.clone(),
                 gate.clone(),
                 claim,
@@ -196,7 +197,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     ca: ca.clone(),
                     broker: adopter_link,
                     replica: config.replica_id.clone(),
-                    filters: ingest_filters(),
+                    filters: ingest_filters(&share_group),
                     writer,
                     gate: gate.clone(),
                     stats: ingest.stats.clone(),
@@ -396,12 +397,24 @@ struct BrokerSide {
 
 /// What the ingest link takes from an external broker: every upward channel of every
 /// device, shared among the replicas (each message goes to one of them).
-fn ingest_filters() -> Vec<String> {
+fn ingest_filters(group: &str) -> Vec<String> {
     flotilla_proto::Channel::ALL
         .into_iter()
         .filter(|c| c.direction() == flotilla_proto::Direction::Up)
-        .map(|c| format!("$share/flotilla/devices/+/{}", c.suffix()))
+        .map(|c| format!("$share/{group}/devices/+/{}", c.suffix()))
         .collect()
+}
+
+/// The shared-subscription group the replicas' ingest sessions join, the same for every
+/// replica of a deployment (they hold one CA key) and unguessable to anyone else.
+///
+/// It is a secret because Mosquitto's ACL file does not check subscriptions, only deliveries:
+/// a device that subscribed `$share/<group>/devices/+/telemetry` with the group's name would
+/// be given every other message of the stream, which its ACL then drops, after the publisher
+/// had its PUBACK. In a group of its own it only gets copies, and those are dropped.
+fn ingest_share_group(ca: &flotilla_pki::CertificateAuthority) -> String {
+    let secret = ca.derive_secret("ingest shared-subscription group");
+    format!("flotilla-{}", hex::encode(&secret[..16]))
 }
 
 /// How long a closed connection waits before it counts: messages the device sent just before

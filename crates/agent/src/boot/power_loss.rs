@@ -27,10 +27,19 @@ fn layout() -> Layout {
     }
 }
 
-fn image(version: u8) -> Vec<u8> {
-    (0..SLOT_LEN - 100)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(version))
-        .collect()
+/// Release `n` (version `n.0.0`), an app image that nearly fills a slot.
+fn image(n: u8) -> Vec<u8> {
+    image_of_size(n, SLOT_LEN - 100)
+}
+
+fn image_of_size(n: u8, size: usize) -> Vec<u8> {
+    let header = crate::image::ImageHeader {
+        version: format!("{n}.0.0"),
+        hardware: "esp32c3".into(),
+        security_counter: 3,
+        behaviour: Default::default(),
+    };
+    crate::image::build(&header, size).unwrap()
 }
 
 /// A factory chip: image 1 in slot 0, no otadata.
@@ -42,9 +51,16 @@ fn factory() -> CutFlash {
     f
 }
 
+/// The manifest of release `n`'s image (`image(n)`'s descriptor); for bytes that are no app
+/// image, release 2's with their size and hash.
 fn manifest_of(img: &[u8]) -> FirmwareManifest {
+    let read = |at: usize, buf: &mut [u8]| buf.copy_from_slice(&img[at..at + buf.len()]);
+    let version = flotilla_device_core::app_image::verify(img.len(), read)
+        .ok()
+        .and_then(|info| Some(info.app_desc()?.version()?.to_string()))
+        .unwrap_or_else(|| "2.0.0".into());
     FirmwareManifest {
-        version: "2.0.0".into(),
+        version,
         hardware: "esp32c3".into(),
         size: img.len() as u64,
         sha256: to_hex(&Sha256::digest(img)),
@@ -390,7 +406,7 @@ fn a_fresh_install_erases_only_the_blocks_its_image_covers() {
     // Whatever an earlier, larger image left in the slot's last block.
     let last_block = layout().slots[1] + SLOT_LEN - BLOCK;
     f.write(last_block, &[0x5A; 16]).unwrap();
-    let img: Vec<u8> = image(2)[..BLOCK + BLOCK / 2].to_vec();
+    let img = image_of_size(2, BLOCK + BLOCK / 2);
     let mut slots = ota(&mut f);
     let mut w = SlotWriter::begin(&mut slots, &manifest_of(&img)).unwrap();
     w.write(&mut slots, &img).unwrap();

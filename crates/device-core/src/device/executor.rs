@@ -266,3 +266,200 @@ impl Executor {
         out.push(Effect::SetLed { state, brightness });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use alloc::vec;
+
+    fn command(id: &str, name: &str, args: Value) -> Command {
+        Command {
+            id: id.into(),
+            name: name.into(),
+            args,
+            expires_at: 2_000_000_000,
+        }
+    }
+
+    fn executor(queue: usize) -> Executor {
+        Executor::new(&Config {
+            command_queue: queue,
+            reboot_wait_ms: 5_000,
+            ..Config::default()
+        })
+    }
+
+    /// The replies among `effects`, as (id, status).
+    fn replies(effects: &[Effect]) -> Vec<(String, CommandStatus)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Reply { reply, .. } => Some((reply.id.clone(), reply.status)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const NOW: Option<u64> = Some(1_900_000_000);
+
+    #[test]
+    fn commands_run_one_per_timeout_in_order_and_a_full_queue_refuses() {
+        let mut ex = executor(2);
+        let mut out = vec![];
+        ex.offer(0, NOW, command("a", "ping", Value::Null), &mut out);
+        ex.offer(
+            0,
+            NOW,
+            command("b", "led", json!({"state": "ON"})),
+            &mut out,
+        );
+        ex.offer(0, NOW, command("c", "ping", Value::Null), &mut out);
+        assert_eq!(
+            replies(&out),
+            [
+                ("a".into(), CommandStatus::Accepted),
+                ("b".into(), CommandStatus::Accepted),
+                ("c".into(), CommandStatus::Failed),
+            ]
+        );
+        assert_eq!(ex.next_timeout(), Some(0));
+        for (id, at) in [("a", 10), ("b", 20)] {
+            out.clear();
+            ex.execute_due(at, NOW, &mut out);
+            assert_eq!(replies(&out), [(id.into(), CommandStatus::Succeeded)]);
+        }
+        assert!(out.contains(&Effect::SetLed {
+            state: LedState::On,
+            brightness: 100
+        }));
+        assert_eq!(
+            (ex.led().0, ex.queued(), ex.next_timeout()),
+            (LedState::On, 0, None)
+        );
+        // A redelivered id is answered with the reply it got, and not run again.
+        out.clear();
+        ex.offer(
+            30,
+            NOW,
+            command("b", "led", json!({"state": "ON"})),
+            &mut out,
+        );
+        assert_eq!(replies(&out), [("b".into(), CommandStatus::Succeeded)]);
+        assert_eq!(ex.next_timeout(), None);
+    }
+
+    #[test]
+    fn an_expired_or_malformed_command_fails_with_its_reason() {
+        let mut ex = executor(4);
+        let mut out = vec![];
+        let mut old = command("old", "ping", Value::Null);
+        old.expires_at = 1_000;
+        ex.offer(0, NOW, old, &mut out);
+        ex.malformed("bad".into(), &mut out);
+        ex.offer(
+            0,
+            NOW,
+            command("odd", "led", json!({"state": "purple"})),
+            &mut out,
+        );
+        ex.execute_due(0, NOW, &mut out);
+        let errors: Vec<_> = out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Reply { reply, .. } if reply.status == CommandStatus::Failed => {
+                    Some((reply.id.as_str(), reply.error.is_some()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors, [("old", true), ("bad", true), ("odd", true)]);
+    }
+
+    /// A reboot's id is persisted before its reply goes out, the restart waits for that
+    /// reply's PUBACK (or the deadline), and after the restart the same id is answered, not run.
+    #[test]
+    fn a_reboot_is_persisted_first_waits_for_its_reply_and_never_runs_twice() {
+        let mut ex = executor(4);
+        let mut out = vec![];
+        ex.offer(0, NOW, command("r", "reboot", Value::Null), &mut out);
+        out.clear();
+        ex.execute_due(0, NOW, &mut out);
+        let [
+            Effect::Persist(Persist::CommandsDone(done)),
+            Effect::Reply {
+                reply,
+                reboot_after: true,
+            },
+        ] = &out[..]
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!((done.len(), reply.status), (1, CommandStatus::Succeeded));
+        let done = done.clone();
+        assert_eq!(ex.next_timeout(), Some(5_000));
+        // The PUBACK arrives: restart now, once.
+        out.clear();
+        ex.reboot_acknowledged(&mut out);
+        ex.reboot_acknowledged(&mut out);
+        ex.reboot_due(10_000, &mut out);
+        assert_eq!(out, [Effect::Reboot]);
+
+        // After the restart, with what NVS kept: the reply is sent again, and the redelivered
+        // command is answered from it.
+        let mut after = executor(4);
+        let mut out = vec![];
+        after.boot(None, None, done, &mut out);
+        assert_eq!(replies(&out), [("r".into(), CommandStatus::Succeeded)]);
+        out.clear();
+        after.offer(0, NOW, command("r", "reboot", Value::Null), &mut out);
+        assert_eq!(replies(&out), [("r".into(), CommandStatus::Succeeded)]);
+        after.execute_due(0, NOW, &mut out);
+        assert!(!out.contains(&Effect::Reboot), "{out:?}");
+        assert_eq!(after.next_timeout(), None);
+    }
+
+    /// The reply is never acknowledged (the link is down): the restart happens at the
+    /// deadline, and a late PUBACK restarts nothing more.
+    #[test]
+    fn a_reboot_whose_reply_is_never_acknowledged_restarts_at_the_deadline() {
+        let mut ex = executor(4);
+        let mut out = vec![];
+        ex.offer(0, NOW, command("r", "reboot", Value::Null), &mut out);
+        ex.execute_due(100, NOW, &mut out);
+        out.clear();
+        ex.reboot_due(5_099, &mut out);
+        assert!(out.is_empty());
+        ex.reboot_due(5_100, &mut out);
+        ex.reboot_acknowledged(&mut out);
+        assert_eq!(out, [Effect::Reboot]);
+    }
+
+    #[test]
+    fn only_the_newest_ids_are_kept_across_reboots() {
+        let mut ex = executor(4);
+        let reply = |i: usize| CommandReply {
+            id: alloc::format!("r{i}"),
+            status: CommandStatus::Succeeded,
+            result: None,
+            error: None,
+        };
+        let mut out = vec![];
+        ex.boot(
+            Some(LedState::On),
+            Some(250),
+            (0..COMMANDS_DONE_KEPT + 3).map(reply).collect(),
+            &mut out,
+        );
+        assert_eq!(ex.led(), (LedState::On, 100), "brightness is capped");
+        assert_eq!(ex.done.len(), COMMANDS_DONE_KEPT);
+        assert_eq!(ex.done.front(), Some(&reply(3)));
+        assert_eq!(
+            replies(&out),
+            [(
+                alloc::format!("r{}", COMMANDS_DONE_KEPT + 2),
+                CommandStatus::Succeeded
+            )]
+        );
+    }
+}
