@@ -108,6 +108,21 @@ impl Database {
         Ok(conn.close().await?)
     }
 
+    /// Updates of `rollout` by (state, error), with how many of each: what a bench reports
+    /// of the devices that did not succeed.
+    pub async fn updates_by_outcome(&self, rollout: &str) -> Result<Vec<(String, String, i64)>> {
+        let mut conn = self.connect().await?;
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT state, COALESCE(error, ''), COUNT(*) FROM ota_updates WHERE rollout_id = $1 \
+             GROUP BY state, COALESCE(error, '') ORDER BY COUNT(*) DESC",
+        )
+        .bind(rollout)
+        .fetch_all(&mut conn)
+        .await?;
+        conn.close().await?;
+        Ok(rows)
+    }
+
     /// Every stored telemetry (device, seq), duplicates included.
     pub async fn stored_readings(&self) -> Result<Vec<(String, u64)>> {
         let mut conn = self.connect().await?;

@@ -262,6 +262,14 @@ async fn main() -> Result<()> {
     .await
     .is_ok();
 
+    let outcomes: Vec<Value> = server
+        .database
+        .updates_by_outcome(&id)
+        .await?
+        .into_iter()
+        .map(|(state, error, count)| json!({"state": state, "error": error, "count": count}))
+        .collect();
+
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
     let cpu = cpuinfo
         .lines()
@@ -282,6 +290,7 @@ async fn main() -> Result<()> {
             "wave": per_device(&wave, n),
             "wave_links_lost": lost_wave,
             "wave_rollout": last.lock().unwrap_or_else(|e| e.into_inner())["progress"].clone(),
+            "wave_updates_by_outcome": outcomes,
             "all_connected_after_wave": reconnected,
         }))?
     );
