@@ -114,6 +114,50 @@ pub async fn connect_with(
     }
 }
 
+/// Leaves a persistent session (clean start off, expiry 1 h) at the broker on `port`,
+/// subscribed to `filter` at QoS 1, as a client that then went away: what an earlier server
+/// version left behind.
+pub async fn leave_persistent_session(
+    port: u16,
+    ca_pem: &str,
+    client_auth: (&str, &str),
+    client_id: &str,
+    filter: &str,
+) -> Result<()> {
+    let mut o = MqttOptions::new(client_id, "localhost", port);
+    o.set_clean_start(false);
+    o.set_connect_properties(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+        session_expiry_interval: Some(3600),
+        ..Default::default()
+    });
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca: ca_pem.as_bytes().to_vec(),
+        alpn: None,
+        client_auth: Some((
+            client_auth.0.as_bytes().to_vec(),
+            client_auth.1.as_bytes().to_vec(),
+        )),
+    }));
+    let (client, mut eventloop) = AsyncClient::new(o, 8);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
+    let run = async {
+        loop {
+            match eventloop.poll().await? {
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    anyhow::ensure!(
+                        ack.return_codes == [SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+                        "{filter} refused: {ack:?}"
+                    );
+                    client.disconnect().await?;
+                }
+                Event::Outgoing(rumqttc::Outgoing::Disconnect) => return anyhow::Ok(()),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), run).await?
+}
+
 /// Connects as a device with its own identity (client id = its CN); an error if refused.
 ///
 /// "Server unavailable" is retried a few times, as a device does: the embedded broker answers

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use flotilla_e2e::mosquitto::Mosquitto;
-use flotilla_e2e::mqtt::{Outcome, Session, connect, connect_device};
+use flotilla_e2e::mqtt::{Outcome, Session, connect, connect_device, leave_persistent_session};
 use flotilla_e2e::{DeviceIdentity, Server, wait_for};
 use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
 use serde_json::Value;
@@ -315,4 +315,59 @@ async fn the_service_certificates_rotate_while_the_server_runs() {
         server.log().contains("renewed service certificate"),
         "the renewal is logged"
     );
+}
+
+/// A server of an earlier version left its persistent ingest session subscribed in the fixed
+/// group `flotilla`, which any device may join on Mosquitto. Resuming that session, the server
+/// leaves the group: each reading reaches it once, through its own group, and none through the
+/// old one it would share with the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_server_leaves_the_fixed_group_its_resumed_session_held() {
+    let mut server = Server::start(&[]).await.unwrap();
+    let admin = server.admin("admin@x.io").await.unwrap();
+    let thief = server.enroll(&admin, "dev-0").await.unwrap();
+    let sender = server.enroll(&admin, "dev-1").await.unwrap();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let mosquitto = Mosquitto::start(broker_dir.path(), &server.data_dir(), "r1")
+        .await
+        .unwrap();
+    let ca = flotilla_pki::CertificateAuthority::load_or_create(&server.data_dir()).unwrap();
+    let svc = ca.issue_service_certificate("server-ingest-r1").unwrap();
+    let retired = "$share/flotilla/devices/+/telemetry";
+    leave_persistent_session(
+        mosquitto.service_port,
+        &server.ca_pem(),
+        (&svc.certificate_pem, &svc.private_key_pem),
+        "svc:server-ingest-r1",
+        retired,
+    )
+    .await
+    .unwrap();
+    let mut waiting = connect_device(mosquitto.device_port, &thief).await.unwrap();
+    assert!(matches!(
+        waiting.subscribe(retired).await.unwrap(),
+        SubscribeReasonCode::Success(_)
+    ));
+
+    let url = format!("mqtts://localhost:{}", mosquitto.service_port);
+    server.set_args(&["--broker-url", &url, "--replica-id", "r1"]);
+    server.restart().await.unwrap();
+    // Every upward channel's retired filter is confirmed gone (one of them was there).
+    wait_count(&server, &admin, "retiredUnsubscribed", 5)
+        .await
+        .unwrap();
+    assert_eq!(link_count(&server, &admin, "resumed").await, 1);
+    let mut session = connect_device(mosquitto.device_port, &sender)
+        .await
+        .unwrap();
+    let received = link_count(&server, &admin, "received").await;
+    let sent: BTreeSet<_> = publish(&mut session, "dev-1", 0..20)
+        .await
+        .into_iter()
+        .collect();
+    wait_stored(&server, &sent).await.unwrap();
+    // Still in the old group, about half would arrive a second time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(link_count(&server, &admin, "received").await - received, 20);
+    drop(waiting);
 }

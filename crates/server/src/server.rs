@@ -184,7 +184,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             let mut ingest = IngestLink::start(
                 ingest_link,
                 &ingest_id,
-                ingest_filters(&share_group),
+                (ingest_filters(&share_group), retired_ingest_filters()),
                 writer.clone(),
                 gate.clone(),
                 claim,
@@ -197,7 +197,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     ca: ca.clone(),
                     broker: adopter_link,
                     replica: config.replica_id.clone(),
-                    filters: ingest_filters(&share_group),
+                    // A dead peer of an earlier version may hold the retired ones.
+                    filters: [ingest_filters(&share_group), retired_ingest_filters()].concat(),
                     writer,
                     gate: gate.clone(),
                     stats: ingest.stats.clone(),
@@ -415,6 +416,13 @@ fn ingest_filters(group: &str) -> Vec<String> {
 fn ingest_share_group(ca: &flotilla_pki::CertificateAuthority) -> String {
     let secret = ca.derive_secret("ingest shared-subscription group");
     format!("flotilla-{}", hex::encode(&secret[..16]))
+}
+
+/// The filters of the fixed group versions before the secret one used. A persistent session
+/// keeps them across an upgrade, and through them it would take a share of every message a
+/// second time, in a group a device can join.
+fn retired_ingest_filters() -> Vec<String> {
+    ingest_filters("flotilla")
 }
 
 /// How long a closed connection waits before it counts: messages the device sent just before

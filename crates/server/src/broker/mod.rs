@@ -122,6 +122,7 @@ impl BrokerControl for External {
             "blocked": s.blocked.load(Relaxed),
             "adopted": s.adopted.load(Relaxed),
             "unsentAcks": s.unsent_acks.load(Relaxed),
+            "retiredUnsubscribed": s.retired.load(Relaxed),
         }))
     }
 }

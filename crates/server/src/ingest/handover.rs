@@ -118,6 +118,7 @@ pub struct Adopter {
     pub broker: ServiceLink,
     /// This replica's id.
     pub replica: String,
+    /// What a drained session is unsubscribed from: every filter a replica may hold.
     pub filters: Vec<String>,
     pub writer: Writer,
     pub gate: Arc<DeviceGate>,

@@ -71,6 +71,8 @@ pub struct LinkStats {
     pub adopted: AtomicU64,
     /// Acks that found the client's queue full ([`REQUEST_QUEUE`]).
     pub unsent_acks: AtomicU64,
+    /// Retired filters the broker confirmed this link's session no longer holds.
+    pub retired: AtomicU64,
 }
 
 /// Whether a link may connect now. A link that lost its claim stays on the connection it has
@@ -112,11 +114,12 @@ pub struct IngestLink {
 
 impl IngestLink {
     /// Connects as `client_id` whenever `claim` allows, subscribes to `filters` at QoS 1 at
-    /// every session start, and starts the runner.
+    /// every session start (and on a resumed session unsubscribes `retired`, filters an
+    /// earlier version subscribed), and starts the runner.
     pub fn start(
         mut link: ServiceLink,
         client_id: &str,
-        filters: Vec<String>,
+        (filters, retired): (Vec<String>, Vec<String>),
         writer: Writer,
         gate: Arc<DeviceGate>,
         claim: Claim,
@@ -127,6 +130,7 @@ impl IngestLink {
         let runner = Runner {
             intake: Intake::new(client, writer, gate, stats.clone()),
             filters,
+            retired,
             state: state_tx,
             link,
             claim,
@@ -171,6 +175,8 @@ pub fn new_client(options: rumqttc::v5::MqttOptions) -> (AsyncClient, EventLoop)
 
 struct Runner {
     filters: Vec<String>,
+    /// Subscriptions a resumed session may still hold from an earlier version.
+    retired: Vec<String>,
     /// Also how the runner reaches the client and the stats.
     intake: Intake,
     state: watch::Sender<State>,
@@ -221,6 +227,12 @@ impl Runner {
                     if let Err(e) = self.intake.acker.client.try_subscribe_many(filters) {
                         tracing::error!(error = %e, "ingest link could not subscribe");
                     }
+                    // What the session queued for them is delivered all the same.
+                    for filter in self.retired.iter().filter(|_| ack.session_present) {
+                        if let Err(e) = self.intake.acker.client.try_unsubscribe(filter.clone()) {
+                            tracing::error!(error = %e, "ingest link could not unsubscribe a retired filter");
+                        }
+                    }
                     tracing::info!(resumed = ack.session_present, "ingest link connected");
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -236,6 +248,26 @@ impl Runner {
                         let why = format!("subscriptions refused: {refused:?}");
                         tracing::error!(%why, "the broker refused ingest; no device message reaches this server");
                         let _ = self.state.send(State::Refused(why));
+                    }
+                }
+                Ok(Event::Incoming(Packet::UnsubAck(ack))) => {
+                    // Only retired filters are ever unsubscribed here; "no subscription
+                    // existed" is as good as gone.
+                    use rumqttc::v5::mqttbytes::v5::UnsubAckReason;
+                    let gone = ack.reasons.iter().filter(|r| {
+                        matches!(
+                            r,
+                            UnsubAckReason::Success | UnsubAckReason::NoSubscriptionExisted
+                        )
+                    });
+                    let gone = gone.count() as u64;
+                    self.intake
+                        .acker
+                        .stats
+                        .retired
+                        .fetch_add(gone, Ordering::Relaxed);
+                    if gone < ack.reasons.len() as u64 {
+                        tracing::error!(reasons = ?ack.reasons, "the broker refused to unsubscribe a retired ingest filter");
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
