@@ -530,6 +530,21 @@ mod tests {
         let (mut image, manifest, layout, mut flash) = setup(50_000);
         let last = image.len() - 1;
         image[last] ^= 0xFF;
+        assert_eq!(
+            install_uncut(image, &manifest, layout, &mut flash)
+                .await
+                .unwrap_err(),
+            "image SHA-256 does not match the manifest"
+        );
+    }
+
+    /// `image` served without a cut, installed from the start.
+    async fn install_uncut(
+        image: Vec<u8>,
+        manifest: &FirmwareManifest,
+        layout: Layout,
+        flash: &mut Ram,
+    ) -> Result<(), String> {
         let mut source = Flaky {
             image,
             cuts: vec![],
@@ -537,17 +552,13 @@ mod tests {
             opened_at: vec![],
             stall_first: false,
         };
-        let result = install(
+        install(
             &mut source,
-            &mut OtaData::new(layout, &mut flash),
-            plan(&manifest, Start::Fresh, RETRY),
+            &mut OtaData::new(layout, flash),
+            plan(manifest, Start::Fresh, RETRY),
             &mut Watch::default(),
         )
-        .await;
-        assert_eq!(
-            result.unwrap_err(),
-            "image SHA-256 does not match the manifest"
-        );
+        .await
     }
 
     /// Bytes the release key signed are installed only if the bootloader would boot them, and
@@ -581,20 +592,7 @@ mod tests {
         ] {
             // The manifest is the one for esp32c3 2.0.0 with counter 0, over these bytes.
             let (image, manifest, layout, mut flash) = setup_with(image);
-            let mut source = Flaky {
-                image,
-                cuts: vec![],
-                forever: false,
-                opened_at: vec![],
-                stall_first: false,
-            };
-            let result = install(
-                &mut source,
-                &mut OtaData::new(layout, &mut flash),
-                plan(&manifest, Start::Fresh, RETRY),
-                &mut Watch::default(),
-            )
-            .await;
+            let result = install_uncut(image, &manifest, layout, &mut flash).await;
             assert_eq!(result.unwrap_err(), why);
         }
     }
