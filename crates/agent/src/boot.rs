@@ -63,7 +63,9 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
     let mut outcome = bootloader(&mut ota, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)
         .map_err(|e| anyhow::anyhow!("otadata: {e:?}"))?;
     // The selected slot does not verify: boot the other one, as ESP-IDF's bootloader falls
-    // back to the next slot that loads, and select it so the next boot does the same.
+    // back to another slot that loads. Unlike ESP-IDF (which leaves otadata as it is), select
+    // it (VALID: it ran before, or is the factory image), because the app takes the slot not
+    // selected as the one to write the next image to, and that must not be the one running.
     let other = 1 - outcome.slot;
     if image::read(ota.flash(), layout, outcome.slot).is_none()
         && image::read(ota.flash(), layout, other).is_some()
@@ -85,7 +87,8 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
     if outcome.rolled_back {
         tracing::warn!(
             boots = stored.unstable_boots,
-            "new image never confirmed: rolled back to the previous slot"
+            slot = outcome.slot,
+            "the selected image was given up (never confirmed, or its slot did not verify): booting the other slot"
         );
         nvs.apply(&Persist::UnstableBoots(0))?;
         stored.unstable_boots = 0;

@@ -578,9 +578,12 @@ mod tests {
         for (image, why) in [
             (
                 vec![0xA5u8; 40_000],
-                "not an app image the bootloader would boot",
+                "not an ESP32-C3 app image the bootloader would boot",
             ),
-            (broken, "not an app image the bootloader would boot"),
+            (
+                broken,
+                "not an ESP32-C3 app image the bootloader would boot",
+            ),
             (
                 crate::image::build(&header("devkit-c3", 0), 40_000).unwrap(),
                 "app descriptor disagrees with the manifest",
@@ -589,11 +592,39 @@ mod tests {
                 crate::image::build(&header("esp32c3", 1), 40_000).unwrap(),
                 "app descriptor disagrees with the manifest",
             ),
+            (
+                crate::image::build(
+                    &crate::image::ImageHeader {
+                        version: "2.0.1".into(),
+                        ..header("esp32c3", 0)
+                    },
+                    40_000,
+                )
+                .unwrap(),
+                "app descriptor disagrees with the manifest",
+            ),
         ] {
             // The manifest is the one for esp32c3 2.0.0 with counter 0, over these bytes.
             let (image, manifest, layout, mut flash) = setup_with(image);
             let result = install_uncut(image, &manifest, layout, &mut flash).await;
             assert_eq!(result.unwrap_err(), why);
+            // The refused image cannot be booted by any fallback either.
+            assert!(crate::image::read(&flash, &layout, 1).is_none());
         }
+    }
+
+    /// A file with bytes after the image (its size not a multiple of the write unit): the tail
+    /// is written padded, and the image verifies.
+    #[tokio::test(start_paused = true)]
+    async fn an_image_followed_by_a_few_bytes_is_installed_whole() {
+        let (mut image, ..) = setup(40_000);
+        image.extend_from_slice(&[1, 2, 3]);
+        let (image, manifest, layout, mut flash) = setup_with(image);
+        install_uncut(image.clone(), &manifest, layout, &mut flash)
+            .await
+            .unwrap();
+        let at = layout.slots[1];
+        assert_eq!(&flash.0[at..at + image.len()], &image[..]);
+        assert_eq!(flash.0[at + image.len()], 0xFF, "padding");
     }
 }

@@ -125,9 +125,11 @@ pub fn sign(req: &SignRequest<'_>) -> Result<PathBuf, ApiFailure> {
     )?;
     version
         .parse::<flotilla_proto::FirmwareVersion>()
-        .map_err(|e| ApiFailure::usage(format!("--version: {e}")))?;
+        .map_err(|e| ApiFailure::usage(format!("the app descriptor's version {version:?}: {e}")))?;
     if hardware.is_empty() {
-        return Err(ApiFailure::usage("--hardware must not be empty"));
+        return Err(ApiFailure::usage(
+            "the app descriptor's project name is empty",
+        ));
     }
     let pem = std::fs::read_to_string(req.key)
         .map_err(|e| fail(&format!("reading {}", req.key.display()), e))?;

@@ -44,7 +44,14 @@ pub struct SlotWriter {
     tail: [u8; TAIL],
     tail_len: usize,
     check: ImageCheck,
-    /// What the image's app descriptor must say: the manifest's version, hardware, counter.
+    expected: Expected,
+}
+
+/// What the image must be: the manifest's size, and its app descriptor the manifest's
+/// version, hardware and counter.
+#[derive(Debug, Clone)]
+struct Expected {
+    size: usize,
     version: String,
     hardware: String,
     security_counter: u32,
@@ -108,9 +115,13 @@ impl SlotWriter {
             tail: [0xFF; TAIL],
             tail_len: 0,
             check: ImageCheck::new(manifest)?,
-            version: manifest.version.clone(),
-            hardware: manifest.hardware.clone(),
-            security_counter: manifest.security_counter,
+            expected: Expected {
+                // Checked against the slot's length above.
+                size: usize::try_from(manifest.size).unwrap_or(usize::MAX),
+                version: manifest.version.clone(),
+                hardware: manifest.hardware.clone(),
+                security_counter: manifest.security_counter,
+            },
         })
     }
 
@@ -156,11 +167,12 @@ impl SlotWriter {
         Ok(())
     }
 
-    /// Writes the held-back bytes (padded with 0xFF), checks size and hash, then reads the slot
-    /// back as the bootloader will (header, segments, checksum, appended SHA-256, as ESP-IDF's
-    /// `esp_ota_end` does) and checks that its app descriptor says what the manifest says.
-    /// Only after this succeeds may the slot be activated: a signed file that is not a bootable
-    /// image would otherwise leave the chip nothing to boot.
+    /// Writes the held-back bytes (padded with 0xFF), checks size and hash, then reads the
+    /// image back from the slot within the bytes the manifest vouches for, as the bootloader
+    /// will (header, chip id, segments, checksum, appended SHA-256), and checks that its app
+    /// descriptor says what the manifest says. Only after this succeeds may the slot be
+    /// activated: a signed file that is not a bootable image would leave the chip nothing to
+    /// boot. A refused image's first block is erased, so no fallback ever boots it.
     pub fn finish<S: OtaSlots>(mut self, slots: &mut S) -> Result<(), InstallError> {
         if self.tail_len > 0 {
             let align = S::WRITE_ALIGN.min(TAIL);
@@ -169,14 +181,29 @@ impl SlotWriter {
             self.flushed += align;
         }
         self.check.finish()?;
-        let info = app_image::verify(slots.slot_len(), |at, buf| slots.read_next(at, buf))
+        if let Err(refused) = self.expected.described_in(slots) {
+            slots.erase_next(0)?;
+            return Err(refused.into());
+        }
+        Ok(())
+    }
+}
+
+impl Expected {
+    /// Whether the slot holds an ESP32-C3 app image whose descriptor is the manifest's.
+    fn described_in<S: OtaSlots>(&self, slots: &S) -> Result<(), OtaRejection> {
+        let limit = self.size.min(slots.slot_len());
+        let info = app_image::verify(limit, |at, buf| slots.read_next(at, buf))
             .map_err(|_| OtaRejection::NotAnAppImage)?;
         let desc = info.app_desc().ok_or(OtaRejection::NotAnAppImage)?;
+        if info.chip_id != app_image::CHIP_ID_ESP32C3 {
+            return Err(OtaRejection::NotAnAppImage);
+        }
         if desc.version() != Some(self.version.as_str())
             || desc.project_name() != Some(self.hardware.as_str())
             || desc.secure_version() != self.security_counter
         {
-            return Err(OtaRejection::DescriptorMismatch.into());
+            return Err(OtaRejection::DescriptorMismatch);
         }
         Ok(())
     }

@@ -52,7 +52,7 @@ impl OtaRejection {
             OtaRejection::Truncated => "image shorter than declared",
             OtaRejection::HashMismatch => "image SHA-256 does not match the manifest",
             OtaRejection::TooLargeForSlot => "image larger than the slot",
-            OtaRejection::NotAnAppImage => "not an app image the bootloader would boot",
+            OtaRejection::NotAnAppImage => "not an ESP32-C3 app image the bootloader would boot",
             OtaRejection::DescriptorMismatch => "app descriptor disagrees with the manifest",
         }
     }

@@ -128,8 +128,8 @@ impl<F: Flash> Flash for &mut F {
 /// counts the boots in NVS).
 ///
 /// ESP-IDF's bootloader (with `CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE`) gives an image one
-/// boot: it marks a PENDING_VERIFY entry ABORTED at the next power-on, and the other entry
-/// wins. The virtual chip allows three so that an image crashing once (a brown-out, a
-/// watchdog while Wi-Fi comes up) is not given up at once; on the chip the app meets
-/// ESP-IDF's rule, and the server sees ROLLED_BACK either way.
+/// boot: at the next reset it marks a PENDING_VERIFY entry ABORTED, and the other entry wins.
+/// The virtual chip allows three so that an image crashing once (a brown-out, a watchdog
+/// while Wi-Fi comes up) is not given up at once. A chip running ESP-IDF's bootloader rolls
+/// back after one; the server sees ROLLED_BACK either way.
 pub const MAX_UNCONFIRMED_BOOTS: u32 = 3;

@@ -190,19 +190,19 @@ fn release_keys_sign_and_verify_offline() {
             .status
             .success()
     );
-    assert_eq!(
-        run(&[
-            "release",
-            "sign",
-            "fw.bin",
-            "--version",
-            "1.3",
-            "--hardware",
-            "esp32c3"
-        ])
-        .status
-        .code(),
-        Some(2)
+    let refused = run(&[
+        "release",
+        "sign",
+        "fw.bin",
+        "--version",
+        "1.3",
+        "--hardware",
+        "esp32c3",
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--version 1.3 disagrees"),
+        "{refused:?}"
     );
 
     // One flipped bit in the image, or a key that did not sign it: refused.

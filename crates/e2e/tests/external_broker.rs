@@ -319,8 +319,9 @@ async fn the_service_certificates_rotate_while_the_server_runs() {
 
 /// A server of an earlier version left its persistent ingest session subscribed in the fixed
 /// group `flotilla`, which any device may join on Mosquitto. Resuming that session, the server
-/// leaves the group: each reading reaches it once, through its own group, and none through the
-/// old one it would share with the device.
+/// leaves the group: what the broker queued for the old session while no server ran is stored,
+/// and each later reading reaches the server once, through its own group, and none through
+/// the old one it would share with the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_server_leaves_the_fixed_group_its_resumed_session_held() {
     let mut server = Server::start(&[]).await.unwrap();
@@ -343,6 +344,14 @@ async fn an_upgraded_server_leaves_the_fixed_group_its_resumed_session_held() {
     )
     .await
     .unwrap();
+    // Queued for the old session, the group's only member.
+    let mut session = connect_device(mosquitto.device_port, &sender)
+        .await
+        .unwrap();
+    let mut sent: BTreeSet<_> = publish(&mut session, "dev-1", 0..20)
+        .await
+        .into_iter()
+        .collect();
     let mut waiting = connect_device(mosquitto.device_port, &thief).await.unwrap();
     assert!(matches!(
         waiting.subscribe(retired).await.unwrap(),
@@ -357,14 +366,9 @@ async fn an_upgraded_server_leaves_the_fixed_group_its_resumed_session_held() {
         .await
         .unwrap();
     assert_eq!(link_count(&server, &admin, "resumed").await, 1);
-    let mut session = connect_device(mosquitto.device_port, &sender)
-        .await
-        .unwrap();
+    wait_stored(&server, &sent).await.unwrap();
     let received = link_count(&server, &admin, "received").await;
-    let sent: BTreeSet<_> = publish(&mut session, "dev-1", 0..20)
-        .await
-        .into_iter()
-        .collect();
+    sent.extend(publish(&mut session, "dev-1", 20..40).await);
     wait_stored(&server, &sent).await.unwrap();
     // Still in the old group, about half would arrive a second time.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -299,7 +299,7 @@ enum Then {
 async fn replica_b_sigkilled_while_devices_publish(then: Then) {
     let Rig {
         a,
-        mut b,
+        b,
         admin,
         ids,
         sessions,
@@ -325,14 +325,14 @@ async fn replica_b_sigkilled_while_devices_publish(then: Then) {
     .await
     .unwrap();
     // The replica killed is the one that does not lead (the leader's death is tested with a
-    // rollout below).
-    wait_for(
-        "A leading, B following",
-        Duration::from_secs(30),
-        || async { (a.leads(&admin).await? && !b.leads(&admin).await?).then_some(()) },
-    )
+    // rollout below): from here on `a` leads and `b` follows.
+    let b_leads = wait_for("one leader", Duration::from_secs(30), || async {
+        let (la, lb) = (a.leads(&admin).await?, b.leads(&admin).await?);
+        (la != lb).then_some(lb)
+    })
     .await
     .unwrap();
+    let (a, mut b) = if b_leads { (b, a) } else { (a, b) };
     if let Then::LeaveDead = then {
         // B dies holding messages it took and could not commit (the database stalls their
         // inserts): they stay unacknowledged in its session, which only a drain can store.

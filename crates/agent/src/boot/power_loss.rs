@@ -6,7 +6,7 @@
 //! (`SlotWriter`, `OtaData`), the bootloader this agent's.
 
 use flotilla_device_core::install::{InstallError, SlotWriter};
-use flotilla_device_core::ota::to_hex;
+use flotilla_device_core::ota::{OtaRejection, to_hex};
 use flotilla_device_core::otadata::{Layout, OtaData};
 use flotilla_device_core::slots::{Flash, FlashError, ImageState, MAX_UNCONFIRMED_BOOTS, OtaSlots};
 use flotilla_proto::FirmwareManifest;
@@ -364,13 +364,23 @@ fn bad_images_never_reach_activation_and_leave_the_running_slot_untouched() {
     let mut longer = img.clone();
     longer.push(0);
     let other = image(7);
-    let cases: [(&str, &[u8], &FirmwareManifest); 4] = [
-        ("bit flip", &flipped, &m),
-        ("truncated", &img[..img.len() - 1], &m),
-        ("longer than declared", &longer, &m),
-        ("another release's image", &other, &m),
+    let cases: [(&str, &[u8], &FirmwareManifest, OtaRejection); 4] = [
+        ("bit flip", &flipped, &m, OtaRejection::HashMismatch),
+        (
+            "truncated",
+            &img[..img.len() - 1],
+            &m,
+            OtaRejection::Truncated,
+        ),
+        ("longer than declared", &longer, &m, OtaRejection::TooLarge),
+        (
+            "another release's image",
+            &other,
+            &m,
+            OtaRejection::HashMismatch,
+        ),
     ];
-    for (name, bytes, manifest) in cases {
+    for (name, bytes, manifest, reason) in cases {
         let mut f = factory();
         let before = f.mem.clone();
         let result = (|| {
@@ -381,7 +391,11 @@ fn bad_images_never_reach_activation_and_leave_the_running_slot_untouched() {
             }
             w.finish(&mut slots)
         })();
-        assert!(matches!(result, Err(InstallError::Rejected(_))), "{name}");
+        assert_eq!(
+            result.unwrap_err(),
+            InstallError::Rejected(reason),
+            "{name}"
+        );
         assert_eq!(ota(&mut f).selection(), None, "{name}: otadata changed");
         assert_eq!(
             f.mem[..2 * BLOCK + SLOT_LEN],

@@ -34,7 +34,8 @@ pub enum BootedImage {
     Valid,
     /// A new image on probation: confirm it after the health check.
     PendingVerify,
-    /// A new image was given up; the previous one is running again.
+    /// The bootloader gave the selected image up (never confirmed, or its slot did not
+    /// verify); the other slot's is running.
     RolledBack,
 }
 
@@ -116,7 +117,7 @@ impl Device {
                 progress: None,
                 version: Some(a.version),
                 error: Some(alloc::format!(
-                    "image not confirmed after {MAX_UNCONFIRMED_BOOTS} boots; previous image restored"
+                    "the bootloader gave the image up (not confirmed within {MAX_UNCONFIRMED_BOOTS} boots, or its slot did not verify); previous image restored"
                 )),
             };
             self.persist(Persist::OtaOutcome(status.clone()));
