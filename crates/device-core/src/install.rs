@@ -7,11 +7,9 @@
 //! bytes already in flash are hashed again — the hasher's state does not survive a reboot — and
 //! the erase block holding the offset is erased again, since a torn write may have touched it.
 
-use alloc::string::String;
-
 use flotilla_proto::FirmwareManifest;
 
-use crate::app_image;
+use crate::app_image::{self, CHIP_ID_ESP32C3};
 use crate::ota::{ImageCheck, OtaRejection};
 use crate::slots::{FlashError, OtaSlots};
 
@@ -44,17 +42,8 @@ pub struct SlotWriter {
     tail: [u8; TAIL],
     tail_len: usize,
     check: ImageCheck,
-    expected: Expected,
-}
-
-/// What the image must be: the manifest's size, and its app descriptor the manifest's
-/// version, hardware and counter.
-#[derive(Debug, Clone)]
-struct Expected {
-    size: usize,
-    version: String,
-    hardware: String,
-    security_counter: u32,
+    /// What the image must be ([`check_app_image`]).
+    manifest: FirmwareManifest,
 }
 
 impl SlotWriter {
@@ -115,13 +104,7 @@ impl SlotWriter {
             tail: [0xFF; TAIL],
             tail_len: 0,
             check: ImageCheck::new(manifest)?,
-            expected: Expected {
-                // Checked against the slot's length above.
-                size: usize::try_from(manifest.size).unwrap_or(usize::MAX),
-                version: manifest.version.clone(),
-                hardware: manifest.hardware.clone(),
-                security_counter: manifest.security_counter,
-            },
+            manifest: manifest.clone(),
         })
     }
 
@@ -181,7 +164,10 @@ impl SlotWriter {
             self.flushed += align;
         }
         self.check.finish()?;
-        if let Err(refused) = self.expected.described_in(slots) {
+        // The size was checked against the slot's length at the start.
+        let limit = usize::try_from(self.manifest.size).unwrap_or(usize::MAX);
+        let read = |at: usize, buf: &mut [u8]| slots.read_next(at, buf);
+        if let Err(refused) = check_app_image(&self.manifest, Some(CHIP_ID_ESP32C3), limit, read) {
             slots.erase_next(0)?;
             return Err(refused.into());
         }
@@ -189,24 +175,29 @@ impl SlotWriter {
     }
 }
 
-impl Expected {
-    /// Whether the slot holds an ESP32-C3 app image whose descriptor is the manifest's.
-    fn described_in<S: OtaSlots>(&self, slots: &S) -> Result<(), OtaRejection> {
-        let limit = self.size.min(slots.slot_len());
-        let info = app_image::verify(limit, |at, buf| slots.read_next(at, buf))
-            .map_err(|_| OtaRejection::NotAnAppImage)?;
-        let desc = info.app_desc().ok_or(OtaRejection::NotAnAppImage)?;
-        if info.chip_id != app_image::CHIP_ID_ESP32C3 {
-            return Err(OtaRejection::NotAnAppImage);
-        }
-        if desc.version() != Some(self.version.as_str())
-            || desc.project_name() != Some(self.hardware.as_str())
-            || desc.secure_version() != self.security_counter
-        {
-            return Err(OtaRejection::DescriptorMismatch);
-        }
-        Ok(())
+/// Whether the first `len` bytes `read` gives are an app image (header, segments, checksum,
+/// appended SHA-256) whose app descriptor names the manifest's version, hardware (as the
+/// project name) and security counter (as `secure_version`), and, if `chip` is given, built
+/// for that chip. What a device checks before it activates a slot, and the server before it
+/// stores a release's image.
+pub fn check_app_image(
+    manifest: &FirmwareManifest,
+    chip: Option<u16>,
+    len: usize,
+    read: impl FnMut(usize, &mut [u8]),
+) -> Result<(), OtaRejection> {
+    let info = app_image::verify(len, read).map_err(|_| OtaRejection::NotAnAppImage)?;
+    let desc = info.app_desc().ok_or(OtaRejection::NotAnAppImage)?;
+    if chip.is_some_and(|chip| chip != info.chip_id) {
+        return Err(OtaRejection::NotAnAppImage);
     }
+    if desc.version() != Some(manifest.version.as_str())
+        || desc.project_name() != Some(manifest.hardware.as_str())
+        || desc.secure_version() != manifest.security_counter
+    {
+        return Err(OtaRejection::DescriptorMismatch);
+    }
+    Ok(())
 }
 
 /// Erase blocks an image of the manifest's size covers (its size was checked against the

@@ -56,6 +56,31 @@ impl Kit {
     }
 }
 
+impl Kit {
+    /// A manifest for `bytes` naming `version` and `hardware`, signed with the kit's key
+    /// without the CLI's checks (which refuse what is not the app image it names): what an
+    /// operator with a careless script, or an older CLI, could publish. The body for
+    /// `POST /api/releases`.
+    pub fn sign_anything(&self, bytes: &[u8], version: &str, hardware: &str) -> serde_json::Value {
+        use p256::ecdsa::signature::Signer;
+        use p256::pkcs8::DecodePrivateKey;
+        use sha2::Digest;
+        let pem = std::fs::read_to_string(self.dir.join("release.key")).expect("release key");
+        let key = p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).expect("a P-256 key");
+        let manifest = serde_json::json!({
+            "version": version,
+            "hardware": hardware,
+            "size": bytes.len(),
+            "sha256": hex::encode(sha2::Sha256::digest(bytes)),
+            "security_counter": 0,
+            "issued_at": 1_800_000_000u64,
+        })
+        .to_string();
+        let signature: p256::ecdsa::Signature = key.sign(manifest.as_bytes());
+        serde_json::json!({"manifest": manifest, "signature": hex::encode(signature.to_bytes())})
+    }
+}
+
 /// The manifest `flotilla release sign` wrote beside `image` (the signed text, parsed).
 pub fn signed_manifest(image: &Path) -> serde_json::Value {
     let path = PathBuf::from(format!("{}.manifest.json", image.display()));

@@ -1092,3 +1092,51 @@ async fn cancelling_a_rollouts_update_frees_its_target_without_a_failure_and_rea
     assert_eq!(arrived, [json!({ "cancel": offer_id })]);
     Ok(())
 }
+
+/// A validly signed release whose image is not the app image its manifest names (a file of
+/// another kind, a build for another board) is refused at upload, and stays unready: every
+/// device would otherwise download it whole, and then refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_release_whose_image_is_not_the_app_image_it_names_is_refused_at_upload()
+-> anyhow::Result<()> {
+    let (tmp, kit, server, jwt, cli) = rig(&[], &[]).await?;
+    let other_board = tmp.path().join("other-board.bin");
+    let built = std::process::Command::new(flotilla_e2e::bin("flotilla-agent"))
+        .args([
+            "image",
+            "--version",
+            "1.2.0",
+            "--hardware",
+            "devkit-c3",
+            "--out",
+        ])
+        .arg(&other_board)
+        .output()?;
+    assert!(built.status.success(), "{built:?}");
+    for (version, bytes, why) in [
+        (
+            "1.2.0",
+            std::fs::read(&other_board)?,
+            "app descriptor disagrees with the manifest",
+        ),
+        ("1.3.0", vec![0xA5u8; 4096], "not an ESP32-C3 app image"),
+    ] {
+        let signed = kit.sign_anything(&bytes, version, "esp32c3");
+        let (s, body) = server
+            .call("POST", "/api/releases", Some(&jwt), Some(signed))
+            .await?;
+        assert_eq!(s, 201, "{body}");
+        let (s, body) = put_image(&server, &jwt, version, bytes).await;
+        assert_eq!(s, 400, "{body}");
+        assert!(body.to_string().contains(why), "{body}");
+    }
+    let releases = cli.json(&["release", "list"]);
+    let ready: Vec<_> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ready"].clone())
+        .collect();
+    assert_eq!(ready, [json!(false), json!(false)], "{releases}");
+    Ok(())
+}

@@ -215,7 +215,7 @@ impl Artifacts {
 }
 
 /// Writes the upload to `tmp`, refusing it as soon as it outgrows the manifest, and checks
-/// size and hash at the end.
+/// size and hash at the end, then that it is the app image its manifest names.
 async fn stage<S, E>(
     tmp: &Path,
     manifest: &FirmwareManifest,
@@ -255,5 +255,22 @@ where
             "image SHA-256 does not match the manifest".into(),
         ));
     }
-    file.sync_all().await.map_err(|e| UploadError::Io(e.into()))
+    file.sync_all()
+        .await
+        .map_err(|e| UploadError::Io(e.into()))?;
+    drop(file);
+    // What every device would find after downloading it, found once here.
+    let image = tokio::fs::read(tmp)
+        .await
+        .map_err(|e| UploadError::Io(e.into()))?;
+    let manifest = manifest.clone();
+    tokio::task::spawn_blocking(move || {
+        let read = |at: usize, buf: &mut [u8]| buf.copy_from_slice(&image[at..at + buf.len()]);
+        flotilla_device_core::install::check_app_image(&manifest, None, image.len(), read)
+    })
+    .await
+    .map_err(|e| UploadError::Io(e.into()))?
+    .map_err(|refused| {
+        UploadError::Mismatch(format!("{}: a device would refuse it", refused.reason()))
+    })
 }
