@@ -14,14 +14,80 @@
 //! Until then the core keeps it, sends it again after a reconnect, and holds back what depends
 //! on it: recording an OTA outcome as reported, the restart a `reboot` command asked for.
 //!
+//! # Its parts
+//!
+//! Behind the [`Device`] façade: the link (provisioning, Wi-Fi, CSR, broker session and
+//! reconnect backoff; in `device.rs`), the reporter (heartbeat and telemetry timers, the
+//! telemetry sequence), the executor (the command queue, at-most-once ids, the LED), the OTA
+//! flow (offers, download, activation, confirmation; `device/ota_flow.rs`, not yet a part of
+//! its own) and the outbox (what must arrive, until its PUBACK). Pure parts a shell uses
+//! directly: [`download`] (the download policy), [`install`] (writing and checking a slot),
+//! [`otadata`] and [`slots`] (ESP-IDF's slot selection), [`app_image`], [`renewal`].
+//!
+//! # Driving it from a new shell
+//!
+//! 1. At power-on, read what NVS holds into a [`Stored`] and call [`Device::handle_boot`].
+//! 2. Turn every event into its `handle_*` call, with `now` in milliseconds from a monotonic
+//!    clock: the SoftAP's `POST /provision`, Wi-Fi up or lost, the `/sign-csr` answer
+//!    ([`CsrFailure::from_status`]), the broker's CONNACK, each message, each PUBACK
+//!    ([`Device::handle_published`], with the [`Token`] the [`Publish`] carried), the
+//!    download's progress and end, sensor readings, the wall clock once known.
+//! 3. After each call, drain [`Device::poll_action`] and perform every [`Action`] in the
+//!    order given ([`Action::Persist`] before what follows it: a reboot comes after the write
+//!    that makes it safe).
+//! 4. Sleep until [`Device::poll_timeout`] (or the next event) and call
+//!    [`Device::handle_timeout`]. Timers due at once are merged in this order: the link's
+//!    retry, the stable-connection mark, the heartbeat, telemetry, the next command, the OTA
+//!    confirmation, the OTA deadline, a reboot's wait for its reply's PUBACK, then the
+//!    outbox's re-sends.
+//!
 //! ```
-//! use flotilla_device_core::{Action, Config, Device, State, Stored};
+//! use flotilla_device_core::{Action, Config, Device, ProvisionRequest, State, Stored};
 //!
 //! let mut device = Device::new(Config::default(), 42);
-//! device.handle_boot(0, Stored::default());
-//! assert_eq!(device.state(), State::ApMode);
-//! let actions: Vec<Action> = std::iter::from_fn(|| device.poll_action()).collect();
+//! let mut now = 0;
+//! device.handle_boot(now, Stored::default());
+//! let mut actions = Vec::new();
+//! let mut drain = |d: &mut Device, out: &mut Vec<Action>| {
+//!     out.extend(std::iter::from_fn(|| d.poll_action()))
+//! };
+//! drain(&mut device, &mut actions);
 //! assert!(actions.contains(&Action::StartAccessPoint));
+//!
+//! // The phone app posts the Wi-Fi credentials and a provisioning token.
+//! let request = ProvisionRequest {
+//!     ssid: "shop-floor".into(),
+//!     password: "secret-pass".into(),
+//!     device_id: "pump-7".into(),
+//!     provisioning_token: "tok".into(),
+//! };
+//! device.handle_provision(now, request, None).unwrap();
+//! device.handle_wifi_connected(now);
+//! device.handle_csr_result(now, Ok(()));
+//! device.handle_mqtt_connected(now);
+//! assert_eq!(device.state(), State::MqttConnected);
+//!
+//! // A command arrives; the executor runs it at its next timeout and replies.
+//! device.handle_message(
+//!     now,
+//!     "devices/pump-7/command",
+//!     br#"{"id":"c1","name":"ping","expires_at":4000000000}"#,
+//! );
+//! now += 1;
+//! device.handle_timeout(now);
+//! actions.clear();
+//! drain(&mut device, &mut actions);
+//! let reply = actions
+//!     .iter()
+//!     .find_map(|a| match a {
+//!         Action::Publish(p) if p.topic == "devices/pump-7/reply" && p.token.is_some() => Some(p),
+//!         _ => None,
+//!     })
+//!     .expect("the final reply, which must arrive");
+//! // The shell publishes it at QoS 1 and reports the PUBACK: the outbox forgets it.
+//! let before = device.unacknowledged();
+//! device.handle_published(now, reply.token.unwrap());
+//! assert_eq!(device.unacknowledged(), before - 1);
 //! ```
 #![no_std]
 
