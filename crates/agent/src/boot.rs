@@ -56,8 +56,9 @@ pub fn bootloader<S: OtaSlots>(
 pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Result<Booted> {
     let mut ota = flash::open_slots(&nvs.path(FLASH_FILE), layout)?;
     let mut stored = nvs.load();
-    // Never updated: slot 0 holds the factory image this build was flashed with.
-    if ota.selection().is_none() && image::read(ota.flash(), layout, 0).as_ref() != Some(factory) {
+    // Never updated: slot 0 holds the factory image this build was flashed with. (Entries that
+    // are there but not valid leave slot 0 as it is, which ESP-IDF then boots.)
+    if ota.is_blank() && image::read(ota.flash(), layout, 0).as_ref() != Some(factory) {
         image::flash_factory(ota.flash_mut(), layout, factory)?;
     }
     let mut outcome = bootloader(&mut ota, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)

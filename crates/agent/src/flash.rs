@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use flotilla_device_core::otadata::{Layout, OtaData};
-use flotilla_device_core::slots::{Flash, FlashError};
+use flotilla_device_core::slots::{Flash, FlashError, ImageState, OtaSlots};
 
 use crate::partitions;
 
@@ -133,5 +133,110 @@ impl Flash for FileFlash {
         self.file
             .write_all_at(data, offset as u64)
             .map_err(|_| FlashError::PowerLost)
+    }
+}
+
+/// Slots whose flash I/O leaves the async worker it runs on (`block_in_place`, on a
+/// multi-threaded runtime): a download stalled by a slow disk, or erasing an image's blocks,
+/// holds up only itself, not the other devices' connections sharing that worker. On a
+/// current-thread runtime (the paused-clock tests) the I/O runs in place.
+pub struct BlockingIo<S>(pub S);
+
+fn blocking<R>(io: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(io),
+        _ => io(),
+    }
+}
+
+impl<S: OtaSlots> OtaSlots for BlockingIo<S> {
+    const ERASE_BLOCK: usize = S::ERASE_BLOCK;
+    const WRITE_ALIGN: usize = S::WRITE_ALIGN;
+
+    fn slot_len(&self) -> usize {
+        self.0.slot_len()
+    }
+    fn running_slot(&self) -> usize {
+        blocking(|| self.0.running_slot())
+    }
+    fn running_state(&self) -> Option<ImageState> {
+        blocking(|| self.0.running_state())
+    }
+    fn set_running_state(&mut self, state: ImageState) -> Result<(), FlashError> {
+        blocking(|| self.0.set_running_state(state))
+    }
+    fn read_next(&self, offset: usize, buf: &mut [u8]) {
+        blocking(|| self.0.read_next(offset, buf))
+    }
+    fn erase_next(&mut self, offset: usize) -> Result<(), FlashError> {
+        blocking(|| self.0.erase_next(offset))
+    }
+    fn write_next(&mut self, offset: usize, data: &[u8]) -> Result<(), FlashError> {
+        blocking(|| self.0.write_next(offset, data))
+    }
+    fn activate_next(&mut self) -> Result<(), FlashError> {
+        blocking(|| self.0.activate_next())
+    }
+    fn roll_back(&mut self) -> Result<(), FlashError> {
+        blocking(|| self.0.roll_back())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A flash whose writes wait for a word from another task.
+    struct Waiting(mpsc::Receiver<()>);
+
+    impl OtaSlots for Waiting {
+        const ERASE_BLOCK: usize = 4096;
+        const WRITE_ALIGN: usize = 4;
+        fn slot_len(&self) -> usize {
+            4096
+        }
+        fn running_slot(&self) -> usize {
+            0
+        }
+        fn running_state(&self) -> Option<ImageState> {
+            None
+        }
+        fn set_running_state(&mut self, _: ImageState) -> Result<(), FlashError> {
+            Ok(())
+        }
+        fn read_next(&self, _: usize, _: &mut [u8]) {}
+        fn erase_next(&mut self, _: usize) -> Result<(), FlashError> {
+            Ok(())
+        }
+        fn write_next(&mut self, _: usize, _: &[u8]) -> Result<(), FlashError> {
+            self.0
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| FlashError::PowerLost)
+        }
+        fn activate_next(&mut self) -> Result<(), FlashError> {
+            Ok(())
+        }
+        fn roll_back(&mut self) -> Result<(), FlashError> {
+            Ok(())
+        }
+    }
+
+    /// One worker thread, running a download's write that blocks until another task on that
+    /// worker runs: had the write held the worker, it would time out; through `BlockingIo`
+    /// the other task runs meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_slow_flash_write_leaves_the_worker_to_other_tasks() {
+        let download = tokio::spawn(async {
+            let (tx, rx) = mpsc::channel();
+            // Queued on this worker, behind the task running now.
+            let other = tokio::spawn(async move { tx.send(()).unwrap() });
+            let written = BlockingIo(Waiting(rx)).write_next(0, &[0; 4]);
+            other.await.unwrap();
+            written
+        });
+        assert_eq!(download.await.unwrap(), Ok(()));
     }
 }

@@ -660,8 +660,11 @@ impl Runner {
             }
             let result = async {
                 let client = client.map_err(|e| format!("TLS client: {e:#}"))?;
-                let mut slots = flash::open_slots(&nvs.path(FLASH_FILE), &layout)
+                let path = nvs.path(FLASH_FILE);
+                let slots = off_runtime(move || flash::open_slots(&path, &layout))
+                    .await
                     .map_err(|e| format!("{e:#}"))?;
+                let mut slots = flash::BlockingIo(slots);
                 let start = if resume {
                     Start::Resume(nvs.ota_offset())
                 } else {
@@ -670,7 +673,7 @@ impl Runner {
                 let mut progress = AgentProgress {
                     nvs: nvs.clone(),
                     sync: std::sync::Arc::new(
-                        slots.flash().sync_handle().map_err(|e| e.to_string())?,
+                        slots.0.flash().sync_handle().map_err(|e| e.to_string())?,
                     ),
                     tx: tx.clone(),
                     number,
@@ -683,7 +686,7 @@ impl Runner {
                     seed: rand::random(),
                 };
                 download::install(&mut source, &mut slots, plan, &mut progress).await?;
-                let flash = slots.into_flash();
+                let flash = slots.0.into_flash();
                 off_runtime(move || flash.sync().map_err(|e| e.to_string())).await
             }
             .await;

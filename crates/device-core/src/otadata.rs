@@ -134,7 +134,18 @@ impl<F: Flash> OtaData<F> {
         [read(0), read(1)]
     }
 
-    /// The entry the bootloader would follow; `None` on a factory-fresh chip (boot slot 0).
+    /// Whether both otadata entries are erased: a chip never updated (an entry that is there
+    /// but not valid, or given up, is not this).
+    pub fn is_blank(&self) -> bool {
+        (0..2).all(|i| {
+            let mut e = [0u8; ENTRY_LEN];
+            self.flash.read(self.block(i), &mut e);
+            e == [0xFF; ENTRY_LEN]
+        })
+    }
+
+    /// The entry the bootloader would follow; `None` when no entry is valid (a chip never
+    /// updated, or both given up): ESP-IDF then boots `ota_0`.
     pub fn selection(&self) -> Option<Selection> {
         let [a, b] = self.entries();
         let best = match (a, b) {
