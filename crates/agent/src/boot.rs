@@ -56,9 +56,15 @@ pub fn bootloader<S: OtaSlots>(
 pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Result<Booted> {
     let mut ota = flash::open_slots(&nvs.path(FLASH_FILE), layout)?;
     let mut stored = nvs.load();
-    // Never updated: slot 0 holds the factory image this build was flashed with. (Entries that
-    // are there but not valid leave slot 0 as it is, which ESP-IDF then boots.)
-    if ota.is_blank() && image::read(ota.flash(), layout, 0).as_ref() != Some(factory) {
+    // Never updated: slot 0 holds the factory image this build was flashed with. Entries that
+    // are there but not valid leave a bootable slot 0 as it is, which ESP-IDF then boots.
+    let slot0 = image::read(ota.flash(), layout, 0);
+    let factory_due = if ota.is_blank() {
+        slot0.as_ref() != Some(factory)
+    } else {
+        ota.selection().is_none() && slot0.is_none()
+    };
+    if factory_due {
         image::flash_factory(ota.flash_mut(), layout, factory)?;
     }
     let mut outcome = bootloader(&mut ota, stored.unstable_boots, MAX_UNCONFIRMED_BOOTS)
@@ -146,6 +152,51 @@ mod tests {
         }
         let ota = flash::open_slots(&nvs.path(FLASH_FILE), &layout).unwrap();
         assert_eq!(ota.running_slot(), 0, "slot 0 is selected again");
+    }
+
+    /// Both otadata entries given up (INVALID, ABORTED), slot 0 holding an image other than
+    /// the factory one: not a chip never updated, so slot 0 boots as it is (as ESP-IDF boots
+    /// `ota_0`), never overwritten with the factory image.
+    #[test]
+    fn entries_all_given_up_leave_slot_0_as_it_is() {
+        use flotilla_device_core::otadata::encode_entry;
+        let dir = tempfile::tempdir().unwrap();
+        let nvs = Nvs::open(dir.path()).unwrap();
+        let layout = flash::layout(64 * 1024);
+        let header = |version: &str| ImageHeader {
+            version: version.into(),
+            hardware: "esp32c3".into(),
+            security_counter: 0,
+            behaviour: Default::default(),
+        };
+        let (factory, later) = (header("1.0.0"), header("1.5.0"));
+        power_on(&nvs, &layout, &factory).unwrap();
+        {
+            let mut ota = flash::open_slots(&nvs.path(FLASH_FILE), &layout).unwrap();
+            let f = ota.flash_mut();
+            for block in 0..2 {
+                f.erase(layout.slots[0] + block * 4096).unwrap();
+            }
+            let image = crate::image::build(&later, 6000).unwrap();
+            let padded = image.len().div_ceil(4) * 4;
+            let mut image = image;
+            image.resize(padded, 0xFF);
+            f.write(layout.slots[0], &image).unwrap();
+            for (i, state) in [ImageState::Invalid, ImageState::Aborted]
+                .into_iter()
+                .enumerate()
+            {
+                f.erase(layout.otadata + i * 4096).unwrap();
+                f.write(
+                    layout.otadata + i * 4096,
+                    &encode_entry(i as u32 + 1, state),
+                )
+                .unwrap();
+            }
+            f.sync().unwrap();
+        }
+        let booted = power_on(&nvs, &layout, &factory).unwrap();
+        assert_eq!((booted.slot, &booted.header), (0, &later));
     }
 }
 

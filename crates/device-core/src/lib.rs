@@ -21,7 +21,8 @@
 //! telemetry sequence), the executor (the command queue, at-most-once ids, the LED), the OTA
 //! flow (offers, download, activation, confirmation; `device/ota_flow.rs`, not yet a part of
 //! its own) and the outbox (what must arrive, until its PUBACK). Pure parts a shell uses
-//! directly: [`download`] (the download policy), [`install`] (writing and checking a slot),
+//! directly: [`ota`] (checking an offer), [`download`] (the download policy), [`install`]
+//! (writing and checking a slot),
 //! [`otadata`] and [`slots`] (ESP-IDF's slot selection), [`app_image`], [`renewal`].
 //!
 //! # Driving it from a new shell
@@ -29,9 +30,12 @@
 //! 1. At power-on, read what NVS holds into a [`Stored`] and call [`Device::handle_boot`].
 //! 2. Turn every event into its `handle_*` call, with `now` in milliseconds from a monotonic
 //!    clock: the SoftAP's `POST /provision`, Wi-Fi up or lost, the `/sign-csr` answer
-//!    ([`CsrFailure::from_status`]), the broker's CONNACK, each message, each PUBACK
-//!    ([`Device::handle_published`], with the [`Token`] the [`Publish`] carried), the
-//!    download's progress and end, sensor readings, the wall clock once known.
+//!    ([`CsrFailure::from_status`]), the broker's CONNACK and the connection's loss
+//!    ([`Device::handle_mqtt_disconnected`]: the core then reconnects with backoff), each
+//!    message, each PUBACK ([`Device::handle_published`], with the [`Token`] the [`Publish`]
+//!    carried, or [`Device::handle_publish_refused`] for an error reason), the download's
+//!    progress and end, sensor readings, heap and RSSI
+//!    ([`Device::handle_platform_stats`]), the wall clock once known.
 //! 3. After each call, drain [`Device::poll_action`] and perform every [`Action`] in the
 //!    order given ([`Action::Persist`] before what follows it: a reboot comes after the write
 //!    that makes it safe).

@@ -1119,7 +1119,7 @@ async fn a_signed_release_whose_image_is_not_the_app_image_it_names_is_refused_a
             std::fs::read(&other_board)?,
             "app descriptor disagrees with the manifest",
         ),
-        ("1.3.0", vec![0xA5u8; 4096], "not an ESP32-C3 app image"),
+        ("1.3.0", vec![0xA5u8; 4096], "not an app image"),
     ] {
         let signed = kit.sign_anything(&bytes, version, "esp32c3");
         let (s, body) = server

@@ -271,6 +271,13 @@ where
     .await
     .map_err(|e| UploadError::Io(e.into()))?
     .map_err(|refused| {
-        UploadError::Mismatch(format!("{}: a device would refuse it", refused.reason()))
+        // The chip is the device's to check; the reason names none.
+        let why = match refused {
+            flotilla_device_core::ota::OtaRejection::NotAnAppImage => {
+                "not an app image a bootloader would boot"
+            }
+            other => other.reason(),
+        };
+        UploadError::Mismatch(format!("{why}: a device would refuse it"))
     })
 }
