@@ -74,8 +74,9 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
     // it (VALID: it ran before, or is the factory image), because the app takes the slot not
     // selected as the one to write the next image to, and that must not be the one running.
     let other = 1 - outcome.slot;
-    if image::read(ota.flash(), layout, outcome.slot).is_none()
-        && image::read(ota.flash(), layout, other).is_some()
+    let mut header = image::read(ota.flash(), layout, outcome.slot);
+    if header.is_none()
+        && let Some(fallback) = image::read(ota.flash(), layout, other)
     {
         tracing::error!(
             slot = outcome.slot,
@@ -88,6 +89,7 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
             pending_verify: false,
             rolled_back: true,
         };
+        header = Some(fallback);
     }
     let flash = ota.into_flash();
     flash.sync()?;
@@ -107,8 +109,8 @@ pub fn power_on(nvs: &Nvs, layout: &Layout, factory: &ImageHeader) -> anyhow::Re
     } else {
         BootedImage::Valid
     };
-    let header = image::read(&flash, layout, outcome.slot)
-        .with_context(|| format!("slot {} holds no bootable image", outcome.slot))?;
+    let header =
+        header.with_context(|| format!("slot {} holds no bootable image", outcome.slot))?;
     Ok(Booted {
         header,
         slot: outcome.slot,
@@ -177,10 +179,8 @@ mod tests {
             for block in 0..2 {
                 f.erase(layout.slots[0] + block * 4096).unwrap();
             }
-            let image = crate::image::build(&later, 6000).unwrap();
-            let padded = image.len().div_ceil(4) * 4;
-            let mut image = image;
-            image.resize(padded, 0xFF);
+            let mut image = crate::image::build(&later, 6000).unwrap();
+            image.resize(image.len().div_ceil(4) * 4, 0xFF);
             f.write(layout.slots[0], &image).unwrap();
             for (i, state) in [ImageState::Invalid, ImageState::Aborted]
                 .into_iter()

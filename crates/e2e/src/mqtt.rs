@@ -50,6 +50,23 @@ pub async fn connect(
     connect_with(port, ca_pem, client_auth, client_id, None).await
 }
 
+/// Options for `client_id` at `localhost:port` over TLS, trusting `ca_pem` and presenting
+/// `client_auth` (cert, key) if given.
+fn tls_options(
+    port: u16,
+    ca_pem: &str,
+    client_auth: Option<(&str, &str)>,
+    client_id: &str,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, "localhost", port);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+        ca: ca_pem.as_bytes().to_vec(),
+        alpn: None,
+        client_auth: client_auth.map(|(c, k)| (c.as_bytes().to_vec(), k.as_bytes().to_vec())),
+    }));
+    o
+}
+
 /// [`connect`] with a last will.
 pub async fn connect_with(
     port: u16,
@@ -58,7 +75,7 @@ pub async fn connect_with(
     client_id: &str,
     will: Option<WillSpec>,
 ) -> Outcome {
-    let mut o = MqttOptions::new(client_id, "localhost", port);
+    let mut o = tls_options(port, ca_pem, client_auth, client_id);
     if let Some(w) = will {
         o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
             w.topic,
@@ -74,11 +91,6 @@ pub async fn connect_with(
     net.set_tcp_nodelay(true);
     o.set_network_options(net);
     o.set_outgoing_inflight_upper_limit(16);
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-        ca: ca_pem.as_bytes().to_vec(),
-        alpn: None,
-        client_auth: client_auth.map(|(c, k)| (c.as_bytes().to_vec(), k.as_bytes().to_vec())),
-    }));
     let (client, mut eventloop) = AsyncClient::new(o, 64);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let link = tokio::spawn(async move {
@@ -124,20 +136,12 @@ pub async fn leave_persistent_session(
     client_id: &str,
     filter: &str,
 ) -> Result<()> {
-    let mut o = MqttOptions::new(client_id, "localhost", port);
+    let mut o = tls_options(port, ca_pem, Some(client_auth), client_id);
     o.set_clean_start(false);
     o.set_connect_properties(rumqttc::v5::mqttbytes::v5::ConnectProperties {
         session_expiry_interval: Some(3600),
         ..Default::default()
     });
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-        ca: ca_pem.as_bytes().to_vec(),
-        alpn: None,
-        client_auth: Some((
-            client_auth.0.as_bytes().to_vec(),
-            client_auth.1.as_bytes().to_vec(),
-        )),
-    }));
     let (client, mut eventloop) = AsyncClient::new(o, 8);
     client.subscribe(filter, QoS::AtLeastOnce).await?;
     let run = async {
